@@ -1,0 +1,342 @@
+//! pgherd's configuration: the per-member YAML file, the dynamic cluster configuration that
+//! lives in etcd, their defaults (all in this file) and their validation.
+//!
+//! Validation never stops at the first problem: [`load`] and [`Config::validate`] return every
+//! problem with its YAML path, so an operator fixes a file in one pass.
+
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use validate::Problem;
+
+/// Default directory of the PostgreSQL 15 binaries on Debian.
+pub const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+
+/// One member's configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Cluster name: the etcd prefix is `/pgherd/<cluster>/`.
+    pub cluster: String,
+    /// This member's name: its etcd key and its replication slot name.
+    pub name: String,
+    pub etcd: EtcdConfig,
+    pub api: ApiConfig,
+    pub postgres: PostgresConfig,
+    #[serde(default)]
+    pub bootstrap: Bootstrap,
+    #[serde(default)]
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// `http://host:port` or `https://host:port`.
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// CA bundle that signs the etcd server certificates.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key for etcd's client-certificate authentication.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `host:port` the agent's API binds to.
+    pub listen: String,
+    /// `host:port` other members and pgherdctl use to reach this agent.
+    pub connect_address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `host:port` PostgreSQL listens on (`listen_addresses` and `port`).
+    pub listen: String,
+    /// `host:port` other members and clients use to reach this PostgreSQL.
+    pub connect_address: String,
+    pub data_dir: PathBuf,
+    /// Directory of `postgres`, `pg_ctl`, `initdb`, ...; default: `pg_config --bindir`, else
+    /// [`DEFAULT_BIN_DIR`].
+    #[serde(default)]
+    pub bin_dir: Option<PathBuf>,
+    /// OS user that runs PostgreSQL's programs when the agent runs as root.
+    #[serde(default = "default_os_user")]
+    pub os_user: String,
+    pub superuser: Credentials,
+    pub replication: Credentials,
+    /// Password file the agent writes (mode 0600) for replication and rewind connections;
+    /// default: `<data_dir>.pgpass`, beside the data directory.
+    #[serde(default)]
+    pub pgpass: Option<PathBuf>,
+    /// PostgreSQL parameters for this member; they override the cluster-wide ones.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, ParamValue>,
+    /// Extra `pg_hba.conf` lines, placed before the ones pgherd needs.
+    #[serde(default)]
+    pub pg_hba: Vec<String>,
+    /// Seconds `pg_ctl`, `initdb` and friends may take before they are considered hung.
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+/// What is used only when the cluster is created.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    /// Seeds `/pgherd/<cluster>/config` once; after that etcd wins over the file.
+    #[serde(default)]
+    pub dcs: DynamicConfig,
+    /// Extra `initdb` options: `data-checksums` style flags or `{encoding: UTF8}` maps.
+    /// Checksums are always enabled.
+    #[serde(default)]
+    pub initdb: Vec<InitdbOption>,
+}
+
+/// Cluster-wide settings, stored as JSON in etcd under `/pgherd/<cluster>/config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicConfig {
+    /// Seconds the leader lease lives without renewal.
+    #[serde(default = "default_ttl")]
+    pub ttl: u64,
+    /// Seconds between two runs of the agent loop (etcd events wake it earlier).
+    #[serde(default = "default_loop_wait")]
+    pub loop_wait: u64,
+    /// Seconds an etcd or PostgreSQL call may take before it is given up on.
+    #[serde(default = "default_retry_timeout")]
+    pub retry_timeout: u64,
+    /// A replica further behind the leader's last known WAL position than this many bytes
+    /// never takes over.
+    #[serde(default = "default_maximum_lag_on_failover")]
+    pub maximum_lag_on_failover: u64,
+    #[serde(default)]
+    pub postgresql: DcsPostgresql,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DcsPostgresql {
+    /// Parameters applied on every member.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, ParamValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tags {
+    /// Never promote this member.
+    #[serde(default)]
+    pub nofailover: bool,
+    /// Among equally advanced candidates the higher priority wins.
+    #[serde(default = "default_failover_priority")]
+    pub failover_priority: u32,
+    /// Exclude this member from read-only load balancing.
+    #[serde(default)]
+    pub noloadbalance: bool,
+}
+
+/// A PostgreSQL parameter value as written in YAML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl fmt::Display for ParamValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParamValue::Bool(b) => f.write_str(if *b { "on" } else { "off" }),
+            ParamValue::Int(i) => write!(f, "{i}"),
+            ParamValue::Float(x) => write!(f, "{x}"),
+            ParamValue::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+/// One `initdb` option: a flag (`data-checksums`) or a single `name: value` pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitdbOption {
+    Flag(String),
+    Value(BTreeMap<String, String>),
+}
+
+impl InitdbOption {
+    /// The option as `initdb` arguments (`--name` or `--name=value`).
+    pub fn to_args(&self) -> Vec<String> {
+        match self {
+            InitdbOption::Flag(f) => vec![format!("--{f}")],
+            InitdbOption::Value(m) => m.iter().map(|(k, v)| format!("--{k}={v}")).collect(),
+        }
+    }
+}
+
+fn default_os_user() -> String {
+    "postgres".to_string()
+}
+fn default_command_timeout() -> u64 {
+    120
+}
+fn default_ttl() -> u64 {
+    10
+}
+fn default_loop_wait() -> u64 {
+    1
+}
+fn default_retry_timeout() -> u64 {
+    3
+}
+fn default_maximum_lag_on_failover() -> u64 {
+    1024 * 1024
+}
+fn default_failover_priority() -> u32 {
+    1
+}
+
+impl Default for DynamicConfig {
+    fn default() -> Self {
+        DynamicConfig {
+            ttl: default_ttl(),
+            loop_wait: default_loop_wait(),
+            retry_timeout: default_retry_timeout(),
+            maximum_lag_on_failover: default_maximum_lag_on_failover(),
+            postgresql: DcsPostgresql::default(),
+        }
+    }
+}
+
+impl Default for Tags {
+    fn default() -> Self {
+        Tags {
+            nofailover: false,
+            failover_priority: default_failover_priority(),
+            noloadbalance: false,
+        }
+    }
+}
+
+impl Config {
+    /// Every semantic problem of an already well-typed configuration.
+    pub fn validate(&self) -> Vec<Problem> {
+        validate::config(self)
+    }
+
+    /// The etcd prefix of this member's cluster, with a trailing slash.
+    pub fn prefix(&self) -> String {
+        format!("/pgherd/{}/", self.cluster)
+    }
+
+    /// The password file path (see [`PostgresConfig::pgpass`]).
+    pub fn pgpass_path(&self) -> PathBuf {
+        self.postgres.pgpass.clone().unwrap_or_else(|| {
+            let mut p = self.postgres.data_dir.clone().into_os_string();
+            p.push(".pgpass");
+            PathBuf::from(p)
+        })
+    }
+}
+
+impl DynamicConfig {
+    /// Every problem of a dynamic configuration; paths start with `prefix`
+    /// (`bootstrap.dcs` in the file, empty for the etcd copy).
+    pub fn validate(&self, prefix: &str) -> Vec<Problem> {
+        validate::dynamic(self, prefix)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} has {} problem(s):\n{}", problems.len(), Problem::list(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+/// Reads, parses and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text).map_err(|problems| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        problems,
+    })
+}
+
+/// Parses and validates configuration text; the error lists every problem found.
+pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    let config: Config = validate::deserialize_all(text)?;
+    let problems = config.validate();
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Parses the JSON dynamic configuration stored in etcd and validates it.
+pub fn parse_dynamic(json: &[u8]) -> Result<DynamicConfig, Vec<Problem>> {
+    let de = &mut serde_json::Deserializer::from_slice(json);
+    let dcs: DynamicConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        vec![Problem::new(
+            validate::display_path(&e.path().to_string()),
+            e.inner().to_string(),
+        )]
+    })?;
+    let problems = dcs.validate("");
+    if problems.is_empty() {
+        Ok(dcs)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Splits `host:port` (IPv6 as `[::1]:5432`).
+pub fn split_host_port(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    let port: u16 = port.parse().ok()?;
+    if port == 0 {
+        return None;
+    }
+    Some((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests;

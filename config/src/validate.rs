@@ -1,0 +1,458 @@
+//! Validation: structural problems (unknown keys, wrong types, missing keys) found by repeated
+//! deserialisation, and semantic ones (ranges, relations between keys) found on the typed
+//! config. Both report YAML paths such as `postgres.listen` or `etcd.endpoints[1]`.
+
+use std::fmt;
+
+use serde_yaml::Value;
+
+use crate::{split_host_port, Config, DynamicConfig, ParamValue};
+
+/// One thing wrong with a configuration, at a YAML path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// One problem per line, indented, for error messages.
+    pub fn list(problems: &[Problem]) -> String {
+        problems
+            .iter()
+            .map(|p| format!("  {p}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// serde_path_to_error writes the root as `.`; we call it `(top level)`.
+pub(crate) fn display_path(path: &str) -> String {
+    if path == "." || path.is_empty() {
+        "(top level)".to_string()
+    } else {
+        path.to_string()
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// Deserialises `text`, collecting every structural problem: after each error the offending
+/// key is removed from the tree and deserialisation is tried again, so one run reports all
+/// unknown keys and wrongly typed values.
+pub(crate) fn deserialize_all(text: &str) -> Result<Config, Vec<Problem>> {
+    let mut value: Value = serde_yaml::from_str(text).map_err(|e| {
+        let at = e
+            .location()
+            .map(|l| format!("line {} column {}", l.line(), l.column()))
+            .unwrap_or_else(|| "(top level)".to_string());
+        vec![Problem::new(at, format!("not valid YAML: {e}"))]
+    })?;
+    if value.is_null() {
+        return Err(vec![Problem::new("(top level)", "the file is empty")]);
+    }
+    let mut problems = Vec::new();
+    // Each round removes one key, so the number of rounds is bounded by the file's size.
+    for _ in 0..200 {
+        match serde_path_to_error::deserialize::<_, Config>(value.clone()) {
+            Ok(config) if problems.is_empty() => return Ok(config),
+            Ok(_) => return Err(problems),
+            Err(e) => {
+                let path = e.path().to_string();
+                let message = e.inner().to_string();
+                let segments = parse_path(&path);
+                let unknown = unknown_field(&message);
+                let (problem_path, removal) = match &unknown {
+                    Some(field) => {
+                        let mut segs = segments.clone();
+                        // serde_path_to_error already includes the unknown key in some cases.
+                        if segs.last().map(|s| s != &Segment::Key(field.clone())).unwrap_or(true) {
+                            segs.push(Segment::Key(field.clone()));
+                        }
+                        (render(&segs), Some(segs))
+                    }
+                    None if message.starts_with("missing field") => (display_path(&path), None),
+                    None => (display_path(&path), Some(segments)),
+                };
+                let problem = Problem::new(problem_path, message);
+                if problems.contains(&problem) {
+                    return Err(problems);
+                }
+                problems.push(problem);
+                match removal {
+                    Some(segs) if !segs.is_empty() && remove(&mut value, &segs) => {}
+                    // A missing key cannot be repaired by removal: report what we have.
+                    _ => return Err(problems),
+                }
+            }
+        }
+    }
+    Err(problems)
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+fn parse_path(path: &str) -> Vec<Segment> {
+    let mut out = Vec::new();
+    if path == "." {
+        return out;
+    }
+    for part in path.split('.') {
+        let mut rest = part;
+        if let Some(i) = rest.find('[') {
+            if i > 0 {
+                out.push(Segment::Key(rest[..i].to_string()));
+            }
+            rest = &rest[i..];
+            while let Some(end) = rest.find(']') {
+                if let Ok(n) = rest[1..end].parse() {
+                    out.push(Segment::Index(n));
+                }
+                rest = &rest[end + 1..];
+            }
+        } else if !rest.is_empty() {
+            out.push(Segment::Key(rest.to_string()));
+        }
+    }
+    out
+}
+
+fn render(segs: &[Segment]) -> String {
+    let mut s = String::new();
+    for seg in segs {
+        match seg {
+            Segment::Key(k) => {
+                if !s.is_empty() {
+                    s.push('.');
+                }
+                s.push_str(k);
+            }
+            Segment::Index(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    display_path(&s)
+}
+
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+fn remove(value: &mut Value, segs: &[Segment]) -> bool {
+    let (last, parents) = match segs.split_last() {
+        Some(x) => x,
+        None => return false,
+    };
+    let mut cur = value;
+    for seg in parents {
+        cur = match (seg, cur) {
+            (Segment::Key(k), Value::Mapping(m)) => match m.get_mut(k.as_str()) {
+                Some(v) => v,
+                None => return false,
+            },
+            (Segment::Index(i), Value::Sequence(s)) => match s.get_mut(*i) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (last, cur) {
+        (Segment::Key(k), Value::Mapping(m)) => m.remove(k.as_str()).is_some(),
+        (Segment::Index(i), Value::Sequence(s)) if *i < s.len() => {
+            s.remove(*i);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Names that are etcd key segments and PostgreSQL replication slot names at once.
+fn check_member_name(path: &str, name: &str, out: &mut Vec<Problem>) {
+    if name.is_empty() || name.len() > 63 {
+        out.push(Problem::new(path, "must be 1 to 63 characters long"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        out.push(Problem::new(
+            path,
+            format!(
+                "{name:?} may only contain a-z, 0-9 and _ (it names the member's etcd key and its replication slot)"
+            ),
+        ));
+    }
+}
+
+fn check_address(path: &str, addr: &str, out: &mut Vec<Problem>) {
+    if split_host_port(addr).is_none() {
+        out.push(Problem::new(
+            path,
+            format!("{addr:?} is not host:port with a port from 1 to 65535"),
+        ));
+    }
+}
+
+fn check_credentials(path: &str, c: &crate::Credentials, out: &mut Vec<Problem>) {
+    if c.username.is_empty()
+        || !c
+            .username
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+    {
+        out.push(Problem::new(
+            join(path, "username"),
+            "must be a non-empty role name of letters, digits and _",
+        ));
+    }
+    if c.password.is_empty() {
+        out.push(Problem::new(join(path, "password"), "must not be empty"));
+    }
+    if c.password.contains(['\n', '\r']) {
+        out.push(Problem::new(
+            join(path, "password"),
+            "must not contain a line break",
+        ));
+    }
+}
+
+/// Parameters pgherd derives from other keys; setting them directly would fight the agent.
+const MANAGED_PARAMETERS: &[(&str, &str)] = &[
+    ("port", "set postgres.listen instead"),
+    ("listen_addresses", "set postgres.listen instead"),
+    ("data_directory", "set postgres.data_dir instead"),
+    ("hba_file", "pgherd writes pg_hba.conf; add lines with postgres.pg_hba"),
+    ("ident_file", "pgherd manages the data directory's files"),
+    ("config_file", "pgherd writes postgresql.conf"),
+    ("primary_conninfo", "pgherd points replicas at the leader"),
+    ("primary_slot_name", "pgherd names slots after members"),
+    ("cluster_name", "pgherd sets it to the member name"),
+];
+
+fn check_parameters(
+    path: &str,
+    params: &std::collections::BTreeMap<String, ParamValue>,
+    out: &mut Vec<Problem>,
+) {
+    for (name, value) in params {
+        let p = join(path, name);
+        if let Some((_, why)) = MANAGED_PARAMETERS.iter().find(|(n, _)| n == name) {
+            out.push(Problem::new(p.clone(), format!("is managed by pgherd: {why}")));
+        }
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        {
+            out.push(Problem::new(p.clone(), "is not a PostgreSQL parameter name"));
+        }
+        if let ParamValue::Text(s) = value {
+            if s.contains(['\n', '\r']) {
+                out.push(Problem::new(p, "value must not contain a line break"));
+            }
+        }
+    }
+}
+
+pub(crate) fn dynamic(d: &DynamicConfig, prefix: &str) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if d.ttl < 2 {
+        out.push(Problem::new(
+            join(prefix, "ttl"),
+            format!("is {} s; the leader lease needs at least 2 s", d.ttl),
+        ));
+    }
+    if d.loop_wait < 1 {
+        out.push(Problem::new(join(prefix, "loop_wait"), "must be at least 1 s"));
+    }
+    if d.retry_timeout < 1 {
+        out.push(Problem::new(
+            join(prefix, "retry_timeout"),
+            "must be at least 1 s",
+        ));
+    }
+    let needed = d.loop_wait.saturating_add(d.retry_timeout.saturating_mul(2));
+    if d.ttl < needed {
+        out.push(Problem::new(
+            join(prefix, "ttl"),
+            format!(
+                "is {} s but must be at least loop_wait + 2 * retry_timeout = {} s, otherwise the leader lease can lapse between two renewals",
+                d.ttl, needed
+            ),
+        ));
+    }
+    check_parameters(
+        &join(&join(prefix, "postgresql"), "parameters"),
+        &d.postgresql.parameters,
+        &mut out,
+    );
+    out
+}
+
+pub(crate) fn config(c: &Config) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if c.cluster.is_empty()
+        || !c
+            .cluster
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-' || ch == '.')
+        || c.cluster.starts_with('.')
+    {
+        out.push(Problem::new(
+            "cluster",
+            format!(
+                "{:?} may only contain letters, digits, _, - and . (it is an etcd key segment)",
+                c.cluster
+            ),
+        ));
+    }
+    check_member_name("name", &c.name, &mut out);
+
+    if c.etcd.endpoints.is_empty() {
+        out.push(Problem::new("etcd.endpoints", "needs at least one endpoint"));
+    }
+    for (i, ep) in c.etcd.endpoints.iter().enumerate() {
+        let path = format!("etcd.endpoints[{i}]");
+        match ep
+            .strip_prefix("http://")
+            .or_else(|| ep.strip_prefix("https://"))
+        {
+            Some(rest) => check_address(&path, rest.trim_end_matches('/'), &mut out),
+            None => out.push(Problem::new(
+                path,
+                format!("{ep:?} must start with http:// or https://"),
+            )),
+        }
+    }
+    if c.etcd.username.is_some() != c.etcd.password.is_some() {
+        out.push(Problem::new(
+            "etcd",
+            "username and password must be given together",
+        ));
+    }
+    if c.etcd.cert.is_some() != c.etcd.key.is_some() {
+        out.push(Problem::new("etcd", "cert and key must be given together"));
+    }
+    for (key, p) in [("ca", &c.etcd.ca), ("cert", &c.etcd.cert), ("key", &c.etcd.key)] {
+        if let Some(p) = p {
+            if !p.is_absolute() {
+                out.push(Problem::new(format!("etcd.{key}"), "must be an absolute path"));
+            }
+        }
+    }
+
+    check_address("api.listen", &c.api.listen, &mut out);
+    check_address("api.connect_address", &c.api.connect_address, &mut out);
+    check_address("postgres.listen", &c.postgres.listen, &mut out);
+    check_address(
+        "postgres.connect_address",
+        &c.postgres.connect_address,
+        &mut out,
+    );
+    if !c.postgres.data_dir.is_absolute() {
+        out.push(Problem::new(
+            "postgres.data_dir",
+            format!("{:?} must be an absolute path", c.postgres.data_dir),
+        ));
+    }
+    if c.postgres.data_dir.parent().is_none() {
+        out.push(Problem::new(
+            "postgres.data_dir",
+            "must not be the root directory",
+        ));
+    }
+    if let Some(b) = &c.postgres.bin_dir {
+        if !b.is_absolute() {
+            out.push(Problem::new("postgres.bin_dir", "must be an absolute path"));
+        }
+    }
+    if let Some(p) = &c.postgres.pgpass {
+        if !p.is_absolute() {
+            out.push(Problem::new("postgres.pgpass", "must be an absolute path"));
+        }
+    }
+    if c.postgres.os_user.is_empty() {
+        out.push(Problem::new("postgres.os_user", "must not be empty"));
+    }
+    if c.postgres.command_timeout == 0 {
+        out.push(Problem::new(
+            "postgres.command_timeout",
+            "must be at least 1 s",
+        ));
+    }
+    check_credentials("postgres.superuser", &c.postgres.superuser, &mut out);
+    check_credentials("postgres.replication", &c.postgres.replication, &mut out);
+    if c.postgres.superuser.username == c.postgres.replication.username {
+        out.push(Problem::new(
+            "postgres.replication.username",
+            "must differ from postgres.superuser.username",
+        ));
+    }
+    check_parameters("postgres.parameters", &c.postgres.parameters, &mut out);
+    const HBA_TYPES: &[&str] = &[
+        "local",
+        "host",
+        "hostssl",
+        "hostnossl",
+        "hostgssenc",
+        "hostnogssenc",
+    ];
+    for (i, line) in c.postgres.pg_hba.iter().enumerate() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if !HBA_TYPES.contains(&first) || line.contains(['\n', '\r']) {
+            out.push(Problem::new(
+                format!("postgres.pg_hba[{i}]"),
+                format!("{line:?} is not a pg_hba.conf line (it must start with one of {HBA_TYPES:?})"),
+            ));
+        }
+    }
+
+    out.extend(dynamic(&c.bootstrap.dcs, "bootstrap.dcs"));
+    for (i, opt) in c.bootstrap.initdb.iter().enumerate() {
+        let names: Vec<&str> = match opt {
+            crate::InitdbOption::Flag(f) => vec![f.as_str()],
+            crate::InitdbOption::Value(m) => m.keys().map(|k| k.as_str()).collect(),
+        };
+        for n in names {
+            if matches!(
+                n,
+                "pgdata" | "D" | "username" | "U" | "pwfile" | "pwprompt" | "W" | "waldir" | "X"
+            ) {
+                out.push(Problem::new(
+                    format!("bootstrap.initdb[{i}]"),
+                    format!("{n:?} is set by pgherd from postgres.data_dir and postgres.superuser"),
+                ));
+            } else if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                out.push(Problem::new(
+                    format!("bootstrap.initdb[{i}]"),
+                    format!("{n:?} is not an initdb option name"),
+                ));
+            }
+        }
+    }
+    out
+}
