@@ -45,35 +45,90 @@ fn defaults_fill_what_the_file_leaves_out() {
     );
 }
 
+/// A case: what it shows, replacements in the minimal example, the problem paths expected.
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+
 #[test]
 fn each_problem_is_reported_at_its_yaml_path() {
-    let cases: &[(&str, &[(&str, &str)], &[&str])] = &[
-        ("unknown top-level key", &[("cluster: demo", "cluster: demo\nclustre: x")], &["clustre"]),
+    let cases: &[Case] = &[
+        (
+            "unknown top-level key",
+            &[("cluster: demo", "cluster: demo\nclustre: x")],
+            &["clustre"],
+        ),
         (
             "unknown nested key and wrong type together",
             &[
-                ("  listen: 127.0.0.1:5433", "  listen: 127.0.0.1:5433\n  lisen: x"),
+                (
+                    "  listen: 127.0.0.1:5433",
+                    "  listen: 127.0.0.1:5433\n  lisen: x",
+                ),
                 ("cluster: demo", "cluster: demo\ntags: {nofailover: maybe}"),
             ],
             &["tags.nofailover", "postgres.lisen"],
         ),
-        ("port out of range", &[("127.0.0.1:5433\n  connect", "127.0.0.1:70000\n  connect")], &["postgres.listen"]),
-        ("port zero", &[("listen: 127.0.0.1:8009", "listen: 127.0.0.1:0")], &["api.listen"]),
-        ("no port", &[("connect_address: 127.0.0.1:8009", "connect_address: localhost")], &["api.connect_address"]),
-        ("relative data_dir", &[("/var/lib/pgherd/node2/data", "data")], &["postgres.data_dir"]),
-        ("name unusable as slot", &[("name: node2", "name: Node-2")], &["name"]),
-        ("cluster with slash", &[("cluster: demo", "cluster: a/b")], &["cluster"]),
-        ("endpoint without scheme", &[("http://127.0.0.1:2379", "127.0.0.1:2379")], &["etcd.endpoints[0]"]),
-        ("wrong type in a list", &[("[http://127.0.0.1:2379]", "[http://127.0.0.1:2379, {a: 1}]")], &["etcd.endpoints[1]"]),
-        ("empty password", &[("password: change-me-superuser", "password: ''")], &["postgres.superuser.password"]),
+        (
+            "port out of range",
+            &[("127.0.0.1:5433\n  connect", "127.0.0.1:70000\n  connect")],
+            &["postgres.listen"],
+        ),
+        (
+            "port zero",
+            &[("listen: 127.0.0.1:8009", "listen: 127.0.0.1:0")],
+            &["api.listen"],
+        ),
+        (
+            "no port",
+            &[(
+                "connect_address: 127.0.0.1:8009",
+                "connect_address: localhost",
+            )],
+            &["api.connect_address"],
+        ),
+        (
+            "relative data_dir",
+            &[("/var/lib/pgherd/node2/data", "data")],
+            &["postgres.data_dir"],
+        ),
+        (
+            "name unusable as slot",
+            &[("name: node2", "name: Node-2")],
+            &["name"],
+        ),
+        (
+            "cluster with slash",
+            &[("cluster: demo", "cluster: a/b")],
+            &["cluster"],
+        ),
+        (
+            "endpoint without scheme",
+            &[("http://127.0.0.1:2379", "127.0.0.1:2379")],
+            &["etcd.endpoints[0]"],
+        ),
+        (
+            "wrong type in a list",
+            &[("[http://127.0.0.1:2379]", "[http://127.0.0.1:2379, {a: 1}]")],
+            &["etcd.endpoints[1]"],
+        ),
+        (
+            "empty password",
+            &[("password: change-me-superuser", "password: ''")],
+            &["postgres.superuser.password"],
+        ),
         (
             "ttl below two seconds",
-            &[("cluster: demo", "cluster: demo\nbootstrap: {dcs: {ttl: 1, loop_wait: 1, retry_timeout: 1}}")],
+            &[(
+                "cluster: demo",
+                "cluster: demo\nbootstrap: {dcs: {ttl: 1, loop_wait: 1, retry_timeout: 1}}",
+            )],
             &["bootstrap.dcs.ttl", "bootstrap.dcs.ttl"],
         ),
         (
             "ttl shorter than loop_wait + 2 * retry_timeout",
-            &[("cluster: demo", "cluster: demo\nbootstrap: {dcs: {ttl: 10, loop_wait: 5, retry_timeout: 3}}")],
+            &[(
+                "cluster: demo",
+                "cluster: demo\nbootstrap: {dcs: {ttl: 10, loop_wait: 5, retry_timeout: 3}}",
+            )],
             &["bootstrap.dcs.ttl"],
         ),
         (
@@ -88,7 +143,10 @@ fn each_problem_is_reported_at_its_yaml_path() {
         ),
         (
             "initdb option pgherd owns",
-            &[("cluster: demo", "cluster: demo\nbootstrap: {initdb: [{pgdata: /x}]}")],
+            &[(
+                "cluster: demo",
+                "cluster: demo\nbootstrap: {initdb: [{pgdata: /x}]}",
+            )],
             &["bootstrap.initdb[0]"],
         ),
         ("missing key", &[("cluster: demo\n", "")], &["(top level)"]),
@@ -120,7 +178,9 @@ fn messages_name_the_reason() {
     )]);
     let problems = parse(&text).unwrap_err();
     assert!(
-        problems[0].message.contains("loop_wait + 2 * retry_timeout = 11 s"),
+        problems[0]
+            .message
+            .contains("loop_wait + 2 * retry_timeout = 11 s"),
         "{}",
         problems[0].message
     );
@@ -155,7 +215,10 @@ fn parameter_values_render_as_postgresql_expects() {
 
 #[test]
 fn host_port_parsing() {
-    assert_eq!(split_host_port("127.0.0.1:5432"), Some(("127.0.0.1".into(), 5432)));
+    assert_eq!(
+        split_host_port("127.0.0.1:5432"),
+        Some(("127.0.0.1".into(), 5432))
+    );
     assert_eq!(split_host_port("[::1]:8008"), Some(("::1".into(), 8008)));
     assert_eq!(split_host_port("host:0"), None);
     assert_eq!(split_host_port(":5432"), None);

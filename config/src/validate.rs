@@ -85,7 +85,11 @@ pub(crate) fn deserialize_all(text: &str) -> Result<Config, Vec<Problem>> {
                     Some(field) => {
                         let mut segs = segments.clone();
                         // serde_path_to_error already includes the unknown key in some cases.
-                        if segs.last().map(|s| s != &Segment::Key(field.clone())).unwrap_or(true) {
+                        if segs
+                            .last()
+                            .map(|s| s != &Segment::Key(field.clone()))
+                            .unwrap_or(true)
+                        {
                             segs.push(Segment::Key(field.clone()));
                         }
                         (render(&segs), Some(segs))
@@ -245,7 +249,10 @@ const MANAGED_PARAMETERS: &[(&str, &str)] = &[
     ("port", "set postgres.listen instead"),
     ("listen_addresses", "set postgres.listen instead"),
     ("data_directory", "set postgres.data_dir instead"),
-    ("hba_file", "pgherd writes pg_hba.conf; add lines with postgres.pg_hba"),
+    (
+        "hba_file",
+        "pgherd writes pg_hba.conf; add lines with postgres.pg_hba",
+    ),
     ("ident_file", "pgherd manages the data directory's files"),
     ("config_file", "pgherd writes postgresql.conf"),
     ("primary_conninfo", "pgherd points replicas at the leader"),
@@ -261,14 +268,20 @@ fn check_parameters(
     for (name, value) in params {
         let p = join(path, name);
         if let Some((_, why)) = MANAGED_PARAMETERS.iter().find(|(n, _)| n == name) {
-            out.push(Problem::new(p.clone(), format!("is managed by pgherd: {why}")));
+            out.push(Problem::new(
+                p.clone(),
+                format!("is managed by pgherd: {why}"),
+            ));
         }
         if name.is_empty()
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
         {
-            out.push(Problem::new(p.clone(), "is not a PostgreSQL parameter name"));
+            out.push(Problem::new(
+                p.clone(),
+                "is not a PostgreSQL parameter name",
+            ));
         }
         if let ParamValue::Text(s) = value {
             if s.contains(['\n', '\r']) {
@@ -287,7 +300,10 @@ pub(crate) fn dynamic(d: &DynamicConfig, prefix: &str) -> Vec<Problem> {
         ));
     }
     if d.loop_wait < 1 {
-        out.push(Problem::new(join(prefix, "loop_wait"), "must be at least 1 s"));
+        out.push(Problem::new(
+            join(prefix, "loop_wait"),
+            "must be at least 1 s",
+        ));
     }
     if d.retry_timeout < 1 {
         out.push(Problem::new(
@@ -295,7 +311,9 @@ pub(crate) fn dynamic(d: &DynamicConfig, prefix: &str) -> Vec<Problem> {
             "must be at least 1 s",
         ));
     }
-    let needed = d.loop_wait.saturating_add(d.retry_timeout.saturating_mul(2));
+    let needed = d
+        .loop_wait
+        .saturating_add(d.retry_timeout.saturating_mul(2));
     if d.ttl < needed {
         out.push(Problem::new(
             join(prefix, "ttl"),
@@ -333,7 +351,10 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
     check_member_name("name", &c.name, &mut out);
 
     if c.etcd.endpoints.is_empty() {
-        out.push(Problem::new("etcd.endpoints", "needs at least one endpoint"));
+        out.push(Problem::new(
+            "etcd.endpoints",
+            "needs at least one endpoint",
+        ));
     }
     for (i, ep) in c.etcd.endpoints.iter().enumerate() {
         let path = format!("etcd.endpoints[{i}]");
@@ -357,10 +378,17 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
     if c.etcd.cert.is_some() != c.etcd.key.is_some() {
         out.push(Problem::new("etcd", "cert and key must be given together"));
     }
-    for (key, p) in [("ca", &c.etcd.ca), ("cert", &c.etcd.cert), ("key", &c.etcd.key)] {
+    for (key, p) in [
+        ("ca", &c.etcd.ca),
+        ("cert", &c.etcd.cert),
+        ("key", &c.etcd.key),
+    ] {
         if let Some(p) = p {
             if !p.is_absolute() {
-                out.push(Problem::new(format!("etcd.{key}"), "must be an absolute path"));
+                out.push(Problem::new(
+                    format!("etcd.{key}"),
+                    "must be an absolute path",
+                ));
             }
         }
     }
@@ -426,7 +454,9 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
         if !HBA_TYPES.contains(&first) || line.contains(['\n', '\r']) {
             out.push(Problem::new(
                 format!("postgres.pg_hba[{i}]"),
-                format!("{line:?} is not a pg_hba.conf line (it must start with one of {HBA_TYPES:?})"),
+                format!(
+                    "{line:?} is not a pg_hba.conf line (it must start with one of {HBA_TYPES:?})"
+                ),
             ));
         }
     }

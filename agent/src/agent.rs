@@ -1,0 +1,592 @@
+//! The agent loop: observe (etcd and the local PostgreSQL), decide (pure, in `ha`), act.
+//! Woken by the `loop_wait` timer and by etcd watch events; long jobs (initdb, clone) run as
+//! tasks the loop observes, so a leader keeps renewing its lease while they run.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use pgherd_config::{Config, DynamicConfig, ParamValue};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::StatusBoard;
+use crate::dcs::model::{ClusterView, MemberInfo, MemberState, Role, VERSION};
+use crate::dcs::{Dcs, Lease};
+use crate::ha::{
+    self, Action, DataDir, Decision, HaConfig, JobKind, JobView, LeaseView, Memory, Observation,
+    PgView, Upstream,
+};
+use crate::lsn::Lsn;
+use crate::postgres::{Mode, Postgres};
+
+struct Job {
+    kind: JobKind,
+    handle: JoinHandle<Result<()>>,
+}
+
+pub struct Agent {
+    cfg: Arc<Config>,
+    dcs: Dcs,
+    pg: Arc<Postgres>,
+    member_lease: Option<Lease>,
+    /// Present while this member holds (or is acquiring) the leader key.
+    leader_lease: Option<Lease>,
+    leader_valid_until: Option<Instant>,
+    memory: Memory,
+    job: Option<Job>,
+    finished_job: Option<(JobKind, Result<(), String>)>,
+    last_reason: String,
+    published: Option<MemberInfo>,
+    published_optime: Option<Lsn>,
+    last_view: Option<ClusterView>,
+    wake: Arc<Notify>,
+    board: StatusBoard,
+}
+
+/// How much earlier than the lease TTL a leader considers its lease gone (rule 2): a tenth
+/// of the TTL, at least 500 ms.
+pub fn lease_safety_margin(ttl: Duration) -> Duration {
+    (ttl / 10).max(Duration::from_millis(500))
+}
+
+fn dynamic_config(cfg: &Config, view: Option<&ClusterView>) -> DynamicConfig {
+    match view.and_then(|v| v.config.as_ref()) {
+        Some(Ok(d)) => d.clone(),
+        _ => cfg.bootstrap.dcs.clone(),
+    }
+}
+
+impl Agent {
+    pub fn new(cfg: Arc<Config>, dcs: Dcs, pg: Arc<Postgres>, board: StatusBoard) -> Agent {
+        Agent {
+            cfg,
+            dcs,
+            pg,
+            member_lease: None,
+            leader_lease: None,
+            leader_valid_until: None,
+            memory: Memory::default(),
+            job: None,
+            finished_job: None,
+            last_reason: String::new(),
+            published: None,
+            published_optime: None,
+            last_view: None,
+            wake: Arc::new(Notify::new()),
+            board,
+        }
+    }
+
+    fn ha_config(&self) -> HaConfig {
+        HaConfig {
+            name: self.cfg.name.clone(),
+            tags: self.cfg.tags.clone(),
+            dcs: dynamic_config(&self.cfg, self.last_view.as_ref()),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled (then stops PostgreSQL and hands over) or until a
+    /// decision refuses to go on (an error).
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        if self.pg.is_running().await && !self.pg.is_our_child().await {
+            tracing::info!(
+                reason = "a PostgreSQL not started by this agent runs on the data directory; stopping it so it runs under supervision",
+                "decision"
+            );
+            self.pg
+                .stop()
+                .await
+                .context("cannot stop the unsupervised PostgreSQL")?;
+        }
+        let watch = self.dcs.spawn_watch(self.wake.clone());
+        let result = self.main_loop(&shutdown).await;
+        watch.abort();
+        self.shut_down().await;
+        result
+    }
+
+    async fn main_loop(&mut self, shutdown: &CancellationToken) -> Result<()> {
+        loop {
+            let started = Instant::now();
+            let obs = self.observe().await;
+            let ha_cfg = self.ha_config();
+            let decision = ha::decide(&obs, &ha_cfg, &self.memory);
+            if decision.reason != self.last_reason {
+                tracing::info!(role = decision.role.as_str(), reason = %decision.reason, "decision");
+                self.last_reason = decision.reason.clone();
+            } else {
+                tracing::debug!(reason = %decision.reason, "no change");
+            }
+            if decision.actions.contains(&Action::Exit) {
+                return Err(anyhow!("{}", decision.reason));
+            }
+            for action in &decision.actions {
+                if let Err(e) = self.act(action, &obs).await {
+                    tracing::warn!(action = ?action, error = %format!("{e:#}"), "action failed");
+                    break;
+                }
+            }
+            self.publish(&decision, &obs).await;
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "loop done"
+            );
+            let wait = Duration::from_secs(ha_cfg.dcs.loop_wait);
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    async fn observe(&mut self) -> Observation {
+        let dcs_cfg = self.ha_config().dcs;
+        let ttl = Duration::from_secs(dcs_cfg.ttl);
+        self.dcs
+            .set_timeout(Duration::from_secs(dcs_cfg.retry_timeout));
+        let cluster = match self.dcs.load().await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster state from etcd");
+                None
+            }
+        };
+        if cluster.is_some() {
+            self.last_view = cluster.clone();
+            self.keep_member_lease(ttl).await;
+        }
+        // Are we still the holder? Only etcd can say; without an answer keep what we knew.
+        if let (Some(view), Some(lease)) = (&cluster, &self.leader_lease) {
+            let mine = view
+                .leader
+                .as_ref()
+                .is_some_and(|l| l.name == self.cfg.name && l.lease == lease.id);
+            if !mine && !matches!(self.job.as_ref().map(|j| &j.kind), Some(JobKind::Bootstrap)) {
+                tracing::info!("the leader key no longer carries my lease");
+                self.drop_leader_lease().await;
+            }
+        }
+        let running = self.pg.is_running().await;
+        let status = if running {
+            self.pg.status().await
+        } else {
+            None
+        };
+        Observation {
+            now: Instant::now(),
+            cluster,
+            lease: LeaseView {
+                held: self.leader_lease.is_some(),
+                valid_until: self.leader_valid_until,
+            },
+            pg: PgView {
+                data_dir: self.pg.data_dir_state(),
+                running,
+                status,
+            },
+            job: self.job_view().await,
+        }
+    }
+
+    async fn job_view(&mut self) -> JobView {
+        if let Some(job) = &self.job {
+            if !job.handle.is_finished() {
+                return JobView::Running(job.kind.clone());
+            }
+            let job = self.job.take().expect("job is present in this branch");
+            let result = match job.handle.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(e) => Err(format!("the job task died: {e}")),
+            };
+            self.finished_job = Some((job.kind, result));
+        }
+        match self.finished_job.take() {
+            Some((kind, Ok(()))) => JobView::Succeeded(kind),
+            Some((kind, Err(e))) => JobView::Failed(kind, e),
+            None => JobView::Idle,
+        }
+    }
+
+    async fn keep_member_lease(&mut self, ttl: Duration) {
+        if let Some(lease) = &mut self.member_lease {
+            match lease.refresh().await {
+                Ok(Some(_)) => return,
+                Ok(None) => tracing::warn!("my member lease expired; publishing again"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew my member lease");
+                    return;
+                }
+            }
+            self.member_lease = None;
+            self.published = None;
+        }
+        match self.dcs.grant_lease(ttl).await {
+            Ok(l) => {
+                self.member_lease = Some(l);
+                self.published = None;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot create my member lease"),
+        }
+    }
+
+    async fn drop_leader_lease(&mut self) {
+        if let Some(lease) = self.leader_lease.take() {
+            if let Err(e) = self.dcs.revoke_lease(lease.id).await {
+                tracing::debug!(error = %e, "cannot revoke my old leader lease; it will expire");
+            }
+        }
+        self.leader_valid_until = None;
+    }
+
+    fn cluster_params(&self) -> BTreeMap<String, ParamValue> {
+        dynamic_config(&self.cfg, self.last_view.as_ref())
+            .postgresql
+            .parameters
+    }
+
+    /// Grants a fresh leader lease; returns it with the instant the grant was sent.
+    async fn fresh_leader_lease(&mut self) -> Result<Instant> {
+        self.drop_leader_lease().await;
+        let ttl = Duration::from_secs(self.ha_config().dcs.ttl);
+        let sent = Instant::now();
+        self.leader_lease = Some(self.dcs.grant_lease(ttl).await?);
+        Ok(sent)
+    }
+
+    fn lease_valid_from(&mut self, sent: Instant) {
+        let ttl = self
+            .leader_lease
+            .as_ref()
+            .map(|l| l.ttl)
+            .unwrap_or(Duration::ZERO);
+        self.leader_valid_until = Some(sent + ttl.saturating_sub(lease_safety_margin(ttl)));
+    }
+
+    async fn act(&mut self, action: &Action, obs: &Observation) -> Result<()> {
+        match action {
+            Action::Exit => Ok(()),
+            Action::ClaimNewCluster | Action::AdoptCluster { .. } => {
+                let member_lease = self
+                    .member_lease
+                    .as_ref()
+                    .map(|l| l.id)
+                    .context("no member lease yet")?;
+                let sent = self.fresh_leader_lease().await?;
+                let leader_lease = self
+                    .leader_lease
+                    .as_ref()
+                    .map(|l| l.id)
+                    .expect("granted just above");
+                let sysid = match action {
+                    Action::AdoptCluster { system_identifier } => {
+                        Some(system_identifier.to_string())
+                    }
+                    _ => None,
+                };
+                if self
+                    .dcs
+                    .claim_cluster(member_lease, leader_lease, sysid.as_deref())
+                    .await?
+                {
+                    self.lease_valid_from(sent);
+                    if sysid.is_none() {
+                        tracing::info!(
+                            reason = "won the initialisation race: running initdb",
+                            "decision"
+                        );
+                        self.start_job(JobKind::Bootstrap, obs);
+                    } else {
+                        tracing::info!(
+                            reason = "won the race for the existing cluster: acquired leader lease",
+                            "decision"
+                        );
+                    }
+                } else {
+                    tracing::info!(
+                        reason = "another member won the initialisation race",
+                        "decision"
+                    );
+                    self.drop_leader_lease().await;
+                }
+                Ok(())
+            }
+            Action::FinishBootstrap => {
+                let DataDir::Initialized {
+                    system_identifier, ..
+                } = self.pg.data_dir_state()
+                else {
+                    return Err(anyhow!(
+                        "the bootstrap finished but the data directory is not initialised"
+                    ));
+                };
+                let id = system_identifier.to_string();
+                if !self.dcs.finish_initialize(&id).await? {
+                    return Err(anyhow!("the initialize key is no longer our claim"));
+                }
+                let json = serde_json::to_string(&self.cfg.bootstrap.dcs)?;
+                if self.dcs.seed_config(&json).await? {
+                    tracing::info!("seeded the cluster configuration from bootstrap.dcs");
+                }
+                tracing::info!(system_identifier = %id, "cluster initialised");
+                Ok(())
+            }
+            Action::AbortBootstrap => {
+                self.pg.stop_immediately().await;
+                self.drop_leader_lease().await;
+                self.dcs.abandon_initialize().await?;
+                tracing::warn!(
+                    reason = "initdb or the first start failed; removing the half-made data directory this agent created",
+                    data_dir = %self.pg.data_dir().display(),
+                    "removing data directory contents"
+                );
+                self.pg.empty_data_dir()
+            }
+            Action::StartJob(kind) => {
+                self.start_job(kind.clone(), obs);
+                Ok(())
+            }
+            Action::EmptyDataDir => {
+                tracing::warn!(
+                    reason = "the clone failed; the partial copy is useless",
+                    data_dir = %self.pg.data_dir().display(),
+                    "removing data directory contents"
+                );
+                self.pg.empty_data_dir()
+            }
+            Action::AcquireLeader => {
+                let sent = self.fresh_leader_lease().await?;
+                let id = self
+                    .leader_lease
+                    .as_ref()
+                    .map(|l| l.id)
+                    .expect("granted just above");
+                if self.dcs.acquire_leader(id).await? {
+                    self.lease_valid_from(sent);
+                    tracing::info!(reason = "acquired leader lease", "decision");
+                } else {
+                    tracing::info!(
+                        reason = "another member took the leader key first",
+                        "decision"
+                    );
+                    self.drop_leader_lease().await;
+                }
+                Ok(())
+            }
+            Action::RenewLeader => {
+                let Some(lease) = &mut self.leader_lease else {
+                    return Ok(());
+                };
+                match lease.refresh().await {
+                    Ok(Some(sent)) => {
+                        self.lease_valid_from(sent);
+                        Ok(())
+                    }
+                    Ok(None) => {
+                        tracing::warn!("my leader lease expired");
+                        self.leader_lease = None;
+                        self.leader_valid_until = None;
+                        Ok(())
+                    }
+                    Err(e) => Err(e).context("cannot renew the leader lease"),
+                }
+            }
+            Action::ReleaseLeader => {
+                self.drop_leader_lease().await;
+                self.dcs.release_leader().await?;
+                Ok(())
+            }
+            Action::StartPrimary => {
+                self.pg.write_pgpass()?;
+                self.pg
+                    .write_config(&Mode::Primary, &self.cluster_params())?;
+                self.memory.upstream = None;
+                self.pg.start().await
+            }
+            Action::StartStandby(up) => {
+                self.pg.write_pgpass()?;
+                self.pg
+                    .write_config(&Mode::Standby(up.clone()), &self.cluster_params())?;
+                self.memory.upstream = up.as_ref().map(|u| u.name.clone());
+                self.pg.start().await
+            }
+            Action::FollowUpstream(up) => {
+                self.pg
+                    .write_config(&Mode::Standby(Some(up.clone())), &self.cluster_params())?;
+                self.pg.reload().await?;
+                self.memory.upstream = Some(up.name.clone());
+                Ok(())
+            }
+            Action::Promote => {
+                self.pg.promote().await?;
+                self.memory.upstream = None;
+                self.pg
+                    .write_config(&Mode::Primary, &self.cluster_params())?;
+                self.pg.reload().await
+            }
+            Action::StopPostgres => {
+                self.memory.upstream = None;
+                if let Err(e) = self.pg.stop().await {
+                    tracing::warn!(error = %format!("{e:#}"), "clean stop failed; stopping immediately");
+                    self.pg.stop_immediately().await;
+                }
+                Ok(())
+            }
+            Action::LeaderHousekeeping => {
+                let Some(view) = &obs.cluster else {
+                    return Ok(());
+                };
+                let others: Vec<String> = view
+                    .members
+                    .keys()
+                    .filter(|n| **n != self.cfg.name)
+                    .cloned()
+                    .collect();
+                self.pg.sync_slots(others).await?;
+                if let Some(lsn) = obs.pg.status.as_ref().and_then(|s| s.wal_lsn) {
+                    if self.published_optime != Some(lsn) {
+                        self.dcs.put_optime(lsn).await?;
+                        self.published_optime = Some(lsn);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn start_job(&mut self, kind: JobKind, obs: &Observation) {
+        let pg = self.pg.clone();
+        let params = self.cluster_params();
+        let handle = match &kind {
+            JobKind::Bootstrap => tokio::spawn(async move {
+                pg.initdb().await?;
+                pg.write_pgpass()?;
+                pg.write_config(&Mode::Primary, &params)?;
+                pg.start().await?;
+                pg.create_roles().await
+            }),
+            JobKind::Clone { from } => {
+                let upstream = obs
+                    .cluster
+                    .as_ref()
+                    .and_then(|v| v.members.get(from))
+                    .map(|m| Upstream {
+                        name: m.name.clone(),
+                        host: m.host.clone(),
+                        port: m.port,
+                    });
+                tokio::spawn(async move {
+                    let up = upstream.context("the leader's member key disappeared")?;
+                    pg.write_pgpass()?;
+                    pg.basebackup(&up).await?;
+                    pg.write_config(&Mode::Standby(Some(up)), &params)
+                })
+            }
+        };
+        self.job = Some(Job { kind, handle });
+    }
+
+    async fn publish(&mut self, decision: &Decision, obs: &Observation) {
+        let status = obs.pg.status.as_ref();
+        let (host, port) = pgherd_config::split_host_port(&self.cfg.postgres.connect_address)
+            .expect("postgres.connect_address was validated as host:port");
+        let state = match &self.job {
+            Some(Job {
+                kind: JobKind::Bootstrap,
+                ..
+            }) => MemberState::Initializing,
+            Some(Job {
+                kind: JobKind::Clone { .. },
+                ..
+            }) => MemberState::CreatingReplica,
+            None => decision.state,
+        };
+        // Roles follow the key, not intentions: a member is "leader" only while it holds it.
+        let role = if self.leader_lease.is_some() {
+            Role::Leader
+        } else {
+            decision.role
+        };
+        let optime = obs.cluster.as_ref().and_then(|v| v.leader_optime);
+        let position =
+            status.and_then(|s| [s.receive_lsn, s.replay_lsn].into_iter().flatten().max());
+        let lag_bytes = match role {
+            Role::Leader => Some(0),
+            Role::Replica => match (optime, position) {
+                (Some(o), Some(p)) => Some(o.bytes_after(p)),
+                _ => None,
+            },
+        };
+        let info = MemberInfo {
+            name: self.cfg.name.clone(),
+            role,
+            state,
+            api_address: self.cfg.api.connect_address.clone(),
+            host,
+            port,
+            timeline: status.and_then(|s| s.timeline),
+            wal_lsn: status.and_then(|s| s.wal_lsn),
+            receive_lsn: status.and_then(|s| s.receive_lsn),
+            replay_lsn: status.and_then(|s| s.replay_lsn),
+            lag_bytes,
+            tags: self.cfg.tags.clone(),
+            version: VERSION.to_string(),
+            system_identifier: match obs.pg.data_dir {
+                DataDir::Initialized {
+                    system_identifier, ..
+                } => Some(system_identifier.to_string()),
+                _ => None,
+            },
+            decision: decision.reason.clone(),
+        };
+        self.board.update(&info, obs.cluster.as_ref());
+        if self.published.as_ref() == Some(&info) || obs.cluster.is_none() {
+            return;
+        }
+        let Some(lease) = &self.member_lease else {
+            return;
+        };
+        match self.dcs.put_member(&info, lease.id).await {
+            Ok(()) => self.published = Some(info),
+            Err(e) => tracing::warn!(error = %e, "cannot publish my member key"),
+        }
+    }
+
+    /// Planned stop: PostgreSQL first (so writes stop), then the leader key, then our member
+    /// key, so another member can take over at once instead of waiting for the TTL.
+    async fn shut_down(&mut self) {
+        if let Some(job) = self.job.take() {
+            job.handle.abort();
+        }
+        if self.pg.is_running().await {
+            tracing::info!("stopping PostgreSQL (fast)");
+            if let Err(e) = self.pg.stop().await {
+                tracing::warn!(error = %format!("{e:#}"), "clean stop failed; stopping immediately");
+                self.pg.stop_immediately().await;
+            }
+        }
+        if self.leader_lease.is_some() {
+            self.drop_leader_lease().await;
+            match self.dcs.release_leader().await {
+                Ok(_) => tracing::info!(
+                    reason = "shutting down: released the leader key",
+                    "decision"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot release the leader key; it expires with its lease")
+                }
+            }
+        }
+        if let Some(lease) = self.member_lease.take() {
+            let _ = self.dcs.revoke_lease(lease.id).await;
+        }
+        if let Err(e) = self.dcs.delete_member().await {
+            tracing::debug!(error = %e, "cannot delete my member key; it expires with its lease");
+        }
+    }
+}

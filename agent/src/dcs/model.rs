@@ -1,0 +1,158 @@
+//! What pgherd stores in etcd under `/pgherd/<cluster>/`, as typed values.
+
+use std::collections::BTreeMap;
+
+use pgherd_config::{DynamicConfig, Tags};
+use serde::{Deserialize, Serialize};
+
+use crate::lsn::Lsn;
+
+/// The version every member publishes, so mixed versions are visible in `pgherdctl list`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Leader,
+    Replica,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+/// What a member's PostgreSQL is doing, as shown to operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberState {
+    /// The leader's PostgreSQL accepts writes.
+    #[serde(rename = "running")]
+    Running,
+    /// A replica receiving WAL from the leader.
+    #[serde(rename = "streaming")]
+    Streaming,
+    /// A replica replaying WAL without a live connection to the leader.
+    #[serde(rename = "in recovery")]
+    InRecovery,
+    #[serde(rename = "starting")]
+    Starting,
+    #[serde(rename = "stopped")]
+    Stopped,
+    /// Running initdb for a new cluster.
+    #[serde(rename = "initializing")]
+    Initializing,
+    /// Copying the leader with pg_basebackup.
+    #[serde(rename = "creating replica")]
+    CreatingReplica,
+    /// Waiting for something it cannot do itself (a leader to clone from, ...).
+    #[serde(rename = "waiting")]
+    Waiting,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Running => "running",
+            MemberState::Streaming => "streaming",
+            MemberState::InRecovery => "in recovery",
+            MemberState::Starting => "starting",
+            MemberState::Stopped => "stopped",
+            MemberState::Initializing => "initializing",
+            MemberState::CreatingReplica => "creating replica",
+            MemberState::Waiting => "waiting",
+        }
+    }
+
+    /// Whether PostgreSQL is up and serving (a candidate for failover must be).
+    pub fn is_healthy(self) -> bool {
+        matches!(
+            self,
+            MemberState::Running | MemberState::Streaming | MemberState::InRecovery
+        )
+    }
+}
+
+/// The value of `members/<name>`, bound to that member's own lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub name: String,
+    pub role: Role,
+    pub state: MemberState,
+    /// `host:port` of the agent's API.
+    pub api_address: String,
+    /// PostgreSQL's connect address.
+    pub host: String,
+    pub port: u16,
+    #[serde(default)]
+    pub timeline: Option<u32>,
+    /// The leader's current WAL write position.
+    #[serde(default)]
+    pub wal_lsn: Option<Lsn>,
+    #[serde(default)]
+    pub receive_lsn: Option<Lsn>,
+    #[serde(default)]
+    pub replay_lsn: Option<Lsn>,
+    /// Bytes behind the leader's last published position.
+    #[serde(default)]
+    pub lag_bytes: Option<u64>,
+    pub tags: Tags,
+    pub version: String,
+    /// PostgreSQL's database system identifier, once the data directory exists.
+    #[serde(default)]
+    pub system_identifier: Option<String>,
+    /// The agent's last decision, in one sentence.
+    #[serde(default)]
+    pub decision: String,
+}
+
+impl MemberInfo {
+    /// The furthest WAL position this member is known to have.
+    pub fn wal_position(&self) -> Option<Lsn> {
+        [self.wal_lsn, self.receive_lsn, self.replay_lsn]
+            .into_iter()
+            .flatten()
+            .max()
+    }
+}
+
+/// The holder of the `leader` key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderKey {
+    pub name: String,
+    pub lease: i64,
+}
+
+/// The `initialize` key: claimed (empty, bound to the initialising member's lease) while
+/// initdb runs, then the system identifier for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Initialize {
+    Claimed,
+    SystemIdentifier(String),
+}
+
+/// Everything under the cluster prefix, read in one request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterView {
+    pub revision: i64,
+    pub initialize: Option<Initialize>,
+    pub leader: Option<LeaderKey>,
+    pub members: BTreeMap<String, MemberInfo>,
+    /// The dynamic config, or why it could not be used.
+    pub config: Option<Result<DynamicConfig, String>>,
+    /// The leader's last published WAL position (`optime/leader`).
+    pub leader_optime: Option<Lsn>,
+}
+
+impl ClusterView {
+    pub fn leader_name(&self) -> Option<&str> {
+        self.leader.as_ref().map(|l| l.name.as_str())
+    }
+
+    pub fn leader_member(&self) -> Option<&MemberInfo> {
+        self.leader_name().and_then(|n| self.members.get(n))
+    }
+}

@@ -1,0 +1,83 @@
+//! Who may take the leader key when nobody holds it (ARCHITECTURE rule 4).
+
+use std::fmt;
+
+use crate::dcs::model::{ClusterView, MemberInfo};
+use crate::lsn::Lsn;
+
+use super::{HaConfig, PgStatus};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CandidateRefusal {
+    NoFailover,
+    /// Our position is unknown (PostgreSQL did not report one).
+    NoPosition,
+    TooFarBehind {
+        lag: u64,
+        limit: u64,
+    },
+    /// Another healthy eligible member should go first.
+    Better {
+        name: String,
+    },
+}
+
+impl fmt::Display for CandidateRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CandidateRefusal::NoFailover => f.write_str("I am tagged nofailover"),
+            CandidateRefusal::NoPosition => f.write_str("my WAL position is unknown"),
+            CandidateRefusal::TooFarBehind { lag, limit } => write!(
+                f,
+                "I am {lag} bytes behind the leader's last position, more than maximum_lag_on_failover ({limit})"
+            ),
+            CandidateRefusal::Better { name } => {
+                write!(f, "{name} is further ahead or preferred")
+            }
+        }
+    }
+}
+
+/// The ordering key among candidates: further WAL first, then higher failover_priority,
+/// then the smaller name.
+fn rank(position: Lsn, priority: u32, name: &str) -> (Lsn, u32, std::cmp::Reverse<String>) {
+    (position, priority, std::cmp::Reverse(name.to_string()))
+}
+
+/// `Ok` if this member may race for the leader key now.
+pub fn best_candidate(
+    view: &ClusterView,
+    cfg: &HaConfig,
+    me: &PgStatus,
+) -> Result<(), CandidateRefusal> {
+    if cfg.tags.nofailover {
+        return Err(CandidateRefusal::NoFailover);
+    }
+    let mine = [me.receive_lsn, me.replay_lsn, me.wal_lsn]
+        .into_iter()
+        .flatten()
+        .max()
+        .ok_or(CandidateRefusal::NoPosition)?;
+    if let Some(optime) = view.leader_optime {
+        let lag = optime.bytes_after(mine);
+        if lag > cfg.dcs.maximum_lag_on_failover {
+            return Err(CandidateRefusal::TooFarBehind {
+                lag,
+                limit: cfg.dcs.maximum_lag_on_failover,
+            });
+        }
+    }
+    let my_rank = rank(mine, cfg.tags.failover_priority, &cfg.name);
+    let eligible =
+        |m: &&MemberInfo| m.name != cfg.name && m.state.is_healthy() && !m.tags.nofailover;
+    for other in view.members.values().filter(eligible) {
+        if let Some(pos) = other.wal_position() {
+            if rank(pos, other.tags.failover_priority, &other.name) > my_rank {
+                return Err(CandidateRefusal::Better {
+                    name: other.name.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,552 @@
+//! The decision core: `decide(&Observation, &HaConfig, &Memory) -> Decision`. Pure: no I/O,
+//! no clock reads (the current instant comes in the observation). Every rule about who leads,
+//! who follows and when PostgreSQL starts, stops or promotes lives here and is tested without
+//! etcd or PostgreSQL.
+
+mod candidate;
+#[cfg(test)]
+mod tests;
+
+use pgherd_config::{DynamicConfig, Tags};
+use tokio::time::Instant;
+
+use crate::dcs::model::{ClusterView, Initialize, MemberInfo, MemberState, Role};
+use crate::lsn::Lsn;
+
+pub use candidate::{best_candidate, CandidateRefusal};
+
+/// The state of the local data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDir {
+    /// Missing or empty: nothing to lose, a clone or initdb may fill it.
+    Empty,
+    Initialized {
+        system_identifier: u64,
+        /// `standby.signal` is present.
+        standby: bool,
+    },
+    /// Not empty but not a PostgreSQL data directory (or unreadable); never touched.
+    Unusable(String),
+}
+
+/// What PostgreSQL reports about itself, when it answers queries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PgStatus {
+    pub in_recovery: bool,
+    pub timeline: Option<u32>,
+    /// Current write position (primary only).
+    pub wal_lsn: Option<Lsn>,
+    pub receive_lsn: Option<Lsn>,
+    pub replay_lsn: Option<Lsn>,
+    /// The WAL receiver is streaming from an upstream.
+    pub streaming: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgView {
+    pub data_dir: DataDir,
+    /// A postmaster runs on the data directory.
+    pub running: bool,
+    /// `None` while PostgreSQL does not answer (starting, stopped, overloaded).
+    pub status: Option<PgStatus>,
+}
+
+/// Long actions run as tasks; the loop sees their progress here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobKind {
+    /// initdb and first start of a new cluster.
+    Bootstrap,
+    /// pg_basebackup from the named leader.
+    Clone { from: String },
+}
+
+impl JobKind {
+    pub fn describe(&self) -> String {
+        match self {
+            JobKind::Bootstrap => "initialising a new cluster".to_string(),
+            JobKind::Clone { from } => format!("cloning from {from}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobView {
+    Idle,
+    Running(JobKind),
+    Succeeded(JobKind),
+    Failed(JobKind, String),
+}
+
+/// This member's leader lease, as measured by the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaseView {
+    /// We hold a lease that was attached to the leader key.
+    pub held: bool,
+    /// Until when the lease is certainly alive: when the last successful renewal was *sent*,
+    /// plus the TTL, minus a safety margin (ARCHITECTURE rule 2).
+    pub valid_until: Option<Instant>,
+}
+
+/// One loop's observations.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub now: Instant,
+    /// `None`: etcd could not be read this loop.
+    pub cluster: Option<ClusterView>,
+    pub lease: LeaseView,
+    pub pg: PgView,
+    pub job: JobView,
+}
+
+/// What decide needs from configuration.
+#[derive(Debug, Clone)]
+pub struct HaConfig {
+    pub name: String,
+    pub tags: Tags,
+    pub dcs: DynamicConfig,
+}
+
+/// What the agent remembers between loops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// The leader our `primary_conninfo` points at, if PostgreSQL runs as a standby.
+    pub upstream: Option<String>,
+}
+
+/// Where a standby streams from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Upstream {
+    fn of(m: &MemberInfo) -> Upstream {
+        Upstream {
+            name: m.name.clone(),
+            host: m.host.clone(),
+            port: m.port,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Refuse to go on: the agent logs the reason and exits non-zero.
+    Exit,
+    /// Race for an empty cluster (`initialize` and `leader` in one transaction); the winner
+    /// starts the bootstrap job.
+    ClaimNewCluster,
+    /// Race for a cluster whose data directory already exists here, with its identifier.
+    AdoptCluster {
+        system_identifier: u64,
+    },
+    /// Record the finished initdb's identifier in `initialize` and seed `config`.
+    FinishBootstrap,
+    /// Undo a failed bootstrap: stop PostgreSQL, release both keys, empty the data dir.
+    AbortBootstrap,
+    StartJob(JobKind),
+    /// Forget a failed clone's partial copy so the next loop can clone again.
+    EmptyDataDir,
+    AcquireLeader,
+    RenewLeader,
+    ReleaseLeader,
+    StartPrimary,
+    StartStandby(Option<Upstream>),
+    /// Point `primary_conninfo` at a new upstream (reload).
+    FollowUpstream(Upstream),
+    Promote,
+    StopPostgres,
+    /// Leader duties: replication slots for members, `optime/leader`.
+    LeaderHousekeeping,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub actions: Vec<Action>,
+    /// One sentence, logged once per change and published in the member key.
+    pub reason: String,
+    pub role: Role,
+    pub state: MemberState,
+}
+
+fn decision(
+    actions: Vec<Action>,
+    reason: impl Into<String>,
+    role: Role,
+    state: MemberState,
+) -> Decision {
+    Decision {
+        actions,
+        reason: reason.into(),
+        role,
+        state,
+    }
+}
+
+/// The state a member's PostgreSQL shows, from what the agent saw.
+fn pg_state(pg: &PgView) -> MemberState {
+    match (&pg.status, pg.running) {
+        (_, false) => MemberState::Stopped,
+        (None, true) => MemberState::Starting,
+        (Some(s), true) if !s.in_recovery => MemberState::Running,
+        (Some(s), true) if s.streaming => MemberState::Streaming,
+        (Some(_), true) => MemberState::InRecovery,
+    }
+}
+
+pub fn decide(obs: &Observation, cfg: &HaConfig, mem: &Memory) -> Decision {
+    let me = cfg.name.as_str();
+    let state = pg_state(&obs.pg);
+    let primary_running = obs.pg.running && obs.pg.status.as_ref().is_some_and(|s| !s.in_recovery);
+
+    let Some(view) = &obs.cluster else {
+        // etcd unreachable: we cannot renew, so a writable primary lives only as long as its
+        // last renewal lets it (rule 2).
+        if obs.lease.held {
+            let expired = obs.lease.valid_until.is_none_or(|t| obs.now >= t);
+            if expired && obs.pg.running {
+                return decision(
+                    vec![Action::StopPostgres, Action::ReleaseLeader],
+                    "etcd is unreachable and my leader lease may have expired: stopping PostgreSQL so it cannot accept writes",
+                    Role::Replica,
+                    state,
+                );
+            }
+            return decision(
+                vec![Action::RenewLeader],
+                "etcd is unreachable; keeping the leader role while my lease is still valid",
+                Role::Leader,
+                state,
+            );
+        }
+        if primary_running {
+            return decision(
+                vec![Action::StopPostgres],
+                "etcd is unreachable and I do not hold the leader key but my PostgreSQL is writable: stopping it",
+                Role::Replica,
+                state,
+            );
+        }
+        return decision(vec![], "etcd is unreachable; waiting", Role::Replica, state);
+    };
+
+    let leader = view.leader_name();
+    let i_lead = leader == Some(me) && obs.lease.held;
+
+    // Long jobs first: the loop keeps renewing while they run.
+    match &obs.job {
+        JobView::Running(kind) => {
+            let (role, actions) = if i_lead {
+                (Role::Leader, vec![Action::RenewLeader])
+            } else {
+                (Role::Replica, vec![])
+            };
+            let st = match kind {
+                JobKind::Bootstrap => MemberState::Initializing,
+                JobKind::Clone { .. } => MemberState::CreatingReplica,
+            };
+            return decision(
+                actions,
+                format!("{} is in progress", kind.describe()),
+                role,
+                st,
+            );
+        }
+        JobView::Failed(JobKind::Bootstrap, why) => {
+            return decision(
+                vec![Action::AbortBootstrap],
+                format!("initialising the cluster failed ({why}); releasing the claim so another member can try"),
+                Role::Replica,
+                MemberState::Stopped,
+            );
+        }
+        JobView::Failed(JobKind::Clone { from }, why) => {
+            return decision(
+                vec![Action::EmptyDataDir],
+                format!("cloning from {from} failed ({why}); removing the partial copy to retry"),
+                Role::Replica,
+                MemberState::Stopped,
+            );
+        }
+        JobView::Succeeded(JobKind::Bootstrap) if !i_lead => {
+            return decision(
+                vec![Action::AbortBootstrap],
+                "initdb finished but I no longer hold the leader key; undoing the bootstrap",
+                Role::Replica,
+                MemberState::Stopped,
+            );
+        }
+        JobView::Succeeded(JobKind::Bootstrap) => {
+            return decision(
+                vec![Action::RenewLeader, Action::FinishBootstrap],
+                "initialised a new cluster and recorded its system identifier",
+                Role::Leader,
+                state,
+            );
+        }
+        JobView::Succeeded(JobKind::Clone { .. }) | JobView::Idle => {}
+    }
+
+    // The data directory must belong to this cluster.
+    let init_id = match &view.initialize {
+        Some(Initialize::SystemIdentifier(id)) => Some(id.as_str()),
+        _ => None,
+    };
+    match (&obs.pg.data_dir, init_id) {
+        (DataDir::Unusable(why), _) => {
+            return decision(
+                vec![Action::Exit],
+                format!("the data directory is not usable ({why}); refusing to touch it"),
+                Role::Replica,
+                MemberState::Stopped,
+            );
+        }
+        (
+            DataDir::Initialized {
+                system_identifier, ..
+            },
+            Some(id),
+        ) if id != system_identifier.to_string() => {
+            return decision(
+                vec![Action::Exit],
+                format!(
+                    "the data directory belongs to database system identifier {system_identifier} but the cluster was initialised with system identifier {id}; refusing to join (move the directory aside or point postgres.data_dir at an empty one)"
+                ),
+                Role::Replica,
+                MemberState::Stopped,
+            );
+        }
+        _ => {}
+    }
+
+    match (&view.initialize, &obs.pg.data_dir) {
+        (None, DataDir::Empty) => {
+            return decision(
+                vec![Action::ClaimNewCluster],
+                "the cluster is not initialised: racing to initialise it",
+                Role::Replica,
+                MemberState::Waiting,
+            );
+        }
+        (
+            None,
+            DataDir::Initialized {
+                system_identifier,
+                standby: false,
+            },
+        ) => {
+            return decision(
+                vec![Action::AdoptCluster { system_identifier: *system_identifier }],
+                format!("the cluster is not initialised and my data directory has system identifier {system_identifier}: racing to lead with it"),
+                Role::Replica,
+                state,
+            );
+        }
+        (None, DataDir::Initialized { standby: true, .. }) => {
+            return decision(
+                vec![],
+                "the cluster is not initialised and my data directory is a standby; waiting for a primary",
+                Role::Replica,
+                state,
+            );
+        }
+        (Some(Initialize::Claimed), _) if leader != Some(me) => {
+            return decision(
+                vec![],
+                format!(
+                    "waiting for {} to initialise the cluster",
+                    leader.unwrap_or("another member")
+                ),
+                Role::Replica,
+                MemberState::Waiting,
+            );
+        }
+        _ => {}
+    }
+
+    match leader {
+        Some(l) if l == me => leader_decision(obs, mem, state, primary_running),
+        Some(l) => follower_decision(obs, view, mem, l, state, primary_running),
+        None => leaderless_decision(obs, view, cfg, state, primary_running),
+    }
+}
+
+fn leader_decision(
+    obs: &Observation,
+    _mem: &Memory,
+    state: MemberState,
+    primary_running: bool,
+) -> Decision {
+    if !obs.lease.held {
+        // The key names us from a previous run of the agent: take it over with a new lease
+        // before doing anything writable (rule 1).
+        let mut actions = vec![Action::AcquireLeader];
+        if primary_running {
+            actions.insert(0, Action::StopPostgres);
+        }
+        return decision(
+            actions,
+            "the leader key names me from a previous run; re-acquiring it with a new lease",
+            Role::Replica,
+            state,
+        );
+    }
+    match (&obs.pg.data_dir, obs.pg.running, &obs.pg.status) {
+        (DataDir::Empty, running, _) => decision(
+            if running {
+                vec![Action::StopPostgres, Action::ReleaseLeader]
+            } else {
+                vec![Action::ReleaseLeader]
+            },
+            "I hold the leader key but have no data directory; releasing it",
+            Role::Replica,
+            MemberState::Stopped,
+        ),
+        (_, false, _) => decision(
+            vec![Action::RenewLeader, Action::StartPrimary],
+            "I hold the leader key and PostgreSQL is not running: starting it as the primary",
+            Role::Leader,
+            state,
+        ),
+        (_, true, None) => decision(
+            vec![Action::RenewLeader],
+            "I hold the leader key; waiting for PostgreSQL to accept connections",
+            Role::Leader,
+            state,
+        ),
+        (_, true, Some(s)) if s.in_recovery => decision(
+            vec![Action::RenewLeader, Action::Promote],
+            "I hold the leader key and PostgreSQL is a standby: promoting it",
+            Role::Leader,
+            state,
+        ),
+        (_, true, Some(_)) => decision(
+            vec![Action::RenewLeader, Action::LeaderHousekeeping],
+            "I am the leader with the lease",
+            Role::Leader,
+            MemberState::Running,
+        ),
+    }
+}
+
+fn follower_decision(
+    obs: &Observation,
+    view: &ClusterView,
+    mem: &Memory,
+    leader: &str,
+    state: MemberState,
+    primary_running: bool,
+) -> Decision {
+    let leader_member = view.members.get(leader);
+    if primary_running || (obs.lease.held && obs.pg.running) {
+        // Rule 1: only the holder of the leader key runs PostgreSQL writable.
+        return decision(
+            vec![Action::StopPostgres, Action::ReleaseLeader],
+            format!("{leader} holds the leader key but my PostgreSQL is writable: stopping it"),
+            Role::Replica,
+            state,
+        );
+    }
+    if obs.pg.data_dir == DataDir::Empty {
+        return match leader_member {
+            Some(m) if m.state == MemberState::Running => decision(
+                vec![Action::StartJob(JobKind::Clone {
+                    from: leader.to_string(),
+                })],
+                format!("cloning from {leader}"),
+                Role::Replica,
+                MemberState::CreatingReplica,
+            ),
+            _ => decision(
+                vec![],
+                format!("waiting for {leader} to be running before cloning from it"),
+                Role::Replica,
+                MemberState::Waiting,
+            ),
+        };
+    }
+    let Some(leader_member) = leader_member else {
+        return decision(
+            vec![],
+            format!("{leader} holds the leader key but has not published its address yet"),
+            Role::Replica,
+            state,
+        );
+    };
+    let upstream = Upstream::of(leader_member);
+    if !obs.pg.running {
+        return decision(
+            vec![Action::StartStandby(Some(upstream))],
+            format!("starting as a standby of {leader}"),
+            Role::Replica,
+            state,
+        );
+    }
+    if mem.upstream.as_deref() != Some(leader) {
+        return decision(
+            vec![Action::FollowUpstream(upstream)],
+            format!("following {leader}"),
+            Role::Replica,
+            state,
+        );
+    }
+    decision(vec![], format!("following {leader}"), Role::Replica, state)
+}
+
+fn leaderless_decision(
+    obs: &Observation,
+    view: &ClusterView,
+    cfg: &HaConfig,
+    state: MemberState,
+    primary_running: bool,
+) -> Decision {
+    if primary_running {
+        // We were the leader and lost the key: stop writes first (rule 1), then compete.
+        return decision(
+            vec![Action::StopPostgres],
+            "there is no leader and my PostgreSQL is writable without the key: stopping it",
+            Role::Replica,
+            state,
+        );
+    }
+    if obs.pg.data_dir == DataDir::Empty {
+        return decision(
+            vec![],
+            "there is no leader to clone from; waiting",
+            Role::Replica,
+            MemberState::Waiting,
+        );
+    }
+    if !obs.pg.running {
+        return decision(
+            vec![Action::StartStandby(None)],
+            "there is no leader: starting read-only until one is chosen",
+            Role::Replica,
+            state,
+        );
+    }
+    let Some(status) = &obs.pg.status else {
+        return decision(
+            vec![],
+            "there is no leader; waiting for my PostgreSQL to answer before competing",
+            Role::Replica,
+            state,
+        );
+    };
+    match best_candidate(view, cfg, status) {
+        Ok(()) => decision(
+            vec![Action::AcquireLeader],
+            "there is no leader and I am the most advanced eligible member: taking the leader key",
+            Role::Replica,
+            state,
+        ),
+        Err(refusal) => decision(
+            vec![],
+            format!("there is no leader; not taking over: {refusal}"),
+            Role::Replica,
+            state,
+        ),
+    }
+}

@@ -1,0 +1,474 @@
+//! Table tests of `decide`: one scenario per rule, plus an exhaustive check that no
+//! combination of observations lets a member without the leader key run writable.
+
+use std::time::Duration;
+
+use pgherd_config::{DynamicConfig, Tags};
+use tokio::time::Instant;
+
+use super::*;
+use crate::dcs::model::{ClusterView, Initialize, LeaderKey, MemberInfo, MemberState, Role};
+use crate::lsn::Lsn;
+
+const SYSID: u64 = 7000;
+
+fn member(name: &str, state: MemberState, lsn: u64) -> MemberInfo {
+    MemberInfo {
+        name: name.into(),
+        role: Role::Replica,
+        state,
+        api_address: "127.0.0.1:8008".into(),
+        host: "127.0.0.1".into(),
+        port: 5432,
+        timeline: Some(1),
+        wal_lsn: None,
+        receive_lsn: Some(Lsn(lsn)),
+        replay_lsn: Some(Lsn(lsn)),
+        lag_bytes: Some(0),
+        tags: Tags::default(),
+        version: "test".into(),
+        system_identifier: Some(SYSID.to_string()),
+        decision: String::new(),
+    }
+}
+
+fn view(leader: Option<&str>, members: &[MemberInfo]) -> ClusterView {
+    ClusterView {
+        revision: 1,
+        initialize: Some(Initialize::SystemIdentifier(SYSID.to_string())),
+        leader: leader.map(|n| LeaderKey {
+            name: n.into(),
+            lease: 1,
+        }),
+        members: members
+            .iter()
+            .map(|m| (m.name.clone(), m.clone()))
+            .collect(),
+        config: None,
+        leader_optime: None,
+    }
+}
+
+fn cfg(name: &str) -> HaConfig {
+    HaConfig {
+        name: name.into(),
+        tags: Tags::default(),
+        dcs: DynamicConfig::default(),
+    }
+}
+
+fn standby_status(lsn: u64) -> PgStatus {
+    PgStatus {
+        in_recovery: true,
+        timeline: Some(1),
+        wal_lsn: None,
+        receive_lsn: Some(Lsn(lsn)),
+        replay_lsn: Some(Lsn(lsn)),
+        streaming: true,
+    }
+}
+
+fn primary_status() -> PgStatus {
+    PgStatus {
+        in_recovery: false,
+        timeline: Some(1),
+        wal_lsn: Some(Lsn(1000)),
+        ..PgStatus::default()
+    }
+}
+
+fn initialized() -> DataDir {
+    DataDir::Initialized {
+        system_identifier: SYSID,
+        standby: true,
+    }
+}
+
+struct Obs(Observation);
+
+impl Obs {
+    fn new(cluster: Option<ClusterView>) -> Obs {
+        Obs(Observation {
+            now: Instant::now(),
+            cluster,
+            lease: LeaseView::default(),
+            pg: PgView {
+                data_dir: initialized(),
+                running: false,
+                status: None,
+            },
+            job: JobView::Idle,
+        })
+    }
+    fn data(mut self, d: DataDir) -> Obs {
+        self.0.pg.data_dir = d;
+        self
+    }
+    fn running(mut self, status: Option<PgStatus>) -> Obs {
+        self.0.pg.running = true;
+        self.0.pg.status = status;
+        self
+    }
+    fn holding_lease(mut self, valid_for: Duration) -> Obs {
+        self.0.lease = LeaseView {
+            held: true,
+            valid_until: Some(self.0.now + valid_for),
+        };
+        self
+    }
+    fn job(mut self, j: JobView) -> Obs {
+        self.0.job = j;
+        self
+    }
+    fn decide(&self, cfg: &HaConfig, mem: &Memory) -> Decision {
+        decide(&self.0, cfg, mem)
+    }
+}
+
+fn following(name: &str) -> Memory {
+    Memory {
+        upstream: Some(name.into()),
+    }
+}
+
+#[test]
+fn empty_cluster_and_empty_data_dir_races_to_initialise() {
+    let mut v = view(None, &[]);
+    v.initialize = None;
+    let d = Obs::new(Some(v))
+        .data(DataDir::Empty)
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::ClaimNewCluster]);
+}
+
+#[test]
+fn a_claimed_initialisation_is_waited_for() {
+    let mut v = view(Some("b"), &[]);
+    v.initialize = Some(Initialize::Claimed);
+    let d = Obs::new(Some(v))
+        .data(DataDir::Empty)
+        .decide(&cfg("a"), &Memory::default());
+    assert!(d.actions.is_empty(), "{d:?}");
+    assert!(d.reason.contains("waiting for b"), "{}", d.reason);
+}
+
+#[test]
+fn an_existing_primary_data_dir_without_cluster_adopts_it() {
+    let mut v = view(None, &[]);
+    v.initialize = None;
+    let d = Obs::new(Some(v))
+        .data(DataDir::Initialized {
+            system_identifier: 42,
+            standby: false,
+        })
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(
+        d.actions,
+        vec![Action::AdoptCluster {
+            system_identifier: 42
+        }]
+    );
+}
+
+#[test]
+fn empty_data_dir_clones_from_a_running_leader_only() {
+    let leader = member("b", MemberState::Running, 100);
+    let d = Obs::new(Some(view(Some("b"), std::slice::from_ref(&leader))))
+        .data(DataDir::Empty)
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(
+        d.actions,
+        vec![Action::StartJob(JobKind::Clone { from: "b".into() })]
+    );
+    let starting = member("b", MemberState::Starting, 100);
+    let d = Obs::new(Some(view(Some("b"), &[starting])))
+        .data(DataDir::Empty)
+        .decide(&cfg("a"), &Memory::default());
+    assert!(d.actions.is_empty(), "{d:?}");
+}
+
+#[test]
+fn a_foreign_data_directory_refuses_to_join() {
+    let d = Obs::new(Some(view(
+        Some("b"),
+        &[member("b", MemberState::Running, 1)],
+    )))
+    .data(DataDir::Initialized {
+        system_identifier: 1234,
+        standby: false,
+    })
+    .decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::Exit]);
+    assert!(d.reason.contains("system identifier 1234"), "{}", d.reason);
+    assert!(d.reason.contains(&SYSID.to_string()), "{}", d.reason);
+}
+
+#[test]
+fn an_unusable_data_directory_is_never_touched() {
+    let d = Obs::new(Some(view(Some("b"), &[])))
+        .data(DataDir::Unusable("no PG_VERSION".into()))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::Exit]);
+}
+
+#[test]
+fn the_leader_starts_promotes_or_keeps_its_primary() {
+    let v = view(Some("a"), &[]);
+    let leader = Obs::new(Some(v.clone())).holding_lease(Duration::from_secs(5));
+    let d = leader.decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::RenewLeader, Action::StartPrimary]);
+
+    let d = Obs::new(Some(v.clone()))
+        .holding_lease(Duration::from_secs(5))
+        .running(Some(standby_status(5)))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::RenewLeader, Action::Promote]);
+
+    let d = Obs::new(Some(v))
+        .holding_lease(Duration::from_secs(5))
+        .running(Some(primary_status()))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(
+        d.actions,
+        vec![Action::RenewLeader, Action::LeaderHousekeeping]
+    );
+    assert_eq!(d.reason, "I am the leader with the lease");
+    assert_eq!(d.role, Role::Leader);
+}
+
+#[test]
+fn a_leader_key_from_a_previous_run_is_reacquired_before_anything_writable() {
+    let d = Obs::new(Some(view(Some("a"), &[])))
+        .running(Some(primary_status()))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::StopPostgres, Action::AcquireLeader]);
+}
+
+#[test]
+fn rule1_a_writable_member_without_the_key_stops() {
+    let leader = member("b", MemberState::Running, 100);
+    let d = Obs::new(Some(view(Some("b"), &[leader])))
+        .running(Some(primary_status()))
+        .decide(&cfg("a"), &Memory::default());
+    assert!(d.actions.contains(&Action::StopPostgres), "{d:?}");
+
+    let d = Obs::new(Some(view(None, &[])))
+        .running(Some(primary_status()))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::StopPostgres]);
+}
+
+#[test]
+fn a_stopped_replica_starts_as_a_standby_of_the_leader() {
+    let leader = member("b", MemberState::Running, 100);
+    let d = Obs::new(Some(view(Some("b"), &[leader]))).decide(&cfg("a"), &Memory::default());
+    assert_eq!(
+        d.actions,
+        vec![Action::StartStandby(Some(Upstream {
+            name: "b".into(),
+            host: "127.0.0.1".into(),
+            port: 5432
+        }))]
+    );
+}
+
+#[test]
+fn a_standby_following_the_old_leader_is_repointed() {
+    let leader = member("b", MemberState::Running, 100);
+    let obs = Obs::new(Some(view(Some("b"), &[leader]))).running(Some(standby_status(50)));
+    let d = obs.decide(&cfg("a"), &following("c"));
+    assert!(
+        matches!(d.actions.as_slice(), [Action::FollowUpstream(u)] if u.name == "b"),
+        "{d:?}"
+    );
+    let d = obs.decide(&cfg("a"), &following("b"));
+    assert!(d.actions.is_empty());
+    assert_eq!(d.reason, "following b");
+    assert_eq!(d.state, MemberState::Streaming);
+}
+
+#[test]
+fn without_a_leader_the_most_advanced_eligible_member_takes_the_key() {
+    let others = [
+        member("b", MemberState::Streaming, 90),
+        member("c", MemberState::Streaming, 80),
+    ];
+    let obs = Obs::new(Some(view(None, &others))).running(Some(standby_status(100)));
+    let d = obs.decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::AcquireLeader]);
+
+    let obs = Obs::new(Some(view(None, &others))).running(Some(standby_status(85)));
+    let d = obs.decide(&cfg("a"), &Memory::default());
+    assert!(d.actions.is_empty(), "{d:?}");
+    assert!(d.reason.contains("b is further ahead"), "{}", d.reason);
+}
+
+#[test]
+fn a_nofailover_member_never_takes_the_key() {
+    let mut c = cfg("a");
+    c.tags.nofailover = true;
+    let d = Obs::new(Some(view(None, &[])))
+        .running(Some(standby_status(100)))
+        .decide(&c, &Memory::default());
+    assert!(d.actions.is_empty(), "{d:?}");
+    assert!(d.reason.contains("nofailover"));
+}
+
+#[test]
+fn a_nofailover_or_unhealthy_member_does_not_block_others() {
+    let mut ahead = member("b", MemberState::Streaming, 500);
+    ahead.tags.nofailover = true;
+    let stopped = member("c", MemberState::Stopped, 900);
+    let d = Obs::new(Some(view(None, &[ahead, stopped])))
+        .running(Some(standby_status(100)))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::AcquireLeader]);
+}
+
+#[test]
+fn a_member_beyond_maximum_lag_on_failover_does_not_take_the_key() {
+    let mut v = view(None, &[]);
+    v.leader_optime = Some(Lsn(10_000_000));
+    let d = Obs::new(Some(v))
+        .running(Some(standby_status(100)))
+        .decide(&cfg("a"), &Memory::default());
+    assert!(d.actions.is_empty(), "{d:?}");
+    assert!(d.reason.contains("maximum_lag_on_failover"), "{}", d.reason);
+}
+
+#[test]
+fn ties_go_to_the_higher_priority_then_the_smaller_name() {
+    let mut b = member("b", MemberState::Streaming, 100);
+    b.tags.failover_priority = 2;
+    let d = Obs::new(Some(view(None, &[b])))
+        .running(Some(standby_status(100)))
+        .decide(&cfg("a"), &Memory::default());
+    assert!(d.actions.is_empty(), "priority 2 beats priority 1: {d:?}");
+
+    let b = member("b", MemberState::Streaming, 100);
+    let d = Obs::new(Some(view(None, std::slice::from_ref(&b))))
+        .running(Some(standby_status(100)))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::AcquireLeader], "a sorts before b");
+    let a = member("a", MemberState::Streaming, 100);
+    let d = Obs::new(Some(view(None, &[a])))
+        .running(Some(standby_status(100)))
+        .decide(&cfg("b"), &Memory::default());
+    assert!(d.actions.is_empty(), "b yields to a: {d:?}");
+}
+
+#[test]
+fn rule2_without_etcd_the_leader_stops_once_its_lease_may_have_expired() {
+    let obs = Obs::new(None)
+        .holding_lease(Duration::from_secs(2))
+        .running(Some(primary_status()));
+    let d = obs.decide(&cfg("a"), &Memory::default());
+    assert_eq!(
+        d.actions,
+        vec![Action::RenewLeader],
+        "still valid: keep trying"
+    );
+
+    let mut late = obs.0.clone();
+    late.now += Duration::from_secs(3);
+    let d = decide(&late, &cfg("a"), &Memory::default());
+    assert!(d.actions.contains(&Action::StopPostgres), "{d:?}");
+}
+
+#[test]
+fn jobs_in_progress_block_other_actions_but_not_renewal() {
+    let d = Obs::new(Some(view(Some("a"), &[])))
+        .holding_lease(Duration::from_secs(5))
+        .data(DataDir::Empty)
+        .job(JobView::Running(JobKind::Bootstrap))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::RenewLeader]);
+    assert_eq!(d.state, MemberState::Initializing);
+
+    let d = Obs::new(Some(view(Some("b"), &[])))
+        .data(DataDir::Empty)
+        .job(JobView::Failed(
+            JobKind::Clone { from: "b".into() },
+            "boom".into(),
+        ))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::EmptyDataDir]);
+
+    let d = Obs::new(Some(view(Some("a"), &[])))
+        .holding_lease(Duration::from_secs(5))
+        .job(JobView::Succeeded(JobKind::Bootstrap))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(
+        d.actions,
+        vec![Action::RenewLeader, Action::FinishBootstrap]
+    );
+}
+
+/// Rule 1 over every combination: a decision that makes or keeps PostgreSQL writable
+/// (StartPrimary, Promote, or leaving a running primary alone) happens only while this member
+/// holds the leader key with a live lease.
+#[test]
+fn rule1_no_combination_of_observations_runs_writable_without_the_key() {
+    let leaders = [None, Some("a"), Some("b")];
+    let lease_states = [
+        LeaseView::default(),
+        LeaseView {
+            held: true,
+            valid_until: None,
+        },
+    ];
+    let pgs = [
+        (false, None),
+        (true, None),
+        (true, Some(primary_status())),
+        (true, Some(standby_status(10))),
+    ];
+    let datas = [DataDir::Empty, initialized()];
+    let jobs = [JobView::Idle, JobView::Succeeded(JobKind::Bootstrap)];
+    let now = Instant::now();
+    for leader in leaders {
+        for reachable in [true, false] {
+            for lease in lease_states {
+                for (running, status) in &pgs {
+                    for data in &datas {
+                        for job in &jobs {
+                            let cluster = reachable
+                                .then(|| view(leader, &[member("b", MemberState::Running, 5)]));
+                            let mut lease = lease;
+                            if lease.held {
+                                lease.valid_until = Some(now + Duration::from_secs(1));
+                            }
+                            let obs = Observation {
+                                now,
+                                cluster,
+                                lease,
+                                pg: PgView {
+                                    data_dir: data.clone(),
+                                    running: *running,
+                                    status: status.clone(),
+                                },
+                                job: job.clone(),
+                            };
+                            let d = decide(&obs, &cfg("a"), &Memory::default());
+                            let makes_writable = d
+                                .actions
+                                .iter()
+                                .any(|a| matches!(a, Action::StartPrimary | Action::Promote));
+                            let keeps_writable = status.as_ref().is_some_and(|s| !s.in_recovery)
+                                && !d.actions.iter().any(|a| {
+                                    matches!(a, Action::StopPostgres | Action::AbortBootstrap)
+                                });
+                            if makes_writable || keeps_writable {
+                                let holds = lease.held && (leader == Some("a") || !reachable);
+                                assert!(
+                                    holds,
+                                    "writable without the key: leader={leader:?} reachable={reachable} lease={lease:?} pg={status:?} -> {d:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! pgherd-agent: keeps one PostgreSQL member of a pgherd cluster in its right role.
+//! See ARCHITECTURE.md for the shape: observe (etcd, PostgreSQL), decide (`ha`, pure), act.
+
+pub mod agent;
+pub mod api;
+pub mod dcs;
+pub mod ha;
+pub mod lsn;
+pub mod postgres;

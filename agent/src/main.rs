@@ -1,0 +1,157 @@
+//! `pgherd-agent --config FILE` runs one member; `pgherd-agent check-config FILE` validates a
+//! configuration file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pgherd_agent::{agent::Agent, api, dcs, postgres::Postgres};
+use pgherd_config::ConfigError;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "pgherd-agent",
+    version,
+    about = "Runs one member of a pgherd PostgreSQL cluster"
+)]
+struct Cli {
+    /// The member's YAML configuration file.
+    #[arg(long, short = 'c', value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a configuration file: print every problem with its YAML path and exit 2,
+    /// or exit 0 when the file is good.
+    CheckConfig {
+        /// The file to check (defaults to --config).
+        file: Option<PathBuf>,
+    },
+}
+
+/// Exit status for an invalid configuration or command line.
+const EXIT_USAGE: u8 = 2;
+
+fn load(path: &std::path::Path) -> Result<pgherd_config::Config, ExitCode> {
+    match pgherd_config::load(path) {
+        Ok(c) => Ok(c),
+        Err(e @ ConfigError::Invalid { .. }) => {
+            eprintln!("{e}");
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => {
+            let Some(path) = file.or(cli.config) else {
+                eprintln!("check-config needs a FILE (or --config FILE)");
+                return ExitCode::from(EXIT_USAGE);
+            };
+            match load(&path) {
+                Ok(_) => {
+                    println!("{}: configuration is valid", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            }
+        }
+        None => {
+            let Some(path) = cli.config else {
+                eprintln!("pgherd-agent needs --config FILE (see --help)");
+                return ExitCode::from(EXIT_USAGE);
+            };
+            let cfg = match load(&path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging(&cfg.name);
+            // One thread: the postmaster's parent-death signal is tied to the thread that
+            // spawned it, which must live as long as the agent (ARCHITECTURE rule 3).
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "pgherd-agent stopped");
+                    eprintln!("pgherd-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(member: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGHERD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    tracing::info!(
+        member,
+        version = env!("CARGO_PKG_VERSION"),
+        "pgherd-agent starting"
+    );
+}
+
+async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let shutdown = CancellationToken::new();
+    let timeout = Duration::from_secs(cfg.bootstrap.dcs.retry_timeout);
+    let client = dcs::connect(&cfg.etcd, timeout)
+        .await
+        .with_context(|| format!("cannot set up the etcd client for {:?}", cfg.etcd.endpoints))?;
+    let dcs = dcs::Dcs::new(client, &cfg.cluster, &cfg.name, timeout);
+    let pg = Arc::new(Postgres::new(cfg.clone())?);
+    let board = api::StatusBoard::new(&cfg.cluster);
+    let server = api::serve(&cfg.api.listen, board.clone(), shutdown.clone()).await?;
+
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        signals.cancel();
+    });
+
+    let result = Agent::new(cfg.clone(), dcs, pg, board)
+        .run(shutdown.clone())
+        .await;
+    shutdown.cancel();
+    let _ = server.await;
+    result
+}

@@ -1,0 +1,185 @@
+//! The one runner for PostgreSQL's programs (`initdb`, `pg_ctl`, `pg_basebackup`, ...): runs
+//! them as the PostgreSQL OS user when the agent is root, with a timeout, logs the command
+//! line (arguments never carry secrets: passwords go through files), captures stderr and
+//! returns a typed error with the exit status and the stderr tail.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+/// The OS identity PostgreSQL's programs run as.
+#[derive(Debug, Clone)]
+pub struct OsUser {
+    pub name: String,
+    /// `Some` when the agent runs as root and must switch to this user.
+    pub switch_to: Option<(u32, u32)>,
+    pub home: PathBuf,
+}
+
+impl OsUser {
+    /// When the agent runs as root, look up `name`; otherwise run as ourselves.
+    pub fn resolve(name: &str) -> Result<OsUser, CommandError> {
+        if !nix::unistd::geteuid().is_root() {
+            let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+                .ok()
+                .flatten();
+            return Ok(OsUser {
+                name: me.as_ref().map(|u| u.name.clone()).unwrap_or_default(),
+                switch_to: None,
+                home: me.map(|u| u.dir).unwrap_or_else(|| PathBuf::from("/")),
+            });
+        }
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(u)) if u.uid.is_root() => Err(CommandError::User(format!(
+                "postgres.os_user {name:?} is root; PostgreSQL refuses to run as root"
+            ))),
+            Ok(Some(u)) => Ok(OsUser {
+                name: u.name,
+                switch_to: Some((u.uid.as_raw(), u.gid.as_raw())),
+                home: u.dir,
+            }),
+            Ok(None) => Err(CommandError::User(format!(
+                "postgres.os_user {name:?} does not exist on this machine"
+            ))),
+            Err(e) => Err(CommandError::User(format!(
+                "cannot look up postgres.os_user {name:?}: {e}"
+            ))),
+        }
+    }
+
+    /// Applies the user switch (and HOME) to a command.
+    pub fn apply(&self, cmd: &mut Command) {
+        if let Some((uid, gid)) = self.switch_to {
+            cmd.uid(uid).gid(gid);
+            cmd.env("HOME", &self.home).env("USER", &self.name);
+        }
+    }
+
+    /// Whether this user may create files in `dir` (by its mode bits; ACLs aside).
+    pub fn can_write(&self, dir: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Some((uid, gid)) = self.switch_to else {
+            return true;
+        };
+        let Ok(md) = std::fs::metadata(dir) else {
+            return false;
+        };
+        let mode = md.mode();
+        (md.uid() == uid && mode & 0o200 != 0)
+            || (md.gid() == gid && mode & 0o020 != 0)
+            || mode & 0o002 != 0
+    }
+
+    /// Gives a path we created to this user.
+    pub fn chown(&self, path: &Path) -> std::io::Result<()> {
+        if let Some((uid, gid)) = self.switch_to {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("{0}")]
+    User(String),
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program} did not finish within {timeout:?} and was killed")]
+    Timeout { program: String, timeout: Duration },
+    #[error("{program} failed ({status}): {stderr_tail}")]
+    Failed {
+        program: String,
+        status: std::process::ExitStatus,
+        stderr_tail: String,
+    },
+}
+
+/// What a successful command printed.
+#[derive(Debug)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Last lines of a program's stderr, enough to see why it failed.
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(5);
+    lines[start..].join(" | ")
+}
+
+/// Runs `program args` as `user` with `envs`, within `timeout`.
+pub async fn run(
+    user: &OsUser,
+    program: &Path,
+    args: &[String],
+    envs: &[(&str, &Path)],
+    timeout: Duration,
+) -> Result<Output, CommandError> {
+    let name = program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| program.display().to_string());
+    tracing::info!(command = %format!("{} {}", program.display(), args.join(" ")), "running");
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Run from a directory every user can enter; PostgreSQL's tools dislike an
+        // unreadable working directory.
+        .current_dir("/");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    user.apply(&mut cmd);
+    let mut child = cmd.spawn().map_err(|source| CommandError::Spawn {
+        program: name.clone(),
+        source,
+    })?;
+    let mut stdout = child.stdout.take().expect("stdout was piped above");
+    let mut stderr = child.stderr.take().expect("stderr was piped above");
+    let work = async {
+        let mut out = String::new();
+        let mut err = String::new();
+        let (_, _, status) = tokio::join!(
+            stdout.read_to_string(&mut out),
+            stderr.read_to_string(&mut err),
+            child.wait()
+        );
+        (out, err, status)
+    };
+    let (out, err, status) = match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => {
+            return Err(CommandError::Timeout {
+                program: name,
+                timeout,
+            })
+        }
+    };
+    let status = status.map_err(|source| CommandError::Spawn {
+        program: name.clone(),
+        source,
+    })?;
+    if status.success() {
+        Ok(Output {
+            stdout: out,
+            stderr: err,
+        })
+    } else {
+        Err(CommandError::Failed {
+            program: name,
+            status,
+            stderr_tail: tail(&err),
+        })
+    }
+}

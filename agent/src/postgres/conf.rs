@@ -1,0 +1,203 @@
+//! The files pgherd manages in the data directory: `postgresql.conf` (which includes the
+//! original as `postgresql.base.conf`), `pg_hba.conf`, `standby.signal`, and the pgpass file
+//! beside the data directory. Pure text generation, tested without PostgreSQL.
+
+use std::collections::BTreeMap;
+
+use pgherd_config::{Config, ParamValue};
+
+use crate::ha::Upstream;
+
+/// Parameters every member needs for streaming replication and pg_rewind; the cluster's
+/// and the member's own parameters override them.
+const BASE_PARAMETERS: &[(&str, &str)] = &[
+    ("wal_level", "replica"),
+    ("hot_standby", "on"),
+    ("max_wal_senders", "10"),
+    ("max_replication_slots", "10"),
+    ("wal_log_hints", "on"),
+    ("wal_keep_size", "128MB"),
+    ("hot_standby_feedback", "on"),
+    ("password_encryption", "scram-sha-256"),
+];
+
+/// Quotes a value for postgresql.conf.
+fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// Quotes a value inside a libpq connection string.
+fn conninfo_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// `listen_addresses` and `port` from `postgres.listen`.
+pub fn listen_parts(cfg: &Config) -> (String, u16) {
+    pgherd_config::split_host_port(&cfg.postgres.listen)
+        .expect("postgres.listen was validated as host:port")
+}
+
+/// The `primary_conninfo` for streaming from `up`; the password comes from the pgpass file.
+pub fn primary_conninfo(cfg: &Config, up: &Upstream) -> String {
+    format!(
+        "host={} port={} user={} passfile={} application_name={} sslmode=prefer connect_timeout=3",
+        conninfo_quote(&up.host),
+        up.port,
+        conninfo_quote(&cfg.postgres.replication.username),
+        conninfo_quote(&cfg.pgpass_path().to_string_lossy()),
+        conninfo_quote(&cfg.name),
+    )
+}
+
+/// The effective parameters: pgherd's base, then the cluster's (`cluster_params`), then the
+/// member's own, then what pgherd derives and manages itself.
+pub fn parameters(
+    cfg: &Config,
+    cluster_params: &BTreeMap<String, ParamValue>,
+    upstream: Option<&Upstream>,
+) -> BTreeMap<String, String> {
+    let mut p: BTreeMap<String, String> = BASE_PARAMETERS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (k, v) in cluster_params.iter().chain(cfg.postgres.parameters.iter()) {
+        p.insert(k.clone(), v.to_string());
+    }
+    let (host, port) = listen_parts(cfg);
+    p.insert("listen_addresses".into(), host);
+    p.insert("port".into(), port.to_string());
+    p.insert("cluster_name".into(), cfg.name.clone());
+    p.insert("recovery_target_timeline".into(), "latest".into());
+    if let Some(up) = upstream {
+        p.insert("primary_conninfo".into(), primary_conninfo(cfg, up));
+        p.insert("primary_slot_name".into(), cfg.name.clone());
+    }
+    p
+}
+
+pub fn postgresql_conf(params: &BTreeMap<String, String>) -> String {
+    let mut s = String::from(
+        "# Written by pgherd on every start; edits here are lost.\n\
+         # Cluster-wide parameters: bootstrap.dcs.postgresql.parameters (etcd config);\n\
+         # this member's: postgres.parameters in its pgherd config file.\n\
+         include_if_exists 'postgresql.base.conf'\n",
+    );
+    for (k, v) in params {
+        s.push_str(&format!("{k} = {}\n", quote(v)));
+    }
+    s
+}
+
+pub fn pg_hba_conf(cfg: &Config) -> String {
+    let su = &cfg.postgres.superuser.username;
+    let repl = &cfg.postgres.replication.username;
+    let mut s = String::from(
+        "# Written by pgherd on every start; add lines with postgres.pg_hba in its config.\n",
+    );
+    for line in &cfg.postgres.pg_hba {
+        s.push_str(line);
+        s.push('\n');
+    }
+    s.push_str(&format!(
+        "# pgherd: the agent, replication between members, and pg_rewind.\n\
+         local all all scram-sha-256\n\
+         host all all 127.0.0.1/32 scram-sha-256\n\
+         host all all ::1/128 scram-sha-256\n\
+         host replication {repl} 0.0.0.0/0 scram-sha-256\n\
+         host replication {repl} ::/0 scram-sha-256\n\
+         host all {su} 0.0.0.0/0 scram-sha-256\n\
+         host all {su} ::/0 scram-sha-256\n"
+    ));
+    s
+}
+
+/// Escapes `:` and `\` as the pgpass format requires.
+fn pgpass_field(s: &str) -> String {
+    s.replace('\\', "\\\\").replace(':', "\\:")
+}
+
+pub fn pgpass(cfg: &Config) -> String {
+    let mut s = String::new();
+    for c in [&cfg.postgres.replication, &cfg.postgres.superuser] {
+        s.push_str(&format!(
+            "*:*:*:{}:{}\n",
+            pgpass_field(&c.username),
+            pgpass_field(&c.password)
+        ));
+    }
+    s
+}
+
+/// SQL literal for a password in `CREATE ROLE ... PASSWORD` (utility statements take no
+/// bind parameters). Never logged.
+pub fn sql_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// SQL identifier.
+pub fn sql_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        pgherd_config::parse(include_str!("../../../config/examples/minimal.yml")).unwrap()
+    }
+
+    #[test]
+    fn managed_parameters_win_and_local_overrides_cluster() {
+        let mut c = cfg();
+        c.postgres
+            .parameters
+            .insert("work_mem".into(), ParamValue::Text("8MB".into()));
+        let cluster: BTreeMap<_, _> = [
+            ("work_mem".to_string(), ParamValue::Text("4MB".into())),
+            ("max_connections".to_string(), ParamValue::Int(50)),
+        ]
+        .into();
+        let up = Upstream {
+            name: "node1".into(),
+            host: "10.0.0.1".into(),
+            port: 5432,
+        };
+        let p = parameters(&c, &cluster, Some(&up));
+        assert_eq!(p["work_mem"], "8MB");
+        assert_eq!(p["max_connections"], "50");
+        assert_eq!(p["port"], "5433");
+        assert_eq!(p["listen_addresses"], "127.0.0.1");
+        assert_eq!(p["primary_slot_name"], "node2");
+        assert!(p["primary_conninfo"].contains("application_name='node2'"));
+        assert!(p["primary_conninfo"].contains("passfile='/var/lib/pgherd/node2/data.pgpass'"));
+        assert!(
+            !p["primary_conninfo"].contains("change-me"),
+            "no password in conninfo"
+        );
+        assert!(!parameters(&c, &cluster, None).contains_key("primary_conninfo"));
+    }
+
+    #[test]
+    fn values_are_quoted_for_postgresql_conf() {
+        let p: BTreeMap<_, _> = [("application_name".to_string(), "it's".to_string())].into();
+        assert!(postgresql_conf(&p).contains("application_name = 'it''s'\n"));
+    }
+
+    #[test]
+    fn pgpass_escapes_separators() {
+        let mut c = cfg();
+        c.postgres.replication.password = "a:b\\c".into();
+        assert!(pgpass(&c).starts_with("*:*:*:replicator:a\\:b\\\\c\n"));
+    }
+
+    #[test]
+    fn user_hba_lines_come_first() {
+        let mut c = cfg();
+        c.postgres.pg_hba = vec!["host all all 10.0.0.0/8 md5".into()];
+        let hba = pg_hba_conf(&c);
+        let user = hba.find("10.0.0.0/8").unwrap();
+        let ours = hba.find("replication replicator").unwrap();
+        assert!(user < ours);
+    }
+}

@@ -1,0 +1,595 @@
+//! The local PostgreSQL: its data directory, its process (a child of the agent, so it dies
+//! with it), the programs that create and change it (through [`command::run`]), and the
+//! queries that tell the agent loop what it is doing.
+
+pub mod command;
+pub mod conf;
+mod query;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use pgherd_config::{Config, ParamValue};
+use tokio::sync::Mutex;
+
+use crate::ha::{DataDir, PgStatus, Upstream};
+use command::OsUser;
+
+/// How PostgreSQL should be configured when it next starts or reloads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    Primary,
+    /// A standby streaming from the upstream, or replaying alone when there is none.
+    Standby(Option<Upstream>),
+}
+
+/// Owns the local PostgreSQL instance.
+pub struct Postgres {
+    cfg: Arc<Config>,
+    user: OsUser,
+    bin_dir: PathBuf,
+    data_dir: PathBuf,
+    timeout: Duration,
+    child: Mutex<Option<tokio::process::Child>>,
+    client: Mutex<Option<Arc<tokio_postgres::Client>>>,
+}
+
+/// Finds PostgreSQL's binaries: the configured directory, `pg_config --bindir`, or Debian's.
+pub fn find_bin_dir(configured: Option<&Path>) -> PathBuf {
+    if let Some(p) = configured {
+        return p.to_path_buf();
+    }
+    let debian = PathBuf::from(pgherd_config::DEFAULT_BIN_DIR);
+    if debian.join("postgres").exists() {
+        return debian;
+    }
+    std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .filter(|p| p.join("postgres").exists())
+        .unwrap_or(debian)
+}
+
+/// The database system identifier: the first field of `global/pg_control`.
+fn read_system_identifier(data_dir: &Path) -> std::io::Result<u64> {
+    let bytes = std::fs::read(data_dir.join("global/pg_control"))?;
+    let first: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| std::io::Error::other("global/pg_control is shorter than 8 bytes"))?;
+    Ok(u64::from_ne_bytes(first))
+}
+
+impl Postgres {
+    pub fn new(cfg: Arc<Config>) -> Result<Postgres> {
+        let user = OsUser::resolve(&cfg.postgres.os_user)?;
+        let bin_dir = find_bin_dir(cfg.postgres.bin_dir.as_deref());
+        for prog in ["postgres", "pg_ctl", "initdb", "pg_basebackup"] {
+            if !bin_dir.join(prog).exists() {
+                bail!(
+                    "{} not found in {}; install postgresql-15 or set postgres.bin_dir",
+                    prog,
+                    bin_dir.display()
+                );
+            }
+        }
+        Ok(Postgres {
+            data_dir: cfg.postgres.data_dir.clone(),
+            timeout: Duration::from_secs(cfg.postgres.command_timeout),
+            cfg,
+            user,
+            bin_dir,
+            child: Mutex::new(None),
+            client: Mutex::new(None),
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// PostgreSQL's own log: beside the data directory, so clones do not copy it.
+    pub fn log_path(&self) -> PathBuf {
+        let mut p = self.data_dir.clone().into_os_string();
+        p.push(".log");
+        PathBuf::from(p)
+    }
+
+    fn bin(&self, prog: &str) -> PathBuf {
+        self.bin_dir.join(prog)
+    }
+
+    async fn run(&self, prog: &str, args: &[String]) -> Result<command::Output> {
+        let pgpass = self.cfg.pgpass_path();
+        Ok(command::run(
+            &self.user,
+            &self.bin(prog),
+            args,
+            &[("PGPASSFILE", pgpass.as_path())],
+            self.timeout,
+        )
+        .await?)
+    }
+
+    pub fn data_dir_state(&self) -> DataDir {
+        let entries = match std::fs::read_dir(&self.data_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return DataDir::Empty,
+            Err(e) => {
+                return DataDir::Unusable(format!("cannot read {}: {e}", self.data_dir.display()))
+            }
+        };
+        if entries.count() == 0 {
+            return DataDir::Empty;
+        }
+        if !self.data_dir.join("PG_VERSION").exists() {
+            return DataDir::Unusable(format!(
+                "{} is not empty and has no PG_VERSION",
+                self.data_dir.display()
+            ));
+        }
+        match read_system_identifier(&self.data_dir) {
+            Ok(id) => DataDir::Initialized {
+                system_identifier: id,
+                standby: self.data_dir.join("standby.signal").exists(),
+            },
+            Err(e) => DataDir::Unusable(format!(
+                "cannot read {}/global/pg_control: {e}",
+                self.data_dir.display()
+            )),
+        }
+    }
+
+    /// The postmaster's pid from `postmaster.pid`, if that process is alive.
+    fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            .ok()
+            .map(|_| pid)
+    }
+
+    /// The status line of `postmaster.pid` ("ready", "standby", "starting", "stopping").
+    fn postmaster_status(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        text.lines().nth(7).map(|s| s.trim().to_string())
+    }
+
+    pub async fn is_running(&self) -> bool {
+        let mut child = self.child.lock().await;
+        if let Some(c) = child.as_mut() {
+            match c.try_wait() {
+                Ok(None) => return true,
+                Ok(Some(status)) => {
+                    tracing::warn!(%status, "PostgreSQL exited");
+                    *child = None;
+                }
+                Err(_) => {}
+            }
+        }
+        self.postmaster_pid().is_some()
+    }
+
+    /// Whether the running postmaster is our child (and so dies with the agent).
+    pub async fn is_our_child(&self) -> bool {
+        self.child.lock().await.is_some()
+    }
+
+    /// Creates the data directory's parent chain and the directory itself for the OS user.
+    fn ensure_data_dir(&self) -> Result<()> {
+        let dir = &self.data_dir;
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        if !dir.exists() {
+            std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot set mode 0700 on {}", dir.display()))?;
+        self.user
+            .chown(dir)
+            .with_context(|| format!("cannot give {} to {}", dir.display(), self.user.name))?;
+        Ok(())
+    }
+
+    /// Writes `contents` to `path` atomically (temp file, fsync, rename), owned by the OS user.
+    fn write_file(&self, path: &Path, contents: &str, mode: u32) -> Result<()> {
+        let tmp = path.with_extension("pgherd-tmp");
+        {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&tmp)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            f.write_all(contents.as_bytes())
+                .and_then(|_| f.sync_all())
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+        }
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        self.user.chown(&tmp)?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        Ok(())
+    }
+
+    /// The pgpass file with the replication and superuser passwords (mode 0600).
+    pub fn write_pgpass(&self) -> Result<()> {
+        let path = self.cfg.pgpass_path();
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        self.write_file(&path, &conf::pgpass(&self.cfg), 0o600)
+    }
+
+    /// Writes postgresql.conf, pg_hba.conf and the standby signal for `mode`.
+    pub fn write_config(
+        &self,
+        mode: &Mode,
+        cluster_params: &BTreeMap<String, ParamValue>,
+    ) -> Result<()> {
+        let upstream = match mode {
+            Mode::Standby(up) => up.as_ref(),
+            Mode::Primary => None,
+        };
+        let params = conf::parameters(&self.cfg, cluster_params, upstream);
+        self.ensure_socket_dirs(&params)?;
+        self.write_file(
+            &self.data_dir.join("postgresql.conf"),
+            &conf::postgresql_conf(&params),
+            0o600,
+        )?;
+        self.write_file(
+            &self.data_dir.join("pg_hba.conf"),
+            &conf::pg_hba_conf(&self.cfg),
+            0o600,
+        )?;
+        let signal = self.data_dir.join("standby.signal");
+        match mode {
+            Mode::Standby(_) => self.write_file(&signal, "", 0o600)?,
+            Mode::Primary => match std::fs::remove_file(&signal) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot remove {}", signal.display()))
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// initdb with data checksums; the superuser password goes through a 0600 file.
+    pub async fn initdb(&self) -> Result<()> {
+        self.ensure_data_dir()?;
+        let pwfile = self.data_dir.with_extension("pgherd-pwfile");
+        self.write_file(
+            &pwfile,
+            &format!("{}\n", self.cfg.postgres.superuser.password),
+            0o600,
+        )?;
+        let mut args = vec![
+            "-D".to_string(),
+            self.data_dir.display().to_string(),
+            "--data-checksums".to_string(),
+            format!("--username={}", self.cfg.postgres.superuser.username),
+            format!("--pwfile={}", pwfile.display()),
+            "--auth=scram-sha-256".to_string(),
+        ];
+        for opt in &self.cfg.bootstrap.initdb {
+            for a in opt.to_args() {
+                if a != "--data-checksums" {
+                    args.push(a);
+                }
+            }
+        }
+        let result = self.run("initdb", &args).await;
+        let _ = std::fs::remove_file(&pwfile);
+        result?;
+        // Keep initdb's postgresql.conf as the base our managed file includes.
+        std::fs::rename(
+            self.data_dir.join("postgresql.conf"),
+            self.data_dir.join("postgresql.base.conf"),
+        )
+        .context("cannot keep initdb's postgresql.conf as postgresql.base.conf")?;
+        Ok(())
+    }
+
+    /// Clones the upstream with pg_basebackup (WAL streamed alongside).
+    pub async fn basebackup(&self, from: &Upstream) -> Result<()> {
+        self.ensure_data_dir()?;
+        let args = vec![
+            "-D".to_string(),
+            self.data_dir.display().to_string(),
+            "-h".to_string(),
+            from.host.clone(),
+            "-p".to_string(),
+            from.port.to_string(),
+            "-U".to_string(),
+            self.cfg.postgres.replication.username.clone(),
+            "-X".to_string(),
+            "stream".to_string(),
+            "-c".to_string(),
+            "fast".to_string(),
+            "--no-password".to_string(),
+        ];
+        self.run("pg_basebackup", &args).await?;
+        Ok(())
+    }
+
+    /// Removes everything inside the data directory (never the directory's parent).
+    pub fn empty_data_dir(&self) -> Result<()> {
+        match std::fs::read_dir(&self.data_dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", self.data_dir.display())),
+            Ok(entries) => {
+                for entry in entries {
+                    let path = entry?.path();
+                    let res = if path.is_dir() && !path.is_symlink() {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                    res.with_context(|| format!("cannot remove {}", path.display()))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Creates the `unix_socket_directories` that do not exist yet, owned by the OS user, so
+    /// a member can keep its sockets beside its data directory.
+    fn ensure_socket_dirs(&self, params: &BTreeMap<String, String>) -> Result<()> {
+        let Some(dirs) = params.get("unix_socket_directories") else {
+            return Ok(());
+        };
+        for dir in dirs
+            .split(',')
+            .map(str::trim)
+            .filter(|d| d.starts_with('/'))
+        {
+            let path = Path::new(dir);
+            if !path.exists() {
+                std::fs::create_dir_all(path).with_context(|| {
+                    format!("cannot create unix_socket_directories entry {dir}")
+                })?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+                self.user.chown(path)?;
+            } else if !self.user.can_write(path) {
+                bail!(
+                    "unix_socket_directories entry {dir} is not writable by OS user {}; give it to that user or name a directory that does not exist yet (pgherd creates it)",
+                    self.user.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the postmaster as our child and waits until it accepts connections.
+    ///
+    /// The child gets a parent-death signal (SIGQUIT: immediate shutdown), so if the agent
+    /// dies its PostgreSQL stops rather than outliving the lease (ARCHITECTURE rule 3). The
+    /// runtime is single-threaded, so the spawning thread lives as long as the agent.
+    pub async fn start(&self) -> Result<()> {
+        if let Some(pid) = self.postmaster_pid() {
+            bail!(
+                "a postmaster (pid {pid}) already runs on {}",
+                self.data_dir.display()
+            );
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(self.log_path())
+            .with_context(|| format!("cannot open {}", self.log_path().display()))?;
+        let log_err = log.try_clone()?;
+        let mut cmd = tokio::process::Command::new(self.bin("postgres"));
+        cmd.arg("-D")
+            .arg(&self.data_dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .current_dir("/")
+            // Own process group: a Ctrl-C aimed at the agent must not reach PostgreSQL.
+            .process_group(0);
+        self.user.apply(&mut cmd);
+        let parent = std::process::id() as i32;
+        // SAFETY: prctl and getppid are async-signal-safe; nothing else runs in pre_exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The agent may have died between fork and prctl.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("pgherd-agent exited during start"));
+                }
+                Ok(())
+            });
+        }
+        tracing::info!(data_dir = %self.data_dir.display(), "starting PostgreSQL");
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.bin("postgres").display()))?;
+        *self.child.lock().await = Some(child);
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            {
+                let mut child = self.child.lock().await;
+                if let Some(c) = child.as_mut() {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        *child = None;
+                        bail!(
+                            "PostgreSQL exited during start ({status}); see {}",
+                            self.log_path().display()
+                        );
+                    }
+                }
+            }
+            if matches!(
+                self.postmaster_status().as_deref(),
+                Some("ready") | Some("standby")
+            ) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                // A standby may take long to reach consistency; it keeps running and the
+                // loop sees it as "starting".
+                tracing::warn!(
+                    "PostgreSQL does not accept connections yet after {:?}",
+                    self.timeout
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Fast shutdown with pg_ctl; waits for the postmaster to exit.
+    pub async fn stop(&self) -> Result<()> {
+        *self.client.lock().await = None;
+        if self.postmaster_pid().is_some() {
+            let args = vec![
+                "stop".to_string(),
+                "-D".to_string(),
+                self.data_dir.display().to_string(),
+                "-m".to_string(),
+                "fast".to_string(),
+                "-w".to_string(),
+                "-t".to_string(),
+                self.timeout.as_secs().to_string(),
+            ];
+            self.run("pg_ctl", &args).await?;
+        }
+        if let Some(mut c) = self.child.lock().await.take() {
+            let _ = c.wait().await;
+        }
+        Ok(())
+    }
+
+    /// Immediate stop of our child postmaster (SIGQUIT), for fencing when a clean stop is
+    /// too slow or impossible.
+    pub async fn stop_immediately(&self) {
+        *self.client.lock().await = None;
+        if let Some(pid) = self.postmaster_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGQUIT,
+            );
+        }
+        if let Some(mut c) = self.child.lock().await.take() {
+            let _ = tokio::time::timeout(self.timeout, c.wait()).await;
+        }
+    }
+
+    pub async fn promote(&self) -> Result<()> {
+        let args = vec![
+            "promote".to_string(),
+            "-D".to_string(),
+            self.data_dir.display().to_string(),
+            "-w".to_string(),
+            "-t".to_string(),
+            self.timeout.as_secs().to_string(),
+        ];
+        self.run("pg_ctl", &args).await?;
+        Ok(())
+    }
+
+    /// Re-reads the configuration files (SIGHUP through pg_reload_conf()).
+    pub async fn reload(&self) -> Result<()> {
+        self.with_client(|c| async move {
+            c.simple_query("SELECT pg_reload_conf()").await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Runs `f` with a connection to the local PostgreSQL as the superuser, connecting (or
+    /// reconnecting) as needed.
+    async fn with_client<F, Fut, T>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(Arc<tokio_postgres::Client>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let client = {
+            let mut guard = self.client.lock().await;
+            let usable = guard.as_ref().is_some_and(|c| !c.is_closed());
+            if !usable {
+                *guard = Some(Arc::new(self.connect().await?));
+            }
+            guard.as_ref().expect("client was set just above").clone()
+        };
+        f(client).await
+    }
+
+    async fn connect(&self) -> Result<tokio_postgres::Client> {
+        let (host, port) = conf::listen_parts(&self.cfg);
+        let host = match host.as_str() {
+            "*" | "0.0.0.0" | "" => "127.0.0.1".to_string(),
+            "::" => "::1".to_string(),
+            h => h.split(',').next().unwrap_or(h).trim().to_string(),
+        };
+        let mut pc = tokio_postgres::Config::new();
+        pc.host(&host)
+            .port(port)
+            .user(&self.cfg.postgres.superuser.username)
+            .password(self.cfg.postgres.superuser.password.as_bytes())
+            .dbname("postgres")
+            .application_name("pgherd")
+            .connect_timeout(Duration::from_secs(3));
+        let (client, connection) =
+            tokio::time::timeout(Duration::from_secs(5), pc.connect(tokio_postgres::NoTls))
+                .await
+                .context("connecting to the local PostgreSQL timed out")?
+                .context("cannot connect to the local PostgreSQL")?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection to the local PostgreSQL closed");
+            }
+        });
+        Ok(client)
+    }
+
+    pub async fn status(&self) -> Option<PgStatus> {
+        match self
+            .with_client(|c| async move { query::status(&c).await })
+            .await
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "PostgreSQL status unavailable");
+                *self.client.lock().await = None;
+                None
+            }
+        }
+    }
+
+    /// Creates the replication role after initdb (the superuser exists already).
+    pub async fn create_roles(&self) -> Result<()> {
+        let repl = self.cfg.postgres.replication.clone();
+        self.with_client(|c| async move { query::create_replication_role(&c, &repl).await })
+            .await
+    }
+
+    /// Creates a physical slot for every other member and drops inactive slots of members
+    /// that are gone.
+    pub async fn sync_slots(&self, members: Vec<String>) -> Result<()> {
+        self.with_client(|c| async move { query::sync_slots(&c, &members).await })
+            .await
+    }
+}

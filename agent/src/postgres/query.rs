@@ -1,0 +1,100 @@
+//! Queries against the local PostgreSQL.
+
+use anyhow::{Context, Result};
+use pgherd_config::Credentials;
+use tokio_postgres::Client;
+
+use super::conf::{sql_ident, sql_literal};
+use crate::ha::PgStatus;
+use crate::lsn::Lsn;
+
+const STATUS: &str = "\
+SELECT pg_is_in_recovery(),
+       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END,
+       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END,
+       pg_last_wal_receive_lsn()::text,
+       pg_last_wal_replay_lsn()::text,
+       (SELECT received_tli FROM pg_stat_wal_receiver),
+       (SELECT status FROM pg_stat_wal_receiver),
+       (SELECT timeline_id FROM pg_control_checkpoint())";
+
+fn lsn(s: Option<String>) -> Option<Lsn> {
+    s.and_then(|s| s.parse().ok())
+}
+
+pub async fn status(c: &Client) -> Result<PgStatus> {
+    let row = c
+        .query_one(STATUS, &[])
+        .await
+        .context("status query failed")?;
+    let in_recovery: bool = row.get(0);
+    let walfile: Option<String> = row.get(2);
+    let received_tli: Option<i32> = row.get(5);
+    let receiver: Option<String> = row.get(6);
+    let checkpoint_tli: Option<i32> = row.get(7);
+    // A primary's current timeline is the first 8 hex digits of its WAL file name; the
+    // checkpoint's timeline lags behind a promotion.
+    let timeline = walfile
+        .as_deref()
+        .and_then(|w| w.get(..8))
+        .and_then(|t| u32::from_str_radix(t, 16).ok())
+        .or(received_tli.map(|t| t as u32))
+        .or(checkpoint_tli.map(|t| t as u32));
+    Ok(PgStatus {
+        in_recovery,
+        timeline,
+        wal_lsn: lsn(row.get(1)),
+        receive_lsn: lsn(row.get(3)),
+        replay_lsn: lsn(row.get(4)),
+        streaming: receiver.as_deref() == Some("streaming"),
+    })
+}
+
+pub async fn create_replication_role(c: &Client, repl: &Credentials) -> Result<()> {
+    let exists = c
+        .query_opt(
+            "SELECT 1 FROM pg_roles WHERE rolname = $1",
+            &[&repl.username],
+        )
+        .await?
+        .is_some();
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    // Utility statements take no bind parameters; the literal is escaped and never logged.
+    let sql = format!(
+        "{verb} ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
+        sql_ident(&repl.username),
+        sql_literal(&repl.password)
+    );
+    c.batch_execute(&sql)
+        .await
+        .with_context(|| format!("cannot create the replication role {}", repl.username))?;
+    tracing::info!(role = %repl.username, "replication role ready");
+    Ok(())
+}
+
+pub async fn sync_slots(c: &Client, members: &[String]) -> Result<()> {
+    let rows = c
+        .query(
+            "SELECT slot_name::text, active FROM pg_replication_slots WHERE slot_type = 'physical'",
+            &[],
+        )
+        .await?;
+    let existing: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for m in members {
+        if !existing.iter().any(|(n, _)| n == m) {
+            c.execute("SELECT pg_create_physical_replication_slot($1, true)", &[m])
+                .await
+                .with_context(|| format!("cannot create replication slot {m}"))?;
+            tracing::info!(slot = %m, "created replication slot for member");
+        }
+    }
+    for (name, active) in existing {
+        if !active && !members.contains(&name) {
+            c.execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                .await
+                .with_context(|| format!("cannot drop replication slot {name}"))?;
+            tracing::info!(slot = %name, "dropped replication slot of a member that left");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! `pgherdctl list`: the cluster's members as a table or JSON.
+
+use pgherd_agent::dcs::model::{ClusterView, MemberInfo, Role};
+use serde::Serialize;
+
+use crate::Format;
+
+/// One row of `list --format json`; field names are a contract with operators' scripts.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub name: String,
+    pub role: Role,
+    pub state: String,
+    pub host: String,
+    pub port: u16,
+    pub timeline: Option<u32>,
+    pub lag_bytes: Option<u64>,
+    pub receive_lsn: Option<String>,
+    pub replay_lsn: Option<String>,
+    pub api_address: String,
+    pub tags: pgherd_config::Tags,
+    pub version: String,
+    pub decision: String,
+}
+
+fn row(view: &ClusterView, m: &MemberInfo) -> Row {
+    // Only the key decides who leads; a member's own claim does not.
+    let role = if view.leader_name() == Some(m.name.as_str()) {
+        Role::Leader
+    } else {
+        Role::Replica
+    };
+    Row {
+        name: m.name.clone(),
+        role,
+        state: m.state.as_str().to_string(),
+        host: m.host.clone(),
+        port: m.port,
+        timeline: m.timeline,
+        lag_bytes: m.lag_bytes,
+        receive_lsn: m.receive_lsn.map(|l| l.to_string()),
+        replay_lsn: m.replay_lsn.map(|l| l.to_string()),
+        api_address: m.api_address.clone(),
+        tags: m.tags.clone(),
+        version: m.version.clone(),
+        decision: m.decision.clone(),
+    }
+}
+
+fn tags_text(t: &pgherd_config::Tags) -> String {
+    let mut parts = Vec::new();
+    if t.nofailover {
+        parts.push("nofailover".to_string());
+    }
+    if t.noloadbalance {
+        parts.push("noloadbalance".to_string());
+    }
+    if t.failover_priority != 1 {
+        parts.push(format!("priority={}", t.failover_priority));
+    }
+    parts.join(",")
+}
+
+pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
+    let rows: Vec<Row> = view.members.values().map(|m| row(view, m)).collect();
+    match format {
+        Format::Json => {
+            let mut s = serde_json::to_string_pretty(&rows).expect("rows serialize to JSON");
+            s.push('\n');
+            s
+        }
+        Format::Table => {
+            let header = ["Member", "Host", "Role", "State", "TL", "Lag MB", "Tags"];
+            let mut cells: Vec<[String; 7]> = rows
+                .iter()
+                .map(|r| {
+                    [
+                        r.name.clone(),
+                        format!("{}:{}", r.host, r.port),
+                        r.role.as_str().to_string(),
+                        r.state.clone(),
+                        r.timeline.map(|t| t.to_string()).unwrap_or_default(),
+                        r.lag_bytes
+                            .map(|b| format!("{:.1}", b as f64 / (1024.0 * 1024.0)))
+                            .unwrap_or_else(|| "unknown".into()),
+                        tags_text(&r.tags),
+                    ]
+                })
+                .collect();
+            cells.insert(0, header.map(str::to_string));
+            let widths: Vec<usize> = (0..7)
+                .map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0))
+                .collect();
+            let mut out = format!(
+                "Cluster: {cluster} (leader: {})\n",
+                view.leader_name().unwrap_or("none")
+            );
+            let sep: String = widths
+                .iter()
+                .map(|w| "-".repeat(w + 2))
+                .collect::<Vec<_>>()
+                .join("+");
+            out.push_str(&format!("+{sep}+\n"));
+            for (i, c) in cells.iter().enumerate() {
+                let line: Vec<String> = c
+                    .iter()
+                    .zip(&widths)
+                    .map(|(v, w)| format!(" {v:<w$} "))
+                    .collect();
+                out.push_str(&format!("|{}|\n", line.join("|")));
+                if i == 0 {
+                    out.push_str(&format!("+{sep}+\n"));
+                }
+            }
+            out.push_str(&format!("+{sep}+\n"));
+            out
+        }
+    }
+}
