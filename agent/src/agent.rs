@@ -1,6 +1,8 @@
 //! The agent loop: observe (etcd and the local PostgreSQL), decide (pure, in `ha`), act.
-//! Woken by the `loop_wait` timer and by etcd watch events; long jobs (initdb, clone) run as
-//! tasks the loop observes, so a leader keeps renewing its lease while they run.
+//! Woken by the `loop_wait` timer, by etcd watch events and by PostgreSQL exiting; long jobs
+//! (initdb, clone, rewind) run as tasks the loop observes, so a leader keeps renewing its
+//! lease while they run. While it holds the leader lease it keeps the fencing watchdog armed
+//! with the lease's deadline (ARCHITECTURE rules 2 and 3).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::StatusBoard;
-use crate::dcs::model::{ClusterView, MemberInfo, MemberState, Role, VERSION};
+use crate::dcs::model::{ClusterView, HistoryEntry, MemberInfo, MemberState, Role, VERSION};
 use crate::dcs::{Dcs, Lease};
 use crate::ha::{
     self, Action, DataDir, Decision, HaConfig, JobKind, JobView, LeaseView, Memory, Observation,
@@ -22,6 +24,7 @@ use crate::ha::{
 };
 use crate::lsn::Lsn;
 use crate::postgres::{Mode, Postgres};
+use crate::watchdog::Watchdog;
 
 struct Job {
     kind: JobKind,
@@ -45,6 +48,7 @@ pub struct Agent {
     last_view: Option<ClusterView>,
     wake: Arc<Notify>,
     board: StatusBoard,
+    watchdog: Option<Watchdog>,
 }
 
 /// How much earlier than the lease TTL a leader considers its lease gone (rule 2): a tenth
@@ -60,9 +64,23 @@ fn dynamic_config(cfg: &Config, view: Option<&ClusterView>) -> DynamicConfig {
     }
 }
 
+fn upstream_of(m: &MemberInfo) -> Upstream {
+    Upstream {
+        name: m.name.clone(),
+        host: m.host.clone(),
+        port: m.port,
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
 impl Agent {
-    pub fn new(cfg: Arc<Config>, dcs: Dcs, pg: Arc<Postgres>, board: StatusBoard) -> Agent {
-        Agent {
+    pub fn new(cfg: Arc<Config>, dcs: Dcs, board: StatusBoard) -> Result<Agent> {
+        let wake = Arc::new(Notify::new());
+        let pg = Arc::new(Postgres::new(cfg.clone(), wake.clone())?);
+        Ok(Agent {
             cfg,
             dcs,
             pg,
@@ -76,9 +94,10 @@ impl Agent {
             published: None,
             published_optime: None,
             last_view: None,
-            wake: Arc::new(Notify::new()),
+            wake,
             board,
-        }
+            watchdog: None,
+        })
     }
 
     fn ha_config(&self) -> HaConfig {
@@ -92,7 +111,7 @@ impl Agent {
     /// Runs until `shutdown` is cancelled (then stops PostgreSQL and hands over) or until a
     /// decision refuses to go on (an error).
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
-        if self.pg.is_running().await && !self.pg.is_our_child().await {
+        if self.pg.is_running() && !self.pg.is_our_child() {
             tracing::info!(
                 reason = "a PostgreSQL not started by this agent runs on the data directory; stopping it so it runs under supervision",
                 "decision"
@@ -102,6 +121,7 @@ impl Agent {
                 .await
                 .context("cannot stop the unsupervised PostgreSQL")?;
         }
+        self.watchdog = Some(Watchdog::spawn().context("cannot start the fencing watchdog")?);
         let watch = self.dcs.spawn_watch(self.wake.clone());
         let result = self.main_loop(&shutdown).await;
         watch.abort();
@@ -125,11 +145,13 @@ impl Agent {
                 return Err(anyhow!("{}", decision.reason));
             }
             for action in &decision.actions {
-                if let Err(e) = self.act(action, &obs).await {
+                if let Err(e) = self.act(action, &obs, &decision).await {
                     tracing::warn!(action = ?action, error = %format!("{e:#}"), "action failed");
                     break;
                 }
+                self.arm_watchdog();
             }
+            self.arm_watchdog();
             self.publish(&decision, &obs).await;
             tracing::debug!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -144,12 +166,24 @@ impl Agent {
         }
     }
 
+    /// Rule 3: while we hold the leader lease, PostgreSQL must be fenced when the lease's
+    /// safe deadline passes without a renewal, whatever happens to this process.
+    fn arm_watchdog(&mut self) {
+        let Some(wd) = self.watchdog.as_mut() else {
+            return;
+        };
+        match (&self.leader_lease, self.leader_valid_until, self.pg.pid()) {
+            (Some(_), Some(deadline), Some(pid)) => wd.arm(pid, deadline),
+            _ => wd.disarm(),
+        }
+    }
+
     async fn observe(&mut self) -> Observation {
         let dcs_cfg = self.ha_config().dcs;
         let ttl = Duration::from_secs(dcs_cfg.ttl);
         self.dcs
             .set_timeout(Duration::from_secs(dcs_cfg.retry_timeout));
-        let cluster = match self.dcs.load().await {
+        let mut cluster = match self.dcs.load().await {
             Ok(v) => Some(v),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the cluster state from etcd");
@@ -166,30 +200,80 @@ impl Agent {
                 .leader
                 .as_ref()
                 .is_some_and(|l| l.name == self.cfg.name && l.lease == lease.id);
-            if !mine && !matches!(self.job.as_ref().map(|j| &j.kind), Some(JobKind::Bootstrap)) {
+            if !mine {
                 tracing::info!("the leader key no longer carries my lease");
                 self.drop_leader_lease().await;
             }
         }
-        let running = self.pg.is_running().await;
+        let running = self.pg.is_running();
         let status = if running {
             self.pg.status().await
         } else {
             None
         };
+        let data_dir = self.pg.data_dir_state();
+        let control = if !running && matches!(data_dir, DataDir::Initialized { .. }) {
+            match self.pg.control_data().await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read pg_controldata");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let now = Instant::now();
+        // Bookkeeping decide reads through Memory.
+        match &status {
+            Some(s) if !s.in_recovery => self.memory.primary_start_since = None,
+            _ => {}
+        }
+        match &status {
+            Some(s) if s.in_recovery && !s.streaming => {
+                self.memory.not_streaming_since.get_or_insert(now);
+            }
+            _ => self.memory.not_streaming_since = None,
+        }
+        if let (Some(view), Some(s)) = (cluster.as_mut(), &status) {
+            if view.leader.is_none() && s.in_recovery {
+                self.refresh_peer_positions(view).await;
+            }
+        }
         Observation {
-            now: Instant::now(),
+            now,
             cluster,
             lease: LeaseView {
                 held: self.leader_lease.is_some(),
                 valid_until: self.leader_valid_until,
             },
             pg: PgView {
-                data_dir: self.pg.data_dir_state(),
+                data_dir,
                 running,
                 status,
+                control,
             },
             job: self.job_view().await,
+        }
+    }
+
+    /// Rule 4: before racing for a vacant leader key, ask the other members' agents where
+    /// they are now; a published position may be a loop old.
+    async fn refresh_peer_positions(&self, view: &mut ClusterView) {
+        let timeout = Duration::from_millis(500);
+        for (name, m) in view.members.iter_mut() {
+            if *name == self.cfg.name {
+                continue;
+            }
+            match crate::api::peer_status(&m.api_address, timeout).await {
+                Ok(fresh) => {
+                    m.receive_lsn = fresh.receive_lsn.parse().ok().or(m.receive_lsn);
+                    m.replay_lsn = fresh.replay_lsn.parse().ok().or(m.replay_lsn);
+                }
+                Err(e) => {
+                    tracing::debug!(member = %name, error = %format!("{e:#}"), "cannot ask member for its position")
+                }
+            }
         }
     }
 
@@ -204,6 +288,16 @@ impl Agent {
                 Ok(Err(e)) => Err(format!("{e:#}")),
                 Err(e) => Err(format!("the job task died: {e}")),
             };
+            if let (JobKind::Rewind { from }, Err(_)) = (&job.kind, &result) {
+                let timeline = self
+                    .last_view
+                    .as_ref()
+                    .and_then(|v| v.members.get(from))
+                    .and_then(|m| m.timeline);
+                if let Some(tl) = timeline {
+                    self.memory.rewind_failed = Some((from.clone(), tl));
+                }
+            }
             self.finished_job = Some((job.kind, result));
         }
         match self.finished_job.take() {
@@ -236,12 +330,13 @@ impl Agent {
     }
 
     async fn drop_leader_lease(&mut self) {
+        self.leader_valid_until = None;
         if let Some(lease) = self.leader_lease.take() {
+            self.arm_watchdog();
             if let Err(e) = self.dcs.revoke_lease(lease.id).await {
                 tracing::debug!(error = %e, "cannot revoke my old leader lease; it will expire");
             }
         }
-        self.leader_valid_until = None;
     }
 
     fn cluster_params(&self) -> BTreeMap<String, ParamValue> {
@@ -250,7 +345,7 @@ impl Agent {
             .parameters
     }
 
-    /// Grants a fresh leader lease; returns it with the instant the grant was sent.
+    /// Grants a fresh leader lease; returns the instant the grant was sent.
     async fn fresh_leader_lease(&mut self) -> Result<Instant> {
         self.drop_leader_lease().await;
         let ttl = Duration::from_secs(self.ha_config().dcs.ttl);
@@ -259,6 +354,8 @@ impl Agent {
         Ok(sent)
     }
 
+    /// Rule 2: the lease is safe until `sent + ttl - margin`, `sent` being when the request
+    /// that (re)started its TTL left this process.
     fn lease_valid_from(&mut self, sent: Instant) {
         let ttl = self
             .leader_lease
@@ -268,7 +365,7 @@ impl Agent {
         self.leader_valid_until = Some(sent + ttl.saturating_sub(lease_safety_margin(ttl)));
     }
 
-    async fn act(&mut self, action: &Action, obs: &Observation) -> Result<()> {
+    async fn act(&mut self, action: &Action, obs: &Observation, decision: &Decision) -> Result<()> {
         match action {
             Action::Exit => Ok(()),
             Action::ClaimNewCluster | Action::AdoptCluster { .. } => {
@@ -352,11 +449,18 @@ impl Agent {
                 Ok(())
             }
             Action::EmptyDataDir => {
+                // Rule 6: never on the key holder, and always with the reason logged.
+                if self.leader_lease.is_some() {
+                    return Err(anyhow!(
+                        "refusing to empty the data directory while holding the leader key"
+                    ));
+                }
                 tracing::warn!(
-                    reason = "the clone failed; the partial copy is useless",
+                    reason = %decision.reason,
                     data_dir = %self.pg.data_dir().display(),
                     "removing data directory contents"
                 );
+                self.memory.rewind_failed = None;
                 self.pg.empty_data_dir()
             }
             Action::AcquireLeader => {
@@ -402,6 +506,7 @@ impl Agent {
                 Ok(())
             }
             Action::StartPrimary => {
+                self.memory.primary_start_since.get_or_insert(obs.now);
                 self.pg.write_pgpass()?;
                 self.pg
                     .write_config(&Mode::Primary, &self.cluster_params())?;
@@ -422,13 +527,7 @@ impl Agent {
                 self.memory.upstream = Some(up.name.clone());
                 Ok(())
             }
-            Action::Promote => {
-                self.pg.promote().await?;
-                self.memory.upstream = None;
-                self.pg
-                    .write_config(&Mode::Primary, &self.cluster_params())?;
-                self.pg.reload().await
-            }
+            Action::Promote => self.promote(decision).await,
             Action::StopPostgres => {
                 self.memory.upstream = None;
                 if let Err(e) = self.pg.stop().await {
@@ -459,34 +558,77 @@ impl Agent {
         }
     }
 
+    /// Promotes our standby (PostgreSQL replays everything it received first), makes the
+    /// primary configuration permanent and records the new timeline in `history`.
+    async fn promote(&mut self, decision: &Decision) -> Result<()> {
+        let old_leader = self
+            .last_view
+            .as_ref()
+            .and_then(|v| v.leader_optime)
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        self.pg.promote().await?;
+        self.memory.upstream = None;
+        self.pg
+            .write_config(&Mode::Primary, &self.cluster_params())?;
+        self.pg.reload().await?;
+        let status = self
+            .pg
+            .status()
+            .await
+            .context("PostgreSQL does not answer after promotion")?;
+        let timeline = status.timeline.unwrap_or(0);
+        let switch_lsn = self.pg.timeline_switch(timeline).await.unwrap_or(None);
+        tracing::info!(
+            timeline,
+            switch_lsn = %switch_lsn.map(|l| l.to_string()).unwrap_or_default(),
+            last_leader_position = %old_leader,
+            reason = "promoted PostgreSQL: I am the new leader",
+            "decision"
+        );
+        let entry = HistoryEntry {
+            timeline,
+            switch_lsn,
+            time: now_rfc3339(),
+            reason: decision.reason.clone(),
+            leader: self.cfg.name.clone(),
+        };
+        if let Err(e) = self.dcs.append_history(entry).await {
+            tracing::warn!(error = %e, "cannot record the promotion in the history key");
+        }
+        Ok(())
+    }
+
     fn start_job(&mut self, kind: JobKind, obs: &Observation) {
         let pg = self.pg.clone();
         let params = self.cluster_params();
+        let upstream = match &kind {
+            JobKind::Clone { from } | JobKind::Rewind { from } => obs
+                .cluster
+                .as_ref()
+                .and_then(|v| v.members.get(from))
+                .map(upstream_of),
+            JobKind::Bootstrap => None,
+        };
         let handle = match &kind {
             JobKind::Bootstrap => tokio::spawn(async move {
                 pg.initdb().await?;
                 pg.write_pgpass()?;
                 pg.write_config(&Mode::Primary, &params)?;
-                pg.start().await?;
+                pg.start_and_wait().await?;
                 pg.create_roles().await
             }),
-            JobKind::Clone { from } => {
-                let upstream = obs
-                    .cluster
-                    .as_ref()
-                    .and_then(|v| v.members.get(from))
-                    .map(|m| Upstream {
-                        name: m.name.clone(),
-                        host: m.host.clone(),
-                        port: m.port,
-                    });
-                tokio::spawn(async move {
-                    let up = upstream.context("the leader's member key disappeared")?;
-                    pg.write_pgpass()?;
-                    pg.basebackup(&up).await?;
-                    pg.write_config(&Mode::Standby(Some(up)), &params)
-                })
-            }
+            JobKind::Clone { .. } => tokio::spawn(async move {
+                let up = upstream.context("the leader's member key disappeared")?;
+                pg.write_pgpass()?;
+                pg.basebackup(&up).await?;
+                pg.write_config(&Mode::Standby(Some(up)), &params)
+            }),
+            JobKind::Rewind { .. } => tokio::spawn(async move {
+                let up = upstream.context("the leader's member key disappeared")?;
+                pg.write_pgpass()?;
+                pg.rewind(&up).await
+            }),
         };
         self.job = Some(Job { kind, handle });
     }
@@ -504,13 +646,17 @@ impl Agent {
                 kind: JobKind::Clone { .. },
                 ..
             }) => MemberState::CreatingReplica,
+            Some(Job {
+                kind: JobKind::Rewind { .. },
+                ..
+            }) => MemberState::Rewinding,
             None => decision.state,
         };
         // Roles follow the key, not intentions: a member is "leader" only while it holds it.
         let role = if self.leader_lease.is_some() {
             Role::Leader
         } else {
-            decision.role
+            Role::Replica
         };
         let optime = obs.cluster.as_ref().and_then(|v| v.leader_optime);
         let position =
@@ -529,7 +675,9 @@ impl Agent {
             api_address: self.cfg.api.connect_address.clone(),
             host,
             port,
-            timeline: status.and_then(|s| s.timeline),
+            timeline: status
+                .and_then(|s| s.timeline)
+                .or(obs.pg.control.map(|c| c.timeline)),
             wal_lsn: status.and_then(|s| s.wal_lsn),
             receive_lsn: status.and_then(|s| s.receive_lsn),
             replay_lsn: status.and_then(|s| s.replay_lsn),
@@ -563,7 +711,7 @@ impl Agent {
         if let Some(job) = self.job.take() {
             job.handle.abort();
         }
-        if self.pg.is_running().await {
+        if self.pg.is_running() {
             tracing::info!("stopping PostgreSQL (fast)");
             if let Err(e) = self.pg.stop().await {
                 tracing::warn!(error = %format!("{e:#}"), "clean stop failed; stopping immediately");
@@ -577,9 +725,10 @@ impl Agent {
                     reason = "shutting down: released the leader key",
                     "decision"
                 ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot release the leader key; it expires with its lease")
-                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot release the leader key; it expires with its lease"
+                ),
             }
         }
         if let Some(lease) = self.member_lease.take() {
@@ -587,6 +736,9 @@ impl Agent {
         }
         if let Err(e) = self.dcs.delete_member().await {
             tracing::debug!(error = %e, "cannot delete my member key; it expires with its lease");
+        }
+        if let Some(wd) = self.watchdog.take() {
+            wd.stop();
         }
     }
 }

@@ -7,3 +7,4 @@ pub mod dcs;
 pub mod ha;
 pub mod lsn;
 pub mod postgres;
+pub mod watchdog;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use pgherd_agent::{agent::Agent, api, dcs, postgres::Postgres};
+use pgherd_agent::{agent::Agent, api, dcs};
 use pgherd_config::ConfigError;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +34,9 @@ enum Command {
         /// The file to check (defaults to --config).
         file: Option<PathBuf>,
     },
+    /// Internal: the fencing watchdog the agent starts for itself.
+    #[command(hide = true)]
+    Watchdog,
 }
 
 /// Exit status for an invalid configuration or command line.
@@ -56,6 +59,10 @@ fn load(path: &std::path::Path) -> Result<pgherd_config::Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Some(Command::Watchdog) => {
+            pgherd_agent::watchdog::run();
+            ExitCode::SUCCESS
+        }
         Some(Command::CheckConfig { file }) => {
             let Some(path) = file.or(cli.config) else {
                 eprintln!("check-config needs a FILE (or --config FILE)");
@@ -127,7 +134,6 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot set up the etcd client for {:?}", cfg.etcd.endpoints))?;
     let dcs = dcs::Dcs::new(client, &cfg.cluster, &cfg.name, timeout);
-    let pg = Arc::new(Postgres::new(cfg.clone())?);
     let board = api::StatusBoard::new(&cfg.cluster);
     let server = api::serve(&cfg.api.listen, board.clone(), shutdown.clone()).await?;
 
@@ -148,7 +154,7 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
         signals.cancel();
     });
 
-    let result = Agent::new(cfg.clone(), dcs, pg, board)
+    let result = Agent::new(cfg.clone(), dcs, board)?
         .run(shutdown.clone())
         .await;
     shutdown.cancel();

@@ -131,16 +131,37 @@ pub struct DynamicConfig {
     /// never takes over.
     #[serde(default = "default_maximum_lag_on_failover")]
     pub maximum_lag_on_failover: u64,
+    /// Seconds the leader may spend bringing a crashed PostgreSQL back (crash recovery)
+    /// before it releases the leader key so a replica takes over.
+    #[serde(default = "default_primary_start_timeout")]
+    pub primary_start_timeout: u64,
     #[serde(default)]
     pub postgresql: DcsPostgresql,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DcsPostgresql {
     /// Parameters applied on every member.
     #[serde(default)]
     pub parameters: BTreeMap<String, ParamValue>,
+    /// A former primary whose history diverged from the new leader's is rewound with
+    /// pg_rewind before it follows.
+    #[serde(default = "default_true")]
+    pub use_pg_rewind: bool,
+    /// When pg_rewind is off or fails, empty the data directory and clone the leader again.
+    #[serde(default)]
+    pub remove_data_directory_on_rewind_failure: bool,
+}
+
+impl Default for DcsPostgresql {
+    fn default() -> Self {
+        DcsPostgresql {
+            parameters: BTreeMap::new(),
+            use_pg_rewind: true,
+            remove_data_directory_on_rewind_failure: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +235,12 @@ fn default_retry_timeout() -> u64 {
 fn default_maximum_lag_on_failover() -> u64 {
     1024 * 1024
 }
+fn default_primary_start_timeout() -> u64 {
+    30
+}
+fn default_true() -> bool {
+    true
+}
 fn default_failover_priority() -> u32 {
     1
 }
@@ -225,6 +252,7 @@ impl Default for DynamicConfig {
             loop_wait: default_loop_wait(),
             retry_timeout: default_retry_timeout(),
             maximum_lag_on_failover: default_maximum_lag_on_failover(),
+            primary_start_timeout: default_primary_start_timeout(),
             postgresql: DcsPostgresql::default(),
         }
     }

@@ -171,6 +171,25 @@ fn every_semantic_problem_is_reported_not_just_the_first() {
 }
 
 #[test]
+fn structural_and_semantic_problems_are_reported_together() {
+    let text = with(&[
+        (
+            "  listen: 127.0.0.1:5433",
+            "  listen: 127.0.0.1:70000\n  shared_bufers: 1",
+        ),
+        ("/var/lib/pgherd/node2/data", "relative"),
+    ]);
+    assert_eq!(
+        paths(&text),
+        vec![
+            "postgres.shared_bufers",
+            "postgres.listen",
+            "postgres.data_dir"
+        ],
+    );
+}
+
+#[test]
 fn messages_name_the_reason() {
     let text = with(&[(
         "cluster: demo",

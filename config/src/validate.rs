@@ -75,7 +75,11 @@ pub(crate) fn deserialize_all(text: &str) -> Result<Config, Vec<Problem>> {
     for _ in 0..200 {
         match serde_path_to_error::deserialize::<_, Config>(value.clone()) {
             Ok(config) if problems.is_empty() => return Ok(config),
-            Ok(_) => return Err(problems),
+            Ok(config) => {
+                // The well-typed rest of the file still gets its semantic checks.
+                problems.extend(config.validate());
+                return Err(problems);
+            }
             Err(e) => {
                 let path = e.path().to_string();
                 let message = e.inner().to_string();

@@ -94,6 +94,26 @@ impl AgentService for Service {
     }
 }
 
+/// Asks another member's agent for its own current status (fresher than its member key).
+pub async fn peer_status(address: &str, timeout: std::time::Duration) -> Result<Member> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .with_context(|| format!("{address:?} is not a usable API address"))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the agent at {address}"))?;
+    let mut client = pgherd_proto::v1::agent_client::AgentClient::new(channel);
+    let resp = client
+        .status(StatusRequest {})
+        .await
+        .with_context(|| format!("status request to {address} failed"))?;
+    resp.into_inner()
+        .self_
+        .with_context(|| format!("{address} sent no member status"))
+}
+
 /// Binds `listen` now (so a taken port fails start-up) and serves until `shutdown`.
 pub async fn serve(
     listen: &str,

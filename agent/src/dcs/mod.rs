@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::lsn::Lsn;
-use model::{ClusterView, Initialize, LeaderKey, MemberInfo};
+use model::{ClusterView, HistoryEntry, Initialize, LeaderKey, MemberInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
@@ -346,6 +346,53 @@ impl Dcs {
         self.timed(c.put(self.key("optime/leader"), lsn.to_string(), None))
             .await?;
         Ok(())
+    }
+
+    /// The failover history, oldest first.
+    pub async fn history(&self) -> Result<Vec<HistoryEntry>> {
+        Ok(self.history_with_revision().await?.0)
+    }
+
+    async fn history_with_revision(&self) -> Result<(Vec<HistoryEntry>, i64)> {
+        let mut c = self.client.clone();
+        let resp = self.timed(c.get(self.key("history"), None)).await?;
+        match resp.kvs().first() {
+            None => Ok((Vec::new(), 0)),
+            Some(kv) => {
+                let entries = serde_json::from_slice(kv.value()).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "the history key is unreadable; starting it afresh");
+                    Vec::new()
+                });
+                Ok((entries, kv.mod_revision()))
+            }
+        }
+    }
+
+    /// Appends to `history` with a compare-and-swap on its revision (retried on conflict).
+    pub async fn append_history(&self, entry: HistoryEntry) -> Result<()> {
+        let key = self.key("history");
+        for _ in 0..5 {
+            let (mut entries, revision) = self.history_with_revision().await?;
+            entries.push(entry.clone());
+            let json = serde_json::to_string(&entries).map_err(|source| DcsError::Encode {
+                what: "history".into(),
+                source,
+            })?;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then([TxnOp::put(key.clone(), json, None)]);
+            let mut c = self.client.clone();
+            if self.timed(c.txn(txn)).await?.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(DcsError::Etcd(etcd_client::Error::InvalidArgs(
+            "the history key kept changing under us".into(),
+        )))
     }
 
     /// Watches the cluster prefix and wakes `wake` on every change that is not this member's

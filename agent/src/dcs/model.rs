@@ -51,6 +51,9 @@ pub enum MemberState {
     /// Waiting for something it cannot do itself (a leader to clone from, ...).
     #[serde(rename = "waiting")]
     Waiting,
+    /// Running pg_rewind onto the leader's history.
+    #[serde(rename = "rewinding")]
+    Rewinding,
 }
 
 impl MemberState {
@@ -64,6 +67,7 @@ impl MemberState {
             MemberState::Initializing => "initializing",
             MemberState::CreatingReplica => "creating replica",
             MemberState::Waiting => "waiting",
+            MemberState::Rewinding => "rewinding",
         }
     }
 
@@ -155,4 +159,16 @@ impl ClusterView {
     pub fn leader_member(&self) -> Option<&MemberInfo> {
         self.leader_name().and_then(|n| self.members.get(n))
     }
+}
+
+/// One entry of `history`: a promotion that started a new timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub timeline: u32,
+    /// Where the new timeline branched off the old one.
+    pub switch_lsn: Option<Lsn>,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub reason: String,
+    pub leader: String,
 }

@@ -42,6 +42,14 @@ pub struct PgStatus {
     pub streaming: bool,
 }
 
+/// What `pg_controldata` says of a stopped data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlData {
+    /// The timeline of the latest checkpoint.
+    pub timeline: u32,
+    pub shut_down_cleanly: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgView {
     pub data_dir: DataDir,
@@ -49,6 +57,8 @@ pub struct PgView {
     pub running: bool,
     /// `None` while PostgreSQL does not answer (starting, stopped, overloaded).
     pub status: Option<PgStatus>,
+    /// Read while PostgreSQL is stopped, to compare timelines before following a leader.
+    pub control: Option<ControlData>,
 }
 
 /// Long actions run as tasks; the loop sees their progress here.
@@ -58,6 +68,8 @@ pub enum JobKind {
     Bootstrap,
     /// pg_basebackup from the named leader.
     Clone { from: String },
+    /// pg_rewind onto the named leader's history (a no-op when they did not diverge).
+    Rewind { from: String },
 }
 
 impl JobKind {
@@ -65,6 +77,7 @@ impl JobKind {
         match self {
             JobKind::Bootstrap => "initialising a new cluster".to_string(),
             JobKind::Clone { from } => format!("cloning from {from}"),
+            JobKind::Rewind { from } => format!("rewinding onto {from}'s timeline"),
         }
     }
 }
@@ -106,11 +119,17 @@ pub struct HaConfig {
     pub dcs: DynamicConfig,
 }
 
-/// What the agent remembers between loops.
+/// What the agent remembers between loops (kept by the act side, read here).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Memory {
     /// The leader our `primary_conninfo` points at, if PostgreSQL runs as a standby.
     pub upstream: Option<String>,
+    /// Since when this leader has been trying to get PostgreSQL running as the primary.
+    pub primary_start_since: Option<Instant>,
+    /// Since when our standby has not been streaming.
+    pub not_streaming_since: Option<Instant>,
+    /// pg_rewind failed onto this leader and timeline; do not retry it in a loop.
+    pub rewind_failed: Option<(String, u32)>,
 }
 
 /// Where a standby streams from.
@@ -197,40 +216,64 @@ fn pg_state(pg: &PgView) -> MemberState {
 }
 
 pub fn decide(obs: &Observation, cfg: &HaConfig, mem: &Memory) -> Decision {
-    let me = cfg.name.as_str();
     let state = pg_state(&obs.pg);
     let primary_running = obs.pg.running && obs.pg.status.as_ref().is_some_and(|s| !s.in_recovery);
 
     let Some(view) = &obs.cluster else {
-        // etcd unreachable: we cannot renew, so a writable primary lives only as long as its
-        // last renewal lets it (rule 2).
-        if obs.lease.held {
-            let expired = obs.lease.valid_until.is_none_or(|t| obs.now >= t);
-            if expired && obs.pg.running {
-                return decision(
+        return etcd_unreachable(obs, state, primary_running);
+    };
+    decide_with_view(obs, view, cfg, mem, state, primary_running)
+}
+
+fn etcd_unreachable(obs: &Observation, state: MemberState, primary_running: bool) -> Decision {
+    // etcd unreachable: we cannot renew, so a writable primary lives only as long as its
+    // last renewal lets it (rule 2).
+    if obs.lease.held {
+        let expired = obs.lease.valid_until.is_none_or(|t| obs.now >= t);
+        if expired && obs.pg.running {
+            return decision(
                     vec![Action::StopPostgres, Action::ReleaseLeader],
                     "etcd is unreachable and my leader lease may have expired: stopping PostgreSQL so it cannot accept writes",
                     Role::Replica,
                     state,
                 );
-            }
-            return decision(
-                vec![Action::RenewLeader],
-                "etcd is unreachable; keeping the leader role while my lease is still valid",
-                Role::Leader,
-                state,
-            );
         }
-        if primary_running {
-            return decision(
+        return decision(
+            vec![Action::RenewLeader],
+            "etcd is unreachable; keeping the leader role while my lease is still valid",
+            Role::Leader,
+            state,
+        );
+    }
+    if primary_running {
+        return decision(
                 vec![Action::StopPostgres],
                 "etcd is unreachable and I do not hold the leader key but my PostgreSQL is writable: stopping it",
                 Role::Replica,
                 state,
             );
-        }
-        return decision(vec![], "etcd is unreachable; waiting", Role::Replica, state);
-    };
+    }
+    let initialized = matches!(obs.pg.data_dir, DataDir::Initialized { .. });
+    if !obs.pg.running && initialized && obs.job == JobView::Idle {
+        return decision(
+            vec![Action::StartStandby(None)],
+            "etcd is unreachable: running read-only until it returns",
+            Role::Replica,
+            state,
+        );
+    }
+    decision(vec![], "etcd is unreachable; waiting", Role::Replica, state)
+}
+
+fn decide_with_view(
+    obs: &Observation,
+    view: &ClusterView,
+    cfg: &HaConfig,
+    mem: &Memory,
+    state: MemberState,
+    primary_running: bool,
+) -> Decision {
+    let me = cfg.name.as_str();
 
     let leader = view.leader_name();
     let i_lead = leader == Some(me) && obs.lease.held;
@@ -246,6 +289,7 @@ pub fn decide(obs: &Observation, cfg: &HaConfig, mem: &Memory) -> Decision {
             let st = match kind {
                 JobKind::Bootstrap => MemberState::Initializing,
                 JobKind::Clone { .. } => MemberState::CreatingReplica,
+                JobKind::Rewind { .. } => MemberState::Rewinding,
             };
             return decision(
                 actions,
@@ -286,7 +330,33 @@ pub fn decide(obs: &Observation, cfg: &HaConfig, mem: &Memory) -> Decision {
                 state,
             );
         }
-        JobView::Succeeded(JobKind::Clone { .. }) | JobView::Idle => {}
+        JobView::Failed(JobKind::Rewind { from }, why) => {
+            if cfg.dcs.postgresql.remove_data_directory_on_rewind_failure {
+                return decision(
+                    vec![Action::EmptyDataDir],
+                    format!("pg_rewind onto {from} failed ({why}); removing the data directory to clone {from} again (remove_data_directory_on_rewind_failure is on)"),
+                    Role::Replica,
+                    MemberState::Stopped,
+                );
+            }
+            return decision(
+                vec![],
+                format!("pg_rewind onto {from} failed ({why}); not starting PostgreSQL: turn on remove_data_directory_on_rewind_failure to re-clone, or repair the data directory by hand"),
+                Role::Replica,
+                MemberState::Stopped,
+            );
+        }
+        JobView::Succeeded(JobKind::Rewind { from }) if leader == Some(from.as_str()) => {
+            if let Some(m) = view.members.get(from) {
+                return decision(
+                    vec![Action::StartStandby(Some(Upstream::of(m)))],
+                    format!("rewound onto {from}'s history: starting as its standby"),
+                    Role::Replica,
+                    state,
+                );
+            }
+        }
+        JobView::Succeeded(_) | JobView::Idle => {}
     }
 
     // The data directory must belong to this cluster.
@@ -367,15 +437,16 @@ pub fn decide(obs: &Observation, cfg: &HaConfig, mem: &Memory) -> Decision {
     }
 
     match leader {
-        Some(l) if l == me => leader_decision(obs, mem, state, primary_running),
-        Some(l) => follower_decision(obs, view, mem, l, state, primary_running),
+        Some(l) if l == me => leader_decision(obs, cfg, mem, state, primary_running),
+        Some(l) => follower_decision(obs, view, cfg, mem, l, state, primary_running),
         None => leaderless_decision(obs, view, cfg, state, primary_running),
     }
 }
 
 fn leader_decision(
     obs: &Observation,
-    _mem: &Memory,
+    cfg: &HaConfig,
+    mem: &Memory,
     state: MemberState,
     primary_running: bool,
 ) -> Decision {
@@ -404,6 +475,19 @@ fn leader_decision(
             Role::Replica,
             MemberState::Stopped,
         ),
+        (_, running, None) if start_budget_spent(obs, cfg, mem) => decision(
+            if running {
+                vec![Action::StopPostgres, Action::ReleaseLeader]
+            } else {
+                vec![Action::ReleaseLeader]
+            },
+            format!(
+                "PostgreSQL did not come up as the primary within primary_start_timeout ({} s): releasing the leader key so a replica can take over",
+                cfg.dcs.primary_start_timeout
+            ),
+            Role::Replica,
+            state,
+        ),
         (_, false, _) => decision(
             vec![Action::RenewLeader, Action::StartPrimary],
             "I hold the leader key and PostgreSQL is not running: starting it as the primary",
@@ -431,9 +515,18 @@ fn leader_decision(
     }
 }
 
+/// Whether a leader has spent its primary_start_timeout trying to bring PostgreSQL up.
+fn start_budget_spent(obs: &Observation, cfg: &HaConfig, mem: &Memory) -> bool {
+    mem.primary_start_since.is_some_and(|since| {
+        obs.now.saturating_duration_since(since)
+            > std::time::Duration::from_secs(cfg.dcs.primary_start_timeout)
+    })
+}
+
 fn follower_decision(
     obs: &Observation,
     view: &ClusterView,
+    cfg: &HaConfig,
     mem: &Memory,
     leader: &str,
     state: MemberState,
@@ -477,12 +570,26 @@ fn follower_decision(
     };
     let upstream = Upstream::of(leader_member);
     if !obs.pg.running {
-        return decision(
-            vec![Action::StartStandby(Some(upstream))],
-            format!("starting as a standby of {leader}"),
-            Role::Replica,
-            state,
-        );
+        return stopped_follower(obs, cfg, mem, leader_member, upstream, state);
+    }
+    if let (Some(status), Some(since), Some(leader_tl)) = (
+        &obs.pg.status,
+        mem.not_streaming_since,
+        leader_member.timeline,
+    ) {
+        let grace = std::time::Duration::from_secs(cfg.dcs.ttl);
+        let stuck = obs.now.saturating_duration_since(since) > grace;
+        if stuck && status.in_recovery && status.timeline != Some(leader_tl) {
+            return decision(
+                vec![Action::StopPostgres],
+                format!(
+                    "not streaming from {leader} for over {} s and my timeline {:?} differs from its {leader_tl}: stopping to check for divergence",
+                    cfg.dcs.ttl, status.timeline
+                ),
+                Role::Replica,
+                state,
+            );
+        }
     }
     if mem.upstream.as_deref() != Some(leader) {
         return decision(
@@ -493,6 +600,67 @@ fn follower_decision(
         );
     }
     decision(vec![], format!("following {leader}"), Role::Replica, state)
+}
+
+/// Rule 5: a stopped member compares its timeline with the leader's before it streams;
+/// a different timeline goes through pg_rewind (which changes nothing if the histories did
+/// not diverge) or, if allowed, a fresh clone.
+fn stopped_follower(
+    obs: &Observation,
+    cfg: &HaConfig,
+    mem: &Memory,
+    leader: &MemberInfo,
+    upstream: Upstream,
+    state: MemberState,
+) -> Decision {
+    let name = leader.name.as_str();
+    let (Some(local), Some(theirs)) = (obs.pg.control.map(|c| c.timeline), leader.timeline) else {
+        return decision(
+            vec![],
+            format!("waiting to compare my timeline with {name}'s before following it"),
+            Role::Replica,
+            state,
+        );
+    };
+    if local == theirs {
+        return decision(
+            vec![Action::StartStandby(Some(upstream))],
+            format!("starting as a standby of {name}"),
+            Role::Replica,
+            state,
+        );
+    }
+    let pg = &cfg.dcs.postgresql;
+    if mem.rewind_failed.as_ref() == Some(&(name.to_string(), theirs)) {
+        return decision(
+            vec![],
+            format!("pg_rewind onto {name} (timeline {theirs}) failed before; not starting PostgreSQL until the data directory is repaired or remove_data_directory_on_rewind_failure is on"),
+            Role::Replica,
+            MemberState::Stopped,
+        );
+    }
+    if pg.use_pg_rewind {
+        return decision(
+            vec![Action::StartJob(JobKind::Rewind { from: name.to_string() })],
+            format!("my timeline {local} differs from {name}'s {theirs}: running pg_rewind before following it"),
+            Role::Replica,
+            MemberState::Rewinding,
+        );
+    }
+    if pg.remove_data_directory_on_rewind_failure {
+        return decision(
+            vec![Action::EmptyDataDir],
+            format!("my timeline {local} differs from {name}'s {theirs} and use_pg_rewind is off: removing the data directory to clone {name} again"),
+            Role::Replica,
+            MemberState::Stopped,
+        );
+    }
+    decision(
+        vec![],
+        format!("my timeline {local} differs from {name}'s {theirs}, use_pg_rewind and remove_data_directory_on_rewind_failure are off: not starting PostgreSQL"),
+        Role::Replica,
+        MemberState::Stopped,
+    )
 }
 
 fn leaderless_decision(

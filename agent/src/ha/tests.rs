@@ -96,6 +96,10 @@ impl Obs {
                 data_dir: initialized(),
                 running: false,
                 status: None,
+                control: Some(ControlData {
+                    timeline: 1,
+                    shut_down_cleanly: true,
+                }),
             },
             job: JobView::Idle,
         })
@@ -128,6 +132,7 @@ impl Obs {
 fn following(name: &str) -> Memory {
     Memory {
         upstream: Some(name.into()),
+        ..Memory::default()
     }
 }
 
@@ -446,6 +451,7 @@ fn rule1_no_combination_of_observations_runs_writable_without_the_key() {
                                     data_dir: data.clone(),
                                     running: *running,
                                     status: status.clone(),
+                                    control: None,
                                 },
                                 job: job.clone(),
                             };

@@ -15,9 +15,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use pgherd_config::{Config, ParamValue};
-use tokio::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::ha::{DataDir, PgStatus, Upstream};
+use tokio::sync::{Mutex, Notify};
+
+use crate::ha::{ControlData, DataDir, PgStatus, Upstream};
 use command::OsUser;
 
 /// How PostgreSQL should be configured when it next starts or reloads.
@@ -35,7 +37,10 @@ pub struct Postgres {
     bin_dir: PathBuf,
     data_dir: PathBuf,
     timeout: Duration,
-    child: Mutex<Option<tokio::process::Child>>,
+    /// Whether the postmaster we started is still alive (its waiter task clears it).
+    child_alive: Arc<AtomicBool>,
+    /// Woken when our postmaster exits, so the loop reacts at once.
+    wake: Arc<Notify>,
     client: Mutex<Option<Arc<tokio_postgres::Client>>>,
 }
 
@@ -69,10 +74,17 @@ fn read_system_identifier(data_dir: &Path) -> std::io::Result<u64> {
 }
 
 impl Postgres {
-    pub fn new(cfg: Arc<Config>) -> Result<Postgres> {
+    pub fn new(cfg: Arc<Config>, wake: Arc<Notify>) -> Result<Postgres> {
         let user = OsUser::resolve(&cfg.postgres.os_user)?;
         let bin_dir = find_bin_dir(cfg.postgres.bin_dir.as_deref());
-        for prog in ["postgres", "pg_ctl", "initdb", "pg_basebackup"] {
+        for prog in [
+            "postgres",
+            "pg_ctl",
+            "initdb",
+            "pg_basebackup",
+            "pg_rewind",
+            "pg_controldata",
+        ] {
             if !bin_dir.join(prog).exists() {
                 bail!(
                     "{} not found in {}; install postgresql-15 or set postgres.bin_dir",
@@ -87,7 +99,8 @@ impl Postgres {
             cfg,
             user,
             bin_dir,
-            child: Mutex::new(None),
+            child_alive: Arc::new(AtomicBool::new(false)),
+            wake,
             client: Mutex::new(None),
         })
     }
@@ -152,9 +165,7 @@ impl Postgres {
     fn postmaster_pid(&self) -> Option<i32> {
         let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
         let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-            .ok()
-            .map(|_| pid)
+        process_is_live(pid).then_some(pid)
     }
 
     /// The status line of `postmaster.pid` ("ready", "standby", "starting", "stopping").
@@ -163,24 +174,18 @@ impl Postgres {
         text.lines().nth(7).map(|s| s.trim().to_string())
     }
 
-    pub async fn is_running(&self) -> bool {
-        let mut child = self.child.lock().await;
-        if let Some(c) = child.as_mut() {
-            match c.try_wait() {
-                Ok(None) => return true,
-                Ok(Some(status)) => {
-                    tracing::warn!(%status, "PostgreSQL exited");
-                    *child = None;
-                }
-                Err(_) => {}
-            }
-        }
+    pub fn is_running(&self) -> bool {
         self.postmaster_pid().is_some()
     }
 
+    /// The postmaster's pid, if one runs on the data directory.
+    pub fn pid(&self) -> Option<i32> {
+        self.postmaster_pid()
+    }
+
     /// Whether the running postmaster is our child (and so dies with the agent).
-    pub async fn is_our_child(&self) -> bool {
-        self.child.lock().await.is_some()
+    pub fn is_our_child(&self) -> bool {
+        self.child_alive.load(Ordering::SeqCst)
     }
 
     /// Creates the data directory's parent chain and the directory itself for the OS user.
@@ -375,7 +380,7 @@ impl Postgres {
         Ok(())
     }
 
-    /// Starts the postmaster as our child and waits until it accepts connections.
+    /// Starts the postmaster as our child; the loop sees it come up.
     ///
     /// The child gets a parent-death signal (SIGQUIT: immediate shutdown), so if the agent
     /// dies its PostgreSQL stops rather than outliving the lease (ARCHITECTURE rule 3). The
@@ -419,27 +424,33 @@ impl Postgres {
             });
         }
         tracing::info!(data_dir = %self.data_dir.display(), "starting PostgreSQL");
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", self.bin("postgres").display()))?;
-        *self.child.lock().await = Some(child);
-        self.wait_ready().await
+        self.child_alive.store(true, Ordering::SeqCst);
+        let alive = self.child_alive.clone();
+        let wake = self.wake.clone();
+        tokio::spawn(async move {
+            match child.wait().await {
+                Ok(status) => tracing::info!(%status, "PostgreSQL exited"),
+                Err(e) => tracing::warn!(error = %e, "cannot wait for PostgreSQL"),
+            }
+            alive.store(false, Ordering::SeqCst);
+            wake.notify_one();
+        });
+        Ok(())
     }
 
-    async fn wait_ready(&self) -> Result<()> {
+    /// Starts PostgreSQL and waits until it accepts connections.
+    pub async fn start_and_wait(&self) -> Result<()> {
+        self.start().await?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
-            {
-                let mut child = self.child.lock().await;
-                if let Some(c) = child.as_mut() {
-                    if let Ok(Some(status)) = c.try_wait() {
-                        *child = None;
-                        bail!(
-                            "PostgreSQL exited during start ({status}); see {}",
-                            self.log_path().display()
-                        );
-                    }
-                }
+            if !self.is_our_child() {
+                bail!(
+                    "PostgreSQL exited during start; see {}",
+                    self.log_path().display()
+                );
             }
             if matches!(
                 self.postmaster_status().as_deref(),
@@ -448,15 +459,22 @@ impl Postgres {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                // A standby may take long to reach consistency; it keeps running and the
-                // loop sees it as "starting".
-                tracing::warn!(
-                    "PostgreSQL does not accept connections yet after {:?}",
+                bail!(
+                    "PostgreSQL did not accept connections within {:?}",
                     self.timeout
                 );
-                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (bounded by the command timeout) until our postmaster has exited.
+    async fn wait_exit(&self) {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        while (self.is_our_child() || self.postmaster_pid().is_some())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -476,9 +494,7 @@ impl Postgres {
             ];
             self.run("pg_ctl", &args).await?;
         }
-        if let Some(mut c) = self.child.lock().await.take() {
-            let _ = c.wait().await;
-        }
+        self.wait_exit().await;
         Ok(())
     }
 
@@ -487,14 +503,49 @@ impl Postgres {
     pub async fn stop_immediately(&self) {
         *self.client.lock().await = None;
         if let Some(pid) = self.postmaster_pid() {
+            tracing::warn!(pid, "stopping PostgreSQL immediately (SIGQUIT)");
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGQUIT,
             );
         }
-        if let Some(mut c) = self.child.lock().await.take() {
-            let _ = tokio::time::timeout(self.timeout, c.wait()).await;
-        }
+        self.wait_exit().await;
+    }
+
+    /// What `pg_controldata` says of a stopped cluster.
+    pub async fn control_data(&self) -> Result<ControlData> {
+        let args = ["-D".to_string(), self.data_dir.display().to_string()];
+        let out = self.run("pg_controldata", &args).await?;
+        parse_control_data(&out.stdout)
+    }
+
+    /// Rewinds this (stopped) data directory onto `from`'s history with pg_rewind. If the
+    /// histories did not diverge, pg_rewind says so and changes nothing.
+    pub async fn rewind(&self, from: &Upstream) -> Result<()> {
+        let source = format!(
+            "host={} port={} user={} dbname=postgres connect_timeout=5",
+            from.host, from.port, self.cfg.postgres.superuser.username
+        );
+        let args = vec![
+            "-D".to_string(),
+            self.data_dir.display().to_string(),
+            format!("--source-server={source}"),
+        ];
+        let out = self.run("pg_rewind", &args).await?;
+        let said = format!("{}{}", out.stdout, out.stderr);
+        let summary = said
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("done");
+        tracing::info!(from = %from.name, result = %summary.trim(), "pg_rewind finished");
+        Ok(())
+    }
+
+    /// The switch point into `timeline`, from its `.history` file.
+    pub async fn timeline_switch(&self, timeline: u32) -> Result<Option<crate::lsn::Lsn>> {
+        self.with_client(|c| async move { query::timeline_switch(&c, timeline).await })
+            .await
     }
 
     pub async fn promote(&self) -> Result<()> {
@@ -591,5 +642,52 @@ impl Postgres {
     pub async fn sync_slots(&self, members: Vec<String>) -> Result<()> {
         self.with_client(|c| async move { query::sync_slots(&c, &members).await })
             .await
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process. A postmaster killed while its parent was
+/// gone may linger as a zombie whose pid still answers signals.
+fn process_is_live(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name: "pid (comm) S ...".
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+/// Reads the fields pgherd needs from `pg_controldata` output.
+fn parse_control_data(text: &str) -> Result<ControlData> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim_start_matches(':').trim().to_string())
+    };
+    let timeline = field("Latest checkpoint's TimeLineID")
+        .and_then(|v| v.parse().ok())
+        .context("pg_controldata printed no \"Latest checkpoint's TimeLineID\"")?;
+    let state = field("Database cluster state").unwrap_or_default();
+    Ok(ControlData {
+        timeline,
+        shut_down_cleanly: state == "shut down" || state == "shut down in recovery",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_data_fields_are_read() {
+        let text = "pg_control version number:            1300\n\
+                    Database cluster state:               shut down in recovery\n\
+                    Latest checkpoint's TimeLineID:       3\n\
+                    Latest checkpoint's PrevTimeLineID:   3\n";
+        let c = parse_control_data(text).unwrap();
+        assert_eq!(c.timeline, 3);
+        assert!(c.shut_down_cleanly);
+        assert!(parse_control_data("nonsense").is_err());
     }
 }

@@ -98,3 +98,41 @@ pub async fn sync_slots(c: &Client, members: &[String]) -> Result<()> {
     }
     Ok(())
 }
+
+/// The LSN at which `timeline` branched off its parent, from `<timeline>.history`.
+pub async fn timeline_switch(c: &Client, timeline: u32) -> Result<Option<Lsn>> {
+    if timeline <= 1 {
+        return Ok(None);
+    }
+    let path = format!("pg_wal/{timeline:08X}.history");
+    let row = c
+        .query_one("SELECT pg_read_file($1, 0, 1048576, true)", &[&path])
+        .await
+        .with_context(|| format!("cannot read {path}"))?;
+    let text: Option<String> = row.get(0);
+    Ok(text.as_deref().and_then(last_switch_point))
+}
+
+/// The switch point on the last line of a timeline history file
+/// (`<parent tli>\t<lsn>\t<reason>`).
+fn last_switch_point(history: &str) -> Option<Lsn> {
+    history
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|lsn| lsn.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switch_point_is_the_last_entry() {
+        let h = "1\t0/5000060\tno recovery target specified\n\n2\t0/7000110\tno recovery target specified\n";
+        assert_eq!(last_switch_point(h), Some("0/7000110".parse().unwrap()));
+        assert_eq!(last_switch_point(""), None);
+    }
+}

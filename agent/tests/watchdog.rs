@@ -1,0 +1,139 @@
+//! The fencing watchdog process (`pgherd-agent watchdog`) against real process groups: a
+//! sleeping process stands in for PostgreSQL's postmaster (ARCHITECTURE rule 3).
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Nanoseconds on the system-wide monotonic clock, as the watchdog reads it.
+fn monotonic_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// A process in its own process group, killed on drop if still alive.
+struct Victim(Child);
+
+impl Victim {
+    fn spawn() -> Victim {
+        Victim(
+            Command::new("sleep")
+                .arg("60")
+                .process_group(0)
+                .spawn()
+                .expect("sleep starts"),
+        )
+    }
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+    /// Waits up to `limit` for the victim to die; true if it did.
+    fn died_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.0.try_wait().expect("try_wait").is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+}
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn watchdog() -> Child {
+    Command::new(env!("CARGO_BIN_EXE_pgherd-agent"))
+        .arg("watchdog")
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("the watchdog starts")
+}
+
+#[test]
+fn a_missed_deadline_kills_the_process_group() {
+    let mut victim = Victim::spawn();
+    let mut wd = watchdog();
+    let mut stdin = wd.stdin.take().unwrap();
+    let armed_at = Instant::now();
+    writeln!(
+        stdin,
+        "arm {} {}",
+        victim.pid(),
+        monotonic_ns() + 300_000_000
+    )
+    .unwrap();
+    assert!(
+        victim.died_within(Duration::from_secs(10)),
+        "the watchdog fenced the victim"
+    );
+    assert!(
+        armed_at.elapsed() >= Duration::from_millis(300),
+        "not before the deadline"
+    );
+    drop(stdin);
+    wd.wait().unwrap();
+}
+
+#[test]
+fn renewed_deadlines_spare_the_process_group() {
+    let mut victim = Victim::spawn();
+    let mut wd = watchdog();
+    let mut stdin = wd.stdin.take().unwrap();
+    // Re-arm every 100 ms with a 300 ms deadline, for a second: never fenced.
+    for _ in 0..10 {
+        writeln!(
+            stdin,
+            "arm {} {}",
+            victim.pid(),
+            monotonic_ns() + 300_000_000
+        )
+        .unwrap();
+        assert!(
+            !victim.died_within(Duration::from_millis(100)),
+            "fenced despite renewals"
+        );
+    }
+    writeln!(stdin, "disarm").unwrap();
+    assert!(
+        !victim.died_within(Duration::from_millis(500)),
+        "fenced while disarmed"
+    );
+    drop(stdin);
+    wd.wait().unwrap();
+    assert!(
+        !victim.died_within(Duration::from_millis(100)),
+        "disarmed: EOF spares it"
+    );
+}
+
+#[test]
+fn the_agent_dying_while_armed_fences_at_once() {
+    let mut victim = Victim::spawn();
+    let mut wd = watchdog();
+    let mut stdin = wd.stdin.take().unwrap();
+    writeln!(
+        stdin,
+        "arm {} {}",
+        victim.pid(),
+        monotonic_ns() + 60_000_000_000
+    )
+    .unwrap();
+    drop(stdin);
+    assert!(
+        victim.died_within(Duration::from_secs(5)),
+        "EOF while armed fences"
+    );
+    wd.wait().unwrap();
+}

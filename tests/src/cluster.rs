@@ -1,0 +1,344 @@
+//! A pgherd cluster under test: one etcd and N members in one temp dir.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use etcd_client::KeyValue;
+use tempfile::TempDir;
+
+use crate::config::MemberSpec;
+use crate::ctl::{list_json, ListedMember};
+use crate::etcd::Etcd;
+use crate::member::{Member, MemberOptions};
+use crate::ports::free_port;
+use crate::wait::wait_until;
+
+/// Lines of each log printed when a cluster is dropped (`PGHERD_LOG_LINES` overrides).
+const DEFAULT_LOG_LINES: usize = 80;
+
+/// Builds a [`Cluster`]: members, their options, YAML shared by all, etcd size.
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    name: String,
+    members: Vec<MemberOptions>,
+    yaml: Vec<String>,
+    etcd_size: usize,
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        ClusterBuilder {
+            name: "test".to_string(),
+            members: Vec::new(),
+            yaml: Vec::new(),
+            etcd_size: 1,
+        }
+    }
+}
+
+impl ClusterBuilder {
+    /// The cluster name (etcd prefix `/pgherd/<name>/`); default `test`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Adds `n` members with default options.
+    pub fn members(mut self, n: usize) -> Self {
+        self.members
+            .extend(std::iter::repeat_with(MemberOptions::default).take(n));
+        self
+    }
+
+    /// Adds one member with `options`.
+    pub fn member(mut self, options: MemberOptions) -> Self {
+        self.members.push(options);
+        self
+    }
+
+    /// YAML merged into every member's config, e.g. `"bootstrap: {dcs: {ttl: 20}}"`.
+    pub fn yaml(mut self, yaml: impl Into<String>) -> Self {
+        self.yaml.push(yaml.into());
+        self
+    }
+
+    /// Number of etcd members (default 1).
+    pub fn etcd_size(mut self, n: usize) -> Self {
+        self.etcd_size = n;
+        self
+    }
+
+    /// Starts etcd and writes every member's config, without starting any agent.
+    pub async fn configure(self) -> Result<Cluster> {
+        let etcd = Etcd::start_cluster(self.etcd_size).await?;
+        let root = crate::temp_root("pgherd-cluster-")?;
+        let mut cluster = Cluster {
+            members: Vec::new(),
+            etcd,
+            name: self.name,
+            yaml: self.yaml,
+            root: Some(root),
+        };
+        for options in self.members {
+            cluster.add_member(options)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts etcd, then every member's agent at once.
+    pub async fn start(self) -> Result<Cluster> {
+        let cluster = self.configure().await?;
+        cluster.start_all()?;
+        Ok(cluster)
+    }
+}
+
+/// A cluster as `pgherdctl list` shows it when all is well.
+#[derive(Debug, Clone)]
+pub struct Healthy {
+    /// The member holding the leader key, `running`.
+    pub leader: String,
+    /// Every other running member, `streaming`, in name order.
+    pub replicas: Vec<String>,
+    pub list: Vec<ListedMember>,
+}
+
+/// etcd plus members, in one temp dir. Dropping it prints the tail of every log (test
+/// runners show that output only for failing tests), kills every agent and PostgreSQL, then
+/// etcd, and removes the temp dirs.
+#[derive(Debug)]
+pub struct Cluster {
+    members: Vec<Member>,
+    etcd: Etcd,
+    name: String,
+    yaml: Vec<String>,
+    root: Option<TempDir>,
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// etcd and `n` members with default options, all agents started at once.
+    pub async fn start(n: usize) -> Result<Cluster> {
+        Self::builder().members(n).start().await
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn etcd(&self) -> &Etcd {
+        &self.etcd
+    }
+
+    /// The etcd prefix of this cluster, `/pgherd/<name>/`.
+    pub fn prefix(&self) -> String {
+        format!("/pgherd/{}/", self.name)
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// The member called `name`. Panics if there is none: that is a mistake in the test.
+    pub fn member(&self, name: &str) -> &Member {
+        match self.members.iter().find(|m| m.name() == name) {
+            Some(m) => m,
+            None => panic!(
+                "no member {name:?} in this cluster (members: {:?})",
+                self.members.iter().map(Member::name).collect::<Vec<_>>()
+            ),
+        }
+    }
+
+    /// Adds a member (default name `node<N>`) and writes its config; its agent is not started.
+    pub fn add_member(&mut self, options: MemberOptions) -> Result<&Member> {
+        let root = self
+            .root
+            .as_ref()
+            .expect("a cluster's temp root exists until the cluster is dropped");
+        let name = options
+            .name
+            .unwrap_or_else(|| format!("node{}", self.members.len() + 1));
+        if self.members.iter().any(|m| m.name() == name) {
+            bail!("the cluster already has a member {name}");
+        }
+        let mut extra_yaml = self.yaml.clone();
+        extra_yaml.extend(options.yaml);
+        let spec = MemberSpec {
+            cluster: self.name.clone(),
+            dir: root.path().join(&name),
+            name,
+            etcd_endpoints: self.etcd.endpoints(),
+            api_port: free_port()?,
+            pg_port: free_port()?,
+            tags: options.tags,
+            extra_yaml,
+        };
+        self.members.push(Member::create(spec)?);
+        Ok(self.members.last().expect("a member was just pushed"))
+    }
+
+    /// Starts every member whose agent is not running, one right after the other.
+    pub fn start_all(&self) -> Result<()> {
+        for member in self.members.iter().filter(|m| !m.is_running()) {
+            member.start()?;
+        }
+        Ok(())
+    }
+
+    /// The value of `/pgherd/<cluster>/<key>`, if it exists.
+    pub async fn etcd_get(&self, key: &str) -> Result<Option<String>> {
+        self.etcd.get(&format!("{}{key}", self.prefix())).await
+    }
+
+    /// The key-value pair (with its lease and revisions) of `/pgherd/<cluster>/<key>`.
+    pub async fn etcd_get_kv(&self, key: &str) -> Result<Option<KeyValue>> {
+        self.etcd.get_kv(&format!("{}{key}", self.prefix())).await
+    }
+
+    /// Every key of the cluster (without the prefix) with its value.
+    pub async fn etcd_dump(&self) -> Result<Vec<(String, String)>> {
+        let prefix = self.prefix();
+        Ok(self
+            .etcd
+            .get_prefix(&prefix)
+            .await?
+            .into_iter()
+            .map(|(k, v)| (k.strip_prefix(&prefix).unwrap_or(&k).to_string(), v))
+            .collect())
+    }
+
+    /// The name in the `leader` key, if there is one.
+    pub async fn leader_name(&self) -> Result<Option<String>> {
+        self.etcd_get("leader").await
+    }
+
+    /// The member named by the `leader` key.
+    pub async fn leader(&self) -> Result<&Member> {
+        let name = self
+            .leader_name()
+            .await?
+            .context("the cluster has no leader key")?;
+        self.members
+            .iter()
+            .find(|m| m.name() == name)
+            .with_context(|| format!("the leader key names {name:?}, which is not a member"))
+    }
+
+    /// `pgherdctl list --format json` through the first member whose agent runs (any member's
+    /// config reaches etcd).
+    pub async fn list(&self) -> Result<Vec<ListedMember>> {
+        let via = self
+            .members
+            .iter()
+            .find(|m| m.is_running())
+            .or(self.members.first())
+            .context("the cluster has no members")?;
+        list_json(via).await
+    }
+
+    /// Waits until `pgherdctl list` shows exactly the members whose agents run: one leader
+    /// `running`, holding the leader key, and every other one a `streaming` replica.
+    pub async fn wait_healthy(&self, timeout: Duration) -> Result<Healthy> {
+        let expected: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.is_running())
+            .map(|m| m.name().to_string())
+            .collect();
+        ensure!(!expected.is_empty(), "no agent is running");
+        let what = format!(
+            "one running leader and {} streaming replica(s) among {}",
+            expected.len() - 1,
+            expected.join(", ")
+        );
+        wait_until(timeout, what, || async {
+            let list = self.list().await?;
+            let leader_key = self.leader_name().await?;
+            check_healthy(list, &expected, leader_key.as_deref())
+        })
+        .await
+    }
+
+    /// The tail of every member's logs and of etcd's.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for member in &self.members {
+            out.push_str(&member.log_tails(lines));
+        }
+        out.push_str(&self.etcd.log_tails(lines / 4));
+        out
+    }
+}
+
+/// Whether `list` is one running leader (named by the leader key) plus streaming replicas,
+/// exactly the `expected` members.
+fn check_healthy(
+    list: Vec<ListedMember>,
+    expected: &[String],
+    leader_key: Option<&str>,
+) -> Result<Healthy> {
+    let summary = list.iter().fold(String::new(), |mut s, m| {
+        let _ = write!(s, "{} {}/{}; ", m.name, m.role, m.state);
+        s
+    });
+    let mut names: Vec<&str> = list.iter().map(|m| m.name.as_str()).collect();
+    names.sort_unstable();
+    let mut want: Vec<&str> = expected.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    ensure!(names == want, "listed {names:?}, want {want:?} ({summary})");
+    let leaders: Vec<&ListedMember> = list.iter().filter(|m| m.role == "leader").collect();
+    ensure!(leaders.len() == 1, "{} leaders ({summary})", leaders.len());
+    let leader = leaders[0];
+    ensure!(leader.state == "running", "leader not running ({summary})");
+    ensure!(
+        leader_key == Some(leader.name.as_str()),
+        "leader key is {leader_key:?} but {} is listed as leader ({summary})",
+        leader.name
+    );
+    let mut replicas = Vec::new();
+    for m in list.iter().filter(|m| m.name != leader.name) {
+        ensure!(
+            m.role == "replica" && m.state == "streaming",
+            "{} is {}/{} ({summary})",
+            m.name,
+            m.role,
+            m.state
+        );
+        replicas.push(m.name.clone());
+    }
+    replicas.sort();
+    Ok(Healthy {
+        leader: leader.name.clone(),
+        replicas,
+        list,
+    })
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let lines = std::env::var("PGHERD_LOG_LINES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_LOG_LINES);
+        let why = if std::thread::panicking() {
+            "the test panicked"
+        } else {
+            "shown by the test runner only if the test failed"
+        };
+        eprintln!(
+            "===== pgherd harness: logs of cluster {} ({why}) =====\n{}",
+            self.name,
+            self.log_tails(lines)
+        );
+        // Agents and their PostgreSQL first, while etcd still runs; etcd drops after this.
+        self.members.clear();
+        if let Some(root) = self.root.take() {
+            crate::dispose_temp_root(root);
+        }
+    }
+}

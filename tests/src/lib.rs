@@ -1,0 +1,123 @@
+//! The integration-test harness: real etcd, real PostgreSQL 15 and real `pgherd-agent`
+//! processes on loopback, each test in its own temp dirs and on its own free ports, so tests
+//! run in parallel (nextest runs each in its own process).
+//!
+//! - [`Etcd`]: a one- or three-member etcd, killed and removed on drop.
+//! - [`Cluster`]: etcd plus N members, each an agent with its own config file, data directory
+//!   and logs; started together by [`Cluster::start`] or [`ClusterBuilder::start`].
+//! - [`Member`]: one agent: `start`, `stop` (SIGTERM + wait), `kill` (SIGKILL), paths, SQL.
+//! - [`wait_until`]: polls a condition until a deadline; the error names what was awaited and
+//!   what the last check saw. Tests wait on conditions, never on blind sleeps.
+//! - [`sql`], [`list_json`], [`Cluster::etcd_get`]: look at the cluster the way an operator
+//!   would.
+//!
+//! Cleanup happens in `Drop`, so it also runs when a test panics or returns an error: every
+//! agent is killed with its process group, any PostgreSQL it left is killed through its
+//! `postmaster.pid`, then the temp dirs go (set `PGHERD_KEEP_TMP=1` to keep them). Before
+//! that a cluster prints the tail of each member's `agent.log` and `data.log` (80 lines, or
+//! `PGHERD_LOG_LINES`); test runners show it only for tests that fail.
+//!
+//! The binaries under test are found next to the test executable (`target/debug`), or in
+//! `PGHERD_BIN_DIR`: build them first with `cargo build --workspace --bins`.
+//!
+//! Processes are started with a parent-death signal tied to the thread that starts them:
+//! start them from the test's own task, not from `spawn_blocking`.
+
+mod cluster;
+mod config;
+mod ctl;
+mod etcd;
+mod member;
+mod pg;
+mod ports;
+mod process;
+mod snapshot;
+mod wait;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+pub use cluster::{Cluster, ClusterBuilder, Healthy};
+pub use config::{member_yaml, merge_yaml, MemberSpec};
+pub use ctl::{ctl, list_json, ListedMember};
+pub use etcd::Etcd;
+pub use member::{Member, MemberOptions};
+pub use nix::sys::signal::Signal;
+pub use pg::{
+    chown_to_postgres, initdb, kill_postmaster, postmaster_pid, run_as_postgres, sql, sql_batch,
+    sql_value, PgConn, PlainPostgres, PG_BIN_DIR,
+};
+pub use ports::free_port;
+pub use process::{is_alive, tail};
+pub use snapshot::{snapshot, snapshot_diff, FileFacts};
+pub use tokio_postgres::Row;
+pub use wait::wait_until;
+
+/// Superuser every member's config names.
+pub const SUPERUSER: &str = "postgres";
+pub const SUPERUSER_PASSWORD: &str = "pgherd-test-superuser";
+/// Replication user every member's config names.
+pub const REPLICATION_USER: &str = "replicator";
+pub const REPLICATION_PASSWORD: &str = "pgherd-test-replication";
+
+/// Directory holding `pgherd-agent` and `pgherdctl`: `PGHERD_BIN_DIR`, else the cargo target
+/// directory of the running test (`target/debug/deps/<test>` -> `target/debug`).
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("PGHERD_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().context("cannot find the running test executable")?;
+    let mut dir = exe
+        .parent()
+        .context("the test executable has no parent directory")?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+fn binary(name: &str) -> Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} does not exist: run `cargo build --workspace --bins` first (or point PGHERD_BIN_DIR at the directory holding {name})",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Path of the `pgherd-agent` binary under test.
+pub fn agent_bin() -> Result<PathBuf> {
+    binary("pgherd-agent")
+}
+
+/// Path of the `pgherdctl` binary under test.
+pub fn ctl_bin() -> Result<PathBuf> {
+    binary("pgherdctl")
+}
+
+/// Makes a temp dir the harness owns; mode 0755 so that user `postgres` can traverse it
+/// (the agent runs PostgreSQL as `postgres` when the tests run as root).
+pub(crate) fn temp_root(prefix: &str) -> Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .context("cannot create a temp dir")?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot chmod 0755 {}", dir.path().display()))?;
+    Ok(dir)
+}
+
+/// Removes a harness temp dir, or keeps it and says where when `PGHERD_KEEP_TMP` is set.
+pub(crate) fn dispose_temp_root(dir: tempfile::TempDir) {
+    if std::env::var_os("PGHERD_KEEP_TMP").is_some_and(|v| !v.is_empty() && v != "0") {
+        let path = dir.keep();
+        eprintln!("pgherd harness: kept {} (PGHERD_KEEP_TMP)", path.display());
+    } else if let Err(e) = dir.close() {
+        eprintln!("pgherd harness: could not remove a temp dir: {e}");
+    }
+}

@@ -1,0 +1,242 @@
+//! One member: an agent process with its config file, data directory and logs.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_yaml::{Mapping, Value};
+
+use crate::config::{member_yaml, MemberSpec};
+use crate::pg::{chown_to_postgres, kill_postmaster, postmaster_pid, PgConn};
+use crate::process::{tail, Supervised};
+use crate::Signal;
+
+/// How long an agent may take to exit after SIGTERM (it stops PostgreSQL fast first).
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Per-member choices for [`crate::ClusterBuilder::member`] and [`crate::Cluster::add_member`].
+#[derive(Debug, Clone, Default)]
+pub struct MemberOptions {
+    pub(crate) name: Option<String>,
+    pub(crate) tags: Mapping,
+    pub(crate) yaml: Vec<String>,
+}
+
+impl MemberOptions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The member name (default `node<N>`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// A `tags:` entry, e.g. `.tag("nofailover", true)` or `.tag("failover_priority", 2)`.
+    pub fn tag(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.tags.insert(Value::from(key), value.into());
+        self
+    }
+
+    /// YAML merged over the generated config, after the cluster-wide extra YAML; `null`
+    /// deletes a key (see [`crate::merge_yaml`]).
+    pub fn yaml(mut self, yaml: impl Into<String>) -> Self {
+        self.yaml.push(yaml.into());
+        self
+    }
+}
+
+/// One member of a [`crate::Cluster`]. On drop its agent is killed with its process group and
+/// any PostgreSQL left on its data directory is killed too.
+#[derive(Debug)]
+pub struct Member {
+    spec: MemberSpec,
+    config_path: PathBuf,
+    agent_log: PathBuf,
+    process: Supervised,
+}
+
+impl Member {
+    /// Creates the member's directory and writes its config; the agent is not started. The
+    /// directory is mode 0755 and owned by `postgres` (when the tests run as root): it is
+    /// PostgreSQL's socket directory, where the postmaster creates its socket and lock file.
+    pub(crate) fn create(spec: MemberSpec) -> Result<Member> {
+        std::fs::create_dir_all(&spec.dir)
+            .with_context(|| format!("cannot create {}", spec.dir.display()))?;
+        std::fs::set_permissions(&spec.dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot chmod 0755 {}", spec.dir.display()))?;
+        chown_to_postgres(&spec.dir)?;
+        let member = Member {
+            config_path: spec.dir.join("pgherd.yml"),
+            agent_log: spec.dir.join("agent.log"),
+            process: Supervised::new(format!("pgherd-agent of {}", spec.name)),
+            spec,
+        };
+        member.write_config(&member_yaml(&member.spec)?)?;
+        Ok(member)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.spec.cluster
+    }
+
+    /// The member's directory: config, logs, data directory and socket.
+    pub fn dir(&self) -> &Path {
+        &self.spec.dir
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// `<member dir>/data`, created by the agent.
+    pub fn data_dir(&self) -> PathBuf {
+        self.spec.data_dir()
+    }
+
+    /// The agent's stdout and stderr (appended to across restarts).
+    pub fn agent_log_path(&self) -> &Path {
+        &self.agent_log
+    }
+
+    /// PostgreSQL's own log, `<data_dir>.log`.
+    pub fn postgres_log_path(&self) -> PathBuf {
+        self.dir().join("data.log")
+    }
+
+    pub fn pg_port(&self) -> u16 {
+        self.spec.pg_port
+    }
+
+    pub fn api_port(&self) -> u16 {
+        self.spec.api_port
+    }
+
+    /// The spec the config file was generated from.
+    pub fn spec(&self) -> &MemberSpec {
+        &self.spec
+    }
+
+    /// Replaces the config file (takes effect at the agent's next start).
+    pub fn write_config(&self, text: &str) -> Result<()> {
+        std::fs::write(&self.config_path, text)
+            .with_context(|| format!("cannot write {}", self.config_path.display()))
+    }
+
+    /// The superuser connection to this member's PostgreSQL.
+    pub fn pg(&self) -> PgConn {
+        PgConn::superuser(self.spec.pg_port)
+    }
+
+    /// Starts `pgherd-agent --config <config>`, output appended to `agent.log`; returns its
+    /// pid. Fails if it is already running.
+    pub fn start(&self) -> Result<u32> {
+        let agent = crate::agent_bin()?;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.agent_log)
+            .with_context(|| format!("cannot open {}", self.agent_log.display()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        writeln!(
+            log,
+            "==== pgherd harness: starting {} --config {} (unix time {:.3}) ====",
+            agent.display(),
+            self.config_path.display(),
+            now.as_secs_f64()
+        )?;
+        let mut cmd = Command::new(&agent);
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // If the test process dies, the agent gets SIGTERM: it stops PostgreSQL on its way out.
+        self.process.spawn(&mut cmd, Signal::SIGTERM)
+    }
+
+    /// The agent's pid while it runs (or has exited but is not yet reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.process.is_running()
+    }
+
+    /// `Some(status)` once the agent has exited.
+    pub fn try_exit(&self) -> Result<Option<ExitStatus>> {
+        self.process.try_exit()
+    }
+
+    /// Sends `signal` to the agent alone.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        self.process.signal(signal)
+    }
+
+    /// Waits for the agent to exit on its own, at most `timeout`.
+    pub async fn wait_exit(&self, timeout: Duration) -> Result<ExitStatus> {
+        self.process.wait_exit(timeout).await
+    }
+
+    /// SIGTERM and wait for the agent to exit (it stops PostgreSQL and removes its keys
+    /// first); if it is still running after 60 s it is killed and this fails.
+    pub async fn stop(&self) -> Result<ExitStatus> {
+        self.signal(Signal::SIGTERM)?;
+        match self.process.wait_exit(STOP_TIMEOUT).await {
+            Ok(status) => Ok(status),
+            Err(e) => {
+                self.process.kill_group();
+                Err(e.context(format!("{} did not stop after SIGTERM", self.name())))
+            }
+        }
+    }
+
+    /// SIGKILL for the agent alone, as in a crash: its PostgreSQL keeps running (unless the
+    /// agent arranged otherwise).
+    pub fn kill(&self) -> Result<Option<ExitStatus>> {
+        self.process.kill()
+    }
+
+    /// The pid of the live postmaster on this member's data directory.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        postmaster_pid(&self.data_dir())
+    }
+
+    /// The whole agent log.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(&self.agent_log).unwrap_or_default()
+    }
+
+    /// The tails of `agent.log` and `data.log`, for failure reports.
+    pub fn log_tails(&self, lines: usize) -> String {
+        format!(
+            "----- {} agent ({}) -----\n{}\n----- {} postgres ({}) -----\n{}\n",
+            self.name(),
+            self.agent_log.display(),
+            tail(&self.agent_log, lines),
+            self.name(),
+            self.postgres_log_path().display(),
+            tail(&self.postgres_log_path(), lines / 2),
+        )
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        // The agent first, so that it cannot start PostgreSQL again behind our back.
+        self.process.kill_group();
+        kill_postmaster(&self.data_dir());
+    }
+}
