@@ -49,6 +49,9 @@ pub struct Agent {
     wake: Arc<Notify>,
     board: StatusBoard,
     watchdog: Option<Watchdog>,
+    /// The last leader we saw, and why we took over from it (for `history`).
+    previous_leader: Option<String>,
+    takeover_reason: Option<String>,
 }
 
 /// How much earlier than the lease TTL a leader considers its lease gone (rule 2): a tenth
@@ -97,6 +100,8 @@ impl Agent {
             wake,
             board,
             watchdog: None,
+            previous_leader: None,
+            takeover_reason: None,
         })
     }
 
@@ -190,6 +195,11 @@ impl Agent {
                 None
             }
         };
+        if let Some(leader) = cluster.as_ref().and_then(|v| v.leader_name()) {
+            if leader != self.cfg.name {
+                self.previous_leader = Some(leader.to_string());
+            }
+        }
         if cluster.is_some() {
             self.last_view = cluster.clone();
             self.keep_member_lease(ttl).await;
@@ -233,7 +243,10 @@ impl Agent {
             Some(s) if s.in_recovery && !s.streaming => {
                 self.memory.not_streaming_since.get_or_insert(now);
             }
-            _ => self.memory.not_streaming_since = None,
+            Some(_) => self.memory.not_streaming_since = None,
+            // Starting or stopped: keep counting; a standby that never comes up streaming
+            // is as stuck as one that stops.
+            None => {}
         }
         if let (Some(view), Some(s)) = (cluster.as_mut(), &status) {
             if view.leader.is_none() && s.in_recovery {
@@ -473,6 +486,10 @@ impl Agent {
                 if self.dcs.acquire_leader(id).await? {
                     self.lease_valid_from(sent);
                     tracing::info!(reason = "acquired leader lease", "decision");
+                    self.takeover_reason = Some(match &self.previous_leader {
+                        Some(prev) => format!("{} (previous leader: {prev})", decision.reason),
+                        None => decision.reason.clone(),
+                    });
                 } else {
                     tracing::info!(
                         reason = "another member took the leader key first",
@@ -518,6 +535,7 @@ impl Agent {
                 self.pg
                     .write_config(&Mode::Standby(up.clone()), &self.cluster_params())?;
                 self.memory.upstream = up.as_ref().map(|u| u.name.clone());
+                self.memory.not_streaming_since = None;
                 self.pg.start().await
             }
             Action::FollowUpstream(up) => {
@@ -525,6 +543,8 @@ impl Agent {
                     .write_config(&Mode::Standby(Some(up.clone())), &self.cluster_params())?;
                 self.pg.reload().await?;
                 self.memory.upstream = Some(up.name.clone());
+                // Time without streaming counts from when we pointed at this leader.
+                self.memory.not_streaming_since = None;
                 Ok(())
             }
             Action::Promote => self.promote(decision).await,
@@ -561,7 +581,7 @@ impl Agent {
     /// Promotes our standby (PostgreSQL replays everything it received first), makes the
     /// primary configuration permanent and records the new timeline in `history`.
     async fn promote(&mut self, decision: &Decision) -> Result<()> {
-        let old_leader = self
+        let last_leader_position = self
             .last_view
             .as_ref()
             .and_then(|v| v.leader_optime)
@@ -582,7 +602,7 @@ impl Agent {
         tracing::info!(
             timeline,
             switch_lsn = %switch_lsn.map(|l| l.to_string()).unwrap_or_default(),
-            last_leader_position = %old_leader,
+            last_leader_position = %last_leader_position,
             reason = "promoted PostgreSQL: I am the new leader",
             "decision"
         );
@@ -590,7 +610,10 @@ impl Agent {
             timeline,
             switch_lsn,
             time: now_rfc3339(),
-            reason: decision.reason.clone(),
+            reason: self
+                .takeover_reason
+                .take()
+                .unwrap_or_else(|| decision.reason.clone()),
             leader: self.cfg.name.clone(),
         };
         if let Err(e) = self.dcs.append_history(entry).await {

@@ -1,6 +1,6 @@
 //! `pgherdctl list`: the cluster's members as a table or JSON.
 
-use pgherd_agent::dcs::model::{ClusterView, MemberInfo, Role};
+use pgherd_agent::dcs::model::{ClusterView, HistoryEntry, MemberInfo, Role};
 use serde::Serialize;
 
 use crate::Format;
@@ -70,11 +70,10 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
             s
         }
         Format::Table => {
-            let header = ["Member", "Host", "Role", "State", "TL", "Lag MB", "Tags"];
-            let mut cells: Vec<[String; 7]> = rows
+            let cells: Vec<Vec<String>> = rows
                 .iter()
                 .map(|r| {
-                    [
+                    vec![
                         r.name.clone(),
                         format!("{}:{}", r.host, r.port),
                         r.role.as_str().to_string(),
@@ -87,33 +86,70 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
                     ]
                 })
                 .collect();
-            cells.insert(0, header.map(str::to_string));
-            let widths: Vec<usize> = (0..7)
-                .map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0))
-                .collect();
-            let mut out = format!(
-                "Cluster: {cluster} (leader: {})\n",
-                view.leader_name().unwrap_or("none")
-            );
-            let sep: String = widths
-                .iter()
-                .map(|w| "-".repeat(w + 2))
-                .collect::<Vec<_>>()
-                .join("+");
-            out.push_str(&format!("+{sep}+\n"));
-            for (i, c) in cells.iter().enumerate() {
-                let line: Vec<String> = c
-                    .iter()
-                    .zip(&widths)
-                    .map(|(v, w)| format!(" {v:<w$} "))
-                    .collect();
-                out.push_str(&format!("|{}|\n", line.join("|")));
-                if i == 0 {
-                    out.push_str(&format!("+{sep}+\n"));
-                }
-            }
-            out.push_str(&format!("+{sep}+\n"));
-            out
+            format!(
+                "Cluster: {cluster} (leader: {})\n{}",
+                view.leader_name().unwrap_or("none"),
+                table(
+                    &["Member", "Host", "Role", "State", "TL", "Lag MB", "Tags"],
+                    cells
+                )
+            )
         }
+    }
+}
+
+/// A boxed text table.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut cells = rows;
+    cells.insert(0, header.iter().map(|h| h.to_string()).collect());
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0))
+        .collect();
+    let sep: String = widths
+        .iter()
+        .map(|w| "-".repeat(w + 2))
+        .collect::<Vec<_>>()
+        .join("+");
+    let mut out = format!("+{sep}+\n");
+    for (i, c) in cells.iter().enumerate() {
+        let line: Vec<String> = c
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!(" {v:<w$} "))
+            .collect();
+        out.push_str(&format!("|{}|\n", line.join("|")));
+        if i == 0 {
+            out.push_str(&format!("+{sep}+\n"));
+        }
+    }
+    out.push_str(&format!("+{sep}+\n"));
+    out
+}
+
+pub fn render_history(entries: &[HistoryEntry], format: Format) -> String {
+    match format {
+        Format::Json => {
+            let mut s = serde_json::to_string_pretty(entries).expect("history serializes to JSON");
+            s.push('\n');
+            s
+        }
+        Format::Table if entries.is_empty() => {
+            "No failovers yet: the cluster is on its first timeline.\n".to_string()
+        }
+        Format::Table => table(
+            &["TL", "Switch LSN", "Time", "New leader", "Reason"],
+            entries
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.timeline.to_string(),
+                        e.switch_lsn.map(|l| l.to_string()).unwrap_or_default(),
+                        e.time.clone(),
+                        e.leader.clone(),
+                        e.reason.clone(),
+                    ]
+                })
+                .collect(),
+        ),
     }
 }

@@ -47,6 +47,8 @@ pub enum Format {
 enum Command {
     /// Show every member: role (leader/replica), state, timeline and replication lag.
     List,
+    /// Show the failover history: each promotion, its timeline, switch point and reason.
+    History,
 }
 
 const EXIT_USAGE: u8 = 2;
@@ -102,6 +104,14 @@ async fn run(cli: &Cli, etcd: EtcdConfig, cluster: String) -> Result<()> {
                 );
             }
             print!("{}", list::render(&cluster, &view, cli.format));
+            Ok(())
+        }
+        Command::History => {
+            let entries = dcs
+                .history()
+                .await
+                .with_context(|| format!("cannot read the history of cluster {cluster:?}"))?;
+            print!("{}", list::render_history(&entries, cli.format));
             Ok(())
         }
     }

@@ -5,6 +5,8 @@
 
 mod candidate;
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;
 
 use pgherd_config::{DynamicConfig, Tags};
@@ -501,7 +503,11 @@ fn leader_decision(
             state,
         ),
         (_, true, Some(s)) if s.in_recovery => decision(
-            vec![Action::RenewLeader, Action::Promote],
+            vec![
+                Action::RenewLeader,
+                Action::Promote,
+                Action::LeaderHousekeeping,
+            ],
             "I hold the leader key and PostgreSQL is a standby: promoting it",
             Role::Leader,
             state,

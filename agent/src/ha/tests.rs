@@ -227,7 +227,14 @@ fn the_leader_starts_promotes_or_keeps_its_primary() {
         .holding_lease(Duration::from_secs(5))
         .running(Some(standby_status(5)))
         .decide(&cfg("a"), &Memory::default());
-    assert_eq!(d.actions, vec![Action::RenewLeader, Action::Promote]);
+    assert_eq!(
+        d.actions,
+        vec![
+            Action::RenewLeader,
+            Action::Promote,
+            Action::LeaderHousekeeping
+        ]
+    );
 
     let d = Obs::new(Some(v))
         .holding_lease(Duration::from_secs(5))

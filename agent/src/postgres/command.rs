@@ -115,6 +115,13 @@ fn tail(s: &str) -> String {
     lines[start..].join(" | ")
 }
 
+/// How loudly to log a command line: routine probes repeated every loop go to debug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Log {
+    Info,
+    Debug,
+}
+
 /// Runs `program args` as `user` with `envs`, within `timeout`.
 pub async fn run(
     user: &OsUser,
@@ -122,12 +129,17 @@ pub async fn run(
     args: &[String],
     envs: &[(&str, &Path)],
     timeout: Duration,
+    log: Log,
 ) -> Result<Output, CommandError> {
     let name = program
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| program.display().to_string());
-    tracing::info!(command = %format!("{} {}", program.display(), args.join(" ")), "running");
+    let line = format!("{} {}", program.display(), args.join(" "));
+    match log {
+        Log::Info => tracing::info!(command = %line, "running"),
+        Log::Debug => tracing::debug!(command = %line, "running"),
+    }
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())

@@ -19,6 +19,9 @@ const BASE_PARAMETERS: &[(&str, &str)] = &[
     ("wal_keep_size", "128MB"),
     ("hot_standby_feedback", "on"),
     ("password_encryption", "scram-sha-256"),
+    // Retry a failed replication connection after 1 s, not 5 s: after a failover the new
+    // leader may create our slot a moment after we point at it.
+    ("wal_retrieve_retry_interval", "1s"),
 ];
 
 /// Quotes a value for postgresql.conf.

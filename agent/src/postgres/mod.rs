@@ -121,6 +121,15 @@ impl Postgres {
     }
 
     async fn run(&self, prog: &str, args: &[String]) -> Result<command::Output> {
+        self.run_logged(prog, args, command::Log::Info).await
+    }
+
+    async fn run_logged(
+        &self,
+        prog: &str,
+        args: &[String],
+        log: command::Log,
+    ) -> Result<command::Output> {
         let pgpass = self.cfg.pgpass_path();
         Ok(command::run(
             &self.user,
@@ -128,6 +137,7 @@ impl Postgres {
             args,
             &[("PGPASSFILE", pgpass.as_path())],
             self.timeout,
+            log,
         )
         .await?)
     }
@@ -174,8 +184,10 @@ impl Postgres {
         text.lines().nth(7).map(|s| s.trim().to_string())
     }
 
+    /// A postmaster runs on the data directory, or ours is still starting (before it has
+    /// written postmaster.pid).
     pub fn is_running(&self) -> bool {
-        self.postmaster_pid().is_some()
+        self.is_our_child() || self.postmaster_pid().is_some()
     }
 
     /// The postmaster's pid, if one runs on the data directory.
@@ -515,7 +527,9 @@ impl Postgres {
     /// What `pg_controldata` says of a stopped cluster.
     pub async fn control_data(&self) -> Result<ControlData> {
         let args = ["-D".to_string(), self.data_dir.display().to_string()];
-        let out = self.run("pg_controldata", &args).await?;
+        let out = self
+            .run_logged("pg_controldata", &args, command::Log::Debug)
+            .await?;
         parse_control_data(&out.stdout)
     }
 
