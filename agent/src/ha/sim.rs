@@ -15,7 +15,7 @@ use pgherd_config::{DynamicConfig, Tags};
 use tokio::time::Instant;
 
 use super::*;
-use crate::dcs::model::{ClusterView, Initialize, LeaderKey, MemberInfo, MemberState, Role};
+use crate::dcs::model::{ClusterView, Initialize, LeaderKey, MemberInfo, Role};
 use crate::lsn::Lsn;
 
 const STEP: Duration = Duration::from_millis(100);
