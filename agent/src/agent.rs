@@ -509,10 +509,11 @@ impl Agent {
                         Ok(())
                     }
                     Ok(None) => {
-                        tracing::warn!("my leader lease expired");
                         self.leader_lease = None;
                         self.leader_valid_until = None;
-                        Ok(())
+                        // An error stops the rest of this decision (a StartPrimary after
+                        // a failed renewal must not run).
+                        Err(anyhow!("my leader lease expired before I could renew it"))
                     }
                     Err(e) => Err(e).context("cannot renew the leader lease"),
                 }
@@ -523,6 +524,7 @@ impl Agent {
                 Ok(())
             }
             Action::StartPrimary => {
+                self.ensure_lease_valid("start PostgreSQL as the primary")?;
                 self.memory.primary_start_since.get_or_insert(obs.now);
                 self.pg.write_pgpass()?;
                 self.pg
@@ -547,7 +549,10 @@ impl Agent {
                 self.memory.not_streaming_since = None;
                 Ok(())
             }
-            Action::Promote => self.promote(decision).await,
+            Action::Promote => {
+                self.ensure_lease_valid("promote PostgreSQL")?;
+                self.promote(decision).await
+            }
             Action::StopPostgres => {
                 self.memory.upstream = None;
                 if let Err(e) = self.pg.stop().await {
@@ -575,6 +580,17 @@ impl Agent {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Rule 1, checked again at the last moment: nothing becomes writable unless we hold a
+    /// leader lease that is certainly alive.
+    fn ensure_lease_valid(&self, what: &str) -> Result<()> {
+        match (&self.leader_lease, self.leader_valid_until) {
+            (Some(_), Some(until)) if Instant::now() < until => Ok(()),
+            _ => Err(anyhow!(
+                "refusing to {what}: I do not hold a live leader lease"
+            )),
         }
     }
 

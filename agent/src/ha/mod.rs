@@ -229,31 +229,36 @@ pub fn decide(obs: &Observation, cfg: &HaConfig, mem: &Memory) -> Decision {
 
 fn etcd_unreachable(obs: &Observation, state: MemberState, primary_running: bool) -> Decision {
     // etcd unreachable: we cannot renew, so a writable primary lives only as long as its
-    // last renewal lets it (rule 2).
+    // last renewal lets it (rule 2). The watchdog enforces the same deadline even if this
+    // loop is stuck.
     if obs.lease.held {
         let expired = obs.lease.valid_until.is_none_or(|t| obs.now >= t);
-        if expired && obs.pg.running {
+        if !expired {
             return decision(
-                    vec![Action::StopPostgres, Action::ReleaseLeader],
-                    "etcd is unreachable and my leader lease may have expired: stopping PostgreSQL so it cannot accept writes",
-                    Role::Replica,
-                    state,
-                );
+                vec![Action::RenewLeader],
+                "etcd is unreachable; keeping the leader role while my lease is still valid",
+                Role::Leader,
+                state,
+            );
+        }
+        let mut actions = vec![Action::ReleaseLeader];
+        if obs.pg.running {
+            actions.insert(0, Action::StopPostgres);
         }
         return decision(
-            vec![Action::RenewLeader],
-            "etcd is unreachable; keeping the leader role while my lease is still valid",
-            Role::Leader,
+            actions,
+            "etcd is unreachable and my leader lease may have expired: stopping PostgreSQL so it cannot accept writes",
+            Role::Replica,
             state,
         );
     }
     if primary_running {
         return decision(
-                vec![Action::StopPostgres],
-                "etcd is unreachable and I do not hold the leader key but my PostgreSQL is writable: stopping it",
-                Role::Replica,
-                state,
-            );
+            vec![Action::StopPostgres],
+            "etcd is unreachable and I do not hold the leader key but my PostgreSQL is writable: stopping it",
+            Role::Replica,
+            state,
+        );
     }
     let initialized = matches!(obs.pg.data_dir, DataDir::Initialized { .. });
     if !obs.pg.running && initialized && obs.job == JobView::Idle {
