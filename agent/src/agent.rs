@@ -669,6 +669,16 @@ impl Agent {
                 pg.rewind(&up).await
             }),
         };
+        // The loop reacts to the finished job at once, not at the next tick.
+        let wake = self.wake.clone();
+        let handle = tokio::spawn(async move {
+            let result = handle.await;
+            wake.notify_one();
+            match result {
+                Ok(r) => r,
+                Err(e) => Err(anyhow!("the job task died: {e}")),
+            }
+        });
         self.job = Some(Job { kind, handle });
     }
 

@@ -21,7 +21,7 @@ use model::{ClusterView, HistoryEntry, Initialize, LeaderKey, MemberInfo};
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
     #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(etcd_client::Error),
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
     #[error("cannot read {path}: {source}")]
@@ -34,6 +34,14 @@ pub enum DcsError {
         what: String,
         source: serde_json::Error,
     },
+}
+
+// Not `#[from]`: that would also make it the error's source, and a report of the chain
+// would print etcd's message twice.
+impl From<etcd_client::Error> for DcsError {
+    fn from(e: etcd_client::Error) -> Self {
+        DcsError::Etcd(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, DcsError>;
