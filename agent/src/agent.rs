@@ -604,6 +604,12 @@ impl Agent {
             .map(|l| l.to_string())
             .unwrap_or_else(|| "unknown".into());
         self.pg.promote().await?;
+        // pg_rewind on a former primary reads our timeline from the control file, which
+        // shows the new timeline only after the first checkpoint; PostgreSQL's own one is
+        // spread out over seconds, so force it now (before we publish the new timeline).
+        if let Err(e) = self.pg.checkpoint().await {
+            tracing::warn!(error = %format!("{e:#}"), "checkpoint after promotion failed");
+        }
         self.memory.upstream = None;
         self.pg
             .write_config(&Mode::Primary, &self.cluster_params())?;

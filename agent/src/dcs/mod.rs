@@ -474,6 +474,12 @@ impl Lease {
         match outcome {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => Ok(Some(sent)),
             Ok(Ok(Some(_))) => Ok(None),
+            // Reopening the keep-alive stream of an expired lease fails with "lease not
+            // found" rather than answering TTL 0: the lease is gone all the same.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(msg))) if msg.contains("not found") => {
+                self.stream = None;
+                Ok(None)
+            }
             Ok(Ok(None)) => {
                 self.stream = None;
                 Err(DcsError::Etcd(etcd_client::Error::InvalidArgs(

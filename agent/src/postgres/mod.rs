@@ -442,13 +442,18 @@ impl Postgres {
         self.child_alive.store(true, Ordering::SeqCst);
         let alive = self.child_alive.clone();
         let wake = self.wake.clone();
+        let started = tokio::time::Instant::now();
         tokio::spawn(async move {
             match child.wait().await {
                 Ok(status) => tracing::info!(%status, "PostgreSQL exited"),
                 Err(e) => tracing::warn!(error = %e, "cannot wait for PostgreSQL"),
             }
             alive.store(false, Ordering::SeqCst);
-            wake.notify_one();
+            // A PostgreSQL that dies right after its start would be restarted in a tight
+            // loop; leave that one to the loop's timer.
+            if started.elapsed() >= Duration::from_secs(2) {
+                wake.notify_one();
+            }
         });
         Ok(())
     }
@@ -573,6 +578,15 @@ impl Postgres {
         ];
         self.run("pg_ctl", &args).await?;
         Ok(())
+    }
+
+    /// Forces a checkpoint (fast, not spread out).
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.with_client(|c| async move {
+            c.simple_query("CHECKPOINT").await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Re-reads the configuration files (SIGHUP through pg_reload_conf()).
