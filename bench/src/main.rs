@@ -1,0 +1,123 @@
+//! `pgherd-bench`: benchmarks that need a real cluster (etcd, three agents and PostgreSQL 15
+//! on loopback), built on the integration-test harness `pgherd-tests`, which starts every
+//! run in fresh temp dirs on free ports and removes everything when the run ends.
+//!
+//! `pgherd-bench failover` crashes the leader while a writer commits a row every 20 ms and
+//! reports how long writes stopped and how many acknowledged rows were lost; `bench/failover`
+//! builds the release binaries and runs it. The agent binaries are taken from the directory
+//! of this executable (or `PGHERD_BIN_DIR`), so a release bench runs release agents.
+
+mod failover;
+mod machine;
+mod measure;
+mod summary;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pgherd-bench",
+    about = "Benchmarks of pgherd on a real three-member cluster on loopback",
+    long_about = "Benchmarks of pgherd on a real three-member cluster on loopback (etcd, \
+                  pgherd-agent and PostgreSQL 15), each run in its own temp dirs on free ports. \
+                  The agent binaries are taken from this executable's directory or PGHERD_BIN_DIR."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Crash the leader under a 20 ms writer: longest gap between acknowledged commits and
+    /// acknowledged rows missing afterwards, per ttl; then crash PostgreSQL alone.
+    #[command(
+        long_about = "Crash the leader while a writer commits one row every 20 ms through \
+        a multi-host connection with target_session_attrs=read-write.\n\n\
+        Failover runs (per --ttl, --runs each): SIGKILL of the leader's agent and PostgreSQL; \
+        measures the longest gap between acknowledged commits across the kill and counts rows \
+        acknowledged before the kill that the new leader lacks, separately for rows proven to \
+        be on both replicas before the kill and for rows in the replication lag window \
+        (asynchronous replication may lose those).\n\n\
+        PostgreSQL crash runs (--pg-crash-runs, at ttl 10): SIGKILL of the leader's postmaster \
+        alone, agent alive; measures the write gap and checks nothing acknowledged is lost.\n\n\
+        Prints one line per run, then median/min/max as a Markdown table. Failed or anomalous \
+        runs keep their agent and PostgreSQL logs (see --logs)."
+    )]
+    Failover(FailoverArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FailoverArgs {
+    /// Failover runs per ttl.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub runs: u32,
+    /// Leader lease ttls to measure, in seconds, comma-separated. loop_wait is 1 and
+    /// retry_timeout the largest of 1..=3 that fits ttl >= loop_wait + 2 * retry_timeout
+    /// (ttl 10: 3, ttl 5: 2, ttl 3: 1).
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "10,5,3",
+        value_parser = clap::value_parser!(u64).range(3..=300)
+    )]
+    pub ttl: Vec<u64>,
+    /// Runs that SIGKILL only the leader's postmaster (agent alive), at ttl 10; 0 skips them.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub pg_crash_runs: u32,
+    /// Keep every run's agent and PostgreSQL logs in DIR/<run>/ (by default only failed or
+    /// anomalous runs keep theirs, in a new directory under /tmp).
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Two workers, as in the integration tests: the writer's task keeps its 20 ms pace while
+    // the bench polls the cluster. Agents and etcd are started from the main thread (inside
+    // block_on), which lives as long as the bench: their parent-death signal is tied to it.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgherd-bench: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Failover(args) => interruptible(failover::run(args)).await,
+        }
+    });
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        // Every run was measured, but at least one failed: the figures are incomplete.
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("pgherd-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `bench` until it ends or SIGINT/SIGTERM arrives; on a signal the bench future is
+/// dropped first, which kills and removes the cluster of the run in progress.
+async fn interruptible(bench: impl std::future::Future<Output = Result<bool>>) -> Result<bool> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    tokio::select! {
+        result = bench => result,
+        _ = interrupt.recv() => anyhow::bail!("interrupted (SIGINT); the run in progress was stopped and removed"),
+        _ = terminate.recv() => anyhow::bail!("terminated (SIGTERM); the run in progress was stopped and removed"),
+    }
+}
