@@ -833,6 +833,12 @@ impl Agent {
             .map(|l| l.to_string())
             .unwrap_or_else(|| "unknown".into());
         self.pg.promote().await?;
+        // pg_rewind on a former primary reads our timeline from the control file, which
+        // shows the new timeline only after the first checkpoint; PostgreSQL's own one is
+        // spread out over seconds, so force it now (before we publish the new timeline).
+        if let Err(e) = self.pg.checkpoint().await {
+            tracing::warn!(error = %format!("{e:#}"), "checkpoint after promotion failed");
+        }
         self.memory.upstream = None;
         self.pg
             .write_config(&Mode::Primary, &self.cluster_params())?;
@@ -906,6 +912,16 @@ impl Agent {
                 pg.rewind(&up).await
             }),
         };
+        // The loop reacts to the finished job at once, not at the next tick.
+        let wake = self.wake.clone();
+        let handle = tokio::spawn(async move {
+            let result = handle.await;
+            wake.notify_one();
+            match result {
+                Ok(r) => r,
+                Err(e) => Err(anyhow!("the job task died: {e}")),
+            }
+        });
         self.job = Some(Job { kind, handle });
     }
 

@@ -98,6 +98,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // Every log line of this process names its member.
+            let span = tracing::info_span!("agent", member = %cfg.name);
+            let _entered = span.enter();
             match rt.block_on(run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

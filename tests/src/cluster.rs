@@ -8,10 +8,11 @@ use etcd_client::KeyValue;
 use tempfile::TempDir;
 
 use crate::config::MemberSpec;
-use crate::ctl::{list_json, ListedMember};
+use crate::ctl::{ctl_direct, parse_list, HistoryEntry, ListedMember};
 use crate::etcd::Etcd;
 use crate::member::{Member, MemberOptions};
 use crate::ports::free_port;
+use crate::proxy::EtcdProxy;
 use crate::wait::wait_until;
 
 /// Lines of each log printed when a cluster is dropped (`PGHERD_LOG_LINES` overrides).
@@ -154,6 +155,11 @@ impl Cluster {
         }
     }
 
+    /// Every member but the one called `name`, in member order.
+    pub fn others(&self, name: &str) -> Vec<&Member> {
+        self.members.iter().filter(|m| m.name() != name).collect()
+    }
+
     /// Adds a member (default name `node<N>`) and writes its config; its agent is not started.
     pub fn add_member(&mut self, options: MemberOptions) -> Result<&Member> {
         let root = self
@@ -168,17 +174,26 @@ impl Cluster {
         }
         let mut extra_yaml = self.yaml.clone();
         extra_yaml.extend(options.yaml);
+        let proxy = if options.etcd_proxy {
+            Some(EtcdProxy::start(&self.etcd.endpoints())?)
+        } else {
+            None
+        };
+        let etcd_endpoints = match &proxy {
+            Some(p) => p.endpoints(),
+            None => self.etcd.endpoints(),
+        };
         let spec = MemberSpec {
             cluster: self.name.clone(),
             dir: root.path().join(&name),
             name,
-            etcd_endpoints: self.etcd.endpoints(),
+            etcd_endpoints,
             api_port: free_port()?,
             pg_port: free_port()?,
             tags: options.tags,
             extra_yaml,
         };
-        self.members.push(Member::create(spec)?);
+        self.members.push(Member::create(spec, proxy)?);
         Ok(self.members.last().expect("a member was just pushed"))
     }
 
@@ -229,16 +244,55 @@ impl Cluster {
             .with_context(|| format!("the leader key names {name:?}, which is not a member"))
     }
 
-    /// `pgherdctl list --format json` through the first member whose agent runs (any member's
-    /// config reaches etcd).
+    /// `pgherdctl --endpoints <etcd> --cluster <name> list --format json`: straight to etcd,
+    /// so it works whichever member is cut off from etcd or stopped.
     pub async fn list(&self) -> Result<Vec<ListedMember>> {
-        let via = self
-            .members
-            .iter()
-            .find(|m| m.is_running())
-            .or(self.members.first())
-            .context("the cluster has no members")?;
-        list_json(via).await
+        let endpoints = self.etcd.endpoints().join(",");
+        let output = ctl_direct(&[
+            "--endpoints",
+            &endpoints,
+            "--cluster",
+            &self.name,
+            "list",
+            "--format",
+            "json",
+        ])
+        .await?;
+        parse_list(&output.stdout)
+    }
+
+    /// The `history` key: one entry per promotion, oldest first (empty if there is none).
+    pub async fn history(&self) -> Result<Vec<HistoryEntry>> {
+        match self.etcd_get("history").await? {
+            None => Ok(Vec::new()),
+            Some(text) => serde_json::from_str(&text)
+                .with_context(|| format!("the history key is not a JSON array of entries: {text}")),
+        }
+    }
+
+    /// Waits until the leader key names a member other than `old` whose agent lists it as
+    /// `running`; returns its name.
+    pub async fn wait_new_leader(&self, old: &str, timeout: Duration) -> Result<String> {
+        wait_until(
+            timeout,
+            format!("a member other than {old} to hold the leader key and run"),
+            || async {
+                let leader = self.leader_name().await?.context("no leader key")?;
+                ensure!(leader != old, "the leader key still names {old}");
+                let list = self.list().await?;
+                let listed = list
+                    .iter()
+                    .find(|m| m.name == leader)
+                    .with_context(|| format!("{leader} holds the key but is not listed"))?;
+                ensure!(
+                    listed.state == "running",
+                    "{leader} holds the key but is {}",
+                    listed.state
+                );
+                Ok(leader)
+            },
+        )
+        .await
     }
 
     /// Waits until `pgherdctl list` shows exactly the members whose agents run: one leader

@@ -31,13 +31,31 @@ pub struct ListedMember {
     pub other: serde_json::Map<String, serde_json::Value>,
 }
 
+/// One entry of the `history` key: a promotion that started a new timeline.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HistoryEntry {
+    pub timeline: u32,
+    #[serde(default)]
+    pub switch_lsn: Option<String>,
+    pub time: String,
+    pub reason: String,
+    pub leader: String,
+}
+
 /// Runs `pgherdctl --config <member's config> <args>`; fails with its stderr if it exits
 /// non-zero.
 pub async fn ctl<S: AsRef<OsStr>>(member: &Member, args: &[S]) -> Result<Output> {
+    let mut all: Vec<&OsStr> = vec![OsStr::new("--config"), member.config_path().as_os_str()];
+    all.extend(args.iter().map(AsRef::as_ref));
+    ctl_direct(&all).await
+}
+
+/// Runs `pgherdctl <args>` (give `--config` or `--endpoints` and `--cluster` yourself);
+/// fails with its stderr if it exits non-zero.
+pub async fn ctl_direct<S: AsRef<OsStr>>(args: &[S]) -> Result<Output> {
     let bin = crate::ctl_bin()?;
     let shown = format!(
-        "pgherdctl --config {} {}",
-        member.config_path().display(),
+        "pgherdctl {}",
         args.iter()
             .map(|a| a.as_ref().to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -46,8 +64,6 @@ pub async fn ctl<S: AsRef<OsStr>>(member: &Member, args: &[S]) -> Result<Output>
     let output = tokio::time::timeout(
         CTL_TIMEOUT,
         tokio::process::Command::new(bin)
-            .arg("--config")
-            .arg(member.config_path())
             .args(args)
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -69,10 +85,15 @@ pub async fn ctl<S: AsRef<OsStr>>(member: &Member, args: &[S]) -> Result<Output>
 /// `pgherdctl --config <member's config> list --format json`, parsed.
 pub async fn list_json(member: &Member) -> Result<Vec<ListedMember>> {
     let output = ctl(member, &["list", "--format", "json"]).await?;
-    serde_json::from_slice(&output.stdout).with_context(|| {
+    parse_list(&output.stdout)
+}
+
+/// The output of `pgherdctl list --format json`.
+pub(crate) fn parse_list(stdout: &[u8]) -> Result<Vec<ListedMember>> {
+    serde_json::from_slice(stdout).with_context(|| {
         format!(
             "`pgherdctl list --format json` printed something else than a JSON array of members: {}",
-            String::from_utf8_lossy(&output.stdout).trim()
+            String::from_utf8_lossy(stdout).trim()
         )
     })
 }

@@ -9,7 +9,12 @@
 //! - [`wait_until`]: polls a condition until a deadline; the error names what was awaited and
 //!   what the last check saw. Tests wait on conditions, never on blind sleeps.
 //! - [`sql`], [`list_json`], [`Cluster::etcd_get`]: look at the cluster the way an operator
-//!   would.
+//!   would; [`current_wal_lsn`], [`wal_receiver`], [`timeline`]: where replication stands.
+//! - [`Writer`]: inserts a row every few ms and records every acknowledged commit (the
+//!   application's view, or one member's); [`missing_rows`] checks none is lost.
+//! - [`EtcdProxy`]: cuts one member off etcd ([`MemberOptions::through_etcd_proxy`]).
+//! - [`Member::crash`], [`Member::pause_agent`], [`Paused`]: faults; paused processes are
+//!   thawed when their guard drops.
 //!
 //! Cleanup happens in `Drop`, so it also runs when a test panics or returns an error: every
 //! agent is killed with its process group, any PostgreSQL it left is killed through its
@@ -31,8 +36,12 @@ mod member;
 mod pg;
 mod ports;
 mod process;
+mod proxy;
+mod replication;
+mod report;
 mod snapshot;
 mod wait;
+mod writer;
 
 use std::path::PathBuf;
 
@@ -40,19 +49,27 @@ use anyhow::{bail, Context, Result};
 
 pub use cluster::{Cluster, ClusterBuilder, Healthy};
 pub use config::{member_yaml, merge_yaml, MemberSpec};
-pub use ctl::{ctl, list_json, ListedMember};
+pub use ctl::{ctl, ctl_direct, list_json, HistoryEntry, ListedMember};
 pub use etcd::Etcd;
-pub use member::{Member, MemberOptions};
+pub use member::{log_line_time, Member, MemberOptions};
 pub use nix::sys::signal::Signal;
 pub use pg::{
     chown_to_postgres, initdb, kill_postmaster, postmaster_pid, run_as_postgres, sql, sql_batch,
     sql_value, PgConn, PlainPostgres, PG_BIN_DIR,
 };
 pub use ports::free_port;
-pub use process::{is_alive, tail};
+pub use process::{is_alive, tail, Paused};
+pub use proxy::{EtcdProxy, ProxyMode};
+pub use replication::{
+    current_wal_lsn, in_recovery, receive_lsn, replay_lsn, timeline, wait_replayed,
+    wait_streaming_from, wal_receiver, Lsn, WalReceiver,
+};
+pub use report::{Ack, Gap, Stamp, WriteError, WriterReport};
 pub use snapshot::{snapshot, snapshot_diff, FileFacts};
+pub use tokio_postgres::config::TargetSessionAttrs;
 pub use tokio_postgres::Row;
-pub use wait::wait_until;
+pub use wait::{hold_for, wait_until};
+pub use writer::{create_writer_table, missing_rows, Writer, WriterOptions};
 
 /// Superuser every member's config names.
 pub const SUPERUSER: &str = "postgres";

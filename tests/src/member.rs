@@ -4,18 +4,26 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use serde_yaml::{Mapping, Value};
 
 use crate::config::{member_yaml, MemberSpec};
 use crate::pg::{chown_to_postgres, kill_postmaster, postmaster_pid, PgConn};
-use crate::process::{tail, Supervised};
+use crate::process::{tail, Paused, Supervised};
+use crate::proxy::EtcdProxy;
 use crate::Signal;
 
 /// How long an agent may take to exit after SIGTERM (it stops PostgreSQL fast first).
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Starts the line the harness writes to `agent.log` before each start of the agent.
+const START_MARKER: &str = "==== pgherd harness: starting ";
+
+/// The time at the start of an agent log line (`2026-01-02T03:04:05.123456Z  INFO ...`).
+pub fn log_line_time(line: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(line.split_whitespace().next()?).ok()
+}
 
 /// Per-member choices for [`crate::ClusterBuilder::member`] and [`crate::Cluster::add_member`].
 #[derive(Debug, Clone, Default)]
@@ -23,6 +31,7 @@ pub struct MemberOptions {
     pub(crate) name: Option<String>,
     pub(crate) tags: Mapping,
     pub(crate) yaml: Vec<String>,
+    pub(crate) etcd_proxy: bool,
 }
 
 impl MemberOptions {
@@ -48,6 +57,13 @@ impl MemberOptions {
         self.yaml.push(yaml.into());
         self
     }
+
+    /// The member reaches etcd through its own [`EtcdProxy`] (see [`Member::etcd_proxy`]), so
+    /// a test can cut it off while the others still reach etcd.
+    pub fn through_etcd_proxy(mut self) -> Self {
+        self.etcd_proxy = true;
+        self
+    }
 }
 
 /// One member of a [`crate::Cluster`]. On drop its agent is killed with its process group and
@@ -58,13 +74,15 @@ pub struct Member {
     config_path: PathBuf,
     agent_log: PathBuf,
     process: Supervised,
+    /// Dropped after the agent is killed (see `Drop`).
+    proxy: Option<EtcdProxy>,
 }
 
 impl Member {
     /// Creates the member's directory and writes its config; the agent is not started. The
     /// directory is mode 0755 and owned by `postgres` (when the tests run as root): it is
     /// PostgreSQL's socket directory, where the postmaster creates its socket and lock file.
-    pub(crate) fn create(spec: MemberSpec) -> Result<Member> {
+    pub(crate) fn create(spec: MemberSpec, proxy: Option<EtcdProxy>) -> Result<Member> {
         std::fs::create_dir_all(&spec.dir)
             .with_context(|| format!("cannot create {}", spec.dir.display()))?;
         std::fs::set_permissions(&spec.dir, std::fs::Permissions::from_mode(0o755))
@@ -75,6 +93,7 @@ impl Member {
             agent_log: spec.dir.join("agent.log"),
             process: Supervised::new(format!("pgherd-agent of {}", spec.name)),
             spec,
+            proxy,
         };
         member.write_config(&member_yaml(&member.spec)?)?;
         Ok(member)
@@ -150,7 +169,7 @@ impl Member {
             .unwrap_or_default();
         writeln!(
             log,
-            "==== pgherd harness: starting {} --config {} (unix time {:.3}) ====",
+            "{START_MARKER}{} --config {} (unix time {:.3}) ====",
             agent.display(),
             self.config_path.display(),
             now.as_secs_f64()
@@ -209,14 +228,66 @@ impl Member {
         self.process.kill()
     }
 
+    /// Freezes the agent with SIGSTOP (its watchdog and PostgreSQL keep running); it is
+    /// thawed when the guard drops, if the cleanup has not killed it first.
+    pub fn pause_agent(&self) -> Result<Paused> {
+        let pid = self
+            .pid()
+            .with_context(|| format!("{}'s agent is not running", self.name()))?;
+        Paused::pause(pid as i32, format!("pgherd-agent of {}", self.name()))
+    }
+
+    /// As close to a power cut as processes get: SIGKILL for PostgreSQL's process group (the
+    /// postmaster and every backend) and for the agent's (the agent and its watchdog), with
+    /// no chance for either to react. Returns the postmaster's pid, if one ran.
+    pub fn crash(&self) -> Result<Option<i32>> {
+        let postmaster = self.postmaster_pid();
+        if let Some(pid) = postmaster {
+            let pid_t = nix::unistd::Pid::from_raw(pid);
+            if nix::unistd::getpgid(Some(pid_t)) == Ok(pid_t) {
+                nix::sys::signal::killpg(pid_t, Signal::SIGKILL)
+                    .with_context(|| format!("cannot kill {}'s PostgreSQL", self.name()))?;
+            } else {
+                nix::sys::signal::kill(pid_t, Signal::SIGKILL)
+                    .with_context(|| format!("cannot kill {}'s postmaster", self.name()))?;
+            }
+        }
+        self.process.kill_group();
+        Ok(postmaster)
+    }
+
     /// The pid of the live postmaster on this member's data directory.
     pub fn postmaster_pid(&self) -> Option<i32> {
         postmaster_pid(&self.data_dir())
     }
 
+    /// The proxy this member reaches etcd through, if it was created with
+    /// [`MemberOptions::through_etcd_proxy`].
+    pub fn etcd_proxy(&self) -> Option<&EtcdProxy> {
+        self.proxy.as_ref()
+    }
+
     /// The whole agent log.
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(&self.agent_log).unwrap_or_default()
+    }
+
+    /// The agent log since the harness last started the agent.
+    pub fn agent_log_of_last_start(&self) -> String {
+        let log = self.agent_log();
+        match log.rfind(START_MARKER) {
+            Some(i) => log[i..].to_string(),
+            None => log,
+        }
+    }
+
+    /// The timestamps of the agent log lines that contain `needle`, in order.
+    pub fn agent_log_times(&self, needle: &str) -> Vec<SystemTime> {
+        self.agent_log()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .filter_map(log_line_time)
+            .collect()
     }
 
     /// The tails of `agent.log` and `data.log`, for failure reports.

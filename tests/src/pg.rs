@@ -156,13 +156,18 @@ pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     Some(pid)
 }
 
-/// SIGKILLs the postmaster of `data_dir` if one is alive (its backends notice and exit) and
+/// SIGKILLs the postmaster of `data_dir` if one is alive, with its whole process group when
+/// it leads one (the agent starts it so: then no backend, frozen or not, outlives it), and
 /// waits briefly until it is gone. Returns whether there was one.
 pub fn kill_postmaster(data_dir: &Path) -> bool {
     let Some(pid) = postmaster_pid(data_dir) else {
         return false;
     };
-    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    let pid_t = Pid::from_raw(pid);
+    if nix::unistd::getpgid(Some(pid_t)) == Ok(pid_t) {
+        let _ = nix::sys::signal::killpg(pid_t, Signal::SIGKILL);
+    }
+    let _ = kill(pid_t, Signal::SIGKILL);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while is_alive(pid) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));

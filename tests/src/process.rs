@@ -172,6 +172,49 @@ impl Drop for Supervised {
     }
 }
 
+/// A process frozen with SIGSTOP; thawed with SIGCONT on drop, so that a failing test leaves
+/// nothing frozen behind (a frozen process ignores everything but SIGKILL and SIGCONT).
+#[derive(Debug)]
+pub struct Paused {
+    pid: i32,
+    what: String,
+    resumed: bool,
+}
+
+impl Paused {
+    /// Sends SIGSTOP to `pid` (described as `what` in errors).
+    pub fn pause(pid: i32, what: impl Into<String>) -> Result<Paused> {
+        let what = what.into();
+        kill(Pid::from_raw(pid), Signal::SIGSTOP)
+            .with_context(|| format!("cannot send SIGSTOP to {what} (pid {pid})"))?;
+        Ok(Paused {
+            pid,
+            what,
+            resumed: false,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends SIGCONT now.
+    pub fn resume(mut self) -> Result<()> {
+        self.resumed = true;
+        kill(Pid::from_raw(self.pid), Signal::SIGCONT)
+            .with_context(|| format!("cannot send SIGCONT to {} (pid {})", self.what, self.pid))
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if !self.resumed {
+            // It may be gone already (killed by the cleanup): nothing to thaw then.
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGCONT);
+        }
+    }
+}
+
 /// The state letter of `/proc/<pid>/stat` (`R`, `S`, `Z`, ...), `None` if there is no such
 /// process.
 fn process_state(pid: i32) -> Option<char> {

@@ -44,3 +44,37 @@ where
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// Checks `check` every 100 ms for `duration` and fails at the first check that fails: for
+/// properties that must hold for a while ("no member takes the leader key for 12 s"), not
+/// for conditions to wait for. A check that hangs past the window counts as a failure.
+pub async fn hold_for<F, Fut>(duration: Duration, what: impl Display, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let start = Instant::now();
+    let end = start + duration;
+    let mut checks = 0u32;
+    loop {
+        checks += 1;
+        let budget = end
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(5));
+        match tokio::time::timeout(budget, check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!(
+                "{what} stopped holding after {:.1} s (check {checks}): {e:#}",
+                start.elapsed().as_secs_f64()
+            ),
+            Err(_) => bail!(
+                "{what}: check {checks} hung for {:.1} s",
+                budget.as_secs_f64()
+            ),
+        }
+        if Instant::now() >= end {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL.min(end.saturating_duration_since(Instant::now()))).await;
+    }
+}

@@ -5,7 +5,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use pgherd_tests::{free_port, is_alive, postmaster_pid, wait_until, Etcd, PlainPostgres};
+use etcd_client::{Client, ConnectOptions};
+use pgherd_tests::{
+    free_port, is_alive, postmaster_pid, wait_until, Etcd, EtcdProxy, PgConn, PlainPostgres,
+    Writer, WriterOptions,
+};
+use tokio::time::Instant;
 
 #[test]
 fn free_ports_are_never_handed_out_twice_in_one_process() -> Result<()> {
@@ -80,6 +85,139 @@ async fn plain_postgres_answers_sql_and_is_killed_on_drop() -> Result<()> {
         !data_dir.exists(),
         "{} survived the drop",
         data_dir.display()
+    );
+    Ok(())
+}
+
+/// A client through `endpoints` with short timeouts, like an agent with retry_timeout 1.
+async fn quick_client(endpoints: Vec<String>) -> Result<Client> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_timeout(Duration::from_secs(1));
+    Ok(Client::connect(endpoints, Some(options)).await?)
+}
+
+#[tokio::test]
+async fn etcd_proxy_forwards_fails_fast_when_severed_hangs_when_blackholed_and_heals() -> Result<()>
+{
+    let etcd = Etcd::start().await?;
+    let proxy = EtcdProxy::start(&etcd.endpoints())?;
+    let mut client = quick_client(proxy.endpoints()).await?;
+    client.put("/harness/k", "v1", None).await?;
+    ensure!(
+        proxy.connections_accepted() > 0,
+        "the client did not go through the proxy"
+    );
+
+    proxy.sever();
+    let started = Instant::now();
+    let result = client.get("/harness/k", None).await;
+    ensure!(result.is_err(), "a get through a severed proxy succeeded");
+    ensure!(
+        started.elapsed() < Duration::from_millis(900),
+        "a severed proxy should fail requests at once, not after the client's timeout ({:?})",
+        started.elapsed()
+    );
+    // etcd itself still answers.
+    assert_eq!(etcd.get("/harness/k").await?.as_deref(), Some("v1"));
+
+    proxy.heal();
+    wait_until(
+        Duration::from_secs(20),
+        "a get through the healed proxy",
+        || {
+            let mut client = client.clone();
+            async move { Ok(client.get("/harness/k", None).await?) }
+        },
+    )
+    .await?;
+
+    proxy.blackhole();
+    let started = Instant::now();
+    let result = client.put("/harness/k", "v2", None).await;
+    ensure!(
+        result.is_err(),
+        "a put through a blackholed proxy succeeded"
+    );
+    ensure!(
+        started.elapsed() >= Duration::from_millis(900),
+        "a blackholed proxy should leave requests hanging until the client's timeout ({:?})",
+        started.elapsed()
+    );
+    proxy.heal();
+    wait_until(
+        Duration::from_secs(20),
+        "a put through the healed proxy",
+        || {
+            let mut client = client.clone();
+            async move { Ok(client.put("/harness/k", "v3", None).await?) }
+        },
+    )
+    .await?;
+    assert_eq!(etcd.get("/harness/k").await?.as_deref(), Some("v3"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_records_acknowledged_rows_and_reconnects_after_its_session_is_killed() -> Result<()>
+{
+    let pg = PlainPostgres::start().await?;
+    let options = WriterOptions::default();
+    pg.pg()
+        .batch(&format!(
+            "CREATE TABLE {} (id bigint PRIMARY KEY, port int NOT NULL, \
+             at timestamptz NOT NULL DEFAULT clock_timestamp())",
+            options.table
+        ))
+        .await?;
+    let table = options.table.clone();
+    // An unreachable first host, as when a member is down: the writer goes on to the next.
+    let down = PgConn::superuser(free_port()?);
+    let writer = Writer::spawn("harness", vec![down, pg.pg()], options);
+    writer
+        .wait_ack_sent_after(Instant::now(), Duration::from_secs(20))
+        .await?;
+
+    // Every backend killed: the writer sees errors, reconnects and goes on.
+    pg.pg()
+        .batch("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pgherd-tests-writer'")
+        .await?;
+    let after = Instant::now();
+    writer
+        .wait_ack_sent_after(after, Duration::from_secs(20))
+        .await?;
+    let report = writer.stop().await;
+    eprintln!("{}", report.summary());
+    ensure!(
+        report.connections >= 2,
+        "the writer did not reconnect after its session was terminated: {}",
+        report.summary()
+    );
+    ensure!(
+        report.acks.iter().all(|a| a.port == i32::from(pg.port())),
+        "acknowledged by another port: {:?}",
+        report.acks.iter().map(|a| a.port).collect::<Vec<_>>()
+    );
+
+    let client = pg.pg().connect().await?;
+    let rows = client
+        .query(&format!("SELECT id FROM {table}"), &[])
+        .await?;
+    let stored: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let acked = report.acked_ids();
+    let missing: Vec<&i64> = acked.iter().filter(|id| !stored.contains(id)).collect();
+    ensure!(
+        missing.is_empty(),
+        "acknowledged but not stored: {missing:?}"
+    );
+    // Stored rows are acknowledged ones or ones whose outcome the writer did not learn.
+    let unexplained: Vec<&i64> = stored
+        .iter()
+        .filter(|id| !acked.contains(id) && !report.uncertain.contains(id))
+        .collect();
+    ensure!(
+        unexplained.is_empty(),
+        "stored but never sent: {unexplained:?}"
     );
     Ok(())
 }

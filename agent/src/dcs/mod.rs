@@ -21,7 +21,7 @@ use model::{ClusterView, Handover, HistoryEntry, Initialize, LeaderKey, MemberIn
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
     #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(etcd_client::Error),
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
     #[error("cannot read {path}: {source}")]
@@ -34,6 +34,14 @@ pub enum DcsError {
         what: String,
         source: serde_json::Error,
     },
+}
+
+// Not `#[from]`: that would also make it the error's source, and a report of the chain
+// would print etcd's message twice.
+impl From<etcd_client::Error> for DcsError {
+    fn from(e: etcd_client::Error) -> Self {
+        DcsError::Etcd(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, DcsError>;
@@ -550,6 +558,12 @@ impl Lease {
         match outcome {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => Ok(Some(sent)),
             Ok(Ok(Some(_))) => Ok(None),
+            // Reopening the keep-alive stream of an expired lease fails with "lease not
+            // found" rather than answering TTL 0: the lease is gone all the same.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(msg))) if msg.contains("not found") => {
+                self.stream = None;
+                Ok(None)
+            }
             Ok(Ok(None)) => {
                 self.stream = None;
                 Err(DcsError::Etcd(etcd_client::Error::InvalidArgs(

@@ -456,13 +456,18 @@ impl Postgres {
         self.child_alive.store(true, Ordering::SeqCst);
         let alive = self.child_alive.clone();
         let wake = self.wake.clone();
+        let started = tokio::time::Instant::now();
         tokio::spawn(async move {
             match child.wait().await {
                 Ok(status) => tracing::info!(%status, "PostgreSQL exited"),
                 Err(e) => tracing::warn!(error = %e, "cannot wait for PostgreSQL"),
             }
             alive.store(false, Ordering::SeqCst);
-            wake.notify_one();
+            // A PostgreSQL that dies right after its start would be restarted in a tight
+            // loop; leave that one to the loop's timer.
+            if started.elapsed() >= Duration::from_secs(2) {
+                wake.notify_one();
+            }
         });
         Ok(())
     }
@@ -628,6 +633,15 @@ impl Postgres {
     }
 
     /// Forces a checkpoint, so a following clean shutdown has little left to write.
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.with_client(|c| async move {
+            c.simple_query("CHECKPOINT").await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Forces a checkpoint (fast, not spread out).
     pub async fn checkpoint(&self) -> Result<()> {
         self.with_client(|c| async move {
             c.simple_query("CHECKPOINT").await?;
