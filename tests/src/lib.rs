@@ -74,6 +74,8 @@ pub use writer::{create_writer_table, missing_rows, Writer, WriterOptions};
 /// Superuser every member's config names.
 pub const SUPERUSER: &str = "postgres";
 pub const SUPERUSER_PASSWORD: &str = "pgherd-test-superuser";
+/// The bearer token every test member's API requires for changes.
+pub const TOKEN: &str = "pgherd-test-token-0123456789";
 /// Replication user every member's config names.
 pub const REPLICATION_USER: &str = "replicator";
 pub const REPLICATION_PASSWORD: &str = "pgherd-test-replication";

@@ -632,16 +632,8 @@ impl Postgres {
         .await
     }
 
-    /// Forces a checkpoint, so a following clean shutdown has little left to write.
-    pub async fn checkpoint(&self) -> Result<()> {
-        self.with_client(|c| async move {
-            c.simple_query("CHECKPOINT").await?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Forces a checkpoint (fast, not spread out).
+    /// Forces an immediate checkpoint (not spread out): before a clean shutdown, so it has
+    /// little left to write, and after a promotion, so the control file shows the new timeline.
     pub async fn checkpoint(&self) -> Result<()> {
         self.with_client(|c| async move {
             c.simple_query("CHECKPOINT").await?;
