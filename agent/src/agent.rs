@@ -72,6 +72,10 @@ pub struct Agent {
     requests: mpsc::Receiver<LocalRequest>,
     /// How this agent calls the other agents' APIs.
     peer_client: crate::api::ClientOptions,
+    /// The highest timeline this data directory has been seen on. A standby without a WAL
+    /// receiver (or one being promoted) can only report its last restartpoint's timeline,
+    /// which may be older; publishing that would mislead a rejoining member's timeline check.
+    known_timeline: Option<u32>,
 }
 
 /// How much earlier than the lease TTL a leader considers its lease gone (rule 2): a tenth
@@ -131,6 +135,7 @@ impl Agent {
             takeover_reason: None,
             requests,
             peer_client,
+            known_timeline: None,
         })
     }
 
@@ -458,6 +463,7 @@ impl Agent {
         );
         self.pg.empty_data_dir()?;
         self.memory = Memory::default();
+        self.known_timeline = None;
         self.wake.notify_one();
         Ok("data directory removed; the member clones the leader again".to_string())
     }
@@ -646,6 +652,7 @@ impl Agent {
                     "removing data directory contents"
                 );
                 self.memory.rewind_failed = None;
+                self.known_timeline = None;
                 self.pg.empty_data_dir()
             }
             Action::AcquireLeader => {
@@ -967,9 +974,13 @@ impl Agent {
             api_address: self.cfg.api.connect_address.clone(),
             host,
             port,
-            timeline: status
-                .and_then(|s| s.timeline)
-                .or(obs.pg.control.map(|c| c.timeline)),
+            timeline: {
+                let seen = status
+                    .and_then(|s| s.timeline)
+                    .or(obs.pg.control.map(|c| c.timeline));
+                self.known_timeline = seen.max(self.known_timeline);
+                self.known_timeline
+            },
             wal_lsn: status.and_then(|s| s.wal_lsn),
             receive_lsn: status.and_then(|s| s.receive_lsn),
             replay_lsn: status.and_then(|s| s.replay_lsn),

@@ -118,7 +118,7 @@ impl Target {
     pub async fn connect(&self, address: &str) -> Result<Client, Failure> {
         client::connect(address, &self.options)
             .await
-            .map_err(|e| Failure::Refused(format!("{e:#}")))
+            .map_err(|e| Failure::Refused(format!("{e:#}{}", tls_hint(&format!("{e:#}")))))
     }
 
     /// The API address of `member`.
@@ -187,6 +187,23 @@ impl Target {
     }
 }
 
+/// What to check when the connection itself failed: most often TLS settings that do not
+/// match the agent's.
+fn tls_hint(message: &str) -> &'static str {
+    let m = message.to_lowercase();
+    if m.contains("transport error")
+        || m.contains("h2 protocol")
+        || m.contains("operation was canceled")
+        || m.contains("tls")
+        || m.contains("certificate")
+    {
+        " (if the agents serve TLS: pass --cacert, and --cert/--key when they require client \
+         certificates, or use --config with a member's file that has api.tls)"
+    } else {
+        ""
+    }
+}
+
 /// An agent's refusal as pgherdctl prints it.
 pub fn status_failure(s: Status) -> Failure {
     use tonic::Code::*;
@@ -198,5 +215,9 @@ pub fn status_failure(s: Status) -> Failure {
         Unavailable => "unavailable",
         _ => "failed",
     };
-    Failure::Refused(format!("{what}: {}", s.message()))
+    let hint = match s.code() {
+        Unknown | Unavailable | Cancelled | Internal => tls_hint(s.message()),
+        _ => "",
+    };
+    Failure::Refused(format!("{what}: {}{hint}", s.message()))
 }

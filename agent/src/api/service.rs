@@ -332,6 +332,11 @@ impl AgentService for Service {
                 }
                 match v.leader_name() {
                     Some(l) if l == target => None,
+                    Some(other) if other != me && seen_handover => {
+                        Some(Err(Status::aborted(format!(
+                            "the switchover to {target} did not happen: {other} took over instead"
+                        ))))
+                    }
                     Some(l) if l == me && seen_handover => {
                         let why = board.snapshot().me.map(|m| m.decision).unwrap_or_default();
                         Some(Err(Status::aborted(format!(

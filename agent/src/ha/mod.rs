@@ -606,8 +606,13 @@ fn handover_timeout(cfg: &HaConfig) -> std::time::Duration {
     std::time::Duration::from_secs(cfg.dcs.ttl.max(10))
 }
 
-/// Whether an in-flight handover has run out of time.
-fn handover_expired(h: &Handover, obs: &Observation, cfg: &HaConfig) -> bool {
+/// Whether an in-flight handover has run out of time, plus `extra`.
+fn handover_expired(
+    h: &Handover,
+    obs: &Observation,
+    cfg: &HaConfig,
+    extra: std::time::Duration,
+) -> bool {
     let since = match h.kind {
         HandoverKind::Switchover => h.handed_over_at.as_deref(),
         HandoverKind::Failover => Some(h.requested_at.as_str()),
@@ -615,7 +620,7 @@ fn handover_expired(h: &Handover, obs: &Observation, cfg: &HaConfig) -> bool {
     since.and_then(parse_time).is_some_and(|t| {
         obs.wall_now
             .duration_since(t)
-            .is_ok_and(|d| d > handover_timeout(cfg))
+            .is_ok_and(|d| d > handover_timeout(cfg) + extra)
     })
 }
 
@@ -770,7 +775,13 @@ fn leader_handover(
 fn leaderless_handover(obs: &Observation, view: &ClusterView, cfg: &HaConfig) -> Option<Decision> {
     let (h, _) = view.handover.as_ref()?;
     let me = cfg.name.as_str();
-    let expired = handover_expired(h, obs, cfg);
+    // When a switchover fails, its old leader has the first claim on the key: the others
+    // wait one more ttl before the usual election.
+    let grace = match h.from.as_deref() {
+        Some(f) if f == me => std::time::Duration::ZERO,
+        _ => std::time::Duration::from_secs(cfg.dcs.ttl),
+    };
+    let expired = handover_expired(h, obs, cfg, grace);
     let from = h.from.as_deref().unwrap_or("the old leader");
     let to = h.to.as_deref();
     let state = pg_state(&obs.pg);

@@ -656,6 +656,28 @@ mod handover {
     }
 
     #[test]
+    fn after_a_failed_switchover_the_old_leader_has_the_first_claim() {
+        // Timed out (20 s ago, timeout 10 s) but within the others' extra ttl: c waits.
+        let late = with_handover(
+            view(None, &[]),
+            handed_over("a", "b", 500, Duration::from_secs(15)),
+        );
+        let d = Obs::new(Some(late))
+            .running(Some(standby_status(9_000)))
+            .decide(&cfg("c"), &Memory::default());
+        assert!(d.actions.is_empty(), "{d:?}");
+        // Long after: the usual election.
+        let later = with_handover(
+            view(None, &[]),
+            handed_over("a", "b", 500, Duration::from_secs(60)),
+        );
+        let d = Obs::new(Some(later))
+            .running(Some(standby_status(9_000)))
+            .decide(&cfg("c"), &Memory::default());
+        assert_eq!(d.actions, vec![Action::AcquireLeader]);
+    }
+
+    #[test]
     fn a_leader_again_after_a_failed_switchover_clears_the_key() {
         let b = member("b", MemberState::Streaming, 1000);
         let v = with_handover(
