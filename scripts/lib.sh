@@ -207,9 +207,9 @@ stop_etcd() {
 
 random_password() { od -An -N12 -tx1 /dev/urandom | tr -d ' \n'; }
 
-# write_member_config STATE CLUSTER NODE ETCD_PORT API_PORT PG_PORT SUPERUSER_PW REPLICATION_PW
+# write_member_config STATE CLUSTER NODE ETCD_PORT API_PORT PG_PORT SUPERUSER_PW REPLICATION_PW TOKEN
 write_member_config() {
-    local state=$1 cluster=$2 node=$3 etcd_port=$4 api_port=$5 pg_port=$6 su_pw=$7 repl_pw=$8
+    local state=$1 cluster=$2 node=$3 etcd_port=$4 api_port=$5 pg_port=$6 su_pw=$7 repl_pw=$8 token=$9
     local file="$state/$node.yml"
     mkdir_reachable "$state/$node"
     (
@@ -223,6 +223,9 @@ etcd:
 api:
   listen: 127.0.0.1:$api_port
   connect_address: 127.0.0.1:$api_port
+  # Loopback only: plain text is acceptable here; use api.tls on a network.
+  plaintext: true
+  auth_token: "$token"
 postgres:
   listen: 127.0.0.1:$pg_port
   connect_address: 127.0.0.1:$pg_port
@@ -244,13 +247,14 @@ EOF
 # Writes the configs of nodes node1..nodeN. Ports: etcd client port, then the first API and
 # first PostgreSQL port; member i gets first+i-1.
 write_member_configs() {
-    local state=$1 cluster=$2 count=$3 etcd_port=$4 api_base=$5 pg_base=$6 i su_pw repl_pw
+    local state=$1 cluster=$2 count=$3 etcd_port=$4 api_base=$5 pg_base=$6 i su_pw repl_pw token
     su_pw=$(random_password)
     repl_pw=$(random_password)
+    token=$(random_password)
     mkdir_for_postgres "$state/run"
     for ((i = 1; i <= count; i++)); do
         write_member_config "$state" "$cluster" "node$i" "$etcd_port" \
-            $((api_base + i - 1)) $((pg_base + i - 1)) "$su_pw" "$repl_pw"
+            $((api_base + i - 1)) $((pg_base + i - 1)) "$su_pw" "$repl_pw" "$token"
     done
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use pgherd_config::{Config, DynamicConfig, ParamValue};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +25,23 @@ use crate::ha::{
 use crate::lsn::Lsn;
 use crate::postgres::{Mode, Postgres};
 use crate::watchdog::Watchdog;
+
+/// A request from the API about this member, executed by the loop between two cycles.
+pub enum LocalRequest {
+    /// Restart PostgreSQL in its current role (only if a restart is pending, with the flag).
+    Restart {
+        pending_only: bool,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// Rewrite the configuration files and reload PostgreSQL.
+    Reload {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// Throw the data directory away and clone the leader again (never on the leader).
+    Reinitialize {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
 
 struct Job {
     kind: JobKind,
@@ -52,6 +69,13 @@ pub struct Agent {
     /// The last leader we saw, and why we took over from it (for `history`).
     previous_leader: Option<String>,
     takeover_reason: Option<String>,
+    requests: mpsc::Receiver<LocalRequest>,
+    /// How this agent calls the other agents' APIs.
+    peer_client: crate::api::ClientOptions,
+    /// The highest timeline this data directory has been seen on. A standby without a WAL
+    /// receiver (or one being promoted) can only report its last restartpoint's timeline,
+    /// which may be older; publishing that would mislead a rejoining member's timeline check.
+    known_timeline: Option<u32>,
 }
 
 /// How much earlier than the lease TTL a leader considers its lease gone (rule 2): a tenth
@@ -80,9 +104,16 @@ fn now_rfc3339() -> String {
 }
 
 impl Agent {
-    pub fn new(cfg: Arc<Config>, dcs: Dcs, board: StatusBoard) -> Result<Agent> {
+    pub fn new(
+        cfg: Arc<Config>,
+        dcs: Dcs,
+        board: StatusBoard,
+        requests: mpsc::Receiver<LocalRequest>,
+    ) -> Result<Agent> {
         let wake = Arc::new(Notify::new());
         let pg = Arc::new(Postgres::new(cfg.clone(), wake.clone())?);
+        let peer_client =
+            crate::api::ClientOptions::from_api_config(&cfg.api, Duration::from_millis(500))?;
         Ok(Agent {
             cfg,
             dcs,
@@ -102,7 +133,15 @@ impl Agent {
             watchdog: None,
             previous_leader: None,
             takeover_reason: None,
+            requests,
+            peer_client,
+            known_timeline: None,
         })
+    }
+
+    /// The local PostgreSQL, shared with the API.
+    pub fn postgres(&self) -> Arc<Postgres> {
+        self.pg.clone()
     }
 
     fn ha_config(&self) -> HaConfig {
@@ -162,11 +201,16 @@ impl Agent {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "loop done"
             );
-            let wait = Duration::from_secs(ha_cfg.dcs.loop_wait);
+            let wait = if decision.retry_soon {
+                Duration::from_millis(50)
+            } else {
+                Duration::from_secs(ha_cfg.dcs.loop_wait)
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.wake.notified() => {}
+                Some(req) = self.requests.recv() => self.handle_request(req).await,
             }
         }
     }
@@ -234,6 +278,13 @@ impl Agent {
             None
         };
         let now = Instant::now();
+        let config_stale = match &status {
+            Some(s) => {
+                let mode = self.current_mode(s.in_recovery, cluster.as_ref());
+                self.pg.config_stale(&mode, &self.cluster_params())
+            }
+            None => false,
+        };
         // Bookkeeping decide reads through Memory.
         match &status {
             Some(s) if !s.in_recovery => self.memory.primary_start_since = None,
@@ -249,12 +300,15 @@ impl Agent {
             None => {}
         }
         if let (Some(view), Some(s)) = (cluster.as_mut(), &status) {
-            if view.leader.is_none() && s.in_recovery {
+            // A pending handover names who takes over; asking the others would only cost
+            // the switchover time.
+            if view.leader.is_none() && view.handover.is_none() && s.in_recovery {
                 self.refresh_peer_positions(view).await;
             }
         }
         Observation {
             now,
+            wall_now: std::time::SystemTime::now(),
             cluster,
             lease: LeaseView {
                 held: self.leader_lease.is_some(),
@@ -265,6 +319,7 @@ impl Agent {
                 running,
                 status,
                 control,
+                config_stale,
             },
             job: self.job_view().await,
         }
@@ -273,21 +328,144 @@ impl Agent {
     /// Rule 4: before racing for a vacant leader key, ask the other members' agents where
     /// they are now; a published position may be a loop old.
     async fn refresh_peer_positions(&self, view: &mut ClusterView) {
-        let timeout = Duration::from_millis(500);
-        for (name, m) in view.members.iter_mut() {
+        let mut asks = tokio::task::JoinSet::new();
+        for (name, m) in &view.members {
             if *name == self.cfg.name {
                 continue;
             }
-            match crate::api::peer_status(&m.api_address, timeout).await {
-                Ok(fresh) => {
+            let (name, address, opts) = (
+                name.clone(),
+                m.api_address.clone(),
+                self.peer_client.clone(),
+            );
+            asks.spawn(async move { (name, crate::api::peer_status(&address, &opts).await) });
+        }
+        while let Some(joined) = asks.join_next().await {
+            let Ok((name, answer)) = joined else { continue };
+            match (answer, view.members.get_mut(&name)) {
+                (Ok(fresh), Some(m)) => {
                     m.receive_lsn = fresh.receive_lsn.parse().ok().or(m.receive_lsn);
                     m.replay_lsn = fresh.replay_lsn.parse().ok().or(m.replay_lsn);
                 }
-                Err(e) => {
+                (Err(e), _) => {
                     tracing::debug!(member = %name, error = %format!("{e:#}"), "cannot ask member for its position")
                 }
+                _ => {}
             }
         }
+    }
+
+    /// The configuration mode of a running PostgreSQL: primary, or standby of the upstream
+    /// we pointed it at.
+    fn current_mode(&self, in_recovery: bool, view: Option<&ClusterView>) -> Mode {
+        if !in_recovery {
+            return Mode::Primary;
+        }
+        let upstream = self
+            .memory
+            .upstream
+            .as_ref()
+            .and_then(|name| view.or(self.last_view.as_ref())?.members.get(name))
+            .map(upstream_of);
+        Mode::Standby(upstream)
+    }
+
+    /// Executes a request from the API about this member.
+    async fn handle_request(&mut self, req: LocalRequest) {
+        match req {
+            LocalRequest::Restart {
+                pending_only,
+                reply,
+            } => {
+                let r = self
+                    .restart(pending_only)
+                    .await
+                    .map_err(|e| format!("{e:#}"));
+                let _ = reply.send(r);
+            }
+            LocalRequest::Reload { reply } => {
+                let r = self.reload().await.map_err(|e| format!("{e:#}"));
+                let _ = reply.send(r);
+            }
+            LocalRequest::Reinitialize { reply } => {
+                let r = self.reinitialize().await.map_err(|e| format!("{e:#}"));
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    async fn restart(&mut self, pending_only: bool) -> Result<String> {
+        if self.job.is_some() {
+            return Err(anyhow!(
+                "a long job (clone, rewind, initdb) is running; try again when it has finished"
+            ));
+        }
+        let status = self
+            .pg
+            .status()
+            .await
+            .context("PostgreSQL is not running or does not answer; nothing to restart")?;
+        if pending_only && !status.pending_restart {
+            return Ok("no restart pending: nothing done".to_string());
+        }
+        let mode = self.current_mode(status.in_recovery, None);
+        if mode == Mode::Primary {
+            self.ensure_lease_valid("restart PostgreSQL as the primary")?;
+        }
+        tracing::info!(reason = "restart requested through the API", "decision");
+        self.pg.stop().await?;
+        if mode == Mode::Primary {
+            // The lease may have run short while we stopped.
+            self.ensure_lease_valid("start PostgreSQL as the primary")?;
+        }
+        self.pg.write_config(&mode, &self.cluster_params())?;
+        self.pg.start_and_wait().await?;
+        self.arm_watchdog();
+        Ok(format!(
+            "restarted PostgreSQL as {}",
+            if mode == Mode::Primary {
+                "the primary"
+            } else {
+                "a standby"
+            }
+        ))
+    }
+
+    async fn reload(&mut self) -> Result<String> {
+        let status = self
+            .pg
+            .status()
+            .await
+            .context("PostgreSQL is not running or does not answer; nothing to reload")?;
+        let mode = self.current_mode(status.in_recovery, None);
+        self.pg.write_config(&mode, &self.cluster_params())?;
+        self.pg.reload().await?;
+        Ok("configuration rewritten and reloaded".to_string())
+    }
+
+    async fn reinitialize(&mut self) -> Result<String> {
+        // Rule 6: never on the member that holds the leader key.
+        if self.leader_lease.is_some() {
+            return Err(anyhow!(
+                "refusing to reinitialize the leader; switch over first"
+            ));
+        }
+        if let Some(job) = self.job.take() {
+            job.handle.abort();
+        }
+        if self.pg.is_running() {
+            self.pg.stop().await?;
+        }
+        tracing::warn!(
+            reason = "reinitialize requested through the API",
+            data_dir = %self.pg.data_dir().display(),
+            "removing data directory contents"
+        );
+        self.pg.empty_data_dir()?;
+        self.memory = Memory::default();
+        self.known_timeline = None;
+        self.wake.notify_one();
+        Ok("data directory removed; the member clones the leader again".to_string())
     }
 
     async fn job_view(&mut self) -> JobView {
@@ -474,6 +652,7 @@ impl Agent {
                     "removing data directory contents"
                 );
                 self.memory.rewind_failed = None;
+                self.known_timeline = None;
                 self.pg.empty_data_dir()
             }
             Action::AcquireLeader => {
@@ -561,6 +740,26 @@ impl Agent {
                 }
                 Ok(())
             }
+            Action::HandOver { to } => self.hand_over(to, obs).await,
+            Action::DeleteHandover => {
+                if let Some((_, rev)) = obs.cluster.as_ref().and_then(|v| v.handover.as_ref()) {
+                    self.dcs.delete_handover(Some(*rev)).await?;
+                }
+                Ok(())
+            }
+            Action::ApplyConfig => {
+                let Some(status) = &obs.pg.status else {
+                    return Ok(());
+                };
+                let mode = self.current_mode(status.in_recovery, obs.cluster.as_ref());
+                self.pg.write_config(&mode, &self.cluster_params())?;
+                self.pg.reload().await?;
+                tracing::info!(
+                    reason = "the configuration changed: rewrote it and reloaded PostgreSQL",
+                    "decision"
+                );
+                Ok(())
+            }
             Action::LeaderHousekeeping => {
                 let Some(view) = &obs.cluster else {
                     return Ok(());
@@ -581,6 +780,43 @@ impl Agent {
                 Ok(())
             }
         }
+    }
+
+    /// Planned switchover, old leader's side: stop writes with a clean shutdown (after a
+    /// checkpoint, so it is quick), publish the shutdown checkpoint as the position the
+    /// candidate must replay past, then release the leader key.
+    async fn hand_over(&mut self, to: &str, obs: &Observation) -> Result<()> {
+        let Some((handover, rev)) = obs.cluster.as_ref().and_then(|v| v.handover.clone()) else {
+            return Ok(());
+        };
+        if let Err(e) = self.pg.checkpoint().await {
+            tracing::warn!(error = %format!("{e:#}"), "checkpoint before the switchover failed; stopping anyway");
+        }
+        tracing::info!(candidate = %to, reason = "planned switchover: stopping PostgreSQL to hand over", "decision");
+        self.pg.stop().await?;
+        let control = self.pg.control_data().await?;
+        let final_lsn = control
+            .checkpoint_lsn
+            .context("pg_controldata shows no latest checkpoint location")?;
+        let done = crate::dcs::model::Handover {
+            to: Some(to.to_string()),
+            from: Some(self.cfg.name.clone()),
+            final_lsn: Some(final_lsn),
+            handed_over_at: Some(
+                humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            ),
+            ..handover
+        };
+        if !self.dcs.update_handover(&done, rev).await? {
+            // Cancelled meanwhile: we still hold the lease, the next loop starts the primary.
+            return Err(anyhow!(
+                "the switchover key changed under us; staying the leader"
+            ));
+        }
+        self.drop_leader_lease().await;
+        self.dcs.release_leader().await?;
+        tracing::info!(candidate = %to, final_lsn = %final_lsn, reason = "released the leader key for the switchover", "decision");
+        Ok(())
     }
 
     /// Rule 1, checked again at the last moment: nothing becomes writable unless we hold a
@@ -640,6 +876,14 @@ impl Agent {
         };
         if let Err(e) = self.dcs.append_history(entry).await {
             tracing::warn!(error = %e, "cannot record the promotion in the history key");
+        }
+        // The handover that made us leader is done.
+        if let Some((h, rev)) = self.last_view.as_ref().and_then(|v| v.handover.clone()) {
+            if h.to.as_deref() == Some(self.cfg.name.as_str()) {
+                if let Err(e) = self.dcs.delete_handover(Some(rev)).await {
+                    tracing::warn!(error = %e, "cannot remove the finished switchover key");
+                }
+            }
         }
         Ok(())
     }
@@ -730,9 +974,13 @@ impl Agent {
             api_address: self.cfg.api.connect_address.clone(),
             host,
             port,
-            timeline: status
-                .and_then(|s| s.timeline)
-                .or(obs.pg.control.map(|c| c.timeline)),
+            timeline: {
+                let seen = status
+                    .and_then(|s| s.timeline)
+                    .or(obs.pg.control.map(|c| c.timeline));
+                self.known_timeline = seen.max(self.known_timeline);
+                self.known_timeline
+            },
             wal_lsn: status.and_then(|s| s.wal_lsn),
             receive_lsn: status.and_then(|s| s.receive_lsn),
             replay_lsn: status.and_then(|s| s.replay_lsn),
@@ -746,6 +994,7 @@ impl Agent {
                 _ => None,
             },
             decision: decision.reason.clone(),
+            pending_restart: status.is_some_and(|s| s.pending_restart),
         };
         self.board.update(&info, obs.cluster.as_ref());
         if self.published.as_ref() == Some(&info) || obs.cluster.is_none() {

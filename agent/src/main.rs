@@ -138,7 +138,19 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set up the etcd client for {:?}", cfg.etcd.endpoints))?;
     let dcs = dcs::Dcs::new(client, &cfg.cluster, &cfg.name, timeout);
     let board = api::StatusBoard::new(&cfg.cluster);
-    let server = api::serve(&cfg.api.listen, board.clone(), shutdown.clone()).await?;
+    let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(8);
+    let agent = Agent::new(cfg.clone(), dcs.clone(), board.clone(), requests_rx)?;
+    let server = api::serve(
+        api::ApiContext {
+            cfg: cfg.clone(),
+            dcs,
+            board,
+            pg: agent.postgres(),
+            requests: requests_tx,
+        },
+        shutdown.clone(),
+    )
+    .await?;
 
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -157,9 +169,7 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
         signals.cancel();
     });
 
-    let result = Agent::new(cfg.clone(), dcs, board)?
-        .run(shutdown.clone())
-        .await;
+    let result = agent.run(shutdown.clone()).await;
     shutdown.cancel();
     let _ = server.await;
     result

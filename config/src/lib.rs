@@ -4,6 +4,7 @@
 //! Validation never stops at the first problem: [`load`] and [`Config::validate`] return every
 //! problem with its YAML path, so an operator fixes a file in one pass.
 
+pub mod patch;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -60,6 +61,52 @@ pub struct ApiConfig {
     pub listen: String,
     /// `host:port` other members and pgherdctl use to reach this agent.
     pub connect_address: String,
+    /// TLS for the API; required unless `plaintext` is set.
+    #[serde(default)]
+    pub tls: Option<ApiTls>,
+    /// Serve without TLS. Only for loopback or otherwise private networks.
+    #[serde(default)]
+    pub plaintext: bool,
+    /// Bearer token every request that changes something must carry. Without a token (here
+    /// or in `auth_token_file`) such requests are refused.
+    #[serde(default)]
+    pub auth_token: Option<String>,
+    /// File holding the bearer token (first line), instead of `auth_token`.
+    #[serde(default)]
+    pub auth_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTls {
+    /// PEM certificate chain and key of this agent's API (also presented as the client
+    /// certificate when this agent or pgherdctl calls another agent).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// PEM CA bundle. When set, clients must present a certificate it signed, and clients
+    /// use it to verify the agents' certificates.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+impl ApiConfig {
+    /// The bearer token, from `auth_token` or the first line of `auth_token_file`.
+    pub fn token(&self) -> std::io::Result<Option<String>> {
+        if let Some(t) = &self.auth_token {
+            return Ok(Some(t.clone()));
+        }
+        match &self.auth_token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)?;
+                Ok(text
+                    .lines()
+                    .next()
+                    .map(|l| l.trim().to_string())
+                    .filter(|t| !t.is_empty()))
+            }
+            None => Ok(None),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +182,10 @@ pub struct DynamicConfig {
     /// before it releases the leader key so a replica takes over.
     #[serde(default = "default_primary_start_timeout")]
     pub primary_start_timeout: u64,
+    /// Maintenance mode: no automatic failover, no PostgreSQL starts or restarts by the
+    /// agents (`pgherdctl pause` / `resume`).
+    #[serde(default)]
+    pub pause: bool,
     #[serde(default)]
     pub postgresql: DcsPostgresql,
 }
@@ -253,6 +304,7 @@ impl Default for DynamicConfig {
             retry_timeout: default_retry_timeout(),
             maximum_lag_on_failover: default_maximum_lag_on_failover(),
             primary_start_timeout: default_primary_start_timeout(),
+            pause: false,
             postgresql: DcsPostgresql::default(),
         }
     }

@@ -398,6 +398,55 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
     }
 
     check_address("api.listen", &c.api.listen, &mut out);
+    match (&c.api.tls, c.api.plaintext) {
+        (None, false) => out.push(Problem::new(
+            "api.tls",
+            "TLS is required: set api.tls.cert and api.tls.key, or api.plaintext: true to serve plain text on a private network",
+        )),
+        (Some(_), true) => out.push(Problem::new(
+            "api.plaintext",
+            "cannot be true together with api.tls",
+        )),
+        _ => {}
+    }
+    if let Some(tls) = &c.api.tls {
+        for (key, p) in [
+            ("cert", Some(&tls.cert)),
+            ("key", Some(&tls.key)),
+            ("ca", tls.ca.as_ref()),
+        ] {
+            if let Some(p) = p {
+                if !p.is_absolute() {
+                    out.push(Problem::new(
+                        format!("api.tls.{key}"),
+                        "must be an absolute path",
+                    ));
+                }
+            }
+        }
+    }
+    if c.api.auth_token.is_some() && c.api.auth_token_file.is_some() {
+        out.push(Problem::new(
+            "api.auth_token",
+            "give either api.auth_token or api.auth_token_file, not both",
+        ));
+    }
+    if let Some(t) = &c.api.auth_token {
+        if t.len() < 16 || t.chars().any(|ch| ch.is_whitespace()) {
+            out.push(Problem::new(
+                "api.auth_token",
+                "must be at least 16 characters without whitespace",
+            ));
+        }
+    }
+    if let Some(p) = &c.api.auth_token_file {
+        if !p.is_absolute() {
+            out.push(Problem::new(
+                "api.auth_token_file",
+                "must be an absolute path",
+            ));
+        }
+    }
     check_address("api.connect_address", &c.api.connect_address, &mut out);
     check_address("postgres.listen", &c.postgres.listen, &mut out);
     check_address(

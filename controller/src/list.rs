@@ -21,6 +21,10 @@ pub struct Row {
     pub tags: pgherd_config::Tags,
     pub version: String,
     pub decision: String,
+    /// A changed parameter waits for a PostgreSQL restart on this member.
+    pub pending_restart: bool,
+    /// The cluster is in maintenance mode (`pgherdctl pause`).
+    pub paused: bool,
 }
 
 fn row(view: &ClusterView, m: &MemberInfo) -> Row {
@@ -44,7 +48,13 @@ fn row(view: &ClusterView, m: &MemberInfo) -> Row {
         tags: m.tags.clone(),
         version: m.version.clone(),
         decision: m.decision.clone(),
+        pending_restart: m.pending_restart,
+        paused: is_paused(view),
     }
+}
+
+fn is_paused(view: &ClusterView) -> bool {
+    matches!(&view.config, Some(Ok(c)) if c.pause)
 }
 
 fn tags_text(t: &pgherd_config::Tags) -> String {
@@ -83,17 +93,47 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
                             .map(|b| format!("{:.1}", b as f64 / (1024.0 * 1024.0)))
                             .unwrap_or_else(|| "unknown".into()),
                         tags_text(&r.tags),
+                        if r.pending_restart {
+                            "*".into()
+                        } else {
+                            String::new()
+                        },
                     ]
                 })
                 .collect();
-            format!(
+            let mut out = format!(
                 "Cluster: {cluster} (leader: {})\n{}",
                 view.leader_name().unwrap_or("none"),
                 table(
-                    &["Member", "Host", "Role", "State", "TL", "Lag MB", "Tags"],
+                    &[
+                        "Member",
+                        "Host",
+                        "Role",
+                        "State",
+                        "TL",
+                        "Lag MB",
+                        "Tags",
+                        "Pending restart"
+                    ],
                     cells
                 )
-            )
+            );
+            if is_paused(view) {
+                out.push_str("Maintenance mode: on (paused: no automatic failover; pgherdctl resume ends it)\n");
+            }
+            if let Some((h, _)) = &view.handover {
+                out.push_str(&format!(
+                    "Pending {:?}: {} -> {}{}\n",
+                    h.kind,
+                    h.from.as_deref().unwrap_or("?"),
+                    h.to.as_deref().unwrap_or("best replica"),
+                    h.scheduled_at
+                        .as_deref()
+                        .map(|t| format!(" at {t}"))
+                        .unwrap_or_default()
+                ));
+            }
+            out
         }
     }
 }

@@ -1,15 +1,14 @@
-//! pgherdctl: the administrator's tool for a pgherd cluster.
+//! pgherdctl: the administrator's tool for a pgherd cluster. It reads the cluster's state
+//! from etcd and asks the agents (over gRPC) to change it.
 
+mod agents;
+mod commands;
 mod list;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use pgherd_agent::dcs::{self, Dcs};
-use pgherd_config::EtcdConfig;
 
 #[derive(Parser)]
 #[command(
@@ -17,24 +16,38 @@ use pgherd_config::EtcdConfig;
     version,
     about = "Inspect and manage a pgherd PostgreSQL cluster",
     long_about = "Inspect and manage a pgherd PostgreSQL cluster.\n\n\
-        Point it at a cluster with --config (any member's pgherd config file) or with \
-        --endpoints and --cluster."
+        Point it at a cluster with --config (any member's pgherd config file: it gives the \
+        cluster name, the etcd endpoints, the API's TLS files and the bearer token) or with \
+        --endpoints and --cluster.\n\n\
+        Exit status: 0 done, 1 refused or failed (the reason is printed), 2 usage error."
 )]
-struct Cli {
-    /// A member's pgherd configuration file; gives the cluster name and etcd endpoints.
+pub struct Cli {
+    /// A member's pgherd configuration file.
     #[arg(long, short = 'c', value_name = "FILE", global = true)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// etcd endpoints (comma-separated), instead of --config.
     #[arg(long, value_delimiter = ',', global = true)]
-    endpoints: Vec<String>,
+    pub endpoints: Vec<String>,
     /// Cluster name, with --endpoints.
     #[arg(long, global = true)]
-    cluster: Option<String>,
+    pub cluster: Option<String>,
+    /// Bearer token for requests that change the cluster (default: from --config).
+    #[arg(long, env = "PGHERD_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// CA certificate that signed the agents' API certificates (default: from --config).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate for agents that verify clients (default: from --config).
+    #[arg(long, value_name = "FILE", global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Key of --cert.
+    #[arg(long, value_name = "FILE", global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
-    format: Format,
+    pub format: Format,
     #[command(subcommand)]
-    command: Command,
+    pub command: Command,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -44,88 +57,97 @@ pub enum Format {
 }
 
 #[derive(Subcommand)]
-enum Command {
-    /// Show every member: role (leader/replica), state, timeline and replication lag.
+pub enum Command {
+    /// Show every member: role (leader/replica), state, timeline, lag, pending restarts;
+    /// and whether the cluster is paused or has a switchover scheduled.
     List,
     /// Show the failover history: each promotion, its timeline, switch point and reason.
     History,
+    /// Planned switchover without data loss: the leader stops cleanly and hands over to a
+    /// caught-up replica (writes pause for well under a second).
+    Switchover {
+        /// The replica to hand over to (default: the most advanced eligible one).
+        #[arg(long)]
+        candidate: Option<String>,
+        /// Switch over at this time instead of now (RFC 3339, e.g. 2026-11-26T03:00:00Z).
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
+        /// Cancel a scheduled switchover.
+        #[arg(long, conflicts_with_all = ["candidate", "at"])]
+        cancel: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make the named replica the leader when there is no healthy leader.
+    Failover {
+        /// The replica to promote.
+        #[arg(long)]
+        candidate: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Maintenance mode: no automatic failover and no PostgreSQL restarts by the agents.
+    Pause,
+    /// Leave maintenance mode.
+    Resume,
+    /// Restart PostgreSQL on a member (or all), keeping its role.
+    Restart {
+        /// The member to restart.
+        #[arg(required_unless_present = "all")]
+        member: Option<String>,
+        /// Restart every member, replicas first.
+        #[arg(long, conflicts_with = "member")]
+        all: bool,
+        /// Only members whose changed parameters wait for a restart.
+        #[arg(long)]
+        pending: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rewrite PostgreSQL's configuration from pgherd's and reload it (all members by default).
+    Reload {
+        /// Only this member.
+        member: Option<String>,
+    },
+    /// Throw a replica's data directory away and clone the leader again.
+    Reinit {
+        member: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the cluster-wide (dynamic) configuration stored in etcd.
+    ShowConfig,
+    /// Change the cluster-wide configuration: validated like the file, the change is shown
+    /// before it is applied, and members that need a PostgreSQL restart are marked.
+    EditConfig {
+        /// KEY=VALUE, e.g. ttl=20 or postgresql.parameters.work_mem=64MB (empty value
+        /// removes the key). Repeat for several keys.
+        #[arg(long = "set", value_name = "KEY=VALUE", required = true)]
+        set: Vec<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
-const EXIT_USAGE: u8 = 2;
-
-fn target(cli: &Cli) -> Result<(EtcdConfig, String), String> {
-    match (&cli.config, cli.endpoints.is_empty()) {
-        (Some(path), true) => {
-            let cfg = pgherd_config::load(path).map_err(|e| e.to_string())?;
-            Ok((cfg.etcd, cfg.cluster))
-        }
-        (None, false) => {
-            let cluster = cli
-                .cluster
-                .clone()
-                .ok_or("--endpoints needs --cluster NAME as well")?;
-            Ok((
-                EtcdConfig {
-                    endpoints: cli.endpoints.clone(),
-                    username: None,
-                    password: None,
-                    ca: None,
-                    cert: None,
-                    key: None,
-                },
-                cluster,
-            ))
-        }
-        (Some(_), false) => Err("give either --config or --endpoints, not both".into()),
-        (None, true) => {
-            Err("pgherdctl needs --config FILE (or --endpoints URL --cluster NAME)".into())
-        }
-    }
+/// Usage errors (bad flags, missing confirmation) exit 2; refusals and failures exit 1.
+pub enum Failure {
+    Usage(String),
+    Refused(String),
 }
 
-async fn run(cli: &Cli, etcd: EtcdConfig, cluster: String) -> Result<()> {
-    let timeout = Duration::from_secs(5);
-    let client = dcs::connect(&etcd, timeout)
-        .await
-        .with_context(|| format!("cannot reach etcd at {:?}", etcd.endpoints))?;
-    let dcs = Dcs::new(client, &cluster, "pgherdctl", timeout);
-    match cli.command {
-        Command::List => {
-            let view = dcs.load().await.with_context(|| {
-                format!(
-                    "cannot read cluster {cluster:?} from etcd at {:?}",
-                    etcd.endpoints
-                )
-            })?;
-            if view.members.is_empty() && view.initialize.is_none() {
-                bail!(
-                    "cluster {cluster:?} has no members in etcd at {:?}",
-                    etcd.endpoints
-                );
-            }
-            print!("{}", list::render(&cluster, &view, cli.format));
-            Ok(())
-        }
-        Command::History => {
-            let entries = dcs
-                .history()
-                .await
-                .with_context(|| format!("cannot read the history of cluster {cluster:?}"))?;
-            print!("{}", list::render_history(&entries, cli.format));
-            Ok(())
-        }
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        Failure::Refused(e.to_string())
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (etcd, cluster) = match target(&cli) {
-        Ok(t) => t,
-        Err(msg) => {
-            eprintln!("pgherdctl: {msg}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -136,10 +158,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(&cli, etcd, cluster)) {
+    match rt.block_on(commands::run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pgherdctl: {e:#}");
+        Err(Failure::Usage(msg)) => {
+            eprintln!("pgherdctl: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Refused(msg)) => {
+            eprintln!("pgherdctl: {msg}");
             ExitCode::FAILURE
         }
     }

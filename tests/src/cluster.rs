@@ -8,7 +8,7 @@ use etcd_client::KeyValue;
 use tempfile::TempDir;
 
 use crate::config::MemberSpec;
-use crate::ctl::{ctl_direct, parse_list, HistoryEntry, ListedMember};
+use crate::ctl::{ctl_direct, ctl_output, parse_list, CtlOutput, HistoryEntry, ListedMember};
 use crate::etcd::Etcd;
 use crate::member::{Member, MemberOptions};
 use crate::ports::free_port;
@@ -203,6 +203,34 @@ impl Cluster {
             member.start()?;
         }
         Ok(())
+    }
+
+    /// Starts `first` alone and waits until it leads, then starts the others and waits until
+    /// they stream from it: the leader is known in advance.
+    pub async fn start_with_leader(&self, first: &str, timeout: Duration) -> Result<Healthy> {
+        self.member(first).start()?;
+        let healthy = self.wait_healthy(timeout).await?;
+        ensure!(
+            healthy.leader == first,
+            "{first} did not become the leader: {healthy:?}"
+        );
+        self.start_all()?;
+        let healthy = self.wait_healthy(timeout).await?;
+        ensure!(
+            healthy.leader == first,
+            "{first} lost the lead: {healthy:?}"
+        );
+        Ok(healthy)
+    }
+
+    /// `pgherdctl --config <first member's config> <args>`, whatever its exit status (every
+    /// member's config names the same cluster, etcd and token).
+    pub async fn ctl_output<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Result<CtlOutput> {
+        let member = self
+            .members
+            .first()
+            .context("the cluster has no member whose config pgherdctl could read")?;
+        ctl_output(member, args).await
     }
 
     /// The value of `/pgherd/<cluster>/<key>`, if it exists.

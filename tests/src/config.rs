@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use serde_yaml::{Mapping, Value};
 
-use crate::{REPLICATION_PASSWORD, REPLICATION_USER, SUPERUSER, SUPERUSER_PASSWORD};
+use crate::{REPLICATION_PASSWORD, REPLICATION_USER, SUPERUSER, SUPERUSER_PASSWORD, TOKEN};
 
 /// What a member's config file is made from.
 #[derive(Debug, Clone)]
@@ -40,7 +40,8 @@ pub fn member_yaml(spec: &MemberSpec) -> Result<String> {
         "cluster": spec.cluster,
         "name": spec.name,
         "etcd": { "endpoints": spec.etcd_endpoints },
-        "api": { "listen": api, "connect_address": api },
+        // Tests talk to agents on loopback; TLS tests replace this with an `api.tls` block.
+        "api": { "listen": api, "connect_address": api, "plaintext": true, "auth_token": TOKEN },
         "postgres": {
             "listen": pg,
             "connect_address": pg,

@@ -9,8 +9,9 @@ use serde::Deserialize;
 
 use crate::member::Member;
 
-/// How long one `pgherdctl` call may take.
-const CTL_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one `pgherdctl` call may take: a switchover or failover waits for the handover
+/// (pgherdctl itself gives an agent 120 s).
+const CTL_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// One row of `pgherdctl list --format json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -42,6 +43,63 @@ pub struct HistoryEntry {
     pub leader: String,
 }
 
+/// How a `pgherdctl` run ended, whatever its exit status.
+#[derive(Debug, Clone)]
+pub struct CtlOutput {
+    /// The command line, for messages.
+    pub command: String,
+    /// The exit code; `None` if a signal ended it.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    /// How long it ran.
+    pub took: Duration,
+}
+
+impl CtlOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// Fails unless it exited with `code` and its stderr mentions every one of `needles`
+    /// (case-insensitive): a refusal that says why.
+    pub fn expect_failure(&self, code: i32, needles: &[&str]) -> Result<()> {
+        if self.code != Some(code) {
+            bail!(
+                "`{}` exited with {:?}, expected {code}; stdout: {}; stderr: {}",
+                self.command,
+                self.code,
+                self.stdout.trim(),
+                self.stderr.trim()
+            );
+        }
+        let stderr = self.stderr.to_lowercase();
+        for needle in needles {
+            if !stderr.contains(&needle.to_lowercase()) {
+                bail!(
+                    "`{}` exited with {code} but its stderr does not mention {needle:?}: {}",
+                    self.command,
+                    self.stderr.trim()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails with its stderr unless it exited 0.
+    pub fn expect_success(&self) -> Result<&Self> {
+        if !self.success() {
+            bail!(
+                "`{}` failed ({:?}): {}",
+                self.command,
+                self.code,
+                self.stderr.trim()
+            );
+        }
+        Ok(self)
+    }
+}
+
 /// Runs `pgherdctl --config <member's config> <args>`; fails with its stderr if it exits
 /// non-zero.
 pub async fn ctl<S: AsRef<OsStr>>(member: &Member, args: &[S]) -> Result<Output> {
@@ -53,6 +111,41 @@ pub async fn ctl<S: AsRef<OsStr>>(member: &Member, args: &[S]) -> Result<Output>
 /// Runs `pgherdctl <args>` (give `--config` or `--endpoints` and `--cluster` yourself);
 /// fails with its stderr if it exits non-zero.
 pub async fn ctl_direct<S: AsRef<OsStr>>(args: &[S]) -> Result<Output> {
+    let (shown, output) = run(args).await?;
+    if !output.status.success() {
+        bail!(
+            "`{shown}` failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
+}
+
+/// Runs `pgherdctl --config <member's config> <args>` and returns how it ended, without
+/// judging its exit status.
+pub async fn ctl_output<S: AsRef<OsStr>>(member: &Member, args: &[S]) -> Result<CtlOutput> {
+    let mut all: Vec<&OsStr> = vec![OsStr::new("--config"), member.config_path().as_os_str()];
+    all.extend(args.iter().map(AsRef::as_ref));
+    ctl_direct_output(&all).await
+}
+
+/// Runs `pgherdctl <args>` and returns how it ended, without judging its exit status.
+pub async fn ctl_direct_output<S: AsRef<OsStr>>(args: &[S]) -> Result<CtlOutput> {
+    let started = std::time::Instant::now();
+    let (command, output) = run(args).await?;
+    Ok(CtlOutput {
+        command,
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        took: started.elapsed(),
+    })
+}
+
+/// Runs pgherdctl with standard input from /dev/null (not a terminal: it never asks) and
+/// without `PGHERD_TOKEN` from the test's environment (each test says which token it uses).
+async fn run<S: AsRef<OsStr>>(args: &[S]) -> Result<(String, Output)> {
     let bin = crate::ctl_bin()?;
     let shown = format!(
         "pgherdctl {}",
@@ -65,6 +158,7 @@ pub async fn ctl_direct<S: AsRef<OsStr>>(args: &[S]) -> Result<Output> {
         CTL_TIMEOUT,
         tokio::process::Command::new(bin)
             .args(args)
+            .env_remove("PGHERD_TOKEN")
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output(),
@@ -72,14 +166,7 @@ pub async fn ctl_direct<S: AsRef<OsStr>>(args: &[S]) -> Result<Output> {
     .await
     .with_context(|| format!("`{shown}` did not finish within {CTL_TIMEOUT:?}"))?
     .with_context(|| format!("cannot run `{shown}`"))?;
-    if !output.status.success() {
-        bail!(
-            "`{shown}` failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(output)
+    Ok((shown, output))
 }
 
 /// `pgherdctl --config <member's config> list --format json`, parsed.

@@ -15,6 +15,9 @@
 //! - [`EtcdProxy`]: cuts one member off etcd ([`MemberOptions::through_etcd_proxy`]).
 //! - [`Member::crash`], [`Member::pause_agent`], [`Paused`]: faults; paused processes are
 //!   thawed when their guard drops.
+//! - [`ctl`] / [`ctl_output`]: `pgherdctl` as an operator runs it (stdin not a terminal);
+//!   [`CtlOutput::expect_failure`] checks a refusal's exit code and reason.
+//! - [`TestPki`]: a CA and a certificate for 127.0.0.1, for the TLS API.
 //!
 //! Cleanup happens in `Drop`, so it also runs when a test panics or returns an error: every
 //! agent is killed with its process group, any PostgreSQL it left is killed through its
@@ -40,6 +43,7 @@ mod proxy;
 mod replication;
 mod report;
 mod snapshot;
+mod tls;
 mod wait;
 mod writer;
 
@@ -49,7 +53,10 @@ use anyhow::{bail, Context, Result};
 
 pub use cluster::{Cluster, ClusterBuilder, Healthy};
 pub use config::{member_yaml, merge_yaml, MemberSpec};
-pub use ctl::{ctl, ctl_direct, list_json, HistoryEntry, ListedMember};
+pub use ctl::{
+    ctl, ctl_direct, ctl_direct_output, ctl_output, list_json, CtlOutput, HistoryEntry,
+    ListedMember,
+};
 pub use etcd::Etcd;
 pub use member::{log_line_time, Member, MemberOptions};
 pub use nix::sys::signal::Signal;
@@ -66,6 +73,7 @@ pub use replication::{
 };
 pub use report::{Ack, Gap, Stamp, WriteError, WriterReport};
 pub use snapshot::{snapshot, snapshot_diff, FileFacts};
+pub use tls::TestPki;
 pub use tokio_postgres::config::TargetSessionAttrs;
 pub use tokio_postgres::Row;
 pub use wait::{hold_for, wait_until};
@@ -74,6 +82,8 @@ pub use writer::{create_writer_table, missing_rows, Writer, WriterOptions};
 /// Superuser every member's config names.
 pub const SUPERUSER: &str = "postgres";
 pub const SUPERUSER_PASSWORD: &str = "pgherd-test-superuser";
+/// The bearer token every test member's API requires for changes.
+pub const TOKEN: &str = "pgherd-test-token-0123456789";
 /// Replication user every member's config names.
 pub const REPLICATION_USER: &str = "replicator";
 pub const REPLICATION_PASSWORD: &str = "pgherd-test-replication";

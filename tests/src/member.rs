@@ -150,6 +150,23 @@ impl Member {
             .with_context(|| format!("cannot write {}", self.config_path.display()))
     }
 
+    /// Writes `<member dir>/<file_name>`: this member's config with `yaml` merged over it
+    /// (`null` deletes a key, see [`crate::merge_yaml`]), e.g. a copy without
+    /// `api.auth_token` for pgherdctl; returns its path. The agent keeps its own file.
+    pub fn write_config_copy(&self, file_name: &str, yaml: &str) -> Result<PathBuf> {
+        let text = std::fs::read_to_string(&self.config_path)
+            .with_context(|| format!("cannot read {}", self.config_path.display()))?;
+        let mut config: Value = serde_yaml::from_str(&text)
+            .with_context(|| format!("{} is not YAML", self.config_path.display()))?;
+        let extra: Value = serde_yaml::from_str(yaml)
+            .with_context(|| format!("the YAML to merge is not valid:\n{yaml}"))?;
+        crate::merge_yaml(&mut config, extra);
+        let path = self.spec.dir.join(file_name);
+        let text = serde_yaml::to_string(&config).context("cannot write a config as YAML")?;
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+
     /// The superuser connection to this member's PostgreSQL.
     pub fn pg(&self) -> PgConn {
         PgConn::superuser(self.spec.pg_port)

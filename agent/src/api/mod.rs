@@ -1,17 +1,28 @@
 //! The agent's API on `api.listen`: gRPC (package `pgherd.v1`) for `pgherdctl` and the other
-//! members. The loop posts what it knows on a [`StatusBoard`]; requests read from it and never
-//! wait for the loop.
+//! members, with TLS (optionally verifying client certificates) and a bearer token for every
+//! request that changes something. The loop posts what it knows on a [`StatusBoard`]; status
+//! requests read from it and never wait for the loop.
+
+pub mod client;
+mod service;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use pgherd_proto::v1::agent_server::{Agent as AgentService, AgentServer};
-use pgherd_proto::v1::{Member, StatusRequest, StatusResponse};
+use pgherd_config::Config;
+use pgherd_proto::v1::agent_server::AgentServer;
+use pgherd_proto::v1::Member;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::dcs::model::{ClusterView, MemberInfo};
+use crate::agent::LocalRequest;
+use crate::dcs::model::{ClusterView, Handover, MemberInfo};
+use crate::dcs::Dcs;
+use crate::postgres::Postgres;
+
+pub use client::{connect, ClientOptions};
 
 /// What the loop last knew, shared with request handlers.
 #[derive(Clone, Default)]
@@ -19,12 +30,14 @@ pub struct StatusBoard {
     inner: Arc<Mutex<Board>>,
 }
 
-#[derive(Default)]
-struct Board {
-    cluster: String,
-    me: Option<MemberInfo>,
-    leader: Option<String>,
-    members: Vec<MemberInfo>,
+#[derive(Default, Clone)]
+pub(crate) struct Board {
+    pub cluster: String,
+    pub me: Option<MemberInfo>,
+    pub leader: Option<String>,
+    pub members: Vec<MemberInfo>,
+    pub paused: bool,
+    pub handover: Option<Handover>,
 }
 
 impl StatusBoard {
@@ -35,9 +48,13 @@ impl StatusBoard {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Board> {
-        // A panic while holding this lock cannot leave the board inconsistent: every
-        // update replaces whole fields.
+        // Every update replaces whole fields, so a panic while holding the lock cannot
+        // leave the board half-written.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn snapshot(&self) -> Board {
+        self.lock().clone()
     }
 
     pub fn update(&self, me: &MemberInfo, view: Option<&ClusterView>) {
@@ -46,6 +63,8 @@ impl StatusBoard {
         if let Some(v) = view {
             b.leader = v.leader_name().map(str::to_string);
             b.members = v.members.values().cloned().collect();
+            b.paused = matches!(&v.config, Some(Ok(c)) if c.pause);
+            b.handover = v.handover.as_ref().map(|(h, _)| h.clone());
         }
     }
 }
@@ -66,47 +85,16 @@ pub fn member_to_proto(m: &MemberInfo) -> Member {
         failover_priority: m.tags.failover_priority,
         noloadbalance: m.tags.noloadbalance,
         version: m.version.clone(),
-    }
-}
-
-struct Service {
-    board: StatusBoard,
-}
-
-#[tonic::async_trait]
-impl AgentService for Service {
-    async fn status(
-        &self,
-        _req: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
-        let b = self.board.lock();
-        let me = b
-            .me
-            .as_ref()
-            .ok_or_else(|| Status::unavailable("the agent has not finished its first loop yet"))?;
-        Ok(Response::new(StatusResponse {
-            cluster: b.cluster.clone(),
-            self_: Some(member_to_proto(me)),
-            leader: b.leader.clone().unwrap_or_default(),
-            members: b.members.iter().map(member_to_proto).collect(),
-            last_decision: me.decision.clone(),
-        }))
+        pending_restart: m.pending_restart,
+        decision: m.decision.clone(),
     }
 }
 
 /// Asks another member's agent for its own current status (fresher than its member key).
-pub async fn peer_status(address: &str, timeout: std::time::Duration) -> Result<Member> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .with_context(|| format!("{address:?} is not a usable API address"))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the agent at {address}"))?;
-    let mut client = pgherd_proto::v1::agent_client::AgentClient::new(channel);
-    let resp = client
-        .status(StatusRequest {})
+pub async fn peer_status(address: &str, opts: &ClientOptions) -> Result<Member> {
+    let mut c = client::connect(address, opts).await?;
+    let resp = c
+        .status(pgherd_proto::v1::StatusRequest {})
         .await
         .with_context(|| format!("status request to {address} failed"))?;
     resp.into_inner()
@@ -114,13 +102,40 @@ pub async fn peer_status(address: &str, timeout: std::time::Duration) -> Result<
         .with_context(|| format!("{address} sent no member status"))
 }
 
-/// Binds `listen` now (so a taken port fails start-up) and serves until `shutdown`.
+/// Everything request handlers need.
+pub struct ApiContext {
+    pub cfg: Arc<Config>,
+    pub dcs: Dcs,
+    pub board: StatusBoard,
+    pub pg: Arc<Postgres>,
+    pub requests: mpsc::Sender<LocalRequest>,
+}
+
+fn tls_config(cfg: &Config) -> Result<Option<ServerTlsConfig>> {
+    let Some(t) = &cfg.api.tls else {
+        return Ok(None);
+    };
+    let read = |p: &std::path::Path, what: &str| {
+        std::fs::read(p).with_context(|| format!("cannot read {what} {}", p.display()))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read(&t.cert, "api.tls.cert")?,
+        read(&t.key, "api.tls.key")?,
+    ));
+    if let Some(ca) = &t.ca {
+        // With a CA, clients must present a certificate it signed.
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca, "api.tls.ca")?));
+    }
+    Ok(Some(tls))
+}
+
+/// Binds `api.listen` now (so a taken port fails start-up) and serves until `shutdown`.
 pub async fn serve(
-    listen: &str,
-    board: StatusBoard,
+    ctx: ApiContext,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let addr: SocketAddr = tokio::net::lookup_host(listen)
+    let listen = ctx.cfg.api.listen.clone();
+    let addr: SocketAddr = tokio::net::lookup_host(&listen)
         .await
         .with_context(|| format!("api.listen {listen:?} does not resolve"))?
         .next()
@@ -129,9 +144,20 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on api.listen {listen}"))?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    let svc = AgentServer::new(Service { board });
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&ctx.cfg)? {
+        builder = builder
+            .tls_config(tls)
+            .context("invalid api.tls settings")?;
+    }
+    let token = ctx
+        .cfg
+        .api
+        .token()
+        .context("cannot read api.auth_token_file")?;
+    let svc = AgentServer::new(service::Service::new(ctx, token));
     Ok(tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
+        if let Err(e) = builder
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
             .await

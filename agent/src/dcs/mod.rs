@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::lsn::Lsn;
-use model::{ClusterView, HistoryEntry, Initialize, LeaderKey, MemberInfo};
+use model::{ClusterView, Handover, HistoryEntry, Initialize, LeaderKey, MemberInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
@@ -157,6 +157,12 @@ impl Dcs {
                         )
                     }))
                 }
+                "switchover" => match serde_json::from_slice::<Handover>(value) {
+                    Ok(h) => view.handover = Some((h, kv.mod_revision())),
+                    Err(e) => {
+                        tracing::warn!(key = %key, error = %e, "ignoring unreadable switchover key")
+                    }
+                },
                 "optime/leader" => {
                     view.leader_optime =
                         std::str::from_utf8(value).ok().and_then(|s| s.parse().ok())
@@ -354,6 +360,84 @@ impl Dcs {
         self.timed(c.put(self.key("optime/leader"), lsn.to_string(), None))
             .await?;
         Ok(())
+    }
+
+    /// Records a switchover or failover request unless one is pending.
+    pub async fn create_handover(&self, h: &Handover) -> Result<bool> {
+        let key = self.key("switchover");
+        let json = serde_json::to_string(h).map_err(|source| DcsError::Encode {
+            what: "switchover".into(),
+            source,
+        })?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, json, None)]);
+        let mut c = self.client.clone();
+        Ok(self.timed(c.txn(txn)).await?.succeeded())
+    }
+
+    /// Replaces the switchover key if it is still at `revision`.
+    pub async fn update_handover(&self, h: &Handover, revision: i64) -> Result<bool> {
+        let key = self.key("switchover");
+        let json = serde_json::to_string(h).map_err(|source| DcsError::Encode {
+            what: "switchover".into(),
+            source,
+        })?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then([TxnOp::put(key, json, None)]);
+        let mut c = self.client.clone();
+        Ok(self.timed(c.txn(txn)).await?.succeeded())
+    }
+
+    /// Deletes the switchover key if it is still at `revision` (any revision if `None`).
+    pub async fn delete_handover(&self, revision: Option<i64>) -> Result<bool> {
+        let key = self.key("switchover");
+        let mut c = self.client.clone();
+        match revision {
+            None => {
+                let resp = self.timed(c.delete(key, None)).await?;
+                Ok(resp.deleted() > 0)
+            }
+            Some(rev) => {
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+                    .and_then([TxnOp::delete(key, None)]);
+                Ok(self.timed(c.txn(txn)).await?.succeeded())
+            }
+        }
+    }
+
+    /// The stored dynamic config as JSON text, with its revision (0 when absent).
+    pub async fn config_with_revision(&self) -> Result<(Option<String>, i64)> {
+        let mut c = self.client.clone();
+        let resp = self.timed(c.get(self.key("config"), None)).await?;
+        Ok(match resp.kvs().first() {
+            Some(kv) => (
+                Some(String::from_utf8_lossy(kv.value()).into_owned()),
+                kv.mod_revision(),
+            ),
+            None => (None, 0),
+        })
+    }
+
+    /// Stores a new dynamic config if the stored one is still at `revision` (0: absent).
+    pub async fn replace_config(&self, json: &str, revision: i64) -> Result<bool> {
+        let key = self.key("config");
+        let cmp = if revision == 0 {
+            Compare::create_revision(key.clone(), CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key.clone(), CompareOp::Equal, revision)
+        };
+        let txn = Txn::new()
+            .when([cmp])
+            .and_then([TxnOp::put(key, json, None)]);
+        let mut c = self.client.clone();
+        Ok(self.timed(c.txn(txn)).await?.succeeded())
     }
 
     /// The failover history, oldest first.

@@ -111,6 +111,9 @@ pub struct MemberInfo {
     /// The agent's last decision, in one sentence.
     #[serde(default)]
     pub decision: String,
+    /// A changed parameter waits for a restart of this member's PostgreSQL.
+    #[serde(default)]
+    pub pending_restart: bool,
 }
 
 impl MemberInfo {
@@ -138,6 +141,38 @@ pub enum Initialize {
     SystemIdentifier(String),
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandoverKind {
+    /// Planned: the leader stops cleanly and hands its key to a caught-up replica.
+    Switchover,
+    /// Manual: a named replica takes over when there is no healthy leader.
+    Failover,
+}
+
+/// The `switchover` key: a pending planned switchover or manual failover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Handover {
+    pub kind: HandoverKind,
+    /// The leader when it was requested.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// The replica to hand over to; `None`: the best eligible one when it runs.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// RFC 3339; `None`: at once.
+    #[serde(default)]
+    pub scheduled_at: Option<String>,
+    /// Set by the old leader once it has stopped: the position the candidate must have
+    /// replayed past before it takes the key (its shutdown checkpoint).
+    #[serde(default)]
+    pub final_lsn: Option<Lsn>,
+    /// RFC 3339 with milliseconds: when the old leader released the key.
+    #[serde(default)]
+    pub handed_over_at: Option<String>,
+    pub requested_at: String,
+}
+
 /// Everything under the cluster prefix, read in one request.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterView {
@@ -149,6 +184,8 @@ pub struct ClusterView {
     pub config: Option<Result<DynamicConfig, String>>,
     /// The leader's last published WAL position (`optime/leader`).
     pub leader_optime: Option<Lsn>,
+    /// A pending switchover or manual failover, and its key's revision.
+    pub handover: Option<(Handover, i64)>,
 }
 
 impl ClusterView {

@@ -12,7 +12,9 @@ mod tests;
 use pgherd_config::{DynamicConfig, Tags};
 use tokio::time::Instant;
 
-use crate::dcs::model::{ClusterView, Initialize, MemberInfo, MemberState, Role};
+use crate::dcs::model::{
+    ClusterView, Handover, HandoverKind, Initialize, MemberInfo, MemberState, Role,
+};
 use crate::lsn::Lsn;
 
 pub use candidate::{best_candidate, CandidateRefusal};
@@ -42,6 +44,8 @@ pub struct PgStatus {
     pub replay_lsn: Option<Lsn>,
     /// The WAL receiver is streaming from an upstream.
     pub streaming: bool,
+    /// A changed parameter waits for a restart.
+    pub pending_restart: bool,
 }
 
 /// What `pg_controldata` says of a stopped data directory.
@@ -50,6 +54,8 @@ pub struct ControlData {
     /// The timeline of the latest checkpoint.
     pub timeline: u32,
     pub shut_down_cleanly: bool,
+    /// Where the latest checkpoint record starts.
+    pub checkpoint_lsn: Option<Lsn>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +67,8 @@ pub struct PgView {
     pub status: Option<PgStatus>,
     /// Read while PostgreSQL is stopped, to compare timelines before following a leader.
     pub control: Option<ControlData>,
+    /// The configuration files on disk differ from what the current config asks for.
+    pub config_stale: bool,
 }
 
 /// Long actions run as tasks; the loop sees their progress here.
@@ -106,6 +114,8 @@ pub struct LeaseView {
 #[derive(Debug, Clone)]
 pub struct Observation {
     pub now: Instant,
+    /// Wall-clock time, for scheduled switchovers (stored in etcd as RFC 3339).
+    pub wall_now: std::time::SystemTime,
     /// `None`: etcd could not be read this loop.
     pub cluster: Option<ClusterView>,
     pub lease: LeaseView,
@@ -181,6 +191,15 @@ pub enum Action {
     StopPostgres,
     /// Leader duties: replication slots for members, `optime/leader`.
     LeaderHousekeeping,
+    /// Planned switchover: checkpoint, stop cleanly, publish the final position in the
+    /// switchover key and release the leader key for the named replica.
+    HandOver {
+        to: String,
+    },
+    /// Remove the switchover key (finished, failed or no longer valid).
+    DeleteHandover,
+    /// Rewrite the configuration files and reload PostgreSQL.
+    ApplyConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -190,6 +209,20 @@ pub struct Decision {
     pub reason: String,
     pub role: Role,
     pub state: MemberState,
+    /// Run the next loop soon (a handover is in flight) instead of after loop_wait.
+    pub retry_soon: bool,
+}
+
+impl Decision {
+    fn soon(mut self) -> Decision {
+        self.retry_soon = true;
+        self
+    }
+
+    fn with(mut self, action: Action) -> Decision {
+        self.actions.push(action);
+        self
+    }
 }
 
 fn decision(
@@ -203,6 +236,7 @@ fn decision(
         reason: reason.into(),
         role,
         state,
+        retry_soon: false,
     }
 }
 
@@ -444,7 +478,7 @@ fn decide_with_view(
     }
 
     match leader {
-        Some(l) if l == me => leader_decision(obs, cfg, mem, state, primary_running),
+        Some(l) if l == me => leader_decision(obs, view, cfg, mem, state, primary_running),
         Some(l) => follower_decision(obs, view, cfg, mem, l, state, primary_running),
         None => leaderless_decision(obs, view, cfg, state, primary_running),
     }
@@ -452,6 +486,7 @@ fn decide_with_view(
 
 fn leader_decision(
     obs: &Observation,
+    view: &ClusterView,
     cfg: &HaConfig,
     mem: &Memory,
     state: MemberState,
@@ -481,6 +516,25 @@ fn leader_decision(
             "I hold the leader key but have no data directory; releasing it",
             Role::Replica,
             MemberState::Stopped,
+        ),
+        (_, _, None) if failover_requested_elsewhere(view, cfg).is_some() => {
+            let to = failover_requested_elsewhere(view, cfg).unwrap_or_default();
+            let mut actions = vec![Action::ReleaseLeader];
+            if obs.pg.running {
+                actions.insert(0, Action::StopPostgres);
+            }
+            decision(
+                actions,
+                format!("a manual failover to {to} was requested and my PostgreSQL is not serving: releasing the leader key"),
+                Role::Replica,
+                state,
+            )
+        }
+        (_, false, _) if cfg.dcs.pause => decision(
+            vec![Action::RenewLeader],
+            "paused: I hold the leader key but PostgreSQL is not running, and I will not start it",
+            Role::Leader,
+            state,
         ),
         (_, running, None) if start_budget_spent(obs, cfg, mem) => decision(
             if running {
@@ -517,12 +571,315 @@ fn leader_decision(
             Role::Leader,
             state,
         ),
-        (_, true, Some(_)) => decision(
-            vec![Action::RenewLeader, Action::LeaderHousekeeping],
-            "I am the leader with the lease",
+        (_, true, Some(_)) => {
+            let steady = decision(
+                vec![Action::RenewLeader, Action::LeaderHousekeeping],
+                "I am the leader with the lease",
+                Role::Leader,
+                MemberState::Running,
+            );
+            let d = leader_handover(obs, view, cfg, steady);
+            if obs.pg.config_stale && !d.actions.iter().any(|a| matches!(a, Action::HandOver { .. })) {
+                d.with(Action::ApplyConfig)
+            } else {
+                d
+            }
+        }
+    }
+}
+
+/// A manual failover to another member that is healthy enough to take over.
+fn failover_requested_elsewhere(view: &ClusterView, cfg: &HaConfig) -> Option<String> {
+    let (h, _) = view.handover.as_ref()?;
+    let to = h.to.as_deref()?;
+    let healthy = view.members.get(to).is_some_and(|m| m.state.is_healthy());
+    (h.kind == HandoverKind::Failover && to != cfg.name && healthy).then(|| to.to_string())
+}
+
+/// Parses an RFC 3339 time from the switchover key.
+fn parse_time(s: &str) -> Option<std::time::SystemTime> {
+    humantime::parse_rfc3339_weak(s).ok()
+}
+
+/// How long a handover may take before it is given up: the lease TTL, at least 10 s.
+fn handover_timeout(cfg: &HaConfig) -> std::time::Duration {
+    std::time::Duration::from_secs(cfg.dcs.ttl.max(10))
+}
+
+/// Whether an in-flight handover has run out of time, plus `extra`.
+fn handover_expired(
+    h: &Handover,
+    obs: &Observation,
+    cfg: &HaConfig,
+    extra: std::time::Duration,
+) -> bool {
+    let since = match h.kind {
+        HandoverKind::Switchover => h.handed_over_at.as_deref(),
+        HandoverKind::Failover => Some(h.requested_at.as_str()),
+    };
+    since.and_then(parse_time).is_some_and(|t| {
+        obs.wall_now
+            .duration_since(t)
+            .is_ok_and(|d| d > handover_timeout(cfg) + extra)
+    })
+}
+
+/// Whether a scheduled switchover is due.
+fn handover_due(h: &Handover, obs: &Observation) -> bool {
+    match h.scheduled_at.as_deref() {
+        None => true,
+        Some(at) => parse_time(at).is_none_or(|t| obs.wall_now >= t),
+    }
+}
+
+/// The replica a switchover should hand over to: the requested one if it qualifies, else
+/// the most advanced eligible one. The error says why there is none.
+pub fn switchover_target(
+    view: &ClusterView,
+    cfg: &HaConfig,
+    requested: Option<&str>,
+) -> Result<String, String> {
+    let limit = cfg.dcs.maximum_lag_on_failover;
+    let check = |m: &MemberInfo| -> Result<(), String> {
+        if m.tags.nofailover {
+            return Err(format!("{} is tagged nofailover", m.name));
+        }
+        if m.state != MemberState::Streaming {
+            return Err(format!(
+                "{} is not streaming (it is {})",
+                m.name,
+                m.state.as_str()
+            ));
+        }
+        let lag = match (view.leader_optime, m.wal_position()) {
+            (Some(o), Some(p)) => o.bytes_after(p),
+            _ => m.lag_bytes.unwrap_or(0),
+        };
+        if lag > limit {
+            return Err(format!(
+                "{} lags {lag} bytes behind the leader, more than maximum_lag_on_failover ({limit})",
+                m.name
+            ));
+        }
+        Ok(())
+    };
+    match requested {
+        Some(name) if name == cfg.name => Err(format!("{name} is already the leader")),
+        Some(name) => {
+            let m = view
+                .members
+                .get(name)
+                .ok_or_else(|| format!("{name} is not a member of this cluster"))?;
+            check(m).map(|()| name.to_string())
+        }
+        None => view
+            .members
+            .values()
+            .filter(|m| m.name != cfg.name && check(m).is_ok())
+            .max_by_key(|m| {
+                (
+                    m.wal_position(),
+                    m.tags.failover_priority,
+                    std::cmp::Reverse(m.name.clone()),
+                )
+            })
+            .map(|m| m.name.clone())
+            .ok_or_else(|| {
+                "no replica is streaming, eligible and within maximum_lag_on_failover".to_string()
+            }),
+    }
+}
+
+/// A healthy leader with a switchover or failover key.
+fn leader_handover(
+    obs: &Observation,
+    view: &ClusterView,
+    cfg: &HaConfig,
+    steady: Decision,
+) -> Decision {
+    let Some((h, _)) = &view.handover else {
+        return steady;
+    };
+    let me = cfg.name.as_str();
+    let to = h.to.clone().unwrap_or_else(|| "the best replica".into());
+    match h.kind {
+        HandoverKind::Failover => decision(
+            vec![
+                Action::RenewLeader,
+                Action::LeaderHousekeeping,
+                Action::DeleteHandover,
+            ],
+            format!(
+                "a manual failover to {to} was requested but I am a healthy leader: discarding it"
+            ),
             Role::Leader,
             MemberState::Running,
         ),
+        HandoverKind::Switchover if h.final_lsn.is_some() => decision(
+            vec![
+                Action::RenewLeader,
+                Action::LeaderHousekeeping,
+                Action::DeleteHandover,
+            ],
+            format!("the switchover to {to} did not complete; I am the leader again"),
+            Role::Leader,
+            MemberState::Running,
+        ),
+        HandoverKind::Switchover if h.from.as_deref().is_some_and(|f| f != me) => decision(
+            vec![
+                Action::RenewLeader,
+                Action::LeaderHousekeeping,
+                Action::DeleteHandover,
+            ],
+            format!(
+                "discarding a switchover requested of {}",
+                h.from.as_deref().unwrap_or("?")
+            ),
+            Role::Leader,
+            MemberState::Running,
+        ),
+        HandoverKind::Switchover if !handover_due(h, obs) => Decision {
+            reason: format!(
+                "I am the leader with the lease; switchover to {to} scheduled at {}",
+                h.scheduled_at.as_deref().unwrap_or("?")
+            ),
+            ..steady
+        },
+        HandoverKind::Switchover => match switchover_target(view, cfg, h.to.as_deref()) {
+            Ok(target) => decision(
+                vec![Action::RenewLeader, Action::HandOver { to: target.clone() }],
+                format!(
+                    "planned switchover: stopping writes and handing the leader key to {target}"
+                ),
+                Role::Leader,
+                MemberState::Running,
+            )
+            .soon(),
+            Err(why) => decision(
+                vec![
+                    Action::RenewLeader,
+                    Action::LeaderHousekeeping,
+                    Action::DeleteHandover,
+                ],
+                format!("cancelled the switchover: {why}"),
+                Role::Leader,
+                MemberState::Running,
+            ),
+        },
+    }
+}
+
+/// Without a leader, a pending handover decides who takes the key: the switchover's
+/// candidate once it has replayed past the old leader's final position, the old leader
+/// again if the candidate does not make it in time, a manual failover's named member.
+fn leaderless_handover(obs: &Observation, view: &ClusterView, cfg: &HaConfig) -> Option<Decision> {
+    let (h, _) = view.handover.as_ref()?;
+    let me = cfg.name.as_str();
+    // When a switchover fails, its old leader has the first claim on the key: the others
+    // wait one more ttl before the usual election.
+    let grace = match h.from.as_deref() {
+        Some(f) if f == me => std::time::Duration::ZERO,
+        _ => std::time::Duration::from_secs(cfg.dcs.ttl),
+    };
+    let expired = handover_expired(h, obs, cfg, grace);
+    let from = h.from.as_deref().unwrap_or("the old leader");
+    let to = h.to.as_deref();
+    let state = pg_state(&obs.pg);
+    let position = obs
+        .pg
+        .status
+        .as_ref()
+        .and_then(|s| [s.receive_lsn, s.replay_lsn].into_iter().flatten().max());
+    let replay = obs.pg.status.as_ref().and_then(|s| s.replay_lsn);
+    match h.kind {
+        HandoverKind::Switchover => {
+            let final_lsn = h.final_lsn?;
+            if expired {
+                return (h.from.as_deref() == Some(me)).then(|| {
+                    decision(
+                        vec![Action::AcquireLeader],
+                        format!(
+                            "the switchover to {} failed: it did not take over within {} s; taking the leader key back",
+                            to.unwrap_or("the candidate"),
+                            handover_timeout(cfg).as_secs()
+                        ),
+                        Role::Replica,
+                        state,
+                    )
+                });
+            }
+            if to == Some(me) {
+                return Some(match replay {
+                    Some(r) if r > final_lsn => decision(
+                        vec![Action::AcquireLeader],
+                        format!("planned switchover from {from}: replayed past its final position {final_lsn}, taking the leader key"),
+                        Role::Replica,
+                        state,
+                    ),
+                    _ => decision(
+                        vec![],
+                        format!("planned switchover from {from}: waiting to replay past its final position {final_lsn} (at {})", replay.map(|r| r.to_string()).unwrap_or_else(|| "unknown".into())),
+                        Role::Replica,
+                        state,
+                    )
+                    .soon(),
+                });
+            }
+            Some(
+                decision(
+                    vec![],
+                    format!(
+                        "planned switchover from {from} to {} in progress",
+                        to.unwrap_or("?")
+                    ),
+                    Role::Replica,
+                    state,
+                )
+                .soon(),
+            )
+        }
+        HandoverKind::Failover => {
+            let to = to?;
+            if to == me {
+                if cfg.tags.nofailover {
+                    return Some(decision(
+                        vec![Action::DeleteHandover],
+                        "a manual failover to me was requested but I am tagged nofailover: discarding it",
+                        Role::Replica,
+                        state,
+                    ));
+                }
+                return Some(match (obs.pg.running, position) {
+                    (true, Some(_)) => decision(
+                        vec![Action::AcquireLeader],
+                        "manual failover to me requested: taking the leader key",
+                        Role::Replica,
+                        state,
+                    ),
+                    (false, _) if !matches!(obs.pg.data_dir, DataDir::Empty) => decision(
+                        vec![Action::StartStandby(None)],
+                        "manual failover to me requested: starting PostgreSQL read-only first",
+                        Role::Replica,
+                        state,
+                    ),
+                    _ => decision(
+                        vec![],
+                        "manual failover to me requested: waiting for my PostgreSQL to answer",
+                        Role::Replica,
+                        state,
+                    )
+                    .soon(),
+                });
+            }
+            (!expired).then(|| {
+                decision(
+                    vec![],
+                    format!("manual failover to {to} in progress"),
+                    Role::Replica,
+                    state,
+                )
+            })
+        }
     }
 }
 
@@ -553,6 +910,14 @@ fn follower_decision(
             state,
         );
     }
+    if obs.pg.data_dir == DataDir::Empty && cfg.dcs.pause {
+        return decision(
+            vec![],
+            "paused: my data directory is empty and I will not clone until resumed",
+            Role::Replica,
+            MemberState::Waiting,
+        );
+    }
     if obs.pg.data_dir == DataDir::Empty {
         return match leader_member {
             Some(m) if m.state == MemberState::Running => decision(
@@ -580,6 +945,14 @@ fn follower_decision(
         );
     };
     let upstream = Upstream::of(leader_member);
+    if !obs.pg.running && cfg.dcs.pause {
+        return decision(
+            vec![],
+            format!("paused: PostgreSQL is not running and I will not start it (leader: {leader})"),
+            Role::Replica,
+            state,
+        );
+    }
     if !obs.pg.running {
         return stopped_follower(obs, cfg, mem, leader_member, upstream, state);
     }
@@ -610,7 +983,12 @@ fn follower_decision(
             state,
         );
     }
-    decision(vec![], format!("following {leader}"), Role::Replica, state)
+    let d = decision(vec![], format!("following {leader}"), Role::Replica, state);
+    if obs.pg.config_stale {
+        d.with(Action::ApplyConfig)
+    } else {
+        d
+    }
 }
 
 /// Rule 5: a stopped member compares its timeline with the leader's before it streams;
@@ -696,6 +1074,17 @@ fn leaderless_decision(
             "there is no leader to clone from; waiting",
             Role::Replica,
             MemberState::Waiting,
+        );
+    }
+    if let Some(d) = leaderless_handover(obs, view, cfg) {
+        return d;
+    }
+    if cfg.dcs.pause {
+        return decision(
+            vec![],
+            "paused: there is no leader, and no automatic failover happens until resumed",
+            Role::Replica,
+            state,
         );
     }
     if !obs.pg.running {

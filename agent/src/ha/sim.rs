@@ -75,6 +75,7 @@ struct Dcs {
 }
 
 struct World {
+    start: Instant,
     now: Instant,
     cfg: DynamicConfig,
     dcs: Dcs,
@@ -125,6 +126,7 @@ impl World {
             });
         }
         World {
+            start: now,
             now,
             cfg,
             dcs: Dcs {
@@ -156,6 +158,7 @@ impl World {
             members: self.dcs.members.clone(),
             config: None,
             leader_optime: self.dcs.optime,
+            handover: None,
         }
     }
 
@@ -318,6 +321,7 @@ impl World {
                 .is_some_and(|l| l.running && !l.in_recovery && self.compatible(&n.pg, l));
         Observation {
             now: self.now,
+            wall_now: std::time::SystemTime::UNIX_EPOCH + (self.now - self.start),
             cluster: (!cut).then(|| self.view()),
             lease: LeaseView {
                 held: n.lease.is_some(),
@@ -336,11 +340,14 @@ impl World {
                     receive_lsn: n.pg.in_recovery.then_some(Lsn(n.pg.lsn)),
                     replay_lsn: n.pg.in_recovery.then_some(Lsn(n.pg.lsn)),
                     streaming,
+                    pending_restart: false,
                 }),
                 control: (!n.pg.running).then_some(ControlData {
                     timeline: n.pg.timeline,
                     shut_down_cleanly: true,
+                    checkpoint_lsn: None,
                 }),
+                config_stale: false,
             },
             job: n.job.clone(),
         }
@@ -409,6 +416,7 @@ impl World {
                 version: String::new(),
                 system_identifier: Some("1".into()),
                 decision: d.reason.clone(),
+                pending_restart: false,
             };
             self.dcs.members.insert(n.name.clone(), info);
         }

@@ -29,6 +29,7 @@ fn member(name: &str, state: MemberState, lsn: u64) -> MemberInfo {
         version: "test".into(),
         system_identifier: Some(SYSID.to_string()),
         decision: String::new(),
+        pending_restart: false,
     }
 }
 
@@ -46,6 +47,7 @@ fn view(leader: Option<&str>, members: &[MemberInfo]) -> ClusterView {
             .collect(),
         config: None,
         leader_optime: None,
+        handover: None,
     }
 }
 
@@ -65,6 +67,7 @@ fn standby_status(lsn: u64) -> PgStatus {
         receive_lsn: Some(Lsn(lsn)),
         replay_lsn: Some(Lsn(lsn)),
         streaming: true,
+        pending_restart: false,
     }
 }
 
@@ -90,6 +93,7 @@ impl Obs {
     fn new(cluster: Option<ClusterView>) -> Obs {
         Obs(Observation {
             now: Instant::now(),
+            wall_now: std::time::SystemTime::now(),
             cluster,
             lease: LeaseView::default(),
             pg: PgView {
@@ -99,7 +103,9 @@ impl Obs {
                 control: Some(ControlData {
                     timeline: 1,
                     shut_down_cleanly: true,
+                    checkpoint_lsn: None,
                 }),
+                config_stale: false,
             },
             job: JobView::Idle,
         })
@@ -452,6 +458,7 @@ fn rule1_no_combination_of_observations_runs_writable_without_the_key() {
                             }
                             let obs = Observation {
                                 now,
+                                wall_now: std::time::SystemTime::now(),
                                 cluster,
                                 lease,
                                 pg: PgView {
@@ -459,6 +466,7 @@ fn rule1_no_combination_of_observations_runs_writable_without_the_key() {
                                     running: *running,
                                     status: status.clone(),
                                     control: None,
+                                    config_stale: false,
                                 },
                                 job: job.clone(),
                             };
@@ -483,5 +491,271 @@ fn rule1_no_combination_of_observations_runs_writable_without_the_key() {
                 }
             }
         }
+    }
+}
+
+mod handover {
+    use super::*;
+    use crate::dcs::model::{Handover, HandoverKind};
+    use std::time::SystemTime;
+
+    fn rfc3339(t: SystemTime) -> String {
+        humantime::format_rfc3339_millis(t).to_string()
+    }
+
+    fn switchover(from: &str, to: Option<&str>) -> Handover {
+        Handover {
+            kind: HandoverKind::Switchover,
+            from: Some(from.into()),
+            to: to.map(str::to_string),
+            scheduled_at: None,
+            final_lsn: None,
+            handed_over_at: None,
+            requested_at: rfc3339(SystemTime::now()),
+        }
+    }
+
+    fn with_handover(mut v: ClusterView, h: Handover) -> ClusterView {
+        v.handover = Some((h, 7));
+        v
+    }
+
+    fn leader_obs(v: ClusterView) -> Obs {
+        Obs::new(Some(v))
+            .holding_lease(Duration::from_secs(5))
+            .running(Some(primary_status()))
+    }
+
+    fn paused() -> HaConfig {
+        let mut c = cfg("a");
+        c.dcs.pause = true;
+        c
+    }
+
+    #[test]
+    fn the_leader_hands_over_to_a_streaming_candidate() {
+        let b = member("b", MemberState::Streaming, 1000);
+        let v = with_handover(view(Some("a"), &[b]), switchover("a", Some("b")));
+        let d = leader_obs(v).decide(&cfg("a"), &Memory::default());
+        assert!(
+            d.actions.contains(&Action::HandOver { to: "b".into() }),
+            "{d:?}"
+        );
+        assert!(d.retry_soon);
+    }
+
+    #[test]
+    fn the_leader_cancels_a_switchover_to_an_unfit_candidate() {
+        let cases = [
+            (member("b", MemberState::InRecovery, 1000), "not streaming"),
+            (
+                {
+                    let mut m = member("b", MemberState::Streaming, 1000);
+                    m.tags.nofailover = true;
+                    m
+                },
+                "nofailover",
+            ),
+            (
+                member("b", MemberState::Streaming, 10),
+                "maximum_lag_on_failover",
+            ),
+        ];
+        for (b, why) in cases {
+            let mut v = with_handover(view(Some("a"), &[b]), switchover("a", Some("b")));
+            v.leader_optime = Some(Lsn(10_000_000));
+            let d = leader_obs(v).decide(&cfg("a"), &Memory::default());
+            assert!(d.actions.contains(&Action::DeleteHandover), "{why}: {d:?}");
+            assert!(
+                !d.actions
+                    .iter()
+                    .any(|a| matches!(a, Action::HandOver { .. })),
+                "{why}: {d:?}"
+            );
+            assert!(d.reason.contains(why), "{why}: {}", d.reason);
+        }
+    }
+
+    #[test]
+    fn a_scheduled_switchover_waits_for_its_time() {
+        let b = member("b", MemberState::Streaming, 1000);
+        let mut h = switchover("a", Some("b"));
+        h.scheduled_at = Some(rfc3339(SystemTime::now() + Duration::from_secs(3600)));
+        let v = with_handover(view(Some("a"), std::slice::from_ref(&b)), h.clone());
+        let d = leader_obs(v).decide(&cfg("a"), &Memory::default());
+        assert_eq!(
+            d.actions,
+            vec![Action::RenewLeader, Action::LeaderHousekeeping]
+        );
+        assert!(d.reason.contains("scheduled at"), "{}", d.reason);
+
+        h.scheduled_at = Some(rfc3339(SystemTime::now() - Duration::from_secs(1)));
+        let v = with_handover(view(Some("a"), &[b]), h);
+        let d = leader_obs(v).decide(&cfg("a"), &Memory::default());
+        assert!(
+            d.actions.contains(&Action::HandOver { to: "b".into() }),
+            "{d:?}"
+        );
+    }
+
+    fn handed_over(from: &str, to: &str, final_lsn: u64, ago: Duration) -> Handover {
+        Handover {
+            final_lsn: Some(Lsn(final_lsn)),
+            handed_over_at: Some(rfc3339(SystemTime::now() - ago)),
+            ..switchover(from, Some(to))
+        }
+    }
+
+    #[test]
+    fn the_candidate_takes_the_key_only_after_replaying_past_the_final_position() {
+        let a = member("a", MemberState::Stopped, 500);
+        let v = with_handover(
+            view(None, std::slice::from_ref(&a)),
+            handed_over("a", "b", 500, Duration::ZERO),
+        );
+        let d = Obs::new(Some(v.clone()))
+            .running(Some(standby_status(400)))
+            .decide(&cfg("b"), &Memory::default());
+        assert!(d.actions.is_empty(), "{d:?}");
+        assert!(d.retry_soon);
+        let d = Obs::new(Some(v))
+            .running(Some(standby_status(600)))
+            .decide(&cfg("b"), &Memory::default());
+        assert_eq!(d.actions, vec![Action::AcquireLeader]);
+    }
+
+    #[test]
+    fn other_members_stay_out_of_a_switchover_even_when_further_ahead() {
+        let v = with_handover(view(None, &[]), handed_over("a", "b", 500, Duration::ZERO));
+        let d = Obs::new(Some(v))
+            .running(Some(standby_status(9_000)))
+            .decide(&cfg("c"), &Memory::default());
+        assert!(d.actions.is_empty(), "{d:?}");
+        assert!(d.reason.contains("in progress"), "{}", d.reason);
+    }
+
+    #[test]
+    fn the_old_leader_takes_the_key_back_when_the_candidate_does_not_come() {
+        let fresh = with_handover(view(None, &[]), handed_over("a", "b", 500, Duration::ZERO));
+        let d = Obs::new(Some(fresh)).decide(&cfg("a"), &Memory::default());
+        assert!(
+            d.actions.is_empty(),
+            "waits while the candidate may still come: {d:?}"
+        );
+        let late = with_handover(
+            view(None, &[]),
+            handed_over("a", "b", 500, Duration::from_secs(60)),
+        );
+        let d = Obs::new(Some(late)).decide(&cfg("a"), &Memory::default());
+        assert_eq!(d.actions, vec![Action::AcquireLeader]);
+        assert!(
+            d.reason.contains("taking the leader key back"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn after_a_failed_switchover_the_old_leader_has_the_first_claim() {
+        // Timed out (20 s ago, timeout 10 s) but within the others' extra ttl: c waits.
+        let late = with_handover(
+            view(None, &[]),
+            handed_over("a", "b", 500, Duration::from_secs(15)),
+        );
+        let d = Obs::new(Some(late))
+            .running(Some(standby_status(9_000)))
+            .decide(&cfg("c"), &Memory::default());
+        assert!(d.actions.is_empty(), "{d:?}");
+        // Long after: the usual election.
+        let later = with_handover(
+            view(None, &[]),
+            handed_over("a", "b", 500, Duration::from_secs(60)),
+        );
+        let d = Obs::new(Some(later))
+            .running(Some(standby_status(9_000)))
+            .decide(&cfg("c"), &Memory::default());
+        assert_eq!(d.actions, vec![Action::AcquireLeader]);
+    }
+
+    #[test]
+    fn a_leader_again_after_a_failed_switchover_clears_the_key() {
+        let b = member("b", MemberState::Streaming, 1000);
+        let v = with_handover(
+            view(Some("a"), &[b]),
+            handed_over("a", "b", 500, Duration::from_secs(60)),
+        );
+        let d = leader_obs(v).decide(&cfg("a"), &Memory::default());
+        assert!(d.actions.contains(&Action::DeleteHandover), "{d:?}");
+        assert!(!d
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::HandOver { .. })));
+    }
+
+    #[test]
+    fn paused_no_automatic_failover_and_no_postgres_start() {
+        let d = Obs::new(Some(view(None, &[])))
+            .running(Some(standby_status(100)))
+            .decide(&paused(), &Memory::default());
+        assert!(d.actions.is_empty(), "{d:?}");
+        assert!(d.reason.contains("paused"), "{}", d.reason);
+
+        let leader = member("b", MemberState::Running, 100);
+        let d = Obs::new(Some(view(Some("b"), &[leader]))).decide(&paused(), &Memory::default());
+        assert!(
+            d.actions.is_empty(),
+            "a stopped replica stays stopped: {d:?}"
+        );
+
+        let d = Obs::new(Some(view(Some("a"), &[])))
+            .holding_lease(Duration::from_secs(5))
+            .decide(&paused(), &Memory::default());
+        assert_eq!(
+            d.actions,
+            vec![Action::RenewLeader],
+            "no StartPrimary: {d:?}"
+        );
+    }
+
+    #[test]
+    fn paused_rule1_still_stops_a_writable_member_without_the_key() {
+        let leader = member("b", MemberState::Running, 100);
+        let d = Obs::new(Some(view(Some("b"), &[leader])))
+            .running(Some(primary_status()))
+            .decide(&paused(), &Memory::default());
+        assert!(d.actions.contains(&Action::StopPostgres), "{d:?}");
+    }
+
+    #[test]
+    fn a_manual_failover_to_me_takes_the_key_even_while_paused() {
+        let h = Handover {
+            kind: HandoverKind::Failover,
+            ..switchover("x", Some("a"))
+        };
+        let d = Obs::new(Some(with_handover(view(None, &[]), h)))
+            .running(Some(standby_status(1)))
+            .decide(&paused(), &Memory::default());
+        assert_eq!(d.actions, vec![Action::AcquireLeader]);
+    }
+
+    #[test]
+    fn a_leader_with_postgres_down_releases_the_key_for_a_requested_failover() {
+        let b = member("b", MemberState::Streaming, 100);
+        let h = Handover {
+            kind: HandoverKind::Failover,
+            ..switchover("a", Some("b"))
+        };
+        let d = Obs::new(Some(with_handover(view(Some("a"), &[b]), h)))
+            .holding_lease(Duration::from_secs(5))
+            .decide(&cfg("a"), &Memory::default());
+        assert_eq!(d.actions, vec![Action::ReleaseLeader]);
+    }
+
+    #[test]
+    fn config_changes_are_applied_by_reload() {
+        let mut obs = leader_obs(view(Some("a"), &[]));
+        obs.0.pg.config_stale = true;
+        let d = obs.decide(&cfg("a"), &Memory::default());
+        assert!(d.actions.contains(&Action::ApplyConfig), "{d:?}");
     }
 }

@@ -16,7 +16,8 @@ SELECT pg_is_in_recovery(),
        pg_last_wal_replay_lsn()::text,
        (SELECT received_tli FROM pg_stat_wal_receiver),
        (SELECT status FROM pg_stat_wal_receiver),
-       (SELECT timeline_id FROM pg_control_checkpoint())";
+       (SELECT timeline_id FROM pg_control_checkpoint()),
+       EXISTS (SELECT 1 FROM pg_settings WHERE pending_restart)";
 
 fn lsn(s: Option<String>) -> Option<Lsn> {
     s.and_then(|s| s.parse().ok())
@@ -47,6 +48,7 @@ pub async fn status(c: &Client) -> Result<PgStatus> {
         receive_lsn: lsn(row.get(3)),
         replay_lsn: lsn(row.get(4)),
         streaming: receiver.as_deref() == Some("streaming"),
+        pending_restart: row.get(8),
     })
 }
 

@@ -1,0 +1,591 @@
+//! The gRPC handlers. Cluster-wide changes are coordinated through etcd keys that the
+//! agents' loops act on (`switchover`, `config`); requests about this member go to its loop.
+
+use std::time::{Duration, SystemTime};
+
+use pgherd_config::{patch, DynamicConfig};
+use pgherd_proto::v1::agent_server::Agent as AgentService;
+use pgherd_proto::v1::*;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use super::{member_to_proto, ApiContext};
+use crate::agent::LocalRequest;
+use crate::dcs::model::{ClusterView, Handover, HandoverKind, MemberState};
+use crate::ha::{switchover_target, HaConfig};
+
+/// Metadata entry naming the leader's API address when a follower refuses a request.
+pub const LEADER_ADDRESS: &str = "pgherd-leader-address";
+
+pub struct Service {
+    ctx: ApiContext,
+    token: Option<String>,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// Compares secrets without an early exit on the first differing byte.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("etcd: {e}"))
+}
+
+impl Service {
+    pub fn new(ctx: ApiContext, token: Option<String>) -> Service {
+        Service { ctx, token }
+    }
+
+    /// Every request that changes something carries `authorization: Bearer <token>`.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(expected) = &self.token else {
+            return Err(Status::permission_denied(format!(
+                "{} has no api.auth_token configured, so it refuses requests that change the cluster",
+                self.ctx.cfg.name
+            )));
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            None => Err(Status::unauthenticated(
+                "this request needs the cluster's bearer token (pgherdctl --token, PGHERD_TOKEN, or api.auth_token in the config it reads)",
+            )),
+            Some(t) if same_secret(t.as_bytes(), expected.as_bytes()) => Ok(()),
+            Some(_) => Err(Status::unauthenticated("wrong bearer token")),
+        }
+    }
+
+    async fn view(&self) -> Result<ClusterView, Status> {
+        self.ctx.dcs.load().await.map_err(unavailable)
+    }
+
+    fn ha_config(&self, view: &ClusterView) -> HaConfig {
+        HaConfig {
+            name: self.ctx.cfg.name.clone(),
+            tags: self.ctx.cfg.tags.clone(),
+            dcs: dynamic(&self.ctx.cfg, view),
+        }
+    }
+
+    /// Cluster-wide changes are made by the leader's agent; others point at it.
+    fn require_leader(&self, view: &ClusterView) -> Result<(), Status> {
+        let me = self.ctx.cfg.name.as_str();
+        match view.leader_member() {
+            Some(l) if l.name == me => Ok(()),
+            Some(l) => {
+                let mut s = Status::failed_precondition(format!(
+                    "{me} is not the leader; send this to the leader {} at {}",
+                    l.name, l.api_address
+                ));
+                if let Ok(v) = l.api_address.parse() {
+                    s.metadata_mut().insert(LEADER_ADDRESS, v);
+                }
+                Err(s)
+            }
+            None => Err(Status::failed_precondition(
+                "the cluster has no leader right now; use pgherdctl failover to choose one",
+            )),
+        }
+    }
+
+    fn require_self(&self, member: &str) -> Result<(), Status> {
+        if member.is_empty() || member == self.ctx.cfg.name {
+            Ok(())
+        } else {
+            Err(Status::failed_precondition(format!(
+                "this is {}'s agent; send the request for {member} to {member}'s agent",
+                self.ctx.cfg.name
+            )))
+        }
+    }
+
+    async fn ask_loop(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> LocalRequest,
+    ) -> Result<String, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.ctx
+            .requests
+            .send(make(tx))
+            .await
+            .map_err(|_| Status::unavailable("the agent loop is shutting down"))?;
+        let limit = Duration::from_secs(self.ctx.cfg.postgres.command_timeout * 2 + 30);
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(Ok(msg))) => Ok(msg),
+            Ok(Ok(Err(why))) => Err(Status::failed_precondition(why)),
+            Ok(Err(_)) => Err(Status::internal("the agent loop dropped the request")),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "the agent did not finish within {} s",
+                limit.as_secs()
+            ))),
+        }
+    }
+
+    /// Reads, changes, validates and stores the dynamic configuration (compare-and-swap).
+    async fn patch_config(
+        &self,
+        sets: &[(String, String)],
+        dry_run: bool,
+    ) -> Result<(DynamicConfig, DynamicConfig), Status> {
+        for _ in 0..5 {
+            let (text, revision) = self
+                .ctx
+                .dcs
+                .config_with_revision()
+                .await
+                .map_err(unavailable)?;
+            let old = match &text {
+                Some(t) => pgherd_config::parse_dynamic(t.as_bytes()).map_err(|p| {
+                    Status::failed_precondition(format!(
+                        "the stored configuration is invalid; fix it first:\n{}",
+                        pgherd_config::Problem::list(&p)
+                    ))
+                })?,
+                None => self.ctx.cfg.bootstrap.dcs.clone(),
+            };
+            let new = patch::apply(&old, sets).map_err(|p| {
+                Status::invalid_argument(format!(
+                    "the change is invalid:\n{}",
+                    pgherd_config::Problem::list(&p)
+                ))
+            })?;
+            if dry_run || new == old {
+                return Ok((old, new));
+            }
+            let json = serde_json::to_string(&new).map_err(|e| Status::internal(e.to_string()))?;
+            if self
+                .ctx
+                .dcs
+                .replace_config(&json, revision)
+                .await
+                .map_err(unavailable)?
+            {
+                tracing::info!(changes = %patch::changes(&old, &new).join("; "), "dynamic configuration changed");
+                return Ok((old, new));
+            }
+        }
+        Err(Status::aborted(
+            "the configuration kept changing while we tried to update it; try again",
+        ))
+    }
+
+    /// Waits until `done` says the cluster reached the wanted state.
+    async fn wait_for<T>(
+        &self,
+        limit: Duration,
+        mut done: impl FnMut(&ClusterView) -> Option<Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(view) = self.ctx.dcs.load().await {
+                if let Some(r) = done(&view) {
+                    return r;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(Status::deadline_exceeded(format!(
+            "not finished within {} s; see pgherdctl list",
+            limit.as_secs()
+        )))
+    }
+}
+
+fn dynamic(cfg: &pgherd_config::Config, view: &ClusterView) -> DynamicConfig {
+    match &view.config {
+        Some(Ok(d)) => d.clone(),
+        _ => cfg.bootstrap.dcs.clone(),
+    }
+}
+
+fn handover_to_proto(h: &Handover) -> ScheduledSwitchover {
+    ScheduledSwitchover {
+        from: h.from.clone().unwrap_or_default(),
+        to: h.to.clone().unwrap_or_default(),
+        scheduled_at: h.scheduled_at.clone().unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Service {
+    async fn status(&self, _req: Request<StatusRequest>) -> Reply<StatusResponse> {
+        let b = self.ctx.board.snapshot();
+        let me = b
+            .me
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("the agent has not finished its first loop yet"))?;
+        Ok(Response::new(StatusResponse {
+            cluster: b.cluster.clone(),
+            self_: Some(member_to_proto(me)),
+            leader: b.leader.clone().unwrap_or_default(),
+            members: b.members.iter().map(member_to_proto).collect(),
+            last_decision: me.decision.clone(),
+            paused: b.paused,
+            switchover: b.handover.as_ref().map(handover_to_proto),
+        }))
+    }
+
+    async fn switchover(&self, req: Request<SwitchoverRequest>) -> Reply<SwitchoverResponse> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let view = self.view().await?;
+        self.require_leader(&view)?;
+        let me = self.ctx.cfg.name.clone();
+        if !req.leader.is_empty() && req.leader != me {
+            return Err(Status::failed_precondition(format!(
+                "{} is not the leader; {me} is",
+                req.leader
+            )));
+        }
+        if let Some((h, _)) = &view.handover {
+            return Err(Status::already_exists(format!(
+                "a {:?} to {} is already pending; cancel it first (pgherdctl switchover --cancel)",
+                h.kind,
+                h.to.as_deref().unwrap_or("the best replica")
+            )));
+        }
+        let cfg = self.ha_config(&view);
+        let requested = (!req.candidate.is_empty()).then_some(req.candidate.as_str());
+        let target = switchover_target(&view, &cfg, requested).map_err(|why| {
+            Status::failed_precondition(format!("refusing the switchover: {why}"))
+        })?;
+        let scheduled_at = if req.scheduled_at.is_empty() {
+            None
+        } else {
+            let at = humantime::parse_rfc3339_weak(&req.scheduled_at).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "scheduled time {:?} is not an RFC 3339 time like 2026-11-26T10:00:00Z: {e}",
+                    req.scheduled_at
+                ))
+            })?;
+            if at <= SystemTime::now() {
+                return Err(Status::invalid_argument(format!(
+                    "scheduled time {} is in the past",
+                    req.scheduled_at
+                )));
+            }
+            Some(humantime::format_rfc3339_seconds(at).to_string())
+        };
+        let handover = Handover {
+            kind: HandoverKind::Switchover,
+            from: Some(me.clone()),
+            // A scheduled switchover without a named candidate picks the best one then.
+            to: if scheduled_at.is_some() {
+                requested.map(str::to_string)
+            } else {
+                Some(target.clone())
+            },
+            scheduled_at: scheduled_at.clone(),
+            final_lsn: None,
+            handed_over_at: None,
+            requested_at: now_rfc3339(),
+        };
+        if !self
+            .ctx
+            .dcs
+            .create_handover(&handover)
+            .await
+            .map_err(unavailable)?
+        {
+            return Err(Status::already_exists(
+                "another switchover was requested at the same moment",
+            ));
+        }
+        if let Some(at) = scheduled_at {
+            tracing::info!(candidate = %handover.to.as_deref().unwrap_or("best"), at = %at, "switchover scheduled");
+            return Ok(Response::new(SwitchoverResponse {
+                message: format!(
+                    "switchover from {me} to {} scheduled at {at}",
+                    handover
+                        .to
+                        .as_deref()
+                        .unwrap_or("the best replica at that time")
+                ),
+                leader: me,
+                scheduled: true,
+            }));
+        }
+        tracing::info!(candidate = %target, "switchover requested");
+        let board = self.ctx.board.clone();
+        let limit = Duration::from_secs(cfg.dcs.ttl.max(10) * 2 + 30);
+        let mut seen_handover = false;
+        let outcome = self
+            .wait_for(limit, |v| {
+                if v.handover.is_some() {
+                    seen_handover = true;
+                    return None;
+                }
+                if v.leader_member()
+                    .is_some_and(|l| l.name == target && l.state == MemberState::Running)
+                {
+                    return Some(Ok(format!("switched over from {me} to {target}")));
+                }
+                match v.leader_name() {
+                    Some(l) if l == target => None,
+                    Some(other) if other != me && seen_handover => {
+                        Some(Err(Status::aborted(format!(
+                            "the switchover to {target} did not happen: {other} took over instead"
+                        ))))
+                    }
+                    Some(l) if l == me && seen_handover => {
+                        let why = board.snapshot().me.map(|m| m.decision).unwrap_or_default();
+                        Some(Err(Status::aborted(format!(
+                            "the switchover to {target} did not happen: {why}"
+                        ))))
+                    }
+                    _ => None,
+                }
+            })
+            .await?;
+        Ok(Response::new(SwitchoverResponse {
+            message: outcome,
+            leader: target,
+            scheduled: false,
+        }))
+    }
+
+    async fn cancel_switchover(
+        &self,
+        req: Request<CancelSwitchoverRequest>,
+    ) -> Reply<CancelSwitchoverResponse> {
+        self.authorize(&req)?;
+        let view = self.view().await?;
+        let Some((h, rev)) = &view.handover else {
+            return Err(Status::not_found("no switchover or failover is pending"));
+        };
+        if h.final_lsn.is_some() {
+            return Err(Status::failed_precondition(
+                "the switchover is already under way and cannot be cancelled",
+            ));
+        }
+        if !self
+            .ctx
+            .dcs
+            .delete_handover(Some(*rev))
+            .await
+            .map_err(unavailable)?
+        {
+            return Err(Status::aborted(
+                "the switchover changed meanwhile; look again with pgherdctl list",
+            ));
+        }
+        tracing::info!("pending switchover cancelled");
+        Ok(Response::new(CancelSwitchoverResponse {
+            message: format!(
+                "cancelled the {:?} to {}",
+                h.kind,
+                h.to.as_deref().unwrap_or("the best replica")
+            ),
+        }))
+    }
+
+    async fn failover(&self, req: Request<FailoverRequest>) -> Reply<FailoverResponse> {
+        self.authorize(&req)?;
+        let candidate = req.into_inner().candidate;
+        let view = self.view().await?;
+        let m = view.members.get(&candidate).ok_or_else(|| {
+            Status::not_found(format!("{candidate} is not a member of this cluster"))
+        })?;
+        if m.tags.nofailover {
+            return Err(Status::failed_precondition(format!(
+                "{candidate} is tagged nofailover"
+            )));
+        }
+        if view.leader_name() == Some(candidate.as_str()) {
+            return Err(Status::failed_precondition(format!(
+                "{candidate} is already the leader"
+            )));
+        }
+        if let Some(l) = view.leader_member() {
+            if l.state == MemberState::Running {
+                return Err(Status::failed_precondition(format!(
+                    "{} is a healthy leader; use pgherdctl switchover for a planned change",
+                    l.name
+                )));
+            }
+        }
+        if !m.state.is_healthy() {
+            return Err(Status::failed_precondition(format!(
+                "{candidate} is not healthy (it is {})",
+                m.state.as_str()
+            )));
+        }
+        if view.handover.is_some() {
+            return Err(Status::already_exists(
+                "a switchover or failover is already pending; cancel it first",
+            ));
+        }
+        let h = Handover {
+            kind: HandoverKind::Failover,
+            from: view.leader_name().map(str::to_string),
+            to: Some(candidate.clone()),
+            scheduled_at: None,
+            final_lsn: None,
+            handed_over_at: None,
+            requested_at: now_rfc3339(),
+        };
+        if !self
+            .ctx
+            .dcs
+            .create_handover(&h)
+            .await
+            .map_err(unavailable)?
+        {
+            return Err(Status::already_exists(
+                "another switchover or failover was requested at the same moment",
+            ));
+        }
+        tracing::info!(candidate = %candidate, "manual failover requested");
+        let ttl = self.ha_config(&view).dcs.ttl;
+        let limit = Duration::from_secs(ttl * 3 + 30);
+        let c = candidate.clone();
+        let msg = self
+            .wait_for(limit, |v| {
+                let running = v
+                    .leader_member()
+                    .is_some_and(|l| l.name == c && l.state == MemberState::Running);
+                (running && v.handover.is_none()).then(|| Ok(format!("failed over to {c}")))
+            })
+            .await?;
+        Ok(Response::new(FailoverResponse {
+            message: msg,
+            leader: candidate,
+        }))
+    }
+
+    async fn restart(&self, req: Request<RestartRequest>) -> Reply<RestartResponse> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        self.require_self(&req.member)?;
+        let msg = self
+            .ask_loop(|reply| LocalRequest::Restart {
+                pending_only: req.pending_only,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(RestartResponse {
+            restarted: msg.starts_with("restarted"),
+            message: msg,
+        }))
+    }
+
+    async fn reload(&self, req: Request<ReloadRequest>) -> Reply<ReloadResponse> {
+        self.authorize(&req)?;
+        self.require_self(&req.get_ref().member)?;
+        let message = self
+            .ask_loop(|reply| LocalRequest::Reload { reply })
+            .await?;
+        Ok(Response::new(ReloadResponse { message }))
+    }
+
+    async fn reinitialize(&self, req: Request<ReinitializeRequest>) -> Reply<ReinitializeResponse> {
+        self.authorize(&req)?;
+        self.require_self(&req.get_ref().member)?;
+        let message = self
+            .ask_loop(|reply| LocalRequest::Reinitialize { reply })
+            .await?;
+        Ok(Response::new(ReinitializeResponse { message }))
+    }
+
+    async fn pause(&self, req: Request<PauseRequest>) -> Reply<PauseResponse> {
+        self.authorize(&req)?;
+        let view = self.view().await?;
+        self.require_leader(&view)?;
+        let (old, _) = self
+            .patch_config(&[("pause".into(), "true".into())], false)
+            .await?;
+        Ok(Response::new(PauseResponse {
+            message: if old.pause {
+                "the cluster was already paused".into()
+            } else {
+                "paused: no automatic failover or PostgreSQL restarts until pgherdctl resume".into()
+            },
+        }))
+    }
+
+    async fn resume(&self, req: Request<ResumeRequest>) -> Reply<ResumeResponse> {
+        self.authorize(&req)?;
+        let view = self.view().await?;
+        // Resuming must work even when the cluster lost its leader while paused.
+        if view.leader.is_some() {
+            self.require_leader(&view)?;
+        }
+        let (old, _) = self
+            .patch_config(&[("pause".into(), "false".into())], false)
+            .await?;
+        Ok(Response::new(ResumeResponse {
+            message: if old.pause {
+                "resumed: automatic failover is back on".into()
+            } else {
+                "the cluster was not paused".into()
+            },
+        }))
+    }
+
+    async fn history(&self, _req: Request<HistoryRequest>) -> Reply<HistoryResponse> {
+        let entries = self.ctx.dcs.history().await.map_err(unavailable)?;
+        Ok(Response::new(HistoryResponse {
+            entries: entries
+                .into_iter()
+                .map(|e| pgherd_proto::v1::HistoryEntry {
+                    timeline: e.timeline,
+                    switch_lsn: e.switch_lsn.map(|l| l.to_string()).unwrap_or_default(),
+                    time: e.time,
+                    reason: e.reason,
+                    leader: e.leader,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_config(&self, _req: Request<GetConfigRequest>) -> Reply<GetConfigResponse> {
+        let view = self.view().await?;
+        let cfg = dynamic(&self.ctx.cfg, &view);
+        Ok(Response::new(GetConfigResponse {
+            json: serde_json::to_string_pretty(&cfg)
+                .map_err(|e| Status::internal(e.to_string()))?,
+        }))
+    }
+
+    async fn patch_config(&self, req: Request<PatchConfigRequest>) -> Reply<PatchConfigResponse> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        let view = self.view().await?;
+        self.require_leader(&view)?;
+        let sets: Vec<(String, String)> = req.set.into_iter().collect();
+        if sets.is_empty() {
+            return Err(Status::invalid_argument(
+                "nothing to change: give at least one key=value",
+            ));
+        }
+        let (old, new) = self.patch_config(&sets, req.dry_run).await?;
+        let changed = patch::changed_parameters(&old, &new);
+        let needs_restart = self.ctx.pg.restart_parameters(changed).await.map_err(|e| {
+            Status::unavailable(format!(
+                "cannot ask PostgreSQL which parameters need a restart: {e:#}"
+            ))
+        })?;
+        let pending_restart = if needs_restart.is_empty() {
+            vec![]
+        } else {
+            view.members.keys().cloned().collect()
+        };
+        let json = |c: &DynamicConfig| serde_json::to_string_pretty(c).unwrap_or_default();
+        Ok(Response::new(PatchConfigResponse {
+            old_json: json(&old),
+            new_json: json(&new),
+            changes: patch::changes(&old, &new),
+            pending_restart,
+        }))
+    }
+}

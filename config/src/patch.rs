@@ -1,0 +1,190 @@
+//! `pgherdctl edit-config --set key=value`: changes to the dynamic configuration as dotted
+//! keys, applied to its JSON form, validated like the file, and described line by line.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use crate::{DynamicConfig, Problem};
+
+/// Applies `key=value` settings to a dynamic configuration. Values are YAML scalars
+/// (`64MB`, `10`, `true`); an empty value removes the key. Returns the new configuration or
+/// every problem with its path.
+pub fn apply(
+    current: &DynamicConfig,
+    sets: &[(String, String)],
+) -> Result<DynamicConfig, Vec<Problem>> {
+    let mut json = serde_json::to_value(current).expect("a DynamicConfig serializes to JSON");
+    let mut problems = Vec::new();
+    for (key, raw) in sets {
+        let path: Vec<&str> = key.split('.').collect();
+        if key.is_empty() || path.iter().any(|p| p.is_empty()) {
+            problems.push(Problem::new(
+                key.clone(),
+                "is not a dotted key like ttl or postgresql.parameters.work_mem",
+            ));
+            continue;
+        }
+        let value = if raw.is_empty() {
+            None
+        } else {
+            match serde_yaml::from_str::<Value>(raw) {
+                Ok(v @ (Value::Object(_) | Value::Array(_))) => {
+                    problems.push(Problem::new(
+                        key.clone(),
+                        format!("{v} is not a single value; set nested keys one by one"),
+                    ));
+                    continue;
+                }
+                Ok(v) => Some(v),
+                Err(e) => {
+                    problems.push(Problem::new(
+                        key.clone(),
+                        format!("{raw:?} is not a value: {e}"),
+                    ));
+                    continue;
+                }
+            }
+        };
+        set(&mut json, &path, value);
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let text = serde_json::to_vec(&json).expect("JSON values serialize");
+    crate::parse_dynamic(&text)
+}
+
+fn set(json: &mut Value, path: &[&str], value: Option<Value>) {
+    let (last, parents) = path.split_last().expect("paths are not empty");
+    let mut cur = json;
+    for p in parents {
+        if !cur.is_object() {
+            *cur = Value::Object(Map::new());
+        }
+        cur = cur
+            .as_object_mut()
+            .expect("made an object just above")
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+    if !cur.is_object() {
+        *cur = Value::Object(Map::new());
+    }
+    let obj = cur.as_object_mut().expect("made an object just above");
+    match value {
+        Some(v) => {
+            obj.insert(last.to_string(), v);
+        }
+        None => {
+            obj.remove(*last);
+        }
+    }
+}
+
+fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        Value::String(s) => {
+            out.insert(prefix.to_string(), s.clone());
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+/// One line per changed key: `key: old -> new` (`(unset)` for absent).
+pub fn changes(old: &DynamicConfig, new: &DynamicConfig) -> Vec<String> {
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", &serde_json::to_value(old).expect("serializes"), &mut a);
+    flatten("", &serde_json::to_value(new).expect("serializes"), &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} -> {}",
+                a.get(k).map(String::as_str).unwrap_or("(unset)"),
+                b.get(k).map(String::as_str).unwrap_or("(unset)")
+            )
+        })
+        .collect()
+}
+
+/// PostgreSQL parameters whose values differ between the two configurations.
+pub fn changed_parameters(old: &DynamicConfig, new: &DynamicConfig) -> Vec<String> {
+    let (a, b) = (&old.postgresql.parameters, &new.postgresql.parameters);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sets(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn settings_apply_with_yaml_typed_values() {
+        let old = DynamicConfig::default();
+        let new = apply(
+            &old,
+            &sets(&[
+                ("ttl", "20"),
+                ("postgresql.parameters.work_mem", "64MB"),
+                ("pause", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(new.ttl, 20);
+        assert!(new.pause);
+        assert_eq!(new.postgresql.parameters["work_mem"].to_string(), "64MB");
+        let lines = changes(&old, &new);
+        assert!(lines.contains(&"ttl: 10 -> 20".to_string()), "{lines:?}");
+        assert!(
+            lines.contains(&"postgresql.parameters.work_mem: (unset) -> 64MB".to_string()),
+            "{lines:?}"
+        );
+        assert_eq!(changed_parameters(&old, &new), vec!["work_mem"]);
+        let back = apply(&new, &sets(&[("postgresql.parameters.work_mem", "")])).unwrap();
+        assert!(back.postgresql.parameters.is_empty());
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_path() {
+        let old = DynamicConfig::default();
+        let p = apply(&old, &sets(&[("ttl", "abc")])).unwrap_err();
+        assert_eq!(p[0].path, "ttl");
+        let p = apply(&old, &sets(&[("ttl", "3")])).unwrap_err();
+        assert_eq!(p[0].path, "ttl");
+        assert!(
+            p[0].message.contains("loop_wait + 2 * retry_timeout"),
+            "{}",
+            p[0].message
+        );
+        let p = apply(&old, &sets(&[("loop_wiat", "2")])).unwrap_err();
+        assert!(p[0].message.contains("unknown field"), "{p:?}");
+        let p = apply(&old, &sets(&[("postgresql.parameters.port", "5")])).unwrap_err();
+        assert_eq!(p[0].path, "postgresql.parameters.port");
+        let p = apply(&old, &sets(&[("a..b", "1")])).unwrap_err();
+        assert_eq!(p[0].path, "a..b");
+    }
+}

@@ -1,0 +1,223 @@
+//! Where pgherdctl finds things: the cluster's etcd (for its state and the agents'
+//! addresses) and the agents themselves (TLS, token, leader redirects).
+
+use std::time::Duration;
+
+use pgherd_agent::api::client::{self, Client, ClientOptions, ClientTls};
+use pgherd_agent::dcs::model::ClusterView;
+use pgherd_agent::dcs::{self, Dcs};
+use pgherd_config::EtcdConfig;
+use tonic::Status;
+
+use crate::{Cli, Failure};
+
+/// Metadata entry in which a follower names the leader's API address.
+const LEADER_ADDRESS: &str = "pgherd-leader-address";
+
+pub struct Target {
+    pub cluster: String,
+    pub dcs: Dcs,
+    pub etcd: EtcdConfig,
+    pub options: ClientOptions,
+}
+
+fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path)
+        .map_err(|e| Failure::Usage(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+impl Target {
+    pub async fn from_cli(cli: &Cli) -> Result<Target, Failure> {
+        // Agents may take a while (a switchover waits for the handover).
+        let timeout = Duration::from_secs(120);
+        let (etcd, cluster, mut options) = match (&cli.config, cli.endpoints.is_empty()) {
+            (Some(path), true) => {
+                let cfg = pgherd_config::load(path).map_err(|e| Failure::Usage(e.to_string()))?;
+                let opts = ClientOptions::from_api_config(&cfg.api, timeout)
+                    .map_err(|e| Failure::Usage(format!("{e:#}")))?;
+                (cfg.etcd, cfg.cluster, opts)
+            }
+            (None, false) => {
+                let cluster = cli.cluster.clone().ok_or_else(|| {
+                    Failure::Usage("--endpoints needs --cluster NAME as well".into())
+                })?;
+                let etcd = EtcdConfig {
+                    endpoints: cli.endpoints.clone(),
+                    username: None,
+                    password: None,
+                    ca: None,
+                    cert: None,
+                    key: None,
+                };
+                (
+                    etcd,
+                    cluster,
+                    ClientOptions {
+                        timeout,
+                        ..ClientOptions::default()
+                    },
+                )
+            }
+            (Some(_), false) => {
+                return Err(Failure::Usage(
+                    "give either --config or --endpoints, not both".into(),
+                ))
+            }
+            (None, true) => {
+                return Err(Failure::Usage(
+                    "pgherdctl needs --config FILE (or --endpoints URL --cluster NAME); see --help"
+                        .into(),
+                ))
+            }
+        };
+        if let Some(t) = &cli.token {
+            options.token = Some(t.clone());
+        }
+        if cli.cacert.is_some() || cli.cert.is_some() {
+            let tls = options.tls.get_or_insert(ClientTls {
+                ca: None,
+                identity: None,
+            });
+            if let Some(ca) = &cli.cacert {
+                tls.ca = Some(read(ca, "--cacert")?);
+            }
+            if let (Some(c), Some(k)) = (&cli.cert, &cli.key) {
+                tls.identity = Some((read(c, "--cert")?, read(k, "--key")?));
+            }
+        }
+        let client = dcs::connect(&etcd, Duration::from_secs(5))
+            .await
+            .map_err(|e| {
+                Failure::Refused(format!("cannot reach etcd at {:?}: {e}", etcd.endpoints))
+            })?;
+        let dcs = Dcs::new(client, &cluster, "pgherdctl", Duration::from_secs(5));
+        Ok(Target {
+            cluster,
+            dcs,
+            etcd,
+            options,
+        })
+    }
+
+    pub async fn view(&self) -> Result<ClusterView, Failure> {
+        let view = self.dcs.load().await.map_err(|e| {
+            Failure::Refused(format!(
+                "cannot read cluster {:?} from etcd at {:?}: {e}",
+                self.cluster, self.etcd.endpoints
+            ))
+        })?;
+        if view.members.is_empty() && view.initialize.is_none() {
+            return Err(Failure::Refused(format!(
+                "cluster {:?} has no members in etcd at {:?}",
+                self.cluster, self.etcd.endpoints
+            )));
+        }
+        Ok(view)
+    }
+
+    pub async fn connect(&self, address: &str) -> Result<Client, Failure> {
+        client::connect(address, &self.options)
+            .await
+            .map_err(|e| Failure::Refused(format!("{e:#}{}", tls_hint(&format!("{e:#}")))))
+    }
+
+    /// The API address of `member`.
+    pub fn address_of(view: &ClusterView, member: &str) -> Result<String, Failure> {
+        view.members
+            .get(member)
+            .map(|m| m.api_address.clone())
+            .ok_or_else(|| {
+                Failure::Refused(format!(
+                    "{member} is not a member of this cluster (see pgherdctl list)"
+                ))
+            })
+    }
+
+    /// Calls the leader's agent; if it turns out not to be the leader any more, follows its
+    /// pointer to the new one once.
+    pub async fn on_leader<T, F, Fut>(&self, mut call: F) -> Result<T, Failure>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let view = self.view().await?;
+        let leader = view
+            .leader_member()
+            .ok_or_else(|| Failure::Refused("the cluster has no leader right now (see pgherdctl list; pgherdctl failover chooses one)".into()))?;
+        let mut address = leader.api_address.clone();
+        for _ in 0..2 {
+            let client = self.connect(&address).await?;
+            match call(client).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => match s
+                    .metadata()
+                    .get(LEADER_ADDRESS)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    Some(next)
+                        if s.code() == tonic::Code::FailedPrecondition && next != address =>
+                    {
+                        address = next.to_string();
+                    }
+                    _ => return Err(status_failure(s)),
+                },
+            }
+        }
+        Err(Failure::Refused(
+            "the leader changed twice while we tried to reach it; try again".into(),
+        ))
+    }
+
+    pub async fn on_member<T, F, Fut>(
+        &self,
+        view: &ClusterView,
+        member: &str,
+        call: F,
+    ) -> Result<T, Failure>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let address = Self::address_of(view, member)?;
+        let client = self.connect(&address).await?;
+        call(client)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(status_failure)
+    }
+}
+
+/// What to check when the connection itself failed: most often TLS settings that do not
+/// match the agent's.
+fn tls_hint(message: &str) -> &'static str {
+    let m = message.to_lowercase();
+    if m.contains("transport error")
+        || m.contains("h2 protocol")
+        || m.contains("operation was canceled")
+        || m.contains("tls")
+        || m.contains("certificate")
+    {
+        " (if the agents serve TLS: pass --cacert, and --cert/--key when they require client \
+         certificates, or use --config with a member's file that has api.tls)"
+    } else {
+        ""
+    }
+}
+
+/// An agent's refusal as pgherdctl prints it.
+pub fn status_failure(s: Status) -> Failure {
+    use tonic::Code::*;
+    let what = match s.code() {
+        Unauthenticated | PermissionDenied => "not allowed",
+        InvalidArgument => "invalid request",
+        FailedPrecondition | AlreadyExists | NotFound | Aborted => "refused",
+        DeadlineExceeded => "timed out",
+        Unavailable => "unavailable",
+        _ => "failed",
+    };
+    let hint = match s.code() {
+        Unknown | Unavailable | Cancelled | Internal => tls_hint(s.message()),
+        _ => "",
+    };
+    Failure::Refused(format!("{what}: {}{hint}", s.message()))
+}

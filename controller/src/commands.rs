@@ -1,0 +1,355 @@
+//! The subcommands.
+
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal, Write};
+
+use pgherd_agent::dcs::model::ClusterView;
+use pgherd_proto::v1::*;
+
+use crate::agents::{status_failure, Target};
+use crate::{list, Cli, Command, Failure, Format};
+
+/// Asks before a disruptive step; refuses without a terminal (a script must say --force).
+fn confirm(question: &str, force: bool) -> Result<(), Failure> {
+    if force {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure::Usage(format!(
+            "refusing to go on without confirmation ({question}): standard input is not a terminal; pass --force to confirm"
+        )));
+    }
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| Failure::Refused(format!("cannot read the answer: {e}")))?;
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        Ok(())
+    } else {
+        Err(Failure::Refused("not confirmed; nothing done".into()))
+    }
+}
+
+fn print_message(format: Format, fields: &[(&str, serde_json::Value)], text: &str) {
+    match format {
+        Format::Json => {
+            let obj: serde_json::Map<String, serde_json::Value> = fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            println!("{}", serde_json::Value::Object(obj));
+        }
+        Format::Table => println!("{text}"),
+    }
+}
+
+/// Members in restart order: replicas first, the leader last.
+fn restart_order(view: &ClusterView) -> Vec<String> {
+    let mut names: Vec<String> = view.members.keys().cloned().collect();
+    names.sort_by_key(|n| view.leader_name() == Some(n.as_str()));
+    names
+}
+
+/// Prints per-member results as lines or one JSON array.
+fn print_per_member(format: Format, results: &[(String, String, Option<bool>)]) {
+    match format {
+        Format::Table => {
+            for (m, msg, _) in results {
+                println!("{m}: {msg}");
+            }
+        }
+        Format::Json => {
+            let arr: Vec<serde_json::Value> = results
+                .iter()
+                .map(|(m, msg, restarted)| {
+                    let mut o = serde_json::json!({"member": m, "message": msg});
+                    if let Some(r) = restarted {
+                        o["restarted"] = (*r).into();
+                    }
+                    o
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(arr));
+        }
+    }
+}
+
+pub async fn run(cli: &Cli) -> Result<(), Failure> {
+    let target = Target::from_cli(cli).await?;
+    match &cli.command {
+        Command::List => {
+            let view = target.view().await?;
+            print!("{}", list::render(&target.cluster, &view, cli.format));
+        }
+        Command::History => {
+            let entries = target
+                .dcs
+                .history()
+                .await
+                .map_err(|e| Failure::Refused(format!("cannot read the history: {e}")))?;
+            print!("{}", list::render_history(&entries, cli.format));
+        }
+        Command::Switchover { cancel: true, .. } => {
+            let view = target.view().await?;
+            let any = view
+                .leader_member()
+                .or_else(|| view.members.values().next())
+                .map(|m| m.api_address.clone())
+                .ok_or_else(|| Failure::Refused("no member is reachable".into()))?;
+            let mut c = target.connect(&any).await?;
+            let r = c
+                .cancel_switchover(CancelSwitchoverRequest {})
+                .await
+                .map_err(status_failure)?
+                .into_inner();
+            print_message(
+                cli.format,
+                &[("message", r.message.clone().into())],
+                &r.message,
+            );
+        }
+        Command::Switchover {
+            candidate,
+            at,
+            force,
+            ..
+        } => {
+            let view = target.view().await?;
+            let leader = view
+                .leader_name()
+                .ok_or_else(|| {
+                    Failure::Refused("the cluster has no leader; use pgherdctl failover".into())
+                })?
+                .to_string();
+            let to = candidate
+                .clone()
+                .unwrap_or_else(|| "the most advanced eligible replica".into());
+            let when = at
+                .clone()
+                .map(|t| format!(" at {t}"))
+                .unwrap_or_else(|| " now".into());
+            confirm(&format!("Switch over from {leader} to {to}{when}?"), *force)?;
+            let req = SwitchoverRequest {
+                candidate: candidate.clone().unwrap_or_default(),
+                scheduled_at: at.clone().unwrap_or_default(),
+                leader: leader.clone(),
+            };
+            let r = target
+                .on_leader(|mut c| {
+                    let req = req.clone();
+                    async move { c.switchover(req).await }
+                })
+                .await?;
+            print_message(
+                cli.format,
+                &[
+                    ("message", r.message.clone().into()),
+                    ("leader", r.leader.clone().into()),
+                    ("scheduled", r.scheduled.into()),
+                ],
+                &r.message,
+            );
+        }
+        Command::Failover { candidate, force } => {
+            let view = target.view().await?;
+            confirm(&format!("Fail over to {candidate}?"), *force)?;
+            let r = target
+                .on_member(&view, candidate, |mut c| async move {
+                    c.failover(FailoverRequest {
+                        candidate: candidate.clone(),
+                    })
+                    .await
+                })
+                .await?;
+            print_message(
+                cli.format,
+                &[
+                    ("message", r.message.clone().into()),
+                    ("leader", r.leader.clone().into()),
+                ],
+                &r.message,
+            );
+        }
+        Command::Pause => {
+            let r = target
+                .on_leader(|mut c| async move { c.pause(PauseRequest {}).await })
+                .await?;
+            print_message(
+                cli.format,
+                &[("message", r.message.clone().into())],
+                &r.message,
+            );
+        }
+        Command::Resume => {
+            let view = target.view().await?;
+            let r = if view.leader.is_some() {
+                target
+                    .on_leader(|mut c| async move { c.resume(ResumeRequest {}).await })
+                    .await?
+            } else {
+                // No leader while paused: any member's agent can lift the pause.
+                let any = view.members.keys().next().cloned().unwrap_or_default();
+                target
+                    .on_member(&view, &any, |mut c| async move {
+                        c.resume(ResumeRequest {}).await
+                    })
+                    .await?
+            };
+            print_message(
+                cli.format,
+                &[("message", r.message.clone().into())],
+                &r.message,
+            );
+        }
+        Command::Restart {
+            member,
+            all,
+            pending,
+            force,
+        } => {
+            let view = target.view().await?;
+            let members = match (member, all) {
+                (Some(m), _) => vec![m.clone()],
+                (None, true) => restart_order(&view),
+                (None, false) => return Err(Failure::Usage("give a MEMBER or --all".into())),
+            };
+            let what = if *pending {
+                "Restart PostgreSQL where a restart is pending on"
+            } else {
+                "Restart PostgreSQL on"
+            };
+            confirm(&format!("{what} {}?", members.join(", ")), *force)?;
+            let mut results = Vec::new();
+            for m in &members {
+                let r = target
+                    .on_member(&view, m, |mut c| async move {
+                        c.restart(RestartRequest {
+                            member: m.clone(),
+                            pending_only: *pending,
+                        })
+                        .await
+                    })
+                    .await?;
+                results.push((m.clone(), r.message, Some(r.restarted)));
+            }
+            print_per_member(cli.format, &results);
+        }
+        Command::Reload { member } => {
+            let view = target.view().await?;
+            let members = match member {
+                Some(m) => vec![m.clone()],
+                None => view.members.keys().cloned().collect(),
+            };
+            let mut results = Vec::new();
+            for m in &members {
+                let r = target
+                    .on_member(&view, m, |mut c| async move {
+                        c.reload(ReloadRequest { member: m.clone() }).await
+                    })
+                    .await?;
+                results.push((m.clone(), r.message, None));
+            }
+            print_per_member(cli.format, &results);
+        }
+        Command::Reinit { member, force } => {
+            let view = target.view().await?;
+            if view.leader_name() == Some(member.as_str()) {
+                return Err(Failure::Refused(format!(
+                    "{member} is the leader; switch over first, then reinitialize it"
+                )));
+            }
+            confirm(
+                &format!("Remove {member}'s data directory and clone it again from the leader?"),
+                *force,
+            )?;
+            let r = target
+                .on_member(&view, member, |mut c| async move {
+                    c.reinitialize(ReinitializeRequest {
+                        member: member.clone(),
+                    })
+                    .await
+                })
+                .await?;
+            print_message(
+                cli.format,
+                &[("message", r.message.clone().into())],
+                &r.message,
+            );
+        }
+        Command::ShowConfig => {
+            let view = target.view().await?;
+            let config = match &view.config {
+                Some(Ok(c)) => c.clone(),
+                Some(Err(why)) => return Err(Failure::Refused(why.clone())),
+                None => {
+                    return Err(Failure::Refused(
+                        "the cluster has no configuration in etcd yet".into(),
+                    ))
+                }
+            };
+            match cli.format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&config)
+                        .map_err(|e| Failure::Refused(e.to_string()))?
+                ),
+                Format::Table => print!(
+                    "{}",
+                    serde_yaml::to_string(&config).map_err(|e| Failure::Refused(e.to_string()))?
+                ),
+            }
+        }
+        Command::EditConfig { set, force } => {
+            let mut sets = HashMap::new();
+            for s in set {
+                let (k, v) = s
+                    .split_once('=')
+                    .ok_or_else(|| Failure::Usage(format!("--set {s:?} is not KEY=VALUE")))?;
+                sets.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            let patch = |dry_run: bool| {
+                let set = sets.clone();
+                target.on_leader(move |mut c| {
+                    let set = set.clone();
+                    async move { c.patch_config(PatchConfigRequest { set, dry_run }).await }
+                })
+            };
+            let dry = patch(true).await?;
+            if dry.changes.is_empty() {
+                print_message(
+                    cli.format,
+                    &[("changes", serde_json::json!([]))],
+                    "no change: the configuration already says that",
+                );
+                return Ok(());
+            }
+            if cli.format == Format::Table {
+                println!("Changes:");
+                for line in &dry.changes {
+                    println!("  {line}");
+                }
+            }
+            confirm("Apply these changes to every member?", *force)?;
+            let done = patch(false).await?;
+            match cli.format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({"changes": done.changes, "pending_restart": done.pending_restart})
+                ),
+                Format::Table => {
+                    println!("Applied.");
+                    if !done.pending_restart.is_empty() {
+                        println!(
+                            "A changed parameter needs a PostgreSQL restart on: {} (pgherdctl restart --all --pending)",
+                            done.pending_restart.join(", ")
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
