@@ -186,6 +186,8 @@ pub struct ClusterView {
     pub leader_optime: Option<Lsn>,
     /// A pending switchover or manual failover, and its key's revision.
     pub handover: Option<(Handover, i64)>,
+    /// The synchronous replication key.
+    pub sync: Option<SyncKey>,
 }
 
 impl ClusterView {
@@ -208,4 +210,14 @@ pub struct HistoryEntry {
     pub time: String,
     pub reason: String,
     pub leader: String,
+}
+
+/// The `sync` key: the members that may take over without losing an acknowledged commit
+/// (see `ha::sync`), written only by the leader it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncKey {
+    pub leader: String,
+    pub members: Vec<String>,
+    /// Every acknowledged commit is on at least this many of `members`.
+    pub quorum: u32,
 }

@@ -20,6 +20,8 @@ pub enum CandidateRefusal {
     Better {
         name: String,
     },
+    /// Synchronous replication forbids it (see `sync::may_take_over`).
+    Sync(String),
 }
 
 impl fmt::Display for CandidateRefusal {
@@ -34,6 +36,7 @@ impl fmt::Display for CandidateRefusal {
             CandidateRefusal::Better { name } => {
                 write!(f, "{name} is further ahead or preferred")
             }
+            CandidateRefusal::Sync(why) => f.write_str(why),
         }
     }
 }
@@ -67,9 +70,35 @@ pub fn best_candidate(
             });
         }
     }
+    let reachable: Vec<(String, Lsn)> = view
+        .members
+        .values()
+        .filter(|m| m.name != cfg.name && m.state.is_healthy())
+        .filter_map(|m| m.wal_position().map(|p| (m.name.clone(), p)))
+        .collect();
+    let (mode, strict) = (cfg.dcs.synchronous_mode, cfg.dcs.synchronous_mode_strict);
+    super::sync::may_take_over(
+        mode,
+        strict,
+        view.sync.as_ref(),
+        &cfg.name,
+        mine,
+        &reachable,
+    )
+    .map_err(CandidateRefusal::Sync)?;
+    // In synchronous mode only the sync key's members compete.
+    let sync_members: Option<&[String]> = view
+        .sync
+        .as_ref()
+        .map(|k| k.members.as_slice())
+        .filter(|m| mode != pgherd_config::SynchronousMode::Off && (!m.is_empty() || strict));
     let my_rank = rank(mine, cfg.tags.failover_priority, &cfg.name);
-    let eligible =
-        |m: &&MemberInfo| m.name != cfg.name && m.state.is_healthy() && !m.tags.nofailover;
+    let eligible = |m: &&MemberInfo| {
+        m.name != cfg.name
+            && m.state.is_healthy()
+            && !m.tags.nofailover
+            && sync_members.is_none_or(|s| s.contains(&m.name))
+    };
     for other in view.members.values().filter(eligible) {
         if let Some(pos) = other.wal_position() {
             if rank(pos, other.tags.failover_priority, &other.name) > my_rank {
