@@ -338,12 +338,14 @@ impl Agent {
             );
             asks.spawn(async move { (name, crate::api::peer_status(&address, &opts).await) });
         }
+        let mut reached = std::collections::BTreeSet::new();
         while let Some(joined) = asks.join_next().await {
             let Ok((name, answer)) = joined else { continue };
             match (answer, view.members.get_mut(&name)) {
                 (Ok(fresh), Some(m)) => {
                     m.receive_lsn = fresh.receive_lsn.parse().ok().or(m.receive_lsn);
                     m.replay_lsn = fresh.replay_lsn.parse().ok().or(m.replay_lsn);
+                    reached.insert(name);
                 }
                 (Err(e), _) => {
                     tracing::debug!(member = %name, error = %format!("{e:#}"), "cannot ask member for its position")
@@ -351,6 +353,7 @@ impl Agent {
                 _ => {}
             }
         }
+        view.reached = Some(reached);
     }
 
     /// The configuration mode of a running PostgreSQL: primary, or standby of the upstream

@@ -188,6 +188,9 @@ pub struct ClusterView {
     pub handover: Option<(Handover, i64)>,
     /// The synchronous replication key.
     pub sync: Option<SyncKey>,
+    /// Not stored in etcd: the members whose agents answered this member just now (asked
+    /// before racing for a vacant leader key). `None` when nobody was asked.
+    pub reached: Option<std::collections::BTreeSet<String>>,
 }
 
 impl ClusterView {

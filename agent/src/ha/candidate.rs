@@ -70,10 +70,14 @@ pub fn best_candidate(
             });
         }
     }
+    // For the quorum proof only members whose agents answered just now count: a crashed
+    // member's key outlives it (until its lease expires) with a position that may predate
+    // commits only it confirmed.
     let reachable: Vec<(String, Lsn)> = view
         .members
         .values()
         .filter(|m| m.name != cfg.name && m.state.is_healthy())
+        .filter(|m| view.reached.as_ref().is_none_or(|r| r.contains(&m.name)))
         .filter_map(|m| m.wal_position().map(|p| (m.name.clone(), p)))
         .collect();
     let (mode, strict) = (cfg.dcs.synchronous_mode, cfg.dcs.synchronous_mode_strict);

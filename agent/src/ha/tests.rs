@@ -49,6 +49,7 @@ fn view(leader: Option<&str>, members: &[MemberInfo]) -> ClusterView {
         leader_optime: None,
         handover: None,
         sync: None,
+        reached: None,
     }
 }
 
@@ -801,6 +802,20 @@ mod synchronous {
             .running(Some(standby_status(100)))
             .decide(&sync_cfg("a", SynchronousMode::Quorum), &Memory::default());
         assert_eq!(d.actions, vec![Action::AcquireLeader]);
+    }
+
+    #[test]
+    fn quorum_counts_only_members_that_answered_not_stale_keys() {
+        let b = member("b", MemberState::Streaming, 100);
+        let c = member("c", MemberState::Streaming, 90);
+        let mut v = with_key(view(None, &[b, c]), &["a", "b", "c"], 1);
+        // b's key is still there, but b's agent did not answer.
+        v.reached = Some(["c".to_string()].into());
+        let d = Obs::new(Some(v))
+            .running(Some(standby_status(100)))
+            .decide(&sync_cfg("a", SynchronousMode::Quorum), &Memory::default());
+        assert!(d.actions.is_empty(), "{d:?}");
+        assert!(d.reason.contains("need 3"), "{}", d.reason);
     }
 
     #[test]
