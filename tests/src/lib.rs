@@ -40,6 +40,7 @@ mod proxy;
 mod replication;
 mod report;
 mod snapshot;
+pub mod sync;
 mod wait;
 mod writer;
 
