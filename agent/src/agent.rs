@@ -342,9 +342,13 @@ impl Agent {
         while let Some(joined) = asks.join_next().await {
             let Ok((name, answer)) = joined else { continue };
             match (answer, view.members.get_mut(&name)) {
-                (Ok(fresh), Some(m)) => {
-                    m.receive_lsn = fresh.receive_lsn.parse().ok().or(m.receive_lsn);
-                    m.replay_lsn = fresh.replay_lsn.parse().ok().or(m.replay_lsn);
+                // Only a live position counts as reaching the member; its etcd key may be
+                // older than commits it confirmed.
+                (Ok(fresh), Some(m))
+                    if !fresh.receive_lsn.is_empty() || !fresh.replay_lsn.is_empty() =>
+                {
+                    m.receive_lsn = fresh.receive_lsn.parse().ok();
+                    m.replay_lsn = fresh.replay_lsn.parse().ok();
                     reached.insert(name);
                 }
                 (Err(e), _) => {
@@ -950,6 +954,13 @@ impl Agent {
         };
         let handle = match &kind {
             JobKind::Bootstrap => tokio::spawn(async move {
+                // No standby exists yet: creating the roles must not wait for one (strict
+                // synchronous mode would otherwise block it forever).
+                let mut params = params;
+                params.insert(
+                    "synchronous_standby_names".to_string(),
+                    ParamValue::Text(String::new()),
+                );
                 pg.initdb().await?;
                 pg.write_pgpass()?;
                 pg.write_config(&Mode::Primary, &params)?;

@@ -61,7 +61,14 @@ pub fn best_candidate(
         .flatten()
         .max()
         .ok_or(CandidateRefusal::NoPosition)?;
-    if let Some(optime) = view.leader_optime {
+    // A sync-key member holds every acknowledged commit (or, in quorum mode, proves it
+    // below); the lag limit protects nothing for it and could leave the cluster leaderless.
+    let sync_member = cfg.dcs.synchronous_mode != pgherd_config::SynchronousMode::Off
+        && view
+            .sync
+            .as_ref()
+            .is_some_and(|k| k.members.iter().any(|m| m == &cfg.name));
+    if let (Some(optime), false) = (view.leader_optime, sync_member) {
         let lag = optime.bytes_after(mine);
         if lag > cfg.dcs.maximum_lag_on_failover {
             return Err(CandidateRefusal::TooFarBehind {
