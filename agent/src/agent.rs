@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use pgherd_config::{Config, DynamicConfig, ParamValue};
+use pgherd_config::{Config, DynamicConfig, ParamValue, SynchronousMode};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -76,6 +76,8 @@ pub struct Agent {
     /// receiver (or one being promoted) can only report its last restartpoint's timeline,
     /// which may be older; publishing that would mislead a rejoining member's timeline check.
     known_timeline: Option<u32>,
+    /// The `synchronous_standby_names` this leader set (`None`: the default for the mode).
+    standbys_set: Option<crate::ha::sync::Standbys>,
 }
 
 /// How much earlier than the lease TTL a leader considers its lease gone (rule 2): a tenth
@@ -136,6 +138,7 @@ impl Agent {
             requests,
             peer_client,
             known_timeline: None,
+            standbys_set: None,
         })
     }
 
@@ -340,12 +343,18 @@ impl Agent {
             );
             asks.spawn(async move { (name, crate::api::peer_status(&address, &opts).await) });
         }
+        let mut reached = std::collections::BTreeSet::new();
         while let Some(joined) = asks.join_next().await {
             let Ok((name, answer)) = joined else { continue };
             match (answer, view.members.get_mut(&name)) {
-                (Ok(fresh), Some(m)) => {
-                    m.receive_lsn = fresh.receive_lsn.parse().ok().or(m.receive_lsn);
-                    m.replay_lsn = fresh.replay_lsn.parse().ok().or(m.replay_lsn);
+                // Only a live position counts as reaching the member; its etcd key may be
+                // older than commits it confirmed.
+                (Ok(fresh), Some(m))
+                    if !fresh.receive_lsn.is_empty() || !fresh.replay_lsn.is_empty() =>
+                {
+                    m.receive_lsn = fresh.receive_lsn.parse().ok();
+                    m.replay_lsn = fresh.replay_lsn.parse().ok();
+                    reached.insert(name);
                 }
                 (Err(e), _) => {
                     tracing::debug!(member = %name, error = %format!("{e:#}"), "cannot ask member for its position")
@@ -353,6 +362,7 @@ impl Agent {
                 _ => {}
             }
         }
+        view.reached = Some(reached);
     }
 
     /// The configuration mode of a running PostgreSQL: primary, or standby of the upstream
@@ -522,6 +532,7 @@ impl Agent {
 
     async fn drop_leader_lease(&mut self) {
         self.leader_valid_until = None;
+        self.standbys_set = None;
         if let Some(lease) = self.leader_lease.take() {
             self.arm_watchdog();
             if let Err(e) = self.dcs.revoke_lease(lease.id).await {
@@ -530,10 +541,24 @@ impl Agent {
         }
     }
 
+    /// The cluster's PostgreSQL parameters plus `synchronous_standby_names`: what this
+    /// leader chose, or for anyone else the safe default of the mode (`*` in strict mode, so
+    /// a freshly promoted leader does not acknowledge a commit no standby has).
     fn cluster_params(&self) -> BTreeMap<String, ParamValue> {
-        dynamic_config(&self.cfg, self.last_view.as_ref())
-            .postgresql
-            .parameters
+        let d = dynamic_config(&self.cfg, self.last_view.as_ref());
+        let mut params = d.postgresql.parameters;
+        let standbys = match &self.standbys_set {
+            Some(s) => s.render(),
+            None if d.synchronous_mode != SynchronousMode::Off && d.synchronous_mode_strict => {
+                "*".to_string()
+            }
+            None => String::new(),
+        };
+        params.insert(
+            "synchronous_standby_names".to_string(),
+            ParamValue::Text(standbys),
+        );
+        params
     }
 
     /// Grants a fresh leader lease; returns the instant the grant was sent.
@@ -712,6 +737,7 @@ impl Agent {
                 self.pg.start().await
             }
             Action::StartStandby(up) => {
+                self.standbys_set = None;
                 self.pg.write_pgpass()?;
                 self.pg
                     .write_config(&Mode::Standby(up.clone()), &self.cluster_params())?;
@@ -734,6 +760,7 @@ impl Agent {
             }
             Action::StopPostgres => {
                 self.memory.upstream = None;
+                self.standbys_set = None;
                 if let Err(e) = self.pg.stop().await {
                     tracing::warn!(error = %format!("{e:#}"), "clean stop failed; stopping immediately");
                     self.pg.stop_immediately().await;
@@ -758,6 +785,25 @@ impl Agent {
                     reason = "the configuration changed: rewrote it and reloaded PostgreSQL",
                     "decision"
                 );
+                Ok(())
+            }
+            Action::SetSyncKey(key) => {
+                if !self.dcs.put_sync(key).await? {
+                    return Err(anyhow!(
+                        "cannot write the sync key: the leader key no longer names me"
+                    ));
+                }
+                tracing::info!(members = %key.members.join(","), quorum = key.quorum, "sync key updated");
+                Ok(())
+            }
+            Action::SetSyncStandbys(standbys) => {
+                self.ensure_lease_valid("change synchronous_standby_names")?;
+                self.standbys_set = Some(standbys.clone());
+                self.memory.standbys_changed_at = obs.pg.status.as_ref().and_then(|s| s.wal_lsn);
+                self.pg
+                    .write_config(&Mode::Primary, &self.cluster_params())?;
+                self.pg.reload().await?;
+                tracing::info!(synchronous_standby_names = %standbys.render(), reason = %decision.reason, "decision");
                 Ok(())
             }
             Action::LeaderHousekeeping => {
@@ -839,6 +885,20 @@ impl Agent {
             .and_then(|v| v.leader_optime)
             .map(|l| l.to_string())
             .unwrap_or_else(|| "unknown".into());
+        // Synchronous mode: before accepting a single write, claim the sync key (empty) so no
+        // one counts on members that confirmed the old leader's commits for ours.
+        let dynamic = dynamic_config(&self.cfg, self.last_view.as_ref());
+        if dynamic.synchronous_mode != SynchronousMode::Off {
+            let claim = crate::dcs::model::SyncKey {
+                leader: self.cfg.name.clone(),
+                members: vec![],
+                quorum: 0,
+            };
+            if !self.dcs.put_sync(&claim).await? {
+                return Err(anyhow!("cannot claim the sync key before promoting"));
+            }
+        }
+        self.standbys_set = None;
         self.pg.promote().await?;
         // pg_rewind on a former primary reads our timeline from the control file, which
         // shows the new timeline only after the first checkpoint; PostgreSQL's own one is
@@ -901,6 +961,13 @@ impl Agent {
         };
         let handle = match &kind {
             JobKind::Bootstrap => tokio::spawn(async move {
+                // No standby exists yet: creating the roles must not wait for one (strict
+                // synchronous mode would otherwise block it forever).
+                let mut params = params;
+                params.insert(
+                    "synchronous_standby_names".to_string(),
+                    ParamValue::Text(String::new()),
+                );
                 pg.initdb().await?;
                 pg.write_pgpass()?;
                 pg.write_config(&Mode::Primary, &params)?;

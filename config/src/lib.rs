@@ -186,8 +186,53 @@ pub struct DynamicConfig {
     /// agents (`pgherdctl pause` / `resume`).
     #[serde(default)]
     pub pause: bool,
+    /// `off`: asynchronous replication. `on`: the leader keeps `synchronous_node_count`
+    /// standbys synchronous (`FIRST n (...)`) and only they may take over. `quorum`: commits
+    /// wait for any `synchronous_node_count` of the quorum set (`ANY n (...)`).
+    #[serde(default)]
+    pub synchronous_mode: SynchronousMode,
+    /// With no synchronous standby available, block commits rather than fall back to
+    /// asynchronous replication.
+    #[serde(default)]
+    pub synchronous_mode_strict: bool,
+    /// How many standbys must confirm each commit.
+    #[serde(default = "default_synchronous_node_count")]
+    pub synchronous_node_count: u32,
     #[serde(default)]
     pub postgresql: DcsPostgresql,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SynchronousMode {
+    #[default]
+    Off,
+    On,
+    Quorum,
+}
+
+impl<'de> Deserialize<'de> for SynchronousMode {
+    /// `off | on | quorum`; YAML booleans (`true`/`false`) are taken as `on`/`off`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(SynchronousMode::On),
+            Raw::Bool(false) => Ok(SynchronousMode::Off),
+            Raw::Text(t) => match t.as_str() {
+                "off" => Ok(SynchronousMode::Off),
+                "on" => Ok(SynchronousMode::On),
+                "quorum" => Ok(SynchronousMode::Quorum),
+                other => Err(serde::de::Error::custom(format!(
+                    "{other:?} is not a synchronous_mode: use off, on or quorum"
+                ))),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,6 +272,9 @@ pub struct Tags {
     /// Exclude this member from read-only load balancing.
     #[serde(default)]
     pub noloadbalance: bool,
+    /// Never make this member a synchronous standby.
+    #[serde(default)]
+    pub nosync: bool,
 }
 
 /// A PostgreSQL parameter value as written in YAML.
@@ -289,6 +337,9 @@ fn default_maximum_lag_on_failover() -> u64 {
 fn default_primary_start_timeout() -> u64 {
     30
 }
+fn default_synchronous_node_count() -> u32 {
+    1
+}
 fn default_true() -> bool {
     true
 }
@@ -305,6 +356,9 @@ impl Default for DynamicConfig {
             maximum_lag_on_failover: default_maximum_lag_on_failover(),
             primary_start_timeout: default_primary_start_timeout(),
             pause: false,
+            synchronous_mode: SynchronousMode::Off,
+            synchronous_mode_strict: false,
+            synchronous_node_count: default_synchronous_node_count(),
             postgresql: DcsPostgresql::default(),
         }
     }
@@ -316,6 +370,7 @@ impl Default for Tags {
             nofailover: false,
             failover_priority: default_failover_priority(),
             noloadbalance: false,
+            nosync: false,
         }
     }
 }

@@ -169,6 +169,27 @@ mod tests {
     }
 
     #[test]
+    fn synchronous_mode_takes_off_on_quorum() {
+        let old = DynamicConfig::default();
+        let new = apply(
+            &old,
+            &sets(&[
+                ("synchronous_mode", "quorum"),
+                ("synchronous_node_count", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(new.synchronous_mode, crate::SynchronousMode::Quorum);
+        assert_eq!(new.synchronous_node_count, 2);
+        let on = apply(&old, &sets(&[("synchronous_mode", "on")])).unwrap();
+        assert_eq!(on.synchronous_mode, crate::SynchronousMode::On);
+        let p = apply(&old, &sets(&[("synchronous_mode", "sometimes")])).unwrap_err();
+        assert_eq!(p[0].path, "synchronous_mode");
+        let p = apply(&old, &sets(&[("synchronous_node_count", "0")])).unwrap_err();
+        assert_eq!(p[0].path, "synchronous_node_count");
+    }
+
+    #[test]
     fn bad_values_are_refused_with_their_path() {
         let old = DynamicConfig::default();
         let p = apply(&old, &sets(&[("ttl", "abc")])).unwrap_err();

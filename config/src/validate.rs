@@ -262,6 +262,10 @@ const MANAGED_PARAMETERS: &[(&str, &str)] = &[
     ("primary_conninfo", "pgherd points replicas at the leader"),
     ("primary_slot_name", "pgherd names slots after members"),
     ("cluster_name", "pgherd sets it to the member name"),
+    (
+        "synchronous_standby_names",
+        "pgherd manages it: set synchronous_mode and synchronous_node_count",
+    ),
 ];
 
 fn check_parameters(
@@ -325,6 +329,24 @@ pub(crate) fn dynamic(d: &DynamicConfig, prefix: &str) -> Vec<Problem> {
                 "is {} s but must be at least loop_wait + 2 * retry_timeout = {} s, otherwise the leader lease can lapse between two renewals",
                 d.ttl, needed
             ),
+        ));
+    }
+    if d.synchronous_node_count < 1 {
+        out.push(Problem::new(
+            join(prefix, "synchronous_node_count"),
+            "must be at least 1",
+        ));
+    }
+    if d.postgresql
+        .parameters
+        .contains_key("synchronous_standby_names")
+    {
+        out.push(Problem::new(
+            join(
+                &join(&join(prefix, "postgresql"), "parameters"),
+                "synchronous_standby_names",
+            ),
+            "is managed by pgherd: set synchronous_mode and synchronous_node_count instead",
         ));
     }
     check_parameters(

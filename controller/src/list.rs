@@ -1,6 +1,7 @@
 //! `pgherdctl list`: the cluster's members as a table or JSON.
 
 use pgherd_agent::dcs::model::{ClusterView, HistoryEntry, MemberInfo, Role};
+use pgherd_config::SynchronousMode;
 use serde::Serialize;
 
 use crate::Format;
@@ -25,6 +26,9 @@ pub struct Row {
     pub pending_restart: bool,
     /// The cluster is in maintenance mode (`pgherdctl pause`).
     pub paused: bool,
+    /// A replica's part in synchronous replication: `sync`, `quorum` or `async`; empty for
+    /// the leader.
+    pub sync_state: String,
 }
 
 fn row(view: &ClusterView, m: &MemberInfo) -> Row {
@@ -50,7 +54,30 @@ fn row(view: &ClusterView, m: &MemberInfo) -> Row {
         decision: m.decision.clone(),
         pending_restart: m.pending_restart,
         paused: is_paused(view),
+        sync_state: sync_state(view, m, role),
     }
+}
+
+fn sync_mode(view: &ClusterView) -> SynchronousMode {
+    match &view.config {
+        Some(Ok(c)) => c.synchronous_mode,
+        _ => SynchronousMode::Off,
+    }
+}
+
+fn sync_state(view: &ClusterView, m: &MemberInfo, role: Role) -> String {
+    if role == Role::Leader {
+        return String::new();
+    }
+    let in_key = view.sync.as_ref().is_some_and(|k| {
+        Some(k.leader.as_str()) == view.leader_name() && k.members.contains(&m.name)
+    });
+    match (sync_mode(view), in_key) {
+        (SynchronousMode::On, true) => "sync",
+        (SynchronousMode::Quorum, true) => "quorum",
+        _ => "async",
+    }
+    .to_string()
 }
 
 fn is_paused(view: &ClusterView) -> bool {
@@ -93,6 +120,7 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
                             .map(|b| format!("{:.1}", b as f64 / (1024.0 * 1024.0)))
                             .unwrap_or_else(|| "unknown".into()),
                         tags_text(&r.tags),
+                        r.sync_state.clone(),
                         if r.pending_restart {
                             "*".into()
                         } else {
@@ -113,11 +141,35 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
                         "TL",
                         "Lag MB",
                         "Tags",
+                        "Sync",
                         "Pending restart"
                     ],
                     cells
                 )
             );
+            let mode = sync_mode(view);
+            if mode != SynchronousMode::Off {
+                let members = view
+                    .sync
+                    .as_ref()
+                    .filter(|k| Some(k.leader.as_str()) == view.leader_name())
+                    .map(|k| k.members.clone())
+                    .unwrap_or_default();
+                let strict = matches!(&view.config, Some(Ok(c)) if c.synchronous_mode_strict);
+                let state = match (members.is_empty(), strict) {
+                    (false, _) => format!("synchronous standbys: {}", members.join(", ")),
+                    (true, false) => {
+                        "no synchronous standby: fell back to asynchronous replication".into()
+                    }
+                    (true, true) => "no synchronous standby: commits wait (strict)".into(),
+                };
+                let mode = if mode == SynchronousMode::On {
+                    "on"
+                } else {
+                    "quorum"
+                };
+                out.push_str(&format!("Synchronous mode: {mode} ({state})\n"));
+            }
             if is_paused(view) {
                 out.push_str("Maintenance mode: on (paused: no automatic failover; pgherdctl resume ends it)\n");
             }

@@ -43,6 +43,7 @@ mod proxy;
 mod replication;
 mod report;
 mod snapshot;
+pub mod sync;
 mod tls;
 mod wait;
 mod writer;

@@ -220,10 +220,30 @@ fn handover_to_proto(h: &Handover) -> ScheduledSwitchover {
 impl AgentService for Service {
     async fn status(&self, _req: Request<StatusRequest>) -> Reply<StatusResponse> {
         let b = self.ctx.board.snapshot();
-        let me = b
+        let mut me = b
             .me
-            .as_ref()
+            .clone()
             .ok_or_else(|| Status::unavailable("the agent has not finished its first loop yet"))?;
+        // A candidate for a vacant leader key relies on these positions: read them live from
+        // PostgreSQL, never from the loop's last snapshot (which may predate commits this
+        // standby confirmed). No answer in time means no position.
+        let live = tokio::time::timeout(Duration::from_millis(400), self.ctx.pg.status())
+            .await
+            .ok()
+            .flatten();
+        match live {
+            Some(s) => {
+                me.receive_lsn = s.receive_lsn;
+                me.replay_lsn = s.replay_lsn;
+                me.wal_lsn = s.wal_lsn;
+            }
+            None => {
+                me.receive_lsn = None;
+                me.replay_lsn = None;
+                me.wal_lsn = None;
+            }
+        }
+        let me = &me;
         Ok(Response::new(StatusResponse {
             cluster: b.cluster.clone(),
             self_: Some(member_to_proto(me)),

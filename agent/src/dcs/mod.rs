@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::lsn::Lsn;
-use model::{ClusterView, Handover, HistoryEntry, Initialize, LeaderKey, MemberInfo};
+use model::{ClusterView, Handover, HistoryEntry, Initialize, LeaderKey, MemberInfo, SyncKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
@@ -161,6 +161,12 @@ impl Dcs {
                     Ok(h) => view.handover = Some((h, kv.mod_revision())),
                     Err(e) => {
                         tracing::warn!(key = %key, error = %e, "ignoring unreadable switchover key")
+                    }
+                },
+                "sync" => match serde_json::from_slice::<SyncKey>(value) {
+                    Ok(k) => view.sync = Some(k),
+                    Err(e) => {
+                        tracing::warn!(key = %key, error = %e, "ignoring unreadable sync key")
                     }
                 },
                 "optime/leader" => {
@@ -360,6 +366,23 @@ impl Dcs {
         self.timed(c.put(self.key("optime/leader"), lsn.to_string(), None))
             .await?;
         Ok(())
+    }
+
+    /// Writes the sync key, only while the leader key still names this member.
+    pub async fn put_sync(&self, key: &SyncKey) -> Result<bool> {
+        let json = serde_json::to_string(key).map_err(|source| DcsError::Encode {
+            what: "sync".into(),
+            source,
+        })?;
+        let txn = Txn::new()
+            .when([Compare::value(
+                self.key("leader"),
+                CompareOp::Equal,
+                self.member.clone(),
+            )])
+            .and_then([TxnOp::put(self.key("sync"), json, None)]);
+        let mut c = self.client.clone();
+        Ok(self.timed(c.txn(txn)).await?.succeeded())
     }
 
     /// Records a switchover or failover request unless one is pending.

@@ -186,6 +186,11 @@ pub struct ClusterView {
     pub leader_optime: Option<Lsn>,
     /// A pending switchover or manual failover, and its key's revision.
     pub handover: Option<(Handover, i64)>,
+    /// The synchronous replication key.
+    pub sync: Option<SyncKey>,
+    /// Not stored in etcd: the members whose agents answered this member just now (asked
+    /// before racing for a vacant leader key). `None` when nobody was asked.
+    pub reached: Option<std::collections::BTreeSet<String>>,
 }
 
 impl ClusterView {
@@ -208,4 +213,14 @@ pub struct HistoryEntry {
     pub time: String,
     pub reason: String,
     pub leader: String,
+}
+
+/// The `sync` key: the members that may take over without losing an acknowledged commit
+/// (see `ha::sync`), written only by the leader it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncKey {
+    pub leader: String,
+    pub members: Vec<String>,
+    /// Every acknowledged commit is on at least this many of `members`.
+    pub quorum: u32,
 }

@@ -20,6 +20,8 @@ pub enum CandidateRefusal {
     Better {
         name: String,
     },
+    /// Synchronous replication forbids it (see `sync::may_take_over`).
+    Sync(String),
 }
 
 impl fmt::Display for CandidateRefusal {
@@ -34,6 +36,7 @@ impl fmt::Display for CandidateRefusal {
             CandidateRefusal::Better { name } => {
                 write!(f, "{name} is further ahead or preferred")
             }
+            CandidateRefusal::Sync(why) => f.write_str(why),
         }
     }
 }
@@ -58,7 +61,14 @@ pub fn best_candidate(
         .flatten()
         .max()
         .ok_or(CandidateRefusal::NoPosition)?;
-    if let Some(optime) = view.leader_optime {
+    // A sync-key member holds every acknowledged commit (or, in quorum mode, proves it
+    // below); the lag limit protects nothing for it and could leave the cluster leaderless.
+    let sync_member = cfg.dcs.synchronous_mode != pgherd_config::SynchronousMode::Off
+        && view
+            .sync
+            .as_ref()
+            .is_some_and(|k| k.members.iter().any(|m| m == &cfg.name));
+    if let (Some(optime), false) = (view.leader_optime, sync_member) {
         let lag = optime.bytes_after(mine);
         if lag > cfg.dcs.maximum_lag_on_failover {
             return Err(CandidateRefusal::TooFarBehind {
@@ -67,9 +77,39 @@ pub fn best_candidate(
             });
         }
     }
+    // For the quorum proof only members whose agents answered just now count: a crashed
+    // member's key outlives it (until its lease expires) with a position that may predate
+    // commits only it confirmed.
+    let reachable: Vec<(String, Lsn)> = view
+        .members
+        .values()
+        .filter(|m| m.name != cfg.name && m.state.is_healthy())
+        .filter(|m| view.reached.as_ref().is_none_or(|r| r.contains(&m.name)))
+        .filter_map(|m| m.wal_position().map(|p| (m.name.clone(), p)))
+        .collect();
+    let (mode, strict) = (cfg.dcs.synchronous_mode, cfg.dcs.synchronous_mode_strict);
+    super::sync::may_take_over(
+        mode,
+        strict,
+        view.sync.as_ref(),
+        &cfg.name,
+        mine,
+        &reachable,
+    )
+    .map_err(CandidateRefusal::Sync)?;
+    // In synchronous mode only the sync key's members compete.
+    let sync_members: Option<&[String]> = view
+        .sync
+        .as_ref()
+        .map(|k| k.members.as_slice())
+        .filter(|m| mode != pgherd_config::SynchronousMode::Off && (!m.is_empty() || strict));
     let my_rank = rank(mine, cfg.tags.failover_priority, &cfg.name);
-    let eligible =
-        |m: &&MemberInfo| m.name != cfg.name && m.state.is_healthy() && !m.tags.nofailover;
+    let eligible = |m: &&MemberInfo| {
+        m.name != cfg.name
+            && m.state.is_healthy()
+            && !m.tags.nofailover
+            && sync_members.is_none_or(|s| s.contains(&m.name))
+    };
     for other in view.members.values().filter(eligible) {
         if let Some(pos) = other.wal_position() {
             if rank(pos, other.tags.failover_priority, &other.name) > my_rank {

@@ -6,6 +6,7 @@
 mod candidate;
 #[cfg(test)]
 mod sim;
+pub mod sync;
 #[cfg(test)]
 mod tests;
 
@@ -46,6 +47,10 @@ pub struct PgStatus {
     pub streaming: bool,
     /// A changed parameter waits for a restart.
     pub pending_restart: bool,
+    /// `synchronous_standby_names` in effect.
+    pub standbys: sync::Standbys,
+    /// `pg_stat_replication` (on a primary).
+    pub replication: Vec<sync::Replication>,
 }
 
 /// What `pg_controldata` says of a stopped data directory.
@@ -142,6 +147,9 @@ pub struct Memory {
     pub not_streaming_since: Option<Instant>,
     /// pg_rewind failed onto this leader and timeline; do not retry it in a loop.
     pub rewind_failed: Option<(String, u32)>,
+    /// The leader's WAL position when it last dropped a standby from, or lowered q in,
+    /// `synchronous_standby_names` (quorum mode; see `sync`).
+    pub standbys_changed_at: Option<Lsn>,
 }
 
 /// Where a standby streams from.
@@ -200,6 +208,10 @@ pub enum Action {
     DeleteHandover,
     /// Rewrite the configuration files and reload PostgreSQL.
     ApplyConfig,
+    /// Synchronous replication: write the `sync` key (only while holding the leader key).
+    SetSyncKey(crate::dcs::model::SyncKey),
+    /// Synchronous replication: set `synchronous_standby_names` and reload.
+    SetSyncStandbys(sync::Standbys),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -578,14 +590,73 @@ fn leader_decision(
                 Role::Leader,
                 MemberState::Running,
             );
-            let d = leader_handover(obs, view, cfg, steady);
-            if obs.pg.config_stale && !d.actions.iter().any(|a| matches!(a, Action::HandOver { .. })) {
-                d.with(Action::ApplyConfig)
-            } else {
-                d
+            let mut d = leader_handover(obs, view, cfg, steady);
+            if d.actions.iter().any(|a| matches!(a, Action::HandOver { .. })) {
+                return d;
+            }
+            if obs.pg.config_stale {
+                d = d.with(Action::ApplyConfig);
+            }
+            if let Some(status) = &obs.pg.status {
+                d = with_sync_steps(d, view, cfg, mem, status);
+            }
+            d
+        }
+    }
+}
+
+/// Synchronous replication on the leader: the plan's steps, in order, and a reason that
+/// says when the leader falls back to asynchronous replication or blocks commits.
+fn with_sync_steps(
+    mut d: Decision,
+    view: &ClusterView,
+    cfg: &HaConfig,
+    mem: &Memory,
+    status: &PgStatus,
+) -> Decision {
+    let mut candidates: Vec<&MemberInfo> = view
+        .members
+        .values()
+        .filter(|m| {
+            m.name != cfg.name
+                && m.state == MemberState::Streaming
+                && !m.tags.nosync
+                && status
+                    .replication
+                    .iter()
+                    .any(|r| r.application_name == m.name)
+        })
+        .collect();
+    candidates.sort_by_key(|m| (std::cmp::Reverse(m.wal_position()), m.name.clone()));
+    let names: Vec<String> = candidates.iter().map(|m| m.name.clone()).collect();
+    let steps = sync::plan(&sync::SyncInput {
+        mode: cfg.dcs.synchronous_mode,
+        strict: cfg.dcs.synchronous_mode_strict,
+        node_count: cfg.dcs.synchronous_node_count,
+        leader: &cfg.name,
+        key: view.sync.as_ref(),
+        current: &status.standbys,
+        replication: &status.replication,
+        candidates: &names,
+        changed_at: mem.standbys_changed_at,
+    });
+    let sync_on = cfg.dcs.synchronous_mode != pgherd_config::SynchronousMode::Off;
+    for step in steps {
+        match step {
+            sync::SyncStep::SetKey(k) => d.actions.push(Action::SetSyncKey(k)),
+            sync::SyncStep::SetStandbys(s) => {
+                if sync_on && s == sync::Standbys::None {
+                    d.reason = "falling back to asynchronous replication: no synchronous standby is available".into();
+                } else if sync_on && s == sync::Standbys::Any {
+                    d.reason = "strict synchronous mode and no synchronous standby: commits wait until one connects".into();
+                } else {
+                    d.reason = format!("synchronous_standby_names becomes '{}'", s.render());
+                }
+                d.actions.push(Action::SetSyncStandbys(s));
             }
         }
     }
+    d
 }
 
 /// A manual failover to another member that is healthy enough to take over.

@@ -159,6 +159,8 @@ impl World {
             config: None,
             leader_optime: self.dcs.optime,
             handover: None,
+            sync: None,
+            reached: None,
         }
     }
 
@@ -341,6 +343,8 @@ impl World {
                     replay_lsn: n.pg.in_recovery.then_some(Lsn(n.pg.lsn)),
                     streaming,
                     pending_restart: false,
+                    standbys: Default::default(),
+                    replication: vec![],
                 }),
                 control: (!n.pg.running).then_some(ControlData {
                     timeline: n.pg.timeline,

@@ -48,6 +48,8 @@ fn view(leader: Option<&str>, members: &[MemberInfo]) -> ClusterView {
         config: None,
         leader_optime: None,
         handover: None,
+        sync: None,
+        reached: None,
     }
 }
 
@@ -68,6 +70,8 @@ fn standby_status(lsn: u64) -> PgStatus {
         replay_lsn: Some(Lsn(lsn)),
         streaming: true,
         pending_restart: false,
+        standbys: Default::default(),
+        replication: vec![],
     }
 }
 
@@ -757,5 +761,116 @@ mod handover {
         obs.0.pg.config_stale = true;
         let d = obs.decide(&cfg("a"), &Memory::default());
         assert!(d.actions.contains(&Action::ApplyConfig), "{d:?}");
+    }
+}
+
+mod synchronous {
+    use super::*;
+    use crate::dcs::model::SyncKey;
+    use pgherd_config::SynchronousMode;
+
+    fn sync_cfg(name: &str, mode: SynchronousMode) -> HaConfig {
+        let mut c = cfg(name);
+        c.dcs.synchronous_mode = mode;
+        c
+    }
+
+    fn with_key(mut v: ClusterView, members: &[&str], quorum: u32) -> ClusterView {
+        v.sync = Some(SyncKey {
+            leader: "old".into(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+            quorum,
+        });
+        v
+    }
+
+    #[test]
+    fn a_non_sync_member_is_not_promoted_even_when_further_ahead() {
+        let b = member("b", MemberState::Streaming, 100);
+        let v = with_key(view(None, &[b]), &["b"], 1);
+        let d = Obs::new(Some(v))
+            .running(Some(standby_status(500)))
+            .decide(&sync_cfg("c", SynchronousMode::On), &Memory::default());
+        assert!(d.actions.is_empty(), "{d:?}");
+        assert!(
+            d.reason.contains("only members of the sync key"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn the_sync_member_takes_over_although_a_non_sync_one_is_further_ahead() {
+        let c = member("c", MemberState::Streaming, 500);
+        let v = with_key(view(None, &[c]), &["b"], 1);
+        let d = Obs::new(Some(v))
+            .running(Some(standby_status(100)))
+            .decide(&sync_cfg("b", SynchronousMode::On), &Memory::default());
+        assert_eq!(d.actions, vec![Action::AcquireLeader]);
+    }
+
+    #[test]
+    fn quorum_needs_enough_of_the_set_in_sight() {
+        // Set {a, b, c}, q = 1: a needs to see all three.
+        let b = member("b", MemberState::Streaming, 100);
+        let v = with_key(view(None, std::slice::from_ref(&b)), &["a", "b", "c"], 1);
+        let d = Obs::new(Some(v))
+            .running(Some(standby_status(100)))
+            .decide(&sync_cfg("a", SynchronousMode::Quorum), &Memory::default());
+        assert!(d.actions.is_empty(), "{d:?}");
+        let c = member("c", MemberState::Streaming, 90);
+        let v = with_key(view(None, &[b, c]), &["a", "b", "c"], 1);
+        let d = Obs::new(Some(v))
+            .running(Some(standby_status(100)))
+            .decide(&sync_cfg("a", SynchronousMode::Quorum), &Memory::default());
+        assert_eq!(d.actions, vec![Action::AcquireLeader]);
+    }
+
+    #[test]
+    fn quorum_counts_only_members_that_answered_not_stale_keys() {
+        let b = member("b", MemberState::Streaming, 100);
+        let c = member("c", MemberState::Streaming, 90);
+        let mut v = with_key(view(None, &[b, c]), &["a", "b", "c"], 1);
+        // b's key is still there, but b's agent did not answer.
+        v.reached = Some(["c".to_string()].into());
+        let d = Obs::new(Some(v))
+            .running(Some(standby_status(100)))
+            .decide(&sync_cfg("a", SynchronousMode::Quorum), &Memory::default());
+        assert!(d.actions.is_empty(), "{d:?}");
+        assert!(d.reason.contains("need 3"), "{}", d.reason);
+    }
+
+    #[test]
+    fn the_leader_plans_synchronous_standbys_and_says_when_it_falls_back() {
+        let mut b = member("b", MemberState::Streaming, 100);
+        b.role = Role::Replica;
+        let mut v = view(Some("a"), &[b]);
+        v.sync = Some(SyncKey {
+            leader: "a".into(),
+            members: vec!["b".into()],
+            quorum: 1,
+        });
+        let mut status = primary_status();
+        status.standbys = sync::Standbys::First(vec!["b".into()]);
+        // b is gone from pg_stat_replication: out of the key, then async.
+        let d = Obs::new(Some(v))
+            .holding_lease(Duration::from_secs(5))
+            .running(Some(status))
+            .decide(&sync_cfg("a", SynchronousMode::On), &Memory::default());
+        let tail: Vec<&Action> = d.actions.iter().rev().take(2).collect();
+        assert_eq!(
+            tail[0],
+            &Action::SetSyncStandbys(sync::Standbys::None),
+            "{d:?}"
+        );
+        assert!(
+            matches!(tail[1], Action::SetSyncKey(k) if k.members.is_empty()),
+            "{d:?}"
+        );
+        assert!(
+            d.reason.contains("falling back to asynchronous"),
+            "{}",
+            d.reason
+        );
     }
 }

@@ -697,11 +697,17 @@ impl Postgres {
         Ok(client)
     }
 
+    /// What PostgreSQL says about itself; `None` if it does not answer within 3 s (a
+    /// blocked server must not wedge the loop).
     pub async fn status(&self) -> Option<PgStatus> {
-        match self
-            .with_client(|c| async move { query::status(&c).await })
-            .await
-        {
+        let ask = self.with_client(|c| async move { query::status(&c).await });
+        let answer = match tokio::time::timeout(Duration::from_secs(3), ask).await {
+            Ok(a) => a,
+            Err(_) => Err(anyhow::anyhow!(
+                "PostgreSQL did not answer the status query within 3 s"
+            )),
+        };
+        match answer {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::debug!(error = %format!("{e:#}"), "PostgreSQL status unavailable");

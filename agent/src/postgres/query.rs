@@ -5,6 +5,7 @@ use pgherd_config::Credentials;
 use tokio_postgres::Client;
 
 use super::conf::{sql_ident, sql_literal};
+use crate::ha::sync::{Replication, Standbys};
 use crate::ha::PgStatus;
 use crate::lsn::Lsn;
 
@@ -17,7 +18,12 @@ SELECT pg_is_in_recovery(),
        (SELECT received_tli FROM pg_stat_wal_receiver),
        (SELECT status FROM pg_stat_wal_receiver),
        (SELECT timeline_id FROM pg_control_checkpoint()),
-       EXISTS (SELECT 1 FROM pg_settings WHERE pending_restart)";
+       EXISTS (SELECT 1 FROM pg_settings WHERE pending_restart),
+       current_setting('synchronous_standby_names')";
+
+const REPLICATION: &str = "\
+SELECT application_name, COALESCE(sync_state, 'async'), flush_lsn::text
+  FROM pg_stat_replication WHERE state = 'streaming'";
 
 fn lsn(s: Option<String>) -> Option<Lsn> {
     s.and_then(|s| s.parse().ok())
@@ -49,6 +55,21 @@ pub async fn status(c: &Client) -> Result<PgStatus> {
         replay_lsn: lsn(row.get(4)),
         streaming: receiver.as_deref() == Some("streaming"),
         pending_restart: row.get(8),
+        standbys: Standbys::parse(row.get::<_, &str>(9)),
+        replication: if in_recovery {
+            vec![]
+        } else {
+            c.query(REPLICATION, &[])
+                .await
+                .context("pg_stat_replication query failed")?
+                .iter()
+                .map(|r| Replication {
+                    application_name: r.get(0),
+                    sync_state: r.get(1),
+                    flush_lsn: lsn(r.get(2)),
+                })
+                .collect()
+        },
     })
 }
 
