@@ -53,11 +53,44 @@ impl Command {
     }
 }
 
+/// The pids of `parent`'s children, from /proc.
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // "pid (comm) state ppid ...": the comm may contain spaces.
+                    let rest = stat.rsplit_once(')')?.1;
+                    rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// Kills a postmaster and every process it forked. PostgreSQL puts each backend in a
+/// session of its own (setsid), so killing the postmaster's process group is not enough: a
+/// backend in the middle of a statement could still commit. The postmaster is stopped
+/// first so it cannot fork while its children are collected.
+pub fn kill_postgres(postmaster: i32) {
+    let pm = Pid::from_raw(postmaster);
+    let _ = nix::sys::signal::kill(pm, Signal::SIGSTOP);
+    for child in children_of(postmaster) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(child), Signal::SIGKILL);
+    }
+    let _ = killpg(pm, Signal::SIGKILL);
+    let _ = nix::sys::signal::kill(pm, Signal::SIGKILL);
+}
+
 fn fence(pid: i32, why: &str) {
-    // The postmaster leads its own process group (see postgres::Postgres::start), so this
-    // kills every backend too: none can acknowledge a commit afterwards.
-    let result = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-    eprintln!("pgherd watchdog: {why}; killed PostgreSQL process group {pid} ({result:?})");
+    kill_postgres(pid);
+    eprintln!("pgherd watchdog: {why}; killed PostgreSQL (postmaster {pid} and its children)");
 }
 
 /// The watchdog process's main loop; returns when the agent is gone.

@@ -137,3 +137,74 @@ fn the_agent_dying_while_armed_fences_at_once() {
     );
     wd.wait().unwrap();
 }
+
+/// PostgreSQL puts every backend in a session of its own: fencing must kill those too, or a
+/// backend in the middle of a statement could still commit.
+#[test]
+fn fencing_also_kills_children_in_their_own_session() {
+    let mut victim = Victim(
+        Command::new("sh")
+            .arg("-c")
+            .arg("setsid sleep 60 & exec sleep 60")
+            .process_group(0)
+            .spawn()
+            .expect("sh starts"),
+    );
+    let find_child = || {
+        let out = Command::new("pgrep")
+            .arg("-P")
+            .arg(victim.pid().to_string())
+            .output()
+            .expect("pgrep runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let child = loop {
+        if let Some(c) = find_child() {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the setsid child never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let session = |pid: i32| unsafe { libc::getsid(pid) };
+    assert_ne!(
+        session(child),
+        session(victim.pid() as i32),
+        "the child has a session of its own"
+    );
+    let mut wd = watchdog();
+    let mut stdin = wd.stdin.take().unwrap();
+    writeln!(
+        stdin,
+        "arm {} {}",
+        victim.pid(),
+        monotonic_ns() + 100_000_000
+    )
+    .unwrap();
+    assert!(
+        victim.died_within(Duration::from_secs(10)),
+        "the postmaster stand-in was killed"
+    );
+    let gone = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < gone {
+        let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        let alive = state
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next())
+            .is_some_and(|s| s != 'Z' && s != 'X');
+        if !alive {
+            drop(stdin);
+            wd.wait().unwrap();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("kill")
+        .arg("-9")
+        .arg(child.to_string())
+        .status();
+    panic!("the child in its own session survived the fence");
+}

@@ -260,14 +260,9 @@ impl Member {
     pub fn crash(&self) -> Result<Option<i32>> {
         let postmaster = self.postmaster_pid();
         if let Some(pid) = postmaster {
-            let pid_t = nix::unistd::Pid::from_raw(pid);
-            if nix::unistd::getpgid(Some(pid_t)) == Ok(pid_t) {
-                nix::sys::signal::killpg(pid_t, Signal::SIGKILL)
-                    .with_context(|| format!("cannot kill {}'s PostgreSQL", self.name()))?;
-            } else {
-                nix::sys::signal::kill(pid_t, Signal::SIGKILL)
-                    .with_context(|| format!("cannot kill {}'s postmaster", self.name()))?;
-            }
+            // Every backend runs in a session of its own: kill them one by one, as a power
+            // cut would, not just the postmaster's process group.
+            pgherd_agent::watchdog::kill_postgres(pid);
         }
         self.process.kill_group();
         Ok(postmaster)

@@ -8,8 +8,8 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::{Pid, User};
+
+use nix::unistd::User;
 use tempfile::TempDir;
 use tokio_postgres::types::FromSqlOwned;
 use tokio_postgres::{Client, NoTls, Row};
@@ -163,11 +163,8 @@ pub fn kill_postmaster(data_dir: &Path) -> bool {
     let Some(pid) = postmaster_pid(data_dir) else {
         return false;
     };
-    let pid_t = Pid::from_raw(pid);
-    if nix::unistd::getpgid(Some(pid_t)) == Ok(pid_t) {
-        let _ = nix::sys::signal::killpg(pid_t, Signal::SIGKILL);
-    }
-    let _ = kill(pid_t, Signal::SIGKILL);
+    // The postmaster and every backend (each runs in a session of its own).
+    pgherd_agent::watchdog::kill_postgres(pid);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while is_alive(pid) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
