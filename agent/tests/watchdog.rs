@@ -189,22 +189,25 @@ fn fencing_also_kills_children_in_their_own_session() {
         "the postmaster stand-in was killed"
     );
     let gone = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < gone {
+    let mut child_died = false;
+    while Instant::now() < gone && !child_died {
         let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-        let alive = state
+        child_died = !state
             .rsplit_once(')')
             .and_then(|(_, r)| r.trim_start().chars().next())
             .is_some_and(|s| s != 'Z' && s != 'X');
-        if !alive {
-            drop(stdin);
-            wd.wait().unwrap();
-            return;
-        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = Command::new("kill")
-        .arg("-9")
-        .arg(child.to_string())
-        .status();
-    panic!("the child in its own session survived the fence");
+    drop(stdin);
+    wd.wait().unwrap();
+    if !child_died {
+        let _ = Command::new("kill")
+            .arg("-9")
+            .arg(child.to_string())
+            .status();
+    }
+    assert!(
+        child_died,
+        "the child in its own session survived the fence"
+    );
 }
