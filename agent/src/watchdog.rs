@@ -2,7 +2,7 @@
 //! started by the agent with a pipe on its stdin. While the agent holds the leader lease it
 //! sends `arm <postmaster pid> <deadline>` (CLOCK_MONOTONIC nanoseconds: the moment its lease
 //! could be in doubt) after every renewal; otherwise `disarm`. The watchdog kills
-//! PostgreSQL's whole process group with SIGKILL when
+//! the postmaster and every process it forked with SIGKILL when
 //!
 //! - the deadline passes without a new `arm` (the agent is stopped, hung, or cannot renew), or
 //! - the pipe closes while armed (the agent died).
