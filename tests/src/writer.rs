@@ -147,6 +147,21 @@ impl Writer {
         lock(&self.report).label.clone()
     }
 
+    /// Waits until the writer has at least `n` acknowledgements.
+    pub async fn wait_acks(&self, n: usize, timeout: Duration) -> Result<()> {
+        wait_until(timeout, format!("{n} acknowledged writes"), || async {
+            let report = self.report();
+            anyhow::ensure!(
+                report.acks.len() >= n,
+                "{} so far; {}",
+                report.acks.len(),
+                report.summary()
+            );
+            Ok(())
+        })
+        .await
+    }
+
     /// Waits until an insert sent at or after `t` is acknowledged, and returns it.
     pub async fn wait_ack_sent_after(&self, t: Instant, timeout: Duration) -> Result<Ack> {
         let label = self.label();

@@ -35,21 +35,6 @@ fn secs(d: Duration) -> String {
     format!("{:.3} s", d.as_secs_f64())
 }
 
-/// Waits until the writer has at least `n` acknowledgements.
-async fn wait_acks(writer: &Writer, n: usize) -> Result<()> {
-    wait_until(REPLICATION, format!("{n} acknowledged writes"), || async {
-        let report = writer.report();
-        ensure!(
-            report.acks.len() >= n,
-            "{} so far; {}",
-            report.acks.len(),
-            report.summary()
-        );
-        Ok(())
-    })
-    .await
-}
-
 /// The longest time between consecutive acknowledgements from `from` until `until`: the
 /// write gap of whatever happened in between.
 fn gap_within(report: &WriterReport, from: Instant, until: Instant) -> Option<Duration> {
@@ -94,7 +79,7 @@ async fn switching_over_to_a_named_replica_and_back_three_times_loses_no_acknowl
     let history_before = cluster.history().await?.len();
     let writer = Writer::start(&cluster).await?;
     let table = writer.report().table;
-    wait_acks(&writer, 25).await?;
+    writer.wait_acks(25, REPLICATION).await?;
 
     let (mut from, mut to) = ("node1", "node2");
     let mut figures = Vec::new();
@@ -499,7 +484,7 @@ async fn a_switchover_to_a_candidate_whose_agent_hangs_fails_and_the_old_leader_
     let tl = timeline(leader).await?;
     let writer = Writer::start(&cluster).await?;
     let table = writer.report().table;
-    wait_acks(&writer, 25).await?;
+    writer.wait_acks(25, REPLICATION).await?;
 
     let frozen: Paused = candidate.pause_agent()?;
     let started = Instant::now();

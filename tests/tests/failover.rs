@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
-    current_wal_lsn, missing_rows, timeline, wait_replayed, wait_streaming_from, wait_until,
-    Cluster, Signal, Writer, WriterReport,
+    current_wal_lsn, missing_rows, timeline, wait_replayed, wait_streaming_from, Cluster, Signal,
+    Writer, WriterReport,
 };
 use tokio::time::Instant;
 
@@ -26,21 +26,6 @@ const REJOIN: Duration = Duration::from_secs(90);
 
 fn secs(d: Duration) -> String {
     format!("{:.3} s", d.as_secs_f64())
-}
-
-/// Waits until the writer has at least `n` acknowledgements.
-async fn wait_acks(writer: &Writer, n: usize) -> Result<()> {
-    wait_until(REPLICATION, format!("{n} acknowledged writes"), || async {
-        let report = writer.report();
-        ensure!(
-            report.acks.len() >= n,
-            "{} so far; {}",
-            report.acks.len(),
-            report.summary()
-        );
-        Ok(())
-    })
-    .await
 }
 
 /// The longest gap between acknowledgements that spans `t`, if any.
@@ -63,7 +48,7 @@ async fn killing_the_leader_agent_and_postmaster_promotes_a_replica_and_the_old_
 
     let writer = Writer::start(&cluster).await?;
     let table = writer.report().table;
-    wait_acks(&writer, 50).await?;
+    writer.wait_acks(50, REPLICATION).await?;
 
     // Everything acknowledged by `cut` was committed before `lsn` was read, so once both
     // replicas have replayed `lsn` every one of those rows is provably on both.
@@ -203,7 +188,7 @@ async fn postgres_killed_on_the_leader_is_restarted_in_place_keeping_leader_and_
         .context("no leader key")?;
 
     let writer = Writer::start(&cluster).await?;
-    wait_acks(&writer, 25).await?;
+    writer.wait_acks(25, REPLICATION).await?;
 
     let postmaster = leader
         .postmaster_pid()

@@ -179,6 +179,20 @@ impl Service {
         ))
     }
 
+    /// Sets `pause` in the dynamic configuration (on the leader; resuming also works
+    /// without one, since a paused cluster may have lost its leader). Returns whether the
+    /// cluster was paused before.
+    async fn set_pause(&self, pause: bool) -> Result<bool, Status> {
+        let view = self.view().await?;
+        if pause || view.leader.is_some() {
+            self.require_leader(&view)?;
+        }
+        let (old, _) = self
+            .patch_config(&[("pause".into(), pause.to_string())], false)
+            .await?;
+        Ok(old.pause)
+    }
+
     /// Waits until `done` says the cluster reached the wanted state.
     async fn wait_for<T>(
         &self,
@@ -519,36 +533,25 @@ impl AgentService for Service {
 
     async fn pause(&self, req: Request<PauseRequest>) -> Reply<PauseResponse> {
         self.authorize(&req)?;
-        let view = self.view().await?;
-        self.require_leader(&view)?;
-        let (old, _) = self
-            .patch_config(&[("pause".into(), "true".into())], false)
-            .await?;
+        let message = if self.set_pause(true).await? {
+            "the cluster was already paused"
+        } else {
+            "paused: no automatic failover or PostgreSQL restarts until pgherdctl resume"
+        };
         Ok(Response::new(PauseResponse {
-            message: if old.pause {
-                "the cluster was already paused".into()
-            } else {
-                "paused: no automatic failover or PostgreSQL restarts until pgherdctl resume".into()
-            },
+            message: message.into(),
         }))
     }
 
     async fn resume(&self, req: Request<ResumeRequest>) -> Reply<ResumeResponse> {
         self.authorize(&req)?;
-        let view = self.view().await?;
-        // Resuming must work even when the cluster lost its leader while paused.
-        if view.leader.is_some() {
-            self.require_leader(&view)?;
-        }
-        let (old, _) = self
-            .patch_config(&[("pause".into(), "false".into())], false)
-            .await?;
+        let message = if self.set_pause(false).await? {
+            "resumed: automatic failover is back on"
+        } else {
+            "the cluster was not paused"
+        };
         Ok(Response::new(ResumeResponse {
-            message: if old.pause {
-                "resumed: automatic failover is back on".into()
-            } else {
-                "the cluster was not paused".into()
-            },
+            message: message.into(),
         }))
     }
 
