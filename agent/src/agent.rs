@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::StatusBoard;
+use crate::backup::{ops as backup_ops, BackupContext};
 use crate::dcs::model::{ClusterView, HistoryEntry, MemberInfo, MemberState, Role, VERSION};
 use crate::dcs::{Dcs, Lease};
 use crate::ha::{
@@ -78,6 +79,8 @@ pub struct Agent {
     known_timeline: Option<u32>,
     /// The `synchronous_standby_names` this leader set (`None`: the default for the mode).
     standbys_set: Option<crate::ha::sync::Standbys>,
+    /// The WAL archive and base backups, with a `backup` section.
+    backup: Option<BackupContext>,
 }
 
 /// How much earlier than the lease TTL a leader considers its lease gone (rule 2): a tenth
@@ -116,7 +119,13 @@ impl Agent {
         let pg = Arc::new(Postgres::new(cfg.clone(), wake.clone())?);
         let peer_client =
             crate::api::ClientOptions::from_api_config(&cfg.api, Duration::from_millis(500))?;
+        let backup = BackupContext::new(
+            cfg.clone(),
+            pg.os_user().clone(),
+            pg.bin_dir().to_path_buf(),
+        );
         Ok(Agent {
+            backup,
             cfg,
             dcs,
             pg,
@@ -140,6 +149,11 @@ impl Agent {
             known_timeline: None,
             standbys_set: None,
         })
+    }
+
+    /// The backup repository, shared with the API and the schedules.
+    pub fn backup(&self) -> Option<BackupContext> {
+        self.backup.clone()
     }
 
     /// The local PostgreSQL, shared with the API.
@@ -167,6 +181,15 @@ impl Agent {
                 .stop()
                 .await
                 .context("cannot stop the unsupervised PostgreSQL")?;
+        }
+        backup_ops::recover_interrupted_restore(&self.pg)?;
+        if let Some(b) = &self.backup {
+            b.prepare().with_context(|| {
+                format!(
+                    "cannot prepare the backup repository {}",
+                    b.repo.root().display()
+                )
+            })?;
         }
         self.watchdog = Some(Watchdog::spawn().context("cannot start the fencing watchdog")?);
         let watch = self.dcs.spawn_watch(self.wake.clone());
@@ -664,6 +687,7 @@ impl Agent {
                 self.start_job(kind.clone(), obs);
                 Ok(())
             }
+            Action::FinishRestore { id, error } => self.finish_restore(id, error.clone()).await,
             Action::EmptyDataDir => {
                 // Rule 6: never on the key holder, and always with the reason logged.
                 if self.leader_lease.is_some() {
@@ -948,6 +972,58 @@ impl Agent {
         Ok(())
     }
 
+    /// Records how restore `id` ended in the `restore` key and, on success, in `history`.
+    async fn finish_restore(&mut self, id: &str, error: Option<String>) -> Result<()> {
+        use crate::dcs::model::RestorePhase;
+        self.memory.restore_outcome = Some((id.to_string(), error.clone()));
+        let view = self.dcs.load().await?;
+        let Some((mut key, rev)) = view.restore.clone().filter(|(k, _)| k.id == id) else {
+            self.memory.restore_outcome = None;
+            return Ok(());
+        };
+        let timeline = match &error {
+            None => self.pg.status().await.and_then(|s| s.timeline),
+            Some(_) => None,
+        };
+        key.phase = if error.is_none() {
+            RestorePhase::Done
+        } else {
+            RestorePhase::Failed
+        };
+        key.finished_at = Some(now_rfc3339());
+        key.timeline = timeline;
+        key.message = match &error {
+            None => format!(
+                "restored from backup {} to {} on timeline {}",
+                key.backup_id,
+                key.target.describe(),
+                timeline
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "?".into())
+            ),
+            Some(e) => format!("failed, the previous data is back: {e}"),
+        };
+        if !self.dcs.put_restore(&key, rev).await? {
+            return Err(anyhow!("the restore key changed meanwhile"));
+        }
+        tracing::info!(restore = %id, reason = %key.message, "decision");
+        if let (None, Some(tl)) = (&error, timeline) {
+            let entry = HistoryEntry {
+                timeline: tl,
+                switch_lsn: self.pg.timeline_switch(tl).await.unwrap_or(None),
+                time: now_rfc3339(),
+                reason: format!("point-in-time restore {id}: {}", key.message),
+                leader: self.cfg.name.clone(),
+            };
+            if let Err(e) = self.dcs.append_history(entry).await {
+                tracing::warn!(error = %e, "cannot record the restore in the history key");
+            }
+            self.known_timeline = Some(tl);
+        }
+        self.memory.restore_outcome = None;
+        Ok(())
+    }
+
     fn start_job(&mut self, kind: JobKind, obs: &Observation) {
         let pg = self.pg.clone();
         let params = self.cluster_params();
@@ -957,7 +1033,7 @@ impl Agent {
                 .as_ref()
                 .and_then(|v| v.members.get(from))
                 .map(upstream_of),
-            JobKind::Bootstrap => None,
+            JobKind::Bootstrap | JobKind::Restore { .. } => None,
         };
         let handle = match &kind {
             JobKind::Bootstrap => tokio::spawn(async move {
@@ -985,6 +1061,26 @@ impl Agent {
                 pg.write_pgpass()?;
                 pg.rewind(&up).await
             }),
+            JobKind::Restore { id } => {
+                let key = obs
+                    .cluster
+                    .as_ref()
+                    .and_then(|v| v.restore.as_ref())
+                    .map(|(k, _)| k.clone())
+                    .filter(|k| &k.id == id);
+                let ctx = self.backup.clone();
+                // No standby exists on the restored timeline yet.
+                let mut params = params;
+                params.insert(
+                    "synchronous_standby_names".to_string(),
+                    ParamValue::Text(String::new()),
+                );
+                tokio::spawn(async move {
+                    let key = key.context("the restore key disappeared")?;
+                    let ctx = ctx.context("this member has no backup section")?;
+                    backup_ops::run_restore(ctx, pg, key, params).await
+                })
+            }
         };
         // The loop reacts to the finished job at once, not at the next tick.
         let wake = self.wake.clone();
@@ -1016,6 +1112,10 @@ impl Agent {
                 kind: JobKind::Rewind { .. },
                 ..
             }) => MemberState::Rewinding,
+            Some(Job {
+                kind: JobKind::Restore { .. },
+                ..
+            }) => MemberState::Restoring,
             None => decision.state,
         };
         // Roles follow the key, not intentions: a member is "leader" only while it holds it.

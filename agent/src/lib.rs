@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod backup;
 pub mod dcs;
 pub mod ha;
 pub mod lsn;

@@ -34,6 +34,20 @@ enum Command {
         /// The file to check (defaults to --config).
         file: Option<PathBuf>,
     },
+    /// PostgreSQL's archive_command: store WAL file PATH (`%p`) in the backup repository.
+    /// Exits non-zero, saying why on stderr, when the file could not be archived.
+    WalPush {
+        /// The WAL file, as PostgreSQL passes it (`%p`).
+        path: PathBuf,
+    },
+    /// PostgreSQL's restore_command: restore archived WAL file NAME (`%f`) to PATH (`%p`)
+    /// after checking its checksum. Exits 1 when the file is not in the archive.
+    WalFetch {
+        /// The WAL file name (`%f`).
+        name: String,
+        /// Where PostgreSQL wants it (`%p`).
+        path: PathBuf,
+    },
     /// Internal: the fencing watchdog the agent starts for itself.
     #[command(hide = true)]
     Watchdog,
@@ -63,6 +77,18 @@ fn main() -> ExitCode {
             pgherd_agent::watchdog::run();
             ExitCode::SUCCESS
         }
+        Some(Command::WalPush { path }) => wal_command(cli.config, "wal-push", |ctx| {
+            pgherd_agent::backup::wal::push(
+                ctx.repo.as_ref(),
+                &path,
+                ctx.backup.compression,
+                ctx.backup.level(),
+            )
+            .map(|_| ())
+        }),
+        Some(Command::WalFetch { name, path }) => wal_command(cli.config, "wal-fetch", |ctx| {
+            pgherd_agent::backup::wal::fetch(ctx.repo.as_ref(), &name, &path)
+        }),
         Some(Command::CheckConfig { file }) => {
             let Some(path) = file.or(cli.config) else {
                 eprintln!("check-config needs a FILE (or --config FILE)");
@@ -113,6 +139,44 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs `wal-push` or `wal-fetch`: one line on stderr and exit 1 on any error (PostgreSQL
+/// puts it in its log and retries).
+fn wal_command(
+    config: Option<PathBuf>,
+    what: &str,
+    f: impl FnOnce(
+        &pgherd_agent::backup::BackupContext,
+    ) -> Result<(), pgherd_agent::backup::wal::WalError>,
+) -> ExitCode {
+    let Some(path) = config else {
+        eprintln!("pgherd-agent {what}: needs --config FILE (the member's configuration)");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let cfg = match pgherd_config::load(&path) {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(e) => {
+            eprintln!("pgherd-agent {what}: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let user = pgherd_agent::postgres::command::OsUser::current();
+    let bin_dir = pgherd_agent::postgres::find_bin_dir(cfg.postgres.bin_dir.as_deref());
+    let Some(ctx) = pgherd_agent::backup::BackupContext::new(cfg, user, bin_dir) else {
+        eprintln!(
+            "pgherd-agent {what}: {} has no backup section; nothing to archive to",
+            path.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    match f(&ctx) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgherd-agent {what}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn init_logging(member: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGHERD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -140,6 +204,19 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
     let board = api::StatusBoard::new(&cfg.cluster);
     let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(8);
     let agent = Agent::new(cfg.clone(), dcs.clone(), board.clone(), requests_rx)?;
+    let backup = agent.backup();
+    let backup_busy = Arc::new(tokio::sync::Mutex::new(()));
+    if let Some(ctx) = backup.clone() {
+        let board = board.clone();
+        tokio::spawn(pgherd_agent::backup::ops::run_schedules(
+            ctx,
+            agent.postgres(),
+            dcs.clone(),
+            move || board.my_role(),
+            backup_busy.clone(),
+            shutdown.clone(),
+        ));
+    }
     let server = api::serve(
         api::ApiContext {
             cfg: cfg.clone(),
@@ -147,6 +224,8 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
             board,
             pg: agent.postgres(),
             requests: requests_tx,
+            backup: backup.clone(),
+            backup_busy: backup_busy.clone(),
         },
         shutdown.clone(),
     )

@@ -4,6 +4,7 @@
 //! Validation never stops at the first problem: [`load`] and [`Config::validate`] return every
 //! problem with its YAML path, so an operator fixes a file in one pass.
 
+pub mod backup;
 pub mod patch;
 mod validate;
 
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use backup::{BackupConfig, Compression, Retention};
 pub use validate::Problem;
 
 /// Default directory of the PostgreSQL 15 binaries on Debian.
@@ -33,6 +35,13 @@ pub struct Config {
     pub bootstrap: Bootstrap,
     #[serde(default)]
     pub tags: Tags,
+    /// WAL archive and base backups; without it nothing is archived.
+    #[serde(default)]
+    pub backup: Option<BackupConfig>,
+    /// The file this configuration was loaded from (set by [`load`], never read from YAML);
+    /// `archive_command` passes it to `pgherd-agent wal-push`.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -425,10 +434,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(&text).map_err(|problems| ConfigError::Invalid {
+    let mut config = parse(&text).map_err(|problems| ConfigError::Invalid {
         path: path.to_path_buf(),
         problems,
-    })
+    })?;
+    config.source = Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
+    Ok(config)
 }
 
 /// Parses and validates configuration text; the error lists every problem found.

@@ -559,5 +559,8 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
             }
         }
     }
+    if let Some(b) = &c.backup {
+        b.validate(&mut out);
+    }
     out
 }

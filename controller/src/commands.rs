@@ -10,7 +10,7 @@ use crate::agents::{status_failure, Target};
 use crate::{list, Cli, Command, Failure, Format};
 
 /// Asks before a disruptive step; refuses without a terminal (a script must say --force).
-fn confirm(question: &str, force: bool) -> Result<(), Failure> {
+pub fn confirm(question: &str, force: bool) -> Result<(), Failure> {
     if force {
         return Ok(());
     }
@@ -80,6 +80,40 @@ fn print_per_member(format: Format, results: &[(String, String, Option<bool>)]) 
 pub async fn run(cli: &Cli) -> Result<(), Failure> {
     let target = Target::from_cli(cli).await?;
     match &cli.command {
+        Command::Backup {
+            action: Some(crate::BackupAction::Verify { id }),
+            ..
+        } => crate::backup::verify(&target, cli.format, id.as_deref()).await?,
+        Command::Backup {
+            action: None,
+            from_replica,
+            member,
+        } => crate::backup::backup(&target, cli.format, *from_replica, member.as_deref()).await?,
+        Command::Backups => crate::backup::list(&target, cli.format).await?,
+        Command::Restore {
+            target_time,
+            target_lsn,
+            target_name,
+            latest,
+            backup,
+            force,
+            no_wait,
+        } => {
+            crate::backup::restore(
+                &target,
+                cli.format,
+                crate::backup::RestoreOptions {
+                    target_time: target_time.as_deref(),
+                    target_lsn: target_lsn.as_deref(),
+                    target_name: target_name.as_deref(),
+                    latest: *latest,
+                    backup: backup.as_deref(),
+                    force: *force,
+                    wait: !*no_wait,
+                },
+            )
+            .await?
+        }
         Command::List => {
             let view = target.view().await?;
             print!("{}", list::render(&target.cluster, &view, cli.format));

@@ -2,6 +2,7 @@
 //! from etcd and asks the agents (over gRPC) to change it.
 
 mod agents;
+mod backup;
 mod commands;
 mod list;
 
@@ -119,6 +120,47 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Take a base backup now (on the leader, or a replica with --from-replica), showing
+    /// progress; `backup verify [ID]` proves a backup restores.
+    Backup {
+        #[command(subcommand)]
+        action: Option<BackupAction>,
+        /// Take it from a streaming replica instead of the leader.
+        #[arg(long)]
+        from_replica: bool,
+        /// With --from-replica: this replica (default: the least lagging streaming one).
+        #[arg(long, requires = "from_replica")]
+        member: Option<String>,
+    },
+    /// List the base backups in the repository with their WAL range, size and last
+    /// verification.
+    Backups,
+    /// Point-in-time restore of the whole cluster: the leader's data directory is replaced
+    /// from a base backup and recovered to the target on a new timeline; the other members
+    /// re-clone from it. The old data directory is kept until the restore succeeded.
+    Restore {
+        /// Recover up to this time (RFC 3339 with a zone, e.g. 2026-11-26T10:00:00Z).
+        #[arg(long, value_name = "TIME", group = "target")]
+        target_time: Option<String>,
+        /// Recover up to this WAL position (e.g. 0/3000060).
+        #[arg(long, value_name = "LSN", group = "target")]
+        target_lsn: Option<String>,
+        /// Recover up to this restore point (pg_create_restore_point).
+        #[arg(long, value_name = "NAME", group = "target")]
+        target_name: Option<String>,
+        /// Recover to the end of the archive.
+        #[arg(long, group = "target")]
+        latest: bool,
+        /// Start from this backup (default: the newest that can reach the target).
+        #[arg(long, value_name = "ID")]
+        backup: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        force: bool,
+        /// Return once the restore has started instead of waiting for it to finish.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Show the cluster-wide (dynamic) configuration stored in etcd.
     ShowConfig,
     /// Change the cluster-wide configuration: validated like the file, the change is shown
@@ -131,6 +173,17 @@ pub enum Command {
         /// Do not ask for confirmation.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BackupAction {
+    /// Restore a backup (default: the newest) and the archive into a scratch directory,
+    /// recover to the end of the archive, check it with pg_amcheck and a row count, and
+    /// report pass or fail (exit 1 on fail).
+    Verify {
+        /// The backup's id (see pgherdctl backups).
+        id: Option<String>,
     },
 }
 

@@ -38,6 +38,8 @@ pub(crate) struct Board {
     pub members: Vec<MemberInfo>,
     pub paused: bool,
     pub handover: Option<Handover>,
+    /// The cluster's last point-in-time restore.
+    pub restore: Option<crate::dcs::model::RestoreKey>,
 }
 
 impl StatusBoard {
@@ -53,6 +55,11 @@ impl StatusBoard {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// This member's role as the loop last published it.
+    pub fn my_role(&self) -> Option<crate::dcs::model::Role> {
+        self.lock().me.as_ref().map(|m| m.role)
+    }
+
     pub(crate) fn snapshot(&self) -> Board {
         self.lock().clone()
     }
@@ -65,6 +72,7 @@ impl StatusBoard {
             b.members = v.members.values().cloned().collect();
             b.paused = matches!(&v.config, Some(Ok(c)) if c.pause);
             b.handover = v.handover.as_ref().map(|(h, _)| h.clone());
+            b.restore = v.restore.as_ref().map(|(r, _)| r.clone());
         }
     }
 }
@@ -109,6 +117,10 @@ pub struct ApiContext {
     pub board: StatusBoard,
     pub pg: Arc<Postgres>,
     pub requests: mpsc::Sender<LocalRequest>,
+    /// The WAL archive and base backups, with a `backup` section.
+    pub backup: Option<crate::backup::BackupContext>,
+    /// Held while a backup or verification runs: one at a time per agent.
+    pub backup_busy: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn tls_config(cfg: &Config) -> Result<Option<ServerTlsConfig>> {

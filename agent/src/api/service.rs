@@ -38,7 +38,64 @@ fn unavailable(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("etcd: {e}"))
 }
 
+type BackupEventStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<BackupEvent, Status>> + Send>>;
+
+/// Runs `work` in a task and streams its progress, then its result (or its error).
+fn progress_stream<F, Fut>(work: F) -> Response<BackupEventStream>
+where
+    F: FnOnce(tokio::sync::watch::Sender<crate::backup::base::Progress>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<String>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let (ptx, mut prx) = tokio::sync::watch::channel(crate::backup::base::Progress::default());
+    tokio::spawn(async move {
+        let job = tokio::spawn(work(ptx));
+        tokio::pin!(job);
+        let event = |p: &crate::backup::base::Progress| BackupEvent {
+            phase: p.phase.clone(),
+            done_bytes: p.done_bytes,
+            total_bytes: p.total_bytes,
+            result_json: String::new(),
+        };
+        loop {
+            tokio::select! {
+                done = &mut job => {
+                    let item = match done {
+                        Ok(Ok(json)) => Ok(BackupEvent {
+                            phase: "done".into(),
+                            result_json: json,
+                            ..BackupEvent::default()
+                        }),
+                        Ok(Err(e)) => Err(Status::failed_precondition(format!("{e:#}"))),
+                        Err(e) => Err(Status::internal(format!("the task died: {e}"))),
+                    };
+                    let _ = tx.send(item).await;
+                    return;
+                }
+                changed = prx.changed() => {
+                    if changed.is_ok() {
+                        let ev = event(&prx.borrow_and_update());
+                        // A slow client only misses intermediate progress.
+                        let _ = tx.try_send(Ok(ev));
+                    }
+                }
+            }
+        }
+    });
+    Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
 impl Service {
+    fn backup_ctx(&self) -> Result<crate::backup::BackupContext, Status> {
+        self.ctx.backup.clone().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "{} has no backup section in its configuration",
+                self.ctx.cfg.name
+            ))
+        })
+    }
+
     pub fn new(ctx: ApiContext, token: Option<String>) -> Service {
         Service { ctx, token }
     }
@@ -266,6 +323,18 @@ impl AgentService for Service {
             last_decision: me.decision.clone(),
             paused: b.paused,
             switchover: b.handover.as_ref().map(handover_to_proto),
+            restore_json: b
+                .restore
+                .as_ref()
+                .and_then(|r| serde_json::to_string(r).ok())
+                .unwrap_or_default(),
+            backup_json: self
+                .ctx
+                .backup
+                .as_ref()
+                .and_then(|c| crate::backup::ops::summary(c).ok())
+                .and_then(|s| serde_json::to_string(&s).ok())
+                .unwrap_or_default(),
         }))
     }
 
@@ -577,6 +646,114 @@ impl AgentService for Service {
         Ok(Response::new(GetConfigResponse {
             json: serde_json::to_string_pretty(&cfg)
                 .map_err(|e| Status::internal(e.to_string()))?,
+        }))
+    }
+
+    type BackupStream = BackupEventStream;
+    type VerifyBackupStream = BackupEventStream;
+
+    async fn backup(&self, req: Request<BackupRequest>) -> Reply<Self::BackupStream> {
+        self.authorize(&req)?;
+        let from_replica = req.into_inner().from_replica;
+        let ctx = self.backup_ctx()?;
+        let view = self.view().await?;
+        if !from_replica {
+            self.require_leader(&view)?;
+        }
+        let guard = self.ctx.backup_busy.clone().try_lock_owned().map_err(|_| {
+            Status::failed_precondition(format!(
+                "a backup or verification is already running on {}",
+                self.ctx.cfg.name
+            ))
+        })?;
+        let pg = self.ctx.pg.clone();
+        Ok(progress_stream(move |progress| async move {
+            let _guard = guard;
+            let info =
+                crate::backup::ops::take_backup(&ctx, &pg, &view, from_replica, &progress).await?;
+            Ok(serde_json::to_string(&info)?)
+        }))
+    }
+
+    async fn list_backups(&self, _req: Request<ListBackupsRequest>) -> Reply<ListBackupsResponse> {
+        let ctx = self.backup_ctx()?;
+        let list = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+            let cat = ctx.catalog();
+            let mut out = Vec::new();
+            for b in cat.backups()? {
+                let mut v = serde_json::to_value(&b)?;
+                v["verify"] = serde_json::to_value(cat.verify_result(&b.id)?)?;
+                out.push(v);
+            }
+            Ok(serde_json::to_string(&out)?)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(format!("{e:#}")))?;
+        Ok(Response::new(ListBackupsResponse { backups_json: list }))
+    }
+
+    async fn verify_backup(
+        &self,
+        req: Request<VerifyBackupRequest>,
+    ) -> Reply<Self::VerifyBackupStream> {
+        self.authorize(&req)?;
+        let id = req.into_inner().backup_id;
+        let ctx = self.backup_ctx()?;
+        if !id.is_empty() {
+            ctx.catalog()
+                .get(&id)
+                .map_err(|e| Status::not_found(e.to_string()))?;
+        }
+        let guard = self.ctx.backup_busy.clone().try_lock_owned().map_err(|_| {
+            Status::failed_precondition(format!(
+                "a backup or verification is already running on {}",
+                self.ctx.cfg.name
+            ))
+        })?;
+        Ok(progress_stream(move |progress| async move {
+            let _guard = guard;
+            let id = (!id.is_empty()).then_some(id);
+            let result = crate::backup::ops::verify_backup(&ctx, id.as_deref(), &progress).await?;
+            Ok(serde_json::to_string(&result)?)
+        }))
+    }
+
+    async fn restore(&self, req: Request<RestoreRequest>) -> Reply<RestoreResponse> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let ctx = self.backup_ctx()?;
+        let view = self.view().await?;
+        self.require_leader(&view)?;
+        fn opt(s: &str) -> Option<&str> {
+            (!s.is_empty()).then_some(s)
+        }
+        let target = crate::backup::target::Target::from_options(
+            opt(&r.target_time),
+            opt(&r.target_lsn),
+            opt(&r.target_name),
+            r.latest,
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let key = crate::backup::ops::request_restore(
+            &ctx,
+            &self.ctx.pg,
+            &self.ctx.dcs,
+            target,
+            opt(&r.backup_id),
+        )
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<crate::backup::target::TargetError>()
+                .is_some()
+            {
+                Status::invalid_argument(format!("{e:#}"))
+            } else {
+                Status::failed_precondition(format!("{e:#}"))
+            }
+        })?;
+        Ok(Response::new(RestoreResponse {
+            restore_json: serde_json::to_string(&key).unwrap_or_default(),
         }))
     }
 

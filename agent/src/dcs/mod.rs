@@ -16,7 +16,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::lsn::Lsn;
-use model::{ClusterView, Handover, HistoryEntry, Initialize, LeaderKey, MemberInfo, SyncKey};
+use model::{
+    ClusterView, Handover, HistoryEntry, Initialize, LeaderKey, MemberInfo, RestoreKey, SyncKey,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
@@ -167,6 +169,12 @@ impl Dcs {
                     Ok(k) => view.sync = Some(k),
                     Err(e) => {
                         tracing::warn!(key = %key, error = %e, "ignoring unreadable sync key")
+                    }
+                },
+                "restore" => match serde_json::from_slice::<RestoreKey>(value) {
+                    Ok(k) => view.restore = Some((k, kv.mod_revision())),
+                    Err(e) => {
+                        tracing::warn!(key = %key, error = %e, "ignoring unreadable restore key")
                     }
                 },
                 "optime/leader" => {
@@ -381,6 +389,23 @@ impl Dcs {
                 self.member.clone(),
             )])
             .and_then([TxnOp::put(self.key("sync"), json, None)]);
+        let mut c = self.client.clone();
+        Ok(self.timed(c.txn(txn)).await?.succeeded())
+    }
+
+    /// Writes the restore key while the leader key names this member and the restore key is
+    /// still at `revision` (0: absent).
+    pub async fn put_restore(&self, key: &RestoreKey, revision: i64) -> Result<bool> {
+        let json = serde_json::to_string(key).map_err(|source| DcsError::Encode {
+            what: "restore".into(),
+            source,
+        })?;
+        let txn = Txn::new()
+            .when([
+                Compare::value(self.key("leader"), CompareOp::Equal, self.member.clone()),
+                Compare::mod_revision(self.key("restore"), CompareOp::Equal, revision),
+            ])
+            .and_then([TxnOp::put(self.key("restore"), json, None)]);
         let mut c = self.client.clone();
         Ok(self.timed(c.txn(txn)).await?.succeeded())
     }

@@ -54,6 +54,9 @@ pub enum MemberState {
     /// Running pg_rewind onto the leader's history.
     #[serde(rename = "rewinding")]
     Rewinding,
+    /// Replacing the data directory from a base backup and recovering to a target.
+    #[serde(rename = "restoring")]
+    Restoring,
 }
 
 impl MemberState {
@@ -68,6 +71,7 @@ impl MemberState {
             MemberState::CreatingReplica => "creating replica",
             MemberState::Waiting => "waiting",
             MemberState::Rewinding => "rewinding",
+            MemberState::Restoring => "restoring",
         }
     }
 
@@ -188,6 +192,8 @@ pub struct ClusterView {
     pub handover: Option<(Handover, i64)>,
     /// The synchronous replication key.
     pub sync: Option<SyncKey>,
+    /// The last point-in-time restore of the cluster, and its key's revision.
+    pub restore: Option<(RestoreKey, i64)>,
     /// Not stored in etcd: the members whose agents answered this member just now (asked
     /// before racing for a vacant leader key). `None` when nobody was asked.
     pub reached: Option<std::collections::BTreeSet<String>>,
@@ -223,4 +229,36 @@ pub struct SyncKey {
     pub members: Vec<String>,
     /// Every acknowledged commit is on at least this many of `members`.
     pub quorum: u32,
+}
+
+/// Where a point-in-time restore of the cluster is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestorePhase {
+    /// The named leader is replacing its data directory; nobody else may take over.
+    Restoring,
+    /// The leader runs on the restored data; members whose timeline is older re-clone.
+    Done,
+    /// The restore failed and the leader's previous data directory was put back.
+    Failed,
+}
+
+/// The `restore` key: the cluster's last point-in-time restore.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreKey {
+    pub id: String,
+    /// The member that restores (the leader when it was requested).
+    pub leader: String,
+    pub backup_id: String,
+    pub target: crate::backup::target::Target,
+    pub phase: RestorePhase,
+    /// RFC 3339, UTC.
+    pub requested_at: String,
+    #[serde(default)]
+    pub finished_at: Option<String>,
+    /// The timeline the restored cluster runs on.
+    #[serde(default)]
+    pub timeline: Option<u32>,
+    #[serde(default)]
+    pub message: String,
 }

@@ -85,6 +85,9 @@ pub enum JobKind {
     Clone { from: String },
     /// pg_rewind onto the named leader's history (a no-op when they did not diverge).
     Rewind { from: String },
+    /// Point-in-time restore `id` of the `restore` key: replace the data directory from a
+    /// base backup and recover to the target (only the leader runs it).
+    Restore { id: String },
 }
 
 impl JobKind {
@@ -93,6 +96,7 @@ impl JobKind {
             JobKind::Bootstrap => "initialising a new cluster".to_string(),
             JobKind::Clone { from } => format!("cloning from {from}"),
             JobKind::Rewind { from } => format!("rewinding onto {from}'s timeline"),
+            JobKind::Restore { id } => format!("point-in-time restore {id}"),
         }
     }
 }
@@ -150,6 +154,8 @@ pub struct Memory {
     /// The leader's WAL position when it last dropped a standby from, or lowered q in,
     /// `synchronous_standby_names` (quorum mode; see `sync`).
     pub standbys_changed_at: Option<Lsn>,
+    /// How restore `.0` ended (`Some(error)` when it failed), until the `restore` key says so.
+    pub restore_outcome: Option<(String, Option<String>)>,
 }
 
 /// Where a standby streams from.
@@ -212,6 +218,12 @@ pub enum Action {
     SetSyncKey(crate::dcs::model::SyncKey),
     /// Synchronous replication: set `synchronous_standby_names` and reload.
     SetSyncStandbys(sync::Standbys),
+    /// Record the end of restore `id` in the `restore` key (and `history`); `error` when it
+    /// failed and the previous data directory was put back.
+    FinishRestore {
+        id: String,
+        error: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -318,6 +330,112 @@ fn etcd_unreachable(obs: &Observation, state: MemberState, primary_running: bool
     decision(vec![], "etcd is unreachable; waiting", Role::Replica, state)
 }
 
+/// A point-in-time restore in the `restore` key: the named leader runs it while holding the
+/// leader key and nobody else takes over meanwhile; afterwards members whose data predates
+/// the restored timeline re-clone (rule 6: never the leader, and the reason is logged).
+fn restore_decision(
+    obs: &Observation,
+    view: &ClusterView,
+    cfg: &HaConfig,
+    mem: &Memory,
+    i_lead: bool,
+    state: MemberState,
+    primary_running: bool,
+) -> Option<Decision> {
+    use crate::dcs::model::RestorePhase;
+    let me = cfg.name.as_str();
+    let (r, _) = view.restore.as_ref()?;
+    let leader = view.leader_name();
+    match r.phase {
+        RestorePhase::Restoring if r.leader == me && i_lead => {
+            if let Some((id, error)) = &mem.restore_outcome {
+                if *id == r.id {
+                    return Some(decision(
+                        vec![
+                            Action::RenewLeader,
+                            Action::FinishRestore {
+                                id: id.clone(),
+                                error: error.clone(),
+                            },
+                        ],
+                        format!("recording the end of restore {id}"),
+                        Role::Leader,
+                        state,
+                    ));
+                }
+            }
+            Some(decision(
+                vec![
+                    Action::RenewLeader,
+                    Action::StartJob(JobKind::Restore { id: r.id.clone() }),
+                ],
+                format!(
+                    "restore {} requested: replacing my data directory from backup {} and recovering to {}",
+                    r.id,
+                    r.backup_id,
+                    r.target.describe()
+                ),
+                Role::Leader,
+                MemberState::Restoring,
+            ))
+        }
+        // Only the restoring member may lead until the restore is over.
+        RestorePhase::Restoring if r.leader != me && leader.is_none() => {
+            let actions = if primary_running {
+                vec![Action::StopPostgres]
+            } else {
+                vec![]
+            };
+            Some(decision(
+                actions,
+                format!(
+                    "{} is restoring the cluster (restore {}) and does not hold the leader key; waiting for it, nobody else may take over",
+                    r.leader, r.id
+                ),
+                Role::Replica,
+                MemberState::Waiting,
+            ))
+        }
+        RestorePhase::Done if !i_lead && leader.is_some() => {
+            let restored_tl = r.timeline?;
+            let leader_tl = view.leader_member().and_then(|m| m.timeline)?;
+            if leader_tl < restored_tl {
+                return None;
+            }
+            let DataDir::Initialized { .. } = obs.pg.data_dir else {
+                return None;
+            };
+            let mine = obs
+                .pg
+                .status
+                .as_ref()
+                .and_then(|s| s.timeline)
+                .or(obs.pg.control.map(|c| c.timeline))?;
+            if mine >= restored_tl {
+                return None;
+            }
+            let mut actions = Vec::new();
+            if obs.pg.running {
+                actions.push(Action::StopPostgres);
+            }
+            actions.push(Action::EmptyDataDir);
+            Some(decision(
+                actions,
+                format!(
+                    "the cluster was restored (restore {}, backup {}, to {}) onto timeline {restored_tl}; my data is on timeline {mine} from before it: removing it to clone {} again",
+                    r.id,
+                    r.backup_id,
+                    r.target.describe(),
+                    leader.unwrap_or("the leader")
+                ),
+                Role::Replica,
+                MemberState::Stopped,
+            ))
+        }
+        _ => None,
+    }
+}
+
 fn decide_with_view(
     obs: &Observation,
     view: &ClusterView,
@@ -343,6 +461,7 @@ fn decide_with_view(
                 JobKind::Bootstrap => MemberState::Initializing,
                 JobKind::Clone { .. } => MemberState::CreatingReplica,
                 JobKind::Rewind { .. } => MemberState::Rewinding,
+                JobKind::Restore { .. } => MemberState::Restoring,
             };
             return decision(
                 actions,
@@ -409,7 +528,33 @@ fn decide_with_view(
                 );
             }
         }
+        JobView::Failed(JobKind::Restore { id }, why) => {
+            return decision(
+                vec![Action::FinishRestore {
+                    id: id.clone(),
+                    error: Some(why.clone()),
+                }],
+                format!("restore {id} failed ({why}); the previous data directory is back"),
+                if i_lead { Role::Leader } else { Role::Replica },
+                MemberState::Stopped,
+            );
+        }
+        JobView::Succeeded(JobKind::Restore { id }) => {
+            return decision(
+                vec![Action::FinishRestore {
+                    id: id.clone(),
+                    error: None,
+                }],
+                format!("restore {id} finished: running on the restored data"),
+                if i_lead { Role::Leader } else { Role::Replica },
+                state,
+            );
+        }
         JobView::Succeeded(_) | JobView::Idle => {}
+    }
+
+    if let Some(d) = restore_decision(obs, view, cfg, mem, i_lead, state, primary_running) {
+        return d;
     }
 
     // The data directory must belong to this cluster.

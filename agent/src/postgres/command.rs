@@ -50,6 +50,19 @@ impl OsUser {
         }
     }
 
+    /// The user this process runs as, with no switch (for `wal-push` and `wal-fetch`, which
+    /// PostgreSQL runs as its own user).
+    pub fn current() -> OsUser {
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten();
+        OsUser {
+            name: me.as_ref().map(|u| u.name.clone()).unwrap_or_default(),
+            switch_to: None,
+            home: me.map(|u| u.dir).unwrap_or_else(|| PathBuf::from("/")),
+        }
+    }
+
     /// Applies the user switch (and HOME) to a command.
     pub fn apply(&self, cmd: &mut Command) {
         if let Some((uid, gid)) = self.switch_to {

@@ -58,6 +58,7 @@ pub fn parameters(
     cfg: &Config,
     cluster_params: &BTreeMap<String, ParamValue>,
     upstream: Option<&Upstream>,
+    managed: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut p: BTreeMap<String, String> = BASE_PARAMETERS
         .iter()
@@ -75,6 +76,31 @@ pub fn parameters(
         p.insert("primary_conninfo".into(), primary_conninfo(cfg, up));
         p.insert("primary_slot_name".into(), cfg.name.clone());
     }
+    // Archiving and recovery settings pgherd manages itself (see `archiving`).
+    for (k, v) in managed {
+        p.insert(k.clone(), v.clone());
+    }
+    p
+}
+
+/// With a `backup` section: every member archives (so archiving goes on after a failover)
+/// through `pgherd-agent wal-push`, and can fetch archived WAL with `wal-fetch`.
+pub fn archiving(agent_exe: &str, config_file: &str) -> BTreeMap<String, String> {
+    let q = crate::backup::restore::shell_quote;
+    let mut p = BTreeMap::new();
+    p.insert("archive_mode".to_string(), "on".to_string());
+    p.insert(
+        "archive_command".to_string(),
+        format!("{} wal-push --config {} %p", q(agent_exe), q(config_file)),
+    );
+    p.insert(
+        "restore_command".to_string(),
+        format!(
+            "{} wal-fetch --config {} %f %p",
+            q(agent_exe),
+            q(config_file)
+        ),
+    );
     p
 }
 
@@ -166,7 +192,7 @@ mod tests {
             host: "10.0.0.1".into(),
             port: 5432,
         };
-        let p = parameters(&c, &cluster, Some(&up));
+        let p = parameters(&c, &cluster, Some(&up), &BTreeMap::new());
         assert_eq!(p["work_mem"], "8MB");
         assert_eq!(p["max_connections"], "50");
         assert_eq!(p["port"], "5433");
@@ -178,7 +204,7 @@ mod tests {
             !p["primary_conninfo"].contains("change-me"),
             "no password in conninfo"
         );
-        assert!(!parameters(&c, &cluster, None).contains_key("primary_conninfo"));
+        assert!(!parameters(&c, &cluster, None, &BTreeMap::new()).contains_key("primary_conninfo"));
     }
 
     #[test]

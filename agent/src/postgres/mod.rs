@@ -42,6 +42,10 @@ pub struct Postgres {
     /// Woken when our postmaster exits, so the loop reacts at once.
     wake: Arc<Notify>,
     client: Mutex<Option<Arc<tokio_postgres::Client>>>,
+    /// Parameters pgherd sets itself on top of everything else: archiving (with a `backup`
+    /// section) and, during a point-in-time restore, the recovery target.
+    archiving: BTreeMap<String, String>,
+    recovery: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 /// Finds PostgreSQL's binaries: the configured directory, `pg_config --bindir`, or Debian's.
@@ -93,7 +97,20 @@ impl Postgres {
                 );
             }
         }
+        let archiving = match (&cfg.backup, &cfg.source) {
+            (Some(_), Some(source)) => {
+                let exe = std::env::current_exe()
+                    .context("cannot find the pgherd-agent executable for archive_command")?;
+                conf::archiving(&exe.display().to_string(), &source.display().to_string())
+            }
+            (Some(_), None) => {
+                bail!("the backup section needs the configuration file's path for archive_command")
+            }
+            (None, _) => BTreeMap::new(),
+        };
         Ok(Postgres {
+            archiving,
+            recovery: std::sync::Mutex::new(BTreeMap::new()),
             data_dir: cfg.postgres.data_dir.clone(),
             timeout: Duration::from_secs(cfg.postgres.command_timeout),
             cfg,
@@ -103,6 +120,67 @@ impl Postgres {
             wake,
             client: Mutex::new(None),
         })
+    }
+
+    /// Archiving plus any recovery target set for a restore.
+    fn managed(&self) -> BTreeMap<String, String> {
+        let mut p = self.archiving.clone();
+        p.extend(
+            self.recovery
+                .lock()
+                .expect("recovery parameters lock is never poisoned")
+                .clone(),
+        );
+        p
+    }
+
+    /// Sets (or with an empty map clears) the recovery target parameters of a restore; they
+    /// take effect at the next `write_config`.
+    pub fn set_recovery_parameters(&self, params: BTreeMap<String, String>) {
+        *self
+            .recovery
+            .lock()
+            .expect("recovery parameters lock is never poisoned") = params;
+    }
+
+    pub fn os_user(&self) -> &OsUser {
+        &self.user
+    }
+
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// A superuser connection to another member's PostgreSQL (e.g. the leader's).
+    pub async fn connect_to(&self, host: &str, port: u16) -> Result<tokio_postgres::Client> {
+        let mut pc = tokio_postgres::Config::new();
+        pc.host(host)
+            .port(port)
+            .user(&self.cfg.postgres.superuser.username)
+            .password(self.cfg.postgres.superuser.password.as_bytes())
+            .dbname("postgres")
+            .application_name("pgherd")
+            .connect_timeout(Duration::from_secs(3));
+        let (client, connection) =
+            tokio::time::timeout(Duration::from_secs(5), pc.connect(tokio_postgres::NoTls))
+                .await
+                .with_context(|| format!("connecting to PostgreSQL at {host}:{port} timed out"))?
+                .with_context(|| format!("cannot connect to PostgreSQL at {host}:{port}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// The host and port the agent itself uses to reach the local PostgreSQL.
+    pub fn local_address(&self) -> (String, u16) {
+        let (host, port) = conf::listen_parts(&self.cfg);
+        let host = match host.as_str() {
+            "*" | "0.0.0.0" | "" => "127.0.0.1".to_string(),
+            "::" => "::1".to_string(),
+            h => h.split(',').next().unwrap_or(h).trim().to_string(),
+        };
+        (host, port)
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -257,7 +335,7 @@ impl Postgres {
             Mode::Standby(up) => up.as_ref(),
             Mode::Primary => None,
         };
-        let params = conf::parameters(&self.cfg, cluster_params, upstream);
+        let params = conf::parameters(&self.cfg, cluster_params, upstream, &self.managed());
         let read =
             |name: &str| std::fs::read_to_string(self.data_dir.join(name)).unwrap_or_default();
         read("postgresql.conf") != conf::postgresql_conf(&params)
@@ -274,7 +352,7 @@ impl Postgres {
             Mode::Standby(up) => up.as_ref(),
             Mode::Primary => None,
         };
-        let params = conf::parameters(&self.cfg, cluster_params, upstream);
+        let params = conf::parameters(&self.cfg, cluster_params, upstream, &self.managed());
         self.ensure_socket_dirs(&params)?;
         self.write_file(
             &self.data_dir.join("postgresql.conf"),
@@ -670,12 +748,7 @@ impl Postgres {
     }
 
     async fn connect(&self) -> Result<tokio_postgres::Client> {
-        let (host, port) = conf::listen_parts(&self.cfg);
-        let host = match host.as_str() {
-            "*" | "0.0.0.0" | "" => "127.0.0.1".to_string(),
-            "::" => "::1".to_string(),
-            h => h.split(',').next().unwrap_or(h).trim().to_string(),
-        };
+        let (host, port) = self.local_address();
         let mut pc = tokio_postgres::Config::new();
         pc.host(&host)
             .port(port)

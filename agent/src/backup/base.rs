@@ -1,0 +1,355 @@
+//! Taking a base backup: `pg_basebackup` writes a tar stream (with its backup manifest
+//! inside) to stdout; it is compressed on the fly (zstd on every core) straight into the
+//! repository, then the WAL the backup needs is confirmed in the archive and `backup.json`
+//! is written. Retention runs after each successful backup.
+
+use std::io::{BufRead, Read};
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::sync::watch;
+
+use super::catalog::BackupInfo;
+use super::compress::{self, HashingWriter};
+use super::repo::Repository;
+use super::wal::{self, WalName};
+use super::BackupContext;
+use crate::lsn::Lsn;
+
+/// Where a long backup operation is, for the CLI's progress line.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub phase: String,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+impl Progress {
+    pub fn phase(phase: impl Into<String>) -> Progress {
+        Progress {
+            phase: phase.into(),
+            ..Progress::default()
+        }
+    }
+}
+
+/// Which PostgreSQL to back up, and how to make the primary finish the backup's last WAL
+/// segment.
+pub struct Source {
+    pub host: String,
+    pub port: u16,
+    pub from_replica: bool,
+    pub system_identifier: String,
+}
+
+/// A new backup id: the UTC start time, made unique.
+fn new_id(ctx: &BackupContext) -> String {
+    let base = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let exists = |id: &str| ctx.repo.path(&format!("backups/{id}")).exists();
+    if !exists(&base) {
+        return base;
+    }
+    (1..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|id| !exists(id))
+        .expect("some suffix is free")
+}
+
+/// One line of pg_basebackup's `-P` output: `12345/67890 kB (18%), 0/1 tablespace`.
+fn parse_progress(line: &str) -> Option<(u64, u64)> {
+    let (done, rest) = line.trim().split_once('/')?;
+    let total = rest.split_whitespace().next()?;
+    let kb = |s: &str| s.trim().parse::<u64>().ok().map(|k| k * 1024);
+    Some((kb(done)?, kb(total)?))
+}
+
+/// `write-ahead log start point: 0/2000028 on timeline 1`.
+fn parse_point(stderr: &str, what: &str) -> Option<(Lsn, Option<u32>)> {
+    let line = stderr.lines().find(|l| l.contains(what))?;
+    let rest = line.split(what).nth(1)?.trim();
+    let mut words = rest.split_whitespace();
+    let lsn: Lsn = words.next()?.parse().ok()?;
+    let tl = rest
+        .split("on timeline")
+        .nth(1)
+        .and_then(|t| t.trim().parse().ok());
+    Some((lsn, tl))
+}
+
+/// Takes a base backup of `src` into the repository.
+pub async fn take(
+    ctx: &BackupContext,
+    src: &Source,
+    switch_wal: impl std::future::Future<Output = Result<()>>,
+    progress: &watch::Sender<Progress>,
+) -> Result<BackupInfo> {
+    ctx.prepare().with_context(|| {
+        format!(
+            "cannot prepare the repository {}",
+            ctx.repo.root().display()
+        )
+    })?;
+    let id = new_id(ctx);
+    let key = format!(
+        "backups/{id}/base.tar{}",
+        ctx.backup.compression.extension()
+    );
+    let start_time = super::now_rfc3339();
+    let args: Vec<String> = vec![
+        "-D".into(),
+        "-".into(),
+        "-F".into(),
+        "tar".into(),
+        "-X".into(),
+        "none".into(),
+        "-c".into(),
+        "fast".into(),
+        "-P".into(),
+        "-v".into(),
+        "-l".into(),
+        format!("pgherd {id}"),
+        "-h".into(),
+        src.host.clone(),
+        "-p".into(),
+        src.port.to_string(),
+        "-U".into(),
+        ctx.cfg.postgres.replication.username.clone(),
+        "--no-password".into(),
+    ];
+    let program = ctx.bin_dir.join("pg_basebackup");
+    tracing::info!(command = %format!("{} {}", program.display(), args.join(" ")), backup = %id, "running");
+    progress.send_replace(Progress::phase("copying"));
+
+    let pid = Arc::new(AtomicI32::new(0));
+    let job = {
+        let ctx = ctx.clone();
+        let key = key.clone();
+        let pid = pid.clone();
+        let progress = progress.clone();
+        tokio::task::spawn_blocking(move || -> Result<(u64, u64, String, String)> {
+            let mut cmd = std::process::Command::new(&program);
+            cmd.args(&args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .current_dir("/")
+                .env("PGPASSFILE", ctx.cfg.pgpass_path());
+            if let Some((uid, gid)) = ctx.user.switch_to {
+                cmd.uid(uid).gid(gid).env("HOME", &ctx.user.home);
+            }
+            let mut child = cmd
+                .spawn()
+                .with_context(|| format!("cannot run {}", program.display()))?;
+            pid.store(child.id() as i32, Ordering::SeqCst);
+            let mut stdout = child.stdout.take().expect("stdout is piped");
+            let stderr = child.stderr.take().expect("stderr is piped");
+            let reader = std::thread::spawn(move || {
+                // Progress lines end in '\r'; everything else in '\n'.
+                let mut all = String::new();
+                let mut r = std::io::BufReader::new(stderr);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    let mut byte = [0u8; 1];
+                    loop {
+                        match r.read(&mut byte) {
+                            Ok(0) => break,
+                            Ok(_) if byte[0] == b'\r' || byte[0] == b'\n' => break,
+                            Ok(_) => buf.push(byte[0]),
+                            Err(_) => break,
+                        }
+                    }
+                    if buf.is_empty() {
+                        if r.fill_buf().map(|b| b.is_empty()).unwrap_or(true) {
+                            break;
+                        }
+                        continue;
+                    }
+                    let line = String::from_utf8_lossy(&buf).into_owned();
+                    if let Some((done, total)) = parse_progress(&line) {
+                        progress.send_modify(|p| {
+                            p.done_bytes = done;
+                            p.total_bytes = total;
+                        });
+                    } else {
+                        all.push_str(&line);
+                        all.push('\n');
+                    }
+                }
+                all
+            });
+            let workers = std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1);
+            let mut raw = 0u64;
+            let mut sha = String::new();
+            let put = ctx.repo.put(&key, &mut |w| {
+                let mut hashing = HashingWriter::new(w);
+                compress::compress_into(
+                    &mut hashing,
+                    ctx.backup.compression,
+                    ctx.backup.level(),
+                    workers,
+                    &mut |enc| {
+                        raw = std::io::copy(&mut stdout, enc)?;
+                        Ok(())
+                    },
+                )?;
+                sha = hashing.hex();
+                Ok(())
+            });
+            let status = child.wait().context("cannot wait for pg_basebackup")?;
+            let err = reader.join().unwrap_or_default();
+            let stored = match put {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = ctx.repo.delete(&key);
+                    return Err(anyhow!(e).context("cannot store the backup"));
+                }
+            };
+            if !status.success() {
+                let _ = ctx.repo.delete(&key);
+                let tail: Vec<&str> = err.lines().rev().take(4).collect();
+                bail!(
+                    "pg_basebackup failed ({status}): {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                );
+            }
+            Ok((raw, stored, sha, err))
+        })
+    };
+    let timeout = Duration::from_secs(ctx.backup.timeout);
+    let (size, stored, sha256, stderr) = match tokio::time::timeout(timeout, job).await {
+        Ok(r) => r.context("the backup task died")??,
+        Err(_) => {
+            let p = pid.load(Ordering::SeqCst);
+            if p > 0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = ctx.repo.delete(&key);
+            bail!("the base backup did not finish within backup.timeout ({timeout:?}); it was stopped and removed");
+        }
+    };
+    let (start_lsn, timeline) = parse_point(&stderr, "write-ahead log start point:")
+        .ok_or_else(|| anyhow!("pg_basebackup did not report its start point"))?;
+    let (stop_lsn, _) = parse_point(&stderr, "write-ahead log end point:")
+        .ok_or_else(|| anyhow!("pg_basebackup did not report its end point"))?;
+    let timeline = timeline.unwrap_or(1);
+
+    progress.send_replace(Progress::phase("waiting for the WAL to be archived"));
+    if let Err(e) = wait_archived(ctx, timeline, start_lsn, stop_lsn, switch_wal).await {
+        let _ = ctx.repo.delete(&key);
+        return Err(e);
+    }
+    let info = BackupInfo {
+        id: id.clone(),
+        member: ctx.cfg.name.clone(),
+        from_replica: src.from_replica,
+        timeline,
+        start_lsn,
+        stop_lsn,
+        start_time,
+        stop_time: super::now_rfc3339(),
+        size_bytes: size,
+        stored_bytes: stored,
+        compression: ctx.backup.compression.as_str().to_string(),
+        sha256,
+        file: key,
+        system_identifier: src.system_identifier.clone(),
+    };
+    ctx.catalog()
+        .record(&info)
+        .context("cannot record the backup")?;
+    tracing::info!(backup = %id, size, stored, start_lsn = %start_lsn, stop_lsn = %stop_lsn, timeline, "base backup taken");
+    match ctx.catalog().apply_retention(ctx.backup.retention.full) {
+        Ok(r) if !r.backups.is_empty() || r.wal_files > 0 => tracing::info!(
+            removed_backups = ?r.backups,
+            removed_wal_files = r.wal_files,
+            keep = ctx.backup.retention.full,
+            "retention removed old backups and the WAL only they needed"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "retention failed; old backups are kept"),
+    }
+    Ok(info)
+}
+
+/// Waits until every segment from `start` to `stop` is archived (the backup is useless
+/// without them). The segment holding `stop` is finished by a WAL switch on the primary.
+async fn wait_archived(
+    ctx: &BackupContext,
+    timeline: u32,
+    start: Lsn,
+    stop: Lsn,
+    switch_wal: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
+    let first = start.0 / wal::SEGMENT_SIZE;
+    let last = stop.0.saturating_sub(1).max(start.0) / wal::SEGMENT_SIZE;
+    let missing = |ctx: &BackupContext| -> Result<Vec<u64>> {
+        let have: std::collections::BTreeSet<u64> = wal::list_archive(ctx.repo.as_ref())?
+            .into_iter()
+            .filter_map(|a| match a.parsed {
+                WalName::Segment { timeline: t, segno } if t == timeline => Some(segno),
+                _ => None,
+            })
+            .collect();
+        Ok((first..=last).filter(|s| !have.contains(s)).collect())
+    };
+    if missing(ctx)?.is_empty() {
+        return Ok(());
+    }
+    if let Err(e) = switch_wal.await {
+        tracing::warn!(error = %format!("{e:#}"), "cannot switch WAL on the primary; waiting for the archiver anyway");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = missing(ctx)?;
+        if m.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let names: Vec<String> = m
+                .iter()
+                .map(|s| wal::segment_name(timeline, Lsn(s * wal::SEGMENT_SIZE)))
+                .collect();
+            bail!(
+                "the WAL this backup needs was not archived within 60 s (missing {}); is archive_command failing? see the PostgreSQL log",
+                names.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pg_basebackup_output_is_understood() {
+        assert_eq!(
+            parse_progress("  2345/67890 kB (3%), 0/1 tablespace"),
+            Some((2345 * 1024, 67890 * 1024))
+        );
+        assert_eq!(parse_progress("pg_basebackup: base backup completed"), None);
+        let err = "pg_basebackup: initiating base backup, waiting for checkpoint to complete\n\
+                   pg_basebackup: checkpoint completed\n\
+                   pg_basebackup: write-ahead log start point: 0/2000028 on timeline 3\n\
+                   pg_basebackup: write-ahead log end point: 0/2000100\n";
+        assert_eq!(
+            parse_point(err, "write-ahead log start point:"),
+            Some((Lsn(0x2000028), Some(3)))
+        );
+        assert_eq!(
+            parse_point(err, "write-ahead log end point:"),
+            Some((Lsn(0x2000100), None))
+        );
+    }
+}

@@ -1,0 +1,399 @@
+//! The backup operations as the agent runs them: a base backup of this member, a
+//! verification, the request for a point-in-time restore (validated before anything is
+//! touched), the restore job itself, and the schedules.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use pgherd_config::ParamValue;
+use tokio::sync::watch;
+
+use super::base::{self, Progress, Source};
+use super::catalog::{BackupInfo, VerifyResult};
+use super::target::{self, ArchiveEnd, Target};
+use super::{restore, verify, wal, BackupContext};
+use crate::dcs::model::{ClusterView, RestoreKey, RestorePhase, Role};
+use crate::dcs::Dcs;
+use crate::postgres::{Mode, Postgres};
+
+/// Takes a base backup of this member's PostgreSQL. The leader backs up itself; a replica
+/// (`from_replica`) backs up itself and asks the leader to finish the last WAL segment.
+pub async fn take_backup(
+    ctx: &BackupContext,
+    pg: &Postgres,
+    view: &ClusterView,
+    from_replica: bool,
+    progress: &watch::Sender<Progress>,
+) -> Result<BackupInfo> {
+    let me = &ctx.cfg.name;
+    let status = pg
+        .status()
+        .await
+        .context("PostgreSQL is not running here; cannot take a backup")?;
+    let leads = view.leader_name() == Some(me.as_str());
+    if from_replica && (leads || !status.in_recovery) {
+        bail!("{me} is not a replica; --from-replica needs a streaming replica");
+    }
+    if !from_replica && (!leads || status.in_recovery) {
+        bail!("{me} is not the leader; take the backup on the leader or pass --from-replica");
+    }
+    let system_identifier = match pg.data_dir_state() {
+        crate::ha::DataDir::Initialized {
+            system_identifier, ..
+        } => system_identifier.to_string(),
+        _ => String::new(),
+    };
+    let (host, port) = pg.local_address();
+    let src = Source {
+        host,
+        port,
+        from_replica,
+        system_identifier,
+    };
+    let leader = view.leader_member().map(|m| (m.host.clone(), m.port));
+    let switch_wal = async {
+        let (host, port) = match (from_replica, leader) {
+            (false, _) => pg.local_address(),
+            (true, Some(l)) => l,
+            (true, None) => bail!("there is no leader to switch WAL on"),
+        };
+        let c = pg.connect_to(&host, port).await?;
+        c.simple_query("SELECT pg_switch_wal()").await?;
+        Ok(())
+    };
+    base::take(ctx, &src, switch_wal, progress).await
+}
+
+/// Verifies backup `id` (the newest when `None`).
+pub async fn verify_backup(
+    ctx: &BackupContext,
+    id: Option<&str>,
+    progress: &watch::Sender<Progress>,
+) -> Result<VerifyResult> {
+    let info = match id {
+        Some(id) => ctx.catalog().get(id)?,
+        None => ctx
+            .catalog()
+            .backups()?
+            .pop()
+            .ok_or_else(|| anyhow!("there is no backup to verify"))?,
+    };
+    Ok(verify::verify(ctx, &info, progress).await)
+}
+
+/// Validates a restore request and records it in the `restore` key; the leader's loop then
+/// runs it. Before choosing, the current WAL segment is switched and archived so the latest
+/// commits can be reached.
+pub async fn request_restore(
+    ctx: &BackupContext,
+    pg: &Postgres,
+    dcs: &Dcs,
+    target: Target,
+    backup_id: Option<&str>,
+) -> Result<RestoreKey> {
+    let view = dcs
+        .load()
+        .await
+        .context("cannot read the cluster from etcd")?;
+    let me = &ctx.cfg.name;
+    if view.leader_name() != Some(me.as_str()) {
+        bail!("{me} is not the leader");
+    }
+    if let Some((r, _)) = &view.restore {
+        if r.phase == RestorePhase::Restoring {
+            bail!("restore {} is already in progress", r.id);
+        }
+    }
+    if let Some(s) = pg.status().await {
+        if !s.in_recovery {
+            if let Ok(c) = pg
+                .connect_to(&pg.local_address().0, pg.local_address().1)
+                .await
+            {
+                if let Ok(rows) = c
+                    .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+                    .await
+                {
+                    let name: String = rows.get(0);
+                    wait_for_segment(ctx, &name, Duration::from_secs(30)).await;
+                }
+            }
+        }
+    }
+    let backups = ctx.catalog().backups()?;
+    let archive = wal::list_archive(ctx.repo.as_ref())?;
+    let end = wal::archive_end(&archive).map(|(lsn, time)| ArchiveEnd { lsn, time });
+    let chosen = target::choose(&backups, backup_id, &target, end)?;
+    let revision = view.restore.as_ref().map(|(_, r)| *r).unwrap_or(0);
+    let key = RestoreKey {
+        id: chrono::Utc::now()
+            .format("restore-%Y%m%dT%H%M%SZ")
+            .to_string(),
+        leader: me.clone(),
+        backup_id: chosen.id.clone(),
+        target,
+        phase: RestorePhase::Restoring,
+        requested_at: super::now_rfc3339(),
+        finished_at: None,
+        timeline: None,
+        message: String::new(),
+    };
+    if !dcs.put_restore(&key, revision).await? {
+        bail!("the leader changed or another restore was requested meanwhile; nothing was done");
+    }
+    tracing::info!(restore = %key.id, backup = %key.backup_id, target = %key.target.describe(), "point-in-time restore requested");
+    Ok(key)
+}
+
+async fn wait_for_segment(ctx: &BackupContext, name: &str, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        let archived = wal::list_archive(ctx.repo.as_ref())
+            .map(|a| a.iter().any(|f| f.name == name))
+            .unwrap_or(false);
+        if archived {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::warn!(
+        segment = name,
+        "the switched WAL segment was not archived within {limit:?}"
+    );
+}
+
+/// `<data_dir>.pre-restore`: where the data directory waits until a restore succeeds.
+pub fn aside_dir(pg: &Postgres) -> PathBuf {
+    let mut p = pg.data_dir().as_os_str().to_owned();
+    p.push(".pre-restore");
+    PathBuf::from(p)
+}
+
+/// After a crash in the middle of a restore: put the previous data directory back (the
+/// restore starts again from scratch if its key still asks for it).
+pub fn recover_interrupted_restore(pg: &Postgres) -> Result<()> {
+    let aside = aside_dir(pg);
+    if !aside.exists() {
+        return Ok(());
+    }
+    tracing::warn!(
+        reason = "an interrupted restore left the previous data directory aside; putting it back",
+        aside = %aside.display(),
+        "decision"
+    );
+    if pg.data_dir().exists() {
+        std::fs::remove_dir_all(pg.data_dir())
+            .with_context(|| format!("cannot remove the partial {}", pg.data_dir().display()))?;
+    }
+    std::fs::rename(&aside, pg.data_dir()).with_context(|| {
+        format!(
+            "cannot move {} back to {}",
+            aside.display(),
+            pg.data_dir().display()
+        )
+    })
+}
+
+/// The restore job on the leader: stop PostgreSQL, keep the data directory aside, unpack the
+/// backup, recover to the target and promote; on any failure put the old directory back.
+pub async fn run_restore(
+    ctx: BackupContext,
+    pg: Arc<Postgres>,
+    key: RestoreKey,
+    params: BTreeMap<String, ParamValue>,
+) -> Result<()> {
+    let info = ctx.catalog().get(&key.backup_id)?;
+    let aside = aside_dir(&pg);
+    let data = pg.data_dir().to_path_buf();
+    if pg.is_running() {
+        tracing::info!(restore = %key.id, "stopping PostgreSQL for the restore");
+        pg.stop().await?;
+    }
+    if aside.exists() {
+        // A previous attempt was interrupted after moving the data aside: keep that copy.
+        if data.exists() {
+            std::fs::remove_dir_all(&data)
+                .with_context(|| format!("cannot remove the partial {}", data.display()))?;
+        }
+    } else {
+        std::fs::rename(&data, &aside).with_context(|| {
+            format!(
+                "cannot move {} aside to {}",
+                data.display(),
+                aside.display()
+            )
+        })?;
+    }
+    tracing::info!(restore = %key.id, aside = %aside.display(), "previous data directory kept aside until the restore succeeds");
+    let attempt = async {
+        restore::unpack(&ctx, &info, &data).await?;
+        restore::arm_recovery(&ctx, &data)?;
+        pg.set_recovery_parameters(key.target.recovery_parameters());
+        pg.write_pgpass()?;
+        pg.write_config(&Mode::Primary, &params)?;
+        tracing::info!(restore = %key.id, backup = %info.id, target = %key.target.describe(), "recovering from the archive");
+        pg.start().await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(ctx.backup.timeout);
+        loop {
+            if !pg.is_running() {
+                bail!(
+                    "PostgreSQL stopped during recovery: {}",
+                    restore::log_tail(&pg.log_path(), 3)
+                );
+            }
+            if let Some(s) = pg.status().await {
+                if !s.in_recovery {
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("recovery did not finish within backup.timeout");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        pg.set_recovery_parameters(BTreeMap::new());
+        pg.write_config(&Mode::Primary, &params)?;
+        pg.reload().await?;
+        anyhow::Ok(())
+    };
+    match attempt.await {
+        Ok(()) => {
+            if let Err(e) = std::fs::remove_dir_all(&aside) {
+                tracing::warn!(error = %e, aside = %aside.display(), "cannot remove the previous data directory; remove it by hand");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(restore = %key.id, error = %format!("{e:#}"), "restore failed; putting the previous data directory back");
+            pg.set_recovery_parameters(BTreeMap::new());
+            if pg.is_running() {
+                pg.stop_immediately().await;
+            }
+            let _ = std::fs::remove_dir_all(&data);
+            std::fs::rename(&aside, &data).with_context(|| {
+                format!(
+                    "cannot move {} back to {}; do it by hand",
+                    aside.display(),
+                    data.display()
+                )
+            })?;
+            Err(e)
+        }
+    }
+}
+
+/// The newest backup and its verification, for `list`, `/metrics` and the status RPC.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct BackupSummary {
+    pub count: usize,
+    pub last_backup: Option<BackupInfo>,
+    pub last_verify: Option<VerifyResult>,
+}
+
+pub fn summary(ctx: &BackupContext) -> Result<BackupSummary> {
+    let cat = ctx.catalog();
+    let backups = cat.backups()?;
+    let mut last_verify: Option<VerifyResult> = None;
+    for b in &backups {
+        if let Some(v) = cat.verify_result(&b.id)? {
+            if last_verify
+                .as_ref()
+                .is_none_or(|l| v.finished_at > l.finished_at)
+            {
+                last_verify = Some(v);
+            }
+        }
+    }
+    Ok(BackupSummary {
+        count: backups.len(),
+        last_backup: backups.last().cloned(),
+        last_verify,
+    })
+}
+
+/// Runs `backup.schedule` and `backup.verify_schedule` on whichever member leads: checks
+/// every 15 s whether an occurrence passed since the last backup (or verification).
+pub async fn run_schedules(
+    ctx: BackupContext,
+    pg: Arc<Postgres>,
+    dcs: Dcs,
+    role: impl Fn() -> Option<Role>,
+    busy: Arc<tokio::sync::Mutex<()>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let parse = |e: &Option<String>| {
+        e.as_ref()
+            .and_then(|e| pgherd_config::backup::parse_schedule(e).ok())
+    };
+    let (backup_cron, verify_cron) = (
+        parse(&ctx.backup.schedule),
+        parse(&ctx.backup.verify_schedule),
+    );
+    if backup_cron.is_none() && verify_cron.is_none() {
+        return;
+    }
+    let started = chrono::Utc::now();
+    let due = |cron: &croner::Cron, since: chrono::DateTime<chrono::Utc>| {
+        cron.find_next_occurrence(&since, false)
+            .map(|next| next <= chrono::Utc::now())
+            .unwrap_or(false)
+    };
+    let last = |t: Option<&str>| {
+        t.and_then(|t| target::parse_time(t).ok())
+            .map_or(started, |t| t.max(started))
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+        }
+        if role() != Some(Role::Leader) {
+            continue;
+        }
+        let Ok(sum) = summary(&ctx) else { continue };
+        let Ok(_guard) = busy.try_lock() else {
+            continue;
+        };
+        if let Some(cron) = &backup_cron {
+            if due(
+                cron,
+                last(sum.last_backup.as_ref().map(|b| b.start_time.as_str())),
+            ) {
+                tracing::info!(
+                    reason = "backup.schedule is due and I am the leader",
+                    "decision"
+                );
+                let (tx, _rx) = watch::channel(Progress::default());
+                match dcs.load().await {
+                    Ok(view) => {
+                        if let Err(e) = take_backup(&ctx, &pg, &view, false, &tx).await {
+                            tracing::warn!(error = %format!("{e:#}"), "scheduled backup failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "scheduled backup skipped: etcd unreadable")
+                    }
+                }
+                continue;
+            }
+        }
+        if let Some(cron) = &verify_cron {
+            if due(
+                cron,
+                last(sum.last_verify.as_ref().map(|v| v.finished_at.as_str())),
+            ) {
+                tracing::info!(
+                    reason = "backup.verify_schedule is due and I am the leader",
+                    "decision"
+                );
+                let (tx, _rx) = watch::channel(Progress::default());
+                if let Err(e) = verify_backup(&ctx, None, &tx).await {
+                    tracing::warn!(error = %format!("{e:#}"), "scheduled verify could not run");
+                }
+            }
+        }
+    }
+}

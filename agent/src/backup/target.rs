@@ -1,0 +1,336 @@
+//! Point-in-time recovery targets: parsing what the operator typed, choosing the backup to
+//! start from, refusing targets the archive cannot reach, and the recovery parameters.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, FixedOffset, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::catalog::BackupInfo;
+use crate::lsn::Lsn;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// RFC 3339 with an offset, stored normalised to UTC.
+    Time(String),
+    Lsn(Lsn),
+    /// A restore point made with `pg_create_restore_point(name)`.
+    Name(String),
+    /// The end of the archive.
+    Latest,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TargetError {
+    #[error("--target-time {0:?} is not a time: use RFC 3339 with a zone, e.g. 2026-11-26T10:00:00Z or 2026-11-26 10:00:00+01:00")]
+    BadTime(String),
+    #[error("--target-lsn {0:?} is not an LSN like 0/3000060")]
+    BadLsn(String),
+    #[error("--target-name must not be empty")]
+    EmptyName,
+    #[error("give exactly one of --target-time, --target-lsn, --target-name, --latest")]
+    NotOne,
+    #[error("there is no backup in the repository to restore from")]
+    NoBackups,
+    #[error("target {target} is before the end of {which} ({end}): a restore can only reach points after a backup finished; pick an older backup with --backup or a later target")]
+    BeforeBackup {
+        target: String,
+        which: String,
+        end: String,
+    },
+    #[error(
+        "target {target} is after the last archived WAL ({end}); nothing later can be restored"
+    )]
+    AfterArchive { target: String, end: String },
+    #[error("backup {0:?} is newer than the target; pick an older one")]
+    BackupAfterTarget(String),
+}
+
+/// Parses a time as RFC 3339 (`T` or a space between date and time; a zone is required).
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>, TargetError> {
+    let t = s.trim();
+    let normalised = if t.len() > 10 && t.as_bytes()[10] == b' ' {
+        format!("{}T{}", &t[..10], &t[11..])
+    } else {
+        t.to_string()
+    };
+    let normalised = normalised.replace(" +", "+").replace(" -", "-");
+    DateTime::<FixedOffset>::parse_from_rfc3339(&normalised)
+        .map(|d| d.with_timezone(&Utc))
+        .map_err(|_| TargetError::BadTime(s.to_string()))
+}
+
+impl Target {
+    /// From the CLI's options (exactly one must be set).
+    pub fn from_options(
+        time: Option<&str>,
+        lsn: Option<&str>,
+        name: Option<&str>,
+        latest: bool,
+    ) -> Result<Target, TargetError> {
+        let given =
+            time.is_some() as u8 + lsn.is_some() as u8 + name.is_some() as u8 + latest as u8;
+        if given != 1 {
+            return Err(TargetError::NotOne);
+        }
+        if let Some(t) = time {
+            let utc = parse_time(t)?;
+            return Ok(Target::Time(
+                utc.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            ));
+        }
+        if let Some(l) = lsn {
+            return l
+                .trim()
+                .parse()
+                .map(Target::Lsn)
+                .map_err(|_| TargetError::BadLsn(l.to_string()));
+        }
+        if let Some(n) = name {
+            if n.is_empty() {
+                return Err(TargetError::EmptyName);
+            }
+            return Ok(Target::Name(n.to_string()));
+        }
+        Ok(Target::Latest)
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Time(t) => format!("time {t}"),
+            Target::Lsn(l) => format!("LSN {l}"),
+            Target::Name(n) => format!("restore point {n:?}"),
+            Target::Latest => "the end of the archive".to_string(),
+        }
+    }
+
+    /// The recovery parameters for this target (besides `restore_command`).
+    pub fn recovery_parameters(&self) -> BTreeMap<String, String> {
+        let mut p = BTreeMap::new();
+        match self {
+            Target::Time(t) => {
+                let utc = parse_time(t).expect("stored targets are normalised RFC 3339");
+                p.insert(
+                    "recovery_target_time".to_string(),
+                    utc.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string(),
+                );
+            }
+            Target::Lsn(l) => {
+                p.insert("recovery_target_lsn".to_string(), l.to_string());
+            }
+            Target::Name(n) => {
+                p.insert("recovery_target_name".to_string(), n.clone());
+            }
+            Target::Latest => {}
+        }
+        if *self != Target::Latest {
+            p.insert("recovery_target_action".to_string(), "promote".to_string());
+            p.insert("recovery_target_inclusive".to_string(), "on".to_string());
+        }
+        p.insert("recovery_target_timeline".to_string(), "latest".to_string());
+        p
+    }
+}
+
+/// What the archive holds at its end.
+#[derive(Debug, Clone, Copy)]
+pub struct ArchiveEnd {
+    pub lsn: Lsn,
+    pub time: std::time::SystemTime,
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Picks the backup to restore `target` from (`wanted`, or the newest one that can reach
+/// it) and refuses targets before that backup's end or after the archive's end.
+pub fn choose(
+    backups: &[BackupInfo],
+    wanted: Option<&str>,
+    target: &Target,
+    archive_end: Option<ArchiveEnd>,
+) -> Result<BackupInfo, TargetError> {
+    if backups.is_empty() {
+        return Err(TargetError::NoBackups);
+    }
+    let stop_time = |b: &BackupInfo| parse_time(&b.stop_time).ok();
+    // Whether `b` ends before the target (`None`: cannot tell, e.g. a restore point).
+    let reaches = |b: &BackupInfo| -> Option<bool> {
+        match target {
+            Target::Time(t) => Some(stop_time(b)? <= parse_time(t).ok()?),
+            Target::Lsn(l) => Some(b.stop_lsn <= *l),
+            Target::Name(_) | Target::Latest => None,
+        }
+    };
+    let chosen = match wanted {
+        Some(id) => {
+            let b = backups
+                .iter()
+                .find(|b| b.id == id)
+                .ok_or_else(|| TargetError::BackupAfterTarget(id.to_string()))?;
+            if reaches(b) == Some(false) {
+                return Err(TargetError::BeforeBackup {
+                    target: target.describe(),
+                    which: format!("backup {}", b.id),
+                    end: end_of(b, target),
+                });
+            }
+            b.clone()
+        }
+        None => match backups.iter().rev().find(|b| reaches(b) != Some(false)) {
+            Some(b) => b.clone(),
+            None => {
+                let oldest = &backups[0];
+                return Err(TargetError::BeforeBackup {
+                    target: target.describe(),
+                    which: format!("the oldest backup {}", oldest.id),
+                    end: end_of(oldest, target),
+                });
+            }
+        },
+    };
+    if let Some(end) = archive_end {
+        let after = match target {
+            Target::Time(t) => parse_time(t)
+                .ok()
+                .is_some_and(|t| t > DateTime::<Utc>::from(end.time)),
+            Target::Lsn(l) => *l > end.lsn,
+            Target::Name(_) | Target::Latest => false,
+        };
+        if after {
+            return Err(TargetError::AfterArchive {
+                target: target.describe(),
+                end: match target {
+                    Target::Lsn(_) => format!("LSN {}", end.lsn),
+                    _ => format!("archived at {}", rfc3339(end.time)),
+                },
+            });
+        }
+    }
+    Ok(chosen)
+}
+
+fn end_of(b: &BackupInfo, target: &Target) -> String {
+    match target {
+        Target::Lsn(_) => format!("LSN {}", b.stop_lsn),
+        _ => b.stop_time.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backup(id: &str, stop_lsn: u64, stop: &str) -> BackupInfo {
+        BackupInfo {
+            id: id.into(),
+            member: "m".into(),
+            from_replica: false,
+            timeline: 1,
+            start_lsn: Lsn(stop_lsn - 10),
+            stop_lsn: Lsn(stop_lsn),
+            start_time: stop.into(),
+            stop_time: stop.into(),
+            size_bytes: 0,
+            stored_bytes: 0,
+            compression: "zstd".into(),
+            sha256: String::new(),
+            file: String::new(),
+            system_identifier: "1".into(),
+        }
+    }
+
+    #[test]
+    fn targets_parse_and_render() {
+        let t = Target::from_options(Some("2026-11-26 10:00:00+01:00"), None, None, false).unwrap();
+        assert_eq!(t, Target::Time("2026-11-26T09:00:00Z".into()));
+        assert_eq!(
+            t.recovery_parameters()["recovery_target_time"],
+            "2026-11-26 09:00:00.000000+00"
+        );
+        assert!(matches!(
+            Target::from_options(Some("yesterday"), None, None, false),
+            Err(TargetError::BadTime(_))
+        ));
+        assert!(matches!(
+            Target::from_options(Some("2026-11-26 10:00:00"), None, None, false),
+            Err(TargetError::BadTime(_))
+        ));
+        assert_eq!(
+            Target::from_options(None, None, None, false),
+            Err(TargetError::NotOne)
+        );
+        assert_eq!(
+            Target::from_options(None, Some("0/3000060"), None, true),
+            Err(TargetError::NotOne)
+        );
+        assert_eq!(
+            Target::from_options(None, Some("0/3000060"), None, false).unwrap(),
+            Target::Lsn(Lsn(0x3000060))
+        );
+        assert!(!Target::Latest
+            .recovery_parameters()
+            .contains_key("recovery_target_action"));
+    }
+
+    #[test]
+    fn choose_picks_the_newest_backup_before_the_target_and_refuses_unreachable_ones() {
+        let backups = vec![
+            backup("b1", 100, "2026-11-26T10:00:00Z"),
+            backup("b2", 200, "2026-11-26T11:00:00Z"),
+        ];
+        let end = Some(ArchiveEnd {
+            lsn: Lsn(1000),
+            time: std::time::SystemTime::from(parse_time("2026-11-26T12:00:00Z").unwrap()),
+        });
+        let t = |s: &str| Target::Time(s.into());
+        assert_eq!(
+            choose(&backups, None, &t("2026-11-26T10:30:00Z"), end)
+                .unwrap()
+                .id,
+            "b1"
+        );
+        assert_eq!(
+            choose(&backups, None, &t("2026-11-26T11:30:00Z"), end)
+                .unwrap()
+                .id,
+            "b2"
+        );
+        assert!(matches!(
+            choose(&backups, None, &t("2026-11-26T09:00:00Z"), end),
+            Err(TargetError::BeforeBackup { .. })
+        ));
+        assert!(matches!(
+            choose(&backups, Some("b2"), &t("2026-11-26T10:30:00Z"), end),
+            Err(TargetError::BeforeBackup { .. })
+        ));
+        assert!(matches!(
+            choose(&backups, None, &t("2026-11-26T12:30:00Z"), end),
+            Err(TargetError::AfterArchive { .. })
+        ));
+        assert_eq!(
+            choose(&backups, None, &Target::Lsn(Lsn(150)), end)
+                .unwrap()
+                .id,
+            "b1"
+        );
+        assert!(matches!(
+            choose(&backups, None, &Target::Lsn(Lsn(5000)), end),
+            Err(TargetError::AfterArchive { .. })
+        ));
+        assert!(matches!(
+            choose(&backups, None, &Target::Lsn(Lsn(50)), end),
+            Err(TargetError::BeforeBackup { .. })
+        ));
+        assert_eq!(
+            choose(&backups, None, &Target::Latest, end).unwrap().id,
+            "b2"
+        );
+        assert_eq!(
+            choose(&[], None, &Target::Latest, end),
+            Err(TargetError::NoBackups)
+        );
+    }
+}

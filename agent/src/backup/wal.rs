@@ -1,0 +1,427 @@
+//! `pgherd-agent wal-push` (PostgreSQL's `archive_command`) and `wal-fetch`
+//! (`restore_command`), and what the rest of the backup code needs to know about the WAL
+//! file names in the archive.
+//!
+//! Rules: a file appears under its final name complete or not at all; pushing a segment
+//! that is already archived with the same content succeeds (PostgreSQL retries after a
+//! crash between the copy and its own bookkeeping), with different content fails loudly
+//! (two clusters archiving into one place, or a forked timeline); a fetched file is checked
+//! against the checksum it was stored with before PostgreSQL sees it.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use pgherd_config::Compression;
+
+use super::compress::{self, HashingReader};
+use super::repo::{RepoError, Repository};
+use crate::lsn::Lsn;
+
+/// WAL segment size: initdb's default; pgherd clusters use it.
+pub const SEGMENT_SIZE: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error(
+        "{0:?} is not a WAL file name PostgreSQL archives (segment, .partial, .backup or .history)"
+    )]
+    BadName(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the archive already holds {name} with different content (archived sha256 {archived}, this file {ours}); refusing to overwrite it: is another cluster archiving into this repository?")]
+    Conflict {
+        name: String,
+        archived: String,
+        ours: String,
+    },
+    #[error("{0} is not in the archive")]
+    NotFound(String),
+    #[error("archived {name} is corrupted: its content has sha256 {actual}, it was stored with {expected}")]
+    Corrupt {
+        name: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+}
+
+/// What kind of file PostgreSQL archives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WalName {
+    /// A full segment: timeline and segment number (log * 256 + seg for 16 MiB segments).
+    Segment { timeline: u32, segno: u64 },
+    /// The last, incomplete segment of a timeline a promotion left behind.
+    Partial { timeline: u32, segno: u64 },
+    /// A backup history file (`<segment>.<offset>.backup`).
+    BackupHistory { timeline: u32, segno: u64 },
+    /// A timeline history file.
+    History { timeline: u32 },
+}
+
+fn hex_u32(s: &str) -> Option<u32> {
+    (s.len() == 8
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase()))
+    .then(|| u32::from_str_radix(s, 16).ok())
+    .flatten()
+}
+
+fn parse_segment(s: &str) -> Option<(u32, u64)> {
+    if s.len() != 24 {
+        return None;
+    }
+    let tl = hex_u32(&s[0..8])?;
+    let log = hex_u32(&s[8..16])? as u64;
+    let seg = hex_u32(&s[16..24])? as u64;
+    let per_log = 0x1_0000_0000 / SEGMENT_SIZE;
+    (seg < per_log).then_some((tl, log * per_log + seg))
+}
+
+impl WalName {
+    pub fn parse(name: &str) -> Result<WalName, WalError> {
+        let bad = || WalError::BadName(name.to_string());
+        if let Some(tl) = name.strip_suffix(".history") {
+            return hex_u32(tl)
+                .map(|timeline| WalName::History { timeline })
+                .ok_or_else(bad);
+        }
+        if let Some(seg) = name.strip_suffix(".partial") {
+            let (timeline, segno) = parse_segment(seg).ok_or_else(bad)?;
+            return Ok(WalName::Partial { timeline, segno });
+        }
+        if let Some(rest) = name.strip_suffix(".backup") {
+            let (seg, offset) = rest.split_once('.').ok_or_else(bad)?;
+            hex_u32(offset).ok_or_else(bad)?;
+            let (timeline, segno) = parse_segment(seg).ok_or_else(bad)?;
+            return Ok(WalName::BackupHistory { timeline, segno });
+        }
+        let (timeline, segno) = parse_segment(name).ok_or_else(bad)?;
+        Ok(WalName::Segment { timeline, segno })
+    }
+
+    /// The archive directory of this file.
+    pub fn dir(name: &str) -> Result<String, WalError> {
+        Ok(match WalName::parse(name)? {
+            WalName::History { .. } => "wal/history/".to_string(),
+            _ => format!("wal/{}/", &name[..16]),
+        })
+    }
+
+    pub fn segno(&self) -> Option<u64> {
+        match self {
+            WalName::Segment { segno, .. }
+            | WalName::Partial { segno, .. }
+            | WalName::BackupHistory { segno, .. } => Some(*segno),
+            WalName::History { .. } => None,
+        }
+    }
+
+    pub fn timeline(&self) -> u32 {
+        match self {
+            WalName::Segment { timeline, .. }
+            | WalName::Partial { timeline, .. }
+            | WalName::BackupHistory { timeline, .. }
+            | WalName::History { timeline } => *timeline,
+        }
+    }
+}
+
+/// The segment file name holding `lsn` on `timeline`.
+pub fn segment_name(timeline: u32, lsn: Lsn) -> String {
+    let segno = lsn.0 / SEGMENT_SIZE;
+    let per_log = 0x1_0000_0000 / SEGMENT_SIZE;
+    format!(
+        "{timeline:08X}{:08X}{:08X}",
+        segno / per_log,
+        segno % per_log
+    )
+}
+
+/// One archived file.
+#[derive(Debug, Clone)]
+pub struct Archived {
+    /// PostgreSQL's name of the file.
+    pub name: String,
+    pub parsed: WalName,
+    /// SHA-256 of the uncompressed content.
+    pub sha256: String,
+    pub key: String,
+    pub size: u64,
+    pub modified: std::time::SystemTime,
+}
+
+/// Splits a stored file name `<wal name>-<sha256><ext>`.
+fn split_stored(file: &str) -> Option<(&str, &str)> {
+    let (name, rest) = file.rsplit_once('-')?;
+    let sha = rest.split('.').next()?;
+    (sha.len() == 64).then_some((name, sha))
+}
+
+fn archived_in(repo: &dyn Repository, dir: &str) -> Result<Vec<Archived>, WalError> {
+    let mut out = Vec::new();
+    for e in repo.list(dir)? {
+        let file = e.key.rsplit('/').next().unwrap_or(&e.key);
+        let Some((name, sha)) = split_stored(file) else {
+            continue;
+        };
+        let Ok(parsed) = WalName::parse(name) else {
+            continue;
+        };
+        out.push(Archived {
+            name: name.to_string(),
+            parsed,
+            sha256: sha.to_string(),
+            key: e.key.clone(),
+            size: e.size,
+            modified: e.modified,
+        });
+    }
+    Ok(out)
+}
+
+/// Every archived file, in name order.
+pub fn list_archive(repo: &dyn Repository) -> Result<Vec<Archived>, WalError> {
+    let mut out = Vec::new();
+    for dir in repo.list_dirs("wal/")? {
+        out.extend(archived_in(repo, &dir)?);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// The archived copies of `name` (more than one only for `.partial` files).
+fn find(repo: &dyn Repository, name: &str) -> Result<Vec<Archived>, WalError> {
+    let dir = WalName::dir(name)?;
+    Ok(archived_in(repo, &dir)?
+        .into_iter()
+        .filter(|a| a.name == name)
+        .collect())
+}
+
+/// What [`push`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Stored,
+    AlreadyArchived,
+}
+
+/// Archives the file at `path` (`archive_command`'s `%p`).
+pub fn push(
+    repo: &dyn Repository,
+    path: &Path,
+    compression: Compression,
+    level: i32,
+) -> Result<Pushed, WalError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parsed = WalName::parse(&name)?;
+    let data = std::fs::read(path).map_err(|source| WalError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let ours = compress::sha256_hex(&data);
+    let existing = find(repo, &name)?;
+    if existing.iter().any(|a| a.sha256 == ours) {
+        return Ok(Pushed::AlreadyArchived);
+    }
+    // A .partial file is never restored; two promotions from the same point (two restores
+    // of one backup) may each leave one, so they are kept side by side.
+    if let (Some(a), false) = (existing.first(), matches!(parsed, WalName::Partial { .. })) {
+        return Err(WalError::Conflict {
+            name,
+            archived: a.sha256.clone(),
+            ours,
+        });
+    }
+    let key = format!(
+        "{}{name}-{ours}{}",
+        WalName::dir(&name)?,
+        compression.extension()
+    );
+    repo.put(&key, &mut |w| {
+        compress::compress_into(w, compression, level, 1, &mut |inner| {
+            inner.write_all(&data)
+        })
+    })?;
+    Ok(Pushed::Stored)
+}
+
+/// Restores archived `name` to `dest` (`restore_command`'s `%f` and `%p`), checking its
+/// checksum first; `dest` appears complete or not at all.
+pub fn fetch(repo: &dyn Repository, name: &str, dest: &Path) -> Result<(), WalError> {
+    let found = find(repo, name)?;
+    let Some(a) = found.into_iter().next_back() else {
+        return Err(WalError::NotFound(name.to_string()));
+    };
+    let input = repo.open(&a.key)?;
+    let mut reader = HashingReader::new(
+        compress::decompressor(input, compress::from_name(&a.key)).map_err(|source| {
+            WalError::Read {
+                path: repo.describe(&a.key),
+                source,
+            }
+        })?,
+    );
+    let mut data = Vec::with_capacity(SEGMENT_SIZE as usize);
+    reader
+        .read_to_end(&mut data)
+        .map_err(|source| WalError::Read {
+            path: repo.describe(&a.key),
+            source,
+        })?;
+    let actual = reader.hex();
+    if actual != a.sha256 {
+        return Err(WalError::Corrupt {
+            name: name.to_string(),
+            expected: a.sha256,
+            actual,
+        });
+    }
+    let file_name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dest.with_file_name(format!(".{file_name}.pgherd-tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dest)
+    };
+    write().map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        WalError::Write {
+            path: dest.display().to_string(),
+            source,
+        }
+    })
+}
+
+/// The highest timeline with a history file in the archive (1 when there is none).
+pub fn newest_timeline(archive: &[Archived]) -> u32 {
+    archive
+        .iter()
+        .map(|a| a.parsed.timeline())
+        .max()
+        .unwrap_or(1)
+}
+
+/// The end of the newest complete segment archived, and when it was archived.
+pub fn archive_end(archive: &[Archived]) -> Option<(Lsn, std::time::SystemTime)> {
+    archive
+        .iter()
+        .filter_map(|a| match a.parsed {
+            WalName::Segment { segno, .. } => Some((Lsn((segno + 1) * SEGMENT_SIZE), a.modified)),
+            _ => None,
+        })
+        .max_by_key(|(l, _)| *l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::repo::LocalRepository;
+
+    #[test]
+    fn names_parse() {
+        assert_eq!(
+            WalName::parse("000000020000000100000003").unwrap(),
+            WalName::Segment {
+                timeline: 2,
+                segno: 256 + 3
+            }
+        );
+        assert!(matches!(
+            WalName::parse("00000002.history").unwrap(),
+            WalName::History { timeline: 2 }
+        ));
+        assert!(matches!(
+            WalName::parse("000000010000000000000002.00000028.backup").unwrap(),
+            WalName::BackupHistory { .. }
+        ));
+        assert!(matches!(
+            WalName::parse("000000010000000000000002.partial").unwrap(),
+            WalName::Partial { .. }
+        ));
+        for bad in [
+            "",
+            "../etc/passwd",
+            "00000001000000000000000",
+            "0000000100000000000001000",
+            "00000001000000000000000g",
+            "x.history",
+        ] {
+            assert!(WalName::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            segment_name(1, Lsn(0x1_0300_0028)),
+            "000000010000000100000003"
+        );
+    }
+
+    fn segment(dir: &Path, name: &str, fill: u8) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, vec![fill; 1 << 16]).unwrap();
+        p
+    }
+
+    #[test]
+    fn push_is_idempotent_and_refuses_different_content() {
+        let repo_dir = tempfile::tempdir().unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let repo = LocalRepository::new(repo_dir.path());
+        let name = "000000010000000000000001";
+        let p = segment(src.path(), name, 7);
+        assert_eq!(
+            push(&repo, &p, Compression::Zstd, 3).unwrap(),
+            Pushed::Stored
+        );
+        assert_eq!(
+            push(&repo, &p, Compression::Gzip, 6).unwrap(),
+            Pushed::AlreadyArchived
+        );
+        let before = list_archive(&repo).unwrap();
+        let p2 = segment(src.path(), name, 8);
+        let err = push(&repo, &p2, Compression::Zstd, 3).unwrap_err();
+        assert!(matches!(err, WalError::Conflict { .. }), "{err}");
+        let after = list_archive(&repo).unwrap();
+        assert_eq!(before.len(), after.len());
+        assert_eq!(before[0].key, after[0].key);
+        // Fetch gives back the first content.
+        let dest = src.path().join("RECOVERYXLOG");
+        fetch(&repo, name, &dest).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), vec![7u8; 1 << 16]);
+    }
+
+    #[test]
+    fn fetch_detects_corruption_and_missing_files() {
+        let repo_dir = tempfile::tempdir().unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let repo = LocalRepository::new(repo_dir.path());
+        let name = "000000010000000000000002";
+        let p = segment(src.path(), name, 1);
+        push(&repo, &p, Compression::None, 0).unwrap();
+        let stored = list_archive(&repo).unwrap().remove(0);
+        let path = repo.path(&stored.key);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let dest = src.path().join("RECOVERYXLOG");
+        let err = fetch(&repo, name, &dest).unwrap_err();
+        assert!(matches!(err, WalError::Corrupt { .. }), "{err}");
+        assert!(!dest.exists(), "no file may appear under the final name");
+        let err = fetch(&repo, "000000010000000000000009", &dest).unwrap_err();
+        assert!(matches!(err, WalError::NotFound(_)), "{err}");
+    }
+}
