@@ -1,6 +1,7 @@
 //! A pgherd cluster under test: one etcd and N members in one temp dir.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -25,6 +26,7 @@ pub struct ClusterBuilder {
     members: Vec<MemberOptions>,
     yaml: Vec<String>,
     etcd_size: usize,
+    backups: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -34,6 +36,7 @@ impl Default for ClusterBuilder {
             members: Vec::new(),
             yaml: Vec::new(),
             etcd_size: 1,
+            backups: false,
         }
     }
 }
@@ -64,6 +67,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Gives every member a `backup` section with one shared repository in the cluster's
+    /// temp dir (see [`Cluster::repository`]).
+    pub fn backups(mut self) -> Self {
+        self.backups = true;
+        self
+    }
+
     /// Number of etcd members (default 1).
     pub fn etcd_size(mut self, n: usize) -> Self {
         self.etcd_size = n;
@@ -74,11 +84,24 @@ impl ClusterBuilder {
     pub async fn configure(self) -> Result<Cluster> {
         let etcd = Etcd::start_cluster(self.etcd_size).await?;
         let root = crate::temp_root("pgherd-cluster-")?;
+        let mut yaml = self.yaml;
+        if self.backups {
+            let repo = root.path().join("repository");
+            std::fs::create_dir(&repo)
+                .with_context(|| format!("cannot create {}", repo.display()))?;
+            yaml.insert(
+                0,
+                format!(
+                    "backup: {{repository: {:?}, compression: zstd, retention: {{full: 2}}}}",
+                    repo.display().to_string()
+                ),
+            );
+        }
         let mut cluster = Cluster {
             members: Vec::new(),
             etcd,
             name: self.name,
-            yaml: self.yaml,
+            yaml,
             root: Some(root),
         };
         for options in self.members {
@@ -125,6 +148,17 @@ impl Cluster {
     /// etcd and `n` members with default options, all agents started at once.
     pub async fn start(n: usize) -> Result<Cluster> {
         Self::builder().members(n).start().await
+    }
+
+    /// The backup repository of a cluster built with [`ClusterBuilder::backups`]: the
+    /// cluster's folder in it (`<repository>/<cluster>`).
+    pub fn repository(&self) -> PathBuf {
+        self.root
+            .as_ref()
+            .expect("a cluster's temp root exists until the cluster is dropped")
+            .path()
+            .join("repository")
+            .join(&self.name)
     }
 
     pub fn name(&self) -> &str {

@@ -67,17 +67,35 @@ fn parse_progress(line: &str) -> Option<(u64, u64)> {
     Some((kb(done)?, kb(total)?))
 }
 
-/// `write-ahead log start point: 0/2000028 on timeline 1`.
-fn parse_point(stderr: &str, what: &str) -> Option<(Lsn, Option<u32>)> {
-    let line = stderr.lines().find(|l| l.contains(what))?;
-    let rest = line.split(what).nth(1)?.trim();
-    let mut words = rest.split_whitespace();
-    let lsn: Lsn = words.next()?.parse().ok()?;
-    let tl = rest
-        .split("on timeline")
-        .nth(1)
-        .and_then(|t| t.trim().parse().ok());
-    Some((lsn, tl))
+/// The backup's timeline and WAL range from its manifest's `WAL-Ranges` (the timeline
+/// the backup ended on).
+fn wal_range(manifest: &str) -> Option<(u32, Lsn, Lsn)> {
+    let v: serde_json::Value = serde_json::from_str(manifest).ok()?;
+    let ranges = v.get("WAL-Ranges")?.as_array()?;
+    let first = ranges.first()?;
+    let last = ranges.last()?;
+    let lsn = |r: &serde_json::Value, k: &str| r.get(k)?.as_str()?.parse::<Lsn>().ok();
+    Some((
+        u32::try_from(last.get("Timeline")?.as_u64()?).ok()?,
+        lsn(first, "Start-LSN")?,
+        lsn(last, "End-LSN")?,
+    ))
+}
+
+/// Copies what is read through it to `copy`, counting bytes.
+struct Tee<'a, R> {
+    inner: R,
+    copy: &'a mut dyn std::io::Write,
+    count: u64,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        self.count += n as u64;
+        Ok(n)
+    }
 }
 
 /// Takes a base backup of `src` into the repository.
@@ -187,6 +205,7 @@ pub async fn take(
                 .unwrap_or(1);
             let mut raw = 0u64;
             let mut sha = String::new();
+            let mut manifest = String::new();
             let put = ctx.repo.put(&key, &mut |w| {
                 let mut hashing = HashingWriter::new(w);
                 compress::compress_into(
@@ -195,7 +214,24 @@ pub async fn take(
                     ctx.backup.level(),
                     workers,
                     &mut |enc| {
-                        raw = std::io::copy(&mut stdout, enc)?;
+                        // Read the tar as it passes to find the manifest pg_basebackup puts
+                        // at its end (the backup's WAL range is in it).
+                        let mut tee = Tee {
+                            inner: &mut stdout,
+                            copy: enc,
+                            count: 0,
+                        };
+                        {
+                            let mut archive = tar::Archive::new(&mut tee);
+                            for entry in archive.entries()? {
+                                let mut entry = entry?;
+                                if entry.path()?.as_os_str() == "backup_manifest" {
+                                    entry.read_to_string(&mut manifest)?;
+                                }
+                            }
+                        }
+                        std::io::copy(&mut tee, &mut std::io::sink())?;
+                        raw = tee.count;
                         Ok(())
                     },
                 )?;
@@ -219,11 +255,11 @@ pub async fn take(
                     tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
                 );
             }
-            Ok((raw, stored, sha, err))
+            Ok((raw, stored, sha, manifest))
         })
     };
     let timeout = Duration::from_secs(ctx.backup.timeout);
-    let (size, stored, sha256, stderr) = match tokio::time::timeout(timeout, job).await {
+    let (size, stored, sha256, manifest) = match tokio::time::timeout(timeout, job).await {
         Ok(r) => r.context("the backup task died")??,
         Err(_) => {
             let p = pid.load(Ordering::SeqCst);
@@ -237,11 +273,13 @@ pub async fn take(
             bail!("the base backup did not finish within backup.timeout ({timeout:?}); it was stopped and removed");
         }
     };
-    let (start_lsn, timeline) = parse_point(&stderr, "write-ahead log start point:")
-        .ok_or_else(|| anyhow!("pg_basebackup did not report its start point"))?;
-    let (stop_lsn, _) = parse_point(&stderr, "write-ahead log end point:")
-        .ok_or_else(|| anyhow!("pg_basebackup did not report its end point"))?;
-    let timeline = timeline.unwrap_or(1);
+    let (timeline, start_lsn, stop_lsn) = match wal_range(&manifest) {
+        Some(r) => r,
+        None => {
+            let _ = ctx.repo.delete(&key);
+            bail!("pg_basebackup's output has no readable backup_manifest with a WAL range");
+        }
+    };
 
     progress.send_replace(Progress::phase("waiting for the WAL to be archived"));
     if let Err(e) = wait_archived(ctx, timeline, start_lsn, stop_lsn, switch_wal).await {
@@ -339,17 +377,13 @@ mod tests {
             Some((2345 * 1024, 67890 * 1024))
         );
         assert_eq!(parse_progress("pg_basebackup: base backup completed"), None);
-        let err = "pg_basebackup: initiating base backup, waiting for checkpoint to complete\n\
-                   pg_basebackup: checkpoint completed\n\
-                   pg_basebackup: write-ahead log start point: 0/2000028 on timeline 3\n\
-                   pg_basebackup: write-ahead log end point: 0/2000100\n";
+        let manifest = r#"{"PostgreSQL-Backup-Manifest-Version": 1, "Files": [],
+            "WAL-Ranges": [{ "Timeline": 3, "Start-LSN": "0/2000028", "End-LSN": "0/2000100" }],
+            "Manifest-Checksum": "x"}"#;
         assert_eq!(
-            parse_point(err, "write-ahead log start point:"),
-            Some((Lsn(0x2000028), Some(3)))
+            wal_range(manifest),
+            Some((3, Lsn(0x2000028), Lsn(0x2000100)))
         );
-        assert_eq!(
-            parse_point(err, "write-ahead log end point:"),
-            Some((Lsn(0x2000100), None))
-        );
+        assert_eq!(wal_range("{}"), None);
     }
 }
