@@ -60,11 +60,18 @@ fn archived(cluster: &Cluster) -> Result<Vec<(String, PathBuf)>> {
         let dir = dir?.path();
         for f in std::fs::read_dir(&dir)? {
             let path = f?.path();
-            let file = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let file = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             if file.starts_with('.') {
                 continue;
             }
-            let name = file.rsplit_once('-').map(|(n, _)| n.to_string()).unwrap_or(file);
+            let name = file
+                .rsplit_once('-')
+                .map(|(n, _)| n.to_string())
+                .unwrap_or(file);
             out.push((name, path));
         }
     }
@@ -80,25 +87,44 @@ async fn take_backup(cluster: &Cluster) -> Result<serde_json::Value> {
 
 /// After a restore: one running leader, every other member a streaming replica on the
 /// restored timeline with exactly `want` in `table`.
-async fn wait_restored(cluster: &Cluster, table: &str, want: &[i32], old_tl: u32) -> Result<String> {
+async fn wait_restored(
+    cluster: &Cluster,
+    table: &str,
+    want: &[i32],
+    old_tl: u32,
+) -> Result<String> {
     let healthy = cluster.wait_healthy(RESTORE).await?;
     let leader = cluster.member(&healthy.leader);
     let tl = timeline(leader).await?;
-    ensure!(tl > old_tl, "the restored leader runs on timeline {tl}, not after {old_tl}");
-    ensure!(ids(leader, table).await? == want, "the leader has ids {:?}", ids(leader, table).await?);
+    ensure!(
+        tl > old_tl,
+        "the restored leader runs on timeline {tl}, not after {old_tl}"
+    );
+    ensure!(
+        ids(leader, table).await? == want,
+        "the leader has ids {:?}",
+        ids(leader, table).await?
+    );
     for r in &healthy.replicas {
         let m = cluster.member(r);
-        wait_until(Duration::from_secs(30), format!("{r} to have the restored rows"), || async {
-            let got = ids(m, table).await?;
-            ensure!(got == want, "{r} has {} rows", got.len());
-            Ok(())
-        })
+        wait_until(
+            Duration::from_secs(30),
+            format!("{r} to have the restored rows"),
+            || async {
+                let got = ids(m, table).await?;
+                ensure!(got == want, "{r} has {} rows", got.len());
+                Ok(())
+            },
+        )
         .await?;
         let rtl = timeline(m).await?;
         ensure!(rtl >= tl, "{r} is on timeline {rtl}, the leader on {tl}");
     }
     let aside = format!("{}.pre-restore", leader.data_dir().display());
-    ensure!(!Path::new(&aside).exists(), "{aside} was not removed after the restore");
+    ensure!(
+        !Path::new(&aside).exists(),
+        "{aside} was not removed after the restore"
+    );
     Ok(healthy.leader)
 }
 
@@ -122,8 +148,384 @@ async fn restore_to_a_time_before_a_delete_brings_back_exactly_the_rows_before_i
     wait_restored(&cluster, "t", &want, old_tl).await?;
     let history = cluster.history().await?;
     ensure!(
-        history.iter().any(|h| h.reason.contains("point-in-time restore")),
+        history
+            .iter()
+            .any(|h| h.reason.contains("point-in-time restore")),
         "the history does not record the restore: {history:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_to_a_named_point_then_to_an_lsn_across_the_restored_timeline_and_refusals_change_nothing(
+) -> Result<()> {
+    let cluster = Cluster::builder().members(2).backups().configure().await?;
+    cluster.start_with_leader("node1", BRINGUP).await?;
+    let leader = cluster.member("node1");
+    sql_batch(leader, "CREATE TABLE t (id int PRIMARY KEY, v text)").await?;
+    insert(leader, "t", 1, 100).await?;
+    let backup = take_backup(&cluster).await?;
+    insert(leader, "t", 101, 150).await?;
+    sql_batch(leader, "SELECT pg_create_restore_point('before_delete')").await?;
+    sql_batch(leader, "DELETE FROM t").await?;
+    let tl1 = timeline(leader).await?;
+
+    // Refusals: no confirmation without a terminal, a target before the backup ended, a
+    // target after the archive's end, two targets. None of them touches the cluster.
+    ctl(&cluster, &["restore", "--latest"])
+        .await?
+        .expect_failure(2, &["--force"])?;
+    ctl(
+        &cluster,
+        &[
+            "restore",
+            "--target-time",
+            "2001-01-01T00:00:00Z",
+            "--force",
+        ],
+    )
+    .await?
+    .expect_failure(1, &["before the end of"])?;
+    ctl(
+        &cluster,
+        &[
+            "restore",
+            "--target-time",
+            "2099-01-01T00:00:00Z",
+            "--force",
+        ],
+    )
+    .await?
+    .expect_failure(1, &["after the last archived WAL"])?;
+    ctl(&cluster, &["restore", "--target-lsn", "FFFF/0", "--force"])
+        .await?
+        .expect_failure(1, &["after the last archived WAL"])?;
+    ctl(
+        &cluster,
+        &["restore", "--target-time", "yesterday", "--force"],
+    )
+    .await?
+    .expect_failure(2, &["RFC 3339"])?;
+    ensure!(
+        cluster.etcd_get("restore").await?.is_none(),
+        "a refused restore left a restore key"
+    );
+    ensure!(
+        ids(leader, "t").await?.is_empty(),
+        "a refused restore changed the data"
+    );
+    ensure!(
+        timeline(leader).await? == tl1,
+        "a refused restore changed the timeline"
+    );
+
+    let out = ctl(
+        &cluster,
+        &[
+            "restore",
+            "--target-name",
+            "before_delete",
+            "--backup",
+            backup["id"].as_str().unwrap_or_default(),
+            "--force",
+        ],
+    )
+    .await?;
+    out.expect_success()?;
+    let want: Vec<i32> = (1..=150).collect();
+    let leader_name = wait_restored(&cluster, "t", &want, tl1).await?;
+    let leader = cluster.member(&leader_name);
+    let tl2 = timeline(leader).await?;
+
+    // On the restored timeline: more rows, note the LSN, lose everything, restore by LSN
+    // from the same (older-timeline) backup: recovery follows the timeline switch.
+    insert(leader, "t", 151, 300).await?;
+    let lsn: String = sql_value(leader, "SELECT pg_current_wal_lsn()::text").await?;
+    sql_batch(leader, "TRUNCATE t").await?;
+    let out = ctl(&cluster, &["restore", "--target-lsn", &lsn, "--force"]).await?;
+    out.expect_success()?;
+    let want: Vec<i32> = (1..=300).collect();
+    wait_restored(&cluster, "t", &want, tl2).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archiving_continues_across_a_failover_and_a_restore_crosses_the_timeline_switch(
+) -> Result<()> {
+    let cluster = Cluster::builder().members(3).backups().configure().await?;
+    cluster.start_with_leader("node1", BRINGUP).await?;
+    let old = cluster.member("node1");
+    sql_batch(old, "CREATE TABLE t (id int PRIMARY KEY, v text)").await?;
+    insert(old, "t", 1, 100).await?;
+    take_backup(&cluster).await?;
+    let tl1 = timeline(old).await?;
+    // Wait for node2 and node3 to have the rows, then crash the leader.
+    for r in cluster.others("node1") {
+        wait_until(
+            Duration::from_secs(30),
+            format!("{} to replay", r.name()),
+            || async {
+                ensure!(ids(r, "t").await?.len() == 100);
+                Ok(())
+            },
+        )
+        .await?;
+    }
+    old.crash()?;
+    let new_name = cluster.wait_new_leader("node1", FAILOVER).await?;
+    let new = cluster.member(&new_name);
+    let tl2 = timeline(new).await?;
+    ensure!(tl2 > tl1);
+    insert(new, "t", 101, 200).await?;
+    let noted = server_time(new).await?;
+    sql_batch(new, "DELETE FROM t WHERE id % 2 = 0").await?;
+    sql_batch(new, "SELECT pg_switch_wal()").await?;
+
+    wait_until(
+        Duration::from_secs(30),
+        "segments of both timelines in the archive",
+        || async {
+            let names: Vec<String> = archived(&cluster)?.into_iter().map(|(n, _)| n).collect();
+            let tl_prefix = |tl: u32| format!("{tl:08X}");
+            ensure!(
+                names
+                    .iter()
+                    .any(|n| n.len() == 24 && n.starts_with(&tl_prefix(tl1))),
+                "no timeline {tl1} segment: {names:?}"
+            );
+            ensure!(
+                names
+                    .iter()
+                    .any(|n| n.len() == 24 && n.starts_with(&tl_prefix(tl2))),
+                "no timeline {tl2} segment: {names:?}"
+            );
+            ensure!(
+                names.iter().any(|n| *n == format!("{tl2:08X}.history")),
+                "no {tl2:08X}.history: {names:?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+
+    // The crashed member stays down: the restore runs on the two that are up.
+    let out = ctl(&cluster, &["restore", "--target-time", &noted, "--force"]).await?;
+    out.expect_success()?;
+    let want: Vec<i32> = (1..=200).collect();
+    wait_restored(&cluster, "t", &want, tl2).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_push_refuses_different_content_and_wal_fetch_detects_a_corrupted_segment() -> Result<()>
+{
+    let cluster = Cluster::builder().members(1).backups().configure().await?;
+    cluster.start_with_leader("node1", BRINGUP).await?;
+    let leader = cluster.member("node1");
+    sql_batch(
+        leader,
+        "CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g",
+    )
+    .await?;
+    for _ in 0..2 {
+        sql_batch(leader, "INSERT INTO t VALUES (0); SELECT pg_switch_wal()").await?;
+    }
+    let segs = wait_until(Duration::from_secs(30), "two archived segments", || async {
+        let segs: Vec<(String, PathBuf)> = archived(&cluster)?
+            .into_iter()
+            .filter(|(n, _)| n.len() == 24)
+            .collect();
+        ensure!(segs.len() >= 2, "{segs:?}");
+        Ok(segs)
+    })
+    .await?;
+    let agent = pgherd_tests::agent_bin()?;
+    let config = leader.config_path().to_path_buf();
+    let scratch = tempfile::tempdir()?;
+
+    // Same name, different content: refused loudly, the archive unchanged.
+    let (name, stored) = &segs[0];
+    let before = std::fs::read(stored)?;
+    let fake = scratch.path().join(name);
+    std::fs::write(&fake, vec![0x55u8; 16 * 1024 * 1024])?;
+    let out = tokio::process::Command::new(&agent)
+        .args(["wal-push", "--config"])
+        .arg(&config)
+        .arg(&fake)
+        .output()
+        .await?;
+    ensure!(
+        !out.status.success(),
+        "wal-push of different content succeeded"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        stderr.contains("different content"),
+        "wal-push said: {stderr}"
+    );
+    ensure!(
+        std::fs::read(stored)? == before,
+        "the archived segment changed"
+    );
+    let after: Vec<String> = archived(&cluster)?.into_iter().map(|(n, _)| n).collect();
+    ensure!(
+        after.iter().filter(|n| *n == name).count() == 1,
+        "a second copy of {name} appeared"
+    );
+
+    // The same content again: accepted (PostgreSQL retries after a crash).
+    let real = scratch.path().join("real");
+    std::fs::create_dir(&real)?;
+    let fetched = real.join(name);
+    let out = tokio::process::Command::new(&agent)
+        .args(["wal-fetch", "--config"])
+        .arg(&config)
+        .arg(name)
+        .arg(&fetched)
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "wal-fetch failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tokio::process::Command::new(&agent)
+        .args(["wal-push", "--config"])
+        .arg(&config)
+        .arg(&fetched)
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "re-pushing identical content failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Corruption: another segment's (valid) file under this segment's name.
+    let (other_name, other_stored) = &segs[1];
+    std::fs::copy(other_stored, stored)?;
+    let dest = scratch.path().join("RECOVERYXLOG");
+    let out = tokio::process::Command::new(&agent)
+        .args(["wal-fetch", "--config"])
+        .arg(&config)
+        .arg(name)
+        .arg(&dest)
+        .output()
+        .await?;
+    ensure!(
+        !out.status.success(),
+        "wal-fetch of a corrupted segment succeeded"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(stderr.contains("corrupted"), "wal-fetch said: {stderr}");
+    ensure!(!dest.exists(), "wal-fetch left a file under the final name");
+    ensure!(name != other_name);
+    // Not in the archive at all: a clean non-zero exit PostgreSQL reads as "not found".
+    let out = tokio::process::Command::new(&agent)
+        .args(["wal-fetch", "--config"])
+        .arg(&config)
+        .args(["0000000900000000000000AA"])
+        .arg(&dest)
+        .output()
+        .await?;
+    ensure!(
+        out.status.code() == Some(1),
+        "missing file: {:?}",
+        out.status
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_what_the_newest_backups_need_and_verify_fails_without_a_wal_segment(
+) -> Result<()> {
+    let cluster = Cluster::builder().members(1).backups().configure().await?;
+    cluster.start_with_leader("node1", BRINGUP).await?;
+    let leader = cluster.member("node1");
+    sql_batch(leader, "CREATE TABLE t (id int PRIMARY KEY, v text)").await?;
+    let mut backups = Vec::new();
+    for round in 0..3 {
+        insert(leader, "t", round * 100 + 1, round * 100 + 100).await?;
+        sql_batch(leader, "SELECT pg_switch_wal()").await?;
+        backups.push(take_backup(&cluster).await?);
+    }
+    // retention.full is 2: the first backup and the WAL before the second one's start go.
+    let listed = ctl_json(&cluster, &["backups"]).await?;
+    let listed_ids: Vec<&str> = listed
+        .as_array()
+        .context("backups printed no array")?
+        .iter()
+        .filter_map(|b| b["id"].as_str())
+        .collect();
+    let want: Vec<&str> = backups[1..]
+        .iter()
+        .filter_map(|b| b["id"].as_str())
+        .collect();
+    ensure!(listed_ids == want, "listed {listed_ids:?}, want {want:?}");
+    let second_start: pgherd_agent::lsn::Lsn = backups[1]["start_lsn"]
+        .as_str()
+        .context("no start_lsn")?
+        .parse()?;
+    let first_needed = second_start.0 / (16 * 1024 * 1024);
+    let segnos: Vec<u64> = archived(&cluster)?
+        .iter()
+        .filter(|(n, _)| n.len() == 24)
+        .map(|(n, _)| {
+            u64::from_str_radix(&n[8..16], 16).unwrap_or(0) * 256
+                + u64::from_str_radix(&n[16..24], 16).unwrap_or(0)
+        })
+        .collect();
+    ensure!(
+        segnos.iter().all(|s| *s >= first_needed),
+        "WAL before {first_needed} kept: {segnos:?}"
+    );
+    ensure!(
+        segnos.contains(&first_needed),
+        "segment {first_needed} the second backup needs was removed: {segnos:?}"
+    );
+
+    // The oldest kept backup still restores: verify recovers it through all later WAL.
+    insert(leader, "t", 1001, 1100).await?;
+    sql_batch(leader, "SELECT pg_switch_wal()").await?;
+    let oldest = want[0];
+    let v = ctl_json(&cluster, &["backup", "verify", oldest]).await?;
+    ensure!(v["passed"] == true, "verify of {oldest} failed: {v}");
+    ensure!(
+        v["rows"].as_u64() == Some(400),
+        "verify counted {} rows, want 400: {v}",
+        v["rows"]
+    );
+
+    // A segment the recovery needs goes missing: verify fails and says so.
+    let newest = want[1];
+    let newest_start: pgherd_agent::lsn::Lsn = backups[2]["start_lsn"]
+        .as_str()
+        .context("no start_lsn")?
+        .parse()?;
+    let seg = newest_start.0 / (16 * 1024 * 1024);
+    let (victim, path) = archived(&cluster)?
+        .into_iter()
+        .filter(|(n, _)| n.len() == 24)
+        .find(|(n, _)| {
+            u64::from_str_radix(&n[16..24], 16).unwrap_or(0)
+                + u64::from_str_radix(&n[8..16], 16).unwrap_or(0) * 256
+                == seg
+        })
+        .with_context(|| format!("no archived segment {seg}"))?;
+    std::fs::remove_file(&path)?;
+    let out = ctl(&cluster, &["backup", "verify", newest, "--format", "json"]).await?;
+    out.expect_failure(1, &["verify failed"])?;
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())?;
+    ensure!(v["passed"] == false, "{v}");
+    let listed = ctl_json(&cluster, &["backups"]).await?;
+    let entry = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|b| b["id"] == newest))
+        .context("the newest backup is not listed")?;
+    ensure!(
+        entry["verify"]["passed"] == false,
+        "backups does not show the failed verify: {entry}"
+    );
+    let _ = victim;
     Ok(())
 }

@@ -193,8 +193,6 @@ async fn run(
             restore::log_tail(&log, 4)
         );
     }
-    let recover_s = t1.elapsed().as_secs_f64();
-
     let mut pc = tokio_postgres::Config::new();
     pc.host_path(sock.path())
         .port(port)
@@ -213,7 +211,33 @@ async fn run(
             anyhow::Ok(client)
         }
     };
-    let client = connect("postgres").await?;
+    // pg_ctl returns once the postmaster runs; with hot_standby off nobody may connect
+    // until recovery has ended, which is what we wait for.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    let client = loop {
+        match connect("postgres").await {
+            Ok(c) => break c,
+            Err(e) => {
+                let alive = std::fs::read_to_string(scratch.data.join("postmaster.pid"))
+                    .ok()
+                    .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+                    .is_some_and(|pid| {
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+                    });
+                if !alive {
+                    bail!(
+                        "recovery failed: PostgreSQL stopped ({e:#}); it said: {}",
+                        restore::log_tail(&log, 4)
+                    );
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    bail!("recovery did not finish within backup.timeout ({timeout} s): {e:#}");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let recover_s = t1.elapsed().as_secs_f64();
     let row = client
         .query_one(
             "SELECT pg_is_in_recovery(), pg_current_wal_lsn()::text",
