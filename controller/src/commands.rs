@@ -117,6 +117,18 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::List => {
             let view = target.view().await?;
             print!("{}", list::render(&target.cluster, &view, cli.format));
+            if cli.format == Format::Table {
+                // Best effort: the leader's agent knows the repository; list works without it.
+                if let Some(leader) = view.leader_member() {
+                    if let Ok(mut c) = target.connect(&leader.api_address).await {
+                        if let Ok(r) = c.status(StatusRequest {}).await {
+                            if let Some(line) = list::render_backups(&r.into_inner().backup_json) {
+                                print!("{line}");
+                            }
+                        }
+                    }
+                }
+            }
         }
         Command::History => {
             let entries = target

@@ -185,9 +185,45 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
                         .unwrap_or_default()
                 ));
             }
+            if let Some((r, _)) = &view.restore {
+                let state = match r.phase {
+                    pgherd_agent::dcs::model::RestorePhase::Restoring => {
+                        format!("in progress on {} (to {})", r.leader, r.target.describe())
+                    }
+                    _ => r.message.clone(),
+                };
+                out.push_str(&format!(
+                    "Last restore: {} from backup {}: {state}\n",
+                    r.id, r.backup_id
+                ));
+            }
             out
         }
     }
+}
+
+/// The footer line about backups, from the leader's `backup_json` status field.
+pub fn render_backups(summary_json: &str) -> Option<String> {
+    let s: serde_json::Value = serde_json::from_str(summary_json).ok()?;
+    let mut line = format!("Backups: {}", s["count"].as_u64().unwrap_or(0));
+    if let Some(b) = s["last_backup"].as_object() {
+        line.push_str(&format!(
+            ", newest {} ({})",
+            b.get("id").and_then(|v| v.as_str()).unwrap_or("?"),
+            b.get("stop_time").and_then(|v| v.as_str()).unwrap_or("?")
+        ));
+    }
+    if let Some(v) = s["last_verify"].as_object() {
+        let passed = v.get("passed").and_then(|p| p.as_bool()) == Some(true);
+        line.push_str(&format!(
+            "; last verify of {} {} at {}",
+            v.get("backup_id").and_then(|x| x.as_str()).unwrap_or("?"),
+            if passed { "passed" } else { "FAILED" },
+            v.get("finished_at").and_then(|x| x.as_str()).unwrap_or("?")
+        ));
+    }
+    line.push('\n');
+    Some(line)
 }
 
 /// A boxed text table.

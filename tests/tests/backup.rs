@@ -529,3 +529,52 @@ async fn retention_keeps_what_the_newest_backups_need_and_verify_fails_without_a
     let _ = victim;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_takes_and_verifies_scheduled_backups_and_list_shows_the_result() -> Result<()> {
+    let cluster = Cluster::builder()
+        .members(2)
+        .backups()
+        .yaml("backup: {schedule: '*/5 * * * * *', verify_schedule: '*/5 * * * * *'}")
+        .configure()
+        .await?;
+    cluster.start_with_leader("node1", BRINGUP).await?;
+    sql_batch(
+        cluster.member("node1"),
+        "CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 10) g",
+    )
+    .await?;
+    let verified = wait_until(
+        Duration::from_secs(150),
+        "a scheduled backup and its verification",
+        || async {
+            let listed = ctl_json(&cluster, &["backups"]).await?;
+            let verified: Vec<serde_json::Value> = listed
+                .as_array()
+                .context("no array")?
+                .iter()
+                .filter(|b| b["verify"]["passed"] == true)
+                .cloned()
+                .collect();
+            ensure!(!verified.is_empty(), "no verified backup yet: {listed}");
+            Ok(verified)
+        },
+    )
+    .await?;
+    for b in &verified {
+        ensure!(
+            b["member"] == "node1",
+            "a scheduled backup was taken by {} and not the leader",
+            b["member"]
+        );
+    }
+    let out = ctl(&cluster, &["list"]).await?;
+    out.expect_success()?;
+    if !(out.stdout.contains("Backups: ") && out.stdout.contains("passed")) {
+        bail!(
+            "list does not show the backups and the verification:\n{}",
+            out.stdout
+        );
+    }
+    Ok(())
+}

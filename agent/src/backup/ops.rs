@@ -377,9 +377,10 @@ pub async fn run_schedules(
                         tracing::warn!(error = %e, "scheduled backup skipped: etcd unreadable")
                     }
                 }
-                continue;
             }
         }
+        // Read again: the backup just taken may be the one to verify.
+        let Ok(sum) = summary(&ctx) else { continue };
         if let Some(cron) = &verify_cron {
             if due(
                 cron,
