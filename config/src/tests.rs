@@ -243,3 +243,30 @@ fn host_port_parsing() {
     assert_eq!(split_host_port(":5432"), None);
     assert_eq!(split_host_port("host"), None);
 }
+
+#[test]
+fn backup_section_problems_are_reported_at_their_paths() {
+    let text = format!(
+        "{GOOD}\nbackup:\n  repository: relative/dir\n  compression: zstd\n  compression_level: 30\n  retention: {{full: 0}}\n  schedule: 'every day'\n  verify_schedule: '0 5 * * 0'\n"
+    );
+    let mut got = paths(&text);
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            "backup.compression_level",
+            "backup.repository",
+            "backup.retention.full",
+            "backup.schedule"
+        ]
+    );
+    let good = format!("{GOOD}\nbackup: {{repository: /srv/b, compression: gzip}}\n");
+    let c = parse(&good).unwrap();
+    let b = c.backup.unwrap();
+    assert_eq!(
+        (b.compression, b.level(), b.retention.full),
+        (Compression::Gzip, 6, 2)
+    );
+    let bad_kind = format!("{GOOD}\nbackup: {{repository: /srv/b, compression: lz4}}\n");
+    assert_eq!(paths(&bad_kind), vec!["backup.compression"]);
+}

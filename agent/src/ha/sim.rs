@@ -160,6 +160,7 @@ impl World {
             leader_optime: self.dcs.optime,
             handover: None,
             sync: None,
+            restore: None,
             reached: None,
         }
     }

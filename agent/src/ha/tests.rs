@@ -49,6 +49,7 @@ fn view(leader: Option<&str>, members: &[MemberInfo]) -> ClusterView {
         leader_optime: None,
         handover: None,
         sync: None,
+        restore: None,
         reached: None,
     }
 }
@@ -873,4 +874,127 @@ mod synchronous {
             d.reason
         );
     }
+}
+
+fn restore_key(
+    leader: &str,
+    phase: crate::dcs::model::RestorePhase,
+    timeline: Option<u32>,
+) -> crate::dcs::model::RestoreKey {
+    crate::dcs::model::RestoreKey {
+        id: "r1".into(),
+        leader: leader.into(),
+        backup_id: "b1".into(),
+        target: crate::backup::target::Target::Latest,
+        phase,
+        requested_at: "2026-11-26T10:00:00Z".into(),
+        finished_at: None,
+        timeline,
+        message: String::new(),
+    }
+}
+
+#[test]
+fn the_leader_named_in_a_restore_key_starts_the_restore_job_and_keeps_its_lease() {
+    use crate::dcs::model::RestorePhase;
+    let me = member("a", MemberState::Running, 100);
+    let mut v = view(Some("a"), std::slice::from_ref(&me));
+    v.restore = Some((restore_key("a", RestorePhase::Restoring, None), 7));
+    let d = Obs::new(Some(v.clone()))
+        .running(Some(primary_status()))
+        .holding_lease(Duration::from_secs(5))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(
+        d.actions,
+        vec![
+            Action::RenewLeader,
+            Action::StartJob(JobKind::Restore { id: "r1".into() })
+        ]
+    );
+    // While it runs, only the lease is renewed; when it ends, the outcome is recorded.
+    let d = Obs::new(Some(v.clone()))
+        .holding_lease(Duration::from_secs(5))
+        .job(JobView::Running(JobKind::Restore { id: "r1".into() }))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::RenewLeader]);
+    let d = Obs::new(Some(v.clone()))
+        .holding_lease(Duration::from_secs(5))
+        .job(JobView::Failed(
+            JobKind::Restore { id: "r1".into() },
+            "boom".into(),
+        ))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(
+        d.actions,
+        vec![Action::FinishRestore {
+            id: "r1".into(),
+            error: Some("boom".into())
+        }]
+    );
+    // A recorded outcome whose key write failed is written again, never restored twice.
+    let mem = Memory {
+        restore_outcome: Some(("r1".into(), None)),
+        ..Memory::default()
+    };
+    let d = Obs::new(Some(v))
+        .running(Some(primary_status()))
+        .holding_lease(Duration::from_secs(5))
+        .decide(&cfg("a"), &mem);
+    assert_eq!(
+        d.actions,
+        vec![
+            Action::RenewLeader,
+            Action::FinishRestore {
+                id: "r1".into(),
+                error: None
+            }
+        ]
+    );
+}
+
+#[test]
+fn nobody_but_the_restoring_member_takes_a_vacant_leader_key_during_a_restore() {
+    use crate::dcs::model::RestorePhase;
+    let other = member("b", MemberState::Streaming, 100);
+    let mut v = view(None, std::slice::from_ref(&other));
+    v.restore = Some((restore_key("a", RestorePhase::Restoring, None), 7));
+    let d = Obs::new(Some(v))
+        .running(Some(standby_status(100)))
+        .decide(&cfg("b"), &following("a"));
+    assert!(
+        !d.actions.contains(&Action::AcquireLeader),
+        "b took the key during a's restore: {d:?}"
+    );
+    assert!(d.reason.contains("restoring"), "{}", d.reason);
+}
+
+#[test]
+fn after_a_restore_members_on_an_older_timeline_reclone_but_never_the_leader() {
+    use crate::dcs::model::RestorePhase;
+    let mut leader = member("a", MemberState::Running, 100);
+    leader.timeline = Some(5);
+    let mut v = view(Some("a"), std::slice::from_ref(&leader));
+    v.restore = Some((restore_key("a", RestorePhase::Done, Some(5)), 9));
+    let mut old = standby_status(100);
+    old.timeline = Some(3);
+    let d = Obs::new(Some(v.clone()))
+        .running(Some(old))
+        .decide(&cfg("b"), &following("a"));
+    assert_eq!(d.actions, vec![Action::StopPostgres, Action::EmptyDataDir]);
+    assert!(d.reason.contains("restored"), "{}", d.reason);
+    // Already on the restored timeline: nothing to do.
+    let mut new = standby_status(100);
+    new.timeline = Some(5);
+    let d = Obs::new(Some(v.clone()))
+        .running(Some(new))
+        .decide(&cfg("b"), &following("a"));
+    assert!(!d.actions.contains(&Action::EmptyDataDir), "{d:?}");
+    // Rule 6: the leader never empties its data directory, whatever its timeline says.
+    let mut p = primary_status();
+    p.timeline = Some(3);
+    let d = Obs::new(Some(v))
+        .running(Some(p))
+        .holding_lease(Duration::from_secs(5))
+        .decide(&cfg("a"), &Memory::default());
+    assert!(!d.actions.contains(&Action::EmptyDataDir), "{d:?}");
 }
