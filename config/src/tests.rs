@@ -155,7 +155,10 @@ fn each_problem_is_reported_at_its_yaml_path() {
         ("missing key", &[("cluster: demo\n", "")], &["(top level)"]),
         (
             "http_listen without a port",
-            &[("  plaintext: true", "  plaintext: true\n  http_listen: localhost")],
+            &[(
+                "  plaintext: true",
+                "  plaintext: true\n  http_listen: localhost",
+            )],
             &["api.http_listen"],
         ),
         (
