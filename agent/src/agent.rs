@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::StatusBoard;
 use crate::backup::{ops as backup_ops, BackupContext};
+use crate::callbacks::{Callbacks, Event, PgRole};
 use crate::dcs::model::{ClusterView, HistoryEntry, MemberInfo, MemberState, Role, VERSION};
 use crate::dcs::{Dcs, Lease};
 use crate::ha::{
@@ -81,6 +82,10 @@ pub struct Agent {
     standbys_set: Option<crate::ha::sync::Standbys>,
     /// The WAL archive and base backups, with a `backup` section.
     backup: Option<BackupContext>,
+    callbacks: Callbacks,
+    /// The role PostgreSQL last answered with (kept while it is stopped), for
+    /// `on_role_change` and the role `on_stop` reports.
+    pg_role: Option<PgRole>,
 }
 
 /// How much earlier than the lease TTL a leader considers its lease gone (rule 2): a tenth
@@ -124,6 +129,7 @@ impl Agent {
             pg.os_user().clone(),
             pg.bin_dir().to_path_buf(),
         );
+        let callbacks = Callbacks::new(&cfg);
         Ok(Agent {
             backup,
             cfg,
@@ -148,6 +154,8 @@ impl Agent {
             peer_client,
             known_timeline: None,
             standbys_set: None,
+            callbacks,
+            pg_role: None,
         })
     }
 
@@ -223,6 +231,8 @@ impl Agent {
             }
             self.arm_watchdog();
             self.publish(&decision, &obs).await;
+            self.post_local_status(&decision, &obs, started, &ha_cfg)
+                .await;
             tracing::debug!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "loop done"
@@ -239,6 +249,57 @@ impl Agent {
                 Some(req) = self.requests.recv() => self.handle_request(req).await,
             }
         }
+    }
+
+    /// Posts what the HTTP checks and metrics need. When this cycle started, stopped or
+    /// promoted PostgreSQL, the observation is out of date: ask PostgreSQL again, so a load
+    /// balancer sees the new primary now rather than a cycle later.
+    async fn post_local_status(
+        &mut self,
+        decision: &Decision,
+        obs: &Observation,
+        started: Instant,
+        ha_cfg: &HaConfig,
+    ) {
+        let changed_pg = decision.actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Promote
+                    | Action::StartPrimary
+                    | Action::StartStandby(_)
+                    | Action::StopPostgres
+                    | Action::HandOver { .. }
+                    | Action::AbortBootstrap
+            )
+        });
+        let pg_running = self.pg.is_running();
+        let status = if !changed_pg {
+            obs.pg.status.clone()
+        } else if pg_running {
+            self.pg.status().await
+        } else {
+            None
+        };
+        if let Some(s) = &status {
+            let now = PgRole::of(s.in_recovery);
+            if self.pg_role.is_some_and(|before| before != now) {
+                tracing::info!(role = now.as_str(), "PostgreSQL changed role");
+                self.callbacks.fire(Event::RoleChange, now);
+            }
+            self.pg_role = Some(now);
+        }
+        self.board.set_local(crate::api::LocalStatus {
+            at: Instant::now(),
+            loop_duration: started.elapsed(),
+            ttl: Duration::from_secs(ha_cfg.dcs.ttl),
+            leader_valid_until: self.leader_lease.as_ref().and(self.leader_valid_until),
+            pg_running,
+            pg: status.map(|s| crate::api::PgFacts {
+                in_recovery: s.in_recovery,
+                streaming: s.streaming,
+            }),
+            synchronous_mode: ha_cfg.dcs.synchronous_mode,
+        });
     }
 
     /// Rule 3: while we hold the leader lease, PostgreSQL must be fenced when the lease's
@@ -454,6 +515,8 @@ impl Agent {
         self.pg.write_config(&mode, &self.cluster_params())?;
         self.pg.start_and_wait().await?;
         self.arm_watchdog();
+        self.callbacks
+            .fire(Event::Restart, PgRole::of(mode != Mode::Primary));
         Ok(format!(
             "restarted PostgreSQL as {}",
             if mode == Mode::Primary {
@@ -488,6 +551,7 @@ impl Agent {
         }
         if self.pg.is_running() {
             self.pg.stop().await?;
+            self.callbacks.fire(Event::Stop, self.stopped_role());
         }
         tracing::warn!(
             reason = "reinitialize requested through the API",
@@ -521,6 +585,10 @@ impl Agent {
                 if let Some(tl) = timeline {
                     self.memory.rewind_failed = Some((from.clone(), tl));
                 }
+            }
+            if let (JobKind::Bootstrap, Ok(())) = (&job.kind, &result) {
+                // The bootstrap job started the new cluster's PostgreSQL.
+                self.callbacks.fire(Event::Start, PgRole::Primary);
             }
             self.finished_job = Some((job.kind, result));
         }
@@ -758,7 +826,9 @@ impl Agent {
                 self.pg
                     .write_config(&Mode::Primary, &self.cluster_params())?;
                 self.memory.upstream = None;
-                self.pg.start().await
+                self.pg.start().await?;
+                self.callbacks.fire(Event::Start, PgRole::Primary);
+                Ok(())
             }
             Action::StartStandby(up) => {
                 self.standbys_set = None;
@@ -767,7 +837,9 @@ impl Agent {
                     .write_config(&Mode::Standby(up.clone()), &self.cluster_params())?;
                 self.memory.upstream = up.as_ref().map(|u| u.name.clone());
                 self.memory.not_streaming_since = None;
-                self.pg.start().await
+                self.pg.start().await?;
+                self.callbacks.fire(Event::Start, PgRole::Replica);
+                Ok(())
             }
             Action::FollowUpstream(up) => {
                 self.pg
@@ -785,9 +857,13 @@ impl Agent {
             Action::StopPostgres => {
                 self.memory.upstream = None;
                 self.standbys_set = None;
+                let was_running = self.pg.is_running();
                 if let Err(e) = self.pg.stop().await {
                     tracing::warn!(error = %format!("{e:#}"), "clean stop failed; stopping immediately");
                     self.pg.stop_immediately().await;
+                }
+                if was_running {
+                    self.callbacks.fire(Event::Stop, self.stopped_role());
                 }
                 Ok(())
             }
@@ -864,6 +940,7 @@ impl Agent {
         }
         tracing::info!(candidate = %to, reason = "planned switchover: stopping PostgreSQL to hand over", "decision");
         self.pg.stop().await?;
+        self.callbacks.fire(Event::Stop, PgRole::Primary);
         let control = self.pg.control_data().await?;
         let final_lsn = control
             .checkpoint_lsn
@@ -923,7 +1000,14 @@ impl Agent {
             }
         }
         self.standbys_set = None;
+        let switchover = self.last_view.as_ref().is_some_and(|v| {
+            v.handover.as_ref().is_some_and(|(h, _)| {
+                h.kind == crate::dcs::model::HandoverKind::Switchover
+                    && h.to.as_deref() == Some(self.cfg.name.as_str())
+            })
+        });
         self.pg.promote().await?;
+        self.board.count_promotion(switchover);
         // pg_rewind on a former primary reads our timeline from the control file, which
         // shows the new timeline only after the first checkpoint; PostgreSQL's own one is
         // spread out over seconds, so force it now (before we publish the new timeline).
@@ -1188,6 +1272,7 @@ impl Agent {
                 tracing::warn!(error = %format!("{e:#}"), "clean stop failed; stopping immediately");
                 self.pg.stop_immediately().await;
             }
+            self.callbacks.fire(Event::Stop, self.stopped_role());
         }
         if self.leader_lease.is_some() {
             self.drop_leader_lease().await;
@@ -1211,5 +1296,18 @@ impl Agent {
         if let Some(wd) = self.watchdog.take() {
             wd.stop();
         }
+        // on_stop above is usually still queued or running.
+        let limit = Duration::from_secs(self.cfg.callbacks.timeout) + Duration::from_secs(1);
+        self.callbacks.finish(limit).await;
+    }
+
+    /// The role a PostgreSQL we just stopped had: what it last answered, else what the
+    /// leader key made it.
+    fn stopped_role(&self) -> PgRole {
+        self.pg_role.unwrap_or(if self.leader_lease.is_some() {
+            PgRole::Primary
+        } else {
+            PgRole::Replica
+        })
     }
 }

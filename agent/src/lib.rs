@@ -4,8 +4,10 @@
 pub mod agent;
 pub mod api;
 pub mod backup;
+pub mod callbacks;
 pub mod dcs;
 pub mod ha;
+pub mod listing;
 pub mod lsn;
 pub mod postgres;
 pub mod watchdog;

@@ -207,6 +207,24 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
     let backup = agent.backup();
     let backup_busy = Arc::new(tokio::sync::Mutex::new(()));
     if let Some(ctx) = backup.clone() {
+        // /metrics shows the newest backup and verification from the repository.
+        let (b, c, stop) = (board.clone(), ctx.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let status = {
+                    let c = c.clone();
+                    tokio::task::spawn_blocking(move || pgherd_agent::backup::ops::board_status(&c))
+                        .await
+                        .ok()
+                        .flatten()
+                };
+                b.set_backup(status);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+                }
+            }
+        });
         let board = board.clone();
         tokio::spawn(pgherd_agent::backup::ops::run_schedules(
             ctx,
@@ -217,6 +235,13 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
+    let http = api::http::serve(
+        cfg.clone(),
+        board.clone(),
+        agent.postgres(),
+        shutdown.clone(),
+    )
+    .await?;
     let server = api::serve(
         api::ApiContext {
             cfg: cfg.clone(),
@@ -251,5 +276,8 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
     let result = agent.run(shutdown.clone()).await;
     shutdown.cancel();
     let _ = server.await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     result
 }

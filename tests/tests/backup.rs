@@ -568,6 +568,23 @@ async fn the_leader_takes_and_verifies_scheduled_backups_and_list_shows_the_resu
             b["member"]
         );
     }
+    // /metrics reports the backup and the verification (the agent refreshes it every 10 s).
+    wait_until(
+        Duration::from_secs(30),
+        "backup metrics on the leader",
+        || async {
+            let page = cluster.member("node1").http_get("/metrics").await?.body;
+            for series in ["pgherd_last_backup_success", "pgherd_last_verify_success"] {
+                ensure!(
+                    page.lines()
+                        .any(|l| l.starts_with(series) && l.ends_with(" 1")),
+                    "no {series} ... 1 in /metrics"
+                );
+            }
+            Ok(())
+        },
+    )
+    .await?;
     let out = ctl(&cluster, &["list"]).await?;
     out.expect_success()?;
     if !(out.stdout.contains("Backups: ") && out.stdout.contains("passed")) {

@@ -44,6 +44,9 @@ pub struct BackupContext {
     pub repo: Arc<LocalRepository>,
     pub user: OsUser,
     pub bin_dir: PathBuf,
+    /// When this agent's last backup attempt failed, if it failed after the newest backup
+    /// (for `/metrics`).
+    pub last_failure: Arc<std::sync::Mutex<Option<std::time::SystemTime>>>,
 }
 
 impl BackupContext {
@@ -57,6 +60,7 @@ impl BackupContext {
             repo,
             user,
             bin_dir,
+            last_failure: Arc::new(std::sync::Mutex::new(None)),
         })
     }
 

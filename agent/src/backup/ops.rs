@@ -54,6 +54,23 @@ pub async fn take_backup(
         system_identifier,
     };
     let leader = view.leader_member().map(|m| (m.host.clone(), m.port));
+    let result = take_checked(ctx, pg, &src, from_replica, leader, progress).await;
+    let mut failed = ctx.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+    *failed = match &result {
+        Ok(_) => None,
+        Err(_) => Some(std::time::SystemTime::now()),
+    };
+    result
+}
+
+async fn take_checked(
+    ctx: &BackupContext,
+    pg: &Postgres,
+    src: &Source,
+    from_replica: bool,
+    leader: Option<(String, u16)>,
+    progress: &watch::Sender<Progress>,
+) -> Result<BackupInfo> {
     let switch_wal = async {
         let (host, port) = match (from_replica, leader) {
             (false, _) => pg.local_address(),
@@ -64,7 +81,40 @@ pub async fn take_backup(
         c.simple_query("SELECT pg_switch_wal()").await?;
         Ok(())
     };
-    base::take(ctx, &src, switch_wal, progress).await
+    base::take(ctx, src, switch_wal, progress).await
+}
+
+/// What `/metrics` shows about backups: the newest backup (or a later failed attempt) and
+/// the last verification.
+pub fn board_status(ctx: &BackupContext) -> Option<crate::api::BackupStatus> {
+    use crate::api::{BackupRun, BackupStatus};
+    let sum = summary(ctx).ok()?;
+    let at = |t: &str| target::parse_time(t).ok().map(std::time::SystemTime::from);
+    let failure = *ctx.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+    let last_backup = match (failure, &sum.last_backup) {
+        (Some(f), _) => Some(BackupRun {
+            finished_at: f,
+            success: false,
+        }),
+        (None, Some(b)) => at(&b.stop_time).map(|t| BackupRun {
+            finished_at: t,
+            success: true,
+        }),
+        (None, None) => None,
+    };
+    let last_verify = sum.last_verify.as_ref().and_then(|v| {
+        at(&v.finished_at).map(|t| BackupRun {
+            finished_at: t,
+            success: v.passed,
+        })
+    });
+    if last_backup.is_none() && last_verify.is_none() {
+        return None;
+    }
+    Some(BackupStatus {
+        last_backup,
+        last_verify,
+    })
 }
 
 /// Verifies backup `id` (the newest when `None`).
