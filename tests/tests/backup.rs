@@ -237,12 +237,28 @@ async fn restore_to_a_named_point_then_to_an_lsn_across_the_restored_timeline_an
     let leader = cluster.member(&leader_name);
     let tl2 = timeline(leader).await?;
 
-    // On the restored timeline: more rows, note the LSN, lose everything, restore by LSN
-    // from the same (older-timeline) backup: recovery follows the timeline switch.
+    // On the restored timeline: a backup taken from the replica, more rows, note the LSN,
+    // lose everything, restore by LSN from the replica's backup.
+    let from_replica = ctl_json(&cluster, &["backup", "--from-replica"]).await?;
+    ensure!(
+        from_replica["from_replica"] == true && from_replica["member"] != leader_name.as_str(),
+        "the backup was not taken on the replica: {from_replica}"
+    );
     insert(leader, "t", 151, 300).await?;
     let lsn: String = sql_value(leader, "SELECT pg_current_wal_lsn()::text").await?;
     sql_batch(leader, "TRUNCATE t").await?;
-    let out = ctl(&cluster, &["restore", "--target-lsn", &lsn, "--force"]).await?;
+    let out = ctl(
+        &cluster,
+        &[
+            "restore",
+            "--target-lsn",
+            &lsn,
+            "--backup",
+            from_replica["id"].as_str().unwrap_or_default(),
+            "--force",
+        ],
+    )
+    .await?;
     out.expect_success()?;
     let want: Vec<i32> = (1..=300).collect();
     wait_restored(&cluster, "t", &want, tl2).await?;
