@@ -249,12 +249,8 @@ pub fn push(
         WalName::dir(&name)?,
         compression.extension()
     );
-    // archive_command runs one segment at a time: compress it on every core.
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
     repo.put(&key, &mut |w| {
-        compress::compress_into(w, compression, level, workers, &mut |inner| {
+        compress::compress_into(w, compression, level, 1, &mut |inner| {
             inner.write_all(&data)
         })
     })?;
