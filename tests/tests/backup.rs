@@ -611,3 +611,47 @@ async fn the_leader_takes_and_verifies_scheduled_backups_and_list_shows_the_resu
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_cannot_reach_its_target_puts_the_previous_data_back() -> Result<()> {
+    let cluster = Cluster::builder().members(1).backups().configure().await?;
+    cluster.start_with_leader("node1", BRINGUP).await?;
+    let leader = cluster.member("node1");
+    sql_batch(leader, "CREATE TABLE t (id int PRIMARY KEY, v text)").await?;
+    insert(leader, "t", 1, 10).await?;
+    take_backup(&cluster).await?;
+    insert(leader, "t", 11, 20).await?;
+    let tl = timeline(leader).await?;
+
+    // No such restore point: recovery reaches the archive's end without finding it and
+    // PostgreSQL refuses to promote.
+    let out = ctl(
+        &cluster,
+        &["restore", "--target-name", "never_created", "--force"],
+    )
+    .await?;
+    out.expect_failure(1, &["failed"])?;
+    let key: serde_json::Value = serde_json::from_str(
+        &cluster
+            .etcd_get("restore")
+            .await?
+            .context("no restore key")?,
+    )?;
+    ensure!(key["phase"] == "failed", "restore key: {key}");
+    let healthy = cluster.wait_healthy(RESTORE).await?;
+    ensure!(healthy.leader == "node1");
+    let want: Vec<i32> = (1..=20).collect();
+    ensure!(
+        ids(leader, "t").await? == want,
+        "rows after the failed restore: {:?}",
+        ids(leader, "t").await?
+    );
+    ensure!(
+        timeline(leader).await? == tl,
+        "the failed restore changed the timeline"
+    );
+    insert(leader, "t", 21, 21).await?;
+    let aside = format!("{}.pre-restore", leader.data_dir().display());
+    ensure!(!Path::new(&aside).exists(), "{aside} is still there");
+    Ok(())
+}
