@@ -200,6 +200,8 @@ impl Agent {
             }
             self.arm_watchdog();
             self.publish(&decision, &obs).await;
+            self.post_local_status(&decision, &obs, started, &ha_cfg)
+                .await;
             tracing::debug!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "loop done"
@@ -216,6 +218,49 @@ impl Agent {
                 Some(req) = self.requests.recv() => self.handle_request(req).await,
             }
         }
+    }
+
+    /// Posts what the HTTP checks and metrics need. When this cycle started, stopped or
+    /// promoted PostgreSQL, the observation is out of date: ask PostgreSQL again, so a load
+    /// balancer sees the new primary now rather than a cycle later.
+    async fn post_local_status(
+        &self,
+        decision: &Decision,
+        obs: &Observation,
+        started: Instant,
+        ha_cfg: &HaConfig,
+    ) {
+        let changed_pg = decision.actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Promote
+                    | Action::StartPrimary
+                    | Action::StartStandby(_)
+                    | Action::StopPostgres
+                    | Action::HandOver { .. }
+                    | Action::AbortBootstrap
+            )
+        });
+        let pg_running = self.pg.is_running();
+        let status = if !changed_pg {
+            obs.pg.status.clone()
+        } else if pg_running {
+            self.pg.status().await
+        } else {
+            None
+        };
+        self.board.set_local(crate::api::LocalStatus {
+            at: Instant::now(),
+            loop_duration: started.elapsed(),
+            ttl: Duration::from_secs(ha_cfg.dcs.ttl),
+            leader_valid_until: self.leader_lease.as_ref().and(self.leader_valid_until),
+            pg_running,
+            pg: status.map(|s| crate::api::PgFacts {
+                in_recovery: s.in_recovery,
+                streaming: s.streaming,
+            }),
+            synchronous_mode: ha_cfg.dcs.synchronous_mode,
+        });
     }
 
     /// Rule 3: while we hold the leader lease, PostgreSQL must be fenced when the lease's
@@ -899,7 +944,14 @@ impl Agent {
             }
         }
         self.standbys_set = None;
+        let switchover = self.last_view.as_ref().is_some_and(|v| {
+            v.handover.as_ref().is_some_and(|(h, _)| {
+                h.kind == crate::dcs::model::HandoverKind::Switchover
+                    && h.to.as_deref() == Some(self.cfg.name.as_str())
+            })
+        });
         self.pg.promote().await?;
+        self.board.count_promotion(switchover);
         // pg_rewind on a former primary reads our timeline from the control file, which
         // shows the new timeline only after the first checkpoint; PostgreSQL's own one is
         // spread out over seconds, so force it now (before we publish the new timeline).

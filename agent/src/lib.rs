@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod dcs;
 pub mod ha;
+pub mod listing;
 pub mod lsn;
 pub mod postgres;
 pub mod watchdog;

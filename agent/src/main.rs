@@ -140,6 +140,13 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
     let board = api::StatusBoard::new(&cfg.cluster);
     let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(8);
     let agent = Agent::new(cfg.clone(), dcs.clone(), board.clone(), requests_rx)?;
+    let http = api::http::serve(
+        cfg.clone(),
+        board.clone(),
+        agent.postgres(),
+        shutdown.clone(),
+    )
+    .await?;
     let server = api::serve(
         api::ApiContext {
             cfg: cfg.clone(),
@@ -172,5 +179,8 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
     let result = agent.run(shutdown.clone()).await;
     shutdown.cancel();
     let _ = server.await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     result
 }

@@ -33,6 +33,9 @@ pub struct Config {
     pub bootstrap: Bootstrap,
     #[serde(default)]
     pub tags: Tags,
+    /// Commands the agent runs when PostgreSQL starts, stops, restarts or changes role.
+    #[serde(default)]
+    pub callbacks: Callbacks,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +64,10 @@ pub struct ApiConfig {
     pub listen: String,
     /// `host:port` other members and pgherdctl use to reach this agent.
     pub connect_address: String,
+    /// `host:port` of the HTTP health checks and metrics (`/primary`, `/replica`,
+    /// `/metrics`, ...); none when absent. Served with `tls` when that is set.
+    #[serde(default)]
+    pub http_listen: Option<String>,
     /// TLS for the API; required unless `plaintext` is set.
     #[serde(default)]
     pub tls: Option<ApiTls>,
@@ -277,6 +284,54 @@ pub struct Tags {
     pub nosync: bool,
 }
 
+/// Commands run on PostgreSQL events, Patroni style: `<command> <action> <role> <cluster>`,
+/// e.g. `/usr/local/bin/notify on_role_change primary demo`. A command is a program and
+/// fixed arguments separated by spaces (no shell), run as the agent's user in its own
+/// process group, never waited for by the loop, and killed with its group at `timeout`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Callbacks {
+    /// After the agent started PostgreSQL.
+    #[serde(default)]
+    pub on_start: Option<String>,
+    /// After the agent stopped PostgreSQL.
+    #[serde(default)]
+    pub on_stop: Option<String>,
+    /// After the agent restarted PostgreSQL (`pgherdctl restart`).
+    #[serde(default)]
+    pub on_restart: Option<String>,
+    /// After this member's PostgreSQL became primary (promotion) or a replica (demotion).
+    #[serde(default)]
+    pub on_role_change: Option<String>,
+    /// Seconds a callback may run before its process group is killed.
+    #[serde(default = "default_callback_timeout")]
+    pub timeout: u64,
+}
+
+impl Default for Callbacks {
+    fn default() -> Self {
+        Callbacks {
+            on_start: None,
+            on_stop: None,
+            on_restart: None,
+            on_role_change: None,
+            timeout: default_callback_timeout(),
+        }
+    }
+}
+
+impl Callbacks {
+    /// The configured command of each action, with its key name.
+    pub fn commands(&self) -> [(&'static str, Option<&str>); 4] {
+        [
+            ("on_start", self.on_start.as_deref()),
+            ("on_stop", self.on_stop.as_deref()),
+            ("on_restart", self.on_restart.as_deref()),
+            ("on_role_change", self.on_role_change.as_deref()),
+        ]
+    }
+}
+
 /// A PostgreSQL parameter value as written in YAML.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -339,6 +394,9 @@ fn default_primary_start_timeout() -> u64 {
 }
 fn default_synchronous_node_count() -> u32 {
     1
+}
+fn default_callback_timeout() -> u64 {
+    30
 }
 fn default_true() -> bool {
     true

@@ -39,6 +39,9 @@ fn defaults_fill_what_the_file_leaves_out() {
     assert_eq!(c.tags.failover_priority, 1);
     assert!(!c.tags.nofailover);
     assert_eq!(c.prefix(), "/pgherd/demo/");
+    assert_eq!(c.api.http_listen, None);
+    assert_eq!(c.callbacks, Callbacks::default());
+    assert_eq!(c.callbacks.timeout, 30);
     assert_eq!(
         c.pgpass_path(),
         PathBuf::from("/var/lib/pgherd/node2/data.pgpass")
@@ -150,6 +153,35 @@ fn each_problem_is_reported_at_its_yaml_path() {
             &["bootstrap.initdb[0]"],
         ),
         ("missing key", &[("cluster: demo\n", "")], &["(top level)"]),
+        (
+            "http_listen without a port",
+            &[(
+                "  plaintext: true",
+                "  plaintext: true\n  http_listen: localhost",
+            )],
+            &["api.http_listen"],
+        ),
+        (
+            "http_listen on the gRPC address",
+            &[(
+                "  plaintext: true",
+                "  plaintext: true\n  http_listen: 127.0.0.1:8009",
+            )],
+            &["api.http_listen"],
+        ),
+        (
+            "unknown callback and zero timeout",
+            &[(
+                "cluster: demo",
+                "cluster: demo\ncallbacks: {on_promote: /bin/true, timeout: 0}",
+            )],
+            &["callbacks.on_promote", "callbacks.timeout"],
+        ),
+        (
+            "empty callback command",
+            &[("cluster: demo", "cluster: demo\ncallbacks: {on_start: ' '}")],
+            &["callbacks.on_start"],
+        ),
     ];
     for (what, replacements, expected) in cases {
         let got = paths(&with(replacements));

@@ -470,6 +470,15 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
         }
     }
     check_address("api.connect_address", &c.api.connect_address, &mut out);
+    if let Some(http) = &c.api.http_listen {
+        check_address("api.http_listen", http, &mut out);
+        if *http == c.api.listen {
+            out.push(Problem::new(
+                "api.http_listen",
+                "must differ from api.listen (gRPC and HTTP are two listeners)",
+            ));
+        }
+    }
     check_address("postgres.listen", &c.postgres.listen, &mut out);
     check_address(
         "postgres.connect_address",
@@ -536,6 +545,19 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
         }
     }
 
+    for (key, command) in c.callbacks.commands() {
+        if let Some(command) = command {
+            if command.split_whitespace().next().is_none() {
+                out.push(Problem::new(
+                    format!("callbacks.{key}"),
+                    "must name a program (leave the key out for no callback)",
+                ));
+            }
+        }
+    }
+    if c.callbacks.timeout == 0 {
+        out.push(Problem::new("callbacks.timeout", "must be at least 1 s"));
+    }
     out.extend(dynamic(&c.bootstrap.dcs, "bootstrap.dcs"));
     for (i, opt) in c.bootstrap.initdb.iter().enumerate() {
         let names: Vec<&str> = match opt {

@@ -1,88 +1,10 @@
 //! `pgherdctl list`: the cluster's members as a table or JSON.
 
-use pgherd_agent::dcs::model::{ClusterView, HistoryEntry, MemberInfo, Role};
+use pgherd_agent::dcs::model::{ClusterView, HistoryEntry};
+use pgherd_agent::listing::{is_paused, rows, sync_mode, Row};
 use pgherd_config::SynchronousMode;
-use serde::Serialize;
 
 use crate::Format;
-
-/// One row of `list --format json`; field names are a contract with operators' scripts.
-#[derive(Debug, Serialize)]
-pub struct Row {
-    pub name: String,
-    pub role: Role,
-    pub state: String,
-    pub host: String,
-    pub port: u16,
-    pub timeline: Option<u32>,
-    pub lag_bytes: Option<u64>,
-    pub receive_lsn: Option<String>,
-    pub replay_lsn: Option<String>,
-    pub api_address: String,
-    pub tags: pgherd_config::Tags,
-    pub version: String,
-    pub decision: String,
-    /// A changed parameter waits for a PostgreSQL restart on this member.
-    pub pending_restart: bool,
-    /// The cluster is in maintenance mode (`pgherdctl pause`).
-    pub paused: bool,
-    /// A replica's part in synchronous replication: `sync`, `quorum` or `async`; empty for
-    /// the leader.
-    pub sync_state: String,
-}
-
-fn row(view: &ClusterView, m: &MemberInfo) -> Row {
-    // Only the key decides who leads; a member's own claim does not.
-    let role = if view.leader_name() == Some(m.name.as_str()) {
-        Role::Leader
-    } else {
-        Role::Replica
-    };
-    Row {
-        name: m.name.clone(),
-        role,
-        state: m.state.as_str().to_string(),
-        host: m.host.clone(),
-        port: m.port,
-        timeline: m.timeline,
-        lag_bytes: m.lag_bytes,
-        receive_lsn: m.receive_lsn.map(|l| l.to_string()),
-        replay_lsn: m.replay_lsn.map(|l| l.to_string()),
-        api_address: m.api_address.clone(),
-        tags: m.tags.clone(),
-        version: m.version.clone(),
-        decision: m.decision.clone(),
-        pending_restart: m.pending_restart,
-        paused: is_paused(view),
-        sync_state: sync_state(view, m, role),
-    }
-}
-
-fn sync_mode(view: &ClusterView) -> SynchronousMode {
-    match &view.config {
-        Some(Ok(c)) => c.synchronous_mode,
-        _ => SynchronousMode::Off,
-    }
-}
-
-fn sync_state(view: &ClusterView, m: &MemberInfo, role: Role) -> String {
-    if role == Role::Leader {
-        return String::new();
-    }
-    let in_key = view.sync.as_ref().is_some_and(|k| {
-        Some(k.leader.as_str()) == view.leader_name() && k.members.contains(&m.name)
-    });
-    match (sync_mode(view), in_key) {
-        (SynchronousMode::On, true) => "sync",
-        (SynchronousMode::Quorum, true) => "quorum",
-        _ => "async",
-    }
-    .to_string()
-}
-
-fn is_paused(view: &ClusterView) -> bool {
-    matches!(&view.config, Some(Ok(c)) if c.pause)
-}
 
 fn tags_text(t: &pgherd_config::Tags) -> String {
     let mut parts = Vec::new();
@@ -99,7 +21,7 @@ fn tags_text(t: &pgherd_config::Tags) -> String {
 }
 
 pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
-    let rows: Vec<Row> = view.members.values().map(|m| row(view, m)).collect();
+    let rows: Vec<Row> = rows(view);
     match format {
         Format::Json => {
             let mut s = serde_json::to_string_pretty(&rows).expect("rows serialize to JSON");

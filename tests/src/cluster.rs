@@ -189,6 +189,7 @@ impl Cluster {
             name,
             etcd_endpoints,
             api_port: free_port()?,
+            http_port: free_port()?,
             pg_port: free_port()?,
             tags: options.tags,
             extra_yaml,

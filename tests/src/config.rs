@@ -15,6 +15,8 @@ pub struct MemberSpec {
     pub name: String,
     pub etcd_endpoints: Vec<String>,
     pub api_port: u16,
+    /// The agent's HTTP health checks and metrics (`api.http_listen`).
+    pub http_port: u16,
     pub pg_port: u16,
     /// The member's directory: `data/`, `data.log`, `agent.log` and the socket live here.
     pub dir: PathBuf,
@@ -35,13 +37,20 @@ impl MemberSpec {
 /// retry_timeout 1) so that tests are quick; then `spec.extra_yaml` merged over it.
 pub fn member_yaml(spec: &MemberSpec) -> Result<String> {
     let api = format!("127.0.0.1:{}", spec.api_port);
+    let http = format!("127.0.0.1:{}", spec.http_port);
     let pg = format!("127.0.0.1:{}", spec.pg_port);
     let base = serde_json::json!({
         "cluster": spec.cluster,
         "name": spec.name,
         "etcd": { "endpoints": spec.etcd_endpoints },
         // Tests talk to agents on loopback; TLS tests replace this with an `api.tls` block.
-        "api": { "listen": api, "connect_address": api, "plaintext": true, "auth_token": TOKEN },
+        "api": {
+            "listen": api,
+            "connect_address": api,
+            "http_listen": http,
+            "plaintext": true,
+            "auth_token": TOKEN,
+        },
         "postgres": {
             "listen": pg,
             "connect_address": pg,
@@ -102,6 +111,7 @@ mod tests {
             name: "node1".into(),
             etcd_endpoints: vec!["http://127.0.0.1:1".into()],
             api_port: 2,
+            http_port: 4,
             pg_port: 3,
             dir: PathBuf::from("/tmp/x/node1"),
             tags: Mapping::new(),
@@ -118,6 +128,7 @@ mod tests {
         let v = parse(&member_yaml(&spec()).unwrap());
         assert_eq!(v["postgres"]["listen"], Value::from("127.0.0.1:3"));
         assert_eq!(v["api"]["connect_address"], Value::from("127.0.0.1:2"));
+        assert_eq!(v["api"]["http_listen"], Value::from("127.0.0.1:4"));
         assert_eq!(v["postgres"]["data_dir"], Value::from("/tmp/x/node1/data"));
         assert_eq!(
             v["postgres"]["parameters"]["unix_socket_directories"],

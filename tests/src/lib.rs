@@ -18,6 +18,8 @@
 //! - [`ctl`] / [`ctl_output`]: `pgherdctl` as an operator runs it (stdin not a terminal);
 //!   [`CtlOutput::expect_failure`] checks a refusal's exit code and reason.
 //! - [`TestPki`]: a CA and a certificate for 127.0.0.1, for the TLS API.
+//! - [`Member::http_get`] / [`http_get`]: the agent's HTTP health checks and metrics, asked
+//!   the way HAProxy asks (plain HTTP/1.1, one request per connection).
 //!
 //! Cleanup happens in `Drop`, so it also runs when a test panics or returns an error: every
 //! agent is killed with its process group, any PostgreSQL it left is killed through its
@@ -35,6 +37,7 @@ mod cluster;
 mod config;
 mod ctl;
 mod etcd;
+mod http;
 mod member;
 mod pg;
 mod ports;
@@ -59,6 +62,7 @@ pub use ctl::{
     ListedMember,
 };
 pub use etcd::Etcd;
+pub use http::{http_get, HttpResponse};
 pub use member::{log_line_time, Member, MemberOptions};
 pub use nix::sys::signal::Signal;
 pub use pg::{

@@ -139,6 +139,16 @@ impl Member {
         self.spec.api_port
     }
 
+    /// The port of the agent's HTTP health checks and metrics (`api.http_listen`).
+    pub fn http_port(&self) -> u16 {
+        self.spec.http_port
+    }
+
+    /// `GET <path>` on this member's HTTP port (see [`crate::http_get`]).
+    pub async fn http_get(&self, path: &str) -> Result<crate::HttpResponse> {
+        crate::http_get(self.spec.http_port, "GET", path).await
+    }
+
     /// The spec the config file was generated from.
     pub fn spec(&self) -> &MemberSpec {
         &self.spec

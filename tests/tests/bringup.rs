@@ -242,6 +242,7 @@ bootstrap:
         name: "node1".into(),
         etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
         api_port: 8008,
+        http_port: 8018,
         pg_port: 5432,
         dir: dir.path().join("node1"),
         tags: Default::default(),

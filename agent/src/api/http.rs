@@ -1,0 +1,494 @@
+//! HTTP on `api.http_listen`: the health checks load balancers use (HAProxy's `option
+//! httpchk`), `/cluster` and `/metrics`. Everything here is read-only, so no bearer token
+//! is needed; with `api.tls` set it is served over TLS with the same certificate (and, with
+//! `api.tls.ca`, the same client-certificate requirement) as the gRPC API.
+//!
+//! Handlers read the loop's last snapshot ([`StatusBoard`]); they never query etcd or
+//! PostgreSQL. The checks themselves are pure functions of that snapshot ([`check`]), and
+//! strict: a snapshot older than the lease TTL fails `/primary`.
+//!
+//! GET, HEAD and OPTIONS answer alike (HAProxy's default check method is OPTIONS).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::State;
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{on, MethodFilter};
+use axum::Router;
+use pgherd_config::Config;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Board, StatusBoard};
+use crate::dcs::model::MemberInfo;
+use crate::postgres::Postgres;
+
+/// What an endpoint checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Holds the leader key with a live lease and runs PostgreSQL writable.
+    Primary,
+    /// A streaming standby, not tagged `noloadbalance`, at most `max_lag` bytes behind.
+    Replica { max_lag: Option<u64> },
+    /// Primary or replica.
+    ReadOnly { max_lag: Option<u64> },
+    /// PostgreSQL is running.
+    Health,
+    /// The agent loop finished a cycle within the lease TTL.
+    Liveness,
+    /// The member is in service: the primary, or a streaming standby.
+    Readiness,
+}
+
+/// A check's outcome and why, in one sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub ok: bool,
+    pub reason: String,
+}
+
+fn pass(reason: impl Into<String>) -> Verdict {
+    Verdict {
+        ok: true,
+        reason: reason.into(),
+    }
+}
+
+fn fail(reason: impl Into<String>) -> Verdict {
+    Verdict {
+        ok: false,
+        reason: reason.into(),
+    }
+}
+
+/// The snapshot is recent enough to act on: the loop finished a cycle within the TTL.
+fn fresh(b: &Board, now: Instant) -> Result<(), Verdict> {
+    let Some(l) = &b.local else {
+        return Err(fail("the agent has not finished its first loop yet"));
+    };
+    let age = now.saturating_duration_since(l.at);
+    if age > l.ttl {
+        return Err(fail(format!(
+            "the agent loop last ran {:.1} s ago, longer than the lease ttl of {} s",
+            age.as_secs_f64(),
+            l.ttl.as_secs()
+        )));
+    }
+    Ok(())
+}
+
+fn primary(b: &Board, me: &MemberInfo, now: Instant) -> Verdict {
+    if let Err(v) = fresh(b, now) {
+        return v;
+    }
+    let l = b.local.as_ref().expect("fresh() checked the local status");
+    if b.leader.as_deref() != Some(me.name.as_str()) {
+        return fail(match &b.leader {
+            Some(other) => format!("the leader key names {other}"),
+            None => "the cluster has no leader".to_string(),
+        });
+    }
+    match l.leader_valid_until {
+        Some(until) if now < until => {}
+        _ => return fail("this member holds no live leader lease"),
+    }
+    match l.pg {
+        Some(pg) if l.pg_running && !pg.in_recovery => {
+            pass("this member holds the leader key and PostgreSQL accepts writes")
+        }
+        Some(_) if l.pg_running => fail("PostgreSQL is still in recovery"),
+        _ => fail("PostgreSQL is not running"),
+    }
+}
+
+/// A streaming standby, whatever its tags and lag.
+fn streaming_standby(b: &Board, me: &MemberInfo, now: Instant) -> Verdict {
+    if let Err(v) = fresh(b, now) {
+        return v;
+    }
+    let l = b.local.as_ref().expect("fresh() checked the local status");
+    if b.leader.as_deref() == Some(me.name.as_str()) {
+        return fail("this member holds the leader key");
+    }
+    match l.pg {
+        Some(pg) if l.pg_running && pg.in_recovery && pg.streaming => {
+            pass("a standby streaming from its upstream")
+        }
+        Some(pg) if l.pg_running && pg.in_recovery => {
+            fail("a standby whose WAL receiver is not streaming")
+        }
+        Some(_) if l.pg_running => fail("PostgreSQL is not in recovery"),
+        _ => fail("PostgreSQL is not running"),
+    }
+}
+
+fn replica(b: &Board, me: &MemberInfo, now: Instant, max_lag: Option<u64>) -> Verdict {
+    let v = streaming_standby(b, me, now);
+    if !v.ok {
+        return v;
+    }
+    if me.tags.noloadbalance {
+        return fail("this member is tagged noloadbalance");
+    }
+    match (max_lag, me.lag_bytes) {
+        (None, _) => v,
+        (Some(max), Some(lag)) if lag <= max => pass(format!(
+            "a streaming standby {lag} bytes behind (limit {max})"
+        )),
+        (Some(max), Some(lag)) => fail(format!(
+            "{lag} bytes behind the leader, more than the limit of {max}"
+        )),
+        (Some(_), None) => fail("the lag behind the leader is unknown"),
+    }
+}
+
+/// Evaluates `check` on a snapshot at `now`; `pg_running_now` is whether a postmaster runs
+/// right now (a file read, cheap enough per request).
+pub fn check(check: Check, b: &Board, now: Instant, pg_running_now: bool) -> Verdict {
+    let Some(me) = &b.me else {
+        return fail("the agent has not finished its first loop yet");
+    };
+    match check {
+        Check::Primary => primary(b, me, now),
+        Check::Replica { max_lag } => replica(b, me, now, max_lag),
+        Check::ReadOnly { max_lag } => {
+            let p = primary(b, me, now);
+            if p.ok {
+                return p;
+            }
+            let r = replica(b, me, now, max_lag);
+            if r.ok {
+                r
+            } else {
+                fail(format!(
+                    "not the primary ({}) nor a replica ({})",
+                    p.reason, r.reason
+                ))
+            }
+        }
+        Check::Health => match &b.local {
+            Some(l) if pg_running_now && l.pg.is_some() => pass("PostgreSQL is running"),
+            Some(_) if pg_running_now => fail("PostgreSQL runs but did not answer the agent"),
+            _ => fail("PostgreSQL is not running"),
+        },
+        Check::Liveness => match fresh(b, now) {
+            Ok(()) => pass("the agent loop is running"),
+            Err(v) => v,
+        },
+        Check::Readiness => {
+            let p = primary(b, me, now);
+            if p.ok {
+                return p;
+            }
+            let s = streaming_standby(b, me, now);
+            if s.ok {
+                s
+            } else {
+                fail(format!("not in service: {}", s.reason))
+            }
+        }
+    }
+}
+
+/// `16MB`, `1kB`, `512` (bytes) or `1GB`: PostgreSQL's size units, powers of 1024,
+/// case-insensitive.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 1048576, 512kB or 16MB"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1 << 10,
+        "mb" => 1 << 20,
+        "gb" => 1 << 30,
+        "tb" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "{text:?} has an unknown unit: use B, kB, MB, GB or TB"
+            ))
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// The `lag` query parameter, if present.
+fn max_lag(uri: &Uri) -> Result<Option<u64>, String> {
+    let Some(query) = uri.query() else {
+        return Ok(None);
+    };
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == "lag" {
+            return parse_size(value).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+#[derive(Clone)]
+struct HttpState {
+    board: StatusBoard,
+    pg: Arc<Postgres>,
+}
+
+#[derive(Serialize)]
+struct CheckBody<'a> {
+    check: &'a str,
+    ok: bool,
+    reason: &'a str,
+    member: &'a str,
+    role: &'a str,
+    state: &'a str,
+    timeline: Option<u32>,
+    lag_bytes: Option<u64>,
+}
+
+fn json(status: StatusCode, body: &impl Serialize) -> Response {
+    match serde_json::to_string(body) {
+        Ok(text) => (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            text + "\n",
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn health_check(
+    state: &HttpState,
+    uri: &Uri,
+    name: &str,
+    make: fn(Option<u64>) -> Check,
+) -> Response {
+    let lag = match max_lag(uri) {
+        Ok(l) => l,
+        Err(why) => return (StatusCode::BAD_REQUEST, why + "\n").into_response(),
+    };
+    let b = state.board.snapshot();
+    let verdict = check(make(lag), &b, Instant::now(), state.pg.is_running());
+    let me = b.me.as_ref();
+    let body = CheckBody {
+        check: name,
+        ok: verdict.ok,
+        reason: &verdict.reason,
+        member: me.map(|m| m.name.as_str()).unwrap_or(""),
+        role: me.map(|m| m.role.as_str()).unwrap_or(""),
+        state: me.map(|m| m.state.as_str()).unwrap_or(""),
+        timeline: me.and_then(|m| m.timeline),
+        lag_bytes: me.and_then(|m| m.lag_bytes),
+    };
+    let status = if verdict.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(status, &body)
+}
+
+async fn cluster(State(state): State<HttpState>) -> Response {
+    match state.board.snapshot().view {
+        Some(view) => json(StatusCode::OK, &crate::listing::rows(&view)),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent has not read the cluster from etcd yet\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    let page = super::metrics::render(&state.board.snapshot(), Instant::now());
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
+        page,
+    )
+        .into_response()
+}
+
+/// Paths, the check's name, and the check given the `lag` parameter.
+type Endpoint = (
+    &'static [&'static str],
+    &'static str,
+    fn(Option<u64>) -> Check,
+);
+
+fn router(state: HttpState) -> Router {
+    // HEAD comes with GET; OPTIONS is HAProxy's default check method.
+    let methods = MethodFilter::GET.or(MethodFilter::OPTIONS);
+    let mut app = Router::new();
+    let checks: [Endpoint; 6] = [
+        (&["/primary", "/leader", "/read-write"], "primary", |_| {
+            Check::Primary
+        }),
+        (&["/replica"], "replica", |max_lag| Check::Replica {
+            max_lag,
+        }),
+        (&["/read-only"], "read-only", |max_lag| Check::ReadOnly {
+            max_lag,
+        }),
+        (&["/health"], "health", |_| Check::Health),
+        (&["/liveness"], "liveness", |_| Check::Liveness),
+        (&["/readiness"], "readiness", |_| Check::Readiness),
+    ];
+    for (paths, name, make) in checks {
+        for path in paths {
+            app = app.route(
+                path,
+                on(
+                    methods,
+                    move |State(s): State<HttpState>, uri: Uri| async move {
+                        health_check(&s, &uri, name, make).await
+                    },
+                ),
+            );
+        }
+    }
+    app.route("/cluster", on(methods, cluster))
+        .route("/metrics", on(methods, metrics))
+        .fallback(|method: Method, uri: Uri| async move {
+            (
+                StatusCode::NOT_FOUND,
+                format!("{method} {uri}: no such endpoint; see /primary, /replica, /read-only, /health, /liveness, /readiness, /cluster, /metrics\n"),
+            )
+        })
+        .with_state(state)
+}
+
+/// The rustls server configuration from `api.tls`, if set.
+fn tls_acceptor(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Some(t) = &cfg.api.tls else {
+        return Ok(None);
+    };
+    let certs = CertificateDer::pem_file_iter(&t.cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read api.tls.cert {}", t.cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&t.key)
+        .with_context(|| format!("cannot read api.tls.key {}", t.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("no TLS protocol version for api.tls")?;
+    let builder = match &t.ca {
+        // With a CA, clients must present a certificate it signed, as on the gRPC API.
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("cannot read api.tls.ca {}", ca.display()))?
+            {
+                let cert =
+                    cert.with_context(|| format!("cannot read api.tls.ca {}", ca.display()))?;
+                roots.add(cert).with_context(|| {
+                    format!("api.tls.ca {} holds a bad certificate", ca.display())
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .context("invalid api.tls.ca")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .context("api.tls.cert and api.tls.key do not make a usable certificate")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+}
+
+async fn serve_connection<I>(io: I, app: Router)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(
+            hyper_util::rt::TokioIo::new(io),
+            hyper_util::service::TowerToHyperService::new(app),
+        )
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Binds `api.http_listen` now (so a taken port fails start-up) and serves until
+/// `shutdown`; `None` when no `http_listen` is configured.
+pub async fn serve(
+    cfg: Arc<Config>,
+    board: StatusBoard,
+    pg: Arc<Postgres>,
+    shutdown: CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(listen) = cfg.api.http_listen.clone() else {
+        return Ok(None);
+    };
+    let addr: SocketAddr = tokio::net::lookup_host(&listen)
+        .await
+        .with_context(|| format!("api.http_listen {listen:?} does not resolve"))?
+        .next()
+        .with_context(|| format!("api.http_listen {listen:?} does not resolve"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on api.http_listen {listen}"))?;
+    let tls = tls_acceptor(&cfg)?;
+    tracing::info!(
+        listen = %listen,
+        tls = tls.is_some(),
+        "serving HTTP health checks and metrics"
+    );
+    let app = router(HttpState { board, pg });
+    Ok(Some(tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: do not spin.
+                    tracing::warn!(error = %e, "cannot accept an HTTP connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let app = app.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    None => serve_connection(stream, app).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => serve_connection(s, app).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(peer = %peer, error = %e, "HTTPS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(peer = %peer, "HTTPS handshake timed out"),
+                        }
+                    }
+                }
+            });
+        }
+    })))
+}

@@ -1,0 +1,240 @@
+//! `/metrics`: the [`Board`] in Prometheus's text exposition format (version 0.0.4). Every
+//! series carries `cluster` and `member` labels; `member` names the member the value is
+//! about (for `pgherd_replication_lag_bytes`, each replica this agent knows of).
+
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use pgherd_config::SynchronousMode;
+use tokio::time::Instant;
+
+use super::Board;
+use crate::dcs::model::Role;
+use crate::listing;
+
+/// The content type Prometheus expects for the text format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Escapes a label value (backslash, double quote, line feed).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Page {
+    out: String,
+    base: Vec<(&'static str, String)>,
+}
+
+impl Page {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    /// One sample with the base labels (`cluster`, `member`) plus `extra`.
+    fn sample(&mut self, name: &str, extra: &[(&str, &str)], value: f64) {
+        let labels: Vec<String> = self
+            .base
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain(extra.iter().copied())
+            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+            .collect();
+        let _ = writeln!(self.out, "{name}{{{}}} {value}", labels.join(","));
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: f64) {
+        self.family(name, "gauge", help);
+        self.sample(name, &[], value);
+    }
+}
+
+fn flag(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Renders the page; `now` is the monotonic time of the request.
+pub fn render(b: &Board, now: Instant) -> String {
+    let me = b.me.as_ref();
+    let name = me.map(|m| m.name.clone()).unwrap_or_default();
+    let mut p = Page {
+        out: String::new(),
+        base: vec![("cluster", b.cluster.clone()), ("member", name.clone())],
+    };
+    let local = b.local.as_ref();
+
+    p.family(
+        "pgherd_role",
+        "gauge",
+        "1 for this member's role: primary (holds the leader key) or replica.",
+    );
+    let leader = me.is_some_and(|m| m.role == Role::Leader);
+    p.sample("pgherd_role", &[("role", "primary")], flag(leader));
+    p.sample(
+        "pgherd_role",
+        &[("role", "replica")],
+        flag(me.is_some() && !leader),
+    );
+
+    let answered = local.and_then(|l| l.pg);
+    p.gauge(
+        "pgherd_postgres_running",
+        "1 when PostgreSQL runs and answered the agent's last status query.",
+        flag(local.is_some_and(|l| l.pg_running) && answered.is_some()),
+    );
+    if let Some(pg) = answered {
+        p.gauge(
+            "pgherd_postgres_in_recovery",
+            "1 when PostgreSQL is in recovery (a standby).",
+            flag(pg.in_recovery),
+        );
+        p.gauge(
+            "pgherd_postgres_streaming",
+            "1 when the standby's WAL receiver is streaming from its upstream.",
+            flag(pg.streaming),
+        );
+    }
+    if let Some(tl) = me.and_then(|m| m.timeline) {
+        p.gauge(
+            "pgherd_timeline",
+            "The timeline this member's PostgreSQL is on.",
+            f64::from(tl),
+        );
+    }
+    if let Some(view) = &b.view {
+        let replicas: Vec<_> = view
+            .members
+            .values()
+            .filter(|m| view.leader_name() != Some(m.name.as_str()))
+            .filter_map(|m| m.lag_bytes.map(|l| (m.name.clone(), l)))
+            .collect();
+        if !replicas.is_empty() {
+            p.family(
+                "pgherd_replication_lag_bytes",
+                "gauge",
+                "Bytes each replica is behind the leader's last published WAL position, as published in its member key.",
+            );
+            let saved = p.base.clone();
+            for (replica, lag) in replicas {
+                p.base = vec![("cluster", b.cluster.clone()), ("member", replica)];
+                p.sample("pgherd_replication_lag_bytes", &[], lag as f64);
+            }
+            p.base = saved;
+        }
+    }
+    let remaining = local
+        .and_then(|l| l.leader_valid_until)
+        .map(|u| u.saturating_duration_since(now).as_secs_f64())
+        .unwrap_or(0.0);
+    p.gauge(
+        "pgherd_lease_remaining_seconds",
+        "Seconds the leader lease is certainly alive without another renewal (0 unless this member holds it).",
+        remaining,
+    );
+    if let Some(l) = local {
+        p.gauge(
+            "pgherd_loop_duration_seconds",
+            "How long the agent loop's last cycle took.",
+            l.loop_duration.as_secs_f64(),
+        );
+        p.gauge(
+            "pgherd_loop_age_seconds",
+            "Seconds since the agent loop last finished a cycle.",
+            now.saturating_duration_since(l.at).as_secs_f64(),
+        );
+    }
+    p.family(
+        "pgherd_failovers_total",
+        "counter",
+        "Failovers (automatic or manual) that promoted this member since the agent started.",
+    );
+    p.sample("pgherd_failovers_total", &[], b.failovers as f64);
+    p.family(
+        "pgherd_switchovers_total",
+        "counter",
+        "Planned switchovers that promoted this member since the agent started.",
+    );
+    p.sample("pgherd_switchovers_total", &[], b.switchovers as f64);
+    p.gauge(
+        "pgherd_pending_restart",
+        "1 when a changed parameter waits for a PostgreSQL restart.",
+        flag(me.is_some_and(|m| m.pending_restart)),
+    );
+    p.gauge(
+        "pgherd_paused",
+        "1 when the cluster is in maintenance mode (pgherdctl pause).",
+        flag(b.paused),
+    );
+    let mode = b
+        .view
+        .as_ref()
+        .map(listing::sync_mode)
+        .or(local.map(|l| l.synchronous_mode))
+        .unwrap_or_default();
+    p.family(
+        "pgherd_synchronous_mode",
+        "gauge",
+        "1 for the cluster's synchronous_mode: off, on or quorum.",
+    );
+    for (m, label) in [
+        (SynchronousMode::Off, "off"),
+        (SynchronousMode::On, "on"),
+        (SynchronousMode::Quorum, "quorum"),
+    ] {
+        p.sample(
+            "pgherd_synchronous_mode",
+            &[("mode", label)],
+            flag(mode == m),
+        );
+    }
+    let sync_standby = b.view.as_ref().is_some_and(|v| {
+        !name.is_empty() && {
+            let state = listing::sync_state(v, &name, Role::Replica);
+            v.leader_name() != Some(name.as_str()) && (state == "sync" || state == "quorum")
+        }
+    });
+    p.gauge(
+        "pgherd_sync_standby",
+        "1 when this member is in the sync key: it may take over without losing an acknowledged commit.",
+        flag(sync_standby),
+    );
+    if let Some(backup) = &b.backup {
+        if let Some(run) = &backup.last_backup {
+            p.gauge(
+                "pgherd_last_backup_timestamp_seconds",
+                "When the last base backup finished (Unix time).",
+                unix_seconds(run.finished_at),
+            );
+            p.gauge(
+                "pgherd_last_backup_success",
+                "1 when the last base backup succeeded.",
+                flag(run.success),
+            );
+        }
+        if let Some(run) = &backup.last_verify {
+            p.gauge(
+                "pgherd_last_verify_timestamp_seconds",
+                "When the last verification of the backups finished (Unix time).",
+                unix_seconds(run.finished_at),
+            );
+            p.gauge(
+                "pgherd_last_verify_success",
+                "1 when the last verification of the backups succeeded.",
+                flag(run.success),
+            );
+        }
+    }
+    p.out
+}
