@@ -61,16 +61,19 @@ pub async fn run(args: DrillWriterArgs) -> Result<bool> {
         dbname: args.dbname.clone(),
     };
     anyhow::ensure!(
-        args.table.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+        args.table
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_'),
         "--table {:?}: use a-z and _ only",
         args.table
     );
     let table = &args.table;
+    let create = format!(
+        "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id bigint PRIMARY KEY, \
+         port int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    );
     retry(args.connect_deadline, "create the writer table", || {
-        conn.batch(&format!(
-            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id bigint PRIMARY KEY, \
-             port int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
-        ))
+        conn.batch(&create)
     })
     .await?;
 
@@ -104,11 +107,15 @@ pub async fn run(args: DrillWriterArgs) -> Result<bool> {
     if let Some(path) = &args.status {
         write_status(path, &report)?;
     }
-    eprintln!("drill-writer: stopped by {stopped_by}; {}", report.summary());
+    eprintln!(
+        "drill-writer: stopped by {stopped_by}; {}",
+        report.summary()
+    );
 
     let acked = report.acked_ids();
+    let select = format!("SELECT id FROM {table}");
     let rows = retry(args.connect_deadline, "read the writer table back", || {
-        conn.query(&format!("SELECT id FROM {table}"))
+        conn.query(&select)
     })
     .await;
     let (verified, lost) = match rows {

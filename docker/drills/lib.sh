@@ -155,7 +155,7 @@ writer_start() {
         --table "$table" --max-duration 10m --status "$WRITER_DIR/status" \
         >"$WRITER_DIR/result.json" 2>"$WRITER_DIR/writer.log" &
     WRITER_PID=$!
-    trap 'writer_kill' EXIT
+    trap 'drill_cleanup' EXIT
     wait_for 60 "the writer's first 50 acknowledged rows through port $DRILL_RW_PORT" writer_acks_at_least 50 ||
         {
             cat "$WRITER_DIR/writer.log" >&2
@@ -163,9 +163,13 @@ writer_start() {
         }
 }
 
-writer_kill() {
+# On exit, also after a failure half-way: stop the writer, remove its files, and put every
+# container back (unpaused, started, connected) so that the next drill finds a cluster that
+# can heal.
+drill_cleanup() {
     [[ -n $WRITER_PID ]] && kill -TERM "$WRITER_PID" 2>/dev/null
     [[ -n $WRITER_DIR ]] && rm -rf -- "$WRITER_DIR"
+    heal_all 2>/dev/null || true
     return 0
 }
 
