@@ -166,11 +166,12 @@ writer_start() {
 # On exit, also after a failure half-way: stop the writer, remove its files, and put every
 # container back (unpaused, started, connected) so that the next drill finds a cluster that
 # can heal.
+# (writer_stop runs in a command substitution, so WRITER_PID may name a writer that has
+# exited already: nothing here may fail under set -e.)
 drill_cleanup() {
-    [[ -n $WRITER_PID ]] && kill -TERM "$WRITER_PID" 2>/dev/null
-    [[ -n $WRITER_DIR ]] && rm -rf -- "$WRITER_DIR"
+    if [[ -n $WRITER_PID ]]; then kill -TERM "$WRITER_PID" 2>/dev/null || true; fi
+    if [[ -n $WRITER_DIR ]]; then rm -rf -- "$WRITER_DIR" || true; fi
     heal_all 2>/dev/null || true
-    return 0
 }
 
 # Fields of the writer's status file.
