@@ -11,6 +11,7 @@ DRILL_NETWORK=pgherd-drill
 DRILL_NODES=(node1 node2 node3)
 DRILL_ETCDS=(etcd1 etcd2 etcd3)
 DRILL_RW_PORT=${PGHERD_RW_PORT:-5000}
+DRILL_STATS_PORT=${PGHERD_STATS_PORT:-7000}
 # Seconds the cluster gets to become healthy again after a drill heals it.
 DRILL_HEAL_TIMEOUT=${DRILL_HEAL_TIMEOUT:-120}
 : "${DRILL:=drill}"
@@ -92,8 +93,20 @@ streaming_replicas() {
     done < <(members_flat)
 }
 
-# Healthy: three members, one leader running, two replicas streaming, and HAProxy's port
-# taking connections.
+# HAProxy's servers that are UP in backend $1 (primary or replicas), from its statistics
+# page as CSV, fetched over bash's /dev/tcp (curl is not on a fresh Debian).
+haproxy_up() {
+    local csv
+    # shellcheck disable=SC2016 # the inner script gets its port as $1
+    csv=$(timeout 3 bash -c '
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+        printf "GET /;csv HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" >&3
+        cat <&3' _ "$DRILL_STATS_PORT" 2>/dev/null) || return 1
+    awk -F, -v b="$1" '$1 == b && $2 != "FRONTEND" && $2 != "BACKEND" && $18 == "UP" { n++ } END { print n + 0 }' <<<"$csv"
+}
+
+# Healthy: three members, one leader running, two replicas streaming, and HAProxy sending
+# port 5000 to one server and port 5001 to two.
 healthy() {
     local flat members leaders=0 replicas=0 obj
     flat=$(members_flat) || return 1
@@ -102,7 +115,8 @@ healthy() {
         [[ $obj == *'"role":"leader"'* && $obj == *'"state":"running"'* ]] && leaders=$((leaders + 1))
         [[ $obj == *'"role":"replica"'* && $obj == *'"state":"streaming"'* ]] && replicas=$((replicas + 1))
     done <<<"$flat"
-    [[ $members == 3 && $leaders == 1 && $replicas == 2 ]]
+    [[ $members == 3 && $leaders == 1 && $replicas == 2 ]] || return 1
+    [[ $(haproxy_up primary) == 1 && $(haproxy_up replicas) == 2 ]]
 }
 
 # wait_for SECONDS DESCRIPTION COMMAND...: runs COMMAND every 0.5 s until it succeeds (0) or
