@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::StatusBoard;
+use crate::callbacks::{Callbacks, Event, PgRole};
 use crate::dcs::model::{ClusterView, HistoryEntry, MemberInfo, MemberState, Role, VERSION};
 use crate::dcs::{Dcs, Lease};
 use crate::ha::{
@@ -78,6 +79,10 @@ pub struct Agent {
     known_timeline: Option<u32>,
     /// The `synchronous_standby_names` this leader set (`None`: the default for the mode).
     standbys_set: Option<crate::ha::sync::Standbys>,
+    callbacks: Callbacks,
+    /// The role PostgreSQL last answered with (kept while it is stopped), for
+    /// `on_role_change` and the role `on_stop` reports.
+    pg_role: Option<PgRole>,
 }
 
 /// How much earlier than the lease TTL a leader considers its lease gone (rule 2): a tenth
@@ -116,6 +121,7 @@ impl Agent {
         let pg = Arc::new(Postgres::new(cfg.clone(), wake.clone())?);
         let peer_client =
             crate::api::ClientOptions::from_api_config(&cfg.api, Duration::from_millis(500))?;
+        let callbacks = Callbacks::new(&cfg);
         Ok(Agent {
             cfg,
             dcs,
@@ -139,6 +145,8 @@ impl Agent {
             peer_client,
             known_timeline: None,
             standbys_set: None,
+            callbacks,
+            pg_role: None,
         })
     }
 
@@ -224,7 +232,7 @@ impl Agent {
     /// promoted PostgreSQL, the observation is out of date: ask PostgreSQL again, so a load
     /// balancer sees the new primary now rather than a cycle later.
     async fn post_local_status(
-        &self,
+        &mut self,
         decision: &Decision,
         obs: &Observation,
         started: Instant,
@@ -249,6 +257,14 @@ impl Agent {
         } else {
             None
         };
+        if let Some(s) = &status {
+            let now = PgRole::of(s.in_recovery);
+            if self.pg_role.is_some_and(|before| before != now) {
+                tracing::info!(role = now.as_str(), "PostgreSQL changed role");
+                self.callbacks.fire(Event::RoleChange, now);
+            }
+            self.pg_role = Some(now);
+        }
         self.board.set_local(crate::api::LocalStatus {
             at: Instant::now(),
             loop_duration: started.elapsed(),
@@ -476,6 +492,8 @@ impl Agent {
         self.pg.write_config(&mode, &self.cluster_params())?;
         self.pg.start_and_wait().await?;
         self.arm_watchdog();
+        self.callbacks
+            .fire(Event::Restart, PgRole::of(mode != Mode::Primary));
         Ok(format!(
             "restarted PostgreSQL as {}",
             if mode == Mode::Primary {
@@ -510,6 +528,7 @@ impl Agent {
         }
         if self.pg.is_running() {
             self.pg.stop().await?;
+            self.callbacks.fire(Event::Stop, self.stopped_role());
         }
         tracing::warn!(
             reason = "reinitialize requested through the API",
@@ -543,6 +562,10 @@ impl Agent {
                 if let Some(tl) = timeline {
                     self.memory.rewind_failed = Some((from.clone(), tl));
                 }
+            }
+            if let (JobKind::Bootstrap, Ok(())) = (&job.kind, &result) {
+                // The bootstrap job started the new cluster's PostgreSQL.
+                self.callbacks.fire(Event::Start, PgRole::Primary);
             }
             self.finished_job = Some((job.kind, result));
         }
@@ -779,7 +802,9 @@ impl Agent {
                 self.pg
                     .write_config(&Mode::Primary, &self.cluster_params())?;
                 self.memory.upstream = None;
-                self.pg.start().await
+                self.pg.start().await?;
+                self.callbacks.fire(Event::Start, PgRole::Primary);
+                Ok(())
             }
             Action::StartStandby(up) => {
                 self.standbys_set = None;
@@ -788,7 +813,9 @@ impl Agent {
                     .write_config(&Mode::Standby(up.clone()), &self.cluster_params())?;
                 self.memory.upstream = up.as_ref().map(|u| u.name.clone());
                 self.memory.not_streaming_since = None;
-                self.pg.start().await
+                self.pg.start().await?;
+                self.callbacks.fire(Event::Start, PgRole::Replica);
+                Ok(())
             }
             Action::FollowUpstream(up) => {
                 self.pg
@@ -806,9 +833,13 @@ impl Agent {
             Action::StopPostgres => {
                 self.memory.upstream = None;
                 self.standbys_set = None;
+                let was_running = self.pg.is_running();
                 if let Err(e) = self.pg.stop().await {
                     tracing::warn!(error = %format!("{e:#}"), "clean stop failed; stopping immediately");
                     self.pg.stop_immediately().await;
+                }
+                if was_running {
+                    self.callbacks.fire(Event::Stop, self.stopped_role());
                 }
                 Ok(())
             }
@@ -885,6 +916,7 @@ impl Agent {
         }
         tracing::info!(candidate = %to, reason = "planned switchover: stopping PostgreSQL to hand over", "decision");
         self.pg.stop().await?;
+        self.callbacks.fire(Event::Stop, PgRole::Primary);
         let control = self.pg.control_data().await?;
         let final_lsn = control
             .checkpoint_lsn
@@ -1140,6 +1172,7 @@ impl Agent {
                 tracing::warn!(error = %format!("{e:#}"), "clean stop failed; stopping immediately");
                 self.pg.stop_immediately().await;
             }
+            self.callbacks.fire(Event::Stop, self.stopped_role());
         }
         if self.leader_lease.is_some() {
             self.drop_leader_lease().await;
@@ -1163,5 +1196,18 @@ impl Agent {
         if let Some(wd) = self.watchdog.take() {
             wd.stop();
         }
+        // on_stop above is usually still queued or running.
+        let limit = Duration::from_secs(self.cfg.callbacks.timeout) + Duration::from_secs(1);
+        self.callbacks.finish(limit).await;
+    }
+
+    /// The role a PostgreSQL we just stopped had: what it last answered, else what the
+    /// leader key made it.
+    fn stopped_role(&self) -> PgRole {
+        self.pg_role.unwrap_or(if self.leader_lease.is_some() {
+            PgRole::Primary
+        } else {
+            PgRole::Replica
+        })
     }
 }

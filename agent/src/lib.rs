@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod callbacks;
 pub mod dcs;
 pub mod ha;
 pub mod listing;

@@ -492,3 +492,171 @@ pub async fn serve(
         }
     })))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{LocalStatus, PgFacts};
+    use crate::dcs::model::{MemberState, Role, VERSION};
+
+    fn member(name: &str, role: Role, lag: Option<u64>) -> MemberInfo {
+        MemberInfo {
+            name: name.into(),
+            role,
+            state: MemberState::Running,
+            api_address: "127.0.0.1:1".into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            timeline: Some(1),
+            wal_lsn: None,
+            receive_lsn: None,
+            replay_lsn: None,
+            lag_bytes: lag,
+            tags: Default::default(),
+            version: VERSION.into(),
+            system_identifier: None,
+            decision: String::new(),
+            pending_restart: false,
+        }
+    }
+
+    /// A board as the loop leaves it at `at`: `leader` holds the key; `me` is primary
+    /// (with a lease valid 3 s) when it is the leader, else a streaming standby.
+    fn board(me: MemberInfo, leader: &str, at: Instant) -> Board {
+        let is_leader = me.name == leader;
+        Board {
+            cluster: "c".into(),
+            leader: Some(leader.into()),
+            local: Some(LocalStatus {
+                at,
+                loop_duration: Duration::from_millis(5),
+                ttl: Duration::from_secs(10),
+                leader_valid_until: is_leader.then(|| at + Duration::from_secs(9)),
+                pg_running: true,
+                pg: Some(PgFacts {
+                    in_recovery: !is_leader,
+                    streaming: !is_leader,
+                }),
+                synchronous_mode: Default::default(),
+            }),
+            me: Some(me),
+            ..Board::default()
+        }
+    }
+
+    fn ok(c: Check, b: &Board, now: Instant) -> bool {
+        check(c, b, now, true).ok
+    }
+
+    #[test]
+    fn the_leader_passes_primary_and_read_only_but_not_replica() {
+        let t = Instant::now();
+        let b = board(member("a", Role::Leader, Some(0)), "a", t);
+        assert!(ok(Check::Primary, &b, t));
+        assert!(ok(Check::ReadOnly { max_lag: None }, &b, t));
+        assert!(ok(Check::Readiness, &b, t));
+        assert!(!ok(Check::Replica { max_lag: None }, &b, t));
+    }
+
+    #[test]
+    fn a_stale_snapshot_or_an_expired_lease_fails_primary() {
+        let t = Instant::now();
+        let b = board(member("a", Role::Leader, Some(0)), "a", t);
+        // The lease's safe deadline passed although the loop ran recently.
+        assert!(!ok(Check::Primary, &b, t + Duration::from_secs(9)));
+        // The loop has not run for longer than the ttl.
+        let stale = t + Duration::from_secs(11);
+        let v = check(Check::Primary, &b, stale, true);
+        assert!(!v.ok && v.reason.contains("ttl"), "{v:?}");
+        assert!(!ok(Check::Liveness, &b, stale));
+        assert!(ok(Check::Liveness, &b, t + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn primary_needs_the_key_and_postgresql_out_of_recovery() {
+        let t = Instant::now();
+        let mut b = board(member("a", Role::Leader, Some(0)), "a", t);
+        b.leader = Some("b".into());
+        assert!(!ok(Check::Primary, &b, t));
+        let mut b = board(member("a", Role::Leader, Some(0)), "a", t);
+        b.local.as_mut().unwrap().pg = Some(PgFacts {
+            in_recovery: true,
+            streaming: false,
+        });
+        assert!(!ok(Check::Primary, &b, t));
+        let mut b = board(member("a", Role::Leader, Some(0)), "a", t);
+        b.local.as_mut().unwrap().pg = None;
+        assert!(!ok(Check::Primary, &b, t));
+        assert!(!check(Check::Health, &b, t, true).ok);
+        assert!(!check(Check::Health, &b, t, false).ok);
+    }
+
+    #[test]
+    fn replica_checks_streaming_lag_and_noloadbalance() {
+        let t = Instant::now();
+        let b = board(member("b", Role::Replica, Some(5000)), "a", t);
+        assert!(ok(Check::Replica { max_lag: None }, &b, t));
+        assert!(ok(
+            Check::Replica {
+                max_lag: Some(5000)
+            },
+            &b,
+            t
+        ));
+        assert!(!ok(
+            Check::Replica {
+                max_lag: Some(4999)
+            },
+            &b,
+            t
+        ));
+        assert!(!ok(
+            Check::ReadOnly {
+                max_lag: Some(4999)
+            },
+            &b,
+            t
+        ));
+        assert!(!ok(Check::Primary, &b, t));
+        let unknown = board(member("b", Role::Replica, None), "a", t);
+        assert!(!ok(Check::Replica { max_lag: Some(1) }, &unknown, t));
+        let mut hidden = member("b", Role::Replica, Some(0));
+        hidden.tags.noloadbalance = true;
+        let b = board(hidden, "a", t);
+        assert!(!ok(Check::Replica { max_lag: None }, &b, t));
+        assert!(ok(Check::Readiness, &b, t));
+        let mut b = board(member("b", Role::Replica, Some(0)), "a", t);
+        b.local.as_mut().unwrap().pg = Some(PgFacts {
+            in_recovery: true,
+            streaming: false,
+        });
+        assert!(!ok(Check::Replica { max_lag: None }, &b, t));
+        assert!(!ok(Check::Readiness, &b, t));
+    }
+
+    #[test]
+    fn before_the_first_loop_everything_fails() {
+        let b = Board::default();
+        for c in [
+            Check::Primary,
+            Check::Replica { max_lag: None },
+            Check::Health,
+            Check::Liveness,
+            Check::Readiness,
+        ] {
+            assert!(!check(c, &b, Instant::now(), true).ok, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_use_postgresql_units() {
+        assert_eq!(parse_size("16MB"), Ok(16 << 20));
+        assert_eq!(parse_size("16mb"), Ok(16 << 20));
+        assert_eq!(parse_size("512kB"), Ok(512 << 10));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("10B"), Ok(10));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("16XB").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

@@ -238,3 +238,39 @@ pub fn render(b: &Board, now: Instant) -> String {
     }
     p.out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::api::{BackupRun, BackupStatus};
+
+    #[test]
+    fn backup_series_appear_only_with_backup_information() {
+        let mut b = Board {
+            cluster: "c".into(),
+            ..Board::default()
+        };
+        let now = Instant::now();
+        assert!(!render(&b, now).contains("pgherd_last_backup"));
+        b.backup = Some(BackupStatus {
+            last_backup: Some(BackupRun {
+                finished_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1000),
+                success: true,
+            }),
+            last_verify: None,
+        });
+        let page = render(&b, now);
+        assert!(
+            page.contains("pgherd_last_backup_timestamp_seconds{cluster=\"c\",member=\"\"} 1000\n")
+        );
+        assert!(page.contains("pgherd_last_backup_success{cluster=\"c\",member=\"\"} 1\n"));
+        assert!(!page.contains("pgherd_last_verify"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
