@@ -6,7 +6,11 @@
 //! reports how long writes stopped and how many acknowledged rows were lost; `bench/failover`
 //! builds the release binaries and runs it. The agent binaries are taken from the directory
 //! of this executable (or `PGHERD_BIN_DIR`), so a release bench runs release agents.
+//!
+//! `pgherd-bench drill-writer` is the writer of the docker-compose drills (docker/drills/):
+//! it writes through HAProxy instead of starting a cluster of its own.
 
+mod drill;
 mod failover;
 mod machine;
 mod measure;
@@ -49,6 +53,10 @@ enum Command {
         runs keep their agent and PostgreSQL logs (see --logs)."
     )]
     Failover(FailoverArgs),
+    /// Commit a row every 20 ms through one address (HAProxy's read-write port) until
+    /// SIGTERM; then print, as one JSON line, the longest write outage and the acknowledged
+    /// rows the table lacks. Used by docker/drills/.
+    DrillWriter(drill::DrillWriterArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -96,6 +104,8 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Failover(args) => interruptible(failover::run(args)).await,
+            // Handles SIGTERM itself: it is how a drill stops it before the check.
+            Command::DrillWriter(args) => drill::run(args).await,
         }
     });
     match outcome {
