@@ -207,10 +207,18 @@ stop_etcd() {
 
 random_password() { od -An -N12 -tx1 /dev/urandom | tr -d ' \n'; }
 
-# write_member_config STATE CLUSTER NODE ETCD_PORT API_PORT PG_PORT SUPERUSER_PW REPLICATION_PW TOKEN
+# write_member_config STATE CLUSTER NODE ETCD_PORT API_PORT PG_PORT SUPERUSER_PW REPLICATION_PW TOKEN [HTTP_PORT [REPOSITORY]]
 write_member_config() {
     local state=$1 cluster=$2 node=$3 etcd_port=$4 api_port=$5 pg_port=$6 su_pw=$7 repl_pw=$8 token=$9
+    local http_port=${10:-} repo=${11:-} http="" backup=""
     local file="$state/$node.yml"
+    if [[ -n $http_port ]]; then
+        # Health checks and /metrics (GET /primary, /replica, ...).
+        http="  http_listen: 127.0.0.1:$http_port"
+    fi
+    if [[ -n $repo ]]; then
+        backup="backup: {repository: $repo, compression: zstd, retention: {full: 2}}"
+    fi
     mkdir_reachable "$state/$node"
     (
         umask 077
@@ -223,6 +231,7 @@ etcd:
 api:
   listen: 127.0.0.1:$api_port
   connect_address: 127.0.0.1:$api_port
+$http
   # Loopback only: plain text is acceptable here; use api.tls on a network.
   plaintext: true
   auth_token: "$token"
@@ -236,25 +245,35 @@ postgres:
   replication: {username: replicator, password: "$repl_pw"}
   parameters:
     unix_socket_directories: "$state/run"
+$backup
 bootstrap:
   initdb:
     - encoding: UTF8
     - locale: C.UTF-8
 EOF
     )
+    # PostgreSQL runs archive_command (pgherd-agent wal-push) as its own user, who must be
+    # able to read this file.
+    if [[ -n $repo ]] && is_root; then
+        chown "$PGHERD_OS_USER:" "$file" || die "cannot chown $file to $PGHERD_OS_USER"
+    fi
 }
 
 # Writes the configs of nodes node1..nodeN. Ports: etcd client port, then the first API and
 # first PostgreSQL port; member i gets first+i-1.
+# Optional: HTTP_BASE (health checks on consecutive ports) and a backup REPOSITORY.
 write_member_configs() {
-    local state=$1 cluster=$2 count=$3 etcd_port=$4 api_base=$5 pg_base=$6 i su_pw repl_pw token
+    local state=$1 cluster=$2 count=$3 etcd_port=$4 api_base=$5 pg_base=$6 http_base=${7:-} repo=${8:-}
+    local i su_pw repl_pw token
     su_pw=$(random_password)
     repl_pw=$(random_password)
     token=$(random_password)
     mkdir_for_postgres "$state/run"
+    [[ -z $repo ]] || mkdir_for_postgres "$repo"
     for ((i = 1; i <= count; i++)); do
         write_member_config "$state" "$cluster" "node$i" "$etcd_port" \
-            $((api_base + i - 1)) $((pg_base + i - 1)) "$su_pw" "$repl_pw" "$token"
+            $((api_base + i - 1)) $((pg_base + i - 1)) "$su_pw" "$repl_pw" "$token" \
+            "${http_base:+$((http_base + i - 1))}" "$repo"
     done
 }
 
