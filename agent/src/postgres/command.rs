@@ -86,6 +86,21 @@ impl OsUser {
             || mode & 0o002 != 0
     }
 
+    /// Whether this user may read `file` (by its mode bits; ACLs aside).
+    pub fn can_read(&self, file: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Some((uid, gid)) = self.switch_to else {
+            return true;
+        };
+        let Ok(md) = std::fs::metadata(file) else {
+            return false;
+        };
+        let mode = md.mode();
+        (md.uid() == uid && mode & 0o400 != 0)
+            || (md.gid() == gid && mode & 0o040 != 0)
+            || mode & 0o004 != 0
+    }
+
     /// Gives a path we created to this user.
     pub fn chown(&self, path: &Path) -> std::io::Result<()> {
         if let Some((uid, gid)) = self.switch_to {

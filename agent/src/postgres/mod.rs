@@ -99,6 +99,17 @@ impl Postgres {
         }
         let archiving = match (&cfg.backup, &cfg.source) {
             (Some(_), Some(source)) => {
+                // archive_command runs as the OS user and reads this file: fail now rather
+                // than let WAL pile up in pg_wal.
+                if !user.can_read(source) {
+                    bail!(
+                        "backup: archive_command (pgherd-agent wal-push) runs as postgres.os_user {:?} and cannot read the configuration file {}; give that user read access (e.g. chown {} {})",
+                        user.name,
+                        source.display(),
+                        user.name,
+                        source.display()
+                    );
+                }
                 let exe = std::env::current_exe()
                     .context("cannot find the pgherd-agent executable for archive_command")?;
                 conf::archiving(&exe.display().to_string(), &source.display().to_string())
