@@ -757,8 +757,14 @@ impl Agent {
             }
             Action::FinishRestore { id, error } => self.finish_restore(id, error.clone()).await,
             Action::EmptyDataDir => {
-                // Rule 6: never on the key holder, and always with the reason logged.
-                if self.leader_lease.is_some() {
+                // Rule 6: never on the key holder (in this process or as etcd last said), and
+                // always with the reason logged.
+                let named = self
+                    .last_view
+                    .as_ref()
+                    .and_then(|v| v.leader_name())
+                    .is_some_and(|l| l == self.cfg.name);
+                if self.leader_lease.is_some() || named {
                     return Err(anyhow!(
                         "refusing to empty the data directory while holding the leader key"
                     ));
@@ -1066,7 +1072,14 @@ impl Agent {
             return Ok(());
         };
         let timeline = match &error {
-            None => self.pg.status().await.and_then(|s| s.timeline),
+            // Members re-clone by comparing with this timeline: without it, try again.
+            None => Some(
+                self.pg
+                    .status()
+                    .await
+                    .and_then(|s| s.timeline)
+                    .context("PostgreSQL did not report its timeline after the restore")?,
+            ),
             Some(_) => None,
         };
         key.phase = if error.is_none() {

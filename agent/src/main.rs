@@ -53,6 +53,9 @@ enum Command {
     Watchdog,
 }
 
+/// wal-fetch's exit status when recovery must stop (PostgreSQL aborts on more than 125).
+const EXIT_ABORT_RECOVERY: u8 = 126;
+
 /// Exit status for an invalid configuration or command line.
 const EXIT_USAGE: u8 = 2;
 
@@ -170,9 +173,20 @@ fn wal_command(
     };
     match f(&ctx) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        // "Not in the archive" is a normal answer to restore_command: exit 1.
+        Err(e @ pgherd_agent::backup::wal::WalError::NotFound(_)) => {
             eprintln!("pgherd-agent {what}: {e}");
             ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("pgherd-agent {what}: {e}");
+            // Anything else (a corrupted or unreadable file) must stop recovery rather than
+            // look like the end of the archive: PostgreSQL aborts on a status above 125.
+            if what == "wal-fetch" {
+                ExitCode::from(EXIT_ABORT_RECOVERY)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -219,6 +233,13 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
                         .flatten()
                 };
                 b.set_backup(status);
+                // Folders of backups that never finished (an agent crash mid-backup).
+                let c2 = c.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    c2.catalog()
+                        .remove_incomplete(std::time::Duration::from_secs(6 * 3600))
+                })
+                .await;
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}

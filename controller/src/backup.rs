@@ -260,7 +260,8 @@ pub async fn restore(
         tokio::time::sleep(Duration::from_millis(500)).await;
         let view = match target.dcs.load().await {
             Ok(v) => v,
-            Err(_) => continue,
+            Err(_) if tokio::time::Instant::now() < deadline => continue,
+            Err(e) => return Err(Failure::Refused(format!("cannot read etcd: {e}"))),
         };
         let Some((k, _)) = view.restore.filter(|(k, _)| k.id == key.id) else {
             return Err(Failure::Refused(

@@ -46,17 +46,23 @@ pub struct Source {
     pub system_identifier: String,
 }
 
-/// A new backup id: the UTC start time, made unique.
-fn new_id(ctx: &BackupContext) -> String {
+/// A new backup id: the UTC start time, made unique by creating its folder (two members
+/// starting a backup in the same second get different ids).
+fn new_id(ctx: &BackupContext) -> Result<String> {
     let base = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
-    let exists = |id: &str| ctx.repo.path(&format!("backups/{id}")).exists();
-    if !exists(&base) {
-        return base;
+    for n in 0..1000 {
+        let id = if n == 0 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
+        match std::fs::create_dir(ctx.repo.path(&format!("backups/{id}"))) {
+            Ok(()) => return Ok(id),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(anyhow!(e).context("cannot create the backup's folder")),
+        }
     }
-    (1..)
-        .map(|n| format!("{base}-{n}"))
-        .find(|id| !exists(id))
-        .expect("some suffix is free")
+    bail!("no free backup id for {base}")
 }
 
 /// One line of pg_basebackup's `-P` output: `12345/67890 kB (18%), 0/1 tablespace`.
@@ -111,7 +117,7 @@ pub async fn take(
             ctx.repo.root().display()
         )
     })?;
-    let id = new_id(ctx);
+    let id = new_id(ctx)?;
     let key = format!(
         "backups/{id}/base.tar{}",
         ctx.backup.compression.extension()
@@ -238,6 +244,11 @@ pub async fn take(
                 sha = hashing.hex();
                 Ok(())
             });
+            // A failed store leaves pg_basebackup blocked on a full pipe: stop it.
+            drop(stdout);
+            if put.is_err() {
+                let _ = child.kill();
+            }
             let status = child.wait().context("cannot wait for pg_basebackup")?;
             let err = reader.join().unwrap_or_default();
             let stored = match put {
@@ -306,7 +317,15 @@ pub async fn take(
         .record(&info)
         .context("cannot record the backup")?;
     tracing::info!(backup = %id, size, stored, start_lsn = %start_lsn, stop_lsn = %stop_lsn, timeline, "base backup taken");
-    match ctx.catalog().apply_retention(ctx.backup.retention.full) {
+    let retained = {
+        let ctx = ctx.clone();
+        tokio::task::spawn_blocking(move || {
+            ctx.catalog().apply_retention(ctx.backup.retention.full)
+        })
+        .await
+        .context("the retention task died")?
+    };
+    match retained {
         Ok(r) if !r.backups.is_empty() || r.wal_files > 0 => tracing::info!(
             removed_backups = ?r.backups,
             removed_wal_files = r.wal_files,
@@ -330,17 +349,25 @@ async fn wait_archived(
 ) -> Result<()> {
     let first = start.0 / wal::SEGMENT_SIZE;
     let last = stop.0.saturating_sub(1).max(start.0) / wal::SEGMENT_SIZE;
-    let missing = |ctx: &BackupContext| -> Result<Vec<u64>> {
-        let have: std::collections::BTreeSet<u64> = wal::list_archive(ctx.repo.as_ref())?
-            .into_iter()
-            .filter_map(|a| match a.parsed {
-                WalName::Segment { timeline: t, segno } if t == timeline => Some(segno),
-                _ => None,
+    // Listing the archive reads directories: off the loop's thread.
+    let missing = |ctx: &BackupContext| {
+        let repo = ctx.repo.clone();
+        async move {
+            tokio::task::spawn_blocking(move || -> Result<Vec<u64>> {
+                let have: std::collections::BTreeSet<u64> = wal::list_archive(repo.as_ref())?
+                    .into_iter()
+                    .filter_map(|a| match a.parsed {
+                        WalName::Segment { timeline: t, segno } if t == timeline => Some(segno),
+                        _ => None,
+                    })
+                    .collect();
+                Ok((first..=last).filter(|s| !have.contains(s)).collect())
             })
-            .collect();
-        Ok((first..=last).filter(|s| !have.contains(s)).collect())
+            .await
+            .context("the archive listing task died")?
+        }
     };
-    if missing(ctx)?.is_empty() {
+    if missing(ctx).await?.is_empty() {
         return Ok(());
     }
     if let Err(e) = switch_wal.await {
@@ -348,7 +375,7 @@ async fn wait_archived(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let m = missing(ctx)?;
+        let m = missing(ctx).await?;
         if m.is_empty() {
             return Ok(());
         }

@@ -154,8 +154,14 @@ impl<'a> Catalog<'a> {
             self.remove(&b.id)?;
             removed.backups.push(b.id.clone());
         }
-        let oldest = &backups[drop_count];
-        let keep_from = oldest.start_lsn.0 / wal::SEGMENT_SIZE;
+        // The lowest start among the kept backups (after a restore onto an older point a
+        // newer backup can start lower than an older one).
+        let keep_from = backups[drop_count..]
+            .iter()
+            .map(|b| b.start_lsn.0)
+            .min()
+            .expect("at least one backup is kept")
+            / wal::SEGMENT_SIZE;
         for a in wal::list_archive(self.repo)? {
             let old = match a.parsed {
                 WalName::History { .. } => false,

@@ -222,15 +222,58 @@ pub fn aside_dir(pg: &Postgres) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// After a crash in the middle of a restore: put the previous data directory back (the
-/// restore starts again from scratch if its key still asks for it).
+/// `<data_dir>.pre-restore.obsolete`: the previous data directory once the restored one
+/// was promoted; removed in the background, never put back.
+fn obsolete_dir(pg: &Postgres) -> PathBuf {
+    let mut p = pg.data_dir().as_os_str().to_owned();
+    p.push(".pre-restore.obsolete");
+    PathBuf::from(p)
+}
+
+/// Makes a rename in `path`'s directory durable.
+fn fsync_parent(path: &std::path::Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Renames durably.
+fn rename_durably(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::rename(from, to)
+        .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
+    fsync_parent(to).with_context(|| format!("cannot fsync the directory of {}", to.display()))
+}
+
+/// Removes a directory tree off the loop's thread (a data directory takes a while, and the
+/// loop must keep renewing the lease meanwhile).
+async fn remove_tree(path: PathBuf) -> Result<()> {
+    tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow!(e).context(format!("cannot remove {}", path.display()))),
+    })
+    .await
+    .context("the removal task died")?
+}
+
+/// At agent start: a `.pre-restore` directory means a restore was interrupted before its
+/// data was promoted, so the previous data directory is put back (the restore starts again
+/// from scratch if its key still asks for it). A `.pre-restore.obsolete` one is what a
+/// successful restore left to delete.
 pub fn recover_interrupted_restore(pg: &Postgres) -> Result<()> {
+    let obsolete = obsolete_dir(pg);
+    if obsolete.exists() {
+        tracing::info!(path = %obsolete.display(), "removing the data directory a finished restore replaced");
+        std::fs::remove_dir_all(&obsolete)
+            .with_context(|| format!("cannot remove {}", obsolete.display()))?;
+    }
     let aside = aside_dir(pg);
     if !aside.exists() {
         return Ok(());
     }
     tracing::warn!(
-        reason = "an interrupted restore left the previous data directory aside; putting it back",
+        reason = "an interrupted restore left the previous data directory aside before its data was promoted; putting it back",
         aside = %aside.display(),
         "decision"
     );
@@ -238,17 +281,13 @@ pub fn recover_interrupted_restore(pg: &Postgres) -> Result<()> {
         std::fs::remove_dir_all(pg.data_dir())
             .with_context(|| format!("cannot remove the partial {}", pg.data_dir().display()))?;
     }
-    std::fs::rename(&aside, pg.data_dir()).with_context(|| {
-        format!(
-            "cannot move {} back to {}",
-            aside.display(),
-            pg.data_dir().display()
-        )
-    })
+    rename_durably(&aside, pg.data_dir())
 }
 
 /// The restore job on the leader: stop PostgreSQL, keep the data directory aside, unpack the
 /// backup, recover to the target and promote; on any failure put the old directory back.
+/// Once the restored data is promoted the old directory is renamed to `.obsolete` first
+/// thing, so a later crash can never put it back over writes made since.
 pub async fn run_restore(
     ctx: BackupContext,
     pg: Arc<Postgres>,
@@ -257,6 +296,7 @@ pub async fn run_restore(
 ) -> Result<()> {
     let info = ctx.catalog().get(&key.backup_id)?;
     let aside = aside_dir(&pg);
+    let obsolete = obsolete_dir(&pg);
     let data = pg.data_dir().to_path_buf();
     if pg.is_running() {
         tracing::info!(restore = %key.id, "stopping PostgreSQL for the restore");
@@ -264,18 +304,9 @@ pub async fn run_restore(
     }
     if aside.exists() {
         // A previous attempt was interrupted after moving the data aside: keep that copy.
-        if data.exists() {
-            std::fs::remove_dir_all(&data)
-                .with_context(|| format!("cannot remove the partial {}", data.display()))?;
-        }
+        remove_tree(data.clone()).await?;
     } else {
-        std::fs::rename(&data, &aside).with_context(|| {
-            format!(
-                "cannot move {} aside to {}",
-                data.display(),
-                aside.display()
-            )
-        })?;
+        rename_durably(&data, &aside)?;
     }
     tracing::info!(restore = %key.id, aside = %aside.display(), "previous data directory kept aside until the restore succeeds");
     let attempt = async {
@@ -304,15 +335,17 @@ pub async fn run_restore(
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        pg.set_recovery_parameters(BTreeMap::new());
-        pg.write_config(&Mode::Primary, &params)?;
-        pg.reload().await?;
         anyhow::Ok(())
     };
     match attempt.await {
         Ok(()) => {
-            if let Err(e) = std::fs::remove_dir_all(&aside) {
-                tracing::warn!(error = %e, aside = %aside.display(), "cannot remove the previous data directory; remove it by hand");
+            // Promoted: from here on the restored data is the cluster's.
+            rename_durably(&aside, &obsolete)?;
+            pg.set_recovery_parameters(BTreeMap::new());
+            pg.write_config(&Mode::Primary, &params)?;
+            pg.reload().await?;
+            if let Err(e) = remove_tree(obsolete.clone()).await {
+                tracing::warn!(error = %format!("{e:#}"), "cannot remove the previous data directory; the agent removes it at its next start");
             }
             Ok(())
         }
@@ -322,14 +355,9 @@ pub async fn run_restore(
             if pg.is_running() {
                 pg.stop_immediately().await;
             }
-            let _ = std::fs::remove_dir_all(&data);
-            std::fs::rename(&aside, &data).with_context(|| {
-                format!(
-                    "cannot move {} back to {}; do it by hand",
-                    aside.display(),
-                    data.display()
-                )
-            })?;
+            remove_tree(data.clone()).await?;
+            rename_durably(&aside, &data)
+                .context("the restore failed and the previous data directory could not be put back; do it by hand")?;
             Err(e)
         }
     }

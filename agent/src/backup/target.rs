@@ -43,8 +43,8 @@ pub enum TargetError {
         "target {target} is after the last archived WAL ({end}); nothing later can be restored"
     )]
     AfterArchive { target: String, end: String },
-    #[error("backup {0:?} is newer than the target; pick an older one")]
-    BackupAfterTarget(String),
+    #[error("there is no backup {0:?} in the repository (see pgherdctl backups)")]
+    UnknownBackup(String),
 }
 
 /// Parses a time as RFC 3339 (`T` or a space between date and time; a zone is required).
@@ -169,7 +169,7 @@ pub fn choose(
             let b = backups
                 .iter()
                 .find(|b| b.id == id)
-                .ok_or_else(|| TargetError::BackupAfterTarget(id.to_string()))?;
+                .ok_or_else(|| TargetError::UnknownBackup(id.to_string()))?;
             if reaches(b) == Some(false) {
                 return Err(TargetError::BeforeBackup {
                     target: target.describe(),

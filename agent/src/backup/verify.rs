@@ -27,6 +27,35 @@ struct Scratch {
     started: bool,
 }
 
+impl Scratch {
+    /// Stops the scratch instance and removes the directory without blocking the loop's
+    /// thread (a full cluster copy takes a while to delete).
+    async fn cleanup(&mut self) {
+        if self.started {
+            let _ = command::run(
+                &self.user,
+                &self.pg_ctl,
+                &[
+                    "-D".into(),
+                    self.data.display().to_string(),
+                    "-m".into(),
+                    "immediate".into(),
+                    "-w".into(),
+                    "stop".into(),
+                ],
+                &[],
+                Duration::from_secs(60),
+                command::Log::Debug,
+            )
+            .await;
+            self.started = false;
+        }
+        let dir = std::mem::take(&mut self.dir);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+    }
+}
+
+/// The fallback when a verification is cancelled half-way.
 impl Drop for Scratch {
     fn drop(&mut self) {
         if self.started {
@@ -48,7 +77,9 @@ impl Drop for Scratch {
             }
             let _ = cmd.status();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -125,6 +156,19 @@ async fn run(
         user: ctx.user.clone(),
         started: false,
     };
+    let outcome = check(ctx, info, progress, &mut scratch).await;
+    scratch.cleanup().await;
+    outcome
+}
+
+/// Unpacks, recovers and checks in `scratch`.
+async fn check(
+    ctx: &BackupContext,
+    info: &BackupInfo,
+    progress: &watch::Sender<Progress>,
+    scratch: &mut Scratch,
+) -> Result<(String, u64, Lsn)> {
+    let dir = scratch.dir.clone();
     // Unix socket paths are limited to ~107 bytes: keep the socket in a short directory.
     let sock = tempfile::Builder::new()
         .prefix("pgherd-v")
@@ -146,6 +190,7 @@ async fn run(
          unix_socket_directories = '{}'\n\
          archive_mode = off\n\
          hot_standby = off\n\
+         shared_buffers = '128MB'\n\
          synchronous_standby_names = ''\n\
          restore_command = '{}'\n\
          recovery_target_timeline = 'latest'\n\
@@ -164,6 +209,21 @@ async fn run(
     }
     restore::arm_recovery(ctx, &scratch.data)?;
 
+    let newest_seg = {
+        let repo = ctx.repo.clone();
+        let timeline = info.timeline;
+        tokio::task::spawn_blocking(move || -> Result<Option<u64>> {
+            Ok(wal::list_archive(repo.as_ref())?
+                .iter()
+                .filter_map(|a| match a.parsed {
+                    WalName::Segment { timeline: t, segno } if t >= timeline => Some(segno),
+                    _ => None,
+                })
+                .max())
+        })
+        .await
+        .context("the archive listing task died")??
+    };
     progress.send_replace(Progress::phase("recovering to the end of the archive"));
     let t1 = Instant::now();
     let log = dir.join("postgres.log");
@@ -252,15 +312,7 @@ async fn run(
         .parse()
         .context("PostgreSQL returned an LSN that does not parse")?;
     // Recovery stops quietly at the first missing segment; compare with what the archive
-    // holds, on the timelines recovery followed.
-    let archive = wal::list_archive(ctx.repo.as_ref())?;
-    let newest_seg = archive
-        .iter()
-        .filter_map(|a| match a.parsed {
-            WalName::Segment { timeline, segno } if timeline >= info.timeline => Some(segno),
-            _ => None,
-        })
-        .max();
+    // held before recovery started (later segments of a busy cluster do not count).
     if let Some(last) = newest_seg {
         if recovered_to.0 / wal::SEGMENT_SIZE < last {
             let reached = recovered_to.0 / wal::SEGMENT_SIZE;

@@ -379,8 +379,24 @@ fn restore_decision(
                 MemberState::Restoring,
             ))
         }
-        // Only the restoring member may lead until the restore is over.
-        RestorePhase::Restoring if r.leader != me && leader.is_none() => {
+        // The restoring member lost its lease (a slow step, a restart): it takes the vacant
+        // key back without the usual candidate checks, since its data is being replaced
+        // from the backup anyway and nobody else may lead until the restore ends.
+        RestorePhase::Restoring if r.leader == me && leader.is_none() => Some(decision(
+            vec![Action::AcquireLeader],
+            format!(
+                "restore {} is mine and the leader key is vacant: taking it back to finish the restore",
+                r.id
+            ),
+            Role::Replica,
+            MemberState::Restoring,
+        )),
+        // Only the restoring member may lead until the restore is over, as long as its
+        // agent is alive (its member key exists); if it is gone for good the cluster goes on
+        // with the data it has.
+        RestorePhase::Restoring
+            if r.leader != me && leader.is_none() && view.members.contains_key(&r.leader) =>
+        {
             let actions = if primary_running {
                 vec![Action::StopPostgres]
             } else {
@@ -396,7 +412,34 @@ fn restore_decision(
                 MemberState::Waiting,
             ))
         }
-        RestorePhase::Done if !i_lead && leader.is_some() => {
+        // A member whose data predates the restored timeline never takes a vacant key: it
+        // would bring back what the restore removed.
+        RestorePhase::Done if leader.is_none() => {
+            let restored_tl = r.timeline?;
+            let mine = obs
+                .pg
+                .status
+                .as_ref()
+                .and_then(|s| s.timeline)
+                .or(obs.pg.control.map(|c| c.timeline))?;
+            (mine < restored_tl).then(|| {
+                decision(
+                    if primary_running {
+                        vec![Action::StopPostgres]
+                    } else {
+                        vec![]
+                    },
+                    format!(
+                        "the cluster was restored onto timeline {restored_tl} (restore {}) and my data is on timeline {mine} from before it: waiting for a leader to clone from",
+                        r.id
+                    ),
+                    Role::Replica,
+                    MemberState::Waiting,
+                )
+            })
+        }
+        // Rule 6: never on the member the leader key names, held in this process or not.
+        RestorePhase::Done if !i_lead && leader.is_some() && leader != Some(me) => {
             let restored_tl = r.timeline?;
             let leader_tl = view.leader_member().and_then(|m| m.timeline)?;
             if leader_tl < restored_tl {
@@ -448,6 +491,19 @@ fn decide_with_view(
 
     let leader = view.leader_name();
     let i_lead = leader == Some(me) && obs.lease.held;
+
+    // A restore running while its lease was lost: take the vacant key back (see
+    // `restore_decision`); the watchdog fenced PostgreSQL if the lease ran out.
+    if let (JobView::Running(JobKind::Restore { id }), false, None) = (&obs.job, i_lead, leader) {
+        if view.restore.as_ref().is_some_and(|(r, _)| r.leader == me) {
+            return decision(
+                vec![Action::AcquireLeader],
+                format!("restore {id} runs here and the leader key is vacant: taking it back"),
+                Role::Replica,
+                MemberState::Restoring,
+            );
+        }
+    }
 
     // Long jobs first: the loop keeps renewing while they run.
     match &obs.job {

@@ -956,7 +956,9 @@ fn the_leader_named_in_a_restore_key_starts_the_restore_job_and_keeps_its_lease(
 fn nobody_but_the_restoring_member_takes_a_vacant_leader_key_during_a_restore() {
     use crate::dcs::model::RestorePhase;
     let other = member("b", MemberState::Streaming, 100);
-    let mut v = view(None, std::slice::from_ref(&other));
+    // a's agent is alive (its member key exists) while it restores.
+    let restorer = member("a", MemberState::Restoring, 0);
+    let mut v = view(None, &[other, restorer]);
     v.restore = Some((restore_key("a", RestorePhase::Restoring, None), 7));
     let d = Obs::new(Some(v))
         .running(Some(standby_status(100)))
@@ -996,5 +998,45 @@ fn after_a_restore_members_on_an_older_timeline_reclone_but_never_the_leader() {
         .running(Some(p))
         .holding_lease(Duration::from_secs(5))
         .decide(&cfg("a"), &Memory::default());
+    assert!(!d.actions.contains(&Action::EmptyDataDir), "{d:?}");
+}
+
+#[test]
+fn a_restoring_member_takes_its_vacant_key_back_and_an_old_timeline_member_never_takes_it() {
+    use crate::dcs::model::RestorePhase;
+    // The restorer lost its lease mid-restore: it re-takes the key, candidate checks aside.
+    let mut me = member("a", MemberState::Stopped, 0);
+    me.timeline = Some(1);
+    let mut v = view(None, std::slice::from_ref(&me));
+    v.restore = Some((restore_key("a", RestorePhase::Restoring, None), 7));
+    let d = Obs::new(Some(v.clone()))
+        .job(JobView::Running(JobKind::Restore { id: "r1".into() }))
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::AcquireLeader]);
+    let d = Obs::new(Some(v)).decide(&cfg("a"), &Memory::default());
+    assert_eq!(d.actions, vec![Action::AcquireLeader]);
+
+    // After the restore, with no leader, a member still on the old timeline waits.
+    let other = member("a", MemberState::Stopped, 0);
+    let mut v = view(None, std::slice::from_ref(&other));
+    v.restore = Some((restore_key("a", RestorePhase::Done, Some(5)), 9));
+    let mut old = standby_status(1 << 30);
+    old.timeline = Some(3);
+    let d = Obs::new(Some(v))
+        .running(Some(old))
+        .decide(&cfg("b"), &following("a"));
+    assert!(!d.actions.contains(&Action::AcquireLeader), "{d:?}");
+
+    // The member the leader key names (even without a lease in this process) never
+    // empties its data directory because of a restore.
+    let mut leader = member("b", MemberState::Running, 100);
+    leader.timeline = Some(5);
+    let mut v = view(Some("b"), std::slice::from_ref(&leader));
+    v.restore = Some((restore_key("b", RestorePhase::Done, Some(5)), 9));
+    let mut old = standby_status(100);
+    old.timeline = Some(3);
+    let d = Obs::new(Some(v))
+        .running(Some(old))
+        .decide(&cfg("b"), &Memory::default());
     assert!(!d.actions.contains(&Action::EmptyDataDir), "{d:?}");
 }
