@@ -80,6 +80,18 @@ impl LocalRepository {
         self.root.join(key)
     }
 
+    /// The directory entries under `prefix` (none when it does not exist).
+    fn entries(&self, prefix: &str) -> Result<Vec<std::fs::DirEntry>, RepoError> {
+        let dir = self.path(prefix);
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| RepoError::io(&dir, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(RepoError::io(&dir, e)),
+        }
+    }
+
     /// Creates `dir` and its parents, fsyncing each new directory's parent so the entries
     /// survive a crash.
     fn create_dirs(&self, dir: &Path) -> Result<(), RepoError> {
@@ -153,15 +165,8 @@ impl Repository for LocalRepository {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<Entry>, RepoError> {
-        let dir = self.path(prefix);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(RepoError::io(&dir, e)),
-        };
         let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| RepoError::io(&dir, e))?;
+        for entry in self.entries(prefix)? {
             let name = entry.file_name().to_string_lossy().into_owned();
             // Temporary files of writes in progress are not objects.
             if name.starts_with('.') {
@@ -184,15 +189,8 @@ impl Repository for LocalRepository {
     }
 
     fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, RepoError> {
-        let dir = self.path(prefix);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(RepoError::io(&dir, e)),
-        };
         let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| RepoError::io(&dir, e))?;
+        for entry in self.entries(prefix)? {
             if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 out.push(format!("{prefix}{}/", entry.file_name().to_string_lossy()));
             }

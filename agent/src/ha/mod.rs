@@ -330,6 +330,15 @@ fn etcd_unreachable(obs: &Observation, state: MemberState, primary_running: bool
     decision(vec![], "etcd is unreachable; waiting", Role::Replica, state)
 }
 
+/// The timeline of this member's data: PostgreSQL's answer, or pg_control's while stopped.
+fn data_timeline(obs: &Observation) -> Option<u32> {
+    obs.pg
+        .status
+        .as_ref()
+        .and_then(|s| s.timeline)
+        .or(obs.pg.control.map(|c| c.timeline))
+}
+
 /// A point-in-time restore in the `restore` key: the named leader runs it while holding the
 /// leader key and nobody else takes over meanwhile; afterwards members whose data predates
 /// the restored timeline re-clone (rule 6: never the leader, and the reason is logged).
@@ -416,12 +425,7 @@ fn restore_decision(
         // would bring back what the restore removed.
         RestorePhase::Done if leader.is_none() => {
             let restored_tl = r.timeline?;
-            let mine = obs
-                .pg
-                .status
-                .as_ref()
-                .and_then(|s| s.timeline)
-                .or(obs.pg.control.map(|c| c.timeline))?;
+            let mine = data_timeline(obs)?;
             (mine < restored_tl).then(|| {
                 decision(
                     if primary_running {
@@ -448,12 +452,7 @@ fn restore_decision(
             let DataDir::Initialized { .. } = obs.pg.data_dir else {
                 return None;
             };
-            let mine = obs
-                .pg
-                .status
-                .as_ref()
-                .and_then(|s| s.timeline)
-                .or(obs.pg.control.map(|c| c.timeline))?;
+            let mine = data_timeline(obs)?;
             if mine >= restored_tl {
                 return None;
             }

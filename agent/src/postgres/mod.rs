@@ -760,25 +760,9 @@ impl Postgres {
 
     async fn connect(&self) -> Result<tokio_postgres::Client> {
         let (host, port) = self.local_address();
-        let mut pc = tokio_postgres::Config::new();
-        pc.host(&host)
-            .port(port)
-            .user(&self.cfg.postgres.superuser.username)
-            .password(self.cfg.postgres.superuser.password.as_bytes())
-            .dbname("postgres")
-            .application_name("pgherd")
-            .connect_timeout(Duration::from_secs(3));
-        let (client, connection) =
-            tokio::time::timeout(Duration::from_secs(5), pc.connect(tokio_postgres::NoTls))
-                .await
-                .context("connecting to the local PostgreSQL timed out")?
-                .context("cannot connect to the local PostgreSQL")?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection to the local PostgreSQL closed");
-            }
-        });
-        Ok(client)
+        self.connect_to(&host, port)
+            .await
+            .context("cannot connect to the local PostgreSQL")
     }
 
     /// What PostgreSQL says about itself; `None` if it does not answer within 3 s (a
