@@ -676,3 +676,63 @@ async fn an_agent_whose_config_postgres_cannot_read_refuses_to_archive_and_says_
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restore_to_an_older_point_a_backup_from_the_abandoned_history_is_not_used(
+) -> Result<()> {
+    let cluster = Cluster::builder().members(1).backups().configure().await?;
+    cluster.start_with_leader("node1", BRINGUP).await?;
+    let leader = cluster.member("node1");
+    sql_batch(leader, "CREATE TABLE t (id int PRIMARY KEY, v text)").await?;
+    insert(leader, "t", 1, 10).await?;
+    let b1 = take_backup(&cluster).await?;
+    insert(leader, "t", 11, 20).await?;
+    let noted = server_time(leader).await?;
+    insert(leader, "t", 21, 30).await?;
+    let b2 = take_backup(&cluster).await?;
+    let b1_id = b1["id"].as_str().unwrap_or_default();
+    let b2_id = b2["id"].as_str().unwrap_or_default();
+    let tl1 = timeline(leader).await?;
+
+    // Back to before b2: the cluster's history now leaves timeline 1 before b2 started.
+    ctl(
+        &cluster,
+        &[
+            "restore",
+            "--target-time",
+            &noted,
+            "--backup",
+            b1_id,
+            "--force",
+        ],
+    )
+    .await?
+    .expect_success()?;
+    wait_restored(&cluster, "t", &(1..=20).collect::<Vec<i32>>(), tl1).await?;
+    let tl2 = timeline(leader).await?;
+    insert(leader, "t", 100, 105).await?;
+
+    // b2 is the newest backup but lies on the abandoned part of timeline 1.
+    ctl(
+        &cluster,
+        &["restore", "--latest", "--backup", b2_id, "--force"],
+    )
+    .await?
+    .expect_failure(1, &["branched off"])?;
+    let out = ctl(
+        &cluster,
+        &["restore", "--latest", "--force", "--format", "json"],
+    )
+    .await?;
+    out.expect_success()?;
+    let key: serde_json::Value = serde_json::from_str(out.stdout.trim())?;
+    ensure!(
+        key["backup_id"] == b1_id,
+        "restore --latest chose {} instead of {b1_id}",
+        key["backup_id"]
+    );
+    let mut want: Vec<i32> = (1..=20).collect();
+    want.extend(100..=105);
+    wait_restored(&cluster, "t", &want, tl2).await?;
+    Ok(())
+}

@@ -176,7 +176,8 @@ pub async fn request_restore(
     let backups = ctx.catalog().backups()?;
     let archive = wal::list_archive(ctx.repo.as_ref())?;
     let end = wal::archive_end(&archive).map(|(lsn, time)| ArchiveEnd { lsn, time });
-    let chosen = target::choose(&backups, backup_id, &target, end)?;
+    let history = wal::newest_history(ctx.repo.as_ref(), &archive)?;
+    let chosen = target::choose(&backups, backup_id, &target, end, &history)?;
     let revision = view.restore.as_ref().map(|(_, r)| *r).unwrap_or(0);
     let key = RestoreKey {
         id: chrono::Utc::now()

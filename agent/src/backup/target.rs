@@ -45,6 +45,12 @@ pub enum TargetError {
     AfterArchive { target: String, end: String },
     #[error("there is no backup {0:?} in the repository (see pgherdctl backups)")]
     UnknownBackup(String),
+    #[error("backup {id} is on timeline {timeline} past the point where the cluster's history (timeline {newest}) branched off it: a restore from it cannot follow the current history; pick another backup")]
+    OffTimeline {
+        id: String,
+        timeline: u32,
+        newest: u32,
+    },
 }
 
 /// Parses a time as RFC 3339 (`T` or a space between date and time; a zone is required).
@@ -146,12 +152,35 @@ fn rfc3339(t: std::time::SystemTime) -> String {
 
 /// Picks the backup to restore `target` from (`wanted`, or the newest one that can reach
 /// it) and refuses targets before that backup's end or after the archive's end.
+/// Only backups whose WAL lies on the path recovery follows (the newest timeline and the
+/// ancestors it branched from after the backup ended) are considered.
 pub fn choose(
-    backups: &[BackupInfo],
+    all_backups: &[BackupInfo],
     wanted: Option<&str>,
     target: &Target,
     archive_end: Option<ArchiveEnd>,
+    history: &super::wal::TimelineHistory,
 ) -> Result<BackupInfo, TargetError> {
+    if all_backups.is_empty() {
+        return Err(TargetError::NoBackups);
+    }
+    if let Some(id) = wanted {
+        if let Some(b) = all_backups.iter().find(|b| b.id == id) {
+            if !history.contains(b.timeline, b.stop_lsn) {
+                return Err(TargetError::OffTimeline {
+                    id: id.to_string(),
+                    timeline: b.timeline,
+                    newest: history.timeline,
+                });
+            }
+        }
+    }
+    let backups: Vec<BackupInfo> = all_backups
+        .iter()
+        .filter(|b| history.contains(b.timeline, b.stop_lsn))
+        .cloned()
+        .collect();
+    let backups = &backups[..];
     if backups.is_empty() {
         return Err(TargetError::NoBackups);
     }
@@ -286,51 +315,81 @@ mod tests {
             time: std::time::SystemTime::from(parse_time("2026-11-26T12:00:00Z").unwrap()),
         });
         let t = |s: &str| Target::Time(s.into());
+        let h1 = crate::backup::wal::TimelineHistory {
+            timeline: 1,
+            ancestors: vec![],
+        };
         assert_eq!(
-            choose(&backups, None, &t("2026-11-26T10:30:00Z"), end)
+            choose(&backups, None, &t("2026-11-26T10:30:00Z"), end, &h1)
                 .unwrap()
                 .id,
             "b1"
         );
         assert_eq!(
-            choose(&backups, None, &t("2026-11-26T11:30:00Z"), end)
+            choose(&backups, None, &t("2026-11-26T11:30:00Z"), end, &h1)
                 .unwrap()
                 .id,
             "b2"
         );
         assert!(matches!(
-            choose(&backups, None, &t("2026-11-26T09:00:00Z"), end),
+            choose(&backups, None, &t("2026-11-26T09:00:00Z"), end, &h1),
             Err(TargetError::BeforeBackup { .. })
         ));
         assert!(matches!(
-            choose(&backups, Some("b2"), &t("2026-11-26T10:30:00Z"), end),
+            choose(&backups, Some("b2"), &t("2026-11-26T10:30:00Z"), end, &h1),
             Err(TargetError::BeforeBackup { .. })
         ));
         assert!(matches!(
-            choose(&backups, None, &t("2026-11-26T12:30:00Z"), end),
+            choose(&backups, None, &t("2026-11-26T12:30:00Z"), end, &h1),
             Err(TargetError::AfterArchive { .. })
         ));
         assert_eq!(
-            choose(&backups, None, &Target::Lsn(Lsn(150)), end)
+            choose(&backups, None, &Target::Lsn(Lsn(150)), end, &h1)
                 .unwrap()
                 .id,
             "b1"
         );
         assert!(matches!(
-            choose(&backups, None, &Target::Lsn(Lsn(5000)), end),
+            choose(&backups, None, &Target::Lsn(Lsn(5000)), end, &h1),
             Err(TargetError::AfterArchive { .. })
         ));
         assert!(matches!(
-            choose(&backups, None, &Target::Lsn(Lsn(50)), end),
+            choose(&backups, None, &Target::Lsn(Lsn(50)), end, &h1),
             Err(TargetError::BeforeBackup { .. })
         ));
         assert_eq!(
-            choose(&backups, None, &Target::Latest, end).unwrap().id,
+            choose(&backups, None, &Target::Latest, end, &h1)
+                .unwrap()
+                .id,
             "b2"
         );
         assert_eq!(
-            choose(&[], None, &Target::Latest, end),
+            choose(&[], None, &Target::Latest, end, &h1),
             Err(TargetError::NoBackups)
         );
+    }
+
+    #[test]
+    fn a_backup_past_the_branch_point_of_the_current_history_is_not_chosen() {
+        // b1 and b2 on timeline 1; a restore to before b2 started timeline 2 at LSN 150.
+        let backups = vec![
+            backup("b1", 100, "2026-11-26T10:00:00Z"),
+            backup("b2", 200, "2026-11-26T11:00:00Z"),
+        ];
+        let h2 = crate::backup::wal::TimelineHistory::parse(
+            2,
+            "1\t0/96\tbefore 2026-11-26 10:30:00+00\n",
+        );
+        assert_eq!(h2.ancestors, vec![(1, Lsn(150))]);
+        assert_eq!(
+            choose(&backups, None, &Target::Latest, None, &h2)
+                .unwrap()
+                .id,
+            "b1"
+        );
+        assert!(matches!(
+            choose(&backups, Some("b2"), &Target::Latest, None, &h2),
+            Err(TargetError::OffTimeline { .. })
+        ));
     }
 }

@@ -213,10 +213,18 @@ async fn check(
         let repo = ctx.repo.clone();
         let timeline = info.timeline;
         tokio::task::spawn_blocking(move || -> Result<Option<u64>> {
-            Ok(wal::list_archive(repo.as_ref())?
+            // Only segments on the history recovery follows count (not those of a timeline
+            // a restore abandoned).
+            let archive = wal::list_archive(repo.as_ref())?;
+            let history = wal::newest_history(repo.as_ref(), &archive)?;
+            Ok(archive
                 .iter()
                 .filter_map(|a| match a.parsed {
-                    WalName::Segment { timeline: t, segno } if t >= timeline => Some(segno),
+                    WalName::Segment { timeline: t, segno }
+                        if t >= timeline && history.contains(t, Lsn(segno * wal::SEGMENT_SIZE)) =>
+                    {
+                        Some(segno)
+                    }
                     _ => None,
                 })
                 .max())

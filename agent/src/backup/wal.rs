@@ -260,6 +260,29 @@ pub fn push(
 /// Restores archived `name` to `dest` (`restore_command`'s `%f` and `%p`), checking its
 /// checksum first; `dest` appears complete or not at all.
 pub fn fetch(repo: &dyn Repository, name: &str, dest: &Path) -> Result<(), WalError> {
+    let data = read(repo, name)?;
+    let file_name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dest.with_file_name(format!(".{file_name}.pgherd-tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dest)
+    };
+    write().map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        WalError::Write {
+            path: dest.display().to_string(),
+            source,
+        }
+    })
+}
+
+/// The content of archived `name`, checked against its checksum.
+pub fn read(repo: &dyn Repository, name: &str) -> Result<Vec<u8>, WalError> {
     let found = find(repo, name)?;
     let Some(a) = found.into_iter().next_back() else {
         return Err(WalError::NotFound(name.to_string()));
@@ -288,24 +311,68 @@ pub fn fetch(repo: &dyn Repository, name: &str, dest: &Path) -> Result<(), WalEr
             actual,
         });
     }
-    let file_name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dest.with_file_name(format!(".{file_name}.pgherd-tmp"));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dest)
-    };
-    write().map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        WalError::Write {
-            path: dest.display().to_string(),
-            source,
+    Ok(data)
+}
+
+/// Where each ancestor of a timeline ended: `(parent timeline, switch LSN)` from its
+/// history file, oldest first.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TimelineHistory {
+    pub timeline: u32,
+    pub ancestors: Vec<(u32, Lsn)>,
+}
+
+impl TimelineHistory {
+    /// Parses a `<tli>.history` file (`parentTLI<TAB>switchpoint<TAB>reason` lines).
+    pub fn parse(timeline: u32, text: &str) -> TimelineHistory {
+        let ancestors = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+            })
+            .collect();
+        TimelineHistory {
+            timeline,
+            ancestors,
         }
-    })
+    }
+
+    /// Whether recovery along this timeline can use WAL written on `timeline` up to `lsn`:
+    /// it is this timeline, or an ancestor that was left at or after `lsn`.
+    pub fn contains(&self, timeline: u32, lsn: Lsn) -> bool {
+        timeline == self.timeline
+            || self
+                .ancestors
+                .iter()
+                .any(|(t, switch)| *t == timeline && lsn <= *switch)
+    }
+}
+
+/// The history of the newest timeline in the archive (what `recovery_target_timeline =
+/// latest` follows); timeline 1 has none.
+pub fn newest_history(
+    repo: &dyn Repository,
+    archive: &[Archived],
+) -> Result<TimelineHistory, WalError> {
+    let newest = archive
+        .iter()
+        .filter_map(|a| match a.parsed {
+            WalName::History { timeline } => Some(timeline),
+            _ => None,
+        })
+        .max();
+    match newest {
+        None => Ok(TimelineHistory {
+            timeline: 1,
+            ancestors: Vec::new(),
+        }),
+        Some(tl) => {
+            let data = read(repo, &format!("{tl:08X}.history"))?;
+            Ok(TimelineHistory::parse(tl, &String::from_utf8_lossy(&data)))
+        }
+    }
 }
 
 /// The highest timeline with a history file in the archive (1 when there is none).
