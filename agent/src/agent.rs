@@ -25,6 +25,7 @@ use crate::ha::{
     PgView, Upstream,
 };
 use crate::lsn::Lsn;
+use crate::now_rfc3339;
 use crate::postgres::{Mode, Postgres};
 use crate::watchdog::Watchdog;
 
@@ -107,10 +108,6 @@ fn upstream_of(m: &MemberInfo) -> Upstream {
         host: m.host.clone(),
         port: m.port,
     }
-}
-
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 impl Agent {

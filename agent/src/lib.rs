@@ -11,3 +11,8 @@ pub mod listing;
 pub mod lsn;
 pub mod postgres;
 pub mod watchdog;
+
+/// Now as RFC 3339 (UTC, whole seconds), for what humans and etcd keys read.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}

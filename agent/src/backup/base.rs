@@ -4,7 +4,6 @@
 //! is written. Retention runs after each successful backup.
 
 use std::io::{BufRead, Read};
-use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
@@ -162,9 +161,7 @@ pub async fn take(
                 .stderr(Stdio::piped())
                 .current_dir("/")
                 .env("PGPASSFILE", ctx.cfg.pgpass_path());
-            if let Some((uid, gid)) = ctx.user.switch_to {
-                cmd.uid(uid).gid(gid).env("HOME", &ctx.user.home);
-            }
+            ctx.user.apply_std(&mut cmd);
             let mut child = cmd
                 .spawn()
                 .with_context(|| format!("cannot run {}", program.display()))?;

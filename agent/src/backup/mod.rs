@@ -90,7 +90,4 @@ pub fn repository_root(cfg: &Config, backup: &BackupConfig) -> PathBuf {
     backup.repository.join(&cfg.cluster)
 }
 
-/// Now as RFC 3339 (UTC, seconds).
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
+pub use crate::now_rfc3339;

@@ -116,10 +116,11 @@ pub fn restore_command(ctx: &BackupContext) -> Result<String> {
         .source
         .as_ref()
         .context("the configuration file's path is unknown")?;
-    Ok(format!(
-        "{} wal-fetch --config {} %f %p",
-        shell_quote(&exe.display().to_string()),
-        shell_quote(&config.display().to_string())
+    Ok(crate::postgres::conf::wal_command(
+        &exe.display().to_string(),
+        &config.display().to_string(),
+        "wal-fetch",
+        "%f %p",
     ))
 }
 

@@ -71,10 +71,7 @@ impl Drop for Scratch {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .current_dir("/");
-            if let Some((uid, gid)) = self.user.switch_to {
-                use std::os::unix::process::CommandExt;
-                cmd.uid(uid).gid(gid);
-            }
+            self.user.apply_std(&mut cmd);
             let _ = cmd.status();
         }
         if !self.dir.as_os_str().is_empty() {

@@ -65,6 +65,12 @@ impl OsUser {
 
     /// Applies the user switch (and HOME) to a command.
     pub fn apply(&self, cmd: &mut Command) {
+        self.apply_std(cmd.as_std_mut());
+    }
+
+    /// [`OsUser::apply`] for a `std::process::Command` (programs run from blocking code).
+    pub fn apply_std(&self, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
         if let Some((uid, gid)) = self.switch_to {
             cmd.uid(uid).gid(gid);
             cmd.env("HOME", &self.home).env("USER", &self.name);

@@ -86,22 +86,28 @@ pub fn parameters(
 /// With a `backup` section: every member archives (so archiving goes on after a failover)
 /// through `pgherd-agent wal-push`, and can fetch archived WAL with `wal-fetch`.
 pub fn archiving(agent_exe: &str, config_file: &str) -> BTreeMap<String, String> {
-    let q = crate::backup::restore::shell_quote;
     let mut p = BTreeMap::new();
     p.insert("archive_mode".to_string(), "on".to_string());
     p.insert(
         "archive_command".to_string(),
-        format!("{} wal-push --config {} %p", q(agent_exe), q(config_file)),
+        wal_command(agent_exe, config_file, "wal-push", "%p"),
     );
     p.insert(
         "restore_command".to_string(),
-        format!(
-            "{} wal-fetch --config {} %f %p",
-            q(agent_exe),
-            q(config_file)
-        ),
+        wal_command(agent_exe, config_file, "wal-fetch", "%f %p"),
     );
     p
+}
+
+/// `<agent_exe> <subcommand> --config <config_file> <args>`, quoted for the shell
+/// PostgreSQL runs archive and restore commands through.
+pub fn wal_command(agent_exe: &str, config_file: &str, subcommand: &str, args: &str) -> String {
+    let q = crate::backup::restore::shell_quote;
+    format!(
+        "{} {subcommand} --config {} {args}",
+        q(agent_exe),
+        q(config_file)
+    )
 }
 
 pub fn postgresql_conf(params: &BTreeMap<String, String>) -> String {
