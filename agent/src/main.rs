@@ -225,21 +225,19 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
         let (b, c, stop) = (board.clone(), ctx.clone(), shutdown.clone());
         tokio::spawn(async move {
             loop {
-                let status = {
-                    let c = c.clone();
-                    tokio::task::spawn_blocking(move || pgherd_agent::backup::ops::board_status(&c))
-                        .await
-                        .ok()
-                        .flatten()
-                };
+                let status = c
+                    .blocking(|c| Ok(pgherd_agent::backup::ops::board_status(c)))
+                    .await
+                    .ok()
+                    .flatten();
                 b.set_backup(status);
                 // Folders of backups that never finished (an agent crash mid-backup).
-                let c2 = c.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    c2.catalog()
-                        .remove_incomplete(std::time::Duration::from_secs(6 * 3600))
-                })
-                .await;
+                let _ = c
+                    .blocking(|c| {
+                        Ok(c.catalog()
+                            .remove_incomplete(std::time::Duration::from_secs(6 * 3600))?)
+                    })
+                    .await;
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}

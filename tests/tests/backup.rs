@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use pgherd_agent::backup::wal::{WalName, SEGMENT_SIZE};
 use pgherd_tests::{sql_batch, sql_value, timeline, wait_until, Cluster, CtlOutput, Member};
 
 /// initdb, PostgreSQL starts and base backups on a 2-core machine shared with other tests.
@@ -50,6 +51,14 @@ async fn server_time(member: &Member) -> Result<String> {
         "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
     )
     .await
+}
+
+/// The segment number of a full WAL segment's file name (`None` for other files).
+fn segment_no(name: &str) -> Option<u64> {
+    match WalName::parse(name) {
+        Ok(WalName::Segment { segno, .. }) => Some(segno),
+        _ => None,
+    }
 }
 
 /// The archived files' PostgreSQL names.
@@ -482,14 +491,10 @@ async fn retention_keeps_what_the_newest_backups_need_and_verify_fails_without_a
         .as_str()
         .context("no start_lsn")?
         .parse()?;
-    let first_needed = second_start.0 / (16 * 1024 * 1024);
+    let first_needed = second_start.0 / SEGMENT_SIZE;
     let segnos: Vec<u64> = archived(&cluster)?
         .iter()
-        .filter(|(n, _)| n.len() == 24)
-        .map(|(n, _)| {
-            u64::from_str_radix(&n[8..16], 16).unwrap_or(0) * 256
-                + u64::from_str_radix(&n[16..24], 16).unwrap_or(0)
-        })
+        .filter_map(|(n, _)| segment_no(n))
         .collect();
     ensure!(
         segnos.iter().all(|s| *s >= first_needed),
@@ -518,15 +523,10 @@ async fn retention_keeps_what_the_newest_backups_need_and_verify_fails_without_a
         .as_str()
         .context("no start_lsn")?
         .parse()?;
-    let seg = newest_start.0 / (16 * 1024 * 1024);
+    let seg = newest_start.0 / SEGMENT_SIZE;
     let (victim, path) = archived(&cluster)?
         .into_iter()
-        .filter(|(n, _)| n.len() == 24)
-        .find(|(n, _)| {
-            u64::from_str_radix(&n[16..24], 16).unwrap_or(0)
-                + u64::from_str_radix(&n[8..16], 16).unwrap_or(0) * 256
-                == seg
-        })
+        .find(|(n, _)| segment_no(n) == Some(seg))
         .with_context(|| format!("no archived segment {seg}"))?;
     std::fs::remove_file(&path)?;
     let out = ctl(&cluster, &["backup", "verify", newest, "--format", "json"]).await?;

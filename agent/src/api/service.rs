@@ -677,19 +677,19 @@ impl AgentService for Service {
 
     async fn list_backups(&self, _req: Request<ListBackupsRequest>) -> Reply<ListBackupsResponse> {
         let ctx = self.backup_ctx()?;
-        let list = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-            let cat = ctx.catalog();
-            let mut out = Vec::new();
-            for b in cat.backups()? {
-                let mut v = serde_json::to_value(&b)?;
-                v["verify"] = serde_json::to_value(cat.verify_result(&b.id)?)?;
-                out.push(v);
-            }
-            Ok(serde_json::to_string(&out)?)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::internal(format!("{e:#}")))?;
+        let list = ctx
+            .blocking(|ctx| {
+                let cat = ctx.catalog();
+                let mut out = Vec::new();
+                for b in cat.backups()? {
+                    let mut v = serde_json::to_value(&b)?;
+                    v["verify"] = serde_json::to_value(cat.verify_result(&b.id)?)?;
+                    out.push(v);
+                }
+                Ok(serde_json::to_string(&out)?)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
         Ok(Response::new(ListBackupsResponse { backups_json: list }))
     }
 

@@ -314,14 +314,9 @@ pub async fn take(
         .record(&info)
         .context("cannot record the backup")?;
     tracing::info!(backup = %id, size, stored, start_lsn = %start_lsn, stop_lsn = %stop_lsn, timeline, "base backup taken");
-    let retained = {
-        let ctx = ctx.clone();
-        tokio::task::spawn_blocking(move || {
-            ctx.catalog().apply_retention(ctx.backup.retention.full)
-        })
-        .await
-        .context("the retention task died")?
-    };
+    let retained = ctx
+        .blocking(|c| Ok(c.catalog().apply_retention(c.backup.retention.full)?))
+        .await;
     match retained {
         Ok(r) if !r.backups.is_empty() || r.wal_files > 0 => tracing::info!(
             removed_backups = ?r.backups,
@@ -346,25 +341,21 @@ async fn wait_archived(
 ) -> Result<()> {
     let first = start.0 / wal::SEGMENT_SIZE;
     let last = stop.0.saturating_sub(1).max(start.0) / wal::SEGMENT_SIZE;
-    // Listing the archive reads directories: off the loop's thread.
-    let missing = |ctx: &BackupContext| {
-        let repo = ctx.repo.clone();
-        async move {
-            tokio::task::spawn_blocking(move || -> Result<Vec<u64>> {
-                let have: std::collections::BTreeSet<u64> = wal::list_archive(repo.as_ref())?
-                    .into_iter()
-                    .filter_map(|a| match a.parsed {
-                        WalName::Segment { timeline: t, segno } if t == timeline => Some(segno),
-                        _ => None,
-                    })
-                    .collect();
-                Ok((first..=last).filter(|s| !have.contains(s)).collect())
-            })
-            .await
-            .context("the archive listing task died")?
-        }
+    let missing = || {
+        ctx.blocking(move |c| {
+            let have: std::collections::BTreeSet<u64> = wal::list_archive(c.repo.as_ref())?
+                .into_iter()
+                .filter_map(|a| match a.parsed {
+                    WalName::Segment { timeline: t, segno } if t == timeline => Some(segno),
+                    _ => None,
+                })
+                .collect();
+            Ok((first..=last)
+                .filter(|s| !have.contains(s))
+                .collect::<Vec<u64>>())
+        })
     };
-    if missing(ctx).await?.is_empty() {
+    if missing().await?.is_empty() {
         return Ok(());
     }
     if let Err(e) = switch_wal.await {
@@ -372,7 +363,7 @@ async fn wait_archived(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let m = missing(ctx).await?;
+        let m = missing().await?;
         if m.is_empty() {
             return Ok(());
         }

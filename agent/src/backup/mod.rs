@@ -68,6 +68,18 @@ impl BackupContext {
         Catalog::new(self.repo.as_ref())
     }
 
+    /// Runs repository work (directory listings, deletions) off the loop's thread: the agent
+    /// runs on one thread, which must stay free to renew the leader lease.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&BackupContext) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let ctx = self.clone();
+        tokio::task::spawn_blocking(move || work(&ctx))
+            .await
+            .map_err(|e| anyhow::anyhow!("a repository task died: {e}"))?
+    }
+
     /// Creates the repository's folders; the WAL folder belongs to the PostgreSQL OS user,
     /// who runs `archive_command`.
     pub fn prepare(&self) -> std::io::Result<()> {

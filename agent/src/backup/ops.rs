@@ -72,14 +72,15 @@ async fn take_checked(
     progress: &watch::Sender<Progress>,
 ) -> Result<BackupInfo> {
     let switch_wal = async {
-        let (host, port) = match (from_replica, leader) {
-            (false, _) => pg.local_address(),
-            (true, Some(l)) => l,
+        match (from_replica, leader) {
+            (false, _) => pg.switch_wal().await.map(|_| ()),
+            (true, Some((host, port))) => {
+                let c = pg.connect_to(&host, port).await?;
+                c.simple_query("SELECT pg_switch_wal()").await?;
+                Ok(())
+            }
             (true, None) => bail!("there is no leader to switch WAL on"),
-        };
-        let c = pg.connect_to(&host, port).await?;
-        c.simple_query("SELECT pg_switch_wal()").await?;
-        Ok(())
+        }
     };
     base::take(ctx, src, switch_wal, progress).await
 }
@@ -159,24 +160,19 @@ pub async fn request_restore(
     }
     if let Some(s) = pg.status().await {
         if !s.in_recovery {
-            if let Ok(c) = pg
-                .connect_to(&pg.local_address().0, pg.local_address().1)
-                .await
-            {
-                if let Ok(rows) = c
-                    .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
-                    .await
-                {
-                    let name: String = rows.get(0);
-                    wait_for_segment(ctx, &name, Duration::from_secs(30)).await;
-                }
+            if let Ok(name) = pg.switch_wal().await {
+                wait_for_segment(ctx, &name, Duration::from_secs(30)).await;
             }
         }
     }
-    let backups = ctx.catalog().backups()?;
-    let archive = wal::list_archive(ctx.repo.as_ref())?;
-    let end = wal::archive_end(&archive).map(|(lsn, time)| ArchiveEnd { lsn, time });
-    let history = wal::newest_history(ctx.repo.as_ref(), &archive)?;
+    let (backups, end, history) = ctx
+        .blocking(|c| {
+            let archive = wal::list_archive(c.repo.as_ref())?;
+            let end = wal::archive_end(&archive).map(|(lsn, time)| ArchiveEnd { lsn, time });
+            let history = wal::newest_history(c.repo.as_ref(), &archive)?;
+            Ok((c.catalog().backups()?, end, history))
+        })
+        .await?;
     let chosen = target::choose(&backups, backup_id, &target, end, &history)?;
     let revision = view.restore.as_ref().map(|(_, r)| *r).unwrap_or(0);
     let key = RestoreKey {
@@ -202,8 +198,14 @@ pub async fn request_restore(
 async fn wait_for_segment(ctx: &BackupContext, name: &str, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
-        let archived = wal::list_archive(ctx.repo.as_ref())
-            .map(|a| a.iter().any(|f| f.name == name))
+        let wanted = name.to_string();
+        let archived = ctx
+            .blocking(move |c| {
+                Ok(wal::list_archive(c.repo.as_ref())?
+                    .iter()
+                    .any(|f| f.name == wanted))
+            })
+            .await
             .unwrap_or(false);
         if archived {
             return;

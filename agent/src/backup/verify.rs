@@ -207,13 +207,12 @@ async fn check(
     restore::arm_recovery(ctx, &scratch.data)?;
 
     let newest_seg = {
-        let repo = ctx.repo.clone();
         let timeline = info.timeline;
-        tokio::task::spawn_blocking(move || -> Result<Option<u64>> {
+        ctx.blocking(move |c| {
             // Only segments on the history recovery follows count (not those of a timeline
             // a restore abandoned).
-            let archive = wal::list_archive(repo.as_ref())?;
-            let history = wal::newest_history(repo.as_ref(), &archive)?;
+            let archive = wal::list_archive(c.repo.as_ref())?;
+            let history = wal::newest_history(c.repo.as_ref(), &archive)?;
             Ok(archive
                 .iter()
                 .filter_map(|a| match a.parsed {
@@ -226,8 +225,7 @@ async fn check(
                 })
                 .max())
         })
-        .await
-        .context("the archive listing task died")??
+        .await?
     };
     progress.send_replace(Progress::phase("recovering to the end of the archive"));
     let t1 = Instant::now();

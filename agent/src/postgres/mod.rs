@@ -731,6 +731,17 @@ impl Postgres {
         .await
     }
 
+    /// Ends the current WAL segment so it is archived; returns that segment's file name.
+    pub async fn switch_wal(&self) -> Result<String> {
+        self.with_client(|c| async move {
+            let row = c
+                .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+                .await?;
+            Ok(row.get(0))
+        })
+        .await
+    }
+
     /// Re-reads the configuration files (SIGHUP through pg_reload_conf()).
     pub async fn reload(&self) -> Result<()> {
         self.with_client(|c| async move {
