@@ -9,7 +9,6 @@
 //!
 //! GET, HEAD and OPTIONS answer alike (HAProxy's default check method is OPTIONS).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -441,14 +440,7 @@ pub async fn serve(
     let Some(listen) = cfg.api.http_listen.clone() else {
         return Ok(None);
     };
-    let addr: SocketAddr = tokio::net::lookup_host(&listen)
-        .await
-        .with_context(|| format!("api.http_listen {listen:?} does not resolve"))?
-        .next()
-        .with_context(|| format!("api.http_listen {listen:?} does not resolve"))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on api.http_listen {listen}"))?;
+    let listener = super::bind("api.http_listen", &listen).await?;
     let tls = tls_acceptor(&cfg)?;
     tracing::info!(
         listen = %listen,

@@ -220,20 +220,24 @@ fn tls_config(cfg: &Config) -> Result<Option<ServerTlsConfig>> {
     Ok(Some(tls))
 }
 
+/// Resolves and binds the address of config key `key`, naming the key in errors.
+pub(crate) async fn bind(key: &str, listen: &str) -> Result<tokio::net::TcpListener> {
+    let addr: SocketAddr = tokio::net::lookup_host(listen)
+        .await
+        .with_context(|| format!("{key} {listen:?} does not resolve"))?
+        .next()
+        .with_context(|| format!("{key} {listen:?} does not resolve"))?;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {key} {listen}"))
+}
+
 /// Binds `api.listen` now (so a taken port fails start-up) and serves until `shutdown`.
 pub async fn serve(
     ctx: ApiContext,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let listen = ctx.cfg.api.listen.clone();
-    let addr: SocketAddr = tokio::net::lookup_host(&listen)
-        .await
-        .with_context(|| format!("api.listen {listen:?} does not resolve"))?
-        .next()
-        .with_context(|| format!("api.listen {listen:?} does not resolve"))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on api.listen {listen}"))?;
+    let listener = bind("api.listen", &ctx.cfg.api.listen).await?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls_config(&ctx.cfg)? {
