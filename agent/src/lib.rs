@@ -6,6 +6,7 @@ pub mod api;
 pub mod backup;
 pub mod callbacks;
 pub mod dcs;
+pub mod failpoint;
 pub mod ha;
 pub mod listing;
 pub mod lsn;

@@ -185,6 +185,12 @@ impl Member {
     /// Starts `pgherd-agent --config <config>`, output appended to `agent.log`; returns its
     /// pid. Fails if it is already running.
     pub fn start(&self) -> Result<u32> {
+        self.start_with_failpoints(&[])
+    }
+
+    /// Starts the agent like `start`, armed to freeze itself (SIGSTOP) at the named steps
+    /// (`agent/src/failpoint.rs`); `wait_failpoint` waits until it got there.
+    pub fn start_with_failpoints(&self, steps: &[&str]) -> Result<u32> {
         let agent = crate::agent_bin()?;
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -205,11 +211,26 @@ impl Member {
         cmd.arg("--config")
             .arg(&self.config_path)
             .env("RUST_BACKTRACE", "1")
+            .env("PGHERD_FAILPOINTS", steps.join(","))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         // If the test process dies, the agent gets SIGTERM: it stops PostgreSQL on its way out.
         self.process.spawn(&mut cmd, Signal::SIGTERM)
+    }
+
+    /// Waits until the agent (started with `start_with_failpoints`) froze itself at `step`.
+    pub async fn wait_failpoint(&self, step: &str, timeout: Duration) -> Result<()> {
+        let needle = format!("failpoint {step} reached");
+        let what = format!("{} to reach failpoint {step}", self.name());
+        crate::wait::wait_until(timeout, what, || {
+            let found = self.agent_log_of_last_start().contains(&needle);
+            async move {
+                anyhow::ensure!(found, "not reached yet");
+                Ok(())
+            }
+        })
+        .await
     }
 
     /// The agent's pid while it runs (or has exited but is not yet reaped).

@@ -1,0 +1,33 @@
+//! Named steps where a test can stop the agent dead, to hit the window between two actions
+//! of a multi-step change on purpose (ARCHITECTURE rule 7).
+//!
+//! `PGHERD_FAILPOINTS=step[,step...]` in the agent's environment: when the agent reaches a
+//! listed step it logs `failpoint <step> reached: stopping` and sends itself SIGSTOP, which
+//! freezes every thread at once as a hung agent would. The test then SIGKILLs the agent (and,
+//! for a node crash, PostgreSQL) or resumes it. Without the variable a step costs one load
+//! of a cached empty list.
+
+use std::sync::OnceLock;
+
+fn armed() -> &'static [String] {
+    static ARMED: OnceLock<Vec<String>> = OnceLock::new();
+    ARMED.get_or_init(|| {
+        std::env::var("PGHERD_FAILPOINTS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    })
+}
+
+/// Stops the agent here if the test armed `step`.
+pub fn hit(step: &str) {
+    if !armed().iter().any(|s| s == step) {
+        return;
+    }
+    // The log goes to stderr unbuffered: the line is written before the process freezes.
+    tracing::warn!(step, "failpoint {step} reached: stopping");
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+}
