@@ -76,6 +76,8 @@ pub struct Member {
     process: Supervised,
     /// Dropped after the agent is killed (see `Drop`).
     proxy: Option<EtcdProxy>,
+    /// Failpoints every later start of the agent is armed with (`set_failpoints`).
+    failpoints: std::sync::Mutex<Vec<String>>,
 }
 
 impl Member {
@@ -94,6 +96,7 @@ impl Member {
             process: Supervised::new(format!("pgherd-agent of {}", spec.name)),
             spec,
             proxy,
+            failpoints: Default::default(),
         };
         member.write_config(&member_yaml(&member.spec)?)?;
         Ok(member)
@@ -185,12 +188,29 @@ impl Member {
     /// Starts `pgherd-agent --config <config>`, output appended to `agent.log`; returns its
     /// pid. Fails if it is already running.
     pub fn start(&self) -> Result<u32> {
-        self.start_with_failpoints(&[])
+        let steps = self
+            .failpoints
+            .lock()
+            .map(|f| f.join(","))
+            .unwrap_or_default();
+        self.start_armed(&steps)
     }
 
-    /// Starts the agent like `start`, armed to freeze itself (SIGSTOP) at the named steps
-    /// (`agent/src/failpoint.rs`); `wait_failpoint` waits until it got there.
+    /// Arms every later start of the agent (also the cluster's) to freeze itself (SIGSTOP)
+    /// at the named steps (`agent/src/failpoint.rs`); an empty list disarms.
+    pub fn set_failpoints(&self, steps: &[&str]) {
+        if let Ok(mut f) = self.failpoints.lock() {
+            *f = steps.iter().map(|s| s.to_string()).collect();
+        }
+    }
+
+    /// `set_failpoints` then `start`; `wait_failpoint` waits until the agent got there.
     pub fn start_with_failpoints(&self, steps: &[&str]) -> Result<u32> {
+        self.set_failpoints(steps);
+        self.start()
+    }
+
+    fn start_armed(&self, steps: &str) -> Result<u32> {
         let agent = crate::agent_bin()?;
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -211,7 +231,7 @@ impl Member {
         cmd.arg("--config")
             .arg(&self.config_path)
             .env("RUST_BACKTRACE", "1")
-            .env("PGHERD_FAILPOINTS", steps.join(","))
+            .env("PGHERD_FAILPOINTS", steps)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

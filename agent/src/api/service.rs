@@ -201,14 +201,18 @@ impl Service {
                 .config_with_revision()
                 .await
                 .map_err(unavailable)?;
-            let old = match &text {
-                Some(t) => pgherd_config::parse_dynamic(t.as_bytes()).map_err(|p| {
-                    Status::failed_precondition(format!(
-                        "the stored configuration is invalid; fix it first:\n{}",
-                        pgherd_config::Problem::list(&p)
-                    ))
-                })?,
-                None => self.ctx.cfg.bootstrap.dcs.clone(),
+            // Read like the agents read it: fields a newer agent added are kept, not refused
+            // and not dropped when the changed config is written back.
+            let (old, ignored) = match &text {
+                Some(t) => pgherd_config::lenient::dynamic(t.as_bytes())
+                    .map(|parsed| (parsed.value, parsed.ignored))
+                    .map_err(|p| {
+                        Status::failed_precondition(format!(
+                            "the stored configuration is invalid; fix it first:\n{}",
+                            pgherd_config::Problem::list(&p)
+                        ))
+                    })?,
+                None => (self.ctx.cfg.bootstrap.dcs.clone(), Vec::new()),
             };
             let new = patch::apply(&old, sets).map_err(|p| {
                 Status::invalid_argument(format!(
@@ -219,7 +223,12 @@ impl Service {
             if dry_run || new == old {
                 return Ok((old, new));
             }
-            let json = serde_json::to_string(&new).map_err(|e| Status::internal(e.to_string()))?;
+            let mut json =
+                serde_json::to_value(&new).map_err(|e| Status::internal(e.to_string()))?;
+            if let Some(stored) = text.as_deref().and_then(|t| serde_json::from_str(t).ok()) {
+                pgherd_config::lenient::keep_ignored(&stored, &ignored, &mut json);
+            }
+            let json = json.to_string();
             if self
                 .ctx
                 .dcs
@@ -391,6 +400,7 @@ impl AgentService for Service {
             scheduled_at: scheduled_at.clone(),
             final_lsn: None,
             handed_over_at: None,
+            taken_by: None,
             requested_at: now_rfc3339(),
         };
         if !self
@@ -535,6 +545,7 @@ impl AgentService for Service {
             scheduled_at: None,
             final_lsn: None,
             handed_over_at: None,
+            taken_by: None,
             requested_at: now_rfc3339(),
         };
         if !self

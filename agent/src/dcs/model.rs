@@ -1,4 +1,8 @@
 //! What pgherd stores in etcd under `/pgherd/<cluster>/`, as typed values.
+//!
+//! The structs deny unknown fields only so that `pgherd_config::lenient` can find and name
+//! them: every JSON value read from etcd goes through it (see `Dcs::load`), which ignores
+//! fields a newer agent added and fails only on what cannot be read at all.
 
 use std::collections::BTreeMap;
 
@@ -86,6 +90,7 @@ impl MemberState {
 
 /// The value of `members/<name>`, bound to that member's own lease.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MemberInfo {
     pub name: String,
     pub role: Role,
@@ -143,6 +148,25 @@ pub struct LeaderKey {
 pub enum Initialize {
     Claimed,
     SystemIdentifier(String),
+    /// Neither empty nor a system identifier (why). The cluster exists, but nobody can tell
+    /// whose data belongs to it: nobody exits over it, nobody races for a vacant leader key.
+    Unreadable(String),
+}
+
+impl Initialize {
+    /// Reads the key's value: empty (a claim) or a decimal system identifier.
+    pub fn parse(value: &[u8]) -> Initialize {
+        if value.is_empty() {
+            return Initialize::Claimed;
+        }
+        match std::str::from_utf8(value).ok().map(str::trim) {
+            Some(id) if id.parse::<u64>().is_ok() => Initialize::SystemIdentifier(id.to_string()),
+            _ => Initialize::Unreadable(format!(
+                "{:?} is not a database system identifier",
+                String::from_utf8_lossy(&value[..value.len().min(64)])
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +180,7 @@ pub enum HandoverKind {
 
 /// The `switchover` key: a pending planned switchover or manual failover.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Handover {
     pub kind: HandoverKind,
     /// The leader when it was requested.
@@ -174,6 +199,11 @@ pub struct Handover {
     /// RFC 3339 with milliseconds: when the old leader released the key.
     #[serde(default)]
     pub handed_over_at: Option<String>,
+    /// The member that took the leader key after the old leader released it, written in the
+    /// same etcd transaction as the leader key. From then on the old leader has no claim to
+    /// take the key back: the taker may have promoted and acknowledged writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_by: Option<String>,
     pub requested_at: String,
 }
 
@@ -197,6 +227,10 @@ pub struct ClusterView {
     /// Not stored in etcd: the members whose agents answered this member just now (asked
     /// before racing for a vacant leader key). `None` when nobody was asked.
     pub reached: Option<std::collections::BTreeSet<String>>,
+    /// Keys (relative to the cluster prefix, e.g. `sync`, `members/node2`) whose value
+    /// exists but cannot be read, with why. Their field above is `None` (or, for `config`,
+    /// the last valid one): unreadable is not absent, and decide fails closed on it.
+    pub unreadable: BTreeMap<String, String>,
 }
 
 impl ClusterView {
@@ -207,10 +241,16 @@ impl ClusterView {
     pub fn leader_member(&self) -> Option<&MemberInfo> {
         self.leader_name().and_then(|n| self.members.get(n))
     }
+
+    /// Why `key` (relative to the cluster prefix) cannot be read, if it cannot.
+    pub fn unreadable(&self, key: &str) -> Option<&str> {
+        self.unreadable.get(key).map(String::as_str)
+    }
 }
 
 /// One entry of `history`: a promotion that started a new timeline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HistoryEntry {
     pub timeline: u32,
     /// Where the new timeline branched off the old one.
@@ -224,6 +264,7 @@ pub struct HistoryEntry {
 /// The `sync` key: the members that may take over without losing an acknowledged commit
 /// (see `ha::sync`), written only by the leader it names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SyncKey {
     pub leader: String,
     pub members: Vec<String>,
@@ -245,6 +286,7 @@ pub enum RestorePhase {
 
 /// The `restore` key: the cluster's last point-in-time restore.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RestoreKey {
     pub id: String,
     /// The member that restores (the leader when it was requested).

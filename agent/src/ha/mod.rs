@@ -4,6 +4,7 @@
 //! etcd or PostgreSQL.
 
 mod candidate;
+mod memory;
 #[cfg(test)]
 mod sim;
 pub mod sync;
@@ -19,6 +20,7 @@ use crate::dcs::model::{
 use crate::lsn::Lsn;
 
 pub use candidate::{best_candidate, CandidateRefusal};
+pub use memory::Outcome;
 
 /// The state of the local data directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -686,6 +688,19 @@ fn decide_with_view(
                 MemberState::Waiting,
             );
         }
+        // Our bootstrap finished but recording its identifier failed (etcd did not answer):
+        // the job's success is reported once, so without this the claim would stay a claim
+        // for as long as we lead, and the others would wait for it for ever.
+        (Some(Initialize::Claimed), DataDir::Initialized { standby: false, .. })
+            if i_lead && primary_running =>
+        {
+            return decision(
+                vec![Action::RenewLeader, Action::FinishBootstrap],
+                "my new cluster runs but the initialize key is still my claim: recording its system identifier",
+                Role::Leader,
+                state,
+            );
+        }
         _ => {}
     }
 
@@ -759,6 +774,18 @@ fn leader_decision(
                 cfg.dcs.primary_start_timeout
             ),
             Role::Replica,
+            state,
+        ),
+        // A standby's data directory becomes the primary only through a promotion, which
+        // starts a new timeline (and `history`, and the sync claim). Starting it writable
+        // by removing standby.signal would continue the old leader's timeline from our
+        // position: if the old leader wrote further on that timeline, its WAL and ours would
+        // both be timeline N at the same LSNs, and it would later stream from us without
+        // pg_rewind ever seeing a divergence.
+        (DataDir::Initialized { standby: true, .. }, false, _) => decision(
+            vec![Action::RenewLeader, Action::StartStandby(None)],
+            "I hold the leader key and my data directory is a standby's: starting it read-only to promote it onto a new timeline",
+            Role::Leader,
             state,
         ),
         (_, false, _) => decision(
@@ -986,13 +1013,28 @@ fn leader_handover(
             Role::Leader,
             MemberState::Running,
         ),
+        HandoverKind::Switchover if h.final_lsn.is_some() && h.from.as_deref() == Some(me) => {
+            decision(
+                vec![
+                    Action::RenewLeader,
+                    Action::LeaderHousekeeping,
+                    Action::DeleteHandover,
+                ],
+                format!("the switchover to {to} did not complete; I am the leader again"),
+                Role::Leader,
+                MemberState::Running,
+            )
+        }
         HandoverKind::Switchover if h.final_lsn.is_some() => decision(
             vec![
                 Action::RenewLeader,
                 Action::LeaderHousekeeping,
                 Action::DeleteHandover,
             ],
-            format!("the switchover to {to} did not complete; I am the leader again"),
+            format!(
+                "the switchover from {} to {to} ended with me as the leader: removing its key",
+                h.from.as_deref().unwrap_or("?")
+            ),
             Role::Leader,
             MemberState::Running,
         ),
@@ -1063,9 +1105,38 @@ fn leaderless_handover(obs: &Observation, view: &ClusterView, cfg: &HaConfig) ->
         .and_then(|s| [s.receive_lsn, s.replay_lsn].into_iter().flatten().max());
     let replay = obs.pg.status.as_ref().and_then(|s| s.replay_lsn);
     match h.kind {
+        // Someone took the key after the release (marked in the same transaction): the
+        // switchover is past its point of no return. That member may have promoted and
+        // acknowledged writes before it died, so neither the old leader's claim nor the
+        // grace period applies: the usual election decides, and the next leader removes
+        // the key (rule 7).
+        HandoverKind::Switchover if h.taken_by.is_some() => None,
         HandoverKind::Switchover => {
             let final_lsn = h.final_lsn?;
             if expired {
+                // Belt and braces for a taker that could not mark the key (an older
+                // agent): a member on a newer timeline than my data has written after me.
+                let mine = data_timeline(obs);
+                let newer = view
+                    .members
+                    .values()
+                    .filter(|m| m.name != me)
+                    .find(|m| m.timeline.zip(mine).is_some_and(|(t, mine)| t > mine));
+                if let Some(m) = newer {
+                    return (h.from.as_deref() == Some(me)).then(|| {
+                        decision(
+                            vec![],
+                            format!(
+                                "the switchover to {} did not complete, but {} is on timeline {} after mine: not taking the leader key back",
+                                to.unwrap_or("the candidate"),
+                                m.name,
+                                m.timeline.unwrap_or_default()
+                            ),
+                            Role::Replica,
+                            state,
+                        )
+                    });
+                }
                 return (h.from.as_deref() == Some(me)).then(|| {
                     decision(
                         vec![Action::AcquireLeader],
@@ -1208,6 +1279,29 @@ fn follower_decision(
         };
     }
     let Some(leader_member) = leader_member else {
+        // The leader key is bound to the leader's lease, so its agent is alive and nobody
+        // may take over. Its member key (its address) exists but cannot be read: corrupt, or
+        // written by a newer agent in a form this version cannot read. Nothing repairs that
+        // by waiting, so say so in every member's decision (`pgherdctl list`; the key is
+        // logged at ERROR) and serve reads meanwhile; following resumes once it is readable.
+        if let Some(why) = view.unreadable(&format!("members/{leader}")) {
+            let start = !obs.pg.running
+                && !cfg.dcs.pause
+                && matches!(obs.pg.data_dir, DataDir::Initialized { .. });
+            return decision(
+                if start {
+                    vec![Action::StartStandby(None)]
+                } else {
+                    vec![]
+                },
+                format!(
+                    "{leader} holds the leader key but its member key is unreadable ({why}): I cannot follow it until the key is repaired{}",
+                    if start { "; starting read-only meanwhile" } else { "" }
+                ),
+                Role::Replica,
+                state,
+            );
+        }
         return decision(
             vec![],
             format!("{leader} holds the leader key but has not published its address yet"),

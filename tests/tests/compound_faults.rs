@@ -1,0 +1,161 @@
+//! Two faults at once, hit on purpose with failpoints (`agent/src/failpoint.rs`): the agent
+//! is frozen at the step between two actions of a multi-step change, then crashed. Each test
+//! here failed before the rule it names was in place (issue 12 of the compound-fault review).
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use pgherd_tests::{sql, sql_batch, timeline, wait_until, Cluster, MemberOptions, Signal};
+
+/// initdb, PostgreSQL starts and base backups on a 2-core machine shared with other tests.
+const BRINGUP: Duration = Duration::from_secs(120);
+/// Lease expiry plus election and promotion, with room for a loaded machine.
+const FAILOVER: Duration = Duration::from_secs(60);
+/// A frozen agent reaches its failpoint.
+const FAILPOINT: Duration = Duration::from_secs(60);
+/// A standby catches up with a row.
+const REPLICATION: Duration = Duration::from_secs(30);
+/// A member rejoining: pg_rewind, start, catch up.
+const REJOIN: Duration = Duration::from_secs(120);
+
+/// A replica takes the leader key, and before it promotes its agent and PostgreSQL are
+/// killed. Restarted while its old lease still holds the key, it must promote the standby's
+/// data onto a new timeline, not start it writable on the old one (rule 7, item 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_between_taking_the_key_and_promoting_promotes_onto_a_new_timeline(
+) -> Result<()> {
+    // ttl 20: the killed member's lease must outlive its restart so that it finds the key
+    // still naming it.
+    let ttl = "bootstrap: {dcs: {ttl: 20, loop_wait: 1}}";
+    let cluster = Cluster::builder()
+        .member(MemberOptions::new().name("a").yaml(ttl))
+        .member(MemberOptions::new().name("b").yaml(ttl))
+        .configure()
+        .await?;
+    cluster.start_with_leader("a", BRINGUP).await?;
+    let a = cluster.member("a");
+    let b = cluster.member("b");
+    let old_timeline = timeline(a).await?;
+
+    // b's agent again, frozen the moment it is about to promote.
+    b.stop().await?;
+    b.start_with_failpoints(&["before-promote"])?;
+    cluster.wait_healthy(BRINGUP).await?;
+    a.crash()?;
+    b.wait_failpoint("before-promote", FAILPOINT).await?;
+    ensure!(
+        cluster.leader_name().await?.as_deref() == Some("b"),
+        "b reached promotion without holding the leader key"
+    );
+    b.crash()?;
+    b.set_failpoints(&[]);
+    b.start()?;
+
+    let leader = cluster.wait_new_leader("a", FAILOVER).await?;
+    ensure!(leader == "b", "{leader} leads, expected b");
+    let new_timeline = timeline(b).await?;
+    ensure!(
+        new_timeline > old_timeline,
+        "b runs writable on timeline {new_timeline}, the old leader's ({old_timeline}): it started the standby's data as a primary without promoting it\n{}",
+        cluster.log_tails(30)
+    );
+    let history = cluster.history().await?;
+    let entry = history
+        .last()
+        .context("history is empty after b's promotion")?;
+    ensure!(
+        entry.timeline == new_timeline && entry.leader == "b",
+        "the last history entry {entry:?} is not b's timeline {new_timeline}"
+    );
+    let log = b.agent_log_of_last_start();
+    ensure!(
+        log.contains("starting it read-only to promote it"),
+        "b's log since its restart does not say it promotes the standby's data:\n{log}"
+    );
+    Ok(())
+}
+
+/// A switchover whose candidate has promoted and acknowledged a write, then died before it
+/// removed the `switchover` key, is never taken back by the old leader: the row is on the
+/// final leader (rule 7, item 2). The old leader's agent is frozen from its release of the
+/// key until the candidate is dead, so that its data stays on the old timeline without the
+/// row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_whose_candidate_promoted_and_wrote_is_never_taken_back() -> Result<()> {
+    // ttl 10: the candidate's frozen agent keeps its lease (and PostgreSQL) long enough for
+    // the row to reach the third member.
+    let ttl = "bootstrap: {dcs: {ttl: 10, loop_wait: 1}}";
+    let cluster = Cluster::builder()
+        .member(MemberOptions::new().name("a").yaml(ttl))
+        .member(MemberOptions::new().name("b").yaml(ttl))
+        .member(MemberOptions::new().name("c").yaml(ttl))
+        .configure()
+        .await?;
+    let (a, b, c) = (
+        cluster.member("a"),
+        cluster.member("b"),
+        cluster.member("c"),
+    );
+    a.set_failpoints(&["after-handover-release"]);
+    b.set_failpoints(&["before-handover-cleanup"]);
+    cluster.start_with_leader("a", BRINGUP).await?;
+    sql_batch(a, "CREATE TABLE promised (id int PRIMARY KEY)").await?;
+
+    let at = humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(2));
+    cluster
+        .ctl_output(&[
+            "switchover",
+            "--candidate",
+            "b",
+            "--at",
+            &at.to_string(),
+            "--force",
+        ])
+        .await?
+        .expect_success()?;
+    a.wait_failpoint("after-handover-release", FAILPOINT)
+        .await?;
+    b.wait_failpoint("before-handover-cleanup", FAILPOINT)
+        .await?;
+
+    // b has promoted (its agent is frozen before it removes the switchover key): a row
+    // written now is acknowledged by the new primary. c's replication slot on b is what b's
+    // next housekeeping would create; the test creates it so that the row reaches c.
+    sql(b, "SELECT pg_create_physical_replication_slot('c')").await?;
+    sql_batch(b, "INSERT INTO promised VALUES (42)").await?;
+    wait_until(REPLICATION, "the row to reach c", || async {
+        let rows = sql(c, "SELECT id FROM promised WHERE id = 42").await?;
+        ensure!(rows.len() == 1, "c does not have row 42 yet");
+        Ok(())
+    })
+    .await?;
+
+    b.crash()?;
+    b.set_failpoints(&[]);
+    a.set_failpoints(&[]);
+    a.signal(Signal::SIGCONT)?;
+
+    let leader = cluster
+        .wait_new_leader("b", FAILOVER + Duration::from_secs(30))
+        .await?;
+    cluster.wait_healthy(REJOIN).await?;
+    let leader_now = cluster
+        .leader_name()
+        .await?
+        .context("no leader after the cluster became healthy")?;
+    let rows = sql(
+        cluster.member(&leader_now),
+        "SELECT id FROM promised WHERE id = 42",
+    )
+    .await?;
+    ensure!(
+        rows.len() == 1,
+        "row 42, acknowledged by b after it promoted, is not on the final leader {leader_now} (first new leader: {leader}): the switchover was taken back\n{}",
+        cluster.log_tails(40)
+    );
+    ensure!(
+        cluster.etcd_get("switchover").await?.is_none(),
+        "the switchover key was left behind"
+    );
+    Ok(())
+}
