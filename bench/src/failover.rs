@@ -210,7 +210,7 @@ fn finish<T>(
 /// of every log when a cluster drops, for test runners that show it only for failed tests;
 /// the bench has already printed or kept what matters. With `PGHERD_KEEP_TMP` set the drop
 /// stays loud, since it then says where the temp dir was kept.
-fn drop_quietly(cluster: Cluster) {
+pub(crate) fn drop_quietly(cluster: Cluster) {
     let root = cluster
         .members()
         .first()
@@ -357,13 +357,13 @@ fn anomalies(failovers: &[Series<Failover>], pg: &Series<PgCrash>) -> Vec<String
 
 /// Where run logs go: `--logs DIR` (every run), else a directory under /tmp created for the
 /// first failed or anomalous run.
-struct LogKeeper {
+pub(crate) struct LogKeeper {
     dir: Option<PathBuf>,
     all: bool,
 }
 
 impl LogKeeper {
-    fn new(dir: Option<PathBuf>) -> Result<LogKeeper> {
+    pub(crate) fn new(dir: Option<PathBuf>) -> Result<LogKeeper> {
         if let Some(d) = &dir {
             std::fs::create_dir_all(d)
                 .with_context(|| format!("cannot create --logs {}", d.display()))?;
@@ -374,16 +374,16 @@ impl LogKeeper {
         })
     }
 
-    fn keep_all(&self) -> bool {
+    pub(crate) fn keep_all(&self) -> bool {
         self.all
     }
 
-    fn root(&self) -> Option<&Path> {
+    pub(crate) fn root(&self) -> Option<&Path> {
         self.dir.as_deref()
     }
 
     /// Copies every member's `agent.log` and `data.log` to `<dir>/<run>/`.
-    fn keep(&mut self, cluster: &Cluster, run: &str) -> Result<PathBuf> {
+    pub(crate) fn keep(&mut self, cluster: &Cluster, run: &str) -> Result<PathBuf> {
         let root = match &self.dir {
             Some(d) => d.clone(),
             None => {

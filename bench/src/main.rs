@@ -7,9 +7,14 @@
 //! builds the release binaries and runs it. The agent binaries are taken from the directory
 //! of this executable (or `PGHERD_BIN_DIR`), so a release bench runs release agents.
 //!
+//! `pgherd-bench chaos` injects two faults at a time, round after round, on a synchronous
+//! cluster and reports acknowledged rows lost, the longest write gap and whether two members
+//! were ever writable at once; `bench/chaos` builds the release binaries and runs it.
+//!
 //! `pgherd-bench drill-writer` is the writer of the docker-compose drills (docker/drills/):
 //! it writes through HAProxy instead of starting a cluster of its own.
 
+mod chaos;
 mod drill;
 mod failover;
 mod machine;
@@ -53,6 +58,29 @@ enum Command {
         runs keep their agent and PostgreSQL logs (see --logs)."
     )]
     Failover(FailoverArgs),
+    /// Two faults at a time, round after round, on a three-member synchronous cluster:
+    /// acknowledged rows lost, the longest write gap, and whether two members were ever
+    /// writable at once.
+    #[command(
+        long_about = "Compound faults on a three-member cluster in synchronous_mode on, then \
+        quorum (a fresh cluster each, every member reaching etcd through its own proxy), while \
+        a writer commits one row every 20 ms through all members \
+        (target_session_attrs=read-write) and every member is probed every 100 ms with an \
+        insert and with pg_is_in_recovery().\n\n\
+        Each round draws two faults (from the seed) among: SIGKILL agent, SIGKILL postmaster, \
+        SIGSTOP agent for ttl + 2 s, etcd proxy severed for ttl + 2 s (each on the leader or a \
+        replica), pgherdctl switchover to a replica, restart of a sync standby's agent; \
+        injects them at once (then two different ones) or the second 0.1 s to ttl after \
+        the first; heals everything 0 to ttl + 2 s later; \
+        and waits (at most 180 s) for one leader, two streaming replicas, synchronous \
+        replication in place and a commit acknowledged under it. Then every acknowledged row \
+        must be on the leader.\n\n\
+        Prints one line per round, then per mode: rounds, acknowledged rows, rows lost, the \
+        longest write gap, and whether two members were writable at once; and every finding \
+        with its seed and round. Exit status 2 when there is a finding. A failed round ends \
+        its mode and keeps the logs (see --logs)."
+    )]
+    Chaos(chaos::ChaosArgs),
     /// Commit a row every 20 ms through one address (HAProxy's read-write port) until
     /// SIGTERM; then print, as one JSON line, the longest write outage and the acknowledged
     /// rows the table lacks. Used by docker/drills/.
@@ -104,6 +132,7 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Failover(args) => interruptible(failover::run(args)).await,
+            Command::Chaos(args) => interruptible(chaos::run(args)).await,
             // Handles SIGTERM itself: it is how a drill stops it before the check.
             Command::DrillWriter(args) => drill::run(args).await,
         }

@@ -103,9 +103,18 @@ impl Writer {
     /// `pgherd_probe_<member>` (created on the current leader first): when did it accept
     /// writes?
     pub async fn probe(cluster: &Cluster, member: &Member) -> Result<Writer> {
+        Self::probe_every(cluster, member, Duration::from_millis(50)).await
+    }
+
+    /// A [`Writer::probe`] that tries an insert every `interval`.
+    pub async fn probe_every(
+        cluster: &Cluster,
+        member: &Member,
+        interval: Duration,
+    ) -> Result<Writer> {
         let options = WriterOptions {
             table: format!("pgherd_probe_{}", member.name()),
-            interval: Duration::from_millis(50),
+            interval,
             target_session_attrs: TargetSessionAttrs::Any,
             ..WriterOptions::default()
         };
