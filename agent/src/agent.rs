@@ -196,7 +196,8 @@ impl Agent {
                 )
             })?;
         }
-        self.watchdog = Some(Watchdog::spawn().context("cannot start the fencing watchdog")?);
+        self.watchdog =
+            Some(Watchdog::spawn(&self.cfg.etcd).context("cannot start the fencing watchdog")?);
         let watch = self.dcs.spawn_watch(self.wake.clone());
         let result = self.main_loop(&shutdown).await;
         watch.abort();
@@ -299,16 +300,19 @@ impl Agent {
         });
     }
 
-    /// Rule 3: while we hold the leader lease, PostgreSQL must be fenced when the lease's
-    /// safe deadline passes without a renewal, whatever happens to this process.
+    /// Rule 3: while PostgreSQL may accept writes it must be fenced when the lease's safe
+    /// deadline passes without a renewal, whatever happens to this process: armed with the
+    /// lease's deadline while we hold it, and with the last deadline after the lease is gone
+    /// until that postmaster has stopped (`watchdog::command`).
     fn arm_watchdog(&mut self) {
         let Some(wd) = self.watchdog.as_mut() else {
             return;
         };
-        match (&self.leader_lease, self.leader_valid_until, self.pg.pid()) {
-            (Some(_), Some(deadline), Some(pid)) => wd.arm(pid, deadline),
-            _ => wd.disarm(),
-        }
+        let lease = match (&self.leader_lease, self.leader_valid_until) {
+            (Some(l), Some(until)) => Some((l.id, until)),
+            _ => None,
+        };
+        wd.update(lease, self.pg.pid());
     }
 
     async fn observe(&mut self) -> Observation {
@@ -618,11 +622,14 @@ impl Agent {
         }
     }
 
+    /// Forgets (and revokes) the leader lease. A PostgreSQL that still runs as the primary
+    /// stays guarded by the watchdog with the old deadline until it has stopped (rule 3).
     async fn drop_leader_lease(&mut self) {
         self.leader_valid_until = None;
         self.standbys_set = None;
         if let Some(lease) = self.leader_lease.take() {
             self.arm_watchdog();
+            crate::failpoint::hit("leader-lease-dropped");
             if let Err(e) = self.dcs.revoke_lease(lease.id).await {
                 tracing::debug!(error = %e, "cannot revoke my old leader lease; it will expire");
             }
@@ -818,6 +825,14 @@ impl Agent {
                 }
             }
             Action::ReleaseLeader => {
+                // Never hand the key on while our PostgreSQL may still accept writes (rule 1).
+                if self.pg.is_running() {
+                    tracing::warn!(
+                        reason = "releasing the leader key: stopping PostgreSQL first",
+                        "decision"
+                    );
+                    self.stop_postgres().await?;
+                }
                 self.drop_leader_lease().await;
                 self.dcs.release_leader().await?;
                 Ok(())
@@ -830,6 +845,8 @@ impl Agent {
                     .write_config(&Mode::Primary, &self.cluster_params())?;
                 self.memory.upstream = None;
                 self.pg.start().await?;
+                // Guarded from the spawn on, before postmaster.pid exists (rule 3).
+                self.arm_watchdog();
                 self.callbacks.fire(Event::Start, PgRole::Primary);
                 Ok(())
             }
@@ -860,15 +877,7 @@ impl Agent {
             Action::StopPostgres => {
                 self.memory.upstream = None;
                 self.standbys_set = None;
-                let was_running = self.pg.is_running();
-                if let Err(e) = self.pg.stop().await {
-                    tracing::warn!(error = %format!("{e:#}"), "clean stop failed; stopping immediately");
-                    self.pg.stop_immediately().await;
-                }
-                if was_running {
-                    self.callbacks.fire(Event::Stop, self.stopped_role());
-                }
-                Ok(())
+                self.stop_postgres().await
             }
             Action::HandOver { to } => self.hand_over(to, obs).await,
             Action::DeleteHandover => {
@@ -929,6 +938,28 @@ impl Agent {
                 Ok(())
             }
         }
+    }
+
+    /// Stops PostgreSQL (fast, else immediately). An error when it still runs after that:
+    /// the rest of the decision (a `ReleaseLeader`) must not run while it may accept writes;
+    /// the watchdog stays armed and fences it at the lease's deadline.
+    async fn stop_postgres(&mut self) -> Result<()> {
+        let was_running = self.pg.is_running();
+        if let Err(e) = self.pg.stop().await {
+            tracing::warn!(error = %format!("{e:#}"), "clean stop failed; stopping immediately");
+            self.pg.stop_immediately().await;
+        }
+        if was_running {
+            self.callbacks.fire(Event::Stop, self.stopped_role());
+        }
+        self.arm_watchdog();
+        if self.pg.is_running() {
+            return Err(anyhow!(
+                "PostgreSQL still runs after an immediate stop; see {}",
+                self.pg.log_path().display()
+            ));
+        }
+        Ok(())
     }
 
     /// Planned switchover, old leader's side: stop writes with a clean shutdown (after a

@@ -1,16 +1,24 @@
 //! The fencing watchdog (ARCHITECTURE rule 3). A separate process, `pgherd-agent watchdog`,
-//! started by the agent with a pipe on its stdin. While the agent holds the leader lease it
-//! sends `arm <postmaster pid> <deadline>` (CLOCK_MONOTONIC nanoseconds: the moment its lease
-//! could be in doubt) after every renewal; otherwise `disarm`. The watchdog kills
-//! the postmaster and every process it forked with SIGKILL when
+//! started by the agent with a pipe on its stdin. The agent first sends `etcd <json>` (its
+//! etcd connection settings, secrets included: they travel over the pipe, never on a command
+//! line). While PostgreSQL may accept writes it sends `arm <postmaster pid> <deadline>
+//! <leader lease id>` (deadline in CLOCK_MONOTONIC nanoseconds: the moment its lease could be
+//! in doubt) after every renewal; otherwise `disarm`. What to send is [`command`]: armed from
+//! the start of a primary, and still armed with the old deadline after the lease was lost
+//! until that PostgreSQL has really stopped. The watchdog kills the postmaster and every
+//! process it forked with SIGKILL when
 //!
 //! - the deadline passes without a new `arm` (the agent is stopped, hung, or cannot renew), or
-//! - the pipe closes while armed (the agent died).
+//! - the pipe closes while armed (the agent died). Then, once PostgreSQL is certainly dead,
+//!   it also revokes the leader lease, so a replica takes over at once instead of a ttl
+//!   later. A frozen agent (SIGSTOP) keeps the pipe open: the lease runs out at its deadline.
 //!
 //! A separate process is needed because a SIGSTOP freezes every thread of the agent.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
+
+use pgherd_config::EtcdConfig;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::time::TimeValLike;
@@ -28,7 +36,13 @@ fn monotonic_ns() -> i64 {
 /// One instruction on the watchdog's stdin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    Arm { pid: i32, deadline_ns: i64 },
+    /// Fence postmaster `pid` at `deadline_ns`; `lease` (0: none) is the leader lease to
+    /// revoke once PostgreSQL is dead if the agent dies meanwhile.
+    Arm {
+        pid: i32,
+        deadline_ns: i64,
+        lease: i64,
+    },
     Disarm,
 }
 
@@ -39,6 +53,10 @@ impl Command {
             "arm" => Some(Command::Arm {
                 pid: words.next()?.parse().ok()?,
                 deadline_ns: words.next()?.parse().ok()?,
+                lease: match words.next() {
+                    Some(w) => w.parse().ok()?,
+                    None => 0,
+                },
             }),
             "disarm" => Some(Command::Disarm),
             _ => None,
@@ -47,9 +65,39 @@ impl Command {
 
     fn render(&self) -> String {
         match self {
-            Command::Arm { pid, deadline_ns } => format!("arm {pid} {deadline_ns}\n"),
+            Command::Arm {
+                pid,
+                deadline_ns,
+                lease,
+            } => format!("arm {pid} {deadline_ns} {lease}\n"),
             Command::Disarm => "disarm\n".to_string(),
         }
+    }
+}
+
+/// What the watchdog must guard (rule 3), as a pure function of what the agent knows:
+/// `lease` is the leader lease it holds now (id and deadline, in monotonic nanoseconds),
+/// `pg_pid` the postmaster running on the data directory (the child the agent spawned, known
+/// from the moment it is started), `armed` what the watchdog guards now.
+///
+/// - Holding the lease with PostgreSQL running: armed with the lease's deadline.
+/// - No PostgreSQL: nothing can write; disarmed.
+/// - The lease is gone (expired, the key is no longer ours, released) but the postmaster
+///   that was armed under it still runs: it may still be a writable primary, so it stays
+///   armed with the old deadline until it has stopped. A postmaster started after the lease
+///   was gone (a standby) is not guarded.
+pub fn command(lease: Option<(i64, i64)>, pg_pid: Option<i32>, armed: Option<Command>) -> Command {
+    let Some(pid) = pg_pid else {
+        return Command::Disarm;
+    };
+    match (lease, armed) {
+        (Some((lease, deadline_ns)), _) => Command::Arm {
+            pid,
+            deadline_ns,
+            lease,
+        },
+        (None, Some(kept @ Command::Arm { pid: armed_pid, .. })) if armed_pid == pid => kept,
+        (None, _) => Command::Disarm,
     }
 }
 
@@ -74,35 +122,140 @@ fn children_of(parent: i32) -> Vec<i32> {
         .collect()
 }
 
-/// Kills a postmaster and every process it forked. PostgreSQL puts each backend in a
-/// session of its own (setsid), so killing the postmaster's process group is not enough: a
-/// backend in the middle of a statement could still commit. The postmaster is stopped
-/// first so it cannot fork while its children are collected.
-pub fn kill_postgres(postmaster: i32) {
+/// Kills a postmaster and every process it forked; returns the pids it killed (the
+/// postmaster first). PostgreSQL puts each backend in a session of its own (setsid), so
+/// killing the postmaster's process group is not enough: a backend in the middle of a
+/// statement could still commit. The postmaster is stopped first so it cannot fork while
+/// its children are collected.
+pub fn kill_postgres(postmaster: i32) -> Vec<i32> {
     let pm = Pid::from_raw(postmaster);
     let _ = nix::sys::signal::kill(pm, Signal::SIGSTOP);
+    let mut killed = vec![postmaster];
     for child in children_of(postmaster) {
         let _ = nix::sys::signal::kill(Pid::from_raw(child), Signal::SIGKILL);
+        killed.push(child);
     }
     let _ = killpg(pm, Signal::SIGKILL);
     let _ = nix::sys::signal::kill(pm, Signal::SIGKILL);
+    killed
 }
 
-fn fence(pid: i32, why: &str) {
-    kill_postgres(pid);
+/// Whether `pid` is a live (not zombie) process.
+fn is_live(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+/// Kills PostgreSQL; returns whether every process of it is gone within `limit`.
+fn fence(pid: i32, why: &str, limit: Duration) -> bool {
+    let killed = kill_postgres(pid);
     eprintln!("pgherd watchdog: {why}; killed PostgreSQL (postmaster {pid} and its children)");
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let alive: Vec<i32> = killed.iter().copied().filter(|p| is_live(*p)).collect();
+        if alive.is_empty() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!(
+                "pgherd watchdog: processes {alive:?} of PostgreSQL (postmaster {pid}) still live {limit:?} after SIGKILL"
+            );
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How long the watchdog tries to revoke the leader lease of an agent that died.
+const REVOKE_FOR: Duration = Duration::from_secs(10);
+/// One revoke attempt (connect and request).
+const REVOKE_ATTEMPT: Duration = Duration::from_secs(2);
+
+/// Revokes leader lease `lease` (the agent died and PostgreSQL is dead), so the leader key
+/// goes now rather than when the lease runs out; bounded retries for `REVOKE_FOR`.
+fn revoke(etcd: &EtcdConfig, lease: i64) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgherd watchdog: cannot revoke leader lease {lease:x}: no runtime: {e}");
+            return;
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut attempt = 0;
+    let outcome = rt.block_on(async {
+        loop {
+            attempt += 1;
+            let once = async {
+                let mut client = crate::dcs::connect(etcd, REVOKE_ATTEMPT)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match client.lease_revoke(lease).await {
+                    Ok(_) => Ok(()),
+                    Err(etcd_client::Error::GRpcStatus(s))
+                        if s.message().contains("lease not found") =>
+                    {
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            let result = match tokio::time::timeout(REVOKE_ATTEMPT, once).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {REVOKE_ATTEMPT:?}")),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if started.elapsed() + REVOKE_ATTEMPT > REVOKE_FOR => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    match outcome {
+        Ok(()) => eprintln!(
+            "pgherd watchdog: revoked leader lease {lease:x} of the dead agent after fencing PostgreSQL, so a replica can take over now"
+        ),
+        Err(e) => eprintln!(
+            "pgherd watchdog: cannot revoke leader lease {lease:x} at {} ({attempt} attempts): {e}; it expires with its ttl",
+            etcd.endpoints.join(",")
+        ),
+    }
+}
+
+/// One line from the agent.
+enum Message {
+    Command(Command),
+    Etcd(Box<EtcdConfig>),
 }
 
 /// The watchdog process's main loop; returns when the agent is gone.
 pub fn run() {
-    let (tx, rx) = std::sync::mpsc::channel::<Option<Command>>();
+    let (tx, rx) = std::sync::mpsc::channel::<Option<Message>>();
     std::thread::spawn(move || {
         let stdin = std::io::stdin();
         for line in stdin.lock().lines() {
             match line {
                 Ok(l) => {
-                    if let Some(c) = Command::parse(&l) {
-                        let _ = tx.send(Some(c));
+                    if let Some(json) = l.strip_prefix("etcd ") {
+                        match serde_json::from_str::<EtcdConfig>(json) {
+                            Ok(c) => {
+                                let _ = tx.send(Some(Message::Etcd(Box::new(c))));
+                            }
+                            // Not the line itself: it holds the etcd password.
+                            Err(e) => eprintln!(
+                                "pgherd watchdog: the etcd settings from the agent are not valid JSON ({e}); a dead agent's lease will expire with its ttl"
+                            ),
+                        }
+                    } else if let Some(c) = Command::parse(&l) {
+                        let _ = tx.send(Some(Message::Command(c)));
                     }
                 }
                 Err(_) => break,
@@ -110,10 +263,11 @@ pub fn run() {
         }
         let _ = tx.send(None);
     });
-    let mut armed: Option<(i32, i64)> = None;
+    let mut armed: Option<(i32, i64, i64)> = None;
+    let mut etcd: Option<Box<EtcdConfig>> = None;
     loop {
         let msg = match armed {
-            Some((_, deadline)) => {
+            Some((_, deadline, _)) => {
                 let left = deadline - monotonic_ns();
                 if left <= 0 {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout)
@@ -126,19 +280,41 @@ pub fn run() {
                 .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
         };
         match msg {
-            Ok(Some(Command::Arm { pid, deadline_ns })) => armed = Some((pid, deadline_ns)),
-            Ok(Some(Command::Disarm)) => armed = None,
+            Ok(Some(Message::Command(Command::Arm {
+                pid,
+                deadline_ns,
+                lease,
+            }))) => armed = Some((pid, deadline_ns, lease)),
+            Ok(Some(Message::Command(Command::Disarm))) => armed = None,
+            Ok(Some(Message::Etcd(c))) => etcd = Some(c),
             Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                if let Some((pid, _)) = armed {
-                    fence(pid, "the agent exited while holding the leader lease");
+                if let Some((pid, _, lease)) = armed {
+                    // The agent died (its node lives): fence first, and only once every
+                    // process of PostgreSQL is gone free the key for a replica (rule 3).
+                    let dead = fence(
+                        pid,
+                        "the agent exited while PostgreSQL could accept writes",
+                        Duration::from_secs(5),
+                    );
+                    match (&etcd, lease) {
+                        (Some(etcd), lease) if dead && lease != 0 => revoke(etcd, lease),
+                        (_, 0) => {}
+                        (None, _) => eprintln!(
+                            "pgherd watchdog: no etcd settings from the agent; leader lease {lease:x} expires with its ttl"
+                        ),
+                        (Some(_), _) => eprintln!(
+                            "pgherd watchdog: PostgreSQL did not die; not revoking leader lease {lease:x}"
+                        ),
+                    }
                 }
                 return;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if let Some((pid, _)) = armed.take() {
+                if let Some((pid, _, _)) = armed.take() {
                     fence(
                         pid,
                         "the agent did not renew the leader lease before its deadline",
+                        Duration::from_secs(1),
                     );
                 }
             }
@@ -151,22 +327,29 @@ pub struct Watchdog {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     last: Option<Command>,
+    /// One instant on both clocks, to turn a deadline into monotonic nanoseconds the same
+    /// way every time (so an unchanged deadline is an unchanged command, not sent again).
+    base: (Instant, i64),
 }
 
 impl Watchdog {
-    /// Starts `<this executable> watchdog`.
-    pub fn spawn() -> std::io::Result<Watchdog> {
+    /// Starts `<this executable> watchdog` and hands it the etcd settings over the pipe
+    /// (they include the password: never on its command line).
+    pub fn spawn(etcd: &EtcdConfig) -> std::io::Result<Watchdog> {
         let exe = std::env::current_exe()?;
         let mut child = std::process::Command::new(exe)
             .arg("watchdog")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .spawn()?;
-        let stdin = child.stdin.take().expect("stdin was piped above");
+        let mut stdin = child.stdin.take().expect("stdin was piped above");
+        let json = serde_json::to_string(etcd).map_err(std::io::Error::other)?;
+        stdin.write_all(format!("etcd {json}\n").as_bytes())?;
         Ok(Watchdog {
             child,
             stdin,
             last: None,
+            base: (Instant::now(), monotonic_ns()),
         })
     }
 
@@ -180,11 +363,27 @@ impl Watchdog {
         }
     }
 
-    /// Fence `pid` at `deadline` unless armed again before.
-    pub fn arm(&mut self, pid: i32, deadline: Instant) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let deadline_ns = monotonic_ns() + left.as_nanos() as i64;
-        self.send(Command::Arm { pid, deadline_ns });
+    fn to_ns(&self, at: Instant) -> i64 {
+        let (base, base_ns) = self.base;
+        match at.checked_duration_since(base) {
+            Some(after) => base_ns + after.as_nanos() as i64,
+            None => base_ns - base.duration_since(at).as_nanos() as i64,
+        }
+    }
+
+    /// Arms, keeps or disarms the watchdog (see [`command`]): `lease` is the leader lease
+    /// held now (id, safe deadline), `pg_pid` the postmaster running on the data directory.
+    pub fn update(&mut self, lease: Option<(i64, Instant)>, pg_pid: Option<i32>) {
+        let lease = lease.map(|(id, until)| (id, self.to_ns(until)));
+        let cmd = command(lease, pg_pid, self.last);
+        if let (Command::Arm { pid, .. }, None, Some(Command::Arm { .. })) = (cmd, lease, self.last)
+        {
+            tracing::debug!(
+                pid,
+                "no leader lease but PostgreSQL may still accept writes: the watchdog stays armed with the old deadline"
+            );
+        }
+        self.send(cmd);
     }
 
     pub fn disarm(&mut self) {
@@ -209,12 +408,109 @@ mod tests {
             Command::Arm {
                 pid: 42,
                 deadline_ns: 123_456_789,
+                lease: 0x7587_1234,
             },
             Command::Disarm,
         ] {
             assert_eq!(Command::parse(c.render().trim()), Some(c));
         }
+        assert_eq!(
+            Command::parse("arm 7 9"),
+            Some(Command::Arm {
+                pid: 7,
+                deadline_ns: 9,
+                lease: 0
+            })
+        );
         assert_eq!(Command::parse("arm x 1"), None);
+        assert_eq!(Command::parse("arm 7 9 x"), None);
         assert_eq!(Command::parse("fire"), None);
+    }
+
+    const ARMED: Command = Command::Arm {
+        pid: 100,
+        deadline_ns: 5_000,
+        lease: 1,
+    };
+
+    /// What the case is, the lease held (id, deadline), the postmaster's pid, what the
+    /// watchdog guards now, and what it must be told.
+    type Case = (
+        &'static str,
+        Option<(i64, i64)>,
+        Option<i32>,
+        Option<Command>,
+        Command,
+    );
+
+    /// Rule 3, item 6 of issue 12: armed from the start of a primary, and still armed with
+    /// the old deadline from the moment the lease is gone until PostgreSQL has stopped.
+    #[test]
+    fn the_watchdog_guards_postgres_while_it_may_accept_writes() {
+        let cases: &[Case] = &[
+            (
+                "leader with PostgreSQL just started (the child's pid)",
+                Some((1, 5_000)),
+                Some(100),
+                None,
+                ARMED,
+            ),
+            (
+                "a renewal moves the deadline",
+                Some((1, 9_000)),
+                Some(100),
+                Some(ARMED),
+                Command::Arm {
+                    pid: 100,
+                    deadline_ns: 9_000,
+                    lease: 1,
+                },
+            ),
+            (
+                "leader without PostgreSQL: nothing to fence",
+                Some((1, 5_000)),
+                None,
+                None,
+                Command::Disarm,
+            ),
+            (
+                "lease lost while the primary still runs: the old deadline stays",
+                None,
+                Some(100),
+                Some(ARMED),
+                ARMED,
+            ),
+            (
+                "lease lost and PostgreSQL stopped",
+                None,
+                None,
+                Some(ARMED),
+                Command::Disarm,
+            ),
+            (
+                "lease lost, then a new postmaster (a standby) started",
+                None,
+                Some(200),
+                Some(ARMED),
+                Command::Disarm,
+            ),
+            (
+                "a replica that never led",
+                None,
+                Some(100),
+                None,
+                Command::Disarm,
+            ),
+            (
+                "disarmed stays disarmed without a lease",
+                None,
+                Some(100),
+                Some(Command::Disarm),
+                Command::Disarm,
+            ),
+        ];
+        for (what, lease, pid, armed, want) in cases {
+            assert_eq!(command(*lease, *pid, *armed), *want, "{what}");
+        }
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use pgherd_config::{Config, ParamValue};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use tokio::sync::{Mutex, Notify};
 
@@ -39,6 +39,9 @@ pub struct Postgres {
     timeout: Duration,
     /// Whether the postmaster we started is still alive (its waiter task clears it).
     child_alive: Arc<AtomicBool>,
+    /// The pid of the postmaster we started: known from the spawn, before PostgreSQL
+    /// writes `postmaster.pid`, so the watchdog guards it from its first instant.
+    child_pid: AtomicI32,
     /// Woken when our postmaster exits, so the loop reacts at once.
     wake: Arc<Notify>,
     client: Mutex<Option<Arc<tokio_postgres::Client>>>,
@@ -128,6 +131,7 @@ impl Postgres {
             user,
             bin_dir,
             child_alive: Arc::new(AtomicBool::new(false)),
+            child_pid: AtomicI32::new(0),
             wake,
             client: Mutex::new(None),
         })
@@ -260,11 +264,47 @@ impl Postgres {
         }
     }
 
-    /// The postmaster's pid from `postmaster.pid`, if that process is alive.
+    /// The postmaster's pid from `postmaster.pid`, if that process is alive and is a
+    /// postmaster of this data directory (after a crash the pid may belong to anything).
     fn postmaster_pid(&self) -> Option<i32> {
+        match self.pid_file()? {
+            PidFile::Live(pid) => Some(pid),
+            PidFile::Stale { .. } => None,
+        }
+    }
+
+    /// What `postmaster.pid` says, checked against /proc; `None` without the file.
+    fn pid_file(&self) -> Option<PidFile> {
         let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
-        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-        process_is_live(pid).then_some(pid)
+        Some(check_pid_file(&text, &self.data_dir))
+    }
+
+    /// Removes `postmaster.pid` when no postmaster of this data directory runs under its
+    /// pid. A crash leaves the file behind, and its pid may belong to another process by now
+    /// (pid reuse is the rule in containers): PostgreSQL, and pg_rewind's crash recovery,
+    /// would then refuse to start ("lock file ... already exists") and the member would stay
+    /// down. Returns the pid of the file it removed.
+    pub fn remove_stale_pid_file(&self) -> Result<Option<i32>> {
+        if self.is_our_child() {
+            return Ok(None);
+        }
+        let Some(PidFile::Stale { pid, why }) = self.pid_file() else {
+            return Ok(None);
+        };
+        let path = self.data_dir.join("postmaster.pid");
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot remove stale {}", path.display()))
+            }
+        }
+        tracing::info!(
+            pid,
+            reason = %why,
+            "removed stale postmaster.pid naming pid {pid}: {why}"
+        );
+        Ok(Some(pid))
     }
 
     /// The status line of `postmaster.pid` ("ready", "standby", "starting", "stopping").
@@ -279,8 +319,15 @@ impl Postgres {
         self.is_our_child() || self.postmaster_pid().is_some()
     }
 
-    /// The postmaster's pid, if one runs on the data directory.
+    /// The postmaster's pid, if one runs on the data directory: the child we spawned from
+    /// the moment it is spawned (`postmaster.pid` is written later), else the file's.
     pub fn pid(&self) -> Option<i32> {
+        if self.is_our_child() {
+            let pid = self.child_pid.load(Ordering::SeqCst);
+            if pid > 0 {
+                return Some(pid);
+            }
+        }
         self.postmaster_pid()
     }
 
@@ -501,6 +548,7 @@ impl Postgres {
     /// dies its PostgreSQL stops rather than outliving the lease (ARCHITECTURE rule 3). The
     /// runtime is single-threaded, so the spawning thread lives as long as the agent.
     pub async fn start(&self) -> Result<()> {
+        self.remove_stale_pid_file()?;
         if let Some(pid) = self.postmaster_pid() {
             bail!(
                 "a postmaster (pid {pid}) already runs on {}",
@@ -542,6 +590,8 @@ impl Postgres {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", self.bin("postgres").display()))?;
+        self.child_pid
+            .store(child.id().map_or(0, |p| p as i32), Ordering::SeqCst);
         self.child_alive.store(true, Ordering::SeqCst);
         let alive = self.child_alive.clone();
         let wake = self.wake.clone();
@@ -657,7 +707,23 @@ impl Postgres {
             self.data_dir.display().to_string(),
             format!("--source-server={source}"),
         ];
-        let out = self.run("pg_rewind", &args).await?;
+        // pg_rewind runs a crash recovery in single-user mode first, which a stale lock file
+        // stops.
+        self.remove_stale_pid_file()?;
+        let out = match self.run("pg_rewind", &args).await {
+            Ok(out) => out,
+            // A lock file that turned stale meanwhile: repaired, so worth one more try.
+            Err(e) if format!("{e:#}").contains("postmaster.pid") => {
+                match self.remove_stale_pid_file()? {
+                    Some(pid) => {
+                        tracing::info!(pid, error = %format!("{e:#}"), "pg_rewind failed on a stale postmaster.pid; removed it, trying once more");
+                        self.run("pg_rewind", &args).await?
+                    }
+                    None => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         let said = format!("{}{}", out.stdout, out.stderr);
         let summary = said
             .lines()
@@ -811,6 +877,107 @@ impl Postgres {
     }
 }
 
+/// `postmaster.pid` checked against the process its first line names.
+#[derive(Debug, PartialEq)]
+enum PidFile {
+    /// A live process that is, or may be, the postmaster of this data directory.
+    Live(i32),
+    /// No postmaster of this data directory runs under the file's pid, and why.
+    Stale { pid: i32, why: String },
+}
+
+/// How far a process may have started after the time its `postmaster.pid` records and still
+/// be that postmaster (the wall clock may have been stepped since). Only used when /proc
+/// does not show the process's executable and directory.
+const PID_FILE_CLOCK_SLACK: u64 = 60;
+
+/// Whether the postmaster `postmaster.pid` (`text`) names still runs on `data_dir`. Decided
+/// only on evidence: a live process whose executable or working directory /proc cannot show
+/// (another user's, without privileges) counts as the postmaster unless it started clearly
+/// after the file was written.
+fn check_pid_file(text: &str, data_dir: &Path) -> PidFile {
+    let mut lines = text.lines();
+    let Some(pid) = lines
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+        .filter(|p| *p > 0)
+    else {
+        return PidFile::Stale {
+            pid: 0,
+            why: "its first line is not a pid".to_string(),
+        };
+    };
+    let stale = |why: String| PidFile::Stale { pid, why };
+    if !process_is_live(pid) {
+        return stale(format!("no live process has pid {pid}"));
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    if let Some(exe) = &exe {
+        // An upgraded binary shows as "<path> (deleted)".
+        let name = exe
+            .file_name()
+            .map(|n| {
+                n.to_string_lossy()
+                    .trim_end_matches(" (deleted)")
+                    .to_string()
+            })
+            .unwrap_or_default();
+        if name != "postgres" && name != "postmaster" {
+            return stale(format!("pid {pid} is {}, not postgres", exe.display()));
+        }
+    }
+    // The postmaster runs in its data directory (it changes into it at start).
+    let cwd = std::fs::metadata(format!("/proc/{pid}/cwd")).ok();
+    if let (Some(cwd), Ok(dir)) = (&cwd, std::fs::metadata(data_dir)) {
+        use std::os::unix::fs::MetadataExt;
+        if (cwd.dev(), cwd.ino()) != (dir.dev(), dir.ino()) {
+            let shown = std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "another directory".to_string());
+            return stale(format!(
+                "pid {pid} runs in {shown}, not in the data directory"
+            ));
+        }
+    }
+    if exe.is_none() && cwd.is_none() {
+        // The third line is the postmaster's start time (Unix seconds).
+        let recorded = lines.nth(1).and_then(|l| l.trim().parse::<u64>().ok());
+        if let (Some(recorded), Some(started)) = (recorded, process_start_time(pid)) {
+            if started > recorded + PID_FILE_CLOCK_SLACK {
+                return stale(format!(
+                    "pid {pid} started at {started}, {} s after the postmaster that wrote the file",
+                    started - recorded
+                ));
+            }
+        }
+    }
+    PidFile::Live(pid)
+}
+
+/// When `pid` started, in Unix seconds: the boot time plus field 22 of /proc/<pid>/stat.
+fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after "(comm)": state is field 3, starttime field 22.
+    let ticks: u64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let boot: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some(boot + ticks / hz)
+}
+
 /// Whether `pid` is a live (not zombie) process. A postmaster killed while its parent was
 /// gone may linger as a zombie whose pid still answers signals.
 fn process_is_live(pid: i32) -> bool {
@@ -845,6 +1012,30 @@ fn parse_control_data(text: &str) -> Result<ControlData> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 12 item 12: a pid file whose pid now belongs to another live process (here
+    /// this test) is stale; one naming no process is stale; garbage is stale.
+    #[test]
+    fn a_pid_file_naming_another_process_is_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        let text = format!("{me}\n{}\n1700000000\n5432\n", dir.path().display());
+        match check_pid_file(&text, dir.path()) {
+            PidFile::Stale { pid, why } => {
+                assert_eq!(pid, me);
+                assert!(why.contains("not postgres"), "{why}");
+            }
+            live => panic!("this test process taken for a postmaster: {live:?}"),
+        }
+        assert!(matches!(
+            check_pid_file("999999999\n", dir.path()),
+            PidFile::Stale { .. }
+        ));
+        assert!(matches!(
+            check_pid_file("garbage\n", dir.path()),
+            PidFile::Stale { pid: 0, .. }
+        ));
+    }
 
     #[test]
     fn control_data_fields_are_read() {
