@@ -33,6 +33,17 @@ fn monotonic_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// One line on stderr (the agent's log), with the time as the agent's own lines have it.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        eprintln!(
+            "{} pgherd watchdog: {}",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now()),
+            format_args!($($arg)*)
+        )
+    };
+}
+
 /// One instruction on the watchdog's stdin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -154,7 +165,7 @@ fn is_live(pid: i32) -> bool {
 /// Kills PostgreSQL; returns whether every process of it is gone within `limit`.
 fn fence(pid: i32, why: &str, limit: Duration) -> bool {
     let killed = kill_postgres(pid);
-    eprintln!("pgherd watchdog: {why}; killed PostgreSQL (postmaster {pid} and its children)");
+    say!("{why}; killed PostgreSQL (postmaster {pid} and its children)");
     let deadline = std::time::Instant::now() + limit;
     loop {
         let alive: Vec<i32> = killed.iter().copied().filter(|p| is_live(*p)).collect();
@@ -162,8 +173,8 @@ fn fence(pid: i32, why: &str, limit: Duration) -> bool {
             return true;
         }
         if std::time::Instant::now() >= deadline {
-            eprintln!(
-                "pgherd watchdog: processes {alive:?} of PostgreSQL (postmaster {pid}) still live {limit:?} after SIGKILL"
+            say!(
+                "processes {alive:?} of PostgreSQL (postmaster {pid}) still live {limit:?} after SIGKILL"
             );
             return false;
         }
@@ -185,7 +196,7 @@ fn revoke(etcd: &EtcdConfig, lease: i64) {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("pgherd watchdog: cannot revoke leader lease {lease:x}: no runtime: {e}");
+            say!("cannot revoke leader lease {lease:x}: no runtime: {e}");
             return;
         }
     };
@@ -220,11 +231,11 @@ fn revoke(etcd: &EtcdConfig, lease: i64) {
         }
     });
     match outcome {
-        Ok(()) => eprintln!(
-            "pgherd watchdog: revoked leader lease {lease:x} of the dead agent after fencing PostgreSQL, so a replica can take over now"
+        Ok(()) => say!(
+            "revoked leader lease {lease:x} of the dead agent after fencing PostgreSQL, so a replica can take over now"
         ),
-        Err(e) => eprintln!(
-            "pgherd watchdog: cannot revoke leader lease {lease:x} at {} ({attempt} attempts): {e}; it expires with its ttl",
+        Err(e) => say!(
+            "cannot revoke leader lease {lease:x} at {} ({attempt} attempts): {e}; it expires with its ttl",
             etcd.endpoints.join(",")
         ),
     }
@@ -249,9 +260,12 @@ pub fn run() {
                             Ok(c) => {
                                 let _ = tx.send(Some(Message::Etcd(Box::new(c))));
                             }
-                            // Not the line itself: it holds the etcd password.
-                            Err(e) => eprintln!(
-                                "pgherd watchdog: the etcd settings from the agent are not valid JSON ({e}); a dead agent's lease will expire with its ttl"
+                            // Neither the line nor serde's message, which may quote a value:
+                            // the line holds the etcd password.
+                            Err(e) => say!(
+                                "the etcd settings from the agent are not valid (line {}, column {}); a dead agent's lease will expire with its ttl",
+                                e.line(),
+                                e.column()
                             ),
                         }
                     } else if let Some(c) = Command::parse(&l) {
@@ -299,11 +313,11 @@ pub fn run() {
                     match (&etcd, lease) {
                         (Some(etcd), lease) if dead && lease != 0 => revoke(etcd, lease),
                         (_, 0) => {}
-                        (None, _) => eprintln!(
-                            "pgherd watchdog: no etcd settings from the agent; leader lease {lease:x} expires with its ttl"
+                        (None, _) => say!(
+                            "no etcd settings from the agent; leader lease {lease:x} expires with its ttl"
                         ),
-                        (Some(_), _) => eprintln!(
-                            "pgherd watchdog: PostgreSQL did not die; not revoking leader lease {lease:x}"
+                        (Some(_), _) => say!(
+                            "PostgreSQL did not die; not revoking leader lease {lease:x}"
                         ),
                     }
                 }

@@ -1,5 +1,5 @@
-//! `pgherd-bench failover`: the runs in order (every ttl, then the PostgreSQL-only crashes),
-//! one line per run, then the figures table and every anomaly.
+//! `pgherd-bench failover`: the runs in order (every ttl, then the PostgreSQL-only crashes,
+//! then the agent-only kills), one line per run, then the figures table and every anomaly.
 //!
 //! Each run gets a fresh cluster; a run that fails is reported and the next one starts, so
 //! one bad run does not cost the others. Failed and anomalous runs keep their logs.
@@ -12,7 +12,9 @@ use anyhow::{Context, Result};
 use pgherd_tests::Cluster;
 
 use crate::machine::{load_average, Machine};
-use crate::measure::{self, Failover, PgCrash, Timing, DEFAULT_TTL, WRITES_AFTER, WRITES_BEFORE};
+use crate::measure::{
+    self, Failover, Kill, PgCrash, Timing, DEFAULT_TTL, WRITES_AFTER, WRITES_BEFORE,
+};
 use crate::summary::{table, Row, Unit};
 use crate::FailoverArgs;
 
@@ -66,7 +68,8 @@ pub async fn run(args: FailoverArgs) -> Result<bool> {
             let result = match start_cluster(&label, timing).await {
                 Err(e) => Err(e),
                 Ok(cluster) => {
-                    let measured = measure::failover(&cluster, timing).await;
+                    let measured =
+                        measure::failover(&cluster, timing, Kill::AgentAndPostgres).await;
                     finish(
                         &label,
                         &dir_name,
@@ -118,16 +121,47 @@ pub async fn run(args: FailoverArgs) -> Result<bool> {
         pg.runs.push(result);
     }
 
+    let mut agent = Series {
+        timing,
+        runs: Vec::new(),
+    };
+    for run in 1..=args.agent_kill_runs {
+        let label = format!(
+            "agent-kill ttl={DEFAULT_TTL} run {run}/{}",
+            args.agent_kill_runs
+        );
+        let dir_name = format!("agent-kill-run{run}");
+        let result = match start_cluster(&label, timing).await {
+            Err(e) => Err(e),
+            Ok(cluster) => {
+                let measured = measure::failover(&cluster, timing, Kill::AgentOnly).await;
+                finish(
+                    &label,
+                    &dir_name,
+                    cluster,
+                    measured,
+                    agent_kill_anomalous,
+                    &mut logs,
+                )
+            }
+        };
+        match &result {
+            Ok(r) => println!("{label}: {r}"),
+            Err(e) => println!("{label}: FAILED: {e}"),
+        }
+        agent.runs.push(result);
+    }
+
     println!();
     println!(
-        "{} failover run(s) per ttl, {} PostgreSQL-only crash run(s); write gap: the longest time \
-         between two acknowledged commits across the kill; rows lost: acknowledged by the old \
-         leader, absent on the leader afterwards\n",
-        args.runs, args.pg_crash_runs
+        "{} failover run(s) per ttl, {} PostgreSQL-only crash run(s), {} agent-only kill run(s); \
+         write gap: the longest time between two acknowledged commits across the kill; rows \
+         lost: acknowledged by the old leader, absent on the leader afterwards\n",
+        args.runs, args.pg_crash_runs, args.agent_kill_runs
     );
-    println!("{}", table(&rows(&failovers, &pg)));
+    println!("{}", table(&rows(&failovers, &pg, &agent)));
     println!("load average at end: {}", load_average());
-    let anomalies = anomalies(&failovers, &pg);
+    let anomalies = anomalies(&failovers, &pg, &agent);
     if anomalies.is_empty() {
         println!("anomalies: none");
     } else {
@@ -140,7 +174,8 @@ pub async fn run(args: FailoverArgs) -> Result<bool> {
         println!("logs kept in {}", dir.display());
     }
     let all_ok = failovers.iter().all(|s| s.runs.iter().all(Result::is_ok))
-        && pg.runs.iter().all(Result::is_ok);
+        && pg.runs.iter().all(Result::is_ok)
+        && agent.runs.iter().all(Result::is_ok);
     Ok(all_ok)
 }
 
@@ -157,6 +192,16 @@ const PG_CRASH_TARGET: Duration = Duration::from_secs(3);
 /// asynchronous replication allows that.
 fn failover_anomalous(r: &Failover, timing: Timing) -> bool {
     r.gap.length() > anomaly_gap(timing) || !r.missing_proven.is_empty() || r.acked_elsewhere > 0
+}
+
+/// The issue's target for the leader's agent alone killed: its watchdog fences PostgreSQL
+/// and revokes the leader lease, so a replica takes over without waiting for the ttl.
+const AGENT_KILL_TARGET: Duration = Duration::from_millis(1500);
+
+/// Whether an agent-only kill run deserves a look: slow (the lease was not revoked), a
+/// provably replicated row lost, or a write acknowledged by a third server.
+fn agent_kill_anomalous(r: &Failover) -> bool {
+    r.gap.length() > AGENT_KILL_TARGET || !r.missing_proven.is_empty() || r.acked_elsewhere > 0
 }
 
 /// Whether a PostgreSQL-only crash run deserves a look: slow, lossy, or not in place.
@@ -240,8 +285,12 @@ pub(crate) fn drop_quietly(cluster: Cluster) {
 }
 
 /// The figures table: per ttl the failover gap, the new leader's delay and the missing rows;
-/// then the PostgreSQL-only crash.
-fn rows(failovers: &[Series<Failover>], pg: &Series<PgCrash>) -> Vec<Row> {
+/// then the PostgreSQL-only crash and the agent-only kill.
+fn rows(
+    failovers: &[Series<Failover>],
+    pg: &Series<PgCrash>,
+    agent: &Series<Failover>,
+) -> Vec<Row> {
     let mut rows = Vec::new();
     for s in failovers {
         let t = s.timing;
@@ -278,11 +327,38 @@ fn rows(failovers: &[Series<Failover>], pg: &Series<PgCrash>) -> Vec<Row> {
             runs: pg.runs.len(),
         });
     }
+    if !agent.runs.is_empty() {
+        rows.push(Row {
+            figure: format!(
+                "write gap, leader's agent alone killed (SIGKILL), {}",
+                agent.timing
+            ),
+            unit: Unit::Seconds,
+            values: agent.values(|r| r.gap.length().as_secs_f64()),
+            runs: agent.runs.len(),
+        });
+        rows.push(Row {
+            figure: "new leader listed running, agent alone killed".into(),
+            unit: Unit::Seconds,
+            values: agent.values(|r| r.new_leader_after.as_secs_f64()),
+            runs: agent.runs.len(),
+        });
+        rows.push(Row {
+            figure: "acknowledged rows lost, agent alone killed".into(),
+            unit: Unit::Count,
+            values: agent.values(|r| r.missing() as f64),
+            runs: agent.runs.len(),
+        });
+    }
     rows
 }
 
 /// Everything that misses a target or should not happen, one sentence each.
-fn anomalies(failovers: &[Series<Failover>], pg: &Series<PgCrash>) -> Vec<String> {
+fn anomalies(
+    failovers: &[Series<Failover>],
+    pg: &Series<PgCrash>,
+    agent: &Series<Failover>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for s in failovers {
         let ttl = s.timing.ttl;
@@ -347,6 +423,42 @@ fn anomalies(failovers: &[Series<Failover>], pg: &Series<PgCrash>) -> Vec<String
                         "{name}: {} acknowledged rows missing after the restart: {:?}",
                         r.missing.len(),
                         r.missing
+                    ));
+                }
+            }
+        }
+    }
+    for (i, run) in agent.runs.iter().enumerate() {
+        let name = format!("agent-kill run {}", i + 1);
+        match run {
+            Err(e) => out.push(format!("{name} failed: {e}")),
+            Ok(r) => {
+                if r.gap.length() > AGENT_KILL_TARGET {
+                    out.push(format!(
+                        "{name}: write gap {:.2} s is above the 1.5 s target; {}",
+                        r.gap.length().as_secs_f64(),
+                        r.summary
+                    ));
+                }
+                if !r.missing_proven.is_empty() {
+                    out.push(format!(
+                        "{name}: {} rows proven replicated before the kill are missing on the new leader: {:?}",
+                        r.missing_proven.len(),
+                        r.missing_proven
+                    ));
+                }
+                if !r.missing_in_window.is_empty() {
+                    out.push(format!(
+                        "{name}: {} rows acknowledged in the {:.3} s replication lag window are missing on the new leader (asynchronous replication): {:?}",
+                        r.missing_in_window.len(),
+                        r.lag_window.as_secs_f64(),
+                        r.missing_in_window
+                    ));
+                }
+                if r.acked_elsewhere > 0 {
+                    out.push(format!(
+                        "{name}: {} writes acknowledged by a server that was neither the old nor the new leader; {}",
+                        r.acked_elsewhere, r.summary
                     ));
                 }
             }

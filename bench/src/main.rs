@@ -106,6 +106,10 @@ pub struct FailoverArgs {
     /// Runs that SIGKILL only the leader's postmaster (agent alive), at ttl 10; 0 skips them.
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub pg_crash_runs: u32,
+    /// Runs that SIGKILL only the leader's agent process (the node lives), at ttl 10: its
+    /// watchdog fences PostgreSQL and revokes the leader lease; 0 skips them.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub agent_kill_runs: u32,
     /// Keep every run's agent and PostgreSQL logs in DIR/<run>/ (by default only failed or
     /// anomalous runs keep theirs, in a new directory under /tmp).
     #[arg(long, value_name = "DIR")]

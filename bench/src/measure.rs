@@ -140,9 +140,19 @@ impl fmt::Display for Failover {
     }
 }
 
-/// SIGKILL of the leader's agent and PostgreSQL (every process of both groups) while the
-/// writer runs; see [`Failover`] for what is measured.
-pub async fn failover(cluster: &Cluster, timing: Timing) -> Result<Failover> {
+/// What a failover run kills on the leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kill {
+    /// SIGKILL of the agent and PostgreSQL (every process of both groups): a node crash.
+    AgentAndPostgres,
+    /// SIGKILL of the agent process alone (a panic, the OOM killer): its watchdog fences
+    /// PostgreSQL and revokes the leader lease.
+    AgentOnly,
+}
+
+/// SIGKILL of the leader's agent (and with [`Kill::AgentAndPostgres`] its PostgreSQL) while
+/// the writer runs; see [`Failover`] for what is measured.
+pub async fn failover(cluster: &Cluster, timing: Timing, what: Kill) -> Result<Failover> {
     let healthy = cluster.wait_healthy(BRINGUP).await?;
     let old = cluster.member(&healthy.leader);
     let writer = Writer::start(cluster).await?;
@@ -156,8 +166,17 @@ pub async fn failover(cluster: &Cluster, timing: Timing) -> Result<Failover> {
     for replica in cluster.others(old.name()) {
         wait_replayed(replica, lsn, REPLAY).await?;
     }
-    let postmaster = old.crash()?;
-    // Taken after the kill: no reply from the old leader can arrive later.
+    let postmaster = match what {
+        Kill::AgentAndPostgres => old.crash()?,
+        Kill::AgentOnly => {
+            let pid = old.postmaster_pid();
+            old.kill()?;
+            pid
+        }
+    };
+    // Taken after the kill: no reply from the old leader can arrive later (with the agent
+    // alone killed, its postmaster gets SIGQUIT from the kernel at once, the parent-death
+    // signal, and the watchdog's SIGKILL).
     let killed = Instant::now();
     ensure!(
         postmaster.is_some(),
