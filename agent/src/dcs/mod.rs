@@ -4,14 +4,16 @@
 
 pub mod model;
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
-use pgherd_config::EtcdConfig;
+use pgherd_config::{DynamicConfig, EtcdConfig};
+use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -36,6 +38,8 @@ pub enum DcsError {
         what: String,
         source: serde_json::Error,
     },
+    #[error("{key} is unreadable ({why}); not overwriting it: repair or delete it")]
+    Unreadable { key: String, why: String },
 }
 
 // Not `#[from]`: that would also make it the error's source, and a report of the chain
@@ -55,6 +59,83 @@ pub struct Dcs {
     prefix: String,
     member: String,
     timeout: Duration,
+    memo: Arc<Mutex<Memo>>,
+}
+
+/// What `load` keeps between reads (shared by the clones of a `Dcs`): the last valid dynamic
+/// config, which an unreadable one never replaces, and the value problems already logged, so
+/// each is logged once rather than every loop.
+#[derive(Default)]
+struct Memo {
+    last_config: Option<DynamicConfig>,
+    /// Key -> the problem last logged for it; a key that reads cleanly again is forgotten.
+    reported: HashMap<String, String>,
+}
+
+/// Parses a JSON value read from etcd, ignoring fields this version does not know (they are
+/// added to `ignored`) and recording a value that cannot be read in `view.unreadable`.
+fn read_value<T: DeserializeOwned>(
+    view: &mut ClusterView,
+    ignored: &mut BTreeMap<String, Vec<String>>,
+    rel: &str,
+    value: &[u8],
+) -> Option<T> {
+    match pgherd_config::lenient::from_json::<T>(value) {
+        Ok(parsed) => {
+            if !parsed.ignored.is_empty() {
+                ignored.insert(rel.to_string(), parsed.ignored);
+            }
+            Some(parsed.value)
+        }
+        Err(problem) => {
+            view.unreadable.insert(rel.to_string(), problem.to_string());
+            None
+        }
+    }
+}
+
+/// The `history` value with `entry` appended. Stored entries stay as they are, with fields a
+/// newer agent added; a stored value that is not readable history is an error (why).
+fn appended_history(
+    stored: Option<&[u8]>,
+    entry: &serde_json::Value,
+) -> std::result::Result<String, String> {
+    let mut entries = match stored {
+        None => Vec::new(),
+        Some(raw) => {
+            pgherd_config::lenient::from_json::<Vec<HistoryEntry>>(raw)
+                .map_err(|p| p.to_string())?;
+            match serde_json::from_slice(raw) {
+                Ok(serde_json::Value::Array(entries)) => entries,
+                _ => return Err("not a JSON array".into()),
+            }
+        }
+    };
+    entries.push(entry.clone());
+    Ok(serde_json::Value::Array(entries).to_string())
+}
+
+/// What an unreadable key means for this member, for its ERROR line.
+fn unreadable_consequence(rel: &str, have_config: bool) -> &'static str {
+    match rel {
+        "config" if have_config => {
+            "the dynamic config in etcd is unreadable: keeping the last valid one until it is fixed"
+        }
+        "config" => {
+            "the dynamic config in etcd is unreadable and none was read since this agent started: using the file's bootstrap.dcs and not racing for the leader key until it is fixed"
+        }
+        "sync" | "optime/leader" => {
+            "unreadable: no member races for a vacant leader key until it is fixed or deleted"
+        }
+        "initialize" => {
+            "unreadable: no member races for a vacant leader key and none checks its data directory against it until the leader's system identifier is put back"
+        }
+        "history" => "unreadable: no entry is appended until it is fixed",
+        r if r.starts_with("members/") => {
+            "unreadable: the member is left out (if it leads, the others cannot follow it)"
+        }
+        _ => "unreadable: ignoring it",
+    }
 }
 
 /// Connects to etcd; the connection is lazy, so this succeeds while etcd is down.
@@ -95,6 +176,7 @@ impl Dcs {
             prefix: format!("/pgherd/{cluster}/"),
             member: member.to_string(),
             timeout,
+            memo: Arc::default(),
         }
     }
 
@@ -130,6 +212,7 @@ impl Dcs {
             revision: resp.header().map(|h| h.revision()).unwrap_or(0),
             ..ClusterView::default()
         };
+        let mut ignored = BTreeMap::new();
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key());
             let Some(rel) = key.strip_prefix(&self.prefix) else {
@@ -138,11 +221,11 @@ impl Dcs {
             let value = kv.value();
             match rel {
                 "initialize" => {
-                    view.initialize = Some(if value.is_empty() {
-                        Initialize::Claimed
-                    } else {
-                        Initialize::SystemIdentifier(String::from_utf8_lossy(value).into_owned())
-                    })
+                    let init = Initialize::parse(value);
+                    if let Initialize::Unreadable(why) = &init {
+                        view.unreadable.insert(rel.to_string(), why.clone());
+                    }
+                    view.initialize = Some(init);
                 }
                 "leader" => {
                     view.leader = Some(LeaderKey {
@@ -150,52 +233,94 @@ impl Dcs {
                         lease: kv.lease(),
                     })
                 }
-                "config" => {
-                    view.config = Some(pgherd_config::parse_dynamic(value).map_err(|p| {
-                        format!(
-                            "{}config is invalid: {}",
-                            self.prefix,
-                            pgherd_config::Problem::list(&p)
-                        )
-                    }))
+                "config" => match pgherd_config::lenient::dynamic(value) {
+                    Ok(parsed) => {
+                        if !parsed.ignored.is_empty() {
+                            ignored.insert(rel.to_string(), parsed.ignored);
+                        }
+                        view.config = Some(Ok(parsed.value));
+                    }
+                    Err(problems) => {
+                        let why = problems
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        view.unreadable.insert(rel.to_string(), why);
+                    }
+                },
+                "switchover" => {
+                    if let Some(h) = read_value::<Handover>(&mut view, &mut ignored, rel, value) {
+                        view.handover = Some((h, kv.mod_revision()));
+                    }
                 }
-                "switchover" => match serde_json::from_slice::<Handover>(value) {
-                    Ok(h) => view.handover = Some((h, kv.mod_revision())),
-                    Err(e) => {
-                        tracing::warn!(key = %key, error = %e, "ignoring unreadable switchover key")
+                "sync" => view.sync = read_value(&mut view, &mut ignored, rel, value),
+                "restore" => {
+                    if let Some(r) = read_value::<RestoreKey>(&mut view, &mut ignored, rel, value) {
+                        view.restore = Some((r, kv.mod_revision()));
                     }
-                },
-                "sync" => match serde_json::from_slice::<SyncKey>(value) {
-                    Ok(k) => view.sync = Some(k),
-                    Err(e) => {
-                        tracing::warn!(key = %key, error = %e, "ignoring unreadable sync key")
-                    }
-                },
-                "restore" => match serde_json::from_slice::<RestoreKey>(value) {
-                    Ok(k) => view.restore = Some((k, kv.mod_revision())),
-                    Err(e) => {
-                        tracing::warn!(key = %key, error = %e, "ignoring unreadable restore key")
-                    }
-                },
+                }
                 "optime/leader" => {
-                    view.leader_optime =
-                        std::str::from_utf8(value).ok().and_then(|s| s.parse().ok())
+                    match std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()) {
+                        Some(lsn) => view.leader_optime = Some(lsn),
+                        None => {
+                            view.unreadable.insert(
+                                rel.to_string(),
+                                format!(
+                                    "{:?} is not an LSN",
+                                    String::from_utf8_lossy(&value[..value.len().min(64)])
+                                ),
+                            );
+                        }
+                    }
                 }
                 other => {
                     if let Some(name) = other.strip_prefix("members/") {
-                        match serde_json::from_slice::<MemberInfo>(value) {
-                            Ok(m) => {
-                                view.members.insert(name.to_string(), m);
-                            }
-                            Err(e) => {
-                                tracing::warn!(key = %key, error = %e, "ignoring unreadable member key")
-                            }
+                        if let Some(m) =
+                            read_value::<MemberInfo>(&mut view, &mut ignored, rel, value)
+                        {
+                            view.members.insert(name.to_string(), m);
                         }
                     }
                 }
             }
         }
+        self.settle(&mut view, &ignored);
         Ok(view)
+    }
+
+    /// Keeps the last valid dynamic config in place of an unreadable one, and logs each new
+    /// value problem once: unknown fields at WARN, unreadable values at ERROR.
+    fn settle(&self, view: &mut ClusterView, ignored: &BTreeMap<String, Vec<String>>) {
+        let mut memo = self.memo.lock().expect("the dcs memo is never poisoned");
+        match (&view.config, view.unreadable.get("config")) {
+            (Some(Ok(c)), _) => memo.last_config = Some(c.clone()),
+            (None, Some(why)) => {
+                view.config = Some(match &memo.last_config {
+                    Some(c) => Ok(c.clone()),
+                    None => Err(format!("{}config is unreadable: {why}", self.prefix)),
+                })
+            }
+            _ => {}
+        }
+        let have_config = memo.last_config.is_some();
+        let mut now = HashMap::new();
+        for (rel, why) in &view.unreadable {
+            let key = self.key(rel);
+            if memo.reported.get(rel) != Some(why) {
+                tracing::error!(key = %key, error = %why, "{}", unreadable_consequence(rel, have_config));
+            }
+            now.insert(rel.clone(), why.clone());
+        }
+        for (rel, fields) in ignored {
+            let fields = fields.join(", ");
+            let key = self.key(rel);
+            if memo.reported.get(rel) != Some(&fields) {
+                tracing::warn!(key = %key, fields = %fields, "ignoring fields this version does not know (written by a newer agent?)");
+            }
+            now.insert(rel.clone(), fields);
+        }
+        memo.reported = now;
     }
 
     pub async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
@@ -263,14 +388,27 @@ impl Dcs {
         Ok(self.timed(c.txn(txn)).await?.succeeded())
     }
 
-    /// Records the system identifier of a finished initdb, replacing our claim.
+    /// Records the system identifier of a finished initdb, replacing our claim. Also `true`
+    /// when the key already holds that identifier: an earlier attempt whose answer was lost
+    /// may have written it, and the retry must not fail forever.
     pub async fn finish_initialize(&self, system_identifier: &str) -> Result<bool> {
         let init = self.key("initialize");
         let txn = Txn::new()
             .when([Compare::value(init.clone(), CompareOp::Equal, "")])
-            .and_then([TxnOp::put(init, system_identifier, None)]);
+            .and_then([TxnOp::put(init.clone(), system_identifier, None)])
+            .or_else([TxnOp::get(init, None)]);
         let mut c = self.client.clone();
-        Ok(self.timed(c.txn(txn)).await?.succeeded())
+        let resp = self.timed(c.txn(txn)).await?;
+        if resp.succeeded() {
+            return Ok(true);
+        }
+        Ok(resp.op_responses().iter().any(|op| match op {
+            etcd_client::TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.value() == system_identifier.as_bytes()),
+            _ => false,
+        }))
     }
 
     /// Deletes our claim on `initialize` after a failed initdb.
@@ -321,6 +459,40 @@ impl Dcs {
             etcd_client::TxnOpResponse::Txn(t) => t.succeeded(),
             _ => false,
         }))
+    }
+
+    /// Takes the vacant leader key while a released switchover is pending, recording this
+    /// member as its taker in the `switchover` key in the same transaction (only if that key
+    /// is still at `revision`). Once the key is marked, the old leader never takes the key
+    /// back: whoever took it may have promoted and acknowledged writes (rule 7).
+    pub async fn acquire_leader_marking_handover(
+        &self,
+        leader_lease: i64,
+        handover: &Handover,
+        revision: i64,
+    ) -> Result<bool> {
+        let key = self.key("leader");
+        let marked = Handover {
+            taken_by: Some(self.member.clone()),
+            ..handover.clone()
+        };
+        let json = serde_json::to_string(&marked).map_err(|source| DcsError::Encode {
+            what: "switchover".into(),
+            source,
+        })?;
+        let put = TxnOp::put(
+            key.clone(),
+            self.member.clone(),
+            Some(PutOptions::new().with_lease(leader_lease)),
+        );
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                Compare::mod_revision(self.key("switchover"), CompareOp::Equal, revision),
+            ])
+            .and_then([put, TxnOp::put(self.key("switchover"), json, None)]);
+        let mut c = self.client.clone();
+        Ok(self.timed(c.txn(txn)).await?.succeeded())
     }
 
     /// Whether the leader key still names this member under `lease`.
@@ -488,35 +660,47 @@ impl Dcs {
         Ok(self.timed(c.txn(txn)).await?.succeeded())
     }
 
-    /// The failover history, oldest first.
+    /// The failover history, oldest first (fields this version does not know are dropped).
     pub async fn history(&self) -> Result<Vec<HistoryEntry>> {
-        Ok(self.history_with_revision().await?.0)
+        let (raw, _) = self.history_with_revision().await?;
+        let Some(raw) = raw else {
+            return Ok(Vec::new());
+        };
+        pgherd_config::lenient::from_json::<Vec<HistoryEntry>>(&raw)
+            .map(|parsed| parsed.value)
+            .map_err(|p| DcsError::Unreadable {
+                key: self.key("history"),
+                why: p.to_string(),
+            })
     }
 
-    async fn history_with_revision(&self) -> Result<(Vec<HistoryEntry>, i64)> {
+    /// The raw `history` value (`None`: absent) and its revision (0 when absent).
+    async fn history_with_revision(&self) -> Result<(Option<Vec<u8>>, i64)> {
         let mut c = self.client.clone();
         let resp = self.timed(c.get(self.key("history"), None)).await?;
-        match resp.kvs().first() {
-            None => Ok((Vec::new(), 0)),
-            Some(kv) => {
-                let entries = serde_json::from_slice(kv.value()).unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "the history key is unreadable; starting it afresh");
-                    Vec::new()
-                });
-                Ok((entries, kv.mod_revision()))
-            }
-        }
+        Ok(match resp.kvs().first() {
+            None => (None, 0),
+            Some(kv) => (Some(kv.value().to_vec()), kv.mod_revision()),
+        })
     }
 
     /// Appends to `history` with a compare-and-swap on its revision (retried on conflict).
+    /// Entries a newer agent wrote keep their fields; an unreadable `history` is never
+    /// replaced (it is the only record of past timelines): the append fails and says so.
     pub async fn append_history(&self, entry: HistoryEntry) -> Result<()> {
         let key = self.key("history");
+        let new = serde_json::to_value(&entry).map_err(|source| DcsError::Encode {
+            what: "history".into(),
+            source,
+        })?;
         for _ in 0..5 {
-            let (mut entries, revision) = self.history_with_revision().await?;
-            entries.push(entry.clone());
-            let json = serde_json::to_string(&entries).map_err(|source| DcsError::Encode {
-                what: "history".into(),
-                source,
+            let (raw, revision) = self.history_with_revision().await?;
+            let json = appended_history(raw.as_deref(), &new).map_err(|why| {
+                tracing::error!(key = %key, error = %why, "the history key is unreadable: not appending to it (repair or delete it)");
+                DcsError::Unreadable {
+                    key: key.clone(),
+                    why,
+                }
             })?;
             let txn = Txn::new()
                 .when([Compare::mod_revision(
@@ -627,5 +811,78 @@ impl Lease {
                 Err(DcsError::Timeout(timeout))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(timeline: u32) -> serde_json::Value {
+        serde_json::to_value(HistoryEntry {
+            timeline,
+            switch_lsn: None,
+            time: "2026-12-01T00:00:00Z".into(),
+            reason: "test".into(),
+            leader: "node1".into(),
+        })
+        .expect("a history entry serializes")
+    }
+
+    #[test]
+    fn history_appends_and_keeps_what_a_newer_agent_wrote() {
+        let first = appended_history(None, &entry(2)).unwrap();
+        let mut stored: serde_json::Value = serde_json::from_str(&first).unwrap();
+        stored[0]["future_field"] = "kept".into();
+        let next = appended_history(Some(stored.to_string().as_bytes()), &entry(3)).unwrap();
+        let next: serde_json::Value = serde_json::from_str(&next).unwrap();
+        assert_eq!(next[0]["future_field"], "kept");
+        assert_eq!(next[1]["timeline"], 3);
+    }
+
+    #[test]
+    fn unreadable_history_is_never_overwritten() {
+        for garbage in [
+            &b"{not json"[..],
+            b"{\"timeline\": 2}",
+            b"[{\"timeline\": \"two\"}]",
+        ] {
+            let err = appended_history(Some(garbage), &entry(3)).unwrap_err();
+            assert!(!err.is_empty());
+        }
+    }
+
+    #[test]
+    fn member_keys_and_tags_from_a_newer_agent_are_read() {
+        let json = br#"{"name": "node9", "role": "replica", "state": "streaming",
+            "api_address": "127.0.0.1:8008", "host": "127.0.0.1", "port": 5432,
+            "tags": {"nofailover": true, "future_tag": 1}, "version": "9.0.0",
+            "future_field": {"x": [1]}}"#;
+        let parsed = pgherd_config::lenient::from_json::<MemberInfo>(json).unwrap();
+        assert_eq!(parsed.value.name, "node9");
+        assert!(parsed.value.tags.nofailover);
+        assert_eq!(parsed.ignored, vec!["future_field", "tags.future_tag"]);
+    }
+
+    #[test]
+    fn other_keys_from_a_newer_agent_are_read() {
+        let sync = br#"{"leader": "a", "members": ["b"], "quorum": 1, "epoch": 7}"#;
+        let parsed = pgherd_config::lenient::from_json::<SyncKey>(sync).unwrap();
+        assert_eq!(parsed.value.members, vec!["b".to_string()]);
+        let handover = br#"{"kind": "switchover", "from": "a", "to": "b",
+            "requested_at": "2026-12-01T00:00:00Z", "reason": "maintenance"}"#;
+        let parsed = pgherd_config::lenient::from_json::<Handover>(handover).unwrap();
+        assert_eq!(parsed.value.to.as_deref(), Some("b"));
+        let restore = br#"{"id": "r1", "leader": "a", "backup_id": "b1", "target": "latest",
+            "phase": "done", "requested_at": "2026-12-01T00:00:00Z", "verified": true}"#;
+        let parsed = pgherd_config::lenient::from_json::<RestoreKey>(restore).unwrap();
+        assert_eq!(parsed.ignored, vec!["verified"]);
+    }
+
+    #[test]
+    fn a_value_that_is_not_readable_says_where() {
+        let json = br#"{"name": "node9", "role": "boss"}"#;
+        let err = pgherd_config::lenient::from_json::<MemberInfo>(json).unwrap_err();
+        assert_eq!(err.path, "role", "{err}");
     }
 }
