@@ -5,6 +5,7 @@
 //! problem with its YAML path, so an operator fixes a file in one pass.
 
 pub mod backup;
+pub mod lenient;
 pub mod patch;
 mod validate;
 
@@ -511,7 +512,9 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     }
 }
 
-/// Parses the JSON dynamic configuration stored in etcd and validates it.
+/// Parses JSON dynamic configuration strictly (unknown fields are problems) and validates
+/// it: for what an operator writes. What the agents read from etcd goes through
+/// [`lenient::dynamic`].
 pub fn parse_dynamic(json: &[u8]) -> Result<DynamicConfig, Vec<Problem>> {
     let de = &mut serde_json::Deserializer::from_slice(json);
     let dcs: DynamicConfig = serde_path_to_error::deserialize(de).map_err(|e| {

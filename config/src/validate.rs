@@ -118,12 +118,12 @@ pub(crate) fn deserialize_all(text: &str) -> Result<Config, Vec<Problem>> {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-enum Segment {
+pub(crate) enum Segment {
     Key(String),
     Index(usize),
 }
 
-fn parse_path(path: &str) -> Vec<Segment> {
+pub(crate) fn parse_path(path: &str) -> Vec<Segment> {
     let mut out = Vec::new();
     if path == "." {
         return out;
@@ -148,7 +148,7 @@ fn parse_path(path: &str) -> Vec<Segment> {
     out
 }
 
-fn render(segs: &[Segment]) -> String {
+pub(crate) fn render(segs: &[Segment]) -> String {
     let mut s = String::new();
     for seg in segs {
         match seg {
@@ -164,7 +164,7 @@ fn render(segs: &[Segment]) -> String {
     display_path(&s)
 }
 
-fn unknown_field(message: &str) -> Option<String> {
+pub(crate) fn unknown_field(message: &str) -> Option<String> {
     let rest = message.strip_prefix("unknown field `")?;
     Some(rest[..rest.find('`')?].to_string())
 }

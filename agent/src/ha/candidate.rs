@@ -22,6 +22,11 @@ pub enum CandidateRefusal {
     },
     /// Synchronous replication forbids it (see `sync::may_take_over`).
     Sync(String),
+    /// A key that says who may take over exists but cannot be read (why).
+    Unreadable {
+        key: String,
+        why: String,
+    },
 }
 
 impl fmt::Display for CandidateRefusal {
@@ -37,6 +42,10 @@ impl fmt::Display for CandidateRefusal {
                 write!(f, "{name} is further ahead or preferred")
             }
             CandidateRefusal::Sync(why) => f.write_str(why),
+            CandidateRefusal::Unreadable { key, why } => write!(
+                f,
+                "the {key} key is unreadable ({why}); nobody races for the leader key until it is fixed or deleted"
+            ),
         }
     }
 }
@@ -47,12 +56,35 @@ fn rank(position: Lsn, priority: u32, name: &str) -> (Lsn, u32, std::cmp::Revers
     (position, priority, std::cmp::Reverse(name.to_string()))
 }
 
+/// Keys whose value decides who may take over. While one exists but cannot be read, an
+/// election could pick a member that lacks acknowledged commits (`sync`), is too far behind
+/// (`optime/leader`), holds another cluster's data (`initialize`), or follows rules nobody
+/// knows (`config`, unreadable since this agent started): fail closed, race for nothing.
+fn unreadable_key(view: &ClusterView) -> Option<CandidateRefusal> {
+    let refusal = |key: &str, why: &str| CandidateRefusal::Unreadable {
+        key: key.to_string(),
+        why: why.to_string(),
+    };
+    for key in ["sync", "optime/leader", "initialize"] {
+        if let Some(why) = view.unreadable(key) {
+            return Some(refusal(key, why));
+        }
+    }
+    match &view.config {
+        Some(Err(why)) => Some(refusal("config", why)),
+        _ => None,
+    }
+}
+
 /// `Ok` if this member may race for the leader key now.
 pub fn best_candidate(
     view: &ClusterView,
     cfg: &HaConfig,
     me: &PgStatus,
 ) -> Result<(), CandidateRefusal> {
+    if let Some(refusal) = unreadable_key(view) {
+        return Err(refusal);
+    }
     if cfg.tags.nofailover {
         return Err(CandidateRefusal::NoFailover);
     }

@@ -554,7 +554,7 @@ fn decide_with_view(
         JobView::Succeeded(JobKind::Bootstrap) => {
             return decision(
                 vec![Action::RenewLeader, Action::FinishBootstrap],
-                "initialised a new cluster and recorded its system identifier",
+                "initialised a new cluster: recording its system identifier",
                 Role::Leader,
                 state,
             );

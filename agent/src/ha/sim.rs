@@ -162,6 +162,7 @@ impl World {
             sync: None,
             restore: None,
             reached: None,
+            unreadable: Default::default(),
         }
     }
 
