@@ -22,7 +22,7 @@ use crate::dcs::model::{ClusterView, HistoryEntry, MemberInfo, MemberState, Role
 use crate::dcs::{Dcs, Lease};
 use crate::ha::{
     self, Action, DataDir, Decision, HaConfig, JobKind, JobView, LeaseView, Memory, Observation,
-    PgView, Upstream,
+    Outcome, PgView, Upstream,
 };
 use crate::lsn::Lsn;
 use crate::now_rfc3339;
@@ -214,6 +214,8 @@ impl Agent {
         loop {
             let started = Instant::now();
             let obs = self.observe().await;
+            // Bookkeeping decide reads through Memory (shared with the simulation).
+            self.memory.observed(&obs);
             let ha_cfg = self.ha_config();
             let decision = ha::decide(&obs, &ha_cfg, &self.memory);
             if decision.reason != self.last_reason {
@@ -378,24 +380,14 @@ impl Agent {
             }
             None => false,
         };
-        // Bookkeeping decide reads through Memory.
-        match &status {
-            Some(s) if !s.in_recovery => self.memory.primary_start_since = None,
-            _ => {}
-        }
-        match &status {
-            Some(s) if s.in_recovery && !s.streaming => {
-                self.memory.not_streaming_since.get_or_insert(now);
-            }
-            Some(_) => self.memory.not_streaming_since = None,
-            // Starting or stopped: keep counting; a standby that never comes up streaming
-            // is as stuck as one that stops.
-            None => {}
-        }
         if let (Some(view), Some(s)) = (cluster.as_mut(), &status) {
             // A pending handover names who takes over; asking the others would only cost
-            // the switchover time.
-            if view.leader.is_none() && view.handover.is_none() && s.in_recovery {
+            // the switchover time. Except in quorum mode: a handover can fall back to the
+            // usual election (its old leader died before publishing, it expired), whose
+            // quorum proof counts only members that answered just now.
+            let quorum = dynamic_config(&self.cfg, Some(view)).synchronous_mode
+                == SynchronousMode::Quorum;
+            if view.leader.is_none() && (view.handover.is_none() || quorum) && s.in_recovery {
                 self.refresh_peer_positions(view).await;
             }
         }
@@ -582,16 +574,6 @@ impl Agent {
                 Ok(Err(e)) => Err(format!("{e:#}")),
                 Err(e) => Err(format!("the job task died: {e}")),
             };
-            if let (JobKind::Rewind { from }, Err(_)) = (&job.kind, &result) {
-                let timeline = self
-                    .last_view
-                    .as_ref()
-                    .and_then(|v| v.members.get(from))
-                    .and_then(|m| m.timeline);
-                if let Some(tl) = timeline {
-                    self.memory.rewind_failed = Some((from.clone(), tl));
-                }
-            }
             if let (JobKind::Bootstrap, Ok(())) = (&job.kind, &result) {
                 // The bootstrap job started the new cluster's PostgreSQL.
                 self.callbacks.fire(Event::Start, PgRole::Primary);
@@ -642,23 +624,72 @@ impl Agent {
     }
 
     /// The cluster's PostgreSQL parameters plus `synchronous_standby_names`: what this
-    /// leader chose, or for anyone else the safe default of the mode (`*` in strict mode, so
-    /// a freshly promoted leader does not acknowledge a commit no standby has).
+    /// leader chose; before it chose (its agent restarted, it just promoted), what the
+    /// `sync` key it still leads promises, so a restart never acknowledges a commit the
+    /// key's members lack; otherwise the safe default of the mode (`*` in strict mode, so a
+    /// freshly promoted leader does not acknowledge a commit no standby has).
     fn cluster_params(&self) -> BTreeMap<String, ParamValue> {
+        use crate::ha::sync::Standbys;
         let d = dynamic_config(&self.cfg, self.last_view.as_ref());
         let mut params = d.postgresql.parameters;
-        let standbys = match &self.standbys_set {
-            Some(s) => s.render(),
-            None if d.synchronous_mode != SynchronousMode::Off && d.synchronous_mode_strict => {
-                "*".to_string()
+        let default = || {
+            if d.synchronous_mode != SynchronousMode::Off && d.synchronous_mode_strict {
+                Standbys::Any
+            } else {
+                Standbys::None
             }
-            None => String::new(),
         };
+        let key = self
+            .last_view
+            .as_ref()
+            .and_then(|v| v.sync.as_ref())
+            .filter(|k| k.leader == self.cfg.name && !k.members.is_empty());
+        let standbys = match (&self.standbys_set, key, d.synchronous_mode) {
+            (Some(s), _, _) => s.clone(),
+            (None, _, SynchronousMode::Off) | (None, None, _) => default(),
+            // `on`: every key member confirmed every acknowledged commit; keep it so.
+            (None, Some(k), SynchronousMode::On) => Standbys::First(k.members.clone()),
+            // `quorum`: every acknowledged commit is on q of the set; q = 0 (the set has
+            // not caught up yet) still needs one of them, as the plan's next step would.
+            (None, Some(k), SynchronousMode::Quorum) => {
+                Standbys::Quorum(k.quorum.max(1), k.members.clone())
+            }
+        }
+        .render();
         params.insert(
             "synchronous_standby_names".to_string(),
             ParamValue::Text(standbys),
         );
         params
+    }
+
+    /// Waits until PostgreSQL shows `standbys` as its `synchronous_standby_names` (our
+    /// session reloads after the postmaster, which signals every process once it re-read
+    /// the file) and returns its WAL position from then. Bounded by 5 s and the lease.
+    async fn standbys_in_effect(&self, standbys: &crate::ha::sync::Standbys) -> Result<Lsn> {
+        let mut until = Instant::now() + Duration::from_secs(5);
+        if let Some(valid) = self.leader_valid_until {
+            until = until.min(valid);
+        }
+        let mut shown = None;
+        loop {
+            if let Some(s) = self.pg.status().await {
+                if s.standbys == *standbys {
+                    return s.wal_lsn.context(
+                        "PostgreSQL reports no WAL position after the synchronous_standby_names change",
+                    );
+                }
+                shown = Some(s.standbys.render());
+            }
+            if Instant::now() >= until {
+                return Err(anyhow!(
+                    "PostgreSQL still shows synchronous_standby_names = '{}' after the reload, not '{}'",
+                    shown.unwrap_or_else(|| "(no answer)".into()),
+                    standbys.render()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Grants a fresh leader lease; returns the instant the grant was sent.
@@ -778,7 +809,14 @@ impl Agent {
                 self.start_job(kind.clone(), obs);
                 Ok(())
             }
-            Action::FinishRestore { id, error } => self.finish_restore(id, error.clone()).await,
+            Action::FinishRestore { id, error } => {
+                self.memory.acted(obs.now, action, &Outcome::Started);
+                let recorded = self.finish_restore(id, error.clone()).await;
+                if recorded.is_ok() {
+                    self.memory.acted(obs.now, action, &Outcome::DONE);
+                }
+                recorded
+            }
             Action::EmptyDataDir => {
                 // Rule 6: never on the key holder (in this process or as etcd last said), and
                 // always with the reason logged.
@@ -797,7 +835,7 @@ impl Agent {
                     data_dir = %self.pg.data_dir().display(),
                     "removing data directory contents"
                 );
-                self.memory.rewind_failed = None;
+                self.memory.acted(obs.now, action, &Outcome::Started);
                 self.known_timeline = None;
                 self.pg.empty_data_dir()
             }
@@ -808,7 +846,22 @@ impl Agent {
                     .as_ref()
                     .map(|l| l.id)
                     .expect("granted just above");
-                if self.dcs.acquire_leader(id).await? {
+                // After a switchover's release the taker marks the switchover key in the
+                // same transaction, so the old leader knows it may no longer take it back.
+                let released = obs
+                    .cluster
+                    .as_ref()
+                    .and_then(|v| v.handover.as_ref())
+                    .filter(|(h, _)| h.final_lsn.is_some() && h.taken_by.is_none());
+                let acquired = match released {
+                    Some((h, rev)) if obs.cluster.as_ref().is_some_and(|v| v.leader.is_none()) => {
+                        self.dcs
+                            .acquire_leader_marking_handover(id, h, *rev)
+                            .await?
+                    }
+                    _ => self.dcs.acquire_leader(id).await?,
+                };
+                if acquired {
                     self.lease_valid_from(sent);
                     tracing::info!(reason = "acquired leader lease", "decision");
                     self.takeover_reason = Some(match &self.previous_leader {
@@ -824,25 +877,7 @@ impl Agent {
                 }
                 Ok(())
             }
-            Action::RenewLeader => {
-                let Some(lease) = &mut self.leader_lease else {
-                    return Ok(());
-                };
-                match lease.refresh().await {
-                    Ok(Some(sent)) => {
-                        self.lease_valid_from(sent);
-                        Ok(())
-                    }
-                    Ok(None) => {
-                        self.leader_lease = None;
-                        self.leader_valid_until = None;
-                        // An error stops the rest of this decision (a StartPrimary after
-                        // a failed renewal must not run).
-                        Err(anyhow!("my leader lease expired before I could renew it"))
-                    }
-                    Err(e) => Err(e).context("cannot renew the leader lease"),
-                }
-            }
+            Action::RenewLeader => self.renew_leader().await,
             Action::ReleaseLeader => {
                 // Never hand the key on while our PostgreSQL may still accept writes (rule 1).
                 if self.pg.is_running() {
@@ -858,11 +893,10 @@ impl Agent {
             }
             Action::StartPrimary => {
                 self.ensure_lease_valid("start PostgreSQL as the primary")?;
-                self.memory.primary_start_since.get_or_insert(obs.now);
+                self.memory.acted(obs.now, action, &Outcome::Started);
                 self.pg.write_pgpass()?;
                 self.pg
                     .write_config(&Mode::Primary, &self.cluster_params())?;
-                self.memory.upstream = None;
                 self.pg.start().await?;
                 // Guarded from the spawn on, before postmaster.pid exists (rule 3).
                 self.arm_watchdog();
@@ -874,8 +908,7 @@ impl Agent {
                 self.pg.write_pgpass()?;
                 self.pg
                     .write_config(&Mode::Standby(up.clone()), &self.cluster_params())?;
-                self.memory.upstream = up.as_ref().map(|u| u.name.clone());
-                self.memory.not_streaming_since = None;
+                self.memory.acted(obs.now, action, &Outcome::Started);
                 self.pg.start().await?;
                 self.callbacks.fire(Event::Start, PgRole::Replica);
                 Ok(())
@@ -884,17 +917,19 @@ impl Agent {
                 self.pg
                     .write_config(&Mode::Standby(Some(up.clone())), &self.cluster_params())?;
                 self.pg.reload().await?;
-                self.memory.upstream = Some(up.name.clone());
-                // Time without streaming counts from when we pointed at this leader.
-                self.memory.not_streaming_since = None;
+                self.memory.acted(obs.now, action, &Outcome::DONE);
                 Ok(())
             }
             Action::Promote => {
                 self.ensure_lease_valid("promote PostgreSQL")?;
-                self.promote(decision).await
+                let promoted = self.promote(decision).await;
+                if promoted.is_ok() {
+                    self.memory.acted(obs.now, action, &Outcome::DONE);
+                }
+                promoted
             }
             Action::StopPostgres => {
-                self.memory.upstream = None;
+                self.memory.acted(obs.now, action, &Outcome::Started);
                 self.standbys_set = None;
                 self.stop_postgres().await
             }
@@ -928,13 +963,38 @@ impl Agent {
                 Ok(())
             }
             Action::SetSyncStandbys(standbys) => {
+                crate::failpoint::hit("set-sync-standbys");
                 self.ensure_lease_valid("change synchronous_standby_names")?;
                 self.standbys_set = Some(standbys.clone());
-                self.memory.standbys_changed_at = obs.pg.status.as_ref().and_then(|s| s.wal_lsn);
                 self.pg
                     .write_config(&Mode::Primary, &self.cluster_params())?;
                 self.pg.reload().await?;
-                tracing::info!(synchronous_standby_names = %standbys.render(), reason = %decision.reason, "decision");
+                // Standbys join or leave the `sync` key once they flushed past this
+                // position, so it must cover every commit acknowledged under the old list:
+                // taken only once PostgreSQL shows the new one (the position in `obs` is
+                // from before the change). Unconfirmed, no position is safe: none is
+                // reached until the next change of the list.
+                let wal_lsn = match self.standbys_in_effect(standbys).await {
+                    Ok(lsn) => lsn,
+                    Err(e) => {
+                        self.memory.acted(
+                            obs.now,
+                            action,
+                            &Outcome::Done {
+                                wal_lsn: Some(Lsn(u64::MAX)),
+                            },
+                        );
+                        return Err(e);
+                    }
+                };
+                self.memory.acted(
+                    obs.now,
+                    action,
+                    &Outcome::Done {
+                        wal_lsn: Some(wal_lsn),
+                    },
+                );
+                tracing::info!(synchronous_standby_names = %standbys.render(), wal_lsn = %wal_lsn, reason = %decision.reason, "decision");
                 Ok(())
             }
             Action::LeaderHousekeeping => {
@@ -988,16 +1048,71 @@ impl Agent {
         let Some((handover, rev)) = obs.cluster.as_ref().and_then(|v| v.handover.clone()) else {
             return Ok(());
         };
-        if let Err(e) = self.pg.checkpoint().await {
-            tracing::warn!(error = %format!("{e:#}"), "checkpoint before the switchover failed; stopping anyway");
+        match self.stop_for_handover(to).await {
+            Ok(final_lsn) => self.publish_handover(to, handover, rev, final_lsn).await,
+            Err(why) => {
+                // Rule 7: a handover is published only with the shutdown checkpoint of a
+                // clean shutdown. Anything else is no handover: the key goes, so that no
+                // candidate takes over behind a position that misses commits, and the next
+                // loop runs PostgreSQL as the primary again if it stopped.
+                tracing::error!(candidate = %to, reason = %format!("switchover aborted: {why:#}"), "decision");
+                if let Err(e) = self.dcs.delete_handover(Some(rev)).await {
+                    tracing::warn!(error = %e, "cannot remove the aborted switchover key");
+                }
+                Err(why.context("switchover aborted"))
+            }
         }
+    }
+
+    /// The old leader's half of a switchover up to the point of no return: CHECKPOINT, a
+    /// clean (fast) shutdown, and its shutdown checkpoint from pg_control. Both steps run
+    /// within one lease period from now while the lease keeps being renewed (rule 2), so a
+    /// hung CHECKPOINT aborts the switchover instead of making the watchdog fence a healthy
+    /// primary; a shutdown that is not clean (the watchdog fired, the stop timed out) is no
+    /// final position.
+    async fn stop_for_handover(&mut self, to: &str) -> Result<Lsn> {
+        self.renew_leader().await?;
+        let ttl = Duration::from_secs(self.ha_config().dcs.ttl);
+        let budget_end = Instant::now() + ttl.saturating_sub(lease_safety_margin(ttl));
+        let pg = self.pg.clone();
+        self.with_renewal(budget_end, async move { pg.checkpoint().await })
+            .await
+            .context("CHECKPOINT before the switchover did not finish")?;
+        crate::failpoint::hit("handover-before-stop");
         tracing::info!(candidate = %to, reason = "planned switchover: stopping PostgreSQL to hand over", "decision");
-        self.pg.stop().await?;
+        let pg = self.pg.clone();
+        let stopped = self
+            .with_renewal(budget_end, async move { pg.stop().await })
+            .await;
+        if let Err(e) = stopped {
+            self.pg.stop_immediately().await;
+            self.callbacks.fire(Event::Stop, PgRole::Primary);
+            return Err(e.context("PostgreSQL did not stop cleanly in time (stopped immediately)"));
+        }
         self.callbacks.fire(Event::Stop, PgRole::Primary);
         let control = self.pg.control_data().await?;
-        let final_lsn = control
+        if !control.shut_down_cleanly {
+            return Err(anyhow!(
+                "pg_control does not show a clean shutdown, so its latest checkpoint is not the end of the WAL"
+            ));
+        }
+        control
             .checkpoint_lsn
-            .context("pg_controldata shows no latest checkpoint location")?;
+            .context("pg_controldata shows no latest checkpoint location")
+    }
+
+    /// Publishes the final position in the switchover key and releases the leader key.
+    async fn publish_handover(
+        &mut self,
+        to: &str,
+        handover: crate::dcs::model::Handover,
+        rev: i64,
+        final_lsn: Lsn,
+    ) -> Result<()> {
+        // The candidate counts on the published position being the end of the WAL, which
+        // only holds if nobody else could have led since we stopped.
+        self.renew_leader().await?;
+        self.ensure_lease_valid("publish the switchover's final position")?;
         let done = crate::dcs::model::Handover {
             to: Some(to.to_string()),
             from: Some(self.cfg.name.clone()),
@@ -1016,7 +1131,54 @@ impl Agent {
         self.drop_leader_lease().await;
         self.dcs.release_leader().await?;
         tracing::info!(candidate = %to, final_lsn = %final_lsn, reason = "released the leader key for the switchover", "decision");
+        crate::failpoint::hit("after-handover-release");
         Ok(())
+    }
+
+    /// Renews the leader lease now (rule 2); an error when it is gone or etcd does not
+    /// answer, which stops the rest of a decision (a StartPrimary after a failed renewal
+    /// must not run).
+    async fn renew_leader(&mut self) -> Result<()> {
+        let Some(lease) = &mut self.leader_lease else {
+            return Ok(());
+        };
+        match lease.refresh().await {
+            Ok(Some(sent)) => {
+                self.lease_valid_from(sent);
+                self.arm_watchdog();
+                Ok(())
+            }
+            Ok(None) => {
+                self.leader_lease = None;
+                self.leader_valid_until = None;
+                Err(anyhow!("my leader lease expired before I could renew it"))
+            }
+            Err(e) => Err(e).context("cannot renew the leader lease"),
+        }
+    }
+
+    /// Runs `work` (which must not borrow the agent) until it finishes or `until`, renewing
+    /// the leader lease every third of its TTL meanwhile, so a long step of a leader's
+    /// action neither starves the lease nor makes the watchdog fence a healthy primary.
+    async fn with_renewal<T>(
+        &mut self,
+        until: Instant,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let ttl = Duration::from_secs(self.ha_config().dcs.ttl);
+        let every = (ttl / 3).max(Duration::from_millis(200));
+        let budget = until.saturating_duration_since(Instant::now());
+        tokio::pin!(work);
+        loop {
+            let tick = Instant::now() + every;
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tokio::time::sleep_until(until) => {
+                    return Err(anyhow!("did not finish within {:.1} s", budget.as_secs_f64()));
+                }
+                _ = tokio::time::sleep_until(tick) => self.renew_leader().await?,
+            }
+        }
     }
 
     /// Rule 1, checked again at the last moment: nothing becomes writable unless we hold a
@@ -1033,6 +1195,7 @@ impl Agent {
     /// Promotes our standby (PostgreSQL replays everything it received first), makes the
     /// primary configuration permanent and records the new timeline in `history`.
     async fn promote(&mut self, decision: &Decision) -> Result<()> {
+        crate::failpoint::hit("before-promote");
         let last_leader_position = self
             .last_view
             .as_ref()
@@ -1067,7 +1230,6 @@ impl Agent {
         if let Err(e) = self.pg.checkpoint().await {
             tracing::warn!(error = %format!("{e:#}"), "checkpoint after promotion failed");
         }
-        self.memory.upstream = None;
         self.pg
             .write_config(&Mode::Primary, &self.cluster_params())?;
         self.pg.reload().await?;
@@ -1098,6 +1260,7 @@ impl Agent {
         if let Err(e) = self.dcs.append_history(entry).await {
             tracing::warn!(error = %e, "cannot record the promotion in the history key");
         }
+        crate::failpoint::hit("before-handover-cleanup");
         // The handover that made us leader is done.
         if let Some((h, rev)) = self.last_view.as_ref().and_then(|v| v.handover.clone()) {
             if h.to.as_deref() == Some(self.cfg.name.as_str()) {
@@ -1112,10 +1275,8 @@ impl Agent {
     /// Records how restore `id` ended in the `restore` key and, on success, in `history`.
     async fn finish_restore(&mut self, id: &str, error: Option<String>) -> Result<()> {
         use crate::dcs::model::RestorePhase;
-        self.memory.restore_outcome = Some((id.to_string(), error.clone()));
         let view = self.dcs.load().await?;
         let Some((mut key, rev)) = view.restore.clone().filter(|(k, _)| k.id == id) else {
-            self.memory.restore_outcome = None;
             return Ok(());
         };
         let timeline = match &error {
@@ -1164,7 +1325,6 @@ impl Agent {
             }
             self.known_timeline = Some(tl);
         }
-        self.memory.restore_outcome = None;
         Ok(())
     }
 

@@ -20,7 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use pgherd_tests::sync::{sync_bootstrap_yaml, wait_synchronous};
-use pgherd_tests::{missing_rows, Cluster, MemberOptions, ProxyMode, Writer, WriterReport};
+use pgherd_tests::{
+    kill_postmaster, missing_rows, Cluster, MemberOptions, ProxyMode, Writer, WriterReport,
+};
 use tokio::time::Instant;
 
 use crate::failover::{drop_quietly, LogKeeper};
@@ -33,7 +35,7 @@ use writable::{overlaps, probe_observations, Overlap, RecoverySampler};
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 /// From "everything healed" until one leader, two streaming replicas and synchronous
 /// replication in place: a rewind or a re-clone on a loaded 2-core machine fits.
-const RECOVERY: Duration = Duration::from_secs(180);
+const RECOVERY: Duration = Duration::from_secs(120);
 /// After recovery, until the writer gets a commit acknowledged under synchronous replication.
 const WRITES_RESUME: Duration = Duration::from_secs(30);
 /// Both faults of a round, including a switchover's wait (pgherdctl gives up after 150 s).
@@ -87,6 +89,8 @@ struct RoundResult {
     lost: Vec<i64>,
     /// Why the round could not finish (the mode stops there).
     failed: Option<String>,
+    /// The cluster did not recover by itself: what was seen and repaired by hand.
+    stuck: Option<String>,
     start: Instant,
     end: Instant,
 }
@@ -303,6 +307,9 @@ async fn rounds(
                 format!("{} {:?}", round.lost.len(), round.lost)
             }
         );
+        if let Some(stuck) = &round.stuck {
+            println!("chaos {mode} round {number}: STUCK: {stuck}");
+        }
         result.rounds.push(round);
     }
 
@@ -394,10 +401,29 @@ async fn round(
         recovered_after: None,
         lost: Vec::new(),
         failed: None,
+        stuck: None,
         start,
         end: start,
     };
-    match wait_synchronous(cluster, key_size, RECOVERY).await {
+    let mut recovered = wait_synchronous(cluster, key_size, RECOVERY).await;
+    if let Err(e) = &recovered {
+        // A finding; but a replica that stays down can be repaired as an operator would,
+        // and the rounds go on.
+        let stuck = format!("not healthy {RECOVERY:?} after healing: {e:#}");
+        match reclone_stuck(cluster).await {
+            Ok(names) if !names.is_empty() => {
+                r.stuck = Some(format!(
+                    "{stuck}; then re-cloned {} by hand (agent stopped, data directory removed, \
+                     agent started)",
+                    names.join(", ")
+                ));
+                recovered = wait_synchronous(cluster, key_size, RECOVERY).await;
+            }
+            Ok(_) => {}
+            Err(repair) => r.stuck = Some(format!("{stuck}; no repair: {repair:#}")),
+        }
+    }
+    match recovered {
         Ok(sync) => {
             r.recovered_after = Some(healed.elapsed());
             r.leader_after = Some(sync.leader.clone());
@@ -412,6 +438,43 @@ async fn round(
     }
     r.end = Instant::now();
     Ok(r)
+}
+
+/// Re-clones every replica that is not streaming while a leader runs: stops its agent,
+/// kills any PostgreSQL left on its data directory, removes the data directory and starts
+/// the agent, which clones from the leader. Returns their names; none without a running
+/// leader (nothing a re-clone could fix).
+async fn reclone_stuck(cluster: &Cluster) -> Result<Vec<String>> {
+    let leader = cluster.leader_name().await?.context("no leader key")?;
+    let list = cluster.list().await?;
+    anyhow::ensure!(
+        list.iter()
+            .any(|m| m.name == leader && m.state == "running"),
+        "the leader {leader} is not listed running"
+    );
+    let mut names = Vec::new();
+    for m in cluster.others(&leader) {
+        if list
+            .iter()
+            .any(|l| l.name == m.name() && l.state == "streaming")
+        {
+            continue;
+        }
+        if m.is_running() {
+            // On a timeout stop() kills the agent's group; either way it is gone after.
+            let _ = m.stop().await;
+        }
+        kill_postmaster(&m.data_dir());
+        let data = m.data_dir();
+        if data.exists() {
+            std::fs::remove_dir_all(&data)
+                .with_context(|| format!("cannot remove {}", data.display()))?;
+        }
+        m.start()
+            .with_context(|| format!("cannot start {}'s agent again", m.name()))?;
+        names.push(m.name().to_string());
+    }
+    Ok(names)
 }
 
 /// Lifts every fault still in place: proxies open, every agent not running started.
@@ -471,11 +534,17 @@ fn table(results: &[ModeResult]) -> String {
     );
     for r in results {
         let done = r.rounds.iter().filter(|x| x.failed.is_none()).count();
+        let stuck = r.rounds.iter().filter(|x| x.stuck.is_some()).count();
+        let stuck = if stuck > 0 {
+            format!(" ({stuck} repaired by hand)")
+        } else {
+            String::new()
+        };
         let gap = r.longest_gap.as_ref().map_or("-".into(), |(g, at)| {
             format!("{:.2} s ({at})", g.as_secs_f64())
         });
         out.push_str(&format!(
-            "| {} | {done} of {} | {} | {} | {gap} | {} |\n",
+            "| {} | {done} of {}{stuck} | {} | {} | {gap} | {} |\n",
             r.mode,
             r.planned,
             r.acked,
@@ -524,6 +593,13 @@ fn findings(r: &ModeResult, seed: u64) -> Vec<String> {
         out.push(format!("{mode} (seed {seed}): {at}: {e}"));
     }
     for round in &r.rounds {
+        if let Some(stuck) = &round.stuck {
+            out.push(format!(
+                "{mode} (seed {seed}) round {}: {stuck}; faults: {}",
+                round.number,
+                faults_line(round)
+            ));
+        }
         if !round.lost.is_empty() {
             out.push(format!(
                 "{mode} (seed {seed}) round {}: {} acknowledged rows missing on the leader: {:?}; faults: {}",

@@ -72,13 +72,16 @@ enum Command {
         replica), pgherdctl switchover to a replica, restart of a sync standby's agent; \
         injects them at once (then two different ones) or the second 0.1 s to ttl after \
         the first; heals everything 0 to ttl + 2 s later; \
-        and waits (at most 180 s) for one leader, two streaming replicas, synchronous \
+        and waits (at most 120 s) for one leader, two streaming replicas, synchronous \
         replication in place and a commit acknowledged under it. Then every acknowledged row \
         must be on the leader.\n\n\
         Prints one line per round, then per mode: rounds, acknowledged rows, rows lost, the \
         longest write gap, and whether two members were writable at once; and every finding \
-        with its seed and round. Exit status 2 when there is a finding. A failed round ends \
-        its mode and keeps the logs (see --logs)."
+        with its seed and round. Exit status 2 when there is a finding. A round that does not \
+        recover within 120 s is a finding; the replicas that are not streaming are then \
+        re-cloned (agent stopped, data directory removed, agent started) and the rounds go \
+        on; if that does not help either, the mode ends there. A mode with a finding keeps \
+        its logs (see --logs)."
     )]
     Chaos(chaos::ChaosArgs),
     /// Commit a row every 20 ms through one address (HAProxy's read-write port) until

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use pgherd_tests::{sql, sql_batch, timeline, wait_until, Cluster, MemberOptions, Signal};
+use pgherd_tests::{
+    in_recovery, sql, sql_batch, timeline, wait_until, Cluster, MemberOptions, Paused, Signal,
+};
 
 /// initdb, PostgreSQL starts and base backups on a 2-core machine shared with other tests.
 const BRINGUP: Duration = Duration::from_secs(120);
@@ -157,5 +159,90 @@ async fn a_switchover_whose_candidate_promoted_and_wrote_is_never_taken_back() -
         cluster.etcd_get("switchover").await?.is_none(),
         "the switchover key was left behind"
     );
+    Ok(())
+}
+
+/// The pid of the checkpointer among the children of `postmaster`.
+fn checkpointer_of(postmaster: i32) -> Result<i32> {
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == Some(postmaster) && cmdline.contains("checkpointer") {
+            return Ok(pid);
+        }
+    }
+    anyhow::bail!("postmaster {postmaster} has no checkpointer child")
+}
+
+/// A switchover whose CHECKPOINT hangs (the checkpointer is frozen) is aborted within about
+/// one lease period: no final position is published, the candidate never takes over, and
+/// the leader keeps its primary running, renewing its lease meanwhile so the watchdog does
+/// not fence it (rule 7 and rule 2, item 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_whose_checkpoint_hangs_is_aborted_and_the_leader_keeps_writing() -> Result<()>
+{
+    let cluster = Cluster::builder()
+        .member(MemberOptions::new().name("a"))
+        .member(MemberOptions::new().name("b"))
+        .configure()
+        .await?;
+    cluster.start_with_leader("a", BRINGUP).await?;
+    let a = cluster.member("a");
+    let postmaster = a.postmaster_pid().context("a has no postmaster")?;
+    let frozen = Paused::pause(checkpointer_of(postmaster)?, "a's checkpointer")?;
+
+    let at = humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(1));
+    cluster
+        .ctl_output(&[
+            "switchover",
+            "--candidate",
+            "b",
+            "--at",
+            &at.to_string(),
+            "--force",
+        ])
+        .await?
+        .expect_success()?;
+    wait_until(FAILOVER, "a to abort the switchover", || async {
+        ensure!(
+            a.agent_log_of_last_start().contains("switchover aborted"),
+            "a has not said it aborted the switchover"
+        );
+        Ok(())
+    })
+    .await?;
+    wait_until(REPLICATION, "the switchover key to be removed", || async {
+        ensure!(
+            cluster.etcd_get("switchover").await?.is_none(),
+            "the switchover key is still there"
+        );
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        cluster.leader_name().await?.as_deref() == Some("a"),
+        "a lost the leader key after its CHECKPOINT hung\n{}",
+        cluster.log_tails(40)
+    );
+    ensure!(
+        a.postmaster_pid() == Some(postmaster),
+        "a's PostgreSQL was stopped or fenced (postmaster {postmaster} is gone)\n{}",
+        cluster.log_tails(40)
+    );
+    ensure!(
+        !in_recovery(a).await?,
+        "a's PostgreSQL is no longer the primary"
+    );
+    sql_batch(a, "CREATE TABLE after_abort (id int)").await?;
+    frozen.resume()?;
     Ok(())
 }
