@@ -162,8 +162,26 @@ fn is_live(pid: i32) -> bool {
     }
 }
 
-/// Kills PostgreSQL; returns whether every process of it is gone within `limit`.
-fn fence(pid: i32, why: &str, limit: Duration) -> bool {
+/// When `pid` started (field 22 of /proc/<pid>/stat, clock ticks since boot): with the pid,
+/// it names one process, whatever reuses the pid after it is gone.
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Kills PostgreSQL, postmaster `pid` that started at `started` (when known); returns
+/// whether every process of it is gone within `limit`. A pid that now names another
+/// process (the postmaster died and the pid was reused) is left alone (rule 8).
+fn fence(pid: i32, started: Option<u64>, why: &str, limit: Duration) -> bool {
+    if started.is_some() && start_ticks(pid) != started {
+        say!("{why}; PostgreSQL (postmaster {pid}) is already gone");
+        return true;
+    }
     let killed = kill_postgres(pid);
     say!("{why}; killed PostgreSQL (postmaster {pid} and its children)");
     let deadline = std::time::Instant::now() + limit;
@@ -277,11 +295,12 @@ pub fn run() {
         }
         let _ = tx.send(None);
     });
-    let mut armed: Option<(i32, i64, i64)> = None;
+    // pid, deadline, lease, the pid's start time.
+    let mut armed: Option<(i32, i64, i64, Option<u64>)> = None;
     let mut etcd: Option<Box<EtcdConfig>> = None;
     loop {
         let msg = match armed {
-            Some((_, deadline, _)) => {
+            Some((_, deadline, _, _)) => {
                 let left = deadline - monotonic_ns();
                 if left <= 0 {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout)
@@ -298,15 +317,22 @@ pub fn run() {
                 pid,
                 deadline_ns,
                 lease,
-            }))) => armed = Some((pid, deadline_ns, lease)),
+            }))) => {
+                let started = match armed {
+                    Some((same, _, _, started)) if same == pid => started,
+                    _ => start_ticks(pid),
+                };
+                armed = Some((pid, deadline_ns, lease, started))
+            }
             Ok(Some(Message::Command(Command::Disarm))) => armed = None,
             Ok(Some(Message::Etcd(c))) => etcd = Some(c),
             Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                if let Some((pid, _, lease)) = armed {
+                if let Some((pid, _, lease, started)) = armed {
                     // The agent died (its node lives): fence first, and only once every
                     // process of PostgreSQL is gone free the key for a replica (rule 3).
                     let dead = fence(
                         pid,
+                        started,
                         "the agent exited while PostgreSQL could accept writes",
                         Duration::from_secs(5),
                     );
@@ -324,9 +350,10 @@ pub fn run() {
                 return;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if let Some((pid, _, _)) = armed.take() {
+                if let Some((pid, _, _, started)) = armed.take() {
                     fence(
                         pid,
+                        started,
                         "the agent did not renew the leader lease before its deadline",
                         Duration::from_secs(1),
                     );

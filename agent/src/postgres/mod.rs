@@ -299,11 +299,7 @@ impl Postgres {
                 return Err(e).with_context(|| format!("cannot remove stale {}", path.display()))
             }
         }
-        tracing::info!(
-            pid,
-            reason = %why,
-            "removed stale postmaster.pid naming pid {pid}: {why}"
-        );
+        tracing::info!(reason = %why, "removed stale postmaster.pid naming pid {pid}");
         Ok(Some(pid))
     }
 
