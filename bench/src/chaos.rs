@@ -213,6 +213,7 @@ async fn run_mode(
         result.failed = Some(format!("{e:#}"));
     }
     let anomalous = result.failed.is_some()
+        || result.rounds.iter().any(|r| r.stuck.is_some())
         || !result.lost.is_empty()
         || result.writable.iter().any(|o| o.proven)
         || result.primaries.iter().any(|o| o.proven);
