@@ -346,6 +346,44 @@ impl Drop for BackgroundStatement {
     }
 }
 
+/// The `synchronous_standby_names` line of `member`'s `postgresql.conf` (what PostgreSQL
+/// starts or reloads with), unquoted; `None` if the file or the line is missing.
+pub fn configured_standby_names(member: &Member) -> Option<String> {
+    let text = std::fs::read_to_string(member.data_dir().join("postgresql.conf")).ok()?;
+    text.lines().find_map(|line| {
+        let value = line
+            .trim()
+            .strip_prefix("synchronous_standby_names")?
+            .trim_start()
+            .strip_prefix('=')?
+            .trim();
+        let inner = value.strip_prefix('\'')?.strip_suffix('\'')?;
+        Some(inner.replace("''", "'"))
+    })
+}
+
+/// The pids of the `pgherd-agent watchdog` processes the agent `agent_pid` started.
+pub fn watchdog_pids(agent_pid: u32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The parent pid is the second field after the parenthesised command name.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(agent_pid)
+                && cmdline
+                    .split(|b| *b == 0)
+                    .any(|arg| arg == b"watchdog".as_slice())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use pgherd_tests::sync::{
-    edit_config, list_table, listed_sync_state, replication_states, sync_bootstrap_yaml, sync_key,
-    synchronous_standby_names, wait_synchronous, writable_members, BackgroundStatement,
-    StandbyNames, Synchronous,
+    configured_standby_names, edit_config, list_table, listed_sync_state, replication_states,
+    sync_bootstrap_yaml, sync_key, synchronous_standby_names, wait_synchronous, watchdog_pids,
+    writable_members, BackgroundStatement, StandbyNames, Synchronous,
 };
 use pgherd_tests::{
     missing_rows, receive_lsn, sql_batch, sql_value, wait_until, wal_receiver, Cluster, Lsn,
@@ -1078,6 +1078,217 @@ async fn quorum_candidate_does_not_trust_a_position_a_live_member_published_befo
         b.name(),
         a.name(),
         b.name()
+    );
+    Ok(())
+}
+
+/// Whether the sync key names `leader` with standbys: its acknowledged commits must then be
+/// on them, so its PostgreSQL must not run with `''` or `'*'`.
+fn key_promises_standbys(key: &Option<pgherd_tests::sync::SyncKey>, leader: &str) -> bool {
+    key.as_ref()
+        .is_some_and(|k| k.leader == leader && !k.members.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_agent_restarted_within_ttl_configures_its_standbys_from_the_sync_key(
+) -> Result<()> {
+    // ttl 20: the restarted agent finds the leader key still naming it.
+    let cluster = Cluster::builder()
+        .members(2)
+        .yaml(sync_bootstrap_yaml("on", false, 1))
+        .yaml("bootstrap: {dcs: {ttl: 20}}")
+        .start()
+        .await?;
+    let sync = wait_synchronous(&cluster, 1, BRINGUP).await?;
+    let leader = cluster.member(&sync.leader);
+    let standby = cluster.member(&sync.key.members[0]);
+    sql_batch(leader, "CREATE TABLE pgherd_restart (id int PRIMARY KEY)").await?;
+    ensure!(
+        configured_standby_names(leader).as_deref()
+            == Some(format!("FIRST 1 (\"{}\")", standby.name()).as_str()),
+        "{}'s postgresql.conf has synchronous_standby_names {:?}",
+        leader.name(),
+        configured_standby_names(leader)
+    );
+
+    // Every 20 ms: the sync key, what postgresql.conf says and what PostgreSQL runs with, and
+    // the key again. A value of '' or '*' between two reads of a key that names standbys is
+    // a window in which the leader acknowledges commits those standbys may lack.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let probe = async {
+        let mut seen: Vec<String> = Vec::new();
+        let mut violations: Vec<String> = Vec::new();
+        let mut samples = 0u32;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let before = sync_key(&cluster).await.ok().flatten();
+            let conf = configured_standby_names(leader);
+            let shown = match sql_value::<bool>(leader, "SELECT pg_is_in_recovery()").await {
+                Ok(false) => sql_value::<String>(leader, "SHOW synchronous_standby_names")
+                    .await
+                    .ok(),
+                _ => None,
+            };
+            let after = sync_key(&cluster).await.ok().flatten();
+            samples += 1;
+            for (source, value) in [("postgresql.conf", &conf), ("SHOW", &shown)] {
+                let Some(v) = value else { continue };
+                let label = format!("{source}: '{v}'");
+                if !seen.contains(&label) {
+                    seen.push(label.clone());
+                }
+                if (v.is_empty() || v == "*")
+                    && key_promises_standbys(&before, leader.name())
+                    && key_promises_standbys(&after, leader.name())
+                {
+                    violations.push(format!("{label} while the sync key is {after:?}"));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (seen, violations, samples)
+    };
+    let scenario = async {
+        let result = async {
+            // Freeze the watchdog before the agent dies, so that it neither fences
+            // PostgreSQL nor releases the lease: the restarted agent finds its primary
+            // running and the key naming it, then restarts it as the primary.
+            let agent_pid = leader.pid().context("the leader's agent is not running")?;
+            let watchdogs = watchdog_pids(agent_pid);
+            ensure!(
+                !watchdogs.is_empty(),
+                "no watchdog process under {}'s agent (pid {agent_pid})",
+                leader.name()
+            );
+            let signal = |sig| {
+                for w in &watchdogs {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*w), sig);
+                }
+            };
+            signal(nix::sys::signal::Signal::SIGSTOP);
+            leader.kill()?;
+            signal(nix::sys::signal::Signal::SIGKILL);
+            let restarted = Instant::now();
+            leader.start()?;
+            let back = wait_until(
+                FAILOVER,
+                format!(
+                    "{} to lead again with {} synchronous",
+                    leader.name(),
+                    standby.name()
+                ),
+                || async {
+                    ensure!(
+                        cluster.leader_name().await?.as_deref() == Some(leader.name()),
+                        "the leader key does not name {}",
+                        leader.name()
+                    );
+                    ensure!(
+                        leader
+                            .agent_log_of_last_start()
+                            .contains("re-acquiring it with a new lease"),
+                        "{} has not re-acquired its key yet",
+                        leader.name()
+                    );
+                    let names = synchronous_standby_names(leader).await?;
+                    ensure!(
+                        names == StandbyNames::First(1, vec![standby.name().to_string()]),
+                        "synchronous_standby_names {names:?}"
+                    );
+                    Ok(Instant::now())
+                },
+            )
+            .await?;
+            sql_batch(leader, "INSERT INTO pgherd_restart VALUES (1)").await?;
+            let n: i64 = sql_value(standby, "SELECT count(*) FROM pgherd_restart").await?;
+            ensure!(
+                n == 1,
+                "the commit acknowledged by {} is not on its synchronous standby {}",
+                leader.name(),
+                standby.name()
+            );
+            Ok(back.duration_since(restarted))
+        }
+        .await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        result
+    };
+    let ((seen, violations, samples), back) = tokio::join!(probe, scenario);
+    let back = back?;
+    ensure!(
+        violations.is_empty(),
+        "{} ran without its synchronous standby while the sync key named it, in {} of {samples} samples; first: {}; last: {}",
+        leader.name(),
+        violations.len(),
+        violations.first().map(String::as_str).unwrap_or_default(),
+        violations.last().map(String::as_str).unwrap_or_default()
+    );
+    eprintln!(
+        "figures: {} led again {} after its agent was killed and restarted; {samples} samples of its synchronous_standby_names: {}",
+        leader.name(),
+        secs(back),
+        seen.join(", ")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_change_waits_for_the_position_after_postgresql_applied_it() -> Result<()> {
+    // ttl 10: the leader stays frozen at the change for a moment without losing its lease.
+    let cluster = Cluster::builder()
+        .members(2)
+        .yaml(sync_bootstrap_yaml("quorum", false, 1))
+        .yaml("bootstrap: {dcs: {ttl: 10}}")
+        .configure()
+        .await?;
+    let leader = &cluster.members()[0];
+    let standby = &cluster.members()[1];
+    leader.start_with_failpoints(&["set-sync-standbys"])?;
+    cluster.wait_healthy(BRINGUP).await?;
+    sql_batch(
+        leader,
+        "CREATE TABLE pgherd_changed_at (id int PRIMARY KEY)",
+    )
+    .await?;
+    standby.start()?;
+    // The standby joins: the key grows first, then synchronous_standby_names; the leader
+    // freezes between its observation and the change.
+    leader.wait_failpoint("set-sync-standbys", BRINGUP).await?;
+    // Commits acknowledged now are under the old value (''): the position standbys must
+    // flush past must cover them.
+    sql_batch(
+        leader,
+        "INSERT INTO pgherd_changed_at SELECT generate_series(1, 1000)",
+    )
+    .await?;
+    let written = pgherd_tests::current_wal_lsn(leader).await?;
+    leader.signal(pgherd_tests::Signal::SIGCONT)?;
+    let recorded = wait_until(
+        REPLICATION,
+        format!("{} to log the position of its change", leader.name()),
+        || async {
+            let log = leader.agent_log_of_last_start();
+            let line = log
+                .lines()
+                .find(|l| l.contains("synchronous_standby_names=") && l.contains("wal_lsn="))
+                .context("no line yet")?;
+            let lsn = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("wal_lsn="))
+                .context("no wal_lsn")?;
+            lsn.parse::<Lsn>()
+                .map_err(|e| anyhow::anyhow!("{lsn}: {e:?}"))
+        },
+    )
+    .await?;
+    ensure!(
+        recorded >= written,
+        "{} recorded {recorded} as the position of its synchronous_standby_names change, before the commits acknowledged under the old value (up to {written})",
+        leader.name()
+    );
+    let sync = wait_synchronous(&cluster, 1, REPLICATION).await?;
+    ensure!(sync.key.quorum == 1, "sync key {:?}", sync.key);
+    eprintln!(
+        "figures: commits up to {written} acknowledged while the change was pending; the change recorded {recorded}"
     );
     Ok(())
 }

@@ -99,7 +99,7 @@ pub fn best_candidate(
         && view
             .sync
             .as_ref()
-            .is_some_and(|k| k.members.iter().any(|m| m == &cfg.name));
+            .is_some_and(|k| k.leader == cfg.name || k.members.iter().any(|m| m == &cfg.name));
     if let (Some(optime), false) = (view.leader_optime, sync_member) {
         let lag = optime.bytes_after(mine);
         if lag > cfg.dcs.maximum_lag_on_failover {
@@ -111,12 +111,13 @@ pub fn best_candidate(
     }
     // For the quorum proof only members whose agents answered just now count: a crashed
     // member's key outlives it (until its lease expires) with a position that may predate
-    // commits only it confirmed.
+    // commits only it confirmed. Nobody asked (`reached` is None) means no witness, also
+    // while a `switchover` key exists: its election may fall to these rules.
     let reachable: Vec<(String, Lsn)> = view
         .members
         .values()
         .filter(|m| m.name != cfg.name && m.state.is_healthy())
-        .filter(|m| view.reached.as_ref().is_none_or(|r| r.contains(&m.name)))
+        .filter(|m| view.reached.as_ref().is_some_and(|r| r.contains(&m.name)))
         .filter_map(|m| m.wal_position().map(|p| (m.name.clone(), p)))
         .collect();
     let (mode, strict) = (cfg.dcs.synchronous_mode, cfg.dcs.synchronous_mode_strict);
@@ -129,18 +130,25 @@ pub fn best_candidate(
         &reachable,
     )
     .map_err(CandidateRefusal::Sync)?;
-    // In synchronous mode only the sync key's members compete.
-    let sync_members: Option<&[String]> = view
+    // In synchronous mode only the sync key's holders compete (see `sync::may_take_over`):
+    // its leader, and its members where they may take over whatever they see: always in
+    // `on` mode; in `quorum` mode not with q = 0, and not against the key's leader, which
+    // needs no proof (deferring to a member whose proof fails would leave nobody leading).
+    let holders: Option<&crate::dcs::model::SyncKey> = view
         .sync
         .as_ref()
-        .map(|k| k.members.as_slice())
-        .filter(|m| mode != pgherd_config::SynchronousMode::Off && (!m.is_empty() || strict));
+        .filter(|_| mode != pgherd_config::SynchronousMode::Off);
+    let members_compete = holders.is_none_or(|k| {
+        mode != pgherd_config::SynchronousMode::Quorum || (k.quorum > 0 && k.leader != cfg.name)
+    });
     let my_rank = rank(mine, cfg.tags.failover_priority, &cfg.name);
     let eligible = |m: &&MemberInfo| {
         m.name != cfg.name
             && m.state.is_healthy()
             && !m.tags.nofailover
-            && sync_members.is_none_or(|s| s.contains(&m.name))
+            && holders.is_none_or(|k| {
+                k.leader == m.name || (members_compete && k.members.contains(&m.name))
+            })
     };
     for other in view.members.values().filter(eligible) {
         if let Some(pos) = other.wal_position() {

@@ -178,6 +178,21 @@ fn confirmed(input: &SyncInput<'_>, name: &str) -> bool {
         .any(|r| r.application_name == name && (r.sync_state == "sync" || r.sync_state == "quorum"))
 }
 
+/// Whether `name` has flushed past the leader's position at the last change of
+/// `synchronous_standby_names` (`changed_at`, taken once PostgreSQL applied it). Unknown
+/// (`None`) only before this leader changed the list at all, when the list in effect was
+/// rendered from the key it still leads.
+fn flushed_past_change(input: &SyncInput<'_>, name: &str) -> bool {
+    input.replication.iter().any(|r| {
+        r.application_name == name
+            && match (r.flush_lsn, input.changed_at) {
+                (Some(f), Some(c)) => f >= c,
+                (Some(_), None) => true,
+                (None, _) => false,
+            }
+    })
+}
+
 fn plan_first(
     input: &SyncInput<'_>,
     members: Vec<String>,
@@ -229,11 +244,17 @@ fn plan_first(
         steps.push(SyncStep::SetStandbys(target.clone()));
     }
     // 3. Joining: into the key only once PostgreSQL confirms it as synchronous under the
-    //    target list (so it holds every acknowledged commit).
+    //    target list (every commit from then on waits for it) and it has flushed past the
+    //    last change of the list (every commit acknowledged before, under '' or '*' or
+    //    another list, is below that position). PostgreSQL reports a standby `sync` as
+    //    soon as it is listed and streaming, not when it has caught up; with '*' before, a
+    //    `nosync` member may have been the one that confirmed those commits.
     if *input.current == target {
         let joined: Vec<String> = wanted
             .iter()
-            .filter(|w| key_members.contains(w) || confirmed(input, w))
+            .filter(|w| {
+                key_members.contains(w) || (confirmed(input, w) && flushed_past_change(input, w))
+            })
             .cloned()
             .collect();
         if joined != key_members {
@@ -279,8 +300,11 @@ fn plan_quorum(input: &SyncInput<'_>, key_now: SyncKey, mut steps: Vec<SyncStep>
             }
         }
         grown.sort();
+        // Into an empty key with q = 0: the commits acknowledged so far (under '' or '*',
+        // where an unlisted or nosync standby may have confirmed them) are on the leader
+        // alone as far as the key knows; q is raised in step 3 once the set caught up.
         let quorum = if key_now.members.is_empty() {
-            q
+            0
         } else {
             key_now.quorum.min(q)
         };
@@ -307,16 +331,7 @@ fn plan_quorum(input: &SyncInput<'_>, key_now: SyncKey, mut steps: Vec<SyncStep>
     //    last change of synchronous_standby_names.
     let pending = key_now.members != wanted || key_now.quorum != current_q;
     if pending {
-        let caught_up = wanted.iter().all(|w| {
-            input.replication.iter().any(|r| {
-                r.application_name == *w
-                    && match (r.flush_lsn, input.changed_at) {
-                        (Some(f), Some(c)) => f >= c,
-                        (Some(_), None) => true,
-                        (None, _) => false,
-                    }
-            })
-        });
+        let caught_up = wanted.iter().all(|w| flushed_past_change(input, w));
         if caught_up {
             steps.push(SyncStep::SetKey(key(input.leader, wanted, current_q)));
         }
@@ -327,6 +342,22 @@ fn plan_quorum(input: &SyncInput<'_>, key_now: SyncKey, mut steps: Vec<SyncStep>
 /// Whether this member may take the vacant leader key in synchronous mode, and why not.
 /// `reachable` are the key's members this candidate sees as healthy (itself included), with
 /// their WAL positions.
+///
+/// Who holds the acknowledged commits (the holders) follows from the key `{L, M, q}`:
+///
+/// - L, the leader that wrote the key, holds every commit it acknowledged: it wrote them.
+///   It may take the key back (its agent restarted after its lease ran out) in every mode.
+/// - `on`: every member of M holds every acknowledged commit too.
+/// - `quorum`: each acknowledged commit is on at least q members of M; a member of M
+///   may take over with the pigeonhole proof below. q = 0 says no member of M is a
+///   witness yet (they joined after commits only L and maybe an unlisted standby had).
+/// - M empty: L alone. A new leader claims `{L, []}` before its first write and then
+///   acknowledges commits alone (`''`, non-strict) or with any standby at all (`'*'`,
+///   strict, which a `nosync` member may answer); the commits it took over are also on it
+///   alone once it promoted. So no other member may take over from `{L, []}`, strict or
+///   not: non-strict mode trades the leader's writes for availability while it lives, not
+///   its acknowledged commits once it is gone. A manual failover still can.
+/// - No key at all: no guarantee was ever given; non-strict mode uses the usual rules.
 pub fn may_take_over(
     mode: SynchronousMode,
     strict: bool,
@@ -335,27 +366,44 @@ pub fn may_take_over(
     my_position: Lsn,
     reachable: &[(String, Lsn)],
 ) -> Result<(), String> {
-    let members = key.map(|k| k.members.as_slice()).unwrap_or(&[]);
+    let mode_name = match mode {
+        SynchronousMode::On => "on",
+        _ => "quorum",
+    };
+    let k = match (mode, key) {
+        (SynchronousMode::Off, _) => return Ok(()),
+        (_, None) if !strict => return Ok(()),
+        (_, None) => {
+            return Err(format!(
+                "synchronous mode is {mode_name} (strict) and there is no sync key: nobody is known to hold every acknowledged commit"
+            ))
+        }
+        (_, Some(k)) => k,
+    };
+    if k.leader == me {
+        return Ok(());
+    }
+    let members = k.members.as_slice();
+    if members.is_empty() {
+        return Err(format!(
+            "synchronous mode is {mode_name} and the sync key names no standby: only {}, the leader that wrote it, holds every acknowledged commit",
+            k.leader
+        ));
+    }
+    if !members.iter().any(|m| m == me) {
+        return Err(format!(
+            "synchronous mode is {mode_name}: only members of the sync key ({}) or its leader {} may take over",
+            members.join(", "),
+            k.leader
+        ));
+    }
     match mode {
-        SynchronousMode::Off => Ok(()),
-        // The leader had fallen back to asynchronous replication (non-strict): nobody holds
-        // a guarantee, the usual rules pick the most advanced member.
-        _ if members.is_empty() && !strict => Ok(()),
-        _ if !members.iter().any(|m| m == me) => Err(format!(
-            "synchronous mode is {}: only members of the sync key ({}) may take over",
-            match mode {
-                SynchronousMode::On => "on",
-                _ => "quorum",
-            },
-            if members.is_empty() {
-                "none".to_string()
-            } else {
-                members.join(", ")
-            }
+        SynchronousMode::Quorum if k.quorum == 0 => Err(format!(
+            "quorum: the sync set ({}) has not caught up with the commits {} acknowledged before it was listed",
+            members.join(", "),
+            k.leader
         )),
-        SynchronousMode::On => Ok(()),
         SynchronousMode::Quorum => {
-            let k = key.expect("members is non-empty, so the key exists");
             let seen: Vec<&(String, Lsn)> = reachable
                 .iter()
                 .filter(|(n, _)| members.contains(n))
@@ -375,6 +423,7 @@ pub fn may_take_over(
             }
             Ok(())
         }
+        _ => Ok(()),
     }
 }
 

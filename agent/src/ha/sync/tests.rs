@@ -322,9 +322,10 @@ fn sync_members_only_take_over_and_quorum_needs_enough_reachable_members() {
         refused.contains("only members of the sync key"),
         "{refused}"
     );
-    // Fallen back to async (non-strict): the usual rules apply.
+    // Fallen back to async (non-strict): the commits since are on the key's leader alone
+    // (see the_key_leader_is_a_holder_and_an_empty_key_makes_no_other_member_eligible).
     let empty = sync_key(&[], 0);
-    assert!(may_take_over(on, false, Some(&empty), "c", Lsn(1), &[]).is_ok());
+    assert!(may_take_over(on, false, Some(&empty), "c", Lsn(1), &[]).is_err());
     assert!(may_take_over(on, true, Some(&empty), "c", Lsn(1), &[]).is_err());
 
     let q = SynchronousMode::Quorum;
@@ -360,4 +361,96 @@ fn synchronous_standby_names_round_trips() {
     );
     let c = Case::on(&[], other, &[]);
     assert_eq!(c.plan(), vec![SyncStep::SetStandbys(Standbys::None)]);
+}
+
+#[test]
+fn the_key_leader_is_a_holder_and_an_empty_key_makes_no_other_member_eligible() {
+    // A new leader claims `{l, []}` before its first write: whatever it acknowledged since
+    // is on l alone (asynchronously in non-strict mode, under '*' in strict mode), so
+    // nobody else may take over, strict or not, in either mode.
+    let empty = sync_key(&[], 0);
+    for mode in [SynchronousMode::On, SynchronousMode::Quorum] {
+        for strict in [false, true] {
+            let refused = may_take_over(mode, strict, Some(&empty), "c", Lsn(9), &[]);
+            assert!(
+                refused
+                    .as_ref()
+                    .is_err_and(|why| why.contains("only l, the leader that wrote it")),
+                "{mode:?} strict={strict}: {refused:?}"
+            );
+            assert_eq!(
+                may_take_over(mode, strict, Some(&empty), "l", Lsn(1), &[]),
+                Ok(()),
+                "{mode:?} strict={strict}: the key's own leader holds every commit"
+            );
+        }
+    }
+    // The key's leader also when the key has members (its agent restarted after its lease
+    // expired); in quorum mode it needs no witnesses.
+    let k = sync_key(&["b", "c"], 1);
+    assert_eq!(
+        may_take_over(SynchronousMode::Quorum, false, Some(&k), "l", Lsn(1), &[]),
+        Ok(())
+    );
+    assert_eq!(
+        may_take_over(SynchronousMode::On, true, Some(&k), "l", Lsn(1), &[]),
+        Ok(())
+    );
+    // No key at all: no guarantee was ever given, so non-strict mode keeps the usual rules.
+    assert_eq!(
+        may_take_over(SynchronousMode::On, false, None, "c", Lsn(1), &[]),
+        Ok(())
+    );
+}
+
+#[test]
+fn on_a_standby_enters_the_key_only_after_flushing_past_the_last_change() {
+    // Strict mode with '*': any standby confirmed, a nosync one included. b becomes the
+    // listed synchronous standby; PostgreSQL calls it `sync` at once, but the commits '*'
+    // let the nosync member confirm are on b only once b flushed past the change.
+    let mut c = Case::on(&[], Standbys::Any, &["b"]);
+    c.strict = true;
+    assert_eq!(c.plan(), vec![SyncStep::SetStandbys(first(&["b"]))]);
+    c.current = first(&["b"]);
+    c.changed_at = Some(Lsn(100));
+    c.replication = vec![rep("b", "sync", 60), rep("nosync", "async", 100)];
+    assert_eq!(c.plan(), vec![]);
+    c.replication = vec![rep("b", "sync", 100)];
+    assert_eq!(c.plan(), vec![SyncStep::SetKey(sync_key(&["b"], 1))]);
+    // The same after an asynchronous fallback (''), and for a second standby joining.
+    let mut c = Case::on(&["b"], first(&["b", "c"]), &["b", "c"]);
+    c.n = 2;
+    c.changed_at = Some(Lsn(100));
+    c.replication = vec![rep("b", "sync", 100), rep("c", "sync", 99)];
+    assert_eq!(c.plan(), vec![]);
+}
+
+#[test]
+fn quorum_members_joining_an_empty_key_count_only_once_caught_up() {
+    // From '*' (strict) or '' (fallback), acknowledged commits are on the leader and maybe
+    // one unlisted standby: the set joins with q = 0 (no member is a witness yet), and q is
+    // raised once every member flushed past the change to ANY.
+    let any1 = |v: &[&str]| Standbys::Quorum(1, names(v));
+    let mut c = quorum(&[], 0, Standbys::Any, &["b", "c"]);
+    c.strict = true;
+    c.n = 1;
+    assert_eq!(c.plan(), vec![SyncStep::SetKey(sync_key(&["b", "c"], 0))]);
+    let k = sync_key(&["b", "c"], 0);
+    let refused = may_take_over(
+        SynchronousMode::Quorum,
+        true,
+        Some(&k),
+        "b",
+        Lsn(9),
+        &[("c".into(), Lsn(9))],
+    );
+    assert!(refused.is_err(), "{refused:?}");
+    c.key = Some(k);
+    assert_eq!(c.plan(), vec![SyncStep::SetStandbys(any1(&["b", "c"]))]);
+    c.current = any1(&["b", "c"]);
+    c.changed_at = Some(Lsn(100));
+    c.replication = vec![rep("b", "quorum", 100), rep("c", "quorum", 40)];
+    assert_eq!(c.plan(), vec![]);
+    c.replication = vec![rep("b", "quorum", 100), rep("c", "quorum", 100)];
+    assert_eq!(c.plan(), vec![SyncStep::SetKey(sync_key(&["b", "c"], 1))]);
 }
