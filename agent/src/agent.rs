@@ -59,6 +59,9 @@ pub struct Agent {
     /// Present while this member holds (or is acquiring) the leader key.
     leader_lease: Option<Lease>,
     leader_valid_until: Option<Instant>,
+    /// The lease's safe deadline while we hold it, for jobs that must check it before a
+    /// writable step (the restore promotes only under a live lease, rule 1).
+    lease_deadline: tokio::sync::watch::Sender<Option<Instant>>,
     memory: Memory,
     job: Option<Job>,
     finished_job: Option<(JobKind, Result<(), String>)>,
@@ -140,6 +143,7 @@ impl Agent {
             member_lease: None,
             leader_lease: None,
             leader_valid_until: None,
+            lease_deadline: tokio::sync::watch::Sender::new(None),
             memory: Memory::default(),
             job: None,
             finished_job: None,
@@ -312,6 +316,8 @@ impl Agent {
     /// lease's deadline while we hold it, and with the last deadline after the lease is gone
     /// until that postmaster has stopped (`watchdog::command`).
     fn arm_watchdog(&mut self) {
+        self.lease_deadline
+            .send_replace(self.leader_lease.as_ref().and(self.leader_valid_until));
         let Some(wd) = self.watchdog.as_mut() else {
             return;
         };
@@ -817,6 +823,7 @@ impl Agent {
                 }
                 recorded
             }
+            Action::AbandonRestore { id } => self.abandon_restore(id).await,
             Action::EmptyDataDir => {
                 // Rule 6: never on the key holder (in this process or as etcd last said), and
                 // always with the reason logged.
@@ -1272,6 +1279,33 @@ impl Agent {
         Ok(())
     }
 
+    /// Ends restore `id`, started by a member that lost the leader key before it finished,
+    /// as failed: the cluster goes on with the data its new leader has.
+    async fn abandon_restore(&mut self, id: &str) -> Result<()> {
+        use crate::dcs::model::RestorePhase;
+        let view = self.dcs.load().await?;
+        let Some((mut key, rev)) = view
+            .restore
+            .clone()
+            .filter(|(k, _)| k.id == id && k.phase == RestorePhase::Restoring)
+        else {
+            return Ok(());
+        };
+        key.phase = RestorePhase::Failed;
+        key.finished_at = Some(now_rfc3339());
+        key.message = format!(
+            "abandoned: {} lost the leader key before the restore finished; {} leads with the data it had",
+            key.leader, self.cfg.name
+        );
+        if !self.dcs.put_restore(&key, rev).await? {
+            return Err(anyhow!(
+                "cannot end restore {id}: the restore key changed or the leader key no longer names me"
+            ));
+        }
+        tracing::warn!(restore = %id, reason = %key.message, "decision");
+        Ok(())
+    }
+
     /// Records how restore `id` ended in the `restore` key and, on success, in `history`.
     async fn finish_restore(&mut self, id: &str, error: Option<String>) -> Result<()> {
         use crate::dcs::model::RestorePhase;
@@ -1373,6 +1407,7 @@ impl Agent {
                     .map(|(k, _)| k.clone())
                     .filter(|k| &k.id == id);
                 let ctx = self.backup.clone();
+                let lease = backup_ops::LeaseCheck(self.lease_deadline.subscribe());
                 // No standby exists on the restored timeline yet.
                 let mut params = params;
                 params.insert(
@@ -1382,7 +1417,7 @@ impl Agent {
                 tokio::spawn(async move {
                     let key = key.context("the restore key disappeared")?;
                     let ctx = ctx.context("this member has no backup section")?;
-                    backup_ops::run_restore(ctx, pg, key, params).await
+                    backup_ops::run_restore(ctx, pg, key, params, lease).await
                 })
             }
         };

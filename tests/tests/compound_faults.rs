@@ -17,6 +17,8 @@ const FAILOVER: Duration = Duration::from_secs(60);
 const FAILPOINT: Duration = Duration::from_secs(60);
 /// A standby catches up with a row.
 const REPLICATION: Duration = Duration::from_secs(30);
+/// A restore from a fresh backup, with room for a loaded machine.
+const RESTORE: Duration = Duration::from_secs(180);
 /// A member rejoining: pg_rewind, start, catch up.
 const REJOIN: Duration = Duration::from_secs(120);
 
@@ -244,5 +246,72 @@ async fn a_switchover_whose_checkpoint_hangs_is_aborted_and_the_leader_keeps_wri
     );
     sql_batch(a, "CREATE TABLE after_abort (id int)").await?;
     frozen.resume()?;
+    Ok(())
+}
+
+/// A restore whose leader dies half-way is ended by the member that leads next, and never
+/// comes back: the old restorer has no special claim to the key, and rows written after the
+/// interruption survive its return and a clean stop of the new leader (rule 7, item 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_restore_is_ended_by_the_next_leader_and_never_runs_again() -> Result<()> {
+    let cluster = Cluster::builder()
+        .member(MemberOptions::new().name("a"))
+        .member(MemberOptions::new().name("b"))
+        .member(MemberOptions::new().name("c"))
+        .backups()
+        .configure()
+        .await?;
+    let a = cluster.member("a");
+    a.set_failpoints(&["restore-before-recovery"]);
+    cluster.start_with_leader("a", BRINGUP).await?;
+    sql_batch(a, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    sql_batch(a, "INSERT INTO t SELECT generate_series(1, 10)").await?;
+    cluster.ctl_output(&["backup"]).await?.expect_success()?;
+    cluster
+        .ctl_output(&["restore", "--latest", "--force", "--no-wait"])
+        .await?
+        .expect_success()?;
+    a.wait_failpoint("restore-before-recovery", RESTORE).await?;
+    a.crash()?;
+    a.set_failpoints(&[]);
+
+    // a's member key expires; another member leads with the data it has and ends the restore.
+    let leader = cluster.wait_new_leader("a", FAILOVER).await?;
+    let new = cluster.member(&leader);
+    wait_until(REPLICATION, "the restore key to be ended", || async {
+        let key = cluster
+            .etcd_get("restore")
+            .await?
+            .context("no restore key")?;
+        ensure!(
+            key.contains("\"failed\"") && key.contains("abandoned"),
+            "restore key: {key}"
+        );
+        Ok(())
+    })
+    .await?;
+    sql_batch(new, "INSERT INTO t SELECT generate_series(1001, 1010)").await?;
+
+    // a returns and follows; then the new leader stops cleanly and hands the key on.
+    a.start()?;
+    cluster.wait_healthy(REJOIN).await?;
+    new.stop().await?;
+    let final_leader = cluster.wait_new_leader(&leader, FAILOVER).await?;
+    cluster.wait_healthy(REJOIN).await?;
+    let count: i64 = pgherd_tests::sql_value(
+        cluster.member(&final_leader),
+        "SELECT count(*) FROM t WHERE id > 1000",
+    )
+    .await?;
+    ensure!(
+        count == 10,
+        "{final_leader} leads with {count} of the 10 rows written after the interrupted restore: the restore ran again\n{}",
+        cluster.log_tails(40)
+    );
+    ensure!(
+        !a.agent_log_of_last_start()
+            .contains("point-in-time restore"),
+        "a ran the interrupted restore again after its return"
+    );
     Ok(())
 }

@@ -287,16 +287,37 @@ pub fn recover_interrupted_restore(pg: &Postgres) -> Result<()> {
     rename_durably(&aside, pg.data_dir())
 }
 
+/// The agent's view of its leader lease, for a job that must not make PostgreSQL writable
+/// without it (rule 1).
+pub struct LeaseCheck(pub tokio::sync::watch::Receiver<Option<tokio::time::Instant>>);
+
+impl LeaseCheck {
+    /// An error naming `what` unless the lease's safe deadline is still ahead.
+    pub fn ensure(&self, what: &str) -> Result<()> {
+        match *self.0.borrow() {
+            Some(until) if tokio::time::Instant::now() < until => Ok(()),
+            _ => bail!("refusing to {what}: this member does not hold a live leader lease"),
+        }
+    }
+}
+
 /// The restore job on the leader: stop PostgreSQL, keep the data directory aside, unpack the
 /// backup, recover to the target and promote; on any failure put the old directory back.
-/// Once the restored data is promoted the old directory is renamed to `.obsolete` first
-/// thing, so a later crash can never put it back over writes made since.
+///
+/// With a target (time, LSN, name) recovery pauses there (`recovery_target_action=pause`);
+/// the job checks the lease, renames the old directory to `.obsolete` and only then
+/// promotes, so no write can reach the restored data while the old copy could still be put
+/// back, and a crash before the promotion just runs the restore again. `--latest` has no
+/// point to pause at: PostgreSQL promotes itself at the end of the archive (the watchdog
+/// guards it like any primary) and the old directory is renamed right after.
 pub async fn run_restore(
     ctx: BackupContext,
     pg: Arc<Postgres>,
     key: RestoreKey,
     params: BTreeMap<String, ParamValue>,
+    lease: LeaseCheck,
 ) -> Result<()> {
+    lease.ensure(&format!("start restore {}", key.id))?;
     let info = ctx.catalog().get(&key.backup_id)?;
     let aside = aside_dir(&pg);
     let obsolete = obsolete_dir(&pg);
@@ -315,9 +336,15 @@ pub async fn run_restore(
     let attempt = async {
         restore::unpack(&ctx, &info, &data).await?;
         restore::arm_recovery(&ctx, &data)?;
-        pg.set_recovery_parameters(key.target.recovery_parameters());
+        let mut recovery = key.target.recovery_parameters();
+        let pause_at_target = recovery.contains_key("recovery_target_action");
+        if pause_at_target {
+            recovery.insert("recovery_target_action".into(), "pause".into());
+        }
+        pg.set_recovery_parameters(recovery);
         pg.write_pgpass()?;
         pg.write_config(&Mode::Primary, &params)?;
+        crate::failpoint::hit("restore-before-recovery");
         tracing::info!(restore = %key.id, backup = %info.id, target = %key.target.describe(), "recovering from the archive");
         pg.start().await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(ctx.backup.timeout);
@@ -327,6 +354,15 @@ pub async fn run_restore(
                     "PostgreSQL stopped during recovery: {}",
                     restore::log_tail(&pg.log_path(), 3)
                 );
+            }
+            if pause_at_target && pg.replay_paused().await.unwrap_or(false) {
+                lease.ensure(&format!("promote the data of restore {}", key.id))?;
+                // From here on the restored data is the cluster's: the old copy goes before
+                // the first write can happen.
+                rename_durably(&aside, &obsolete)?;
+                tracing::info!(restore = %key.id, reason = "recovery reached the target: promoting the restored data", "decision");
+                pg.promote().await?;
+                break;
             }
             if let Some(s) = pg.status().await {
                 if !s.in_recovery {
@@ -343,7 +379,9 @@ pub async fn run_restore(
     match attempt.await {
         Ok(()) => {
             // Promoted: from here on the restored data is the cluster's.
-            rename_durably(&aside, &obsolete)?;
+            if aside.exists() {
+                rename_durably(&aside, &obsolete)?;
+            }
             pg.set_recovery_parameters(BTreeMap::new());
             pg.write_config(&Mode::Primary, &params)?;
             pg.reload().await?;
@@ -357,6 +395,11 @@ pub async fn run_restore(
             pg.set_recovery_parameters(BTreeMap::new());
             if pg.is_running() {
                 pg.stop_immediately().await;
+            }
+            if !aside.exists() {
+                // It failed at or after the promotion: the restored data may have taken
+                // writes, so it stays (the old copy is `.obsolete`, removed at next start).
+                return Err(e.context("the restored data was being promoted; it stays in place"));
             }
             remove_tree(data.clone()).await?;
             rename_durably(&aside, &data)

@@ -226,6 +226,12 @@ pub enum Action {
         id: String,
         error: Option<String>,
     },
+    /// End restore `id`, which another member started and did not finish, as failed
+    /// ("abandoned") in the `restore` key, before this new leader accepts a write: from then
+    /// on its restorer has no claim to the leader key and never runs it again (rule 7).
+    AbandonRestore {
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -358,6 +364,21 @@ fn restore_decision(
     let (r, _) = view.restore.as_ref()?;
     let leader = view.leader_name();
     match r.phase {
+        // The restorer lost the key before it finished (its agent died, its member key
+        // expired) and I lead now: end the restore before anything writable happens here,
+        // so that it is never resumed over what this cluster writes from now on.
+        RestorePhase::Restoring if r.leader != me && i_lead => Some(decision(
+            vec![
+                Action::RenewLeader,
+                Action::AbandonRestore { id: r.id.clone() },
+            ],
+            format!(
+                "restore {} by {} did not finish and I lead now: ending it as abandoned before I accept writes",
+                r.id, r.leader
+            ),
+            Role::Leader,
+            state,
+        )),
         RestorePhase::Restoring if r.leader == me && i_lead => {
             if let Some((id, error)) = &mem.restore_outcome {
                 if *id == r.id {
@@ -392,7 +413,9 @@ fn restore_decision(
         }
         // The restoring member lost its lease (a slow step, a restart): it takes the vacant
         // key back without the usual candidate checks, since its data is being replaced
-        // from the backup anyway and nobody else may lead until the restore ends.
+        // from the backup anyway and nobody else may lead until the restore ends. This
+        // holds only while the key still says `restoring`: any other member that leads
+        // meanwhile ends it first (above), and then the restorer is a member like any other.
         RestorePhase::Restoring if r.leader == me && leader.is_none() => Some(decision(
             vec![Action::AcquireLeader],
             format!(

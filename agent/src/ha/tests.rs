@@ -1408,3 +1408,42 @@ mod unreadable_and_stuck {
         );
     }
 }
+
+/// Item 1: a member that leads while another member's restore is still `restoring` (its
+/// restorer lost the key) ends it before anything writable, even with a standby to promote.
+#[test]
+fn a_new_leader_ends_an_interrupted_restore_before_it_promotes() {
+    use crate::dcs::model::RestorePhase;
+    let mut v = view(Some("c"), &[]);
+    v.restore = Some((restore_key("a", RestorePhase::Restoring, None), 7));
+    let d = Obs::new(Some(v))
+        .running(Some(standby_status(100)))
+        .holding_lease(Duration::from_secs(5))
+        .decide(&cfg("c"), &Memory::default());
+    assert_eq!(
+        d.actions,
+        vec![
+            Action::RenewLeader,
+            Action::AbandonRestore { id: "r1".into() }
+        ],
+        "{}",
+        d.reason
+    );
+}
+
+/// Item 1: once the restore was ended, its old restorer has no claim to a vacant key: it
+/// competes like any member (here it is behind b, so it does not take the key).
+#[test]
+fn an_abandoned_restorer_has_no_claim_to_a_vacant_key() {
+    use crate::dcs::model::RestorePhase;
+    let b = member("b", MemberState::Streaming, 5_000);
+    let mut v = view(None, &[b]);
+    v.restore = Some((restore_key("a", RestorePhase::Failed, None), 7));
+    let d = Obs::new(Some(v))
+        .running(Some(standby_status(100)))
+        .decide(&cfg("a"), &Memory::default());
+    assert!(
+        !d.actions.contains(&Action::AcquireLeader),
+        "the old restorer took the vacant key: {d:?}"
+    );
+}

@@ -766,6 +766,21 @@ impl Postgres {
         }
     }
 
+    /// Whether recovery has paused (at a recovery target with `recovery_target_action =
+    /// pause`, or by `pg_wal_replay_pause()`).
+    pub async fn replay_paused(&self) -> Result<bool> {
+        self.with_client(|c| async move {
+            let row = c
+                .query_one(
+                    "SELECT pg_is_in_recovery() AND pg_get_wal_replay_pause_state() = 'paused'",
+                    &[],
+                )
+                .await?;
+            Ok(row.get::<_, bool>(0))
+        })
+        .await
+    }
+
     /// Which of `names` only take effect after a restart (context `postmaster`).
     pub async fn restart_parameters(&self, names: Vec<String>) -> Result<Vec<String>> {
         if names.is_empty() {
