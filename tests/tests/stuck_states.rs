@@ -89,3 +89,91 @@ async fn a_bootstrap_whose_identifier_write_failed_is_recorded_later() -> Result
     );
     Ok(())
 }
+
+/// Aborts a background task when the test ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Item 9b: the leader lives (its lease is renewed) but its member key cannot be read (here
+/// garbage, rewritten faster than the leader republishes it). A member that starts then
+/// cannot follow it: it says why at ERROR and in its decision, serves reads meanwhile, and
+/// follows the leader as soon as the key is readable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_member_key_is_unreadable_is_reported_and_followed_once_readable(
+) -> Result<()> {
+    let cluster = Cluster::builder().members(2).configure().await?;
+    cluster.start_with_leader("node1", BRINGUP).await?;
+    let node2 = cluster.member("node2");
+    node2.stop().await?;
+
+    let key = format!("{}members/node1", cluster.prefix());
+    let kv = cluster
+        .etcd_get_kv("members/node1")
+        .await?
+        .context("node1 has no member key")?;
+    let (lease, valid) = (kv.lease(), kv.value().to_vec());
+    let mut client = cluster.etcd().client().await?;
+    let _garbage = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let options = etcd_client::PutOptions::new().with_lease(lease);
+            let _ = client.put(key.as_str(), "{not json", Some(options)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }));
+
+    node2.start()?;
+    wait_until(
+        REACT,
+        "node2 to run read-only and say why it does not follow node1",
+        || async {
+            ensure!(
+                node2
+                    .agent_log_of_last_start()
+                    .lines()
+                    .any(|l| l.contains("ERROR") && l.contains("members/node1")),
+                "no ERROR line naming node1's member key yet"
+            );
+            ensure!(
+                node2
+                    .agent_log_of_last_start()
+                    .lines()
+                    .any(|l| l
+                        .contains("node1 holds the leader key but its member key is unreadable")),
+                "node2's decision does not name the unreadable key yet"
+            );
+            let in_recovery: bool = pgherd_tests::sql_value(node2, "SELECT pg_is_in_recovery()")
+                .await
+                .context("node2's PostgreSQL does not answer")?;
+            ensure!(in_recovery, "node2's PostgreSQL is writable");
+            Ok(())
+        },
+    )
+    .await
+    .with_context(|| cluster.log_tails(20))?;
+    ensure!(
+        cluster.leader_name().await?.as_deref() == Some("node1"),
+        "the leader key moved away from the live node1"
+    );
+
+    // Repaired as an operator would: the last valid value back, under node1's lease.
+    drop(_garbage);
+    let mut client = cluster.etcd().client().await?;
+    client
+        .put(
+            format!("{}members/node1", cluster.prefix()),
+            valid,
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+    let healthy = cluster
+        .wait_healthy(BRINGUP)
+        .await
+        .with_context(|| cluster.log_tails(20))?;
+    ensure!(healthy.leader == "node1", "{healthy:?}");
+    Ok(())
+}
