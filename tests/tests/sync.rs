@@ -14,8 +14,8 @@ use pgherd_tests::sync::{
     writable_members, BackgroundStatement, StandbyNames, Synchronous,
 };
 use pgherd_tests::{
-    missing_rows, receive_lsn, sql_batch, sql_value, wait_until, wal_receiver, Cluster, Lsn,
-    MemberOptions, Paused, Writer,
+    hold_for, missing_rows, receive_lsn, sql_batch, sql_value, wait_until, wal_receiver, Cluster,
+    Lsn, MemberOptions, Paused, Writer,
 };
 use tokio::time::Instant;
 
@@ -1289,6 +1289,108 @@ async fn a_quorum_change_waits_for_the_position_after_postgresql_applied_it() ->
     ensure!(sync.key.quorum == 1, "sync key {:?}", sync.key);
     eprintln!(
         "figures: commits up to {written} acknowledged while the change was pending; the change recorded {recorded}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_that_dies_before_listing_a_standby_is_the_only_one_to_take_over() -> Result<()>
+{
+    // ttl 10: the new leader stays frozen at its first synchronous_standby_names change
+    // for a moment without its watchdog fencing it.
+    let cluster = Cluster::builder()
+        .members(3)
+        .yaml(sync_bootstrap_yaml("on", false, 1))
+        .yaml("bootstrap: {dcs: {ttl: 10}}")
+        .configure()
+        .await?;
+    // The replicas are armed to freeze before they list a standby as leader.
+    cluster.member("node1").start()?;
+    cluster.wait_healthy(BRINGUP).await?;
+    for m in cluster.others("node1") {
+        m.start_with_failpoints(&["set-sync-standbys"])?;
+    }
+    let sync = wait_synchronous(&cluster, 1, BRINGUP).await?;
+    let old = cluster.member(&sync.leader);
+    let next = cluster.member(&sync.key.members[0]);
+    let other = cluster
+        .others(old.name())
+        .into_iter()
+        .find(|m| m.name() != next.name())
+        .context("no third member")?;
+    sql_batch(old, "CREATE TABLE pgherd_two_faults (id int PRIMARY KEY)").await?;
+
+    // First fault: the leader crashes. The key's member claims `{next, []}`, promotes and
+    // stops before listing the third member.
+    old.crash()?;
+    next.wait_failpoint("set-sync-standbys", FAILOVER).await?;
+    let key = sync_key(&cluster).await?.context("no sync key")?;
+    ensure!(
+        key.leader == next.name() && key.members.is_empty(),
+        "sync key {key:?}"
+    );
+    // Acknowledged by the new leader alone (it runs with '').
+    sql_batch(next, "INSERT INTO pgherd_two_faults VALUES (1)").await?;
+    // Second fault: the new leader crashes too.
+    next.crash()?;
+    let crashed = Instant::now();
+    hold_for(
+        Duration::from_secs(25),
+        format!(
+            "{} not taking the key that only {} may hold",
+            other.name(),
+            next.name()
+        ),
+        || async {
+            let leader = cluster.leader_name().await?;
+            ensure!(
+                leader.as_deref() != Some(other.name()),
+                "{} took the leader key while the sync key named only {}: the row {} acknowledged is not certain to be on it",
+                other.name(),
+                next.name(),
+                next.name()
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let refusal = other
+        .agent_log()
+        .lines()
+        .rev()
+        .find(|l| l.contains("not taking over"))
+        .map(|l| l.to_string());
+    ensure!(
+        refusal
+            .as_deref()
+            .is_some_and(|l| l.contains(&format!("only {}", next.name()))),
+        "{} does not say why it waits: {refusal:?}",
+        other.name()
+    );
+    // The key's leader returns and takes over with its row.
+    next.start()?;
+    let back = wait_until(REJOIN, format!("{} to lead again", next.name()), || async {
+        ensure!(
+            cluster.leader_name().await?.as_deref() == Some(next.name()),
+            "not the leader yet"
+        );
+        let n: i64 = sql_value(next, "SELECT count(*) FROM pgherd_two_faults").await?;
+        ensure!(n == 1, "{n} rows");
+        ensure!(
+            !sql_value::<bool>(next, "SELECT pg_is_in_recovery()").await?,
+            "still in recovery"
+        );
+        Ok(Instant::now())
+    })
+    .await?;
+    eprintln!(
+        "figures: {} waited {} for {} (refusing: {}); {} led again with its acknowledged row {} after its crash",
+        other.name(),
+        secs(back.duration_since(crashed)),
+        next.name(),
+        refusal.unwrap_or_default().split("reason=").last().unwrap_or_default(),
+        next.name(),
+        secs(back.duration_since(crashed))
     );
     Ok(())
 }
