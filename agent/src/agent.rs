@@ -62,6 +62,8 @@ pub struct Agent {
     /// The lease's safe deadline while we hold it, for jobs that must check it before a
     /// writable step (the restore promotes only under a live lease, rule 1).
     lease_deadline: tokio::sync::watch::Sender<Option<Instant>>,
+    /// When the last successful renewal (or grant) of the leader lease was sent.
+    last_renewal_sent: Option<Instant>,
     memory: Memory,
     job: Option<Job>,
     finished_job: Option<(JobKind, Result<(), String>)>,
@@ -144,6 +146,7 @@ impl Agent {
             leader_lease: None,
             leader_valid_until: None,
             lease_deadline: tokio::sync::watch::Sender::new(None),
+            last_renewal_sent: None,
             memory: Memory::default(),
             job: None,
             finished_job: None,
@@ -333,6 +336,15 @@ impl Agent {
         let ttl = Duration::from_secs(dcs_cfg.ttl);
         self.dcs
             .set_timeout(Duration::from_secs(dcs_cfg.retry_timeout));
+        // Rule 2: a leader renews before anything else in the cycle, so a slow etcd read or a
+        // slow PostgreSQL status query (each bounded) cannot push its renewal past the
+        // deadline and make a healthy leader fence itself. A lease found expired here is
+        // gone before decide runs; an unreachable etcd leaves it to the deadline.
+        if self.leader_lease.is_some() {
+            if let Err(e) = self.renew_leader().await {
+                tracing::warn!(error = %format!("{e:#}"), "cannot renew the leader lease at the start of the cycle");
+            }
+        }
         let mut cluster = match self.dcs.load().await {
             Ok(v) => Some(v),
             Err(e) => {
@@ -391,8 +403,8 @@ impl Agent {
             // the switchover time. Except in quorum mode: a handover can fall back to the
             // usual election (its old leader died before publishing, it expired), whose
             // quorum proof counts only members that answered just now.
-            let quorum = dynamic_config(&self.cfg, Some(view)).synchronous_mode
-                == SynchronousMode::Quorum;
+            let quorum =
+                dynamic_config(&self.cfg, Some(view)).synchronous_mode == SynchronousMode::Quorum;
             if view.leader.is_none() && (view.handover.is_none() || quorum) && s.in_recovery {
                 self.refresh_peer_positions(view).await;
             }
@@ -511,13 +523,19 @@ impl Agent {
             self.ensure_lease_valid("restart PostgreSQL as the primary")?;
         }
         tracing::info!(reason = "restart requested through the API", "decision");
-        self.pg.stop().await?;
+        // The loop waits for the restart: keep the lease renewed meanwhile (rule 2).
+        let until = Instant::now() + Duration::from_secs(self.cfg.postgres.command_timeout);
+        let pg = self.pg.clone();
+        self.with_renewal(until, async move { pg.stop().await })
+            .await?;
         if mode == Mode::Primary {
             // The lease may have run short while we stopped.
             self.ensure_lease_valid("start PostgreSQL as the primary")?;
         }
         self.pg.write_config(&mode, &self.cluster_params())?;
-        self.pg.start_and_wait().await?;
+        let pg = self.pg.clone();
+        self.with_renewal(until, async move { pg.start_and_wait().await })
+            .await?;
         self.arm_watchdog();
         self.callbacks
             .fire(Event::Restart, PgRole::of(mode != Mode::Primary));
@@ -709,7 +727,18 @@ impl Agent {
 
     /// Rule 2: the lease is safe until `sent + ttl - margin`, `sent` being when the request
     /// that (re)started its TTL left this process.
+    /// Whether we hold the lease and its last renewal was sent less than a third of the TTL
+    /// ago (at the start of this cycle, usually).
+    fn renewed_recently(&self) -> bool {
+        let ttl = Duration::from_secs(self.ha_config().dcs.ttl);
+        self.leader_lease.is_some()
+            && self
+                .last_renewal_sent
+                .is_some_and(|sent| sent.elapsed() < ttl / 3)
+    }
+
     fn lease_valid_from(&mut self, sent: Instant) {
+        self.last_renewal_sent = Some(sent);
         let ttl = self
             .leader_lease
             .as_ref()
@@ -884,6 +913,9 @@ impl Agent {
                 }
                 Ok(())
             }
+            // Renewed at the start of the cycle: again only if this cycle has been long
+            // (a third of the TTL), so a quick cycle costs one etcd round trip, not two.
+            Action::RenewLeader if self.renewed_recently() => Ok(()),
             Action::RenewLeader => self.renew_leader().await,
             Action::ReleaseLeader => {
                 // Never hand the key on while our PostgreSQL may still accept writes (rule 1).
@@ -1229,12 +1261,21 @@ impl Agent {
                     && h.to.as_deref() == Some(self.cfg.name.as_str())
             })
         });
-        self.pg.promote().await?;
+        // Promotion and the checkpoint after it can take seconds under load: the lease is
+        // renewed meanwhile (rule 2).
+        let until = Instant::now() + Duration::from_secs(self.cfg.postgres.command_timeout);
+        let pg = self.pg.clone();
+        self.with_renewal(until, async move { pg.promote().await })
+            .await?;
         self.board.count_promotion(switchover);
         // pg_rewind on a former primary reads our timeline from the control file, which
         // shows the new timeline only after the first checkpoint; PostgreSQL's own one is
         // spread out over seconds, so force it now (before we publish the new timeline).
-        if let Err(e) = self.pg.checkpoint().await {
+        let pg = self.pg.clone();
+        if let Err(e) = self
+            .with_renewal(until, async move { pg.checkpoint().await })
+            .await
+        {
             tracing::warn!(error = %format!("{e:#}"), "checkpoint after promotion failed");
         }
         self.pg

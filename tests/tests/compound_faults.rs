@@ -315,3 +315,58 @@ async fn an_interrupted_restore_is_ended_by_the_next_leader_and_never_runs_again
     );
     Ok(())
 }
+
+/// A leader whose own PostgreSQL connection hangs (its backend is frozen, so the status
+/// query runs into its 3 s bound) keeps renewing its lease first in every cycle and is not
+/// fenced by its watchdog: a slow status query is not a reason to stop a healthy primary
+/// (rule 2, item 7). With the harness's ttl 4 the old order (status, then renewal) missed
+/// the 3.5 s deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_status_query_does_not_make_a_healthy_leader_fence_itself() -> Result<()> {
+    let cluster = Cluster::builder()
+        .member(MemberOptions::new().name("a"))
+        .member(MemberOptions::new().name("b"))
+        .configure()
+        .await?;
+    cluster.start_with_leader("a", BRINGUP).await?;
+    let a = cluster.member("a");
+    let postmaster = a.postmaster_pid().context("a has no postmaster")?;
+    let rows = sql(
+        a,
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgherd' AND backend_type = 'client backend'",
+    )
+    .await?;
+    ensure!(
+        !rows.is_empty(),
+        "a's agent has no connection to its PostgreSQL"
+    );
+    let frozen: Vec<Paused> = rows
+        .iter()
+        .map(|r| Paused::pause(r.get::<_, i32>(0), "a's agent's backend"))
+        .collect::<Result<_>>()?;
+    pgherd_tests::hold_for(
+        Duration::from_secs(8),
+        "a to keep leading with its primary",
+        || async {
+            ensure!(
+                a.postmaster_pid() == Some(postmaster),
+                "a's postmaster {postmaster} is gone: the leader fenced itself"
+            );
+            Ok(())
+        },
+    )
+    .await
+    .with_context(|| cluster.log_tails(30))?;
+    ensure!(
+        cluster.leader_name().await?.as_deref() == Some("a"),
+        "a lost the leader key"
+    );
+    ensure!(
+        !a.agent_log_of_last_start().contains("pgherd watchdog"),
+        "a's watchdog fired"
+    );
+    for f in frozen {
+        f.resume()?;
+    }
+    Ok(())
+}
