@@ -63,15 +63,27 @@ impl World {
     }
 
     /// `synchronous_standby_names` as the agent writes it into the configuration.
+    /// (`Agent::cluster_params`: what this leader chose; before it chose, what the `sync`
+    /// key it still leads promises; else the mode's default.)
     pub(super) fn standbys_param(&self, i: usize) -> sync::Standbys {
-        match &self.nodes[i].standbys_set {
-            Some(s) => s.clone(),
-            None if self.cfg.synchronous_mode != SynchronousMode::Off
-                && self.cfg.synchronous_mode_strict =>
-            {
-                sync::Standbys::Any
+        let mode = self.cfg.synchronous_mode;
+        let default = if mode != SynchronousMode::Off && self.cfg.synchronous_mode_strict {
+            sync::Standbys::Any
+        } else {
+            sync::Standbys::None
+        };
+        let key = self
+            .dcs
+            .sync
+            .as_ref()
+            .filter(|k| k.leader == self.nodes[i].name && !k.members.is_empty());
+        match (&self.nodes[i].standbys_set, key, mode) {
+            (Some(s), _, _) => s.clone(),
+            (None, _, SynchronousMode::Off) | (None, None, _) => default,
+            (None, Some(k), SynchronousMode::On) => sync::Standbys::First(k.members.clone()),
+            (None, Some(k), SynchronousMode::Quorum) => {
+                sync::Standbys::Quorum(k.quorum.max(1), k.members.clone())
             }
-            None => sync::Standbys::None,
         }
     }
 
@@ -96,7 +108,11 @@ impl World {
         }
         self.nodes[i].memory.acted(obs.now, a, &Outcome::Started);
         self.apply(i, a, obs)?;
-        let wal_lsn = obs.pg.status.as_ref().and_then(|s| s.wal_lsn);
+        // `SetSyncStandbys` reports the position once the new list is in effect.
+        let wal_lsn = match a {
+            Action::SetSyncStandbys(_) => self.nodes[i].pg.data.as_ref().map(|d| d.lsn()),
+            _ => obs.pg.status.as_ref().and_then(|s| s.wal_lsn),
+        };
         self.nodes[i]
             .memory
             .acted(obs.now, a, &Outcome::Done { wal_lsn });
@@ -263,6 +279,29 @@ impl World {
             }
             Action::StartJob(kind) => self.start_job(i, kind),
             Action::FinishRestore { id, error } => self.finish_restore(i, id, error.is_none())?,
+            // `Agent::abandon_restore`: end another member's unfinished restore as failed.
+            Action::AbandonRestore { id } => {
+                if cut {
+                    return unreachable();
+                }
+                let Some((mut key, _)) = self
+                    .dcs
+                    .restore
+                    .clone()
+                    .filter(|(k, _)| k.id == *id && k.phase == RestorePhase::Restoring)
+                else {
+                    return Ok(());
+                };
+                if !self.key_names(&name) {
+                    return Err("cannot end the restore: the leader key no longer names me".into());
+                }
+                key.phase = RestorePhase::Failed;
+                let rev = self.bump();
+                self.dcs.restore = Some((key, rev));
+                if let Some(run) = self.restores.get_mut(id) {
+                    run.finished = true;
+                }
+            }
             Action::EmptyDataDir => {
                 let n = &mut self.nodes[i];
                 n.pg.running = false;
@@ -397,6 +436,18 @@ impl World {
             JobKind::Clone { .. } => (10, 30),
             JobKind::Rewind { .. } => (3, 10),
             JobKind::Restore { id } => {
+                let live = self.nodes[i]
+                    .lease
+                    .is_some_and(|(_, until)| self.now < until);
+                if !live {
+                    // `run_restore` checks the lease before it starts (a decision resumed
+                    // after a freeze may ask for it late).
+                    self.nodes[i].finished = Some(JobView::Failed(
+                        kind.clone(),
+                        "refusing to start the restore: no live leader lease".into(),
+                    ));
+                    return;
+                }
                 let seed = self.label.clone();
                 let run = self.restores.entry(id.clone()).or_default();
                 let why = if run.finished {
@@ -445,9 +496,14 @@ impl World {
                 // A rewind fails only when its source does not answer: a rewind that fails
                 // for good is remembered by design and leaves the member down.
                 let fails = job.fails && matches!(job.kind, JobKind::Clone { .. });
+                let answers = |s: usize| {
+                    self.nodes[s].pg.running
+                        || (matches!(job.kind, JobKind::Rewind { .. })
+                            && !gate!(REWIND_FAILS_WHEN_SOURCE_DOWN))
+                };
                 let src = self
                     .index(from)
-                    .filter(|&s| self.nodes[s].pg.running && !fails)
+                    .filter(|&s| answers(s) && !fails)
                     .and_then(|s| self.nodes[s].pg.data.clone());
                 match src {
                     Some(mut d) if !self.nodes[i].pg.running => {
@@ -459,8 +515,18 @@ impl World {
                 }
             }
             JobKind::Restore { id } => {
+                // The job promotes only under a live lease (`LeaseCheck`), and the watchdog
+                // fences a PostgreSQL that promoted itself at the end of the archive once
+                // the lease's deadline passed (the agent was frozen meanwhile).
+                let live = self.nodes[i]
+                    .lease
+                    .is_some_and(|(_, until)| self.now < until);
                 if job.fails {
                     Err("recovery did not reach the target".to_string())
+                } else if !live {
+                    Err(format!(
+                        "refusing to promote the data of restore {id}: no live leader lease"
+                    ))
                 } else {
                     let cut = self.restores.get(id).map_or(1, |r| r.cut);
                     let timeline = self.dcs.max_timeline + 1;
@@ -472,7 +538,7 @@ impl World {
                         n.pg.data
                             .as_mut()
                             .expect("a restore keeps a data directory");
-                    d.wal.truncate(cut);
+                    d.truncate(cut);
                     d.promote(timeline, record);
                     // The restored PostgreSQL runs as a primary with
                     // synchronous_standby_names '' (no standby on its timeline yet).

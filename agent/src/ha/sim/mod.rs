@@ -16,9 +16,6 @@
 //! The model follows what the real agent does with each action (`act.rs`), and keeps the
 //! agent's `Memory` with the agent's own bookkeeping (`Memory::observed`, `Memory::acted`).
 
-mod act;
-mod pg;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -69,14 +66,16 @@ mod gates {
     /// take over again in strict mode, and anyone may in non-strict mode (e.g. seed 7919,
     /// `on` strict: "only members of the sync key (none) may take over" for good). While
     /// off, no fault hits a leader whose `sync` key lists no member.
-    pub const LEADER_LOST_WITH_EMPTY_SYNC_KEY: bool = false;
+    /// On since 4a263bd fixed item 5.
+    pub const LEADER_LOST_WITH_EMPTY_SYNC_KEY: bool = true;
     /// Issue 12 item 4: a member that took the key with a standby's data directory and
     /// whose PostgreSQL (or agent) crashed before the promotion runs `StartPrimary`, writable
     /// on the old timeline; the old leader, ahead on that same timeline, then streams from
     /// it across a diverged history (e.g. seed 23757, off: "n0 streams from n1 across a
     /// diverged history"). While off, no fault hits a key holder whose data directory is a
     /// standby's.
-    pub const CRASH_BEFORE_PROMOTION: bool = false;
+    /// On since item 4's fix (a standby's data directory is started read-only and promoted).
+    pub const CRASH_BEFORE_PROMOTION: bool = true;
     /// Found by this simulation, no item yet: after a point-in-time restore the `sync` key
     /// still names the members whose data predate the restore, while they empty their
     /// data directories to clone again; if the restorer is lost before it rewrites the key,
@@ -90,7 +89,8 @@ mod gates {
     /// confirms commits a key member then lacks when it takes over (e.g. seed 158380, `on`
     /// strict: "acknowledged commit 1076 lost ... under synchronous_standby_names '*'").
     /// While off, a killed leader's agent stays down until its key has expired.
-    pub const LEADER_RESTART_WITHIN_TTL: bool = false;
+    /// On since 4a263bd (`cluster_params` renders the list from the key it still leads).
+    pub const LEADER_RESTART_WITHIN_TTL: bool = true;
     /// Issue 12 item 5 ('*' in strict mode): with `synchronous_standby_names = '*'` (after a
     /// promotion, until the plan lists standbys) any standby confirms a commit, also one
     /// outside the `sync` key that the key's members then lack; the key may meanwhile list
@@ -99,16 +99,29 @@ mod gates {
     /// synchronous_standby_names '*', held then by [n0, n3]"). While off, no fault hits a
     /// primary running with '*' or while a commit it acknowledged under '*' is not yet on
     /// every key member.
-    pub const STAR_CONFIRMS_OUTSIDE_SYNC_KEY: bool = false;
+    /// On since 4a263bd fixed item 5.
+    pub const STAR_CONFIRMS_OUTSIDE_SYNC_KEY: bool = true;
     /// Found by this simulation, no item yet: `pgherdctl failover --candidate X` (the API's
     /// `failover`) does not check synchronous mode, and the candidate takes the key without
     /// the candidate checks, so a member outside the `sync` key (or not the most advanced
     /// of a quorum) takes over without commits acknowledged by the others (e.g. seed 47514,
     /// quorum: "acknowledged commit 2599 lost: n2 became writable without it ... under
-    /// 'ANY 1 (n0, n2)', held then by [n1, n0, n3]"). While off, the operator asks for a
-    /// manual failover in synchronous mode only to a member of the `sync` key.
+    /// 'ANY 1 (n0, n2)', held then by [n1, n0, n3]"; seed 8378302, quorum, to a key member
+    /// that lacked a commit the other one confirmed). While off, the operator asks for a
+    /// manual failover in mode `on` only to a member of the `sync` key, in `quorum` never.
     pub const MANUAL_FAILOVER_OUTSIDE_SYNC_KEY: bool = false;
+    /// Found by this simulation, near item 12: a pg_rewind that failed because its source
+    /// did not answer (the leader crashed or stopped meanwhile) is remembered as final in
+    /// `Memory::rewind_failed` (leader name and timeline), so when the same leader comes
+    /// back on the same timeline the member stays down for good (e.g. seed 8370383, off:
+    /// "pg_rewind onto n1 (timeline 23) failed before; not starting PostgreSQL"). While
+    /// off, a rewind's source always answers.
+    pub const REWIND_FAILS_WHEN_SOURCE_DOWN: bool = false;
 }
+
+// After `gate!`, which they use.
+mod act;
+mod pg;
 
 /// A small deterministic PRNG (xorshift64*), so failures replay from their seed.
 struct Rng(u64);
@@ -771,13 +784,17 @@ impl World {
         let healthy_leader = leader
             .and_then(|l| self.dcs.members.get(l))
             .is_some_and(|l| l.state == MemberState::Running);
+        // In quorum mode no single member is sure to hold every acknowledged commit.
         let sync_ok = gate!(MANUAL_FAILOVER_OUTSIDE_SYNC_KEY)
-            || self.cfg.synchronous_mode == SynchronousMode::Off
-            || self
-                .dcs
-                .sync
-                .as_ref()
-                .is_some_and(|k| k.members.iter().any(|n| n == candidate));
+            || match self.cfg.synchronous_mode {
+                SynchronousMode::Off => true,
+                SynchronousMode::On => self
+                    .dcs
+                    .sync
+                    .as_ref()
+                    .is_some_and(|k| k.members.iter().any(|n| n == candidate)),
+                SynchronousMode::Quorum => false,
+            };
         !m.tags.nofailover
             && leader != Some(candidate)
             && !healthy_leader

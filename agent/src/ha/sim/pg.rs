@@ -59,6 +59,13 @@ impl Data {
         Some(self.history.get(i + 1).map_or(usize::MAX, |(_, at)| *at))
     }
 
+    /// Recovery stopped after `len` records (a restore's target): later timelines are gone.
+    pub fn truncate(&mut self, len: usize) {
+        self.wal.truncate(len);
+        self.history.retain(|(_, at)| *at < len.max(1));
+        self.timeline = self.history.last().map_or(1, |(t, _)| *t);
+    }
+
     /// Promotion: a new timeline starting with an end-of-recovery record.
     pub fn promote(&mut self, timeline: u32, record: u64) {
         self.history.push((timeline, self.wal.len()));
