@@ -52,7 +52,11 @@ mod gates {
     /// etcd while a restore is requested of it, runs, or waits to be recorded. Another member
     /// takes over meanwhile, and the restorer comes back, takes the vacant key without the
     /// candidate checks and runs the restore again after the new leader's writes (e.g.
-    /// seed 15838, quorum: "restore r1 runs on n0 after it finished").
+    /// seed 15838, quorum: "restore r1 runs on n0 after it finished"). Still seen after
+    /// b2dd898 (abandoned restores, lease checks): the restorer killed between its job's
+    /// success and `FinishRestore` (or whose restored PostgreSQL stopped, so `FinishRestore`
+    /// cannot read the timeline and fails on every loop) forgets the outcome and runs the
+    /// restore again over what the restored primary acknowledged.
     pub const RESTORE_INTERRUPTION: bool = false;
     /// Found by this simulation, no item yet: a `nofailover` member is chosen as a
     /// synchronous standby (`with_sync_steps` filters only `nosync`). With
@@ -113,7 +117,8 @@ mod gates {
     /// Found by this simulation, near item 12: a pg_rewind that failed because its source
     /// did not answer (the leader crashed or stopped meanwhile) is remembered as final in
     /// `Memory::rewind_failed` (leader name and timeline), so when the same leader comes
-    /// back on the same timeline the member stays down for good (e.g. seed 8370383, off:
+    /// back on the same timeline the member stays down for good (e.g. seed 8370383, off, and
+    /// at e9d9e34 seed 8037785, quorum:
     /// "pg_rewind onto n1 (timeline 23) failed before; not starting PostgreSQL"). While
     /// off, a rewind's source always answers.
     pub const REWIND_FAILS_WHEN_SOURCE_DOWN: bool = false;
