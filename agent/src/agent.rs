@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::StatusBoard;
 use crate::backup::{ops as backup_ops, BackupContext};
 use crate::callbacks::{Callbacks, Event, PgRole};
-use crate::dcs::model::{ClusterView, HistoryEntry, MemberInfo, MemberState, Role, VERSION};
+use crate::dcs::model::{ClusterView, HistoryEntry, MemberInfo, Role, VERSION};
 use crate::dcs::{Dcs, Lease};
 use crate::ha::{
     self, Action, DataDir, Decision, HaConfig, JobKind, JobView, LeaseView, Memory, Observation,
@@ -1480,22 +1480,7 @@ impl Agent {
         let (host, port) = pgherd_config::split_host_port(&self.cfg.postgres.connect_address)
             .expect("postgres.connect_address was validated as host:port");
         let state = match &self.job {
-            Some(Job {
-                kind: JobKind::Bootstrap,
-                ..
-            }) => MemberState::Initializing,
-            Some(Job {
-                kind: JobKind::Clone { .. },
-                ..
-            }) => MemberState::CreatingReplica,
-            Some(Job {
-                kind: JobKind::Rewind { .. },
-                ..
-            }) => MemberState::Rewinding,
-            Some(Job {
-                kind: JobKind::Restore { .. },
-                ..
-            }) => MemberState::Restoring,
+            Some(job) => job.kind.member_state(),
             None => decision.state,
         };
         // Roles follow the key, not intentions: a member is "leader" only while it holds it.

@@ -151,8 +151,9 @@ pub fn kill_postgres(postmaster: i32) -> Vec<i32> {
     killed
 }
 
-/// Whether `pid` is a live (not zombie) process.
-fn is_live(pid: i32) -> bool {
+/// Whether `pid` is a live (not zombie) process. A postmaster killed while its parent was
+/// gone may linger as a zombie whose pid still answers signals.
+pub(crate) fn is_live(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
             .rsplit_once(')')

@@ -93,6 +93,16 @@ pub enum JobKind {
 }
 
 impl JobKind {
+    /// The state a member shows while this job runs.
+    pub fn member_state(&self) -> MemberState {
+        match self {
+            JobKind::Bootstrap => MemberState::Initializing,
+            JobKind::Clone { .. } => MemberState::CreatingReplica,
+            JobKind::Rewind { .. } => MemberState::Rewinding,
+            JobKind::Restore { .. } => MemberState::Restoring,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             JobKind::Bootstrap => "initialising a new cluster".to_string(),
@@ -537,12 +547,7 @@ fn decide_with_view(
             } else {
                 (Role::Replica, vec![])
             };
-            let st = match kind {
-                JobKind::Bootstrap => MemberState::Initializing,
-                JobKind::Clone { .. } => MemberState::CreatingReplica,
-                JobKind::Rewind { .. } => MemberState::Rewinding,
-                JobKind::Restore { .. } => MemberState::Restoring,
-            };
+            let st = kind.member_state();
             return decision(
                 actions,
                 format!("{} is in progress", kind.describe()),

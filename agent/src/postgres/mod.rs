@@ -919,7 +919,7 @@ fn check_pid_file(text: &str, data_dir: &Path) -> PidFile {
         };
     };
     let stale = |why: String| PidFile::Stale { pid, why };
-    if !process_is_live(pid) {
+    if !crate::watchdog::is_live(pid) {
         return stale(format!("no live process has pid {pid}"));
     }
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
@@ -987,19 +987,6 @@ fn process_start_time(pid: i32) -> Option<u64> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
     Some(boot + ticks / hz)
-}
-
-/// Whether `pid` is a live (not zombie) process. A postmaster killed while its parent was
-/// gone may linger as a zombie whose pid still answers signals.
-fn process_is_live(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name: "pid (comm) S ...".
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X'),
-        Err(_) => false,
-    }
 }
 
 /// Reads the fields pgherd needs from `pg_controldata` output.

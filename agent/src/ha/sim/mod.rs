@@ -993,22 +993,7 @@ impl World {
         let n = &self.nodes[i];
         let status = obs.pg.status.as_ref();
         let state = match &n.job {
-            Some(Job {
-                kind: JobKind::Clone { .. },
-                ..
-            }) => MemberState::CreatingReplica,
-            Some(Job {
-                kind: JobKind::Rewind { .. },
-                ..
-            }) => MemberState::Rewinding,
-            Some(Job {
-                kind: JobKind::Restore { .. },
-                ..
-            }) => MemberState::Restoring,
-            Some(Job {
-                kind: JobKind::Bootstrap,
-                ..
-            }) => MemberState::Initializing,
+            Some(job) => job.kind.member_state(),
             None => d.state,
         };
         let info = MemberInfo {
