@@ -1349,6 +1349,7 @@ impl Agent {
 
     /// Records how restore `id` ended in the `restore` key and, on success, in `history`.
     async fn finish_restore(&mut self, id: &str, error: Option<String>) -> Result<()> {
+        crate::failpoint::hit("before-finish-restore");
         use crate::dcs::model::RestorePhase;
         let view = self.dcs.load().await?;
         let Some((mut key, rev)) = view.restore.clone().filter(|(k, _)| k.id == id) else {
@@ -1356,13 +1357,23 @@ impl Agent {
         };
         let timeline = match &error {
             // Members re-clone by comparing with this timeline: without it, try again.
-            None => Some(
-                self.pg
-                    .status()
-                    .await
-                    .and_then(|s| s.timeline)
-                    .context("PostgreSQL did not report its timeline after the restore")?,
-            ),
+            // PostgreSQL may be down (the agent restarted after the restored data was
+            // promoted): pg_control has the timeline then.
+            None => Some(match self.pg.status().await.and_then(|s| s.timeline) {
+                Some(tl) => tl,
+                None if !self.pg.is_running() => {
+                    self.pg
+                        .control_data()
+                        .await
+                        .context("cannot read the restored data's timeline from pg_control")?
+                        .timeline
+                }
+                None => {
+                    return Err(anyhow!(
+                        "PostgreSQL did not report its timeline after the restore"
+                    ))
+                }
+            }),
             Some(_) => None,
         };
         key.phase = if error.is_none() {

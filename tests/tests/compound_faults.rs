@@ -370,3 +370,70 @@ async fn a_slow_status_query_does_not_make_a_healthy_leader_fence_itself() -> Re
     }
     Ok(())
 }
+
+/// A restorer killed after its restored data was promoted and took writes, but before the
+/// `restore` key recorded the end, recognises its own result when it comes back and runs it:
+/// it never restores again over those writes (rule 7, item 1; found by the simulation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restorer_killed_before_recording_its_restore_does_not_run_it_again() -> Result<()> {
+    // ttl 20: the restorer's lease outlives its restart, so it comes back as the key holder.
+    let ttl = "bootstrap: {dcs: {ttl: 20, loop_wait: 1}}";
+    let cluster = Cluster::builder()
+        .member(MemberOptions::new().name("a").yaml(ttl))
+        .backups()
+        .configure()
+        .await?;
+    let a = cluster.member("a");
+    a.set_failpoints(&["before-finish-restore"]);
+    cluster.start_with_leader("a", BRINGUP).await?;
+    sql_batch(a, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    sql_batch(a, "INSERT INTO t SELECT generate_series(1, 10)").await?;
+    cluster.ctl_output(&["backup"]).await?.expect_success()?;
+    sql_batch(a, "SELECT pg_create_restore_point('ten_rows')").await?;
+    sql_batch(a, "INSERT INTO t SELECT generate_series(11, 20)").await?;
+    cluster
+        .ctl_output(&[
+            "restore",
+            "--target-name",
+            "ten_rows",
+            "--force",
+            "--no-wait",
+        ])
+        .await?
+        .expect_success()?;
+    a.wait_failpoint("before-finish-restore", RESTORE).await?;
+
+    // The restored primary runs (its agent is frozen before it records the end): it takes
+    // writes, then the node crashes and the agent comes back within the lease.
+    sql_batch(a, "INSERT INTO t SELECT generate_series(1001, 1010)").await?;
+    a.crash()?;
+    a.set_failpoints(&[]);
+    a.start()?;
+    wait_until(RESTORE, "the restore key to say done", || async {
+        ensure!(
+            !a.agent_log_of_last_start()
+                .contains("recovering from the archive"),
+            "a restored again after its return"
+        );
+        let key = cluster
+            .etcd_get("restore")
+            .await?
+            .context("no restore key")?;
+        ensure!(key.contains("\"done\""), "restore key: {key}");
+        Ok(())
+    })
+    .await?;
+    cluster.wait_healthy(REJOIN).await?;
+    let ids: Vec<i32> = sql(a, "SELECT id FROM t ORDER BY id")
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let want: Vec<i32> = (1..=10).chain(1001..=1010).collect();
+    ensure!(
+        ids == want,
+        "after the restorer's return t holds {ids:?}, not the restored rows plus the 10 written after the restore\n{}",
+        cluster.log_tails(40)
+    );
+    Ok(())
+}

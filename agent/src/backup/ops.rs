@@ -275,6 +275,19 @@ pub fn recover_interrupted_restore(pg: &Postgres) -> Result<()> {
     if !aside.exists() {
         return Ok(());
     }
+    if let Some(id) = restore::promoted_restore(pg.data_dir()) {
+        // The restored data was promoted (it may have taken writes) before the old copy was
+        // renamed: the old copy goes, never back over it.
+        tracing::warn!(
+            restore = %id,
+            reason = "an interrupted restore's data was already promoted: removing the previous data directory it replaced",
+            aside = %aside.display(),
+            "decision"
+        );
+        rename_durably(&aside, &obsolete)?;
+        return std::fs::remove_dir_all(&obsolete)
+            .with_context(|| format!("cannot remove {}", obsolete.display()));
+    }
     tracing::warn!(
         reason = "an interrupted restore left the previous data directory aside before its data was promoted; putting it back",
         aside = %aside.display(),
@@ -322,6 +335,18 @@ pub async fn run_restore(
     let aside = aside_dir(&pg);
     let obsolete = obsolete_dir(&pg);
     let data = pg.data_dir().to_path_buf();
+    if restore::promoted_restore(&data).as_deref() == Some(key.id.as_str()) {
+        // The agent stopped after this restore promoted but before the key recorded it: the
+        // data here is its result and may hold writes made since. Run it, never restore again.
+        tracing::info!(restore = %key.id, reason = "this data directory is already the promoted result of the restore: recording it instead of restoring again", "decision");
+        if aside.exists() {
+            rename_durably(&aside, &obsolete)?;
+            remove_tree(obsolete.clone()).await?;
+        }
+        // The loop records the end (reading the timeline from pg_control if PostgreSQL is
+        // down) and then starts it as the primary under the lease, as for any leader.
+        return Ok(());
+    }
     if pg.is_running() {
         tracing::info!(restore = %key.id, "stopping PostgreSQL for the restore");
         pg.stop().await?;
@@ -336,6 +361,7 @@ pub async fn run_restore(
     let attempt = async {
         restore::unpack(&ctx, &info, &data).await?;
         restore::arm_recovery(&ctx, &data)?;
+        restore::mark_restored(&ctx, &data, &key.id)?;
         let mut recovery = key.target.recovery_parameters();
         let pause_at_target = recovery.contains_key("recovery_target_action");
         if pause_at_target {

@@ -145,6 +145,31 @@ pub fn arm_recovery(ctx: &BackupContext, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The file in a restored data directory naming the restore that made it.
+const RESTORE_MARKER: &str = "pgherd.restore-id";
+
+/// Records in a restored data directory which restore made it, so that an agent that
+/// stopped after the restored data was promoted but before the `restore` key said so
+/// recognises it instead of restoring again over writes made since (rule 7).
+pub fn mark_restored(ctx: &BackupContext, dir: &Path, id: &str) -> Result<()> {
+    let marker = dir.join(RESTORE_MARKER);
+    std::fs::write(&marker, id).with_context(|| format!("cannot write {}", marker.display()))?;
+    ctx.user.chown(&marker)?;
+    Ok(())
+}
+
+/// The restore whose promoted result `dir` is: its marker names it and PostgreSQL ended
+/// recovery on it (`recovery.signal` is removed when recovery ends with a promotion).
+pub fn promoted_restore(dir: &Path) -> Option<String> {
+    if dir.join("recovery.signal").exists() {
+        return None;
+    }
+    std::fs::read_to_string(dir.join(RESTORE_MARKER))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
 /// Reads a file's content into a string (for error messages from logs).
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let mut text = String::new();

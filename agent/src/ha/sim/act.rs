@@ -448,6 +448,21 @@ impl World {
                     ));
                     return;
                 }
+                // `run_restore` recognises its own promoted result (the agent stopped
+                // before the key recorded it) and runs it instead of restoring again.
+                let promoted_here = self.nodes[i]
+                    .pg
+                    .data
+                    .as_ref()
+                    .is_some_and(|d| d.restored_by.as_deref() == Some(id.as_str()));
+                if promoted_here {
+                    let n = &mut self.nodes[i];
+                    n.pg.running = true;
+                    n.pg.in_recovery = false;
+                    n.pg.conninfo = None;
+                    n.finished = Some(JobView::Succeeded(kind.clone()));
+                    return;
+                }
                 let seed = self.label.clone();
                 let run = self.restores.entry(id.clone()).or_default();
                 let why = if run.finished {
@@ -540,6 +555,7 @@ impl World {
                             .expect("a restore keeps a data directory");
                     d.truncate(cut);
                     d.promote(timeline, record);
+                    d.restored_by = Some(id.clone());
                     // The restored PostgreSQL runs as a primary with
                     // synchronous_standby_names '' (no standby on its timeline yet).
                     n.pg.running = true;
@@ -576,11 +592,12 @@ impl World {
         };
         let timeline = if ok {
             let n = &self.nodes[i];
+            // From the running server, or from pg_control while it is down.
             let tl =
-                n.pg.running
-                    .then(|| n.pg.data.as_ref().map(|d| d.timeline))
-                    .flatten()
-                    .ok_or("PostgreSQL did not report its timeline after the restore")?;
+                n.pg.data
+                    .as_ref()
+                    .map(|d| d.timeline)
+                    .ok_or("the restored data directory is gone")?;
             Some(tl)
         } else {
             None

@@ -56,8 +56,12 @@ mod gates {
     /// b2dd898 (abandoned restores, lease checks): the restorer killed between its job's
     /// success and `FinishRestore` (or whose restored PostgreSQL stopped, so `FinishRestore`
     /// cannot read the timeline and fails on every loop) forgets the outcome and runs the
-    /// restore again over what the restored primary acknowledged.
-    pub const RESTORE_INTERRUPTION: bool = false;
+    /// restore again over what the restored primary acknowledged. Fixed: the restored data
+    /// carries a marker of its restore (`backup::restore::promoted_restore`), the job
+    /// recognises its own promoted result, and `FinishRestore` reads the timeline from
+    /// pg_control when PostgreSQL is down (test:
+    /// `compound_faults::a_restorer_killed_before_recording_its_restore_does_not_run_it_again`).
+    pub const RESTORE_INTERRUPTION: bool = true;
     /// Found by this simulation, no item yet: a `nofailover` member is chosen as a
     /// synchronous standby (`with_sync_steps` filters only `nosync`). With
     /// synchronous_node_count 1 the `sync` key can name only that member, and once the leader

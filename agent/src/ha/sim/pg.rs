@@ -33,6 +33,9 @@ pub struct Data {
     pub history: Vec<(u32, usize)>,
     /// `standby.signal` is present.
     pub standby: bool,
+    /// The restore whose promoted result this directory is (`pgherd.restore-id` without
+    /// `recovery.signal`, see `backup::restore::promoted_restore`).
+    pub restored_by: Option<String>,
 }
 
 impl Data {
@@ -42,6 +45,7 @@ impl Data {
             timeline: 1,
             history: vec![(1, 0)],
             standby: false,
+            restored_by: None,
         }
     }
 
