@@ -322,7 +322,8 @@ async fn rounds(
     let samples = sampler.stop();
     result.acked = report.acks.len();
     result.longest_gap = report.longest_gap().map(|g| {
-        let at = g.last_before.acked.instant;
+        // By its end: the last commit before it may predate the round's start.
+        let at = g.first_after.acked.instant;
         (g.length(), round_of(&result.rounds, at))
     });
     let names: Vec<String> = cluster
