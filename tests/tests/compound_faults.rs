@@ -437,3 +437,30 @@ async fn a_restorer_killed_before_recording_its_restore_does_not_run_it_again() 
     );
     Ok(())
 }
+
+/// A standby that crashed (its data directory not shut down cleanly) while the cluster moved
+/// to a new timeline is rewound and streams again: pg_rewind's own crash recovery in
+/// single-user mode refuses a standby, so the agent sets `standby.signal` aside for the
+/// rewind instead of remembering the failure as final (item 12; found by bench/chaos).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_standby_is_rewound_onto_a_new_timeline_and_streams_again() -> Result<()> {
+    let cluster = Cluster::builder()
+        .member(MemberOptions::new().name("a"))
+        .member(MemberOptions::new().name("b"))
+        .member(MemberOptions::new().name("c"))
+        .configure()
+        .await?;
+    cluster.start_with_leader("a", BRINGUP).await?;
+    let (b, c) = (cluster.member("b"), cluster.member("c"));
+    c.crash()?;
+    cluster
+        .ctl_output(&["switchover", "--candidate", "b", "--force"])
+        .await?
+        .expect_success()?;
+    let tl = timeline(b).await?;
+    c.start()?;
+    pgherd_tests::wait_streaming_from(c, b, tl, REJOIN)
+        .await
+        .with_context(|| cluster.log_tails(30))?;
+    Ok(())
+}

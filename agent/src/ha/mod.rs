@@ -1412,6 +1412,23 @@ fn stopped_follower(
             state,
         );
     }
+    // A standby that crashed shows the timeline of its last restartpoint, usually before a
+    // switch it can simply follow; and pg_rewind cannot take its data anyway (its crash
+    // recovery in single-user mode refuses a standby). Start it as a standby: PostgreSQL
+    // follows the new timeline if its history allows, and refuses otherwise, in which case
+    // the not-streaming rule stops it cleanly and the next start is a rewind.
+    if let (DataDir::Initialized { standby: true, .. }, Some(c)) =
+        (&obs.pg.data_dir, obs.pg.control)
+    {
+        if !c.shut_down_cleanly {
+            return decision(
+                vec![Action::StartStandby(Some(upstream))],
+                format!("my standby data directory was not shut down cleanly (timeline {local}): starting it as a standby of {name} to follow its timeline {theirs}; pg_rewind needs a clean shutdown"),
+                Role::Replica,
+                state,
+            );
+        }
+    }
     let pg = &cfg.dcs.postgresql;
     if mem.rewind_failed.as_ref() == Some(&(name.to_string(), theirs)) {
         return decision(

@@ -1452,3 +1452,38 @@ fn an_abandoned_restorer_has_no_claim_to_a_vacant_key() {
         "the old restorer took the vacant key: {d:?}"
     );
 }
+
+/// A crashed standby on an older timeline starts as a standby of the leader (PostgreSQL
+/// follows the switch if it can) instead of pg_rewind, which cannot run on it; a cleanly
+/// stopped one is rewound as before (item 12; found by bench/chaos).
+#[test]
+fn a_crashed_standby_on_an_older_timeline_starts_as_a_standby_before_any_rewind() {
+    let mut b = member("b", MemberState::Running, 100);
+    b.timeline = Some(2);
+    let v = view(Some("b"), std::slice::from_ref(&b));
+    let mut obs = Obs::new(Some(v.clone()));
+    obs.0.pg.control = Some(ControlData {
+        timeline: 1,
+        shut_down_cleanly: false,
+        checkpoint_lsn: None,
+    });
+    let d = obs.decide(&cfg("c"), &Memory::default());
+    assert!(
+        matches!(d.actions.as_slice(), [Action::StartStandby(Some(u))] if u.name == "b"),
+        "{d:?}"
+    );
+    let mut obs = Obs::new(Some(v));
+    obs.0.pg.control = Some(ControlData {
+        timeline: 1,
+        shut_down_cleanly: true,
+        checkpoint_lsn: None,
+    });
+    let d = obs.decide(&cfg("c"), &Memory::default());
+    assert!(
+        matches!(
+            d.actions.as_slice(),
+            [Action::StartJob(JobKind::Rewind { .. })]
+        ),
+        "{d:?}"
+    );
+}
