@@ -375,27 +375,7 @@ fn anomalies(
                             r.summary
                         ));
                     }
-                    if !r.missing_proven.is_empty() {
-                        out.push(format!(
-                            "{name}: {} rows proven replicated before the kill are missing on the new leader: {:?}",
-                            r.missing_proven.len(),
-                            r.missing_proven
-                        ));
-                    }
-                    if !r.missing_in_window.is_empty() {
-                        out.push(format!(
-                            "{name}: {} rows acknowledged in the {:.3} s replication lag window are missing on the new leader (asynchronous replication): {:?}",
-                            r.missing_in_window.len(),
-                            r.lag_window.as_secs_f64(),
-                            r.missing_in_window
-                        ));
-                    }
-                    if r.acked_elsewhere > 0 {
-                        out.push(format!(
-                            "{name}: {} writes acknowledged by a server that was neither the old nor the new leader; {}",
-                            r.acked_elsewhere, r.summary
-                        ));
-                    }
+                    failover_losses(&name, r, &mut out);
                 }
             }
         }
@@ -440,31 +420,36 @@ fn anomalies(
                         r.summary
                     ));
                 }
-                if !r.missing_proven.is_empty() {
-                    out.push(format!(
-                        "{name}: {} rows proven replicated before the kill are missing on the new leader: {:?}",
-                        r.missing_proven.len(),
-                        r.missing_proven
-                    ));
-                }
-                if !r.missing_in_window.is_empty() {
-                    out.push(format!(
-                        "{name}: {} rows acknowledged in the {:.3} s replication lag window are missing on the new leader (asynchronous replication): {:?}",
-                        r.missing_in_window.len(),
-                        r.lag_window.as_secs_f64(),
-                        r.missing_in_window
-                    ));
-                }
-                if r.acked_elsewhere > 0 {
-                    out.push(format!(
-                        "{name}: {} writes acknowledged by a server that was neither the old nor the new leader; {}",
-                        r.acked_elsewhere, r.summary
-                    ));
-                }
+                failover_losses(&name, r, &mut out);
             }
         }
     }
     out
+}
+
+/// What a failover run lost or acknowledged where it should not have, one sentence each.
+fn failover_losses(name: &str, r: &Failover, out: &mut Vec<String>) {
+    if !r.missing_proven.is_empty() {
+        out.push(format!(
+            "{name}: {} rows proven replicated before the kill are missing on the new leader: {:?}",
+            r.missing_proven.len(),
+            r.missing_proven
+        ));
+    }
+    if !r.missing_in_window.is_empty() {
+        out.push(format!(
+            "{name}: {} rows acknowledged in the {:.3} s replication lag window are missing on the new leader (asynchronous replication): {:?}",
+            r.missing_in_window.len(),
+            r.lag_window.as_secs_f64(),
+            r.missing_in_window
+        ));
+    }
+    if r.acked_elsewhere > 0 {
+        out.push(format!(
+            "{name}: {} writes acknowledged by a server that was neither the old nor the new leader; {}",
+            r.acked_elsewhere, r.summary
+        ));
+    }
 }
 
 /// Where run logs go: `--logs DIR` (every run), else a directory under /tmp created for the

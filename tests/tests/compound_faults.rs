@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
-    in_recovery, sql, sql_batch, timeline, wait_until, Cluster, MemberOptions, Paused, Signal,
+    in_recovery, sql, sql_batch, timeline, wait_until, Cluster, ClusterBuilder, MemberOptions,
+    Paused, Signal,
 };
 
 /// initdb, PostgreSQL starts and base backups on a 2-core machine shared with other tests.
@@ -31,11 +32,7 @@ async fn a_member_killed_between_taking_the_key_and_promoting_promotes_onto_a_ne
     // ttl 20: the killed member's lease must outlive its restart so that it finds the key
     // still naming it.
     let ttl = "bootstrap: {dcs: {ttl: 20, loop_wait: 1}}";
-    let cluster = Cluster::builder()
-        .member(MemberOptions::new().name("a").yaml(ttl))
-        .member(MemberOptions::new().name("b").yaml(ttl))
-        .configure()
-        .await?;
+    let cluster = members(&["a", "b"], Some(ttl)).configure().await?;
     cluster.start_with_leader("a", BRINGUP).await?;
     let a = cluster.member("a");
     let b = cluster.member("b");
@@ -89,12 +86,7 @@ async fn a_switchover_whose_candidate_promoted_and_wrote_is_never_taken_back() -
     // ttl 10: the candidate's frozen agent keeps its lease (and PostgreSQL) long enough for
     // the row to reach the third member.
     let ttl = "bootstrap: {dcs: {ttl: 10, loop_wait: 1}}";
-    let cluster = Cluster::builder()
-        .member(MemberOptions::new().name("a").yaml(ttl))
-        .member(MemberOptions::new().name("b").yaml(ttl))
-        .member(MemberOptions::new().name("c").yaml(ttl))
-        .configure()
-        .await?;
+    let cluster = members(&["a", "b", "c"], Some(ttl)).configure().await?;
     let (a, b, c) = (
         cluster.member("a"),
         cluster.member("b"),
@@ -164,6 +156,17 @@ async fn a_switchover_whose_candidate_promoted_and_wrote_is_never_taken_back() -
     Ok(())
 }
 
+/// A cluster of members with these names, each with `yaml` merged into its config.
+fn members(names: &[&str], yaml: Option<&str>) -> ClusterBuilder {
+    names.iter().fold(Cluster::builder(), |b, name| {
+        let options = MemberOptions::new().name(*name);
+        b.member(match yaml {
+            Some(y) => options.yaml(y),
+            None => options,
+        })
+    })
+}
+
 /// The pid of the checkpointer among the children of `postmaster`.
 fn checkpointer_of(postmaster: i32) -> Result<i32> {
     for entry in std::fs::read_dir("/proc")? {
@@ -192,11 +195,7 @@ fn checkpointer_of(postmaster: i32) -> Result<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_whose_checkpoint_hangs_is_aborted_and_the_leader_keeps_writing() -> Result<()>
 {
-    let cluster = Cluster::builder()
-        .member(MemberOptions::new().name("a"))
-        .member(MemberOptions::new().name("b"))
-        .configure()
-        .await?;
+    let cluster = members(&["a", "b"], None).configure().await?;
     cluster.start_with_leader("a", BRINGUP).await?;
     let a = cluster.member("a");
     let postmaster = a.postmaster_pid().context("a has no postmaster")?;
@@ -254,10 +253,7 @@ async fn a_switchover_whose_checkpoint_hangs_is_aborted_and_the_leader_keeps_wri
 /// interruption survive its return and a clean stop of the new leader (rule 7, item 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_restore_is_ended_by_the_next_leader_and_never_runs_again() -> Result<()> {
-    let cluster = Cluster::builder()
-        .member(MemberOptions::new().name("a"))
-        .member(MemberOptions::new().name("b"))
-        .member(MemberOptions::new().name("c"))
+    let cluster = members(&["a", "b", "c"], None)
         .backups()
         .configure()
         .await?;
@@ -323,11 +319,7 @@ async fn an_interrupted_restore_is_ended_by_the_next_leader_and_never_runs_again
 /// the 3.5 s deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_status_query_does_not_make_a_healthy_leader_fence_itself() -> Result<()> {
-    let cluster = Cluster::builder()
-        .member(MemberOptions::new().name("a"))
-        .member(MemberOptions::new().name("b"))
-        .configure()
-        .await?;
+    let cluster = members(&["a", "b"], None).configure().await?;
     cluster.start_with_leader("a", BRINGUP).await?;
     let a = cluster.member("a");
     let postmaster = a.postmaster_pid().context("a has no postmaster")?;
@@ -378,11 +370,7 @@ async fn a_slow_status_query_does_not_make_a_healthy_leader_fence_itself() -> Re
 async fn a_restorer_killed_before_recording_its_restore_does_not_run_it_again() -> Result<()> {
     // ttl 20: the restorer's lease outlives its restart, so it comes back as the key holder.
     let ttl = "bootstrap: {dcs: {ttl: 20, loop_wait: 1}}";
-    let cluster = Cluster::builder()
-        .member(MemberOptions::new().name("a").yaml(ttl))
-        .backups()
-        .configure()
-        .await?;
+    let cluster = members(&["a"], Some(ttl)).backups().configure().await?;
     let a = cluster.member("a");
     a.set_failpoints(&["before-finish-restore"]);
     cluster.start_with_leader("a", BRINGUP).await?;
@@ -444,12 +432,7 @@ async fn a_restorer_killed_before_recording_its_restore_does_not_run_it_again() 
 /// rewind instead of remembering the failure as final (item 12; found by bench/chaos).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_standby_is_rewound_onto_a_new_timeline_and_streams_again() -> Result<()> {
-    let cluster = Cluster::builder()
-        .member(MemberOptions::new().name("a"))
-        .member(MemberOptions::new().name("b"))
-        .member(MemberOptions::new().name("c"))
-        .configure()
-        .await?;
+    let cluster = members(&["a", "b", "c"], None).configure().await?;
     cluster.start_with_leader("a", BRINGUP).await?;
     let (b, c) = (cluster.member("b"), cluster.member("c"));
     c.crash()?;
