@@ -116,6 +116,15 @@ impl WriterReport {
             .collect()
     }
 
+    /// Ids acknowledged after `from` and at or before `to`.
+    pub fn acked_between(&self, from: Instant, to: Instant) -> Vec<i64> {
+        self.acks
+            .iter()
+            .filter(|a| a.acked.instant > from && a.acked.instant <= to)
+            .map(|a| a.id)
+            .collect()
+    }
+
     /// Ids acknowledged after `t`.
     pub fn acked_after(&self, t: Instant) -> Vec<i64> {
         self.acks

@@ -131,12 +131,7 @@ async fn killing_the_leader_agent_and_postmaster_promotes_a_replica_and_the_old_
     );
     // Acknowledged between the replication check and the kill: asynchronous replication
     // may lose these, so they are reported, not asserted.
-    let unchecked: Vec<i64> = report
-        .acks
-        .iter()
-        .filter(|a| a.acked.instant > cut && a.acked.instant <= killed)
-        .map(|a| a.id)
-        .collect();
+    let unchecked = report.acked_between(cut, killed);
     let unchecked_missing = missing_rows(new, &table, &unchecked).await?;
 
     // Every row the new leader acknowledged is on every member once they catch up.

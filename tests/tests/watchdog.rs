@@ -155,12 +155,7 @@ async fn a_killed_leader_agent_hands_over_at_once_and_a_frozen_one_only_at_its_d
         missing.len(),
         before_cut.len()
     );
-    let unchecked: Vec<i64> = report
-        .acks
-        .iter()
-        .filter(|a| a.acked.instant > cut && a.acked.instant <= killed)
-        .map(|a| a.id)
-        .collect();
+    let unchecked = report.acked_between(cut, killed);
     let unchecked_missing = missing_rows(new, &table, &unchecked).await?;
     eprintln!(
         "figures: SIGKILL of {}'s agent -> {new_name} held the leader key after {}, first write acknowledged after {}; \
