@@ -447,3 +447,65 @@ async fn a_crashed_standby_is_rewound_onto_a_new_timeline_and_streams_again() ->
         .with_context(|| cluster.log_tails(30))?;
     Ok(())
 }
+
+/// A `--latest` restorer that loses its lease while its data is recovered never makes that
+/// data writable: the archive is replayed as a standby, which never ends recovery by
+/// itself, and the job promotes only after checking the lease (rule 1, item 8). Before,
+/// archive recovery promoted itself at the end of the archive, lease or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restorer_that_lost_its_lease_never_promotes_the_restored_data() -> Result<()> {
+    let cluster = members(&["a", "b"], None).backups().configure().await?;
+    let a = cluster.member("a");
+    a.set_failpoints(&["restore-before-recovery"]);
+    cluster.start_with_leader("a", BRINGUP).await?;
+    sql_batch(a, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    sql_batch(a, "INSERT INTO t SELECT generate_series(1, 10)").await?;
+    cluster.ctl_output(&["backup"]).await?.expect_success()?;
+    cluster
+        .ctl_output(&["restore", "--latest", "--force", "--no-wait"])
+        .await?
+        .expect_success()?;
+    a.wait_failpoint("restore-before-recovery", RESTORE).await?;
+
+    // a's agent is frozen with its data unpacked; its lease expires and b leads.
+    let leader = cluster.wait_new_leader("a", FAILOVER).await?;
+    ensure!(leader == "b", "{leader} leads instead of b");
+    sql_batch(cluster.member("b"), "INSERT INTO t VALUES (1001)").await?;
+    a.set_failpoints(&[]);
+    a.signal(Signal::SIGCONT)?;
+
+    // Until a's job gives up, a's PostgreSQL must never leave recovery.
+    let refusal = "refusing to promote the data of restore";
+    let deadline = tokio::time::Instant::now() + RESTORE;
+    loop {
+        if let Ok(false) = in_recovery(a).await {
+            anyhow::bail!(
+                "a's restored PostgreSQL accepts writes although b holds the leader key\n{}",
+                cluster.log_tails(40)
+            );
+        }
+        if a.agent_log_of_last_start().contains(refusal) {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "a's restore job neither promoted nor refused within {RESTORE:?}\n{}",
+            cluster.log_tails(40)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // a puts its previous data back and follows b; b keeps the row it took.
+    cluster.wait_healthy(REJOIN).await?;
+    ensure!(
+        cluster.leader_name().await?.as_deref() == Some("b"),
+        "b lost the leader key"
+    );
+    wait_until(REPLICATION, "a to have b's row", || async {
+        let rows = sql(a, "SELECT id FROM t WHERE id = 1001").await?;
+        ensure!(rows.len() == 1, "a does not have row 1001");
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}

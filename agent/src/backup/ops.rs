@@ -317,12 +317,14 @@ impl LeaseCheck {
 /// The restore job on the leader: stop PostgreSQL, keep the data directory aside, unpack the
 /// backup, recover to the target and promote; on any failure put the old directory back.
 ///
-/// With a target (time, LSN, name) recovery pauses there (`recovery_target_action=pause`);
-/// the job checks the lease, renames the old directory to `.obsolete` and only then
-/// promotes, so no write can reach the restored data while the old copy could still be put
-/// back, and a crash before the promotion just runs the restore again. `--latest` has no
-/// point to pause at: PostgreSQL promotes itself at the end of the archive (the watchdog
-/// guards it like any primary) and the old directory is renamed right after.
+/// PostgreSQL never ends recovery by itself: with a target (time, LSN, name) recovery
+/// pauses there (`recovery_target_action=pause`); with `--latest` the archive is replayed
+/// as a standby without upstream, which never promotes itself. Once PostgreSQL is at its
+/// target (or consistent, for `--latest`), the job checks the lease (rule 1), renames the
+/// old directory to `.obsolete` and only then promotes, so no write can reach the restored
+/// data without a live lease or while the old copy could still be put back, and a crash
+/// before the promotion just runs the restore again. For `--latest`, PostgreSQL replays
+/// the rest of the archive before it ends recovery on `pg_promote()`.
 pub async fn run_restore(
     ctx: BackupContext,
     pg: Arc<Postgres>,
@@ -360,20 +362,25 @@ pub async fn run_restore(
     tracing::info!(restore = %key.id, aside = %aside.display(), "previous data directory kept aside until the restore succeeds");
     let attempt = async {
         restore::unpack(&ctx, &info, &data).await?;
-        restore::arm_recovery(&ctx, &data)?;
-        restore::mark_restored(&ctx, &data, &key.id)?;
         let mut recovery = key.target.recovery_parameters();
         let pause_at_target = recovery.contains_key("recovery_target_action");
-        if pause_at_target {
+        let mode = if pause_at_target {
             recovery.insert("recovery_target_action".into(), "pause".into());
-        }
+            restore::arm_recovery(&ctx, &data)?;
+            Mode::Primary
+        } else {
+            restore::arm_standby_replay(&ctx, &data)?;
+            Mode::Standby(None)
+        };
+        restore::mark_restored(&ctx, &data, &key.id)?;
         pg.set_recovery_parameters(recovery);
         pg.write_pgpass()?;
-        pg.write_config(&Mode::Primary, &params)?;
+        pg.write_config(&mode, &params)?;
         crate::failpoint::hit("restore-before-recovery");
         tracing::info!(restore = %key.id, backup = %info.id, target = %key.target.describe(), "recovering from the archive");
         pg.start().await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(ctx.backup.timeout);
+        let mut promoting = false;
         loop {
             if !pg.is_running() {
                 bail!(
@@ -381,19 +388,31 @@ pub async fn run_restore(
                     restore::log_tail(&pg.log_path(), 3)
                 );
             }
-            if pause_at_target && pg.replay_paused().await.unwrap_or(false) {
+            let status = pg.status().await;
+            if status.as_ref().is_some_and(|s| !s.in_recovery) {
+                break;
+            }
+            let ready = !promoting
+                && if pause_at_target {
+                    pg.replay_paused().await.unwrap_or(false)
+                } else {
+                    // Connections are accepted once the replay is consistent.
+                    status.is_some()
+                };
+            if ready {
+                crate::failpoint::hit("restore-before-promote");
                 lease.ensure(&format!("promote the data of restore {}", key.id))?;
                 // From here on the restored data is the cluster's: the old copy goes before
                 // the first write can happen.
                 rename_durably(&aside, &obsolete)?;
-                tracing::info!(restore = %key.id, reason = "recovery reached the target: promoting the restored data", "decision");
-                pg.promote().await?;
-                break;
-            }
-            if let Some(s) = pg.status().await {
-                if !s.in_recovery {
-                    break;
-                }
+                let reason = if pause_at_target {
+                    "recovery reached the target and the lease is live: promoting the restored data"
+                } else {
+                    "the replay is consistent and the lease is live: promoting the restored data once it has replayed the rest of the archive"
+                };
+                tracing::info!(restore = %key.id, reason, "decision");
+                pg.request_promotion().await?;
+                promoting = true;
             }
             if tokio::time::Instant::now() >= deadline {
                 bail!("recovery did not finish within backup.timeout");

@@ -145,6 +145,19 @@ pub fn arm_recovery(ctx: &BackupContext, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Arms replay of the whole archive as a standby with no upstream (`standby.signal`, no
+/// `recovery.signal`): unlike archive recovery, a standby never ends recovery by itself at
+/// the end of the archive, so a `--latest` restore promotes only when its job has checked
+/// the lease (rule 1). PostgreSQL replays whatever the archive still holds before it ends
+/// recovery on `pg_promote()`.
+pub fn arm_standby_replay(ctx: &BackupContext, dir: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(dir.join("recovery.signal"));
+    let signal = dir.join("standby.signal");
+    std::fs::write(&signal, "").with_context(|| format!("cannot write {}", signal.display()))?;
+    ctx.user.chown(&signal)?;
+    Ok(())
+}
+
 /// The file in a restored data directory naming the restore that made it.
 const RESTORE_MARKER: &str = "pgherd.restore-id";
 
@@ -159,9 +172,10 @@ pub fn mark_restored(ctx: &BackupContext, dir: &Path, id: &str) -> Result<()> {
 }
 
 /// The restore whose promoted result `dir` is: its marker names it and PostgreSQL ended
-/// recovery on it (`recovery.signal` is removed when recovery ends with a promotion).
+/// recovery on it (`recovery.signal` or `standby.signal` is removed when recovery ends with
+/// a promotion).
 pub fn promoted_restore(dir: &Path) -> Option<String> {
-    if dir.join("recovery.signal").exists() {
+    if dir.join("recovery.signal").exists() || dir.join("standby.signal").exists() {
         return None;
     }
     std::fs::read_to_string(dir.join(RESTORE_MARKER))

@@ -739,12 +739,7 @@ impl Postgres {
     /// Promotes the standby: `pg_promote(wait => false)` (PostgreSQL replays all WAL it
     /// received first), then polls every 10 ms until it accepts writes.
     pub async fn promote(&self) -> Result<()> {
-        self.with_client(|c| async move {
-            c.simple_query("SELECT pg_promote(false)").await?;
-            Ok(())
-        })
-        .await
-        .context("pg_promote() failed")?;
+        self.request_promotion().await?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
             let in_recovery = self
@@ -764,6 +759,18 @@ impl Postgres {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Asks PostgreSQL to end recovery (`pg_promote(false)`) without waiting for it: it first
+    /// replays what the archive and `pg_wal` still hold, which may take longer than
+    /// `postgres` timeouts allow.
+    pub async fn request_promotion(&self) -> Result<()> {
+        self.with_client(|c| async move {
+            c.simple_query("SELECT pg_promote(false)").await?;
+            Ok(())
+        })
+        .await
+        .context("pg_promote() failed")
     }
 
     /// Whether recovery has paused (at a recovery target with `recovery_target_action =

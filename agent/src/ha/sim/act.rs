@@ -530,9 +530,9 @@ impl World {
                 }
             }
             JobKind::Restore { id } => {
-                // The job promotes only under a live lease (`LeaseCheck`), and the watchdog
-                // fences a PostgreSQL that promoted itself at the end of the archive once
-                // the lease's deadline passed (the agent was frozen meanwhile).
+                // The job promotes only under a live lease (`LeaseCheck`): recovery pauses
+                // at the target, or a `--latest` replay runs as a standby, until the job
+                // has checked it.
                 let live = self.nodes[i]
                     .lease
                     .is_some_and(|(_, until)| self.now < until);
