@@ -429,8 +429,14 @@ impl Agent {
     }
 
     /// Rule 4: before racing for a vacant leader key, ask the other members' agents where
-    /// they are now; a published position may be a loop old.
+    /// they are now; a published position may be a loop old. An answer counts only if it
+    /// names the member asked, this cluster and its system identifier (issue 13 item 6);
+    /// otherwise the member stays unreached, at its published position.
     async fn refresh_peer_positions(&self, view: &mut ClusterView) {
+        let sysid = match &view.initialize {
+            Some(crate::dcs::model::Initialize::SystemIdentifier(id)) => Some(id.clone()),
+            _ => None,
+        };
         let mut asks = tokio::task::JoinSet::new();
         for (name, m) in &view.members {
             if *name == self.cfg.name {
@@ -441,7 +447,13 @@ impl Agent {
                 m.api_address.clone(),
                 self.peer_client.clone(),
             );
-            asks.spawn(async move { (name, crate::api::peer_status(&address, &opts).await) });
+            let (cluster, sysid) = (self.cfg.cluster.clone(), sysid.clone());
+            asks.spawn(async move {
+                let answer =
+                    crate::api::peer_status(&name, &address, &cluster, sysid.as_deref(), &opts)
+                        .await;
+                (name, answer)
+            });
         }
         let mut reached = std::collections::BTreeSet::new();
         while let Some(joined) = asks.join_next().await {
@@ -456,8 +468,11 @@ impl Agent {
                     m.replay_lsn = fresh.replay_lsn.parse().ok();
                     reached.insert(name);
                 }
+                (Err(crate::api::PeerError::Refused(why)), _) => {
+                    tracing::warn!(member = %name, reason = %why, "not counting the position the member's API address answered with")
+                }
                 (Err(e), _) => {
-                    tracing::debug!(member = %name, error = %format!("{e:#}"), "cannot ask member for its position")
+                    tracing::debug!(member = %name, error = %e, "cannot ask member for its position")
                 }
                 _ => {}
             }

@@ -133,12 +133,13 @@ impl BackupConfig {
                 _ => {}
             }
         }
-        if self.retention.full == 0 {
-            out.push(Problem::new(
-                "backup.retention.full",
-                "must keep at least 1 backup",
-            ));
-        }
+        crate::validate::check_range(
+            "backup.retention.full",
+            u64::from(self.retention.full),
+            crate::validate::bounds::RETENTION_FULL,
+            "backups",
+            out,
+        );
         for (key, expr) in [
             ("schedule", &self.schedule),
             ("verify_schedule", &self.verify_schedule),
@@ -149,9 +150,13 @@ impl BackupConfig {
                 }
             }
         }
-        if self.timeout == 0 {
-            out.push(Problem::new("backup.timeout", "must be at least 1 second"));
-        }
+        crate::validate::check_range(
+            "backup.timeout",
+            self.timeout,
+            crate::validate::bounds::BACKUP_TIMEOUT,
+            "s",
+            out,
+        );
         if let Some(p) = &self.scratch_dir {
             if !p.is_absolute() {
                 out.push(Problem::new(

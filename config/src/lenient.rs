@@ -18,6 +18,10 @@ use crate::{DynamicConfig, Problem};
 pub struct Lenient<T> {
     pub value: T,
     pub ignored: Vec<String>,
+    /// Known fields that were dropped because this member refuses them from etcd (for the
+    /// dynamic config: parameters that run programs or load code), with why. The caller
+    /// logs them at ERROR; the rest of the value applies.
+    pub refused: Vec<Problem>,
 }
 
 /// Parses JSON into `T` (whose structs deny unknown fields), ignoring fields `T` does not
@@ -29,7 +33,13 @@ pub fn from_json<T: DeserializeOwned>(json: &[u8]) -> Result<Lenient<T>, Problem
     // Every round removes one field from `value` or returns, so this ends.
     loop {
         let e = match serde_path_to_error::deserialize::<_, T>(&value) {
-            Ok(v) => return Ok(Lenient { value: v, ignored }),
+            Ok(v) => {
+                return Ok(Lenient {
+                    value: v,
+                    ignored,
+                    refused: Vec::new(),
+                })
+            }
             Err(e) => e,
         };
         let path = e.path().to_string();
@@ -51,8 +61,30 @@ pub fn from_json<T: DeserializeOwned>(json: &[u8]) -> Result<Lenient<T>, Problem
 
 /// The dynamic configuration stored in etcd, read leniently and validated like the file's
 /// `bootstrap.dcs`.
+///
+/// A parameter that runs a program or loads code (see [`crate::runs_code`]) can only have
+/// been written by hand (pgherdctl and `bootstrap.dcs` refuse it): it is dropped and named in
+/// `refused`, and the rest of the value applies. Refusing the whole value instead would
+/// make it unreadable, and an unreadable config stops elections (docs/architecture.md): one
+/// hand-written key would then keep the cluster leaderless after a failure. Dropping the
+/// parameter takes from an etcd writer exactly what the rule denies (code run as `postgres`)
+/// and nothing else; every member drops the same parameters, so they still agree.
 pub fn dynamic(json: &[u8]) -> Result<Lenient<DynamicConfig>, Vec<Problem>> {
-    let parsed = from_json::<DynamicConfig>(json).map_err(|p| vec![p])?;
+    let mut parsed = from_json::<DynamicConfig>(json).map_err(|p| vec![p])?;
+    let params = &mut parsed.value.postgresql.parameters;
+    let code: Vec<String> = params
+        .keys()
+        .filter(|name| crate::runs_code(name).is_some())
+        .cloned()
+        .collect();
+    for name in code {
+        params.remove(&name);
+        let what = crate::runs_code(&name).unwrap_or_default();
+        parsed.refused.push(crate::validate::code_parameter_problem(
+            format!("postgresql.parameters.{name}"),
+            what,
+        ));
+    }
     let problems = parsed.value.validate("");
     if problems.is_empty() {
         Ok(parsed)
@@ -183,6 +215,47 @@ mod tests {
         // A parameter the change removed stays removed (it was known, not ignored).
         assert_eq!(json["postgresql"]["parameters"], serde_json::json!({}));
         assert_eq!(dynamic(json.to_string().as_bytes()).unwrap().value, changed);
+    }
+
+    #[test]
+    fn a_hand_written_code_parameter_is_dropped_and_named_and_the_rest_applies() {
+        let json = br#"{"ttl": 20, "postgresql": {"parameters": {
+            "work_mem": "8MB",
+            "archive_command": "/bin/sh -c 'id > /tmp/owned'",
+            "Shared_Preload_Libraries": "evil",
+            "session_preload_libraries": "evil",
+            "include_dir": "/tmp"}}}"#;
+        let parsed = dynamic(json).unwrap();
+        assert_eq!(parsed.value.ttl, 20);
+        let params: Vec<&String> = parsed.value.postgresql.parameters.keys().collect();
+        assert_eq!(params, vec!["work_mem"]);
+        let mut refused: Vec<&str> = parsed.refused.iter().map(|p| p.path.as_str()).collect();
+        refused.sort();
+        assert_eq!(
+            refused,
+            vec![
+                "postgresql.parameters.Shared_Preload_Libraries",
+                "postgresql.parameters.archive_command",
+                "postgresql.parameters.include_dir",
+                "postgresql.parameters.session_preload_libraries",
+            ]
+        );
+        assert!(parsed.refused[0].message.contains("postgres.parameters"));
+        assert!(parsed.ignored.is_empty());
+    }
+
+    #[test]
+    fn a_hand_written_out_of_bounds_value_stays_unreadable() {
+        // Fails closed as before: the last valid config is kept by the caller.
+        for json in [
+            &br#"{"ttl": 18446744073709551615}"#[..],
+            br#"{"ttl": 10, "loop_wait": 100000}"#,
+            br#"{"primary_start_timeout": 99999999999}"#,
+            br#"{"synchronous_node_count": 4294967295}"#,
+            br#"{"ttl": -1}"#,
+        ] {
+            assert!(dynamic(json).is_err(), "{}", String::from_utf8_lossy(json));
+        }
     }
 
     #[test]

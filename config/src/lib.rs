@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use backup::{BackupConfig, Compression, Retention};
-pub use validate::Problem;
+pub use validate::{bounds, runs_code, Problem};
 
 /// Default directory of the PostgreSQL 15 binaries on Debian.
 pub const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
@@ -75,9 +75,15 @@ pub struct ApiConfig {
     /// `host:port` other members and pgherdctl use to reach this agent.
     pub connect_address: String,
     /// `host:port` of the HTTP health checks and metrics (`/primary`, `/replica`,
-    /// `/metrics`, ...); none when absent. Served with `tls` when that is set.
+    /// `/metrics`, ...); none when absent. Served with `tls` when that is set, unless
+    /// `http_tls` says otherwise.
     #[serde(default)]
     pub http_listen: Option<String>,
+    /// TLS of the HTTP checks: absent or `true`, the gRPC API's `tls`; `false`, plain HTTP
+    /// even when the gRPC API uses TLS (HAProxy's checks speak plain HTTP on a private
+    /// network); `{cert, key, ca}`, a certificate of its own.
+    #[serde(default)]
+    pub http_tls: Option<HttpTls>,
     /// TLS for the API; required unless `plaintext` is set.
     #[serde(default)]
     pub tls: Option<ApiTls>,
@@ -104,9 +110,54 @@ pub struct ApiTls {
     /// use it to verify the agents' certificates.
     #[serde(default)]
     pub ca: Option<PathBuf>,
+    /// The name (a DNS subject alternative name) other agents and pgherdctl accept on an
+    /// agent's certificate in place of its member name. Without it an agent's certificate
+    /// must name its member (`name`, as a DNS name); set it when the members share one
+    /// certificate, or carry certificates issued for a common identity rather than per
+    /// member. Only meaningful with `ca`.
+    #[serde(default)]
+    pub member_identity: Option<String>,
+}
+
+/// `api.http_tls`: whether and with which certificate the HTTP checks use TLS.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum HttpTls {
+    /// `true`: the gRPC API's `api.tls`; `false`: plain HTTP.
+    Enabled(bool),
+    /// A certificate (and optionally a client CA) of its own.
+    Own(ApiTls),
+}
+
+impl<'de> Deserialize<'de> for HttpTls {
+    /// `true`, `false` or `{cert, key, ca}`, with a message that says so.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Map(serde_yaml::Mapping),
+        }
+        let shape = "must be true (the api.tls certificate), false (plain HTTP) or {cert, key, ca}";
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(shape))? {
+            Raw::Bool(b) => Ok(HttpTls::Enabled(b)),
+            Raw::Map(m) => serde_yaml::from_value(serde_yaml::Value::Mapping(m))
+                .map(HttpTls::Own)
+                .map_err(|e| serde::de::Error::custom(format!("{shape}: {e}"))),
+        }
+    }
 }
 
 impl ApiConfig {
+    /// The TLS settings of the HTTP checks (`http_tls`, else `tls`); `None`: plain HTTP.
+    pub fn http_tls_settings(&self) -> Option<&ApiTls> {
+        match &self.http_tls {
+            None | Some(HttpTls::Enabled(true)) => self.tls.as_ref(),
+            Some(HttpTls::Enabled(false)) => None,
+            Some(HttpTls::Own(t)) => Some(t),
+        }
+    }
+
     /// The bearer token, from `auth_token` or the first line of `auth_token_file`.
     pub fn token(&self) -> std::io::Result<Option<String>> {
         if let Some(t) = &self.auth_token {

@@ -208,4 +208,52 @@ mod tests {
         let p = apply(&old, &sets(&[("a..b", "1")])).unwrap_err();
         assert_eq!(p[0].path, "a..b");
     }
+
+    #[test]
+    fn out_of_bounds_durations_and_counts_are_refused() {
+        let old = DynamicConfig::default();
+        for (key, value) in [
+            ("ttl", "18446744073709551615"),
+            ("ttl", "18446744073709551616"),
+            ("ttl", "0"),
+            ("ttl", "-1"),
+            ("loop_wait", "0"),
+            ("loop_wait", "100000"),
+            ("retry_timeout", "99999999999"),
+            ("primary_start_timeout", "18446744073709551615"),
+            ("synchronous_node_count", "4294967295"),
+            ("synchronous_node_count", "-3"),
+        ] {
+            let p = apply(&old, &sets(&[(key, value)])).unwrap_err();
+            assert!(p.iter().any(|p| p.path == key), "{key}={value}: {p:?}");
+        }
+        // Retention lives in each member's file, not in the dynamic config.
+        let p = apply(&old, &sets(&[("backup.retention.full", "-1")])).unwrap_err();
+        assert!(p[0].message.contains("unknown field"), "{p:?}");
+    }
+
+    #[test]
+    fn parameters_that_run_programs_or_load_code_are_refused() {
+        let old = DynamicConfig::default();
+        for name in [
+            "archive_command",
+            "restore_command",
+            "shared_preload_libraries",
+            "Shared_Preload_Libraries",
+            "local_preload_libraries",
+            "dynamic_library_path",
+            "ssl_passphrase_command",
+            "include",
+        ] {
+            let key = format!("postgresql.parameters.{name}");
+            let p = apply(&old, &[(key.clone(), "/bin/true".into())]).unwrap_err();
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert_eq!(p[0].path, key);
+            assert!(
+                p[0].message.contains("member's own file"),
+                "{}",
+                p[0].message
+            );
+        }
+    }
 }

@@ -302,3 +302,206 @@ fn backup_section_problems_are_reported_at_their_paths() {
     let bad_kind = format!("{GOOD}\nbackup: {{repository: /srv/b, compression: lz4}}\n");
     assert_eq!(paths(&bad_kind), vec!["backup.compression"]);
 }
+
+#[test]
+fn every_duration_and_count_has_bounds_in_the_file() {
+    let huge = u64::MAX;
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("bootstrap: {{dcs: {{ttl: {huge}}}}}"),
+            "bootstrap.dcs.ttl",
+        ),
+        (
+            "bootstrap: {dcs: {ttl: 3601, loop_wait: 1, retry_timeout: 1}}".into(),
+            "bootstrap.dcs.ttl",
+        ),
+        (
+            format!("bootstrap: {{dcs: {{loop_wait: {huge}}}}}"),
+            "bootstrap.dcs.loop_wait",
+        ),
+        (
+            "bootstrap: {dcs: {retry_timeout: 0}}".into(),
+            "bootstrap.dcs.retry_timeout",
+        ),
+        (
+            format!("bootstrap: {{dcs: {{primary_start_timeout: {huge}}}}}"),
+            "bootstrap.dcs.primary_start_timeout",
+        ),
+        (
+            "bootstrap: {dcs: {synchronous_node_count: 4294967295}}".into(),
+            "bootstrap.dcs.synchronous_node_count",
+        ),
+        (
+            format!("callbacks: {{timeout: {huge}}}"),
+            "callbacks.timeout",
+        ),
+        (
+            "backup: {repository: /srv/b, timeout: 0}".into(),
+            "backup.timeout",
+        ),
+        (
+            format!("backup: {{repository: /srv/b, timeout: {huge}}}"),
+            "backup.timeout",
+        ),
+        (
+            "backup: {repository: /srv/b, retention: {full: 4294967295}}".into(),
+            "backup.retention.full",
+        ),
+    ];
+    for (yaml, path) in cases {
+        let text = with(&[("cluster: demo", &format!("cluster: demo\n{yaml}"))]);
+        let got = paths(&text);
+        assert!(got.iter().any(|p| p == path), "{yaml}: {got:?}");
+    }
+    // Negative values are not numbers of this kind at all.
+    let text = with(&[("cluster: demo", "cluster: demo\ncallbacks: {timeout: -1}")]);
+    assert_eq!(paths(&text), vec!["callbacks.timeout"]);
+    let text = with(&[(
+        "  data_dir:",
+        &format!("  command_timeout: {huge}\n  data_dir:"),
+    )]);
+    assert_eq!(paths(&text), vec!["postgres.command_timeout"]);
+    // The edges themselves are accepted.
+    let text = with(&[(
+        "cluster: demo",
+        "cluster: demo\nbootstrap: {dcs: {ttl: 3600, loop_wait: 600, retry_timeout: 600, primary_start_timeout: 0, synchronous_node_count: 64}}\ncallbacks: {timeout: 86400}",
+    )]);
+    assert_eq!(paths(&text), Vec::<String>::new());
+}
+
+#[test]
+fn a_bound_problem_says_the_allowed_range() {
+    let p = parse_dynamic(br#"{"ttl": 18446744073709551615}"#).unwrap_err();
+    assert_eq!(p[0].path, "ttl");
+    assert!(
+        p[0].message.contains("from 2 to 3600 s"),
+        "{}",
+        p[0].message
+    );
+}
+
+#[test]
+fn code_running_parameters_are_refused_in_bootstrap_dcs_and_allowed_in_the_members_file() {
+    for name in [
+        "archive_command",
+        "restore_command",
+        "archive_cleanup_command",
+        "recovery_end_command",
+        "ssl_passphrase_command",
+        "shared_preload_libraries",
+        "session_preload_libraries",
+        "local_preload_libraries",
+        "dynamic_library_path",
+        "archive_library",
+        "ARCHIVE_COMMAND",
+        "include_dir",
+        "plperl.on_init",
+    ] {
+        let text = with(&[(
+            "cluster: demo",
+            &format!(
+                "cluster: demo\nbootstrap: {{dcs: {{postgresql: {{parameters: {{{name}: x}}}}}}}}"
+            ),
+        )]);
+        let problems = parse(&text).unwrap_err();
+        assert_eq!(
+            problems.iter().map(|p| p.path.as_str()).collect::<Vec<_>>(),
+            vec![format!("bootstrap.dcs.postgresql.parameters.{name}")],
+            "{name}"
+        );
+        assert!(
+            problems[0].message.contains("postgres.parameters"),
+            "{}",
+            problems[0].message
+        );
+        let own = with(&[(
+            "  data_dir:",
+            &format!("  parameters: {{{name}: x}}\n  data_dir:"),
+        )]);
+        assert!(parse(&own).is_ok(), "{name} in the member's own file");
+    }
+    for harmless in [
+        "work_mem",
+        "shared_buffers",
+        "pg_stat_statements.max",
+        "log_line_prefix",
+    ] {
+        assert_eq!(runs_code(harmless), None, "{harmless}");
+    }
+}
+
+#[test]
+fn managed_parameters_are_recognised_whatever_their_case() {
+    let text = with(&[("  data_dir:", "  parameters: {PORT: 1}\n  data_dir:")]);
+    assert_eq!(paths(&text), vec!["postgres.parameters.PORT"]);
+}
+
+#[test]
+fn http_tls_is_true_false_or_a_certificate_of_its_own() {
+    let tls =
+        "  tls: {cert: /etc/pgherd/api.pem, key: /etc/pgherd/api.key, ca: /etc/pgherd/ca.pem}";
+    let api = |extra: &str| {
+        with(&[(
+            "  plaintext: true",
+            &format!("{tls}\n  http_listen: 0.0.0.0:8108\n{extra}"),
+        )])
+    };
+    // Plain HTTP for HAProxy while gRPC uses TLS.
+    let c = parse(&api("  http_tls: false")).unwrap();
+    assert!(c.api.tls.is_some());
+    assert_eq!(c.api.http_tls_settings(), None);
+    // Default and true: the gRPC API's certificate.
+    for extra in ["", "  http_tls: true"] {
+        let c = parse(&api(extra)).unwrap();
+        assert_eq!(c.api.http_tls_settings(), c.api.tls.as_ref());
+    }
+    // A certificate of its own.
+    let c = parse(&api(
+        "  http_tls: {cert: /etc/pgherd/http.pem, key: /etc/pgherd/http.key}",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.api.http_tls_settings().map(|t| t.cert.clone()),
+        Some(PathBuf::from("/etc/pgherd/http.pem"))
+    );
+    assert_eq!(
+        paths(&api("  http_tls: {cert: http.pem, key: /k}")),
+        vec!["api.http_tls.cert"]
+    );
+    let wrong = paths(&api("  http_tls: sometimes"));
+    assert_eq!(wrong, vec!["api.http_tls"]);
+    let msg = parse(&api("  http_tls: sometimes")).unwrap_err()[0]
+        .message
+        .clone();
+    assert!(msg.contains("true") && msg.contains("false"), "{msg}");
+    // true without api.tls, and http_tls without http_listen, make no sense.
+    let text = with(&[(
+        "  plaintext: true",
+        "  plaintext: true\n  http_listen: 0.0.0.0:8108\n  http_tls: true",
+    )]);
+    assert_eq!(paths(&text), vec!["api.http_tls"]);
+    let text = with(&[("  plaintext: true", "  plaintext: true\n  http_tls: false")]);
+    assert_eq!(paths(&text), vec!["api.http_tls"]);
+}
+
+#[test]
+fn member_identity_is_a_dns_name_and_needs_a_ca() {
+    let tls = |extra: &str| {
+        with(&[(
+            "  plaintext: true",
+            &format!("  tls: {{cert: /c.pem, key: /k.pem{extra}}}"),
+        )])
+    };
+    assert!(parse(&tls(
+        ", ca: /ca.pem, member_identity: pgherd-members.example"
+    ))
+    .is_ok());
+    assert_eq!(
+        paths(&tls(", member_identity: members")),
+        vec!["api.tls.member_identity"]
+    );
+    assert_eq!(
+        paths(&tls(", ca: /ca.pem, member_identity: 'a b'")),
+        vec!["api.tls.member_identity"]
+    );
+}

@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde_yaml::Value;
 
-use crate::{split_host_port, Config, DynamicConfig, ParamValue};
+use crate::{split_host_port, Config, DynamicConfig, HttpTls, ParamValue};
 
 /// One thing wrong with a configuration, at a YAML path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,6 +225,45 @@ fn check_address(path: &str, addr: &str, out: &mut Vec<Problem>) {
     }
 }
 
+/// Absolute paths and a usable `member_identity` in a TLS block at `path`.
+fn check_tls(path: &str, tls: &crate::ApiTls, out: &mut Vec<Problem>) {
+    for (key, p) in [
+        ("cert", Some(&tls.cert)),
+        ("key", Some(&tls.key)),
+        ("ca", tls.ca.as_ref()),
+    ] {
+        if let Some(p) = p {
+            if !p.is_absolute() {
+                out.push(Problem::new(join(path, key), "must be an absolute path"));
+            }
+        }
+    }
+    if let Some(id) = &tls.member_identity {
+        let p = join(path, "member_identity");
+        let dns = !id.is_empty()
+            && id.len() <= 253
+            && id.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+            });
+        if !dns {
+            out.push(Problem::new(
+                p.clone(),
+                format!("{id:?} is not a DNS name (the certificates' subject alternative name)"),
+            ));
+        }
+        if tls.ca.is_none() {
+            out.push(Problem::new(
+                p,
+                "needs ca: without a CA no certificate, and so no name on it, is verified",
+            ));
+        }
+    }
+}
+
 fn check_credentials(path: &str, c: &crate::Credentials, out: &mut Vec<Problem>) {
     if c.username.is_empty()
         || !c
@@ -268,6 +307,118 @@ const MANAGED_PARAMETERS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Bounds of the durations (seconds) and counts in the file and the dynamic config. Every
+/// value inside them keeps the agent's arithmetic on deadlines (`Instant + Duration`,
+/// `ttl * 3 + 30`, ...) far from overflow, so no accepted value can make an agent panic or
+/// crash-loop; the upper ends are beyond any sensible setting, not tuning advice.
+pub mod bounds {
+    /// The leader lease, seconds. etcd grants leases of up to 9e9 s (its `MaxLeaseTTL`) and
+    /// rounds very short ones up; a lease of more than an hour would leave the cluster
+    /// without a writable primary for that long after a node dies.
+    pub const TTL: (u64, u64) = (2, 3600);
+    /// Seconds between two loops; below `ttl` anyway (see the relation with `ttl`).
+    pub const LOOP_WAIT: (u64, u64) = (1, 600);
+    /// Seconds an etcd or PostgreSQL call may take.
+    pub const RETRY_TIMEOUT: (u64, u64) = (1, 600);
+    /// Seconds a leader may spend bringing a crashed PostgreSQL back (0: release at once).
+    pub const PRIMARY_START_TIMEOUT: (u64, u64) = (0, 86_400);
+    /// Standbys that confirm each commit.
+    pub const SYNCHRONOUS_NODE_COUNT: (u64, u64) = (1, 64);
+    /// `postgres.command_timeout`, `callbacks.timeout`: seconds.
+    pub const COMMAND_TIMEOUT: (u64, u64) = (1, 86_400);
+    pub const CALLBACK_TIMEOUT: (u64, u64) = (1, 86_400);
+    /// `backup.timeout`: a base backup, a restore's recovery or a verification, seconds.
+    pub const BACKUP_TIMEOUT: (u64, u64) = (1, 7 * 86_400);
+    /// `backup.retention.full`: base backups kept.
+    pub const RETENTION_FULL: (u64, u64) = (1, 1000);
+}
+
+/// Adds a problem at `path` unless `min <= value <= max`.
+pub(crate) fn check_range(
+    path: impl Into<String>,
+    value: u64,
+    (min, max): (u64, u64),
+    unit: &str,
+    out: &mut Vec<Problem>,
+) {
+    if value < min || value > max {
+        let unit = if unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {unit}")
+        };
+        out.push(Problem::new(
+            path,
+            format!("is {value}{unit}; it must be from {min} to {max}{unit}"),
+        ));
+    }
+}
+
+/// PostgreSQL parameters that run a program or load code into the server (as the
+/// `postgres` OS user), with what they do. Anyone who can write the cluster's configuration
+/// in etcd must not gain that: they are taken only from a member's own file.
+const CODE_PARAMETERS: &[(&str, &str)] = &[
+    (
+        "archive_command",
+        "runs a shell command for every WAL segment",
+    ),
+    (
+        "archive_library",
+        "loads a shared library into the archiver",
+    ),
+    ("restore_command", "runs a shell command during recovery"),
+    (
+        "archive_cleanup_command",
+        "runs a shell command at every restartpoint",
+    ),
+    (
+        "recovery_end_command",
+        "runs a shell command at the end of recovery",
+    ),
+    (
+        "ssl_passphrase_command",
+        "runs a shell command to unlock the TLS key",
+    ),
+    (
+        "dynamic_library_path",
+        "chooses where shared libraries are loaded from",
+    ),
+    ("jit_provider", "loads a shared library"),
+    ("include", "includes another configuration file"),
+    ("include_dir", "includes other configuration files"),
+    ("include_if_exists", "includes another configuration file"),
+    ("plperl.on_init", "runs Perl code in the server"),
+    ("plperl.on_plperl_init", "runs Perl code in the server"),
+    ("plperl.on_plperlu_init", "runs Perl code in the server"),
+    ("pltcl.start_proc", "runs a function when Tcl starts"),
+    ("pltclu.start_proc", "runs a function when Tcl starts"),
+    ("plv8.start_proc", "runs a function when V8 starts"),
+    ("pljava.libjvm_location", "loads a shared library"),
+];
+
+/// What `name` does if it is a parameter that runs a program or loads code (PostgreSQL's
+/// parameter names are case-insensitive): such parameters are refused in the cluster-wide
+/// configuration (etcd, `bootstrap.dcs`) and accepted only from a member's own file.
+pub fn runs_code(name: &str) -> Option<&'static str> {
+    let name = name.to_ascii_lowercase();
+    if let Some((_, what)) = CODE_PARAMETERS.iter().find(|(n, _)| *n == name) {
+        return Some(what);
+    }
+    // shared_, session_ and local_preload_libraries, and any later sibling.
+    name.ends_with("_preload_libraries")
+        .then_some("loads shared libraries into the server")
+}
+
+/// The problem of a code-running parameter in the cluster-wide configuration.
+pub(crate) fn code_parameter_problem(path: String, what: &str) -> Problem {
+    Problem::new(
+        path,
+        format!(
+            "{what} as the postgres user: pgherd refuses it in the cluster-wide configuration (etcd); set it in each member's own file (postgres.parameters)"
+        ),
+    )
+}
+
 fn check_parameters(
     path: &str,
     params: &std::collections::BTreeMap<String, ParamValue>,
@@ -275,7 +426,9 @@ fn check_parameters(
 ) {
     for (name, value) in params {
         let p = join(path, name);
-        if let Some((_, why)) = MANAGED_PARAMETERS.iter().find(|(n, _)| n == name) {
+        // PostgreSQL's parameter names are case-insensitive.
+        let lower = name.to_ascii_lowercase();
+        if let Some((_, why)) = MANAGED_PARAMETERS.iter().find(|(n, _)| *n == lower) {
             out.push(Problem::new(
                 p.clone(),
                 format!("is managed by pgherd: {why}"),
@@ -301,24 +454,28 @@ fn check_parameters(
 
 pub(crate) fn dynamic(d: &DynamicConfig, prefix: &str) -> Vec<Problem> {
     let mut out = Vec::new();
-    if d.ttl < 2 {
-        out.push(Problem::new(
-            join(prefix, "ttl"),
-            format!("is {} s; the leader lease needs at least 2 s", d.ttl),
-        ));
-    }
-    if d.loop_wait < 1 {
-        out.push(Problem::new(
-            join(prefix, "loop_wait"),
-            "must be at least 1 s",
-        ));
-    }
-    if d.retry_timeout < 1 {
-        out.push(Problem::new(
-            join(prefix, "retry_timeout"),
-            "must be at least 1 s",
-        ));
-    }
+    check_range(join(prefix, "ttl"), d.ttl, bounds::TTL, "s", &mut out);
+    check_range(
+        join(prefix, "loop_wait"),
+        d.loop_wait,
+        bounds::LOOP_WAIT,
+        "s",
+        &mut out,
+    );
+    check_range(
+        join(prefix, "retry_timeout"),
+        d.retry_timeout,
+        bounds::RETRY_TIMEOUT,
+        "s",
+        &mut out,
+    );
+    check_range(
+        join(prefix, "primary_start_timeout"),
+        d.primary_start_timeout,
+        bounds::PRIMARY_START_TIMEOUT,
+        "s",
+        &mut out,
+    );
     let needed = d
         .loop_wait
         .saturating_add(d.retry_timeout.saturating_mul(2));
@@ -331,12 +488,13 @@ pub(crate) fn dynamic(d: &DynamicConfig, prefix: &str) -> Vec<Problem> {
             ),
         ));
     }
-    if d.synchronous_node_count < 1 {
-        out.push(Problem::new(
-            join(prefix, "synchronous_node_count"),
-            "must be at least 1",
-        ));
-    }
+    check_range(
+        join(prefix, "synchronous_node_count"),
+        u64::from(d.synchronous_node_count),
+        bounds::SYNCHRONOUS_NODE_COUNT,
+        "",
+        &mut out,
+    );
     if d.postgresql
         .parameters
         .contains_key("synchronous_standby_names")
@@ -349,11 +507,13 @@ pub(crate) fn dynamic(d: &DynamicConfig, prefix: &str) -> Vec<Problem> {
             "is managed by pgherd: set synchronous_mode and synchronous_node_count instead",
         ));
     }
-    check_parameters(
-        &join(&join(prefix, "postgresql"), "parameters"),
-        &d.postgresql.parameters,
-        &mut out,
-    );
+    let params = join(&join(prefix, "postgresql"), "parameters");
+    check_parameters(&params, &d.postgresql.parameters, &mut out);
+    for name in d.postgresql.parameters.keys() {
+        if let Some(what) = runs_code(name) {
+            out.push(code_parameter_problem(join(&params, name), what));
+        }
+    }
     out
 }
 
@@ -432,20 +592,20 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
         _ => {}
     }
     if let Some(tls) = &c.api.tls {
-        for (key, p) in [
-            ("cert", Some(&tls.cert)),
-            ("key", Some(&tls.key)),
-            ("ca", tls.ca.as_ref()),
-        ] {
-            if let Some(p) = p {
-                if !p.is_absolute() {
-                    out.push(Problem::new(
-                        format!("api.tls.{key}"),
-                        "must be an absolute path",
-                    ));
-                }
-            }
-        }
+        check_tls("api.tls", tls, &mut out);
+    }
+    match (&c.api.http_tls, &c.api.http_listen, &c.api.tls) {
+        (None, _, _) => {}
+        (Some(_), None, _) => out.push(Problem::new(
+            "api.http_tls",
+            "has no effect without api.http_listen",
+        )),
+        (Some(HttpTls::Enabled(true)), Some(_), None) => out.push(Problem::new(
+            "api.http_tls",
+            "true means the api.tls certificate, but api.tls is not set: give http_tls its own {cert, key}, or leave it out",
+        )),
+        (Some(HttpTls::Own(tls)), Some(_), _) => check_tls("api.http_tls", tls, &mut out),
+        (Some(HttpTls::Enabled(_)), Some(_), _) => {}
     }
     if c.api.auth_token.is_some() && c.api.auth_token_file.is_some() {
         out.push(Problem::new(
@@ -510,12 +670,13 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
     if c.postgres.os_user.is_empty() {
         out.push(Problem::new("postgres.os_user", "must not be empty"));
     }
-    if c.postgres.command_timeout == 0 {
-        out.push(Problem::new(
-            "postgres.command_timeout",
-            "must be at least 1 s",
-        ));
-    }
+    check_range(
+        "postgres.command_timeout",
+        c.postgres.command_timeout,
+        bounds::COMMAND_TIMEOUT,
+        "s",
+        &mut out,
+    );
     check_credentials("postgres.superuser", &c.postgres.superuser, &mut out);
     check_credentials("postgres.replication", &c.postgres.replication, &mut out);
     if c.postgres.superuser.username == c.postgres.replication.username {
@@ -555,9 +716,13 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
             }
         }
     }
-    if c.callbacks.timeout == 0 {
-        out.push(Problem::new("callbacks.timeout", "must be at least 1 s"));
-    }
+    check_range(
+        "callbacks.timeout",
+        c.callbacks.timeout,
+        bounds::CALLBACK_TIMEOUT,
+        "s",
+        &mut out,
+    );
     out.extend(dynamic(&c.bootstrap.dcs, "bootstrap.dcs"));
     for (i, opt) in c.bootstrap.initdb.iter().enumerate() {
         let names: Vec<&str> = match opt {

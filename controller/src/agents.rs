@@ -70,13 +70,15 @@ impl Target {
                 ))
             }
         };
-        if let Some(t) = &cli.token {
-            options.token = Some(t.clone());
+        if let Some(token) = token_from_cli(cli)? {
+            // An empty token means none (the agent then says what is missing).
+            options.token = (!token.is_empty()).then_some(token);
         }
         if cli.cacert.is_some() || cli.cert.is_some() {
             let tls = options.tls.get_or_insert(ClientTls {
                 ca: None,
                 identity: None,
+                member_identity: None,
             });
             if let Some(ca) = &cli.cacert {
                 tls.ca = Some(read(ca, "--cacert")?);
@@ -115,8 +117,10 @@ impl Target {
         Ok(view)
     }
 
-    pub async fn connect(&self, address: &str) -> Result<Client, Failure> {
-        client::connect(address, &self.options)
+    /// Connects to the agent of `member` at `address`: over TLS its certificate must name
+    /// `member` (or the configured member identity).
+    pub async fn connect(&self, member: &str, address: &str) -> Result<Client, Failure> {
+        client::connect(address, member, &self.options)
             .await
             .map_err(|e| Failure::Refused(format!("{e:#}{}", tls_hint(&format!("{e:#}")))))
     }
@@ -144,9 +148,9 @@ impl Target {
         let leader = view
             .leader_member()
             .ok_or_else(|| Failure::Refused("the cluster has no leader right now (see pgherdctl list; pgherdctl failover chooses one)".into()))?;
-        let mut address = leader.api_address.clone();
+        let (mut member, mut address) = (leader.name.clone(), leader.api_address.clone());
         for _ in 0..2 {
-            let client = self.connect(&address).await?;
+            let client = self.connect(&member, &address).await?;
             match call(client).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => match s
@@ -157,6 +161,19 @@ impl Target {
                     Some(next)
                         if s.code() == tonic::Code::FailedPrecondition && next != address =>
                     {
+                        // Follow the pointer only to the address etcd gives the leader: the
+                        // member named there is whom the certificate (or the token's
+                        // plain-text check) must match.
+                        let now = self.view().await?;
+                        let leader = now
+                            .leader_member()
+                            .filter(|l| l.api_address == next)
+                            .ok_or_else(|| {
+                                Failure::Refused(format!(
+                                    "{member} says the leader is at {next}, but etcd names no leader there; try again"
+                                ))
+                            })?;
+                        member = leader.name.clone();
                         address = next.to_string();
                     }
                     _ => return Err(status_failure(s)),
@@ -179,12 +196,38 @@ impl Target {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let address = Self::address_of(view, member)?;
-        let client = self.connect(&address).await?;
+        let client = self.connect(member, &address).await?;
         call(client)
             .await
             .map(|r| r.into_inner())
             .map_err(status_failure)
     }
+}
+
+/// The token given on the command line, in a file or in `PGHERD_TOKEN`, in that order;
+/// `None`: the config's. `--token` is visible to every user in the process list, so it
+/// warns.
+fn token_from_cli(cli: &Cli) -> Result<Option<String>, Failure> {
+    if let Some(t) = &cli.token {
+        eprintln!(
+            "pgherdctl: warning: --token is visible to other users of this machine in the process list (ps); prefer PGHERD_TOKEN, --token-file or api.auth_token_file in the config"
+        );
+        return Ok(Some(t.clone()));
+    }
+    if let Some(path) = &cli.token_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Failure::Usage(format!("cannot read --token-file {}: {e}", path.display()))
+        })?;
+        let token = text.lines().next().map(str::trim).unwrap_or_default();
+        if token.is_empty() {
+            return Err(Failure::Usage(format!(
+                "--token-file {} holds no token on its first line",
+                path.display()
+            )));
+        }
+        return Ok(Some(token.to_string()));
+    }
+    Ok(std::env::var("PGHERD_TOKEN").ok())
 }
 
 /// What to check when the connection itself failed: most often TLS settings that do not

@@ -120,7 +120,7 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
             if cli.format == Format::Table {
                 // Best effort: the leader's agent knows the repository; list works without it.
                 if let Some(leader) = view.leader_member() {
-                    if let Ok(mut c) = target.connect(&leader.api_address).await {
+                    if let Ok(mut c) = target.connect(&leader.name, &leader.api_address).await {
                         if let Ok(r) = c.status(StatusRequest {}).await {
                             if let Some(line) = list::render_backups(&r.into_inner().backup_json) {
                                 print!("{line}");
@@ -143,9 +143,8 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
             let any = view
                 .leader_member()
                 .or_else(|| view.members.values().next())
-                .map(|m| m.api_address.clone())
                 .ok_or_else(|| Failure::Refused("no member is reachable".into()))?;
-            let mut c = target.connect(&any).await?;
+            let mut c = target.connect(&any.name, &any.api_address).await?;
             let r = c
                 .cancel_switchover(CancelSwitchoverRequest {})
                 .await

@@ -32,9 +32,15 @@ pub struct Cli {
     /// Cluster name, with --endpoints.
     #[arg(long, global = true)]
     pub cluster: Option<String>,
-    /// Bearer token for requests that change the cluster (default: from --config).
-    #[arg(long, env = "PGHERD_TOKEN", hide_env_values = true, global = true)]
+    /// Bearer token for requests that change the cluster. Visible to other users in the
+    /// process list: prefer PGHERD_TOKEN, --token-file, or the config's api.auth_token(_file)
+    /// (the default).
+    #[arg(long, global = true, conflicts_with = "token_file")]
     pub token: Option<String>,
+    /// File whose first line is the bearer token (instead of --token). PGHERD_TOKEN in the
+    /// environment is read when neither is given, before the config's token.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub token_file: Option<PathBuf>,
     /// CA certificate that signed the agents' API certificates (default: from --config).
     #[arg(long, value_name = "FILE", global = true)]
     pub cacert: Option<PathBuf>,

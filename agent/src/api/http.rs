@@ -1,7 +1,9 @@
 //! HTTP on `api.http_listen`: the health checks load balancers use (HAProxy's `option
 //! httpchk`), `/cluster` and `/metrics`. Everything here is read-only, so no bearer token
 //! is needed; with `api.tls` set it is served over TLS with the same certificate (and, with
-//! `api.tls.ca`, the same client-certificate requirement) as the gRPC API.
+//! `api.tls.ca`, the same client-certificate requirement) as the gRPC API, unless
+//! `api.http_tls` says otherwise: `false` serves plain HTTP (HAProxy's checks on a private
+//! network) while gRPC keeps TLS, `{cert, key, ca}` a certificate of its own.
 //!
 //! Handlers read the loop's last snapshot ([`StatusBoard`]); they never query etcd or
 //! PostgreSQL. The checks themselves are pure functions of that snapshot ([`check`]), and
@@ -365,34 +367,40 @@ fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// The rustls server configuration from `api.tls`, if set.
+/// The rustls server configuration of the HTTP checks (`api.http_tls`, else `api.tls`);
+/// `None` for plain HTTP.
 fn tls_acceptor(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
     use tokio_rustls::rustls;
     use tokio_rustls::rustls::pki_types::pem::PemObject;
     use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let Some(t) = &cfg.api.tls else {
+    let Some(t) = cfg.api.http_tls_settings() else {
         return Ok(None);
+    };
+    // The key whose files these are, for messages.
+    let key_name = match &cfg.api.http_tls {
+        Some(pgherd_config::HttpTls::Own(_)) => "api.http_tls",
+        _ => "api.tls",
     };
     let certs = CertificateDer::pem_file_iter(&t.cert)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("cannot read api.tls.cert {}", t.cert.display()))?;
+        .with_context(|| format!("cannot read {key_name}.cert {}", t.cert.display()))?;
     let key = PrivateKeyDer::from_pem_file(&t.key)
-        .with_context(|| format!("cannot read api.tls.key {}", t.key.display()))?;
+        .with_context(|| format!("cannot read {key_name}.key {}", t.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("no TLS protocol version for api.tls")?;
+        .with_context(|| format!("no TLS protocol version for {key_name}"))?;
     let builder = match &t.ca {
         // With a CA, clients must present a certificate it signed, as on the gRPC API.
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
             for cert in CertificateDer::pem_file_iter(ca)
-                .with_context(|| format!("cannot read api.tls.ca {}", ca.display()))?
+                .with_context(|| format!("cannot read {key_name}.ca {}", ca.display()))?
             {
                 let cert =
-                    cert.with_context(|| format!("cannot read api.tls.ca {}", ca.display()))?;
+                    cert.with_context(|| format!("cannot read {key_name}.ca {}", ca.display()))?;
                 roots.add(cert).with_context(|| {
-                    format!("api.tls.ca {} holds a bad certificate", ca.display())
+                    format!("{key_name}.ca {} holds a bad certificate", ca.display())
                 })?;
             }
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -400,14 +408,14 @@ fn tls_acceptor(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
                 provider,
             )
             .build()
-            .context("invalid api.tls.ca")?;
+            .with_context(|| format!("invalid {key_name}.ca"))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .context("api.tls.cert and api.tls.key do not make a usable certificate")?;
+    let mut config = builder.with_single_cert(certs, key).with_context(|| {
+        format!("{key_name}.cert and {key_name}.key do not make a usable certificate")
+    })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
@@ -445,6 +453,7 @@ pub async fn serve(
     tracing::info!(
         listen = %listen,
         tls = tls.is_some(),
+        grpc_tls = cfg.api.tls.is_some(),
         "serving HTTP health checks and metrics"
     );
     let app = router(HttpState { board, pg });

@@ -29,6 +29,10 @@ use crate::dcs::Dcs;
 use crate::postgres::Postgres;
 
 pub use client::{connect, ClientOptions};
+/// The gRPC types and tonic, for tools and tests that speak the API (a test's stand-in
+/// agent, for instance) without depending on the crates themselves.
+pub use pgherd_proto as proto;
+pub use tonic;
 
 /// What the loop last knew, shared with request handlers.
 #[derive(Clone, Default)]
@@ -174,19 +178,84 @@ pub fn member_to_proto(m: &MemberInfo) -> Member {
         version: m.version.clone(),
         pending_restart: m.pending_restart,
         decision: m.decision.clone(),
+        system_identifier: m.system_identifier.clone().unwrap_or_default(),
     }
 }
 
-/// Asks another member's agent for its own current status (fresher than its member key).
-pub async fn peer_status(address: &str, opts: &ClientOptions) -> Result<Member> {
-    let mut c = client::connect(address, opts).await?;
-    let resp = c
-        .status(pgherd_proto::v1::StatusRequest {})
-        .await
-        .with_context(|| format!("status request to {address} failed"))?;
-    resp.into_inner()
+/// Why asking another member's agent gave no position to count.
+#[derive(Debug)]
+pub enum PeerError {
+    /// No answer: not reachable, TLS refused, the call failed.
+    Unreachable(anyhow::Error),
+    /// An answer that must not be counted (why): it is not from the member asked, or not
+    /// from this cluster.
+    Refused(String),
+}
+
+impl std::fmt::Display for PeerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerError::Unreachable(e) => write!(f, "{e:#}"),
+            PeerError::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Why an answer to `Status` from the agent of `asked` cannot be counted, if it cannot
+/// (issue 13 item 6): it must name the member asked, this cluster and the cluster's system
+/// identifier (unknown: nothing is counted). Over TLS the handshake has already checked
+/// that the certificate names the member (`client::connect`).
+pub fn check_peer_answer(
+    asked: &str,
+    cluster: &str,
+    system_identifier: Option<&str>,
+    answer: &pgherd_proto::v1::StatusResponse,
+) -> std::result::Result<(), String> {
+    let Some(me) = &answer.self_ else {
+        return Err("it sent no member status".into());
+    };
+    if answer.cluster != cluster {
+        return Err(format!(
+            "it answered for cluster {:?}, not {cluster:?}",
+            answer.cluster
+        ));
+    }
+    if me.name != asked {
+        return Err(format!("it answered as {:?}, not as {asked}", me.name));
+    }
+    match system_identifier {
+        None => Err("the cluster's system identifier is not known (initialize key), so no answer can be checked".into()),
+        Some(id) if me.system_identifier != id => Err(format!(
+            "it answered with database system identifier {:?}, not the cluster's {id}",
+            me.system_identifier
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Asks the agent of `member` at `address` for its own current status (fresher than its
+/// member key). Sent without the token (it only reads); counted only if the answer passes
+/// [`check_peer_answer`].
+pub async fn peer_status(
+    member: &str,
+    address: &str,
+    cluster: &str,
+    system_identifier: Option<&str>,
+    opts: &ClientOptions,
+) -> std::result::Result<Member, PeerError> {
+    let ask = async {
+        let mut c = client::connect(address, member, &opts.without_token()).await?;
+        let resp = c
+            .status(pgherd_proto::v1::StatusRequest {})
+            .await
+            .with_context(|| format!("status request to {member} at {address} failed"))?;
+        anyhow::Ok(resp.into_inner())
+    };
+    let answer = ask.await.map_err(PeerError::Unreachable)?;
+    check_peer_answer(member, cluster, system_identifier, &answer).map_err(PeerError::Refused)?;
+    answer
         .self_
-        .with_context(|| format!("{address} sent no member status"))
+        .ok_or_else(|| PeerError::Refused("it sent no member status".into()))
 }
 
 /// Everything request handlers need.
@@ -238,6 +307,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let listener = bind("api.listen", &ctx.cfg.api.listen).await?;
+    if ctx.cfg.api.tls.is_none() {
+        if let Some(why) = client::plain_text_refusal(&ctx.cfg.api.connect_address) {
+            tracing::warn!(
+                connect_address = %ctx.cfg.api.connect_address,
+                "the API serves plain text on an address that is not loopback: pgherdctl does not send the bearer token there ({why})"
+            );
+        }
+    }
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls_config(&ctx.cfg)? {
@@ -260,4 +337,62 @@ pub async fn serve(
             tracing::error!(error = %e, "the API server stopped");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgherd_proto::v1::StatusResponse;
+
+    fn answer(cluster: &str, name: &str, sysid: &str) -> StatusResponse {
+        StatusResponse {
+            cluster: cluster.into(),
+            self_: Some(Member {
+                name: name.into(),
+                system_identifier: sysid.into(),
+                receive_lsn: "FFFF/FFFFFFFF".into(),
+                ..Member::default()
+            }),
+            ..StatusResponse::default()
+        }
+    }
+
+    #[test]
+    fn a_peer_answer_counts_only_from_the_member_asked_in_this_cluster() {
+        let id = Some("7300000000000000001");
+        let ok = answer("c", "node2", "7300000000000000001");
+        assert_eq!(check_peer_answer("node2", "c", id, &ok), Ok(()));
+        for (what, a, needle) in [
+            (
+                "another member",
+                answer("c", "node3", "7300000000000000001"),
+                "answered as \"node3\"",
+            ),
+            (
+                "another cluster",
+                answer("d", "node2", "7300000000000000001"),
+                "cluster \"d\"",
+            ),
+            (
+                "another system identifier",
+                answer("c", "node2", "42"),
+                "system identifier \"42\"",
+            ),
+            (
+                "no system identifier",
+                answer("c", "node2", ""),
+                "system identifier \"\"",
+            ),
+        ] {
+            let why = check_peer_answer("node2", "c", id, &a).unwrap_err();
+            assert!(why.contains(needle), "{what}: {why}");
+        }
+        let none = StatusResponse {
+            cluster: "c".into(),
+            ..StatusResponse::default()
+        };
+        assert!(check_peer_answer("node2", "c", id, &none).is_err());
+        // Without the cluster's identifier nothing can be checked, so nothing counts.
+        assert!(check_peer_answer("node2", "c", None, &ok).is_err());
+    }
 }

@@ -203,16 +203,16 @@ impl Service {
                 .map_err(unavailable)?;
             // Read like the agents read it: fields a newer agent added are kept, not refused
             // and not dropped when the changed config is written back.
-            let (old, ignored) = match &text {
+            let (old, ignored, refused) = match &text {
                 Some(t) => pgherd_config::lenient::dynamic(t.as_bytes())
-                    .map(|parsed| (parsed.value, parsed.ignored))
+                    .map(|parsed| (parsed.value, parsed.ignored, parsed.refused))
                     .map_err(|p| {
                         Status::failed_precondition(format!(
                             "the stored configuration is invalid; fix it first:\n{}",
                             pgherd_config::Problem::list(&p)
                         ))
                     })?,
-                None => (self.ctx.cfg.bootstrap.dcs.clone(), Vec::new()),
+                None => (self.ctx.cfg.bootstrap.dcs.clone(), Vec::new(), Vec::new()),
             };
             let new = patch::apply(&old, sets).map_err(|p| {
                 Status::invalid_argument(format!(
@@ -237,6 +237,13 @@ impl Service {
                 .map_err(unavailable)?
             {
                 tracing::info!(changes = %patch::changes(&old, &new).join("; "), "dynamic configuration changed");
+                if !refused.is_empty() {
+                    // They were never applied (lenient::dynamic); now they are gone from etcd.
+                    tracing::warn!(
+                        parameters = %refused.iter().map(|p| p.path.as_str()).collect::<Vec<_>>().join(", "),
+                        "removed parameters that run programs or load code from the dynamic config in etcd"
+                    );
+                }
                 return Ok((old, new));
             }
         }

@@ -213,6 +213,8 @@ impl Dcs {
             ..ClusterView::default()
         };
         let mut ignored = BTreeMap::new();
+        // Parameters of the dynamic config this member refuses from etcd (issue 13 item 7).
+        let mut refused = Vec::new();
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key());
             let Some(rel) = key.strip_prefix(&self.prefix) else {
@@ -238,6 +240,7 @@ impl Dcs {
                         if !parsed.ignored.is_empty() {
                             ignored.insert(rel.to_string(), parsed.ignored);
                         }
+                        refused = parsed.refused;
                         view.config = Some(Ok(parsed.value));
                     }
                     Err(problems) => {
@@ -285,13 +288,18 @@ impl Dcs {
                 }
             }
         }
-        self.settle(&mut view, &ignored);
+        self.settle(&mut view, &ignored, &refused);
         Ok(view)
     }
 
     /// Keeps the last valid dynamic config in place of an unreadable one, and logs each new
     /// value problem once: unknown fields at WARN, unreadable values at ERROR.
-    fn settle(&self, view: &mut ClusterView, ignored: &BTreeMap<String, Vec<String>>) {
+    fn settle(
+        &self,
+        view: &mut ClusterView,
+        ignored: &BTreeMap<String, Vec<String>>,
+        refused: &[pgherd_config::Problem],
+    ) {
         let mut memo = self.memo.lock().expect("the dcs memo is never poisoned");
         match (&view.config, view.unreadable.get("config")) {
             (Some(Ok(c)), _) => memo.last_config = Some(c.clone()),
@@ -319,6 +327,22 @@ impl Dcs {
                 tracing::warn!(key = %key, fields = %fields, "ignoring fields this version does not know (written by a newer agent?)");
             }
             now.insert(rel.clone(), fields);
+        }
+        if !refused.is_empty() {
+            let what = refused
+                .iter()
+                .map(|p| p.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let rel = "config (refused parameters)";
+            if memo.reported.get(rel) != Some(&what) {
+                tracing::error!(
+                    key = %self.key("config"),
+                    parameters = %what,
+                    "ignoring parameters of the dynamic config that run programs or load code: pgherd takes them only from a member's own file (postgres.parameters); the rest of the config applies"
+                );
+            }
+            now.insert(rel.to_string(), what);
         }
         memo.reported = now;
     }
