@@ -74,7 +74,7 @@ impl Target {
             // An empty token means none (the agent then says what is missing).
             options.token = (!token.is_empty()).then_some(token);
         }
-        if cli.cacert.is_some() || cli.cert.is_some() {
+        if cli.cacert.is_some() || cli.cert.is_some() || cli.member_identity.is_some() {
             let tls = options.tls.get_or_insert(ClientTls {
                 ca: None,
                 identity: None,
@@ -85,6 +85,9 @@ impl Target {
             }
             if let (Some(c), Some(k)) = (&cli.cert, &cli.key) {
                 tls.identity = Some((read(c, "--cert")?, read(k, "--key")?));
+            }
+            if let Some(id) = &cli.member_identity {
+                tls.member_identity = Some(id.clone());
             }
         }
         let client = dcs::connect(&etcd, Duration::from_secs(5))

@@ -50,6 +50,11 @@ pub struct Cli {
     /// Key of --cert.
     #[arg(long, value_name = "FILE", global = true, requires = "cert")]
     pub key: Option<PathBuf>,
+    /// The name the agents' certificates carry in place of their member names, when they
+    /// share one (default: from --config's api.tls.member_identity; without it each agent's
+    /// certificate must name its member).
+    #[arg(long, value_name = "NAME", global = true)]
+    pub member_identity: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
     pub format: Format,

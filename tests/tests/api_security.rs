@@ -600,6 +600,38 @@ async fn over_tls_only_an_agent_whose_certificate_names_the_member_is_counted_or
     // pgherdctl with the member's config: the certificate names the member it calls.
     cluster.ctl_output(&["pause"]).await?.expect_success()?;
     cluster.ctl_output(&["resume"]).await?.expect_success()?;
+    // The same from the command line; --member-identity replaces the member's name, and
+    // node1's certificate does not carry node9.
+    let endpoints = cluster.etcd().endpoints().join(",");
+    let (cert_arg, key_arg) = (
+        node1_cert.display().to_string(),
+        node1_key.display().to_string(),
+    );
+    let direct = [
+        "--endpoints",
+        &endpoints,
+        "--cluster",
+        "test",
+        "--cacert",
+        &ca,
+        "--cert",
+        &cert_arg,
+        "--key",
+        &key_arg,
+        "--token",
+        TOKEN,
+    ];
+    pgherd_tests::ctl_direct_output(&[&direct[..], &["pause"]].concat())
+        .await?
+        .expect_success()?;
+    let other_identity = pgherd_tests::ctl_direct_output(
+        &[&direct[..], &["--member-identity", "node9", "resume"]].concat(),
+    )
+    .await?;
+    other_identity.expect_failure(1, &["node9", "certificate"])?;
+    pgherd_tests::ctl_direct_output(&[&direct[..], &["resume"]].concat())
+        .await?
+        .expect_success()?;
 
     // Two stand-ins with certificates from the cluster's own CA: one names node3, the other
     // node9 (a certificate issued to another member). Both answer as node3, far ahead.
