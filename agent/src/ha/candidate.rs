@@ -76,6 +76,58 @@ fn unreadable_key(view: &ClusterView) -> Option<CandidateRefusal> {
     }
 }
 
+/// This member's WAL position: the furthest it received, replayed or wrote.
+fn position(me: &PgStatus) -> Result<Lsn, CandidateRefusal> {
+    [me.receive_lsn, me.replay_lsn, me.wal_lsn]
+        .into_iter()
+        .flatten()
+        .max()
+        .ok_or(CandidateRefusal::NoPosition)
+}
+
+/// Whether synchronous replication lets this member at `mine` take over (rule 5).
+fn sync_allows(view: &ClusterView, cfg: &HaConfig, mine: Lsn) -> Result<(), CandidateRefusal> {
+    // For the quorum proof only members whose agents answered just now count: a crashed
+    // member's key outlives it (until its lease expires) with a position that may predate
+    // commits only it confirmed. Nobody asked (`reached` is None) means no witness, also
+    // while a `switchover` key exists: its election may fall to these rules.
+    let reachable: Vec<(String, Lsn)> = view
+        .members
+        .values()
+        .filter(|m| m.name != cfg.name && m.state.is_healthy())
+        .filter(|m| view.reached.as_ref().is_some_and(|r| r.contains(&m.name)))
+        .filter_map(|m| m.wal_position().map(|p| (m.name.clone(), p)))
+        .collect();
+    super::sync::may_take_over(
+        cfg.dcs.synchronous_mode,
+        cfg.dcs.synchronous_mode_strict,
+        view.sync.as_ref(),
+        &cfg.name,
+        mine,
+        &reachable,
+    )
+    .map_err(CandidateRefusal::Sync)
+}
+
+/// `Ok` if this member may take the key for a manual failover to it. The operator chose
+/// it, so neither `maximum_lag_on_failover` nor a better-placed member stops it; but an
+/// operator's choice never trades an acknowledged commit: synchronous replication and an
+/// unreadable key still do (rule 5; found by the simulation, where `failover --candidate`
+/// to a member outside the `sync` key lost commits the key's members had confirmed).
+pub fn manual_failover_allowed(
+    view: &ClusterView,
+    cfg: &HaConfig,
+    me: &PgStatus,
+) -> Result<(), CandidateRefusal> {
+    if let Some(refusal) = unreadable_key(view) {
+        return Err(refusal);
+    }
+    if cfg.tags.nofailover {
+        return Err(CandidateRefusal::NoFailover);
+    }
+    sync_allows(view, cfg, position(me)?)
+}
+
 /// `Ok` if this member may race for the leader key now.
 pub fn best_candidate(
     view: &ClusterView,
@@ -88,11 +140,7 @@ pub fn best_candidate(
     if cfg.tags.nofailover {
         return Err(CandidateRefusal::NoFailover);
     }
-    let mine = [me.receive_lsn, me.replay_lsn, me.wal_lsn]
-        .into_iter()
-        .flatten()
-        .max()
-        .ok_or(CandidateRefusal::NoPosition)?;
+    let mine = position(me)?;
     // A sync-key member holds every acknowledged commit (or, in quorum mode, proves it
     // below); the lag limit protects nothing for it and could leave the cluster leaderless.
     let sync_member = cfg.dcs.synchronous_mode != pgherd_config::SynchronousMode::Off
@@ -109,27 +157,8 @@ pub fn best_candidate(
             });
         }
     }
-    // For the quorum proof only members whose agents answered just now count: a crashed
-    // member's key outlives it (until its lease expires) with a position that may predate
-    // commits only it confirmed. Nobody asked (`reached` is None) means no witness, also
-    // while a `switchover` key exists: its election may fall to these rules.
-    let reachable: Vec<(String, Lsn)> = view
-        .members
-        .values()
-        .filter(|m| m.name != cfg.name && m.state.is_healthy())
-        .filter(|m| view.reached.as_ref().is_some_and(|r| r.contains(&m.name)))
-        .filter_map(|m| m.wal_position().map(|p| (m.name.clone(), p)))
-        .collect();
-    let (mode, strict) = (cfg.dcs.synchronous_mode, cfg.dcs.synchronous_mode_strict);
-    super::sync::may_take_over(
-        mode,
-        strict,
-        view.sync.as_ref(),
-        &cfg.name,
-        mine,
-        &reachable,
-    )
-    .map_err(CandidateRefusal::Sync)?;
+    sync_allows(view, cfg, mine)?;
+    let mode = cfg.dcs.synchronous_mode;
     // In synchronous mode only the sync key's holders compete (see `sync::may_take_over`):
     // its leader, and its members where they may take over whatever they see: always in
     // `on` mode; in `quorum` mode not with q = 0, and not against the key's leader, which

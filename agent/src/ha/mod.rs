@@ -1219,8 +1219,23 @@ fn leaderless_handover(obs: &Observation, view: &ClusterView, cfg: &HaConfig) ->
                         state,
                     ));
                 }
+                let allowed = obs
+                    .pg
+                    .status
+                    .as_ref()
+                    .map(|s| candidate::manual_failover_allowed(view, cfg, s));
+                if let Some(Err(why)) = &allowed {
+                    if !matches!(why, candidate::CandidateRefusal::NoPosition) {
+                        return Some(decision(
+                            vec![Action::DeleteHandover],
+                            format!("a manual failover to me was requested but I may not take over: {why}; discarding it"),
+                            Role::Replica,
+                            state,
+                        ));
+                    }
+                }
                 return Some(match (obs.pg.running, position) {
-                    (true, Some(_)) => decision(
+                    (true, Some(_)) if matches!(allowed, Some(Ok(()))) => decision(
                         vec![Action::AcquireLeader],
                         "manual failover to me requested: taking the leader key",
                         Role::Replica,

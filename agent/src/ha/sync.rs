@@ -356,7 +356,8 @@ fn plan_quorum(input: &SyncInput<'_>, key_now: SyncKey, mut steps: Vec<SyncStep>
 ///   strict, which a `nosync` member may answer); the commits it took over are also on it
 ///   alone once it promoted. So no other member may take over from `{L, []}`, strict or
 ///   not: non-strict mode trades the leader's writes for availability while it lives, not
-///   its acknowledged commits once it is gone. A manual failover still can.
+///   its acknowledged commits once it is gone. Neither can a manual failover
+///   (`candidate::manual_failover_allowed` applies this function too).
 /// - No key at all: no guarantee was ever given; non-strict mode uses the usual rules.
 pub fn may_take_over(
     mode: SynchronousMode,

@@ -514,7 +514,7 @@ mod handover {
         humantime::format_rfc3339_millis(t).to_string()
     }
 
-    fn switchover(from: &str, to: Option<&str>) -> Handover {
+    pub(super) fn switchover(from: &str, to: Option<&str>) -> Handover {
         Handover {
             kind: HandoverKind::Switchover,
             from: Some(from.into()),
@@ -527,7 +527,7 @@ mod handover {
         }
     }
 
-    fn with_handover(mut v: ClusterView, h: Handover) -> ClusterView {
+    pub(super) fn with_handover(mut v: ClusterView, h: Handover) -> ClusterView {
         v.handover = Some((h, 7));
         v
     }
@@ -834,6 +834,7 @@ mod handover {
 }
 
 mod synchronous {
+    use super::handover::{switchover, with_handover};
     use super::*;
     use crate::dcs::model::SyncKey;
     use pgherd_config::SynchronousMode;
@@ -866,6 +867,44 @@ mod synchronous {
             "{}",
             d.reason
         );
+    }
+
+    /// An operator's `failover --candidate` never trades an acknowledged commit: a member
+    /// outside the `sync` key discards the request; a member of it takes the key even
+    /// though another is further ahead (found by the simulation).
+    #[test]
+    fn a_manual_failover_goes_only_to_a_member_that_holds_every_acknowledged_commit() {
+        let failover_to = |to: &str| Handover {
+            kind: HandoverKind::Failover,
+            ..switchover("old", Some(to))
+        };
+        let b = member("b", MemberState::Streaming, 100);
+        let v = with_key(view(None, &[b]), &["b"], 1);
+        let d = Obs::new(Some(with_handover(v, failover_to("c"))))
+            .running(Some(standby_status(500)))
+            .decide(&sync_cfg("c", SynchronousMode::On), &Memory::default());
+        assert_eq!(d.actions, vec![Action::DeleteHandover], "{d:?}");
+        assert!(
+            d.reason.contains("I may not take over")
+                && d.reason.contains("only members of the sync key"),
+            "{}",
+            d.reason
+        );
+
+        let c = member("c", MemberState::Streaming, 500);
+        let v = with_key(view(None, &[c]), &["b"], 1);
+        let d = Obs::new(Some(with_handover(v, failover_to("b"))))
+            .running(Some(standby_status(100)))
+            .decide(&sync_cfg("b", SynchronousMode::On), &Memory::default());
+        assert_eq!(d.actions, vec![Action::AcquireLeader], "{d:?}");
+
+        // Quorum: a member of the set that cannot prove it holds every commit discards it.
+        let c = member("c", MemberState::Streaming, 500);
+        let v = with_key(view(None, &[c]), &["b", "c"], 1);
+        let d = Obs::new(Some(with_handover(v, failover_to("b"))))
+            .running(Some(standby_status(100)))
+            .decide(&sync_cfg("b", SynchronousMode::Quorum), &Memory::default());
+        assert_eq!(d.actions, vec![Action::DeleteHandover], "{d:?}");
     }
 
     #[test]

@@ -117,7 +117,9 @@ mod gates {
     /// 'ANY 1 (n0, n2)', held then by [n1, n0, n3]"; seed 8378302, quorum, to a key member
     /// that lacked a commit the other one confirmed). While off, the operator asks for a
     /// manual failover in mode `on` only to a member of the `sync` key, in `quorum` never.
-    pub const MANUAL_FAILOVER_OUTSIDE_SYNC_KEY: bool = false;
+    /// On since the candidate of a manual failover applies `sync::may_take_over`
+    /// (`candidate::manual_failover_allowed`) and discards a request it may not follow.
+    pub const MANUAL_FAILOVER_OUTSIDE_SYNC_KEY: bool = true;
     /// Found by this simulation, near item 12: a pg_rewind that failed because its source
     /// did not answer (the leader crashed or stopped meanwhile) is remembered as final in
     /// `Memory::rewind_failed` (leader name and timeline), so when the same leader comes
