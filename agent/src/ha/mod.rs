@@ -882,7 +882,16 @@ fn with_sync_steps(
                     .any(|r| r.application_name == m.name)
         })
         .collect();
-    candidates.sort_by_key(|m| (std::cmp::Reverse(m.wal_position()), m.name.clone()));
+    // A `nofailover` member comes last: as the only synchronous standby it would be the only
+    // member allowed to take over, which it never does (as Patroni's #2108). It is still
+    // chosen when nobody else streams, so commits keep their second copy.
+    candidates.sort_by_key(|m| {
+        (
+            m.tags.nofailover,
+            std::cmp::Reverse(m.wal_position()),
+            m.name.clone(),
+        )
+    });
     let names: Vec<String> = candidates.iter().map(|m| m.name.clone()).collect();
     let steps = sync::plan(&sync::SyncInput {
         mode: cfg.dcs.synchronous_mode,

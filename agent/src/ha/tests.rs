@@ -984,6 +984,59 @@ mod synchronous {
         );
     }
 
+    /// A `nofailover` standby is picked as the synchronous one only when nobody else
+    /// streams: as the only member of the `sync` key it would be the only one allowed to
+    /// take over, and it never does (found by the simulation, gate
+    /// NOFAILOVER_SYNC_STANDBY).
+    #[test]
+    fn a_nofailover_standby_is_the_last_choice_for_synchronous_standby() {
+        let plan = |members: Vec<MemberInfo>| {
+            let replication = members
+                .iter()
+                .map(|m| sync::Replication {
+                    application_name: m.name.clone(),
+                    sync_state: "async".into(),
+                    flush_lsn: m.wal_position(),
+                })
+                .collect();
+            let mut members = members;
+            for m in &mut members {
+                m.role = Role::Replica;
+            }
+            let mut v = view(Some("a"), &members);
+            v.sync = Some(SyncKey {
+                leader: "a".into(),
+                members: vec![],
+                quorum: 0,
+            });
+            let mut status = primary_status();
+            status.replication = replication;
+            Obs::new(Some(v))
+                .holding_lease(Duration::from_secs(5))
+                .running(Some(status))
+                .decide(&sync_cfg("a", SynchronousMode::On), &Memory::default())
+        };
+        let mut b = member("b", MemberState::Streaming, 200);
+        b.tags.nofailover = true;
+        let c = member("c", MemberState::Streaming, 100);
+        let d = plan(vec![b.clone(), c]);
+        assert!(
+            d.actions
+                .contains(&Action::SetSyncStandbys(sync::Standbys::First(vec![
+                    "c".into()
+                ]))),
+            "{d:?}"
+        );
+        let d = plan(vec![b]);
+        assert!(
+            d.actions
+                .contains(&Action::SetSyncStandbys(sync::Standbys::First(vec![
+                    "b".into()
+                ]))),
+            "{d:?}"
+        );
+    }
+
     fn strict_cfg(name: &str, mode: SynchronousMode) -> HaConfig {
         let mut c = sync_cfg(name, mode);
         c.dcs.synchronous_mode_strict = true;

@@ -68,7 +68,8 @@ mod gates {
     /// is gone nobody may take over, for good (e.g. seed 7919, `on` strict: "only members of
     /// the sync key (n2) may take over", n2 tagged nofailover). While off, the simulation
     /// tags its nofailover member `nosync` too.
-    pub const NOFAILOVER_SYNC_STANDBY: bool = false;
+    /// On since `with_sync_steps` puts `nofailover` members last among the candidates.
+    pub const NOFAILOVER_SYNC_STANDBY: bool = true;
     /// Issue 12 item 5 (`{B, []}`): a new leader claims the `sync` key empty before it
     /// promotes; if it is lost before a standby joins the key, nobody (itself included) may
     /// take over again in strict mode, and anyone may in non-strict mode (e.g. seed 7919,
