@@ -66,7 +66,7 @@ pub struct Agent {
     last_renewal_sent: Option<Instant>,
     memory: Memory,
     job: Option<Job>,
-    finished_job: Option<(JobKind, Result<(), String>)>,
+    finished_job: Option<JobView>,
     last_reason: String,
     published: Option<MemberInfo>,
     published_optime: Option<Lsn>,
@@ -608,22 +608,21 @@ impl Agent {
                 return JobView::Running(job.kind.clone());
             }
             let job = self.job.take().expect("job is present in this branch");
-            let result = match job.handle.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("{e:#}")),
-                Err(e) => Err(format!("the job task died: {e}")),
+            let view = match job.handle.await {
+                Ok(Ok(())) => JobView::Succeeded(job.kind),
+                Ok(Err(e)) if e.downcast_ref::<crate::postgres::SourceDown>().is_some() => {
+                    JobView::SourceDown(job.kind, format!("{e:#}"))
+                }
+                Ok(Err(e)) => JobView::Failed(job.kind, format!("{e:#}")),
+                Err(e) => JobView::Failed(job.kind, format!("the job task died: {e}")),
             };
-            if let (JobKind::Bootstrap, Ok(())) = (&job.kind, &result) {
+            if let JobView::Succeeded(JobKind::Bootstrap) = &view {
                 // The bootstrap job started the new cluster's PostgreSQL.
                 self.callbacks.fire(Event::Start, PgRole::Primary);
             }
-            self.finished_job = Some((job.kind, result));
+            self.finished_job = Some(view);
         }
-        match self.finished_job.take() {
-            Some((kind, Ok(()))) => JobView::Succeeded(kind),
-            Some((kind, Err(e))) => JobView::Failed(kind, e),
-            None => JobView::Idle,
-        }
+        self.finished_job.take().unwrap_or(JobView::Idle)
     }
 
     async fn keep_member_lease(&mut self, ttl: Duration) {
@@ -1463,6 +1462,8 @@ impl Agent {
             }),
             JobKind::Rewind { .. } => tokio::spawn(async move {
                 let up = upstream.context("the leader's member key disappeared")?;
+                // A source that does not answer is not a failed rewind (rule 5).
+                pg.check_source(&up).await?;
                 pg.write_pgpass()?;
                 pg.rewind(&up).await
             }),

@@ -119,6 +119,9 @@ pub enum JobView {
     Running(JobKind),
     Succeeded(JobKind),
     Failed(JobKind, String),
+    /// The job changed nothing: the member it copies from did not accept connections. Not
+    /// remembered as a failure; tried again while the reason to run it lasts.
+    SourceDown(JobKind, String),
 }
 
 /// This member's leader lease, as measured by the agent.
@@ -599,6 +602,17 @@ fn decide_with_view(
             return decision(
                 vec![],
                 format!("pg_rewind onto {from} failed ({why}); not starting PostgreSQL: turn on remove_data_directory_on_rewind_failure to re-clone, or repair the data directory by hand"),
+                Role::Replica,
+                MemberState::Stopped,
+            );
+        }
+        JobView::SourceDown(kind, why) => {
+            return decision(
+                vec![],
+                format!(
+                    "{} not started: {why}; trying again while it is needed",
+                    kind.describe()
+                ),
                 Role::Replica,
                 MemberState::Stopped,
             );

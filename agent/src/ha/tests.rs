@@ -1579,3 +1579,45 @@ fn a_crashed_standby_on_an_older_timeline_starts_as_a_standby_before_any_rewind(
         "{d:?}"
     );
 }
+
+/// A pg_rewind whose source did not answer changed nothing and is not remembered: once the
+/// leader answers again on the same timeline the member rewinds, while a rewind that
+/// really failed stays remembered (found by the simulation, gate
+/// REWIND_FAILS_WHEN_SOURCE_DOWN).
+#[test]
+fn a_rewind_whose_source_did_not_answer_is_tried_again() {
+    let mut b = member("b", MemberState::Running, 100);
+    b.timeline = Some(2);
+    let v = view(Some("b"), std::slice::from_ref(&b));
+    let stopped_cleanly = |job: JobView| {
+        let mut obs = Obs::new(Some(v.clone())).job(job);
+        obs.0.pg.control = Some(ControlData {
+            timeline: 1,
+            shut_down_cleanly: true,
+            checkpoint_lsn: None,
+        });
+        obs
+    };
+    let from = || JobKind::Rewind { from: "b".into() };
+
+    let mut mem = Memory::default();
+    let obs = stopped_cleanly(JobView::SourceDown(from(), "b does not answer".into()));
+    mem.observed(&obs.0);
+    let d = obs.decide(&cfg("c"), &mem);
+    assert!(d.actions.is_empty(), "{d:?}");
+    assert!(d.reason.contains("not started"), "{}", d.reason);
+    let d = stopped_cleanly(JobView::Idle).decide(&cfg("c"), &mem);
+    assert!(
+        matches!(
+            d.actions.as_slice(),
+            [Action::StartJob(JobKind::Rewind { .. })]
+        ),
+        "the rewind was not tried again: {d:?}"
+    );
+
+    let mut mem = Memory::default();
+    let obs = stopped_cleanly(JobView::Failed(from(), "pg_rewind failed".into()));
+    mem.observed(&obs.0);
+    let d = stopped_cleanly(JobView::Idle).decide(&cfg("c"), &mem);
+    assert!(d.actions.is_empty(), "a failed rewind was run again: {d:?}");
+}

@@ -5,6 +5,7 @@
 pub mod command;
 pub mod conf;
 mod query;
+mod source;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -21,6 +22,7 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::ha::{ControlData, DataDir, PgStatus, Upstream};
 use command::OsUser;
+pub use source::SourceDown;
 
 /// How PostgreSQL should be configured when it next starts or reloads.
 #[derive(Debug, Clone, PartialEq)]

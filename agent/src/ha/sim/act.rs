@@ -508,8 +508,9 @@ impl World {
         self.nodes[i].job = None;
         let result = match &job.kind {
             JobKind::Clone { from } | JobKind::Rewind { from } => {
-                // A rewind fails only when its source does not answer: a rewind that fails
-                // for good is remembered by design and leaves the member down.
+                // A rewind fails only when its source does not answer (`SourceDown`, not
+                // remembered): a rewind that fails for good is remembered by design and
+                // leaves the member down.
                 let fails = job.fails && matches!(job.kind, JobKind::Clone { .. });
                 let answers = |s: usize| {
                     self.nodes[s].pg.running
@@ -576,6 +577,9 @@ impl World {
         }
         self.nodes[i].finished = Some(match result {
             Ok(()) => JobView::Succeeded(job.kind),
+            Err(e) if matches!(job.kind, JobKind::Rewind { .. }) => {
+                JobView::SourceDown(job.kind, e)
+            }
             Err(e) => JobView::Failed(job.kind, e),
         });
     }

@@ -128,7 +128,9 @@ mod gates {
     /// at e9d9e34 seed 8037785, quorum:
     /// "pg_rewind onto n1 (timeline 23) failed before; not starting PostgreSQL"). While
     /// off, a rewind's source always answers.
-    pub const REWIND_FAILS_WHEN_SOURCE_DOWN: bool = false;
+    /// On since the rewind job asks its source first (`pg_isready`) and reports
+    /// `JobView::SourceDown`, which is not remembered.
+    pub const REWIND_FAILS_WHEN_SOURCE_DOWN: bool = true;
 }
 
 // After `gate!`, which they use.
