@@ -252,11 +252,9 @@ bootstrap:
     - locale: C.UTF-8
 EOF
     )
-    # PostgreSQL runs archive_command (pgherd-agent wal-push) as its own user, who must be
-    # able to read this file.
-    if [[ -n $repo ]] && is_root; then
-        chown "$PGHERD_OS_USER:" "$file" || die "cannot chown $file to $PGHERD_OS_USER"
-    fi
+    # The file stays readable by its owner alone: archive_command (pgherd-agent wal-push),
+    # run as PostgreSQL's user, reads the WAL settings the agent writes beside it
+    # ($state/$node.wal.yml), which hold no secret.
 }
 
 # Writes the configs of nodes node1..nodeN. Ports: etcd client port, then the first API and

@@ -80,18 +80,15 @@ fn main() -> ExitCode {
             pgherd_agent::watchdog::run();
             ExitCode::SUCCESS
         }
-        Some(Command::WalPush { path }) => wal_command(cli.config, "wal-push", |ctx| {
-            pgherd_agent::backup::wal::push(
-                ctx.repo.as_ref(),
-                &path,
-                ctx.backup.compression,
-                ctx.backup.level(),
-            )
-            .map(|_| ())
+        Some(Command::WalPush { path }) => wal_command(cli.config, "wal-push", |repo, wal| {
+            pgherd_agent::backup::wal::push(repo, &path, wal.compression, wal.compression_level)
+                .map(|_| ())
         }),
-        Some(Command::WalFetch { name, path }) => wal_command(cli.config, "wal-fetch", |ctx| {
-            pgherd_agent::backup::wal::fetch(ctx.repo.as_ref(), &name, &path)
-        }),
+        Some(Command::WalFetch { name, path }) => {
+            wal_command(cli.config, "wal-fetch", |repo, _| {
+                pgherd_agent::backup::wal::fetch(repo, &name, &path)
+            })
+        }
         Some(Command::CheckConfig { file }) => {
             let Some(path) = file.or(cli.config) else {
                 eprintln!("check-config needs a FILE (or --config FILE)");
@@ -143,35 +140,31 @@ fn main() -> ExitCode {
 }
 
 /// Runs `wal-push` or `wal-fetch`: one line on stderr and exit 1 on any error (PostgreSQL
-/// puts it in its log and retries).
+/// puts it in its log and retries). `--config` names the WAL settings the agent wrote for
+/// them (no secrets in it), or a member's configuration file.
 fn wal_command(
     config: Option<PathBuf>,
     what: &str,
     f: impl FnOnce(
-        &pgherd_agent::backup::BackupContext,
+        &pgherd_agent::backup::LocalRepository,
+        &pgherd_agent::backup::wal::WalSettings,
     ) -> Result<(), pgherd_agent::backup::wal::WalError>,
 ) -> ExitCode {
     let Some(path) = config else {
-        eprintln!("pgherd-agent {what}: needs --config FILE (the member's configuration)");
+        eprintln!(
+            "pgherd-agent {what}: needs --config FILE (the WAL settings the agent writes, or the member's configuration)"
+        );
         return ExitCode::from(EXIT_USAGE);
     };
-    let cfg = match pgherd_config::load(&path) {
-        Ok(c) => std::sync::Arc::new(c),
+    let wal = match pgherd_agent::backup::wal::WalSettings::load(&path) {
+        Ok(w) => w,
         Err(e) => {
             eprintln!("pgherd-agent {what}: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let user = pgherd_agent::postgres::command::OsUser::current();
-    let bin_dir = pgherd_agent::postgres::find_bin_dir(cfg.postgres.bin_dir.as_deref());
-    let Some(ctx) = pgherd_agent::backup::BackupContext::new(cfg, user, bin_dir) else {
-        eprintln!(
-            "pgherd-agent {what}: {} has no backup section; nothing to archive to",
-            path.display()
-        );
-        return ExitCode::from(EXIT_USAGE);
-    };
-    match f(&ctx) {
+    let repo = pgherd_agent::backup::LocalRepository::new(&wal.repository);
+    match f(&repo, &wal) {
         Ok(()) => ExitCode::SUCCESS,
         // "Not in the archive" is a normal answer to restore_command: exit 1.
         Err(e @ pgherd_agent::backup::wal::WalError::NotFound(_)) => {

@@ -14,11 +14,19 @@
 //!   later. A frozen agent (SIGSTOP) keeps the pipe open: the lease runs out at its deadline.
 //!
 //! A separate process is needed because a SIGSTOP freezes every thread of the agent.
+//!
+//! The watchdog runs as root beside PostgreSQL, so it signals only what it may (rule 8): it
+//! is armed only for a live `postgres` process of a user other than root (PostgreSQL never
+//! runs as root), never pid 1, itself or the agent ([`guardable`]); it holds a
+//! [`Handle`] on that process from the arm on, so a postmaster that died and whose pid was
+//! reused meanwhile is never "fenced" in its place.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use pgherd_config::EtcdConfig;
+
+use crate::postgres::process::{self, Handle};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::time::TimeValLike;
@@ -120,74 +128,101 @@ fn children_of(parent: i32) -> Vec<i32> {
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    // "pid (comm) state ppid ...": the comm may contain spaces.
-                    let rest = stat.rsplit_once(')')?.1;
-                    rest.split_whitespace().nth(1)?.parse::<i32>().ok()
-                })
-                == Some(parent)
-        })
+        .filter(|pid| process::parent(*pid) == Some(parent))
         .collect()
 }
 
-/// Kills a postmaster and every process it forked; returns the pids it killed (the
-/// postmaster first). PostgreSQL puts each backend in a session of its own (setsid), so
-/// killing the postmaster's process group is not enough: a backend in the middle of a
-/// statement could still commit. The postmaster is stopped first so it cannot fork while
-/// its children are collected.
-pub fn kill_postgres(postmaster: i32) -> Vec<i32> {
-    let pm = Pid::from_raw(postmaster);
-    let _ = nix::sys::signal::kill(pm, Signal::SIGSTOP);
-    let mut killed = vec![postmaster];
-    for child in children_of(postmaster) {
+/// Kills the postmaster `pm` names and every process it forked; returns the pids it killed
+/// (the postmaster first), none when that postmaster is gone. PostgreSQL puts each backend
+/// in a session of its own (setsid), so killing the postmaster's process group is not
+/// enough: a backend in the middle of a statement could still commit. The postmaster is
+/// stopped first so it can neither fork nor reap while its children are collected: a child
+/// that exits stays a zombie holding its pid, so every pid signalled is one of its own.
+fn kill_tree(pm: &Handle) -> Vec<i32> {
+    let pid = pm.pid();
+    if pm.signal(Some(Signal::SIGSTOP)).is_err() {
+        return vec![];
+    }
+    let mut killed = vec![pid];
+    for child in children_of(pid) {
         let _ = nix::sys::signal::kill(Pid::from_raw(child), Signal::SIGKILL);
         killed.push(child);
     }
-    let _ = killpg(pm, Signal::SIGKILL);
-    let _ = nix::sys::signal::kill(pm, Signal::SIGKILL);
+    // Its process group, when it leads one (the postmaster this agent spawned does).
+    if nix::unistd::getpgid(Some(Pid::from_raw(pid))) == Ok(Pid::from_raw(pid)) && pm.is_live() {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let _ = pm.signal(Some(Signal::SIGKILL));
     killed
 }
 
-/// Whether `pid` is a live (not zombie) process. A postmaster killed while its parent was
-/// gone may linger as a zombie whose pid still answers signals.
-pub(crate) fn is_live(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X'),
-        Err(_) => false,
+/// Kills a postmaster and every process it forked; returns the pids it killed (the
+/// postmaster first), none when no process has pid `postmaster`.
+pub fn kill_postgres(postmaster: i32) -> Vec<i32> {
+    match Handle::open(postmaster) {
+        Ok(pm) => kill_tree(&pm),
+        Err(_) => vec![],
     }
 }
 
-/// When `pid` started (field 22 of /proc/<pid>/stat, clock ticks since boot): with the pid,
-/// it names one process, whatever reuses the pid after it is gone.
-fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+/// Whether the watchdog may guard (and so one day SIGKILL) process `pid`: a live
+/// `postgres` of a user other than root, and not pid 1, the watchdog or its agent. The agent
+/// arms only with the postmaster it spawned or one /proc showed is a postmaster of its data
+/// directory; this check holds even if that went wrong (rule 8). Returns a handle on it.
+pub fn guardable(pid: i32) -> Result<Handle, String> {
+    if pid <= 1 {
+        return Err(format!("pid {pid} is never a postmaster"));
+    }
+    let me = std::process::id() as i32;
+    if pid == me || pid == nix::unistd::getppid().as_raw() {
+        return Err(format!("pid {pid} is the watchdog or its agent"));
+    }
+    // Checked after the handle is opened, and confirmed by the handle still naming a live
+    // process: what /proc showed is about the process the handle names.
+    let handle = Handle::open(pid).map_err(|e| format!("no process has pid {pid} ({e})"))?;
+    let (real, effective) =
+        process::uids(pid).ok_or_else(|| format!("no process has pid {pid}"))?;
+    if real == 0 || effective == 0 {
+        return Err(format!(
+            "pid {pid} runs as root, which PostgreSQL never does"
+        ));
+    }
+    match process::exe(pid) {
+        Some(exe) if process::is_postgres_exe(&exe) => {}
+        Some(exe) => return Err(format!("pid {pid} is {}, not postgres", exe.display())),
+        None => return Err(format!("cannot see which program pid {pid} runs")),
+    }
+    if !handle.is_live() {
+        return Err(format!("pid {pid} is gone"));
+    }
+    Ok(handle)
 }
 
-/// Kills PostgreSQL, postmaster `pid` that started at `started` (when known); returns
-/// whether every process of it is gone within `limit`. A pid that now names another
-/// process (the postmaster died and the pid was reused) is left alone (rule 8).
-fn fence(pid: i32, started: Option<u64>, why: &str, limit: Duration) -> bool {
-    if started.is_some() && start_ticks(pid) != started {
+/// Kills PostgreSQL, postmaster `pm`; returns whether every process of it is gone within
+/// `limit`. A postmaster that died meanwhile is left alone, and so is whatever got its pid
+/// since (rule 8).
+fn fence(pm: &Handle, why: &str, limit: Duration) -> bool {
+    let pid = pm.pid();
+    let killed = kill_tree(pm);
+    if killed.is_empty() {
         say!("{why}; PostgreSQL (postmaster {pid}) is already gone");
         return true;
     }
-    let killed = kill_postgres(pid);
     say!("{why}; killed PostgreSQL (postmaster {pid} and its children)");
     let deadline = std::time::Instant::now() + limit;
     loop {
-        let alive: Vec<i32> = killed.iter().copied().filter(|p| is_live(*p)).collect();
+        // The postmaster through its handle (its pid may be reused once it is reaped).
+        let alive: Vec<i32> = killed
+            .iter()
+            .copied()
+            .filter(|p| {
+                if *p == pid {
+                    pm.is_live()
+                } else {
+                    process::is_live(*p)
+                }
+            })
+            .collect();
         if alive.is_empty() {
             return true;
         }
@@ -296,12 +331,14 @@ pub fn run() {
         }
         let _ = tx.send(None);
     });
-    // pid, deadline, lease, the pid's start time.
-    let mut armed: Option<(i32, i64, i64, Option<u64>)> = None;
+    // The postmaster, deadline, lease.
+    let mut armed: Option<(Handle, i64, i64)> = None;
+    // The last pid refused, so a refusal repeated with every renewal is said once.
+    let mut refused: Option<i32> = None;
     let mut etcd: Option<Box<EtcdConfig>> = None;
     loop {
         let msg = match armed {
-            Some((_, deadline, _, _)) => {
+            Some((_, deadline, _)) => {
                 let left = deadline - monotonic_ns();
                 if left <= 0 {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout)
@@ -319,21 +356,34 @@ pub fn run() {
                 deadline_ns,
                 lease,
             }))) => {
-                let started = match armed {
-                    Some((same, _, _, started)) if same == pid => started,
-                    _ => start_ticks(pid),
+                let handle = match armed.take() {
+                    Some((same, _, _)) if same.pid() == pid => Ok(same),
+                    _ => guardable(pid),
                 };
-                armed = Some((pid, deadline_ns, lease, started))
+                match handle {
+                    Ok(handle) => {
+                        refused = None;
+                        armed = Some((handle, deadline_ns, lease));
+                    }
+                    Err(why) => {
+                        if refused != Some(pid) {
+                            say!("refusing to arm for pid {pid}: {why}; not guarding it");
+                            refused = Some(pid);
+                        }
+                    }
+                }
             }
-            Ok(Some(Message::Command(Command::Disarm))) => armed = None,
+            Ok(Some(Message::Command(Command::Disarm))) => {
+                armed = None;
+                refused = None;
+            }
             Ok(Some(Message::Etcd(c))) => etcd = Some(c),
             Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                if let Some((pid, _, lease, started)) = armed {
+                if let Some((pm, _, lease)) = armed {
                     // The agent died (its node lives): fence first, and only once every
                     // process of PostgreSQL is gone free the key for a replica (rule 3).
                     let dead = fence(
-                        pid,
-                        started,
+                        &pm,
                         "the agent exited while PostgreSQL could accept writes",
                         Duration::from_secs(5),
                     );
@@ -351,10 +401,9 @@ pub fn run() {
                 return;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if let Some((pid, _, _, started)) = armed.take() {
+                if let Some((pm, _, _)) = armed.take() {
                     fence(
-                        pid,
-                        started,
+                        &pm,
                         "the agent did not renew the leader lease before its deadline",
                         Duration::from_secs(1),
                     );
@@ -443,6 +492,77 @@ impl Watchdog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::CommandExt;
+
+    /// `program` run as `postgres` when the tests run as root (as themselves otherwise),
+    /// killed on drop.
+    struct Victim(std::process::Child);
+
+    impl Victim {
+        fn spawn(program: &std::path::Path, as_postgres: bool) -> Victim {
+            let mut cmd = std::process::Command::new(program);
+            cmd.arg("600").current_dir("/");
+            if as_postgres && nix::unistd::geteuid().is_root() {
+                let u = nix::unistd::User::from_name("postgres")
+                    .unwrap()
+                    .expect("the OS user postgres exists");
+                cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+            }
+            Victim(cmd.spawn().expect("cannot start the victim"))
+        }
+
+        fn pid(&self) -> i32 {
+            self.0.id() as i32
+        }
+    }
+
+    impl Drop for Victim {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Rule 8: the watchdog guards (and would kill) only a `postgres` process of a user
+    /// other than root; never pid 1, itself, another program or root's process.
+    #[test]
+    fn the_watchdog_guards_only_a_postgres_process_of_another_user_than_root() {
+        for pid in [0, 1, std::process::id() as i32, i32::MAX] {
+            assert!(guardable(pid).is_err(), "pid {pid}");
+        }
+        let sleep = Victim::spawn(std::path::Path::new("sleep"), true);
+        let why = guardable(sleep.pid()).unwrap_err();
+        assert!(why.contains("not postgres"), "{why}");
+        // A copy of sleep named postgres: guarded when it is not root's.
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let fake = dir.path().join("postgres");
+        let sleep_bin = ["/usr/bin/sleep", "/bin/sleep"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("sleep is installed");
+        std::fs::copy(sleep_bin, &fake).unwrap();
+        let theirs = Victim::spawn(&fake, true);
+        // Until exec has happened the child still runs the test binary.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while process::exe(theirs.pid()).as_deref() != Some(fake.as_path())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(guardable(theirs.pid()).is_ok());
+        if nix::unistd::geteuid().is_root() {
+            let roots = Victim::spawn(&fake, false);
+            while process::exe(roots.pid()).as_deref() != Some(fake.as_path())
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let why = guardable(roots.pid()).unwrap_err();
+            assert!(why.contains("root"), "{why}");
+        }
+    }
 
     #[test]
     fn commands_round_trip() {

@@ -1,8 +1,12 @@
 //! The fencing watchdog process (`pgherd-agent watchdog`) against real process groups: a
-//! sleeping process stands in for PostgreSQL's postmaster (ARCHITECTURE rule 3).
+//! sleeping process stands in for PostgreSQL's postmaster (ARCHITECTURE rule 3). The
+//! watchdog guards only a `postgres` process of a user other than root (rule 8), so the
+//! stand-in is a copy of `sleep` named `postgres`, run as the `postgres` user when the tests
+//! run as root.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,18 +21,68 @@ fn monotonic_ns() -> i64 {
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
-/// A process in its own process group, killed on drop if still alive.
-struct Victim(Child);
+/// A copy of `sleep` named `postgres` in a directory every user can read.
+struct StandIn {
+    _dir: tempfile::TempDir,
+    exe: PathBuf,
+}
+
+impl StandIn {
+    fn new() -> StandIn {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("a temp dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod 0755");
+        let sleep = ["/usr/bin/sleep", "/bin/sleep"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("sleep is installed");
+        let exe = dir.path().join("postgres");
+        std::fs::copy(sleep, &exe).expect("copy sleep");
+        StandIn { _dir: dir, exe }
+    }
+
+    /// `cmd` as the `postgres` user when the tests run as root.
+    fn as_postgres(cmd: &mut Command) -> &mut Command {
+        if nix::unistd::geteuid().is_root() {
+            let u = nix::unistd::User::from_name("postgres")
+                .expect("user lookup")
+                .expect("the OS user postgres exists");
+            cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+        }
+        cmd
+    }
+
+    /// Waits until `pid` runs the stand-in (it may still be the shell or the fork).
+    fn wait_exec(&self, pid: u32) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .as_deref()
+            != Some(self.exe.as_path())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "pid {pid} never ran the stand-in"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// A process in its own process group, killed on drop if still alive; the stand-in's
+/// directory lives as long as it does.
+struct Victim(Child, #[allow(dead_code)] StandIn);
 
 impl Victim {
     fn spawn() -> Victim {
-        Victim(
-            Command::new("sleep")
-                .arg("60")
-                .process_group(0)
-                .spawn()
-                .expect("sleep starts"),
-        )
+        let stand_in = StandIn::new();
+        let child = StandIn::as_postgres(Command::new(&stand_in.exe).arg("60"))
+            .process_group(0)
+            .spawn()
+            .expect("the stand-in starts");
+        stand_in.wait_exec(child.id());
+        Victim(child, stand_in)
     }
     fn pid(&self) -> u32 {
         self.0.id()
@@ -142,14 +196,16 @@ fn the_agent_dying_while_armed_fences_at_once() {
 /// backend in the middle of a statement could still commit.
 #[test]
 fn fencing_also_kills_children_in_their_own_session() {
-    let mut victim = Victim(
-        Command::new("sh")
-            .arg("-c")
-            .arg("setsid sleep 60 & exec sleep 60")
-            .process_group(0)
-            .spawn()
-            .expect("sh starts"),
-    );
+    let stand_in = StandIn::new();
+    let child = StandIn::as_postgres(Command::new("sh").arg("-c").arg(format!(
+        "setsid sleep 60 & exec {} 60",
+        stand_in.exe.display()
+    )))
+    .process_group(0)
+    .spawn()
+    .expect("sh starts");
+    stand_in.wait_exec(child.id());
+    let mut victim = Victim(child, stand_in);
     let find_child = || {
         let out = Command::new("pgrep")
             .arg("-P")

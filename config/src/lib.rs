@@ -7,6 +7,7 @@
 pub mod backup;
 pub mod lenient;
 pub mod patch;
+mod secret;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -552,14 +553,15 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-/// Parses and validates configuration text; the error lists every problem found.
+/// Parses and validates configuration text; the error lists every problem found, none
+/// quoting the value of a secret.
 pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
-    let config: Config = validate::deserialize_all(text)?;
+    let config: Config = validate::deserialize_all(text).map_err(secret::redact)?;
     let problems = config.validate();
     if problems.is_empty() {
         Ok(config)
     } else {
-        Err(problems)
+        Err(secret::redact(problems))
     }
 }
 

@@ -157,10 +157,22 @@ impl Member {
         &self.spec
     }
 
-    /// Replaces the config file (takes effect at the agent's next start).
+    /// Replaces the config file (takes effect at the agent's next start). Mode 0600, as in
+    /// production: it holds the API token and the passwords, and PostgreSQL's tools read the
+    /// WAL settings the agent writes beside it instead (issue 13 item 10).
     pub fn write_config(&self, text: &str) -> Result<()> {
-        std::fs::write(&self.config_path, text)
-            .with_context(|| format!("cannot write {}", self.config_path.display()))
+        use std::os::unix::fs::OpenOptionsExt;
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&self.config_path)?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            f.write_all(text.as_bytes())
+        };
+        write().with_context(|| format!("cannot write {}", self.config_path.display()))
     }
 
     /// Writes `<member dir>/<file_name>`: this member's config with `yaml` merged over it

@@ -657,27 +657,6 @@ async fn a_restore_that_cannot_reach_its_target_puts_the_previous_data_back() ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_whose_config_postgres_cannot_read_refuses_to_archive_and_says_why() -> Result<()>
-{
-    use std::os::unix::fs::PermissionsExt;
-    let cluster = Cluster::builder().members(1).backups().configure().await?;
-    let m = cluster.member("node1");
-    // Root-owned and 0600: archive_command, run as postgres, could not read it.
-    std::fs::set_permissions(m.config_path(), std::fs::Permissions::from_mode(0o600))?;
-    std::os::unix::fs::chown(m.config_path(), Some(0), Some(0))?;
-    m.start()?;
-    let status = m.wait_exit(Duration::from_secs(60)).await?;
-    ensure!(!status.success(), "the agent started anyway");
-    let log = m.agent_log();
-    ensure!(
-        log.contains("cannot read the configuration file"),
-        "the agent did not say why: {}",
-        pgherd_tests::tail(m.agent_log_path(), 5)
-    );
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restore_to_an_older_point_a_backup_from_the_abandoned_history_is_not_used(
 ) -> Result<()> {
     let cluster = Cluster::builder().members(1).backups().configure().await?;

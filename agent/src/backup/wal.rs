@@ -7,15 +7,110 @@
 //! crash between the copy and its own bookkeeping), with different content fails loudly
 //! (two clusters archiving into one place, or a forked timeline); a fetched file is checked
 //! against the checksum it was stored with before PostgreSQL sees it.
+//!
+//! Both run as PostgreSQL's OS user and read [`WalSettings`], a file the agent writes that
+//! names the repository and compression and nothing else: the member's own configuration
+//! (API token, etcd credentials, both passwords) stays readable by root alone.
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use pgherd_config::Compression;
+use pgherd_config::{Compression, Config};
+use serde::{Deserialize, Serialize};
 
 use super::compress::{self, HashingReader};
 use super::repo::{RepoError, Repository};
 use crate::lsn::Lsn;
+
+/// What `wal-push` and `wal-fetch` need, and all they get: the cluster's archive and how to
+/// compress into it. The agent writes it at start beside its configuration file (see
+/// [`WalSettings::path_beside`]), mode 0640, owned by root and PostgreSQL's group, so
+/// `archive_command` never needs to read the file that holds the secrets (issue 13 item 10).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalSettings {
+    /// `<backup.repository>/<cluster>`: the root of this cluster's archive.
+    pub repository: PathBuf,
+    pub compression: Compression,
+    pub compression_level: i32,
+}
+
+impl WalSettings {
+    /// The settings of a member with a `backup` section.
+    pub fn from_config(cfg: &Config) -> Option<WalSettings> {
+        let backup = cfg.backup.as_ref()?;
+        Some(WalSettings {
+            repository: super::repository_root(cfg, backup),
+            compression: backup.compression,
+            compression_level: backup.level(),
+        })
+    }
+
+    /// Where the agent keeps the settings of the member configured by `config_file`:
+    /// `<dir>/<stem>.wal.yml` beside it (`/etc/pgherd/pgherd.yml` gives
+    /// `/etc/pgherd/pgherd.wal.yml`), in a directory the operator chose and controls.
+    pub fn path_beside(config_file: &Path) -> PathBuf {
+        let stem = config_file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pgherd".to_string());
+        config_file.with_file_name(format!("{stem}.wal.yml"))
+    }
+
+    /// The file's text.
+    pub fn render(&self) -> String {
+        let body = serde_yaml::to_string(self).expect("WalSettings always serialise to YAML");
+        format!(
+            "# Written by pgherd-agent at every start for wal-push and wal-fetch (PostgreSQL's\n\
+             # archive_command and restore_command); edits are lost. It holds no secret.\n{body}"
+        )
+    }
+
+    /// Reads the settings `wal-push` and `wal-fetch` are given: this file, or (as before
+    /// issue 13, and for an operator running them by hand) a member's configuration file,
+    /// recognised by its `cluster` key.
+    pub fn load(path: &Path) -> Result<WalSettings, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let value: serde_yaml::Value = serde_yaml::from_str(&text)
+            .map_err(|e| format!("{} is not valid YAML: {e}", path.display()))?;
+        if value.get("cluster").is_some() {
+            let cfg = pgherd_config::load(path).map_err(|e| e.to_string())?;
+            return WalSettings::from_config(&cfg).ok_or_else(|| {
+                format!(
+                    "{} has no backup section; nothing to archive to",
+                    path.display()
+                )
+            });
+        }
+        serde_yaml::from_value(value)
+            .map_err(|e| format!("{} is not a pgherd WAL settings file: {e}", path.display()))
+    }
+
+    /// Writes the settings to `path` for PostgreSQL's OS user (`gid`: its group, when the
+    /// agent runs as root): mode 0640, published by one rename. The temporary file is
+    /// created anew (`O_EXCL`) and its mode and group are set through its descriptor, so a
+    /// link planted in the directory is never followed.
+    pub fn write(&self, path: &Path, gid: Option<u32>) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".pgherd-wal-")
+            .tempfile_in(dir)?;
+        tmp.write_all(self.render().as_bytes())?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::fchown(tmp.as_file(), None, Some(gid))?;
+        }
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o640))?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    }
+}
 
 /// WAL segment size: initdb's default; pgherd clusters use it.
 pub const SEGMENT_SIZE: u64 = 16 * 1024 * 1024;
@@ -399,6 +494,47 @@ pub fn archive_end(archive: &[Archived]) -> Option<(Lsn, std::time::SystemTime)>
 mod tests {
     use super::*;
     use crate::backup::repo::LocalRepository;
+
+    #[test]
+    fn wal_settings_hold_the_repository_and_compression_only() {
+        let mut cfg: Config =
+            pgherd_config::parse(include_str!("../../../config/examples/minimal.yml")).unwrap();
+        assert_eq!(WalSettings::from_config(&cfg), None);
+        cfg.backup =
+            Some(serde_yaml::from_str("{repository: /srv/repo, compression: gzip}").unwrap());
+        let w = WalSettings::from_config(&cfg).unwrap();
+        assert_eq!(w.repository, Path::new("/srv/repo").join(&cfg.cluster));
+        assert_eq!((w.compression, w.compression_level), (Compression::Gzip, 6));
+        let text = w.render();
+        for secret in [
+            cfg.postgres.superuser.password.as_str(),
+            cfg.postgres.replication.password.as_str(),
+        ] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = WalSettings::path_beside(&dir.path().join("node1.yml"));
+        assert_eq!(path, dir.path().join("node1.wal.yml"));
+        // A link planted under the final name is replaced, never followed.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        w.write(&path, None).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        assert_eq!(WalSettings::load(&path).unwrap(), w);
+        // A member's configuration file still works (an operator running wal-fetch by hand).
+        let member = dir.path().join("member.yml");
+        let mut text = include_str!("../../../config/examples/minimal.yml").to_string();
+        text.push_str("backup: {repository: /srv/repo, compression: gzip}\n");
+        std::fs::write(&member, text).unwrap();
+        assert_eq!(WalSettings::load(&member).unwrap(), w);
+        std::fs::write(&member, "repository: /x\ncompression: zstd\nsecret: 1\n").unwrap();
+        assert!(WalSettings::load(&member).is_err());
+    }
 
     #[test]
     fn names_parse() {

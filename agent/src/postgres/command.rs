@@ -77,6 +77,48 @@ impl OsUser {
         }
     }
 
+    /// The uid PostgreSQL runs as: this user's when the agent switches to it, else the
+    /// agent's own.
+    pub fn uid(&self) -> u32 {
+        self.switch_to
+            .map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid)
+    }
+
+    /// Whether this user may open `file` for reading: search permission on every directory
+    /// above it and read permission on the file, by mode bits as the kernel applies them
+    /// (owner, else its primary or supplementary groups, else others; ACLs aside).
+    pub fn can_reach(&self, file: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Some((uid, gid)) = self.switch_to else {
+            return true;
+        };
+        let groups: Vec<u32> = std::ffi::CString::new(self.name.as_str())
+            .ok()
+            .and_then(|name| nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)).ok())
+            .map(|gs| gs.iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_else(|| vec![gid]);
+        // `bit`: 4 read, 1 search.
+        let allows = |path: &Path, bit: u32| {
+            let Ok(md) = std::fs::metadata(path) else {
+                return false;
+            };
+            let mode = md.mode();
+            if md.uid() == uid {
+                mode & (bit << 6) != 0
+            } else if groups.contains(&md.gid()) {
+                mode & (bit << 3) != 0
+            } else {
+                mode & bit != 0
+            }
+        };
+        allows(file, 4)
+            && file
+                .ancestors()
+                .skip(1)
+                .filter(|d| !d.as_os_str().is_empty())
+                .all(|d| allows(d, 1))
+    }
+
     /// Whether this user may create files in `dir` (by its mode bits; ACLs aside).
     pub fn can_write(&self, dir: &Path) -> bool {
         use std::os::unix::fs::MetadataExt;

@@ -84,29 +84,30 @@ pub fn parameters(
 }
 
 /// With a `backup` section: every member archives (so archiving goes on after a failover)
-/// through `pgherd-agent wal-push`, and can fetch archived WAL with `wal-fetch`.
-pub fn archiving(agent_exe: &str, config_file: &str) -> BTreeMap<String, String> {
+/// through `pgherd-agent wal-push`, and can fetch archived WAL with `wal-fetch`, both given
+/// the WAL settings file (`settings_file`, no secrets in it), not the member's configuration.
+pub fn archiving(agent_exe: &str, settings_file: &str) -> BTreeMap<String, String> {
     let mut p = BTreeMap::new();
     p.insert("archive_mode".to_string(), "on".to_string());
     p.insert(
         "archive_command".to_string(),
-        wal_command(agent_exe, config_file, "wal-push", "%p"),
+        wal_command(agent_exe, settings_file, "wal-push", "%p"),
     );
     p.insert(
         "restore_command".to_string(),
-        wal_command(agent_exe, config_file, "wal-fetch", "%f %p"),
+        wal_command(agent_exe, settings_file, "wal-fetch", "%f %p"),
     );
     p
 }
 
-/// `<agent_exe> <subcommand> --config <config_file> <args>`, quoted for the shell
+/// `<agent_exe> <subcommand> --config <settings_file> <args>`, quoted for the shell
 /// PostgreSQL runs archive and restore commands through.
-pub fn wal_command(agent_exe: &str, config_file: &str, subcommand: &str, args: &str) -> String {
+pub fn wal_command(agent_exe: &str, settings_file: &str, subcommand: &str, args: &str) -> String {
     let q = crate::backup::restore::shell_quote;
     format!(
         "{} {subcommand} --config {} {args}",
         q(agent_exe),
-        q(config_file)
+        q(settings_file)
     )
 }
 
@@ -163,8 +164,19 @@ pub fn pgpass(cfg: &Config) -> String {
     s
 }
 
-/// SQL literal for a password in `CREATE ROLE ... PASSWORD` (utility statements take no
-/// bind parameters). Never logged.
+/// The SCRAM-SHA-256 verifier of `password`, as PostgreSQL stores it in `pg_authid`:
+/// `SCRAM-SHA-256$4096:<salt>$<StoredKey>:<ServerKey>` (RFC 5802/7677: PBKDF2-HMAC-SHA-256
+/// over the SASLprep'd password with a random 16-byte salt and 4096 iterations), computed
+/// as libpq's `PQencryptPasswordConn` does, by the crate tokio-postgres authenticates with.
+/// PostgreSQL stores a verifier given as a password as it is, so the roles' passwords are
+/// set without the cleartext ever reaching the server, its statement log or
+/// `pg_stat_activity` (issue 13 item 11).
+pub fn scram_verifier(password: &str) -> String {
+    postgres_protocol::password::scram_sha_256(password.as_bytes())
+}
+
+/// SQL literal (utility statements such as `CREATE ROLE ... PASSWORD` take no bind
+/// parameters).
 pub fn sql_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
@@ -217,6 +229,66 @@ mod tests {
     fn values_are_quoted_for_postgresql_conf() {
         let p: BTreeMap<_, _> = [("application_name".to_string(), "it's".to_string())].into();
         assert!(postgresql_conf(&p).contains("application_name = 'it''s'\n"));
+    }
+
+    /// HMAC-SHA-256 (RFC 2104), written out here so the verifier is checked against the
+    /// RFC rather than against the crate that computed it.
+    fn hmac(key: &[u8], msg: &[u8]) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let mut k = [0u8; 64];
+        if key.len() > 64 {
+            k[..32].copy_from_slice(&Sha256::digest(key));
+        } else {
+            k[..key.len()].copy_from_slice(key);
+        }
+        let pad = |b: u8| k.iter().map(|x| x ^ b).collect::<Vec<u8>>();
+        let inner = Sha256::new()
+            .chain_update(pad(0x36))
+            .chain_update(msg)
+            .finalize();
+        Sha256::new()
+            .chain_update(pad(0x5c))
+            .chain_update(inner)
+            .finalize()
+            .to_vec()
+    }
+
+    #[test]
+    fn scram_verifiers_follow_rfc_5802_with_a_fresh_salt() {
+        use base64::Engine;
+        use sha2::{Digest, Sha256};
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let password = "s3cret:with'quote";
+        let v = scram_verifier(password);
+        let rest = v.strip_prefix("SCRAM-SHA-256$4096:").expect(&v);
+        let (salt, keys) = rest.split_once('$').expect(&v);
+        let (stored, server) = keys.split_once(':').expect(&v);
+        let salt = b64.decode(salt).unwrap();
+        assert_eq!(salt.len(), 16);
+        // PBKDF2-HMAC-SHA-256, one block: U1 = HMAC(p, salt || 1), Ui = HMAC(p, Ui-1).
+        let mut u = hmac(
+            password.as_bytes(),
+            &[salt.as_slice(), &[0, 0, 0, 1]].concat(),
+        );
+        let mut salted = u.clone();
+        for _ in 1..4096 {
+            u = hmac(password.as_bytes(), &u);
+            salted.iter_mut().zip(&u).for_each(|(s, x)| *s ^= x);
+        }
+        let client_key = hmac(&salted, b"Client Key");
+        assert_eq!(
+            b64.decode(stored).unwrap(),
+            Sha256::digest(&client_key).to_vec()
+        );
+        assert_eq!(b64.decode(server).unwrap(), hmac(&salted, b"Server Key"));
+        assert!(!v.contains(password));
+        assert_ne!(
+            scram_verifier(password),
+            v,
+            "each verifier has its own salt"
+        );
+        // Nothing in it needs quoting in SQL or in initdb's password file.
+        assert!(!v.contains(['\'', '\\', '\n']));
     }
 
     #[test]

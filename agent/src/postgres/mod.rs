@@ -4,6 +4,7 @@
 
 pub mod command;
 pub mod conf;
+pub mod process;
 mod query;
 mod source;
 
@@ -20,8 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use tokio::sync::{Mutex, Notify};
 
+use crate::backup::wal::WalSettings;
 use crate::ha::{ControlData, DataDir, PgStatus, Upstream};
 use command::OsUser;
+use process::PidFile;
 pub use source::SourceDown;
 
 /// How PostgreSQL should be configured when it next starts or reloads.
@@ -44,6 +47,12 @@ pub struct Postgres {
     /// The pid of the postmaster we started: known from the spawn, before PostgreSQL
     /// writes `postmaster.pid`, so the watchdog guards it from its first instant.
     child_pid: AtomicI32,
+    /// A handle on the postmaster we started, taken at its spawn: stops go through it, not
+    /// through the pid in `postmaster.pid`, which the OS user can rewrite (rule 8).
+    child: std::sync::Mutex<Option<Arc<process::Handle>>>,
+    /// The last pid (and why) the agent refused to signal or guard, so a refusal seen on
+    /// every loop is logged once.
+    refused: std::sync::Mutex<Option<(i32, String)>>,
     /// Woken when our postmaster exits, so the loop reacts at once.
     wake: Arc<Notify>,
     client: Mutex<Option<Arc<tokio_postgres::Client>>>,
@@ -51,6 +60,62 @@ pub struct Postgres {
     /// section) and, during a point-in-time restore, the recovery target.
     archiving: BTreeMap<String, String>,
     recovery: std::sync::Mutex<BTreeMap<String, String>>,
+}
+
+/// Why the member's configuration file, which holds the API token, the etcd credentials and
+/// both passwords, is open to users other than the agent's (`agent_uid`); empty when it
+/// is not. When the agent is root, a group other than root's counts as other users.
+fn config_exposure(md: &std::fs::Metadata, agent_uid: u32) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let group = || {
+        nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(md.gid()))
+            .ok()
+            .flatten()
+            .map_or_else(|| format!("gid {}", md.gid()), |g| g.name)
+    };
+    let mode = md.mode();
+    let mut out = Vec::new();
+    if md.uid() != agent_uid {
+        out.push(format!(
+            "it belongs to {}, who can change what this agent runs",
+            process::user_name(md.uid())
+        ));
+    }
+    if mode & 0o002 != 0 {
+        out.push("every user can write it".to_string());
+    } else if mode & 0o004 != 0 {
+        out.push("every user can read it".to_string());
+    }
+    if mode & 0o020 != 0 {
+        out.push(format!("group {} can write it", group()));
+    } else if mode & 0o040 != 0 && agent_uid == 0 && md.gid() != 0 {
+        out.push(format!("group {} can read it", group()));
+    }
+    out
+}
+
+/// Warns when the configuration file is open to other users: PostgreSQL's tools no longer
+/// need to read it (issue 13 item 10), so it can be the agent's alone.
+fn warn_if_config_exposed(path: &Path) {
+    let Ok(md) = std::fs::metadata(path) else {
+        return;
+    };
+    let me = nix::unistd::geteuid();
+    let why = config_exposure(&md, me.as_raw());
+    if !why.is_empty() {
+        let owner = nix::unistd::User::from_uid(me)
+            .ok()
+            .flatten()
+            .map_or_else(|| me.to_string(), |u| u.name);
+        tracing::warn!(
+            file = %path.display(),
+            "the configuration file {} holds the API token, the etcd credentials and the database passwords, and {}; make it {owner}'s alone (chown {owner}: {}; chmod 0600 {})",
+            path.display(),
+            why.join(", "),
+            path.display(),
+            path.display()
+        );
+    }
 }
 
 /// Finds PostgreSQL's binaries: the configured directory, `pg_config --bindir`, or Debian's.
@@ -102,22 +167,28 @@ impl Postgres {
                 );
             }
         }
-        let archiving = match (&cfg.backup, &cfg.source) {
-            (Some(_), Some(source)) => {
-                // archive_command runs as the OS user and reads this file: fail now rather
-                // than let WAL pile up in pg_wal.
-                if !user.can_read(source) {
+        if let Some(source) = &cfg.source {
+            warn_if_config_exposed(source);
+        }
+        let archiving = match (WalSettings::from_config(&cfg), &cfg.source) {
+            (Some(wal), Some(source)) => {
+                // archive_command and restore_command run as the OS user and read settings
+                // without secrets, written beside the configuration file (issue 13 item 10).
+                let path = WalSettings::path_beside(source);
+                wal.write(&path, user.switch_to.map(|(_, gid)| gid))
+                    .with_context(|| format!("cannot write the WAL settings {}", path.display()))?;
+                // Fail now rather than let WAL pile up in pg_wal.
+                if !user.can_reach(&path) {
                     bail!(
-                        "backup: archive_command (pgherd-agent wal-push) runs as postgres.os_user {:?} and cannot read the configuration file {}; give that user read access (e.g. chown {} {})",
+                        "backup: archive_command (pgherd-agent wal-push) runs as postgres.os_user {:?} and cannot read {}, which the agent writes beside the configuration file; let that user search its directory (e.g. chmod o+x {})",
                         user.name,
-                        source.display(),
-                        user.name,
-                        source.display()
+                        path.display(),
+                        path.parent().unwrap_or(Path::new("/")).display(),
                     );
                 }
                 let exe = std::env::current_exe()
                     .context("cannot find the pgherd-agent executable for archive_command")?;
-                conf::archiving(&exe.display().to_string(), &source.display().to_string())
+                conf::archiving(&exe.display().to_string(), &path.display().to_string())
             }
             (Some(_), None) => {
                 bail!("the backup section needs the configuration file's path for archive_command")
@@ -134,6 +205,8 @@ impl Postgres {
             bin_dir,
             child_alive: Arc::new(AtomicBool::new(false)),
             child_pid: AtomicI32::new(0),
+            child: std::sync::Mutex::new(None),
+            refused: std::sync::Mutex::new(None),
             wake,
             client: Mutex::new(None),
         })
@@ -267,18 +340,120 @@ impl Postgres {
     }
 
     /// The postmaster's pid from `postmaster.pid`, if that process is alive and is a
-    /// postmaster of this data directory (after a crash the pid may belong to anything).
+    /// postmaster of this data directory (after a crash the pid may belong to anything, and
+    /// the OS user can write any pid into the file).
     fn postmaster_pid(&self) -> Option<i32> {
         match self.pid_file()? {
             PidFile::Live(pid) => Some(pid),
-            PidFile::Stale { .. } => None,
+            PidFile::NotOurs { .. } | PidFile::Stale { .. } => None,
+        }
+    }
+
+    /// What a postmaster of this member looks like in /proc.
+    fn postmaster(&self) -> process::Postmaster<'_> {
+        process::Postmaster {
+            data_dir: &self.data_dir,
+            uid: self.user.uid(),
         }
     }
 
     /// What `postmaster.pid` says, checked against /proc; `None` without the file.
     fn pid_file(&self) -> Option<PidFile> {
         let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
-        Some(check_pid_file(&text, &self.data_dir))
+        Some(process::check_pid_file(&text, &self.postmaster()))
+    }
+
+    /// Logs (once for the same pid and reason) that the agent will not signal `pid` or
+    /// guard it with the watchdog: it is not a postmaster of this member (rule 8).
+    fn refuse(&self, pid: i32, why: &str, action: &str) {
+        let mut last = self
+            .refused
+            .lock()
+            .expect("refused-pid lock is never poisoned");
+        if last.as_ref().is_some_and(|(p, w)| *p == pid && w == why) {
+            return;
+        }
+        tracing::warn!(
+            pid,
+            reason = %why,
+            "refusing to {action} pid {pid} named in postmaster.pid: {why}"
+        );
+        *last = Some((pid, why.to_string()));
+    }
+
+    /// The handle on the postmaster we spawned, while it runs.
+    fn child_handle(&self) -> Option<Arc<process::Handle>> {
+        if !self.is_our_child() {
+            return None;
+        }
+        self.child
+            .lock()
+            .expect("child handle lock is never poisoned")
+            .clone()
+    }
+
+    /// Sends `signal` to the postmaster, only ever to one that is ours (rule 8): the child
+    /// we spawned, through the handle taken at its spawn, whatever `postmaster.pid` says;
+    /// otherwise the process the file names, once /proc shows it is a postmaster of this
+    /// data directory run by the OS user. Any other pid in the file is refused and logged.
+    /// Returns the pid signalled, `None` when no postmaster of ours runs.
+    fn signal_postmaster(
+        &self,
+        signal: nix::sys::signal::Signal,
+        what: &str,
+    ) -> Result<Option<i32>> {
+        let say = |pid: i32| {
+            if signal == nix::sys::signal::Signal::SIGQUIT {
+                tracing::warn!(pid, "{what}");
+            } else {
+                tracing::info!(pid, "{what}");
+            }
+        };
+        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok();
+        let named = text.as_deref().and_then(process::pid_of);
+        if let Some(child) = self.child_handle() {
+            if let Some(named) = named.filter(|p| *p != child.pid()) {
+                self.refuse(
+                    named,
+                    &format!(
+                        "it is not the postmaster this agent started (pid {})",
+                        child.pid()
+                    ),
+                    "signal",
+                );
+            }
+            say(child.pid());
+            return match child.signal(Some(signal)) {
+                Ok(()) => Ok(Some(child.pid())),
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(None),
+                Err(e) => Err(e)
+                    .with_context(|| format!("cannot signal the postmaster (pid {})", child.pid())),
+            };
+        }
+        let (Some(text), Some(named)) = (text, named) else {
+            return Ok(None);
+        };
+        // Opened before the checks: the signal reaches the process that was checked or none.
+        let Ok(handle) = process::Handle::open(named) else {
+            return Ok(None);
+        };
+        match process::check_pid_file(&text, &self.postmaster()) {
+            PidFile::Live(pid) if pid == named && handle.is_live() => {
+                say(pid);
+                match handle.signal(Some(signal)) {
+                    Ok(()) => Ok(Some(pid)),
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(None),
+                    Err(e) => {
+                        Err(e).with_context(|| format!("cannot signal the postmaster (pid {pid})"))
+                    }
+                }
+            }
+            PidFile::NotOurs { pid, why } => {
+                self.refuse(pid, &why, "signal");
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Removes `postmaster.pid` when no postmaster of this data directory runs under its
@@ -290,7 +465,10 @@ impl Postgres {
         if self.is_our_child() {
             return Ok(None);
         }
-        let Some(PidFile::Stale { pid, why }) = self.pid_file() else {
+        let Some(file) = self.pid_file() else {
+            return Ok(None);
+        };
+        let Some((pid, why)) = file.stale() else {
             return Ok(None);
         };
         let path = self.data_dir.join("postmaster.pid");
@@ -318,7 +496,9 @@ impl Postgres {
     }
 
     /// The postmaster's pid, if one runs on the data directory: the child we spawned from
-    /// the moment it is spawned (`postmaster.pid` is written later), else the file's.
+    /// the moment it is spawned (`postmaster.pid` is written later), else the file's when
+    /// /proc shows it is a postmaster of ours. This is the pid the watchdog is armed with,
+    /// so a file naming any other process is refused and logged (rule 8).
     pub fn pid(&self) -> Option<i32> {
         if self.is_our_child() {
             let pid = self.child_pid.load(Ordering::SeqCst);
@@ -326,7 +506,14 @@ impl Postgres {
                 return Some(pid);
             }
         }
-        self.postmaster_pid()
+        match self.pid_file()? {
+            PidFile::Live(pid) => Some(pid),
+            PidFile::NotOurs { pid, why } => {
+                self.refuse(pid, &why, "arm the watchdog for");
+                None
+            }
+            PidFile::Stale { .. } => None,
+        }
     }
 
     /// Whether the running postmaster is our child (and so dies with the agent).
@@ -434,13 +621,18 @@ impl Postgres {
         Ok(())
     }
 
-    /// initdb with data checksums; the superuser password goes through a 0600 file.
+    /// initdb with data checksums. The superuser's password goes through a 0600 file as its
+    /// SCRAM verifier (initdb stores a verifier as it is): the cleartext is never written
+    /// to disk nor given to PostgreSQL (issue 13 item 11).
     pub async fn initdb(&self) -> Result<()> {
         self.ensure_data_dir()?;
         let pwfile = self.data_dir.with_extension("pgherd-pwfile");
         self.write_file(
             &pwfile,
-            &format!("{}\n", self.cfg.postgres.superuser.password),
+            &format!(
+                "{}\n",
+                conf::scram_verifier(&self.cfg.postgres.superuser.password)
+            ),
             0o600,
         )?;
         let mut args = vec![
@@ -588,8 +780,23 @@ impl Postgres {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", self.bin("postgres").display()))?;
-        self.child_pid
-            .store(child.id().map_or(0, |p| p as i32), Ordering::SeqCst);
+        let pid = child.id().map_or(0, |p| p as i32);
+        // The child is not reaped before its waiter below runs, so the handle names it.
+        let handle = process::Handle::open(pid)
+            .with_context(|| format!("cannot open a handle on the postmaster (pid {pid})"));
+        let handle = match handle {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(e);
+            }
+        };
+        *self
+            .child
+            .lock()
+            .expect("child handle lock is never poisoned") = Some(Arc::new(handle));
+        self.child_pid.store(pid, Ordering::SeqCst);
         self.child_alive.store(true, Ordering::SeqCst);
         let alive = self.child_alive.clone();
         let wake = self.wake.clone();
@@ -651,14 +858,10 @@ impl Postgres {
     /// switchover loses no time here.
     pub async fn stop(&self) -> Result<()> {
         *self.client.lock().await = None;
-        if let Some(pid) = self.postmaster_pid() {
-            tracing::info!(pid, "stopping PostgreSQL (fast shutdown)");
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGINT,
-            )
-            .with_context(|| format!("cannot signal the postmaster (pid {pid})"))?;
-        }
+        self.signal_postmaster(
+            nix::sys::signal::Signal::SIGINT,
+            "stopping PostgreSQL (fast shutdown)",
+        )?;
         self.wait_exit().await;
         if self.is_running() {
             bail!(
@@ -674,12 +877,11 @@ impl Postgres {
     /// too slow or impossible.
     pub async fn stop_immediately(&self) {
         *self.client.lock().await = None;
-        if let Some(pid) = self.postmaster_pid() {
-            tracing::warn!(pid, "stopping PostgreSQL immediately (SIGQUIT)");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGQUIT,
-            );
+        if let Err(e) = self.signal_postmaster(
+            nix::sys::signal::Signal::SIGQUIT,
+            "stopping PostgreSQL immediately (SIGQUIT)",
+        ) {
+            tracing::warn!(error = %format!("{e:#}"), "cannot stop PostgreSQL immediately");
         }
         self.wait_exit().await;
     }
@@ -882,11 +1084,11 @@ impl Postgres {
         }
     }
 
-    /// Creates the replication role after initdb (the superuser exists already).
+    /// Creates the replication role after initdb (the superuser exists already), on a
+    /// connection of its own: its transaction turns statement logging off.
     pub async fn create_roles(&self) -> Result<()> {
-        let repl = self.cfg.postgres.replication.clone();
-        self.with_client(|c| async move { query::create_replication_role(&c, &repl).await })
-            .await
+        let mut c = self.connect().await?;
+        query::create_replication_role(&mut c, &self.cfg.postgres.replication).await
     }
 
     /// Creates a physical slot for every other member and drops inactive slots of members
@@ -895,107 +1097,6 @@ impl Postgres {
         self.with_client(|c| async move { query::sync_slots(&c, &members).await })
             .await
     }
-}
-
-/// `postmaster.pid` checked against the process its first line names.
-#[derive(Debug, PartialEq)]
-enum PidFile {
-    /// A live process that is, or may be, the postmaster of this data directory.
-    Live(i32),
-    /// No postmaster of this data directory runs under the file's pid, and why.
-    Stale { pid: i32, why: String },
-}
-
-/// How far a process may have started after the time its `postmaster.pid` records and still
-/// be that postmaster (the wall clock may have been stepped since). Only used when /proc
-/// does not show the process's executable and directory.
-const PID_FILE_CLOCK_SLACK: u64 = 60;
-
-/// Whether the postmaster `postmaster.pid` (`text`) names still runs on `data_dir`. Decided
-/// only on evidence: a live process whose executable or working directory /proc cannot show
-/// (another user's, without privileges) counts as the postmaster unless it started clearly
-/// after the file was written.
-fn check_pid_file(text: &str, data_dir: &Path) -> PidFile {
-    let mut lines = text.lines();
-    let Some(pid) = lines
-        .next()
-        .and_then(|l| l.trim().parse::<i32>().ok())
-        .filter(|p| *p > 0)
-    else {
-        return PidFile::Stale {
-            pid: 0,
-            why: "its first line is not a pid".to_string(),
-        };
-    };
-    let stale = |why: String| PidFile::Stale { pid, why };
-    if !crate::watchdog::is_live(pid) {
-        return stale(format!("no live process has pid {pid}"));
-    }
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-    if let Some(exe) = &exe {
-        // An upgraded binary shows as "<path> (deleted)".
-        let name = exe
-            .file_name()
-            .map(|n| {
-                n.to_string_lossy()
-                    .trim_end_matches(" (deleted)")
-                    .to_string()
-            })
-            .unwrap_or_default();
-        if name != "postgres" && name != "postmaster" {
-            return stale(format!("pid {pid} is {}, not postgres", exe.display()));
-        }
-    }
-    // The postmaster runs in its data directory (it changes into it at start).
-    let cwd = std::fs::metadata(format!("/proc/{pid}/cwd")).ok();
-    if let (Some(cwd), Ok(dir)) = (&cwd, std::fs::metadata(data_dir)) {
-        use std::os::unix::fs::MetadataExt;
-        if (cwd.dev(), cwd.ino()) != (dir.dev(), dir.ino()) {
-            let shown = std::fs::read_link(format!("/proc/{pid}/cwd"))
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|_| "another directory".to_string());
-            return stale(format!(
-                "pid {pid} runs in {shown}, not in the data directory"
-            ));
-        }
-    }
-    if exe.is_none() && cwd.is_none() {
-        // The third line is the postmaster's start time (Unix seconds).
-        let recorded = lines.nth(1).and_then(|l| l.trim().parse::<u64>().ok());
-        if let (Some(recorded), Some(started)) = (recorded, process_start_time(pid)) {
-            if started > recorded + PID_FILE_CLOCK_SLACK {
-                return stale(format!(
-                    "pid {pid} started at {started}, {} s after the postmaster that wrote the file",
-                    started - recorded
-                ));
-            }
-        }
-    }
-    PidFile::Live(pid)
-}
-
-/// When `pid` started, in Unix seconds: the boot time plus field 22 of /proc/<pid>/stat.
-fn process_start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after "(comm)": state is field 3, starttime field 22.
-    let ticks: u64 = stat
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()?;
-    let boot: u64 = std::fs::read_to_string("/proc/stat")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))?
-        .trim()
-        .parse()
-        .ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
-    Some(boot + ticks / hz)
 }
 
 /// Reads the fields pgherd needs from `pg_controldata` output.
@@ -1020,28 +1121,27 @@ fn parse_control_data(text: &str) -> Result<ControlData> {
 mod tests {
     use super::*;
 
-    /// Issue 12 item 12: a pid file whose pid now belongs to another live process (here
-    /// this test) is stale; one naming no process is stale; garbage is stale.
+    /// Issue 13 item 10: the agent warns when its configuration file is open to others.
     #[test]
-    fn a_pid_file_naming_another_process_is_stale() {
+    fn a_configuration_file_open_to_others_is_reported() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let me = std::process::id() as i32;
-        let text = format!("{me}\n{}\n1700000000\n5432\n", dir.path().display());
-        match check_pid_file(&text, dir.path()) {
-            PidFile::Stale { pid, why } => {
-                assert_eq!(pid, me);
-                assert!(why.contains("not postgres"), "{why}");
-            }
-            live => panic!("this test process taken for a postmaster: {live:?}"),
-        }
-        assert!(matches!(
-            check_pid_file("999999999\n", dir.path()),
-            PidFile::Stale { .. }
-        ));
-        assert!(matches!(
-            check_pid_file("garbage\n", dir.path()),
-            PidFile::Stale { pid: 0, .. }
-        ));
+        let path = dir.path().join("pgherd.yml");
+        std::fs::write(&path, "x").unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let md = |mode: u32| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::fs::metadata(&path).unwrap()
+        };
+        assert_eq!(config_exposure(&md(0o600), me), Vec::<String>::new());
+        assert_eq!(config_exposure(&md(0o400), me), Vec::<String>::new());
+        let why = config_exposure(&md(0o644), me).join("; ");
+        assert!(why.contains("every user can read it"), "{why}");
+        let why = config_exposure(&md(0o666), me).join("; ");
+        assert!(why.contains("every user can write it"), "{why}");
+        assert!(why.contains("can write it"), "{why}");
+        let why = config_exposure(&md(0o600), me + 1).join("; ");
+        assert!(why.contains("belongs to"), "{why}");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use pgherd_config::Credentials;
 use tokio_postgres::Client;
 
-use super::conf::{sql_ident, sql_literal};
+use super::conf::{scram_verifier, sql_ident, sql_literal};
 use crate::ha::sync::{Replication, Standbys};
 use crate::ha::PgStatus;
 use crate::lsn::Lsn;
@@ -73,7 +73,11 @@ pub async fn status(c: &Client) -> Result<PgStatus> {
     })
 }
 
-pub async fn create_replication_role(c: &Client, repl: &Credentials) -> Result<()> {
+/// Creates (or updates) the replication role with its password. The password is sent as
+/// its SCRAM verifier, never as cleartext (issue 13 item 11), and even that statement is
+/// kept out of the server log: `log_statement` and `log_min_duration_statement` are turned
+/// off for its transaction alone (the agent connects as a superuser, who may).
+pub async fn create_replication_role(c: &mut Client, repl: &Credentials) -> Result<()> {
     let exists = c
         .query_opt(
             "SELECT 1 FROM pg_roles WHERE rolname = $1",
@@ -82,13 +86,20 @@ pub async fn create_replication_role(c: &Client, repl: &Credentials) -> Result<(
         .await?
         .is_some();
     let verb = if exists { "ALTER" } else { "CREATE" };
-    // Utility statements take no bind parameters; the literal is escaped and never logged.
+    // Utility statements take no bind parameters; a verifier needs no escaping, but quote it.
     let sql = format!(
         "{verb} ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
         sql_ident(&repl.username),
-        sql_literal(&repl.password)
+        sql_literal(&scram_verifier(&repl.password))
     );
-    c.batch_execute(&sql)
+    let tx = c.transaction().await?;
+    tx.batch_execute("SET LOCAL log_statement = 'none'; SET LOCAL log_min_duration_statement = -1")
+        .await
+        .context("cannot turn statement logging off for the role change")?;
+    tx.batch_execute(&sql)
+        .await
+        .with_context(|| format!("cannot create the replication role {}", repl.username))?;
+    tx.commit()
         .await
         .with_context(|| format!("cannot create the replication role {}", repl.username))?;
     tracing::info!(role = %repl.username, "replication role ready");
