@@ -108,7 +108,9 @@ pub async fn unpack(ctx: &BackupContext, info: &BackupInfo, dest: &Path) -> Resu
     Ok(())
 }
 
-/// The `restore_command` for this member: `pgherd-agent wal-fetch` with its config.
+/// The `restore_command` for this member: `pgherd-agent wal-fetch` with the WAL settings
+/// the agent writes beside its configuration file at start (it runs as the OS user, who
+/// cannot read the configuration itself: issue 13 item 10).
 pub fn restore_command(ctx: &BackupContext) -> Result<String> {
     let exe = std::env::current_exe().context("cannot find the pgherd-agent executable")?;
     let config = ctx
@@ -116,9 +118,10 @@ pub fn restore_command(ctx: &BackupContext) -> Result<String> {
         .source
         .as_ref()
         .context("the configuration file's path is unknown")?;
+    let settings = super::wal::WalSettings::path_beside(config);
     Ok(crate::postgres::conf::wal_command(
         &exe.display().to_string(),
-        &config.display().to_string(),
+        &settings.display().to_string(),
         "wal-fetch",
         "%f %p",
     ))
