@@ -1476,6 +1476,16 @@ impl Agent {
                     .filter(|k| &k.id == id);
                 let ctx = self.backup.clone();
                 let lease = backup_ops::LeaseCheck(self.lease_deadline.subscribe());
+                let sync_claim = (dynamic_config(&self.cfg, obs.cluster.as_ref()).synchronous_mode
+                    != SynchronousMode::Off)
+                    .then(|| backup_ops::SyncClaim {
+                        dcs: self.dcs.clone(),
+                        key: crate::dcs::model::SyncKey {
+                            leader: self.cfg.name.clone(),
+                            members: vec![],
+                            quorum: 0,
+                        },
+                    });
                 // No standby exists on the restored timeline yet.
                 let mut params = params;
                 params.insert(
@@ -1485,7 +1495,7 @@ impl Agent {
                 tokio::spawn(async move {
                     let key = key.context("the restore key disappeared")?;
                     let ctx = ctx.context("this member has no backup section")?;
-                    backup_ops::run_restore(ctx, pg, key, params, lease).await
+                    backup_ops::run_restore(ctx, pg, key, params, lease, sync_claim).await
                 })
             }
         };

@@ -509,3 +509,62 @@ async fn a_restorer_that_lost_its_lease_never_promotes_the_restored_data() -> Re
     .await?;
     Ok(())
 }
+
+/// A restorer whose job was interrupted (node crash before recovery started) and that comes
+/// back while its lease still holds the key ends the restore as failed instead of running it
+/// again: the data put back is the cluster's data, and the operator asks again if the
+/// restore is still wanted (rule 7; found by the simulation, where the rerun discarded
+/// writes made on the put-back data). Rows past the restore point survive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_restore_is_not_run_again_by_its_restorer() -> Result<()> {
+    // ttl 20: the restorer's lease outlives its restart, so it comes back as the key holder.
+    let ttl = "bootstrap: {dcs: {ttl: 20, loop_wait: 1}}";
+    let cluster = members(&["a"], Some(ttl)).backups().configure().await?;
+    let a = cluster.member("a");
+    a.set_failpoints(&["restore-before-recovery"]);
+    cluster.start_with_leader("a", BRINGUP).await?;
+    sql_batch(a, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    sql_batch(a, "INSERT INTO t SELECT generate_series(1, 10)").await?;
+    cluster.ctl_output(&["backup"]).await?.expect_success()?;
+    sql_batch(a, "SELECT pg_create_restore_point('ten_rows')").await?;
+    sql_batch(a, "INSERT INTO t SELECT generate_series(11, 20)").await?;
+    cluster
+        .ctl_output(&[
+            "restore",
+            "--target-name",
+            "ten_rows",
+            "--force",
+            "--no-wait",
+        ])
+        .await?
+        .expect_success()?;
+    a.wait_failpoint("restore-before-recovery", RESTORE).await?;
+    a.crash()?;
+    a.set_failpoints(&[]);
+    a.start()?;
+    wait_until(RESTORE, "the restore key to say failed", || async {
+        let key = cluster
+            .etcd_get("restore")
+            .await?
+            .context("no restore key")?;
+        ensure!(
+            key.contains("\"failed\"") && key.contains("started here before"),
+            "restore key: {key}"
+        );
+        Ok(())
+    })
+    .await?;
+    cluster.wait_healthy(REJOIN).await?;
+    ensure!(
+        !a.agent_log_of_last_start()
+            .contains("recovering from the archive"),
+        "a ran the interrupted restore again after its return"
+    );
+    let count: i64 = pgherd_tests::sql_value(a, "SELECT count(*) FROM t").await?;
+    ensure!(
+        count == 20,
+        "a holds {count} rows, not the 20 it had before the interrupted restore\n{}",
+        cluster.log_tails(40)
+    );
+    Ok(())
+}

@@ -314,6 +314,55 @@ impl LeaseCheck {
     }
 }
 
+/// In synchronous mode the restorer writes the `sync` key `{me, []}` (while the leader key
+/// names it) before its restored data takes a write: the members the old key names hold
+/// data from before the restore, which they remove to clone again, so only the restorer
+/// may take over from then on (rule 5; found by the simulation, where a restorer lost
+/// right after its restore left a key naming only emptied members, for good).
+pub struct SyncClaim {
+    pub dcs: crate::dcs::Dcs,
+    pub key: crate::dcs::model::SyncKey,
+}
+
+impl SyncClaim {
+    async fn claim(&self) -> Result<()> {
+        if !self.dcs.put_sync(&self.key).await? {
+            bail!("cannot claim the sync key before promoting: the leader key no longer names me");
+        }
+        tracing::info!(
+            reason = "the restored data is about to take writes: the sync key names only me",
+            "decision"
+        );
+        Ok(())
+    }
+}
+
+/// Where the restore job records which restore it started, next to the data directory
+/// (kept across restarts; never inside the data directory, which the restore replaces).
+fn attempt_file(pg: &Postgres) -> PathBuf {
+    let mut p = pg.data_dir().as_os_str().to_owned();
+    p.push(".restore-attempt");
+    PathBuf::from(p)
+}
+
+/// Writes the attempt record durably, without following a symlink planted in its place.
+fn write_attempt(path: &std::path::Path, id: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(id.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    fsync_parent(path).with_context(|| format!("cannot fsync the directory of {}", path.display()))
+}
+
 /// The restore job on the leader: stop PostgreSQL, keep the data directory aside, unpack the
 /// backup, recover to the target and promote; on any failure put the old directory back.
 ///
@@ -331,6 +380,7 @@ pub async fn run_restore(
     key: RestoreKey,
     params: BTreeMap<String, ParamValue>,
     lease: LeaseCheck,
+    sync_claim: Option<SyncClaim>,
 ) -> Result<()> {
     lease.ensure(&format!("start restore {}", key.id))?;
     let info = ctx.catalog().get(&key.backup_id)?;
@@ -349,6 +399,17 @@ pub async fn run_restore(
         // down) and then starts it as the primary under the lease, as for any leader.
         return Ok(());
     }
+    // Rule 7: a restore runs at most once here. A restore whose job started before and did
+    // not end with its promoted result (interrupted, or failed before its end was recorded)
+    // is ended as failed: the data put back may have taken writes since.
+    let attempt = attempt_file(&pg);
+    if std::fs::read_to_string(&attempt).is_ok_and(|s| s.trim() == key.id) {
+        bail!(
+            "restore {} was started here before and did not finish; it is not run again over data that may have changed since (request a new restore)",
+            key.id
+        );
+    }
+    write_attempt(&attempt, &key.id)?;
     if pg.is_running() {
         tracing::info!(restore = %key.id, "stopping PostgreSQL for the restore");
         pg.stop().await?;
@@ -402,6 +463,9 @@ pub async fn run_restore(
             if ready {
                 crate::failpoint::hit("restore-before-promote");
                 lease.ensure(&format!("promote the data of restore {}", key.id))?;
+                if let Some(claim) = &sync_claim {
+                    claim.claim().await?;
+                }
                 // From here on the restored data is the cluster's: the old copy goes before
                 // the first write can happen.
                 rename_durably(&aside, &obsolete)?;

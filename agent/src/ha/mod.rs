@@ -761,6 +761,7 @@ fn leader_decision(
     state: MemberState,
     primary_running: bool,
 ) -> Decision {
+    let me = cfg.name.as_str();
     if !obs.lease.held {
         // The key names us from a previous run of the agent: take it over with a new lease
         // before doing anything writable (rule 1).
@@ -799,6 +800,20 @@ fn leader_decision(
                 state,
             )
         }
+        // I stopped for a switchover and published my final position, and the key is still
+        // mine (the release failed, or my agent restarted before it): the candidate takes
+        // over from that position as soon as the key is vacant, so a write accepted after
+        // it would be lost. Cancel the switchover before PostgreSQL starts writable (rule 7;
+        // found by the simulation: commit acknowledged after the final position, lost).
+        (_, false, _) if my_published_switchover(view, me).is_some() => decision(
+            vec![Action::RenewLeader, Action::DeleteHandover],
+            format!(
+                "the switchover to {} did not complete after I published my final position: cancelling it before I start writable",
+                my_published_switchover(view, me).unwrap_or("the candidate")
+            ),
+            Role::Leader,
+            state,
+        ),
         (_, false, _) if cfg.dcs.pause => decision(
             vec![Action::RenewLeader],
             "paused: I hold the leader key but PostgreSQL is not running, and I will not start it",
@@ -935,6 +950,17 @@ fn with_sync_steps(
         }
     }
     d
+}
+
+/// The candidate of a switchover from me whose final position I published and that no
+/// member has taken yet.
+fn my_published_switchover<'a>(view: &'a ClusterView, me: &str) -> Option<&'a str> {
+    let (h, _) = view.handover.as_ref()?;
+    (h.kind == HandoverKind::Switchover
+        && h.from.as_deref() == Some(me)
+        && h.final_lsn.is_some()
+        && h.taken_by.is_none())
+    .then(|| h.to.as_deref().unwrap_or("the best replica"))
 }
 
 /// A manual failover to another member that is healthy enough to take over.

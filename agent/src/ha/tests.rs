@@ -799,6 +799,32 @@ mod handover {
         assert!(d.actions.contains(&Action::StopPostgres), "{d:?}");
     }
 
+    /// I stopped for a switchover and published my final position, but the key is still
+    /// mine (the release failed, or my agent restarted): the switchover is cancelled before
+    /// PostgreSQL starts writable, since the candidate would take over from that position
+    /// and lose what I write after it (found by the simulation).
+    #[test]
+    fn a_leader_that_published_its_final_position_cancels_the_switchover_before_it_starts() {
+        let b = member("b", MemberState::Streaming, 100);
+        let h = Handover {
+            final_lsn: Some(Lsn(100)),
+            ..switchover("a", Some("b"))
+        };
+        let mut obs = Obs::new(Some(with_handover(view(Some("a"), &[b]), h)))
+            .holding_lease(Duration::from_secs(5));
+        obs.0.pg.data_dir = DataDir::Initialized {
+            system_identifier: SYSID,
+            standby: false,
+        };
+        let d = obs.decide(&cfg("a"), &Memory::default());
+        assert_eq!(
+            d.actions,
+            vec![Action::RenewLeader, Action::DeleteHandover],
+            "{d:?}"
+        );
+        assert!(d.reason.contains("cancelling it"), "{}", d.reason);
+    }
+
     #[test]
     fn a_manual_failover_to_me_takes_the_key_even_while_paused() {
         let h = Handover {

@@ -463,6 +463,17 @@ impl World {
                     n.finished = Some(JobView::Succeeded(kind.clone()));
                     return;
                 }
+                // A restore whose job started here before and did not end with its promoted
+                // result (interrupted, or failed before its end was recorded) is ended as
+                // failed, never run again over what may have been written since.
+                if self.nodes[i].pg.restore_attempted.as_deref() == Some(id.as_str()) {
+                    self.nodes[i].finished = Some(JobView::Failed(
+                        kind.clone(),
+                        format!("restore {id} was started here before and did not finish"),
+                    ));
+                    return;
+                }
+                self.nodes[i].pg.restore_attempted = Some(id.clone());
                 let seed = self.label.clone();
                 let run = self.restores.entry(id.clone()).or_default();
                 let why = if run.finished {
@@ -537,13 +548,27 @@ impl World {
                 let live = self.nodes[i]
                     .lease
                     .is_some_and(|(_, until)| self.now < until);
+                let name = self.nodes[i].name.clone();
+                let sync_on = self.cfg.synchronous_mode != SynchronousMode::Off;
                 if job.fails {
                     Err("recovery did not reach the target".to_string())
                 } else if !live {
                     Err(format!(
                         "refusing to promote the data of restore {id}: no live leader lease"
                     ))
+                } else if sync_on && !self.key_names(&name) {
+                    // `SyncClaim`: the job writes `{me, []}` (leader key checked) before it
+                    // promotes; the members the old key names hold data from before it.
+                    Err("cannot claim the sync key: the leader key no longer names me".into())
                 } else {
+                    if sync_on {
+                        self.dcs.sync = Some(SyncKey {
+                            leader: name.clone(),
+                            members: vec![],
+                            quorum: 0,
+                        });
+                        self.bump();
+                    }
                     let cut = self.restores.get(id).map_or(1, |r| r.cut);
                     let timeline = self.dcs.max_timeline + 1;
                     let record = self.next_id;

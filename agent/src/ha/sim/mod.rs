@@ -91,7 +91,13 @@ mod gates {
     /// only those empty members may take over, for good (e.g. seed 31676, quorum: "only
     /// members of the sync key (n0, n1) may take over", both "no leader to clone from").
     /// While off, the operator asks for restores only with synchronous mode off.
-    pub const RESTORE_IN_SYNC_MODE: bool = false;
+    /// On since the restore job claims `{me, []}` before it promotes (`SyncClaim`). Turning
+    /// it on also found: a restorer that came back after its job failed unrecorded ran the
+    /// restore again (fixed: `<data_dir>.restore-attempt`), and a leader whose switchover
+    /// release failed after it published its final position started writable again while
+    /// the candidate could still take over from that position (fixed: it cancels the
+    /// switchover first).
+    pub const RESTORE_IN_SYNC_MODE: bool = true;
     /// Issue 12 item 5 (restart within ttl): a leader's agent that restarts while the key
     /// still names it starts PostgreSQL with the mode's default `synchronous_standby_names`
     /// ('*' in strict mode), so a standby outside the `sync` key (here the `nosync` one)

@@ -22,6 +22,9 @@ pub struct Pg {
     pub standbys: Standbys,
     /// Whom `primary_conninfo` names.
     pub conninfo: Option<String>,
+    /// The restore whose job started here (`<data_dir>.restore-attempt`, kept across
+    /// restarts; see `backup::ops::run_restore`).
+    pub restore_attempted: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +100,7 @@ impl Pg {
             in_recovery: true,
             standbys: Standbys::None,
             conninfo: None,
+            restore_attempted: None,
         }
     }
 
