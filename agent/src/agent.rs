@@ -129,6 +129,7 @@ impl Agent {
     ) -> Result<Agent> {
         let wake = Arc::new(Notify::new());
         let pg = Arc::new(Postgres::new(cfg.clone(), wake.clone())?);
+        pg.install_tls()?;
         let peer_client =
             crate::api::ClientOptions::from_api_config(&cfg.api, Duration::from_millis(500))?;
         let backup = BackupContext::new(

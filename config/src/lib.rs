@@ -8,6 +8,7 @@ pub mod backup;
 pub mod lenient;
 pub mod patch;
 mod secret;
+pub mod tls;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use backup::{BackupConfig, Compression, Retention};
+pub use tls::PostgresTls;
 pub use validate::{bounds, runs_code, Problem};
 
 /// Default directory of the PostgreSQL 15 binaries on Debian.
@@ -208,6 +210,10 @@ pub struct PostgresConfig {
     /// Seconds `pg_ctl`, `initdb` and friends may take before they are considered hung.
     #[serde(default = "default_command_timeout")]
     pub command_timeout: u64,
+    /// TLS for replication and rewind between members (see [`PostgresTls`]); without it
+    /// that traffic, SCRAM exchanges included, crosses the network in clear text.
+    #[serde(default)]
+    pub tls: Option<PostgresTls>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -498,7 +504,9 @@ impl Default for Tags {
 impl Config {
     /// Every semantic problem of an already well-typed configuration.
     pub fn validate(&self) -> Vec<Problem> {
-        validate::config(self)
+        let mut problems = validate::config(self);
+        problems.extend(tls::validate(self));
+        problems
     }
 
     /// The etcd prefix of this member's cluster, with a trailing slash.

@@ -10,7 +10,7 @@ use tempfile::TempDir;
 
 use crate::config::MemberSpec;
 use crate::ctl::{ctl_direct, ctl_output, parse_list, CtlOutput, HistoryEntry, ListedMember};
-use crate::etcd::Etcd;
+use crate::etcd::{Etcd, EtcdSecurity};
 use crate::member::{Member, MemberOptions};
 use crate::ports::free_port;
 use crate::proxy::EtcdProxy;
@@ -26,6 +26,7 @@ pub struct ClusterBuilder {
     members: Vec<MemberOptions>,
     yaml: Vec<String>,
     etcd_size: usize,
+    etcd_security: EtcdSecurity,
     backups: bool,
 }
 
@@ -36,6 +37,7 @@ impl Default for ClusterBuilder {
             members: Vec::new(),
             yaml: Vec::new(),
             etcd_size: 1,
+            etcd_security: EtcdSecurity::default(),
             backups: false,
         }
     }
@@ -80,9 +82,17 @@ impl ClusterBuilder {
         self
     }
 
+    /// etcd with TLS, client certificates or authentication (default: none of them). The
+    /// members' `etcd.endpoints` follow (`https://` with TLS); their credentials and
+    /// certificates are the test's to add with [`ClusterBuilder::yaml`].
+    pub fn etcd_security(mut self, security: EtcdSecurity) -> Self {
+        self.etcd_security = security;
+        self
+    }
+
     /// Starts etcd and writes every member's config, without starting any agent.
     pub async fn configure(self) -> Result<Cluster> {
-        let etcd = Etcd::start_cluster(self.etcd_size).await?;
+        let etcd = Etcd::start_secured(self.etcd_size, self.etcd_security).await?;
         let root = crate::temp_root("pgherd-cluster-")?;
         let mut yaml = self.yaml;
         if self.backups {
@@ -310,6 +320,17 @@ impl Cluster {
     /// `pgherdctl --endpoints <etcd> --cluster <name> list --format json`: straight to etcd,
     /// so it works whichever member is cut off from etcd or stopped.
     pub async fn list(&self) -> Result<Vec<ListedMember>> {
+        if self.etcd.secured() {
+            // pgherdctl takes etcd's CA, client certificate and password only from a
+            // member's config.
+            let member = self
+                .members
+                .first()
+                .context("pgherdctl needs a member's config for a secured etcd")?;
+            let config = member.config_path().display().to_string();
+            let output = ctl_direct(&["--config", &config, "list", "--format", "json"]).await?;
+            return parse_list(&output.stdout);
+        }
         let endpoints = self.etcd.endpoints().join(",");
         let output = ctl_direct(&[
             "--endpoints",

@@ -5,7 +5,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use etcd_client::{Client, ConnectOptions, GetOptions, KeyValue};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, KeyValue, Permission, TlsOptions,
+};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
@@ -23,6 +25,36 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts at picking ports, in case another test process grabbed one meanwhile.
 const START_ATTEMPTS: usize = 3;
 
+/// How a test etcd protects its client port; the default is none of it (plain `http://`,
+/// no authentication), as [`Etcd::start`] runs it.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdSecurity {
+    /// Serve clients over `https://` with this certificate.
+    pub tls: Option<EtcdTls>,
+    /// Accept only clients presenting a certificate signed by `tls.ca` (`--client-cert-auth`).
+    pub client_cert_auth: bool,
+    /// Turn authentication on (after start, as an operator does with `etcdctl`).
+    pub auth: Option<EtcdAuth>,
+}
+
+/// PEM files of the server certificate, its key and the CA (which also signs clients').
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Users created before `auth enable`: `root` (role `root`), and `username` with a role of
+/// the same name granted read and write on every key under `prefix`.
+#[derive(Debug, Clone)]
+pub struct EtcdAuth {
+    pub root_password: String,
+    pub username: String,
+    pub password: String,
+    pub prefix: String,
+}
+
 #[derive(Debug)]
 struct Node {
     name: String,
@@ -34,8 +66,9 @@ struct Node {
 }
 
 impl Node {
-    fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+    fn client_url(&self, https: bool) -> String {
+        let scheme = if https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
     fn peer_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.peer_port)
@@ -46,6 +79,9 @@ impl Node {
 #[derive(Debug)]
 pub struct Etcd {
     nodes: Vec<Node>,
+    security: EtcdSecurity,
+    /// Set once authentication is on: the harness's own client logs in as root.
+    auth_enabled: std::sync::atomic::AtomicBool,
     // Dropped after `nodes`, so the processes are gone before their files.
     root: Option<TempDir>,
 }
@@ -58,14 +94,23 @@ impl Etcd {
 
     /// An etcd cluster of `size` members, answering requests.
     pub async fn start_cluster(size: usize) -> Result<Etcd> {
+        Self::start_secured(size, EtcdSecurity::default()).await
+    }
+
+    /// An etcd cluster of `size` members with TLS, client certificates and authentication
+    /// as `security` says, answering requests (authentication already on).
+    pub async fn start_secured(size: usize, security: EtcdSecurity) -> Result<Etcd> {
         if size == 0 {
             bail!("an etcd cluster needs at least one member");
         }
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            let etcd = Self::configure(size)?;
+            let etcd = Self::configure(size, security.clone())?;
             match etcd.start_all().await {
-                Ok(()) => return Ok(etcd),
+                Ok(()) => {
+                    etcd.enable_auth().await?;
+                    return Ok(etcd);
+                }
                 // Most likely a port taken by another test process: new ports, new dirs.
                 Err(e) => last_error = Some(e),
             }
@@ -73,7 +118,7 @@ impl Etcd {
         Err(last_error.expect("START_ATTEMPTS is not zero, so at least one attempt failed"))
     }
 
-    fn configure(size: usize) -> Result<Etcd> {
+    fn configure(size: usize, security: EtcdSecurity) -> Result<Etcd> {
         let root = crate::temp_root("pgherd-etcd-")?;
         let mut nodes = Vec::with_capacity(size);
         for i in 1..=size {
@@ -89,6 +134,8 @@ impl Etcd {
         }
         Ok(Etcd {
             nodes,
+            security,
+            auth_enabled: std::sync::atomic::AtomicBool::new(false),
             root: Some(root),
         })
     }
@@ -111,9 +158,9 @@ impl Etcd {
             .arg("--data-dir")
             .arg(&node.data_dir)
             .arg("--listen-client-urls")
-            .arg(node.client_url())
+            .arg(node.client_url(self.https()))
             .arg("--advertise-client-urls")
-            .arg(node.client_url())
+            .arg(node.client_url(self.https()))
             .arg("--listen-peer-urls")
             .arg(node.peer_url())
             .arg("--initial-advertise-peer-urls")
@@ -127,8 +174,20 @@ impl Etcd {
             .arg("--logger")
             .arg("zap")
             .arg("--log-outputs")
-            .arg("stderr")
-            .stdin(Stdio::null())
+            .arg("stderr");
+        if let Some(tls) = &self.security.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key);
+            // etcd 3.4 asks every client for a certificate once it has a trusted CA.
+            if self.security.client_cert_auth {
+                cmd.arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(&tls.ca);
+            }
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         node.process.spawn(&mut cmd, Signal::SIGKILL)?;
@@ -178,9 +237,50 @@ impl Etcd {
         }
     }
 
-    /// Client URLs of every member, `http://127.0.0.1:<port>`.
+    fn https(&self) -> bool {
+        self.security.tls.is_some()
+    }
+
+    /// Whether clients need a CA, a certificate or a password to talk to this etcd.
+    pub fn secured(&self) -> bool {
+        self.https() || self.security.auth.is_some()
+    }
+
+    /// Creates the users and roles of `security.auth` and turns authentication on.
+    async fn enable_auth(&self) -> Result<()> {
+        let Some(auth) = &self.security.auth else {
+            return Ok(());
+        };
+        let mut c = self.client().await?;
+        let steps = async {
+            c.user_add("root", auth.root_password.clone(), None).await?;
+            c.role_add("root").await?;
+            c.user_grant_role("root", "root").await?;
+            c.user_add(auth.username.clone(), auth.password.clone(), None)
+                .await?;
+            c.role_add(auth.username.clone()).await?;
+            c.role_grant_permission(
+                auth.username.clone(),
+                Permission::read_write(auth.prefix.clone()).with_prefix(),
+            )
+            .await?;
+            c.user_grant_role(auth.username.clone(), auth.username.clone())
+                .await?;
+            c.auth_enable().await?;
+            anyhow::Ok(())
+        };
+        steps.await.context("cannot turn etcd authentication on")?;
+        self.auth_enabled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Client URLs of every member, `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn endpoints(&self) -> Vec<String> {
-        self.nodes.iter().map(Node::client_url).collect()
+        self.nodes
+            .iter()
+            .map(|n| n.client_url(self.https()))
+            .collect()
     }
 
     /// Number of etcd members.
@@ -195,9 +295,24 @@ impl Etcd {
 
     /// A client of every member, with short timeouts.
     pub async fn client(&self) -> Result<Client> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5));
+        if let Some(tls) = &self.security.tls {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+            if self.security.client_cert_auth {
+                t = t.identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+            }
+            options = options.with_tls(t);
+        }
+        if let Some(auth) = &self.security.auth {
+            if self.auth_enabled.load(std::sync::atomic::Ordering::SeqCst) {
+                options = options.with_user("root", auth.root_password.clone());
+            }
+        }
         Client::connect(self.endpoints(), Some(options))
             .await
             .with_context(|| format!("cannot connect to etcd at {}", self.endpoints().join(",")))

@@ -61,7 +61,7 @@ pub use ctl::{
     ctl, ctl_direct, ctl_direct_output, ctl_output, list_json, CtlOutput, HistoryEntry,
     ListedMember,
 };
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdAuth, EtcdSecurity, EtcdTls};
 pub use http::{http_get, HttpResponse};
 pub use member::{log_line_time, Member, MemberOptions};
 pub use nix::sys::signal::Signal;

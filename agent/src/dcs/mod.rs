@@ -140,6 +140,11 @@ fn unreadable_consequence(rel: &str, have_config: bool) -> &'static str {
 
 /// Connects to etcd; the connection is lazy, so this succeeds while etcd is down.
 pub async fn connect(cfg: &EtcdConfig, timeout: Duration) -> Result<Client> {
+    // Once per process: the watchdog and pgherdctl connect again, the agent only at start.
+    static CLEAR_TEXT_WARNED: std::sync::Once = std::sync::Once::new();
+    if let Some(why) = pgherd_config::tls::etcd_credentials_in_clear(cfg) {
+        CLEAR_TEXT_WARNED.call_once(|| tracing::warn!("{why}"));
+    }
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(timeout)
         .with_timeout(timeout)

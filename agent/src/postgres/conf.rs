@@ -43,12 +43,13 @@ pub fn listen_parts(cfg: &Config) -> (String, u16) {
 /// The `primary_conninfo` for streaming from `up`; the password comes from the pgpass file.
 pub fn primary_conninfo(cfg: &Config, up: &Upstream) -> String {
     format!(
-        "host={} port={} user={} passfile={} application_name={} sslmode=prefer connect_timeout=3",
+        "host={} port={} user={} passfile={} application_name={} {} connect_timeout=3",
         conninfo_quote(&up.host),
         up.port,
         conninfo_quote(&cfg.postgres.replication.username),
         conninfo_quote(&cfg.pgpass_path().to_string_lossy()),
         conninfo_quote(&cfg.name),
+        super::tls::conninfo_options(cfg),
     )
 }
 
@@ -80,6 +81,7 @@ pub fn parameters(
     for (k, v) in managed {
         p.insert(k.clone(), v.clone());
     }
+    p.extend(super::tls::server_parameters(cfg));
     p
 }
 
@@ -127,6 +129,8 @@ pub fn postgresql_conf(params: &BTreeMap<String, String>) -> String {
 pub fn pg_hba_conf(cfg: &Config) -> String {
     let su = &cfg.postgres.superuser.username;
     let repl = &cfg.postgres.replication.username;
+    // `hostssl` with postgres.tls: other members' password exchanges only over TLS.
+    let host = super::tls::hba_type(cfg);
     let mut s = String::from(
         "# Written by pgherd on every start; add lines with postgres.pg_hba in its config.\n",
     );
@@ -139,10 +143,10 @@ pub fn pg_hba_conf(cfg: &Config) -> String {
          local all all scram-sha-256\n\
          host all all 127.0.0.1/32 scram-sha-256\n\
          host all all ::1/128 scram-sha-256\n\
-         host replication {repl} 0.0.0.0/0 scram-sha-256\n\
-         host replication {repl} ::/0 scram-sha-256\n\
-         host all {su} 0.0.0.0/0 scram-sha-256\n\
-         host all {su} ::/0 scram-sha-256\n"
+         {host} replication {repl} 0.0.0.0/0 scram-sha-256\n\
+         {host} replication {repl} ::/0 scram-sha-256\n\
+         {host} all {su} 0.0.0.0/0 scram-sha-256\n\
+         {host} all {su} ::/0 scram-sha-256\n"
     ));
     s
 }

@@ -7,6 +7,7 @@ pub mod conf;
 pub mod process;
 mod query;
 mod source;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -243,6 +244,16 @@ impl Postgres {
 
     /// A superuser connection to another member's PostgreSQL (e.g. the leader's).
     pub async fn connect_to(&self, host: &str, port: u16) -> Result<tokio_postgres::Client> {
+        self.connect_as(host, port, tls::Peer::Remote).await
+    }
+
+    /// A superuser connection, over TLS to a remote member when `postgres.tls` is set.
+    async fn connect_as(
+        &self,
+        host: &str,
+        port: u16,
+        peer: tls::Peer,
+    ) -> Result<tokio_postgres::Client> {
         let mut pc = tokio_postgres::Config::new();
         pc.host(host)
             .port(port)
@@ -251,15 +262,9 @@ impl Postgres {
             .dbname("postgres")
             .application_name("pgherd")
             .connect_timeout(Duration::from_secs(3));
-        let (client, connection) =
-            tokio::time::timeout(Duration::from_secs(5), pc.connect(tokio_postgres::NoTls))
-                .await
-                .with_context(|| format!("connecting to PostgreSQL at {host}:{port} timed out"))?
-                .with_context(|| format!("cannot connect to PostgreSQL at {host}:{port}"))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
+        tls::connect(&self.cfg, pc, host, peer)
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {host}:{port}"))
     }
 
     /// The host and port the agent itself uses to reach the local PostgreSQL.
@@ -674,6 +679,9 @@ impl Postgres {
             from.port.to_string(),
             "-U".to_string(),
             self.cfg.postgres.replication.username.clone(),
+            // Host and port above complete this connection string (TLS options).
+            "-d".to_string(),
+            tls::conninfo_options(&self.cfg),
             "-X".to_string(),
             "stream".to_string(),
             "-c".to_string(),
@@ -899,8 +907,11 @@ impl Postgres {
     /// histories did not diverge, pg_rewind says so and changes nothing.
     pub async fn rewind(&self, from: &Upstream) -> Result<()> {
         let source = format!(
-            "host={} port={} user={} dbname=postgres connect_timeout=5",
-            from.host, from.port, self.cfg.postgres.superuser.username
+            "host={} port={} user={} dbname=postgres connect_timeout=5 {}",
+            from.host,
+            from.port,
+            self.cfg.postgres.superuser.username,
+            tls::conninfo_options(&self.cfg)
         );
         let args = vec![
             "-D".to_string(),
@@ -1059,7 +1070,7 @@ impl Postgres {
 
     async fn connect(&self) -> Result<tokio_postgres::Client> {
         let (host, port) = self.local_address();
-        self.connect_to(&host, port)
+        self.connect_as(&host, port, tls::Peer::Local)
             .await
             .context("cannot connect to the local PostgreSQL")
     }
