@@ -7,6 +7,7 @@ pub mod backup;
 pub mod callbacks;
 pub mod dcs;
 pub mod failpoint;
+pub mod fsutil;
 pub mod ha;
 pub mod listing;
 pub mod lsn;

@@ -74,6 +74,9 @@ fn load(path: &std::path::Path) -> Result<pgherd_config::Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // What the agent, wal-push and wal-fetch create is private (backups, archived WAL,
+    // pgpass); files and folders others must reach get their mode explicitly.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Watchdog) => {

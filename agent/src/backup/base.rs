@@ -55,9 +55,9 @@ fn new_id(ctx: &BackupContext) -> Result<String> {
         } else {
             format!("{base}-{n}")
         };
-        match std::fs::create_dir(ctx.repo.path(&format!("backups/{id}"))) {
-            Ok(()) => return Ok(id),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+        match ctx.repo.create_folder(&format!("backups/{id}")) {
+            Ok(true) => return Ok(id),
+            Ok(false) => continue,
             Err(e) => return Err(anyhow!(e).context("cannot create the backup's folder")),
         }
     }

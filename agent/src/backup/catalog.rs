@@ -62,7 +62,26 @@ pub enum CatalogError {
     },
     #[error("no backup {0:?} in the repository (see `pgherdctl backups`)")]
     UnknownBackup(String),
+    #[error("{0:?} is not a backup id: ids are letters, digits, '-' and '_' (like 20260101T120000Z), at most 64")]
+    BadId(String),
+    #[error("backup folder {folder} is refused, nothing in it is used: {reason}")]
+    Refused { folder: String, reason: String },
 }
+
+/// Whether `id` has the shape of a backup id: pgherd makes them from the UTC start time
+/// (`20260101T120000Z`, `-N` added when two start in the same second). A backup's id is
+/// its folder's name, checked against this, never the one its `backup.json` states.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The names a backup's stored file may have in its folder.
+const BACKUP_FILES: [&str; 3] = ["base.tar.zst", "base.tar.gz", "base.tar"];
 
 pub struct Catalog<'a> {
     pub repo: &'a dyn Repository,
@@ -77,13 +96,15 @@ impl<'a> Catalog<'a> {
         &self,
         key: &str,
     ) -> Result<Option<T>, CatalogError> {
-        let mut r = match self.repo.open(key) {
+        let r = match self.repo.open(key) {
             Ok(r) => r,
             Err(RepoError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
+        // Metadata is a few hundred bytes; a larger file is not ours (and is not read whole).
         let mut text = Vec::new();
-        r.read_to_end(&mut text)
+        r.take(1 << 20)
+            .read_to_end(&mut text)
             .map_err(|e| RepoError::io(self.repo.describe(key), e))?;
         serde_json::from_slice(&text)
             .map(Some)
@@ -99,12 +120,60 @@ impl<'a> Catalog<'a> {
         Ok(())
     }
 
-    /// Every complete backup, oldest first.
+    /// Backup `id`'s metadata, checked: it must name its own folder and a stored file in
+    /// it, so that a crafted `backup.json` cannot make retention, verify or restore touch
+    /// anything outside `backups/<id>/`. `None` when the folder holds no `backup.json`.
+    fn load(&self, id: &str) -> Result<Option<BackupInfo>, CatalogError> {
+        if !valid_id(id) {
+            return Err(CatalogError::BadId(id.to_string()));
+        }
+        let folder = format!("backups/{id}/");
+        let Some(info) = self.read_json::<BackupInfo>(&format!("{folder}backup.json"))? else {
+            return Ok(None);
+        };
+        let refuse = |reason: String| CatalogError::Refused {
+            folder: self.repo.describe(&folder),
+            reason,
+        };
+        if info.id != id {
+            return Err(refuse(format!(
+                "its backup.json names backup {:?}, not its folder's name",
+                info.id
+            )));
+        }
+        if !BACKUP_FILES
+            .iter()
+            .any(|name| info.file == format!("{folder}{name}"))
+        {
+            return Err(refuse(format!(
+                "its backup.json names the stored file {:?}, which is not {folder}base.tar[.zst|.gz]",
+                info.file
+            )));
+        }
+        Ok(Some(info))
+    }
+
+    /// Every complete backup, oldest first. A folder whose name is not a backup id or whose
+    /// `backup.json` is unreadable or names another backup is left out (and logged): one
+    /// damaged or crafted folder must not stop retention or listing of the others.
     pub fn backups(&self) -> Result<Vec<BackupInfo>, CatalogError> {
         let mut out = Vec::new();
         for dir in self.repo.list_dirs("backups/")? {
-            if let Some(info) = self.read_json::<BackupInfo>(&format!("{dir}backup.json"))? {
-                out.push(info);
+            let id = dir
+                .trim_start_matches("backups/")
+                .trim_end_matches('/')
+                .to_string();
+            match self.load(&id) {
+                Ok(Some(info)) => out.push(info),
+                Ok(None) => {}
+                Err(
+                    e @ (CatalogError::BadId(_)
+                    | CatalogError::Refused { .. }
+                    | CatalogError::Parse { .. }),
+                ) => {
+                    tracing::warn!(folder = %self.repo.describe(&dir), error = %e, "backup folder ignored");
+                }
+                Err(e) => return Err(e),
             }
         }
         out.sort_by(|a, b| a.start_time.cmp(&b.start_time).then(a.id.cmp(&b.id)));
@@ -112,27 +181,38 @@ impl<'a> Catalog<'a> {
     }
 
     pub fn get(&self, id: &str) -> Result<BackupInfo, CatalogError> {
-        if id.is_empty() || id.contains('/') || id.starts_with('.') {
-            return Err(CatalogError::UnknownBackup(id.to_string()));
-        }
-        self.read_json(&format!("backups/{id}/backup.json"))?
+        self.load(id)?
             .ok_or_else(|| CatalogError::UnknownBackup(id.to_string()))
     }
 
     pub fn record(&self, info: &BackupInfo) -> Result<(), CatalogError> {
+        if !valid_id(&info.id) {
+            return Err(CatalogError::BadId(info.id.clone()));
+        }
         self.write_json(&format!("backups/{}/backup.json", info.id), info)
     }
 
     pub fn verify_result(&self, id: &str) -> Result<Option<VerifyResult>, CatalogError> {
-        self.read_json(&format!("backups/{id}/verify.json"))
+        if !valid_id(id) {
+            return Err(CatalogError::BadId(id.to_string()));
+        }
+        Ok(self
+            .read_json::<VerifyResult>(&format!("backups/{id}/verify.json"))?
+            .filter(|v| v.backup_id == id))
     }
 
     pub fn record_verify(&self, result: &VerifyResult) -> Result<(), CatalogError> {
+        if !valid_id(&result.backup_id) {
+            return Err(CatalogError::BadId(result.backup_id.clone()));
+        }
         self.write_json(&format!("backups/{}/verify.json", result.backup_id), result)
     }
 
     /// Removes a backup: its metadata first, so a half-removed backup is never listed.
     pub fn remove(&self, id: &str) -> Result<(), CatalogError> {
+        if !valid_id(id) {
+            return Err(CatalogError::BadId(id.to_string()));
+        }
         let dir = format!("backups/{id}/");
         self.repo.delete(&format!("{dir}backup.json"))?;
         for e in self.repo.list(&dir)? {
@@ -228,7 +308,7 @@ mod tests {
             stored_bytes: 1,
             compression: "zstd".into(),
             sha256: String::new(),
-            file: String::new(),
+            file: format!("backups/{id}/base.tar.zst"),
             system_identifier: "1".into(),
         }
     }
@@ -279,5 +359,53 @@ mod tests {
         );
         assert_eq!(removed.wal_files, 3);
         assert!(!dir.path().join("backups/b1").exists());
+    }
+
+    #[test]
+    fn a_crafted_backup_json_names_no_path_outside_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let repo = LocalRepository::new(&root);
+        let cat = Catalog::new(&repo);
+        cat.record(&info("b0", 100, "2026-01-01T00:00:00Z"))
+            .unwrap();
+        cat.record(&info("b1", 200, "2026-01-02T00:00:00Z"))
+            .unwrap();
+        let craft = |folder: &str, id: &str, file: &str| {
+            let mut i = info("b9", 300, "2026-01-03T00:00:00Z");
+            i.id = id.into();
+            i.file = file.into();
+            let text = serde_json::to_vec(&i).unwrap();
+            repo.put(&format!("backups/{folder}/backup.json"), &mut |w| {
+                w.write_all(&text)
+            })
+            .unwrap();
+        };
+        craft("b2", "../../victim", "backups/b2/base.tar.zst");
+        craft("b3", "b3", "backups/b3/../../../victim");
+        craft("b4", "b4", "/etc/passwd");
+        std::fs::create_dir_all(root.join("backups/.hidden")).unwrap();
+
+        let ids: Vec<String> = cat.backups().unwrap().into_iter().map(|b| b.id).collect();
+        assert_eq!(ids, vec!["b0", "b1"]);
+        for id in ["b2", "b3", "b4"] {
+            let e = cat.get(id).unwrap_err();
+            assert!(matches!(e, CatalogError::Refused { .. }), "{id}: {e}");
+            assert!(e.to_string().contains("refused"), "{e}");
+        }
+        for id in ["../../victim", "b1/../b2", "", "/etc", ".hidden"] {
+            assert!(matches!(cat.get(id), Err(CatalogError::BadId(_))), "{id}");
+            assert!(cat.remove(id).is_err(), "{id}");
+        }
+        // Retention counts and removes valid backups only, by their folder names.
+        let removed = cat.apply_retention(1).unwrap();
+        assert_eq!(removed.backups, vec!["b0".to_string()]);
+        for folder in ["b1", "b2", "b3", "b4"] {
+            assert!(root.join("backups").join(folder).exists(), "{folder}");
+        }
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(dir.path().join("repo").exists());
     }
 }

@@ -15,6 +15,12 @@
 //! The checksum in a WAL file's name is that of the uncompressed content, so a segment
 //! pushed twice is recognised whatever the compression, and a file is published under its
 //! final name by one rename: a reader never sees a partial file.
+//!
+//! The repository is private: files 0600, folders 0700 (the cluster's folder 0710 for the
+//! OS user's group, see [`BackupContext::prepare`]); `backups/` is root's, `wal/` the OS
+//! user's. Nothing read from it names a path: a backup's id is its folder's name, checked
+//! against [`catalog::valid_id`], and every key is plain names walked without following a
+//! link ([`repo::LocalRepository`]).
 
 pub mod base;
 pub mod catalog;
@@ -23,6 +29,7 @@ pub mod ops;
 pub mod repo;
 pub mod restore;
 pub mod target;
+pub mod untar;
 pub mod verify;
 pub mod wal;
 
@@ -34,6 +41,7 @@ use std::sync::Arc;
 
 use pgherd_config::{BackupConfig, Config};
 
+use crate::fsutil::Dir;
 use crate::postgres::command::OsUser;
 
 /// What the backup code needs to know about this member.
@@ -80,21 +88,80 @@ impl BackupContext {
             .map_err(|e| anyhow::anyhow!("a repository task died: {e}"))?
     }
 
-    /// Creates the repository's folders; the WAL folder belongs to the PostgreSQL OS user,
-    /// who runs `archive_command`.
+    /// Creates the repository's folders, root's unless noted, and warns about a repository
+    /// others can read or change:
+    ///
+    /// - `<repository>` (when missing) 0711, so the OS user can pass through it;
+    /// - `<repository>/<cluster>` 0710, group of the OS user: `wal-push` (run as that user)
+    ///   reaches `wal/` through it, nobody else can list it, and the OS user cannot rename
+    ///   `backups/`;
+    /// - `wal/` 0700, the OS user's, who runs `archive_command`;
+    /// - `backups/` 0700: base backups hold every table and the password verifiers.
+    ///
+    /// Existing entries are never chowned or chmodded: pgherd gives away only what it just
+    /// created, through the descriptor it created (never a path another user could swap).
     pub fn prepare(&self) -> std::io::Result<()> {
-        let wal = self.repo.path("wal");
-        std::fs::create_dir_all(&wal)?;
-        std::fs::create_dir_all(self.repo.path("backups"))?;
-        for dir in [self.repo.root().to_path_buf(), wal] {
-            self.user.chown(&dir)?;
+        let owner = self.user.switch_to;
+        let top = Dir::create_all(&self.backup.repository, 0o711)?;
+        // Listing it shows cluster names only; changing it could replace the cluster's folder.
+        warn_if_open(&top, false)?;
+        let (root, created) = top.ensure_dir(&self.cfg.cluster, 0o710)?;
+        if created {
+            if let Some((_, gid)) = owner {
+                crate::fsutil::fchown(&root, Some((0, gid)))?;
+            } else {
+                root.chmod(0o700)?;
+            }
+        } else {
+            warn_if_open(&root, true)?;
         }
-        // Existing per-timeline folders too (an agent run as root may have made them).
-        for entry in std::fs::read_dir(self.repo.path("wal"))?.flatten() {
-            self.user.chown(&entry.path())?;
+        let (wal, created) = root.ensure_dir("wal", 0o700)?;
+        if created {
+            wal.chown(owner)?;
+        } else if let Some((uid, _)) = owner {
+            let m = wal.meta()?;
+            if m.uid != uid {
+                tracing::error!(
+                    path = %wal.path().display(),
+                    owner_uid = m.uid,
+                    "the WAL archive folder does not belong to postgres.os_user {}, who runs archive_command: archiving fails until it does (chown -R {} {})",
+                    self.user.name,
+                    self.user.name,
+                    wal.path().display()
+                );
+            }
+        }
+        let (backups, created) = root.ensure_dir("backups", 0o700)?;
+        if !created {
+            warn_if_open(&backups, true)?;
+        }
+        if created {
+            root.sync()?;
         }
         Ok(())
     }
+}
+
+/// Warns when a repository folder can be read by others (backups hold every table and the
+/// roles' password verifiers) or changed by a user other than root and the agent's own.
+fn warn_if_open(dir: &Dir, private: bool) -> std::io::Result<()> {
+    let m = dir.meta()?;
+    if private && m.mode & 0o004 != 0 {
+        tracing::warn!(
+            path = %dir.path().display(),
+            mode = %format!("{:04o}", m.mode),
+            "the backup repository is readable by every user of this machine; base backups hold all data and the roles' password verifiers: chmod o-rwx it"
+        );
+    }
+    if m.writable_by_others() {
+        tracing::warn!(
+            path = %dir.path().display(),
+            owner_uid = m.uid,
+            mode = %format!("{:04o}", m.mode),
+            "the backup repository can be changed by a user other than root: pgherd never follows links there and checks every backup's metadata, but that user can remove or replace backups; give it to root"
+        );
+    }
+    Ok(())
 }
 
 /// `<repository>/<cluster>`.

@@ -17,6 +17,7 @@ use super::target::{self, ArchiveEnd, Target};
 use super::{restore, verify, wal, BackupContext};
 use crate::dcs::model::{ClusterView, RestoreKey, RestorePhase, Role};
 use crate::dcs::Dcs;
+use crate::fsutil;
 use crate::postgres::{Mode, Postgres};
 
 /// Takes a base backup of this member's PostgreSQL. The leader backs up itself; a replica
@@ -165,8 +166,13 @@ pub async fn request_restore(
             }
         }
     }
+    let wanted = backup_id.map(str::to_string);
     let (backups, end, history) = ctx
-        .blocking(|c| {
+        .blocking(move |c| {
+            // A named backup that is refused says why (not just "no backup").
+            if let Some(id) = &wanted {
+                c.catalog().get(id)?;
+            }
             let archive = wal::list_archive(c.repo.as_ref())?;
             let end = wal::archive_end(&archive).map(|(lsn, time)| ArchiveEnd { lsn, time });
             let history = wal::newest_history(c.repo.as_ref(), &archive)?;
@@ -233,31 +239,37 @@ fn obsolete_dir(pg: &Postgres) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Makes a rename in `path`'s directory durable.
-fn fsync_parent(path: &std::path::Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
+/// Renames durably, through the descriptors of the folders involved (the data directory's
+/// parent, which the OS user can write): a link planted there is moved, never followed.
+fn rename_durably(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    let moved = || -> std::io::Result<()> {
+        let (from_dir, from_name) = fsutil::split(from)?;
+        let (to_dir, to_name) = fsutil::split(to)?;
+        from_dir.rename(&from_name, &to_dir, &to_name)?;
+        to_dir.sync()
+    };
+    moved().with_context(|| format!("cannot move {} to {}", from.display(), to.display()))
 }
 
-/// Renames durably.
-fn rename_durably(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
-    std::fs::rename(from, to)
-        .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
-    fsync_parent(to).with_context(|| format!("cannot fsync the directory of {}", to.display()))
+/// Removes a tree through its parent's descriptor (links in it are removed, never
+/// followed); a missing tree is no error.
+fn remove_tree_now(path: &std::path::Path) -> Result<()> {
+    let removed = || -> std::io::Result<()> {
+        let (dir, name) = match fsutil::split(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            r => r?,
+        };
+        dir.remove_tree(name)
+    };
+    removed().with_context(|| format!("cannot remove {}", path.display()))
 }
 
 /// Removes a directory tree off the loop's thread (a data directory takes a while, and the
 /// loop must keep renewing the lease meanwhile).
 async fn remove_tree(path: PathBuf) -> Result<()> {
-    tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(anyhow!(e).context(format!("cannot remove {}", path.display()))),
-    })
-    .await
-    .context("the removal task died")?
+    tokio::task::spawn_blocking(move || remove_tree_now(&path))
+        .await
+        .context("the removal task died")?
 }
 
 /// At agent start: a `.pre-restore` directory means a restore was interrupted before its
@@ -268,8 +280,7 @@ pub fn recover_interrupted_restore(pg: &Postgres) -> Result<()> {
     let obsolete = obsolete_dir(pg);
     if obsolete.exists() {
         tracing::info!(path = %obsolete.display(), "removing the data directory a finished restore replaced");
-        std::fs::remove_dir_all(&obsolete)
-            .with_context(|| format!("cannot remove {}", obsolete.display()))?;
+        remove_tree_now(&obsolete)?;
     }
     let aside = aside_dir(pg);
     if !aside.exists() {
@@ -285,8 +296,7 @@ pub fn recover_interrupted_restore(pg: &Postgres) -> Result<()> {
             "decision"
         );
         rename_durably(&aside, &obsolete)?;
-        return std::fs::remove_dir_all(&obsolete)
-            .with_context(|| format!("cannot remove {}", obsolete.display()));
+        return remove_tree_now(&obsolete);
     }
     tracing::warn!(
         reason = "an interrupted restore left the previous data directory aside before its data was promoted; putting it back",
@@ -294,8 +304,7 @@ pub fn recover_interrupted_restore(pg: &Postgres) -> Result<()> {
         "decision"
     );
     if pg.data_dir().exists() {
-        std::fs::remove_dir_all(pg.data_dir())
-            .with_context(|| format!("cannot remove the partial {}", pg.data_dir().display()))?;
+        remove_tree_now(pg.data_dir()).context("cannot remove the partial data directory")?;
     }
     rename_durably(&aside, pg.data_dir())
 }
@@ -347,20 +356,10 @@ fn attempt_file(pg: &Postgres) -> PathBuf {
 
 /// Writes the attempt record durably, without following a symlink planted in its place.
 fn write_attempt(path: &std::path::Path, id: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(id.as_bytes())
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    fsync_parent(path).with_context(|| format!("cannot fsync the directory of {}", path.display()))
+    let (dir, name) = fsutil::split(path)
+        .with_context(|| format!("cannot open the directory of {}", path.display()))?;
+    dir.write_atomic(&name, id.as_bytes(), 0o600, None)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The restore job on the leader: stop PostgreSQL, keep the data directory aside, unpack the

@@ -2,10 +2,12 @@
 //! implement; [`LocalRepository`] is a directory (local disk or a mount) that publishes
 //! files atomically: temporary file, fsync, rename, fsync of the directory.
 
-use std::fs::File;
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
+
+use crate::fsutil::{check_name, Dir, Meta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
@@ -16,6 +18,8 @@ pub enum RepoError {
     },
     #[error("{0} is not in the repository")]
     NotFound(String),
+    #[error("{0:?} is not a repository key: only plain names separated by '/' (no '..', no absolute path)")]
+    BadKey(String),
 }
 
 impl RepoError {
@@ -36,7 +40,9 @@ pub struct Entry {
     pub modified: SystemTime,
 }
 
-/// A store of named, immutable objects.
+/// A store of named, immutable objects. Keys are `/`-separated plain names; an
+/// implementation refuses any other key (`..`, an absolute path) with
+/// [`RepoError::BadKey`].
 pub trait Repository: Send + Sync {
     /// Writes an object from `source` so that it appears complete under `key` or not at all.
     /// Returns the number of bytes stored.
@@ -55,15 +61,30 @@ pub trait Repository: Send + Sync {
     fn describe(&self, key: &str) -> String;
 }
 
-/// A directory repository.
+/// A directory repository. Every key is walked from the root one plain name at a time
+/// with `openat` and `O_NOFOLLOW` ([`crate::fsutil::Dir`]): whoever can write in the
+/// repository (the PostgreSQL OS user writes `wal/`) cannot make the agent follow a link
+/// out of it. Files are stored 0600 and folders 0700.
 pub struct LocalRepository {
     root: PathBuf,
 }
 
-fn fsync_dir(dir: &Path) -> Result<(), RepoError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| RepoError::io(dir, e))
+/// Checks a key (`a/b/file`, or a prefix `a/b/`) and splits it into its folders and its
+/// last name (empty for a prefix): only plain names, no `.`, `..`, empty parts or `/` at
+/// the start, so that nothing read from the repository can name a path outside it.
+fn split_key(key: &str) -> Result<(Vec<&str>, &str), RepoError> {
+    let bad = || RepoError::BadKey(key.to_string());
+    let (dirs, last) = match key.rsplit_once('/') {
+        Some((dirs, last)) => (dirs.split('/').collect::<Vec<_>>(), last),
+        None => (Vec::new(), key),
+    };
+    if dirs.iter().any(|d| check_name(OsStr::new(d)).is_err())
+        || (!last.is_empty() && check_name(OsStr::new(last)).is_err())
+        || (dirs.is_empty() && last.is_empty())
+    {
+        return Err(bad());
+    }
+    Ok((dirs, last))
 }
 
 impl LocalRepository {
@@ -76,40 +97,87 @@ impl LocalRepository {
         &self.root
     }
 
+    /// Where `key` lies, for messages and tests; the repository's own I/O goes through
+    /// descriptors.
     pub fn path(&self, key: &str) -> PathBuf {
         self.root.join(key)
     }
 
-    /// The directory entries under `prefix` (none when it does not exist).
-    fn entries(&self, prefix: &str) -> Result<Vec<std::fs::DirEntry>, RepoError> {
-        let dir = self.path(prefix);
-        match std::fs::read_dir(&dir) {
-            Ok(entries) => entries
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| RepoError::io(&dir, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(RepoError::io(&dir, e)),
+    /// The root, opened; `None` when it does not exist.
+    fn open_root(&self) -> Result<Option<Dir>, RepoError> {
+        match Dir::open(&self.root) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RepoError::io(&self.root, e)),
         }
     }
 
-    /// Creates `dir` and its parents, fsyncing each new directory's parent so the entries
-    /// survive a crash.
-    fn create_dirs(&self, dir: &Path) -> Result<(), RepoError> {
-        if dir.is_dir() {
-            return Ok(());
+    /// The folder `dirs` below the root; `None` when it does not exist.
+    fn open_dir(&self, dirs: &[&str]) -> Result<Option<Dir>, RepoError> {
+        let Some(mut cur) = self.open_root()? else {
+            return Ok(None);
+        };
+        for d in dirs {
+            cur = match cur.open_dir(d) {
+                Ok(next) => next,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(RepoError::io(cur.join(d), e)),
+            };
         }
-        if let Some(parent) = dir.parent() {
-            self.create_dirs(parent)?;
+        Ok(Some(cur))
+    }
+
+    /// The folder `dirs`, created 0700 where missing (each new folder's parent fsynced so
+    /// the entry survives a crash).
+    fn create_dirs(&self, dirs: &[&str]) -> Result<Dir, RepoError> {
+        let mut cur =
+            Dir::create_all(&self.root, 0o700).map_err(|e| RepoError::io(&self.root, e))?;
+        for d in dirs {
+            let (next, created) = cur
+                .ensure_dir(d, 0o700)
+                .map_err(|e| RepoError::io(cur.join(d), e))?;
+            if created {
+                cur.sync().map_err(|e| RepoError::io(cur.path(), e))?;
+            }
+            cur = next;
         }
-        match std::fs::create_dir(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-            Err(e) => return Err(RepoError::io(dir, e)),
+        Ok(cur)
+    }
+
+    /// Creates folder `key` (its parents must exist); `false` when it exists already. For
+    /// reserving a unique name.
+    pub fn create_folder(&self, key: &str) -> Result<bool, RepoError> {
+        let (dirs, name) = split_key(key)?;
+        let parent = self.create_dirs(&dirs)?;
+        match parent.create_dir(name, 0o700) {
+            Ok(_) => {
+                parent.sync().map_err(|e| RepoError::io(parent.path(), e))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(RepoError::io(parent.join(name), e)),
         }
-        if let Some(parent) = dir.parent() {
-            fsync_dir(parent)?;
+    }
+
+    /// The stored objects and folders right under `prefix`.
+    fn entries(&self, prefix: &str) -> Result<Vec<(String, Meta)>, RepoError> {
+        let (dirs, _) = split_key(prefix)?;
+        let Some(dir) = self.open_dir(&dirs)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (name, _) in dir.entries().map_err(|e| RepoError::io(dir.path(), e))? {
+            let Some(name) = name.to_str().map(str::to_string) else {
+                continue;
+            };
+            if let Some(meta) = dir
+                .entry(&name)
+                .map_err(|e| RepoError::io(dir.join(&name), e))?
+            {
+                out.push((name, meta));
+            }
         }
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -119,69 +187,67 @@ impl Repository for LocalRepository {
         key: &str,
         source: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
     ) -> Result<u64, RepoError> {
-        let path = self.path(key);
-        let dir = path
-            .parent()
-            .expect("a repository key has a parent directory");
-        self.create_dirs(dir)?;
-        let name = path
-            .file_name()
-            .expect("a repository key names a file")
-            .to_string_lossy();
-        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+        let (dirs, name) = split_key(key)?;
+        if name.is_empty() {
+            return Err(RepoError::BadKey(key.to_string()));
+        }
+        let dir = self.create_dirs(&dirs)?;
+        let tmp = format!(".{name}.tmp.{}", std::process::id());
+        let tmp_path = dir.join(&tmp);
         let result = (|| {
-            let file = File::create(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
+            // A leftover of an earlier process with the same pid.
+            dir.remove_tree(&tmp)
+                .map_err(|e| RepoError::io(&tmp_path, e))?;
+            let file = dir
+                .create_file(&tmp, 0o600)
+                .map_err(|e| RepoError::io(&tmp_path, e))?;
             let mut counter = CountingWriter {
                 inner: std::io::BufWriter::with_capacity(1 << 20, file),
                 count: 0,
             };
-            source(&mut counter).map_err(|e| RepoError::io(&tmp, e))?;
+            source(&mut counter).map_err(|e| RepoError::io(&tmp_path, e))?;
             let count = counter.count;
             let file = counter
                 .inner
                 .into_inner()
-                .map_err(|e| RepoError::io(&tmp, e.into_error()))?;
-            file.sync_all().map_err(|e| RepoError::io(&tmp, e))?;
+                .map_err(|e| RepoError::io(&tmp_path, e.into_error()))?;
+            file.sync_all().map_err(|e| RepoError::io(&tmp_path, e))?;
             drop(file);
-            std::fs::rename(&tmp, &path).map_err(|e| RepoError::io(&path, e))?;
-            fsync_dir(dir)?;
+            dir.rename(&tmp, &dir, name)
+                .map_err(|e| RepoError::io(dir.join(name), e))?;
+            dir.sync().map_err(|e| RepoError::io(dir.path(), e))?;
             Ok(count)
         })();
         if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = dir.remove_file(&tmp);
         }
         result
     }
 
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, RepoError> {
-        let path = self.path(key);
-        match File::open(&path) {
+        let (dirs, name) = split_key(key)?;
+        let not_found = || RepoError::NotFound(self.describe(key));
+        let Some(dir) = self.open_dir(&dirs)? else {
+            return Err(not_found());
+        };
+        match dir.open_file(name) {
             Ok(f) => Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, f))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(RepoError::NotFound(self.describe(key)))
-            }
-            Err(e) => Err(RepoError::io(&path, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(not_found()),
+            Err(e) => Err(RepoError::io(dir.join(name), e)),
         }
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<Entry>, RepoError> {
         let mut out = Vec::new();
-        for entry in self.entries(prefix)? {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            // Temporary files of writes in progress are not objects.
-            if name.starts_with('.') {
-                continue;
-            }
-            let md = entry
-                .metadata()
-                .map_err(|e| RepoError::io(entry.path(), e))?;
-            if !md.is_file() {
+        for (name, md) in self.entries(prefix)? {
+            // Temporary files of writes in progress are not objects; links are not followed.
+            if name.starts_with('.') || !md.is_file() {
                 continue;
             }
             out.push(Entry {
                 key: format!("{prefix}{name}"),
-                size: md.len(),
-                modified: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                size: md.size,
+                modified: md.modified,
             });
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -190,9 +256,9 @@ impl Repository for LocalRepository {
 
     fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, RepoError> {
         let mut out = Vec::new();
-        for entry in self.entries(prefix)? {
-            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                out.push(format!("{prefix}{}/", entry.file_name().to_string_lossy()));
+        for (name, md) in self.entries(prefix)? {
+            if md.is_dir() && check_name(OsStr::new(&name)).is_ok() {
+                out.push(format!("{prefix}{name}/"));
             }
         }
         out.sort();
@@ -200,17 +266,23 @@ impl Repository for LocalRepository {
     }
 
     fn delete(&self, key: &str) -> Result<(), RepoError> {
-        let path = self.path(key);
-        match std::fs::remove_file(&path) {
+        let (dirs, name) = split_key(key)?;
+        if name.is_empty() {
+            return Err(RepoError::BadKey(key.to_string()));
+        }
+        let Some(dir) = self.open_dir(&dirs)? else {
+            return Ok(());
+        };
+        match dir.remove_file(name) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(RepoError::io(&path, e)),
+            Err(e) => return Err(RepoError::io(dir.join(name), e)),
         }
-        // Drop the directory when it became empty (a removed backup's folder).
-        if let Some(dir) = path.parent() {
-            if dir != self.root && std::fs::remove_dir(dir).is_ok() {
-                if let Some(parent) = dir.parent() {
-                    let _ = fsync_dir(parent);
+        // Drop the folder when it became empty (a removed backup's folder).
+        if let Some((last, parents)) = dirs.split_last() {
+            if let Some(parent) = self.open_dir(parents)? {
+                if parent.remove_dir(last).is_ok() {
+                    let _ = parent.sync();
                 }
             }
         }
@@ -271,5 +343,75 @@ mod tests {
             repo.open("a/b/broken"),
             Err(RepoError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn keys_outside_the_repository_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = LocalRepository::new(dir.path().join("repo"));
+        for bad in [
+            "../x",
+            "backups/../../x",
+            "/etc/passwd",
+            "backups//b",
+            "backups/./b",
+            "",
+            "a/..",
+        ] {
+            assert!(
+                matches!(
+                    repo.put(bad, &mut |w| w.write_all(b"x")),
+                    Err(RepoError::BadKey(_))
+                ),
+                "{bad}"
+            );
+            assert!(matches!(repo.open(bad), Err(RepoError::BadKey(_))), "{bad}");
+            assert!(
+                matches!(repo.delete(bad), Err(RepoError::BadKey(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(repo.list("../"), Err(RepoError::BadKey(_))));
+        assert!(!dir.path().join("x").exists());
+    }
+
+    #[test]
+    fn links_in_the_repository_are_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "s").unwrap();
+        let root = dir.path().join("repo");
+        let repo = LocalRepository::new(&root);
+        repo.put("backups/b1/backup.json", &mut |w| w.write_all(b"{}"))
+            .unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("backups/b2")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), root.join("backups/b1/base.tar"))
+            .unwrap();
+        // Listed neither as a folder nor as a file; opening or writing through them fails.
+        assert_eq!(repo.list_dirs("backups/").unwrap(), vec!["backups/b1/"]);
+        let files: Vec<String> = repo
+            .list("backups/b1/")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(files, vec!["backups/b1/backup.json"]);
+        assert!(repo.open("backups/b2/secret").is_err());
+        assert!(repo.open("backups/b1/base.tar").is_err());
+        assert!(repo
+            .put("backups/b2/new", &mut |w| w.write_all(b"x"))
+            .is_err());
+        assert!(!outside.join("new").exists());
+        repo.delete("backups/b1/base.tar").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(outside.join("secret")).unwrap(),
+            "s"
+        );
+        // Stored files are 0600 and folders 0700.
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root.join("backups/b1/backup.json")), 0o600);
+        assert_eq!(mode(&root.join("backups/b1")), 0o700);
     }
 }

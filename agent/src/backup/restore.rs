@@ -2,8 +2,8 @@
 //! tar, give it to the PostgreSQL OS user, check it against its manifest with
 //! `pg_verifybackup`, and arm archive recovery (`recovery.signal`).
 
-use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::ffi::OsStr;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use super::catalog::BackupInfo;
 use super::compress::{self, HashingReader};
 use super::repo::Repository;
-use super::BackupContext;
+use super::{untar, BackupContext};
+use crate::fsutil::{self, Dir};
 use crate::postgres::command;
 
 /// Reads the stored backup file and checks it has the checksum recorded at backup time.
@@ -36,63 +37,75 @@ fn check_stored(ctx: &BackupContext, info: &BackupInfo) -> Result<()> {
     Ok(())
 }
 
-fn chown_tree(ctx: &BackupContext, dir: &Path) -> std::io::Result<()> {
-    if ctx.user.switch_to.is_none() {
-        return Ok(());
-    }
-    ctx.user.chown(dir)?;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let ft = entry.file_type()?;
-        if ft.is_dir() {
-            chown_tree(ctx, &entry.path())?;
-        } else {
-            ctx.user.chown(&entry.path())?;
-        }
-    }
-    Ok(())
+/// Unpacks backup `info` as directory `dest` (which must not exist or be empty) and checks
+/// it against its manifest.
+pub async fn unpack(ctx: &BackupContext, info: &BackupInfo, dest: &Path) -> Result<()> {
+    let (parent, name) = fsutil::split(dest)
+        .with_context(|| format!("cannot open the folder of {}", dest.display()))?;
+    let data = extract(ctx, info, &parent, &name).await?;
+    check_manifest(ctx, info, &data).await
 }
 
-/// Unpacks backup `info` into `dest` (which must not exist or be empty) and checks it.
-pub async fn unpack(ctx: &BackupContext, info: &BackupInfo, dest: &Path) -> Result<()> {
-    {
-        let ctx = ctx.clone();
-        let info = info.clone();
-        let dest = dest.to_path_buf();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            check_stored(&ctx, &info)?;
-            if dest.exists() && std::fs::read_dir(&dest)?.next().is_some() {
-                bail!(
-                    "{} is not empty; refusing to unpack a backup over it",
-                    dest.display()
-                );
+/// Checks the stored backup and unpacks it as `parent/name`: the directory is created
+/// root's 0700, so nobody else can reach the tree while it is built; everything in it is
+/// given to the OS user as it is made, the directory itself last. An existing empty
+/// directory there is replaced; anything else is refused.
+pub async fn extract(
+    ctx: &BackupContext,
+    info: &BackupInfo,
+    parent: &Dir,
+    name: &OsStr,
+) -> Result<Dir> {
+    let ctx = ctx.clone();
+    let info = info.clone();
+    let parent = parent.try_clone()?;
+    let name = name.to_os_string();
+    tokio::task::spawn_blocking(move || -> Result<Dir> {
+        check_stored(&ctx, &info)?;
+        let shown = parent.join(&name);
+        match parent.entry(&name)? {
+            None => {}
+            Some(m) if m.is_dir() => {
+                if !parent.open_dir(&name)?.entries()?.is_empty() {
+                    bail!(
+                        "{} is not empty; refusing to unpack a backup over it",
+                        shown.display()
+                    );
+                }
+                parent
+                    .remove_dir(&name)
+                    .with_context(|| format!("cannot replace the empty {}", shown.display()))?;
             }
-            std::fs::create_dir_all(&dest)
-                .with_context(|| format!("cannot create {}", dest.display()))?;
-            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o700))?;
-            let input = ctx.repo.open(&info.file)?;
-            let reader = compress::decompressor(input, compress::from_name(&info.file))?;
-            let mut archive = tar::Archive::new(reader);
-            archive.set_preserve_permissions(true);
-            archive.set_overwrite(false);
-            archive.unpack(&dest).with_context(|| {
-                format!("cannot unpack backup {} into {}", info.id, dest.display())
-            })?;
-            // Read to the end so a truncated stream is an error, not a short copy.
-            let mut rest = archive.into_inner();
-            std::io::copy(&mut rest, &mut std::io::sink())?;
-            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o700))?;
-            chown_tree(&ctx, &dest)
-                .with_context(|| format!("cannot give {} to {}", dest.display(), ctx.user.name))?;
-            Ok(())
-        })
-        .await
-        .context("the unpack task died")??;
-    }
+            Some(_) => bail!(
+                "{} exists and is not a directory; refusing to unpack a backup there",
+                shown.display()
+            ),
+        }
+        let dest = parent
+            .create_dir(&name, 0o700)
+            .with_context(|| format!("cannot create {}", shown.display()))?;
+        let input = ctx.repo.open(&info.file)?;
+        let reader = compress::decompressor(input, compress::from_name(&info.file))?;
+        let owner = ctx.user.switch_to;
+        untar::untar(reader, &dest, owner).with_context(|| {
+            format!("cannot unpack backup {} into {}", info.id, shown.display())
+        })?;
+        dest.chmod(0o700)?;
+        dest.chown(owner)
+            .with_context(|| format!("cannot give {} to {}", shown.display(), ctx.user.name))?;
+        Ok(dest)
+    })
+    .await
+    .context("the unpack task died")?
+}
+
+/// Checks unpacked backup `data` against its manifest with `pg_verifybackup` (run as the OS
+/// user), then removes the manifest.
+pub async fn check_manifest(ctx: &BackupContext, info: &BackupInfo, data: &Dir) -> Result<()> {
     let args = vec![
         "-n".to_string(),
         "-q".to_string(),
-        dest.display().to_string(),
+        data.path().display().to_string(),
     ];
     command::run(
         &ctx.user,
@@ -104,7 +117,7 @@ pub async fn unpack(ctx: &BackupContext, info: &BackupInfo, dest: &Path) -> Resu
     )
     .await
     .with_context(|| format!("backup {} does not match its manifest", info.id))?;
-    let _ = std::fs::remove_file(dest.join("backup_manifest"));
+    let _ = data.remove_file("backup_manifest");
     Ok(())
 }
 
@@ -141,11 +154,17 @@ pub fn shell_quote(s: &str) -> String {
 /// Arms archive recovery in a restored data directory: `recovery.signal`, no
 /// `standby.signal`.
 pub fn arm_recovery(ctx: &BackupContext, dir: &Path) -> Result<()> {
-    let _ = std::fs::remove_file(dir.join("standby.signal"));
-    let signal = dir.join("recovery.signal");
-    std::fs::write(&signal, "").with_context(|| format!("cannot write {}", signal.display()))?;
-    ctx.user.chown(&signal)?;
-    Ok(())
+    arm_recovery_in(
+        ctx,
+        &Dir::open(dir).with_context(|| format!("cannot open {}", dir.display()))?,
+    )
+}
+
+/// [`arm_recovery`] in an open directory.
+pub fn arm_recovery_in(ctx: &BackupContext, d: &Dir) -> Result<()> {
+    let _ = d.remove_file("standby.signal");
+    d.write_atomic("recovery.signal", b"", 0o600, ctx.user.switch_to)
+        .with_context(|| format!("cannot write {}", d.join("recovery.signal").display()))
 }
 
 /// Arms replay of the whole archive as a standby with no upstream (`standby.signal`, no
@@ -154,11 +173,10 @@ pub fn arm_recovery(ctx: &BackupContext, dir: &Path) -> Result<()> {
 /// the lease (rule 1). PostgreSQL replays whatever the archive still holds before it ends
 /// recovery on `pg_promote()`.
 pub fn arm_standby_replay(ctx: &BackupContext, dir: &Path) -> Result<()> {
-    let _ = std::fs::remove_file(dir.join("recovery.signal"));
-    let signal = dir.join("standby.signal");
-    std::fs::write(&signal, "").with_context(|| format!("cannot write {}", signal.display()))?;
-    ctx.user.chown(&signal)?;
-    Ok(())
+    let d = Dir::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    let _ = d.remove_file("recovery.signal");
+    d.write_atomic("standby.signal", b"", 0o600, ctx.user.switch_to)
+        .with_context(|| format!("cannot write {}", d.join("standby.signal").display()))
 }
 
 /// The file in a restored data directory naming the restore that made it.
@@ -168,31 +186,36 @@ const RESTORE_MARKER: &str = "pgherd.restore-id";
 /// stopped after the restored data was promoted but before the `restore` key said so
 /// recognises it instead of restoring again over writes made since (rule 7).
 pub fn mark_restored(ctx: &BackupContext, dir: &Path, id: &str) -> Result<()> {
-    let marker = dir.join(RESTORE_MARKER);
-    std::fs::write(&marker, id).with_context(|| format!("cannot write {}", marker.display()))?;
-    ctx.user.chown(&marker)?;
-    Ok(())
+    let d = Dir::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    d.write_atomic(RESTORE_MARKER, id.as_bytes(), 0o600, ctx.user.switch_to)
+        .with_context(|| format!("cannot write {}", d.join(RESTORE_MARKER).display()))
 }
 
 /// The restore whose promoted result `dir` is: its marker names it and PostgreSQL ended
 /// recovery on it (`recovery.signal` or `standby.signal` is removed when recovery ends with
 /// a promotion).
 pub fn promoted_restore(dir: &Path) -> Option<String> {
-    if dir.join("recovery.signal").exists() || dir.join("standby.signal").exists() {
+    let d = Dir::open(dir).ok()?;
+    if d.exists("recovery.signal").unwrap_or(true) || d.exists("standby.signal").unwrap_or(true) {
         return None;
     }
-    std::fs::read_to_string(dir.join(RESTORE_MARKER))
+    d.read(RESTORE_MARKER, 4096)
         .ok()
-        .map(|s| s.trim().to_string())
+        .map(|s| String::from_utf8_lossy(&s).trim().to_string())
         .filter(|s| !s.is_empty())
 }
 
-/// Reads a file's content into a string (for error messages from logs).
+/// The last `lines` lines of a log (for error messages), read without following a link or
+/// blocking on a FIFO (the OS user owns the log's folder).
 pub fn log_tail(path: &Path, lines: usize) -> String {
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut text);
+    const TAIL: u64 = 64 * 1024;
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = fsutil::split(path).and_then(|(d, name)| d.open_file(name)) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL)));
+        let _ = f.take(TAIL).read_to_end(&mut bytes);
     }
+    let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join(" | ")
 }

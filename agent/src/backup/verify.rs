@@ -2,8 +2,14 @@
 //! to the end of the archive on a private PostgreSQL, check the result with `pg_amcheck`
 //! and a row count, and record pass or fail with timings. The scratch instance listens on
 //! a Unix socket only, never archives, and is removed afterwards whatever happens.
+//!
+//! The scratch directory stays root's 0700 until the backup is unpacked in it (nobody else
+//! can reach the tree while it is built), and is removed through its parent's descriptor.
+//! The backup's databases belong to whoever owned them: the agent's SQL on the copy runs
+//! with `search_path = pg_catalog, pg_temp` and schema-qualified names, so a database owner
+//! cannot put a function or operator in the superuser session's way.
 
-use std::os::unix::fs::PermissionsExt;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -15,11 +21,18 @@ use super::catalog::{BackupInfo, VerifyResult};
 use super::restore;
 use super::wal::{self, WalName};
 use super::BackupContext;
+use crate::fsutil::Dir;
 use crate::lsn::Lsn;
 use crate::postgres::command;
 
+/// What every connection to the scratch copy starts with (see the module's comment).
+const SAFE_SEARCH_PATH: &str = "-c search_path=pg_catalog,pg_temp";
+
 /// Removes the scratch instance and directory when dropped.
 struct Scratch {
+    /// The folder holding the scratch directory, and the scratch directory's name in it
+    /// (`None` once removed).
+    base: Option<(Dir, OsString)>,
     dir: PathBuf,
     data: PathBuf,
     pg_ctl: PathBuf,
@@ -50,8 +63,9 @@ impl Scratch {
             .await;
             self.started = false;
         }
-        let dir = std::mem::take(&mut self.dir);
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        if let Some((base, name)) = self.base.take() {
+            let _ = tokio::task::spawn_blocking(move || base.remove_tree(name)).await;
+        }
     }
 }
 
@@ -74,8 +88,8 @@ impl Drop for Scratch {
             self.user.apply_std(&mut cmd);
             let _ = cmd.status();
         }
-        if !self.dir.as_os_str().is_empty() {
-            let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some((base, name)) = self.base.take() {
+            let _ = base.remove_tree(name);
         }
     }
 }
@@ -140,20 +154,27 @@ async fn run(
             .map(Path::to_path_buf)
             .unwrap_or_else(std::env::temp_dir),
     };
-    std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
-    let dir = base.join(format!(".pgherd-verify-{}-{}", info.id, std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    ctx.user.chown(&dir)?;
+    // Folders made here must let the OS user through to its scratch directory.
+    let base_dir = Dir::create_all(&base, 0o755)
+        .with_context(|| format!("cannot create {}", base.display()))?;
+    let name = OsString::from(format!(".pgherd-verify-{}-{}", info.id, std::process::id()));
+    let dir = base.join(&name);
+    // A leftover of an earlier run with this pid.
+    base_dir
+        .remove_tree(&name)
+        .with_context(|| format!("cannot remove {}", dir.display()))?;
+    let scratch_dir = base_dir
+        .create_dir(&name, 0o700)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let mut scratch = Scratch {
+        base: Some((base_dir, name)),
         data: dir.join("data"),
         dir: dir.clone(),
         pg_ctl: ctx.bin_dir.join("pg_ctl"),
         user: ctx.user.clone(),
         started: false,
     };
-    let outcome = check(ctx, info, progress, &mut scratch).await;
+    let outcome = check(ctx, info, progress, &mut scratch, &scratch_dir).await;
     scratch.cleanup().await;
     outcome
 }
@@ -164,18 +185,25 @@ async fn check(
     info: &BackupInfo,
     progress: &watch::Sender<Progress>,
     scratch: &mut Scratch,
+    scratch_dir: &Dir,
 ) -> Result<(String, u64, Lsn)> {
     let dir = scratch.dir.clone();
+    let owner = ctx.user.switch_to;
     // Unix socket paths are limited to ~107 bytes: keep the socket in a short directory.
     let sock = tempfile::Builder::new()
         .prefix("pgherd-v")
         .tempdir()
         .context("cannot create a socket directory")?;
-    ctx.user.chown(sock.path())?;
+    Dir::open(sock.path())
+        .and_then(|d| d.chown(owner))
+        .context("cannot give the socket directory to the OS user")?;
 
     progress.send_replace(Progress::phase("unpacking"));
     let t0 = Instant::now();
-    restore::unpack(ctx, info, &scratch.data).await?;
+    let data = restore::extract(ctx, info, scratch_dir, "data".as_ref()).await?;
+    // Unpacking ended: the OS user may now reach the copy (its PostgreSQL runs it).
+    scratch_dir.chown(owner)?;
+    restore::check_manifest(ctx, info, &data).await?;
     let unpack_s = t0.elapsed().as_secs_f64();
 
     let port = free_port()?;
@@ -200,11 +228,10 @@ async fn check(
         ("pg_hba.conf", "local all all trust\n"),
         ("postgresql.auto.conf", ""),
     ] {
-        let p = scratch.data.join(name);
-        std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
-        ctx.user.chown(&p)?;
+        data.write_atomic(name, text.as_bytes(), 0o600, owner)
+            .with_context(|| format!("cannot write {}", data.join(name).display()))?;
     }
-    restore::arm_recovery(ctx, &scratch.data)?;
+    restore::arm_recovery_in(ctx, &data)?;
 
     let newest_seg = {
         let timeline = info.timeline;
@@ -261,6 +288,7 @@ async fn check(
         .port(port)
         .user(&ctx.cfg.postgres.superuser.username)
         .dbname("postgres")
+        .options(SAFE_SEARCH_PATH)
         .connect_timeout(Duration::from_secs(5));
     let connect = |db: &str| {
         let mut pc = pc.clone();
@@ -281,9 +309,15 @@ async fn check(
         match connect("postgres").await {
             Ok(c) => break c,
             Err(e) => {
-                let alive = std::fs::read_to_string(scratch.data.join("postmaster.pid"))
+                let alive = data
+                    .read("postmaster.pid", 4096)
                     .ok()
-                    .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+                    .and_then(|t| {
+                        String::from_utf8_lossy(&t)
+                            .lines()
+                            .next()
+                            .and_then(|l| l.trim().parse::<i32>().ok())
+                    })
                     .is_some_and(|pid| {
                         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
                     });
@@ -303,7 +337,7 @@ async fn check(
     let recover_s = t1.elapsed().as_secs_f64();
     let row = client
         .query_one(
-            "SELECT pg_is_in_recovery(), pg_current_wal_lsn()::text",
+            "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.pg_current_wal_lsn()::pg_catalog.text",
             &[],
         )
         .await?;
@@ -358,7 +392,7 @@ async fn check(
 
     let dbs = client
         .query(
-            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
+            "SELECT datname FROM pg_catalog.pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
             &[],
         )
         .await?;
@@ -368,7 +402,7 @@ async fn check(
         let c = connect(&name).await?;
         let n: i64 = c
             .query_one(
-                "SELECT coalesce(sum((xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', schemaname, relname), false, true, '')))[1]::text::bigint), 0)::bigint FROM pg_stat_user_tables",
+                "SELECT coalesce(pg_catalog.sum((pg_catalog.xpath('/row/c/text()', pg_catalog.query_to_xml(pg_catalog.format('SELECT pg_catalog.count(*) AS c FROM %I.%I', schemaname, relname), false, true, '')))[1]::pg_catalog.text::pg_catalog.int8), 0)::pg_catalog.int8 FROM pg_catalog.pg_stat_user_tables",
                 &[],
             )
             .await

@@ -10,8 +10,6 @@ mod source;
 pub mod tls;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use tokio::sync::{Mutex, Notify};
 
 use crate::backup::wal::WalSettings;
+use crate::fsutil::{self, Dir};
 use crate::ha::{ControlData, DataDir, PgStatus, Upstream};
 use command::OsUser;
 use process::PidFile;
@@ -140,7 +139,10 @@ pub fn find_bin_dir(configured: Option<&Path>) -> PathBuf {
 
 /// The database system identifier: the first field of `global/pg_control`.
 fn read_system_identifier(data_dir: &Path) -> std::io::Result<u64> {
-    let bytes = std::fs::read(data_dir.join("global/pg_control"))?;
+    // Read through descriptors: the OS user could leave a FIFO or a link there.
+    let bytes = Dir::open(data_dir)?
+        .open_dir("global")?
+        .read("pg_control", 8192)?;
     let first: [u8; 8] = bytes
         .get(..8)
         .and_then(|b| b.try_into().ok())
@@ -526,53 +528,58 @@ impl Postgres {
         self.child_alive.load(Ordering::SeqCst)
     }
 
-    /// Creates the data directory's parent chain and the directory itself for the OS user.
+    /// Creates the data directory's parent chain (root's, 0755, so the OS user can pass)
+    /// and the directory itself for the OS user (0700), giving it through its descriptor.
     fn ensure_data_dir(&self) -> Result<()> {
         let dir = &self.data_dir;
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
-        }
-        if !dir.exists() {
-            std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        let (parent, name) = fsutil::split_create(dir, 0o755)
+            .with_context(|| format!("cannot create the folder of {}", dir.display()))?;
+        let (data, _) = parent
+            .ensure_dir(&name, 0o700)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        data.chmod(0o700)
             .with_context(|| format!("cannot set mode 0700 on {}", dir.display()))?;
-        self.user
-            .chown(dir)
+        data.chown(self.user.switch_to)
             .with_context(|| format!("cannot give {} to {}", dir.display(), self.user.name))?;
         Ok(())
     }
 
-    /// Writes `contents` to `path` atomically (temp file, fsync, rename), owned by the OS user.
+    /// Writes `contents` to `path` atomically, owned by the OS user with `mode`: a new
+    /// temporary file beside it, created with `O_EXCL | O_NOFOLLOW` (a link planted at the
+    /// temporary name is removed, never written through), chowned and chmodded through its
+    /// descriptor, fsynced, then renamed over `path` in the folder's descriptor. The folder
+    /// (the data directory or its parent) is one the OS user can write.
     fn write_file(&self, path: &Path, contents: &str, mode: u32) -> Result<()> {
-        let tmp = path.with_extension("pgherd-tmp");
-        {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(mode)
-                .open(&tmp)
-                .with_context(|| format!("cannot write {}", tmp.display()))?;
-            f.write_all(contents.as_bytes())
-                .and_then(|_| f.sync_all())
-                .with_context(|| format!("cannot write {}", tmp.display()))?;
-        }
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-        self.user.chown(&tmp)?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-        Ok(())
+        let (dir, name) =
+            fsutil::split(path).with_context(|| format!("cannot write {}", path.display()))?;
+        dir.write_atomic(&name, contents.as_bytes(), mode, self.user.switch_to)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Reads one of PostgreSQL's files in the data directory for comparison (empty when it
+    /// is missing or not a regular file).
+    fn read_data_file(&self, name: &str) -> String {
+        Dir::open(&self.data_dir)
+            .and_then(|d| d.read(name, 16 << 20))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// PostgreSQL's log (`<data_dir>.log`), opened by root for the postmaster's output in the
+    /// data directory's parent: never through a link, and only a regular file with one link
+    /// (not a hard link to a file elsewhere).
+    fn open_log(&self) -> Result<std::fs::File> {
+        let path = self.log_path();
+        fsutil::split(&path)
+            .and_then(|(d, name)| d.open_append(name, 0o640))
+            .with_context(|| format!("cannot open {}", path.display()))
     }
 
     /// The pgpass file with the replication and superuser passwords (mode 0600).
     pub fn write_pgpass(&self) -> Result<()> {
         let path = self.cfg.pgpass_path();
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
-        }
+        fsutil::split_create(&path, 0o755)
+            .with_context(|| format!("cannot create the folder of {}", path.display()))?;
         self.write_file(&path, &conf::pgpass(&self.cfg), 0o600)
     }
 
@@ -584,10 +591,8 @@ impl Postgres {
             Mode::Primary => None,
         };
         let params = conf::parameters(&self.cfg, cluster_params, upstream, &self.managed());
-        let read =
-            |name: &str| std::fs::read_to_string(self.data_dir.join(name)).unwrap_or_default();
-        read("postgresql.conf") != conf::postgresql_conf(&params)
-            || read("pg_hba.conf") != conf::pg_hba_conf(&self.cfg)
+        self.read_data_file("postgresql.conf") != conf::postgresql_conf(&params)
+            || self.read_data_file("pg_hba.conf") != conf::pg_hba_conf(&self.cfg)
     }
 
     /// Writes postgresql.conf, pg_hba.conf and the standby signal for `mode`.
@@ -615,7 +620,9 @@ impl Postgres {
         let signal = self.data_dir.join("standby.signal");
         match mode {
             Mode::Standby(_) => self.write_file(&signal, "", 0o600)?,
-            Mode::Primary => match std::fs::remove_file(&signal) {
+            Mode::Primary => match Dir::open(&self.data_dir)
+                .and_then(|d| d.remove_file("standby.signal"))
+            {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -656,14 +663,12 @@ impl Postgres {
             }
         }
         let result = self.run("initdb", &args).await;
-        let _ = std::fs::remove_file(&pwfile);
+        let _ = fsutil::split(&pwfile).and_then(|(d, name)| d.remove_file(name));
         result?;
         // Keep initdb's postgresql.conf as the base our managed file includes.
-        std::fs::rename(
-            self.data_dir.join("postgresql.conf"),
-            self.data_dir.join("postgresql.base.conf"),
-        )
-        .context("cannot keep initdb's postgresql.conf as postgresql.base.conf")?;
+        Dir::open(&self.data_dir)
+            .and_then(|d| d.rename("postgresql.conf", &d, "postgresql.base.conf"))
+            .context("cannot keep initdb's postgresql.conf as postgresql.base.conf")?;
         Ok(())
     }
 
@@ -692,28 +697,22 @@ impl Postgres {
         Ok(())
     }
 
-    /// Removes everything inside the data directory (never the directory's parent).
+    /// Removes everything inside the data directory (never the directory's parent), through
+    /// descriptors: links in it are removed, never followed.
     pub fn empty_data_dir(&self) -> Result<()> {
-        match std::fs::read_dir(&self.data_dir) {
+        match Dir::open(&self.data_dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", self.data_dir.display())),
-            Ok(entries) => {
-                for entry in entries {
-                    let path = entry?.path();
-                    let res = if path.is_dir() && !path.is_symlink() {
-                        std::fs::remove_dir_all(&path)
-                    } else {
-                        std::fs::remove_file(&path)
-                    };
-                    res.with_context(|| format!("cannot remove {}", path.display()))?;
-                }
-                Ok(())
-            }
+            Ok(dir) => dir
+                .remove_contents()
+                .with_context(|| format!("cannot empty {}", self.data_dir.display())),
         }
     }
 
     /// Creates the `unix_socket_directories` that do not exist yet, owned by the OS user, so
-    /// a member can keep its sockets beside its data directory.
+    /// a member can keep its sockets beside its data directory. Missing parents are root's
+    /// 0755; the socket directory is made with `mkdirat` and given away through its own
+    /// descriptor, so a link swapped in meanwhile is never chowned.
     fn ensure_socket_dirs(&self, params: &BTreeMap<String, String>) -> Result<()> {
         let Some(dirs) = params.get("unix_socket_directories") else {
             return Ok(());
@@ -725,11 +724,21 @@ impl Postgres {
         {
             let path = Path::new(dir);
             if !path.exists() {
-                std::fs::create_dir_all(path).with_context(|| {
+                let (parent, name) = fsutil::split_create(path, 0o755).with_context(|| {
+                    format!("cannot create the folder of unix_socket_directories entry {dir}")
+                })?;
+                let (sock, created) = parent.ensure_dir(&name, 0o755).with_context(|| {
                     format!("cannot create unix_socket_directories entry {dir}")
                 })?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
-                self.user.chown(path)?;
+                if created {
+                    sock.chown(self.user.switch_to)
+                        .with_context(|| format!("cannot give {dir} to {}", self.user.name))?;
+                } else if !self.user.can_write(path) {
+                    bail!(
+                        "unix_socket_directories entry {dir} appeared meanwhile and is not writable by OS user {}",
+                        self.user.name
+                    );
+                }
             } else if !self.user.can_write(path) {
                 bail!(
                     "unix_socket_directories entry {dir} is not writable by OS user {}; give it to that user or name a directory that does not exist yet (pgherd creates it)",
@@ -753,12 +762,7 @@ impl Postgres {
                 self.data_dir.display()
             );
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(self.log_path())
-            .with_context(|| format!("cannot open {}", self.log_path().display()))?;
+        let log = self.open_log()?;
         let log_err = log.try_clone()?;
         let mut cmd = tokio::process::Command::new(self.bin("postgres"));
         cmd.arg("-D")
