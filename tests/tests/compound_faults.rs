@@ -368,28 +368,8 @@ async fn a_slow_status_query_does_not_make_a_healthy_leader_fence_itself() -> Re
 /// it never restores again over those writes (rule 7, item 1; found by the simulation).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restorer_killed_before_recording_its_restore_does_not_run_it_again() -> Result<()> {
-    // ttl 20: the restorer's lease outlives its restart, so it comes back as the key holder.
-    let ttl = "bootstrap: {dcs: {ttl: 20, loop_wait: 1}}";
-    let cluster = members(&["a"], Some(ttl)).backups().configure().await?;
+    let cluster = restore_to_ten_rows_frozen_at("before-finish-restore").await?;
     let a = cluster.member("a");
-    a.set_failpoints(&["before-finish-restore"]);
-    cluster.start_with_leader("a", BRINGUP).await?;
-    sql_batch(a, "CREATE TABLE t (id int PRIMARY KEY)").await?;
-    sql_batch(a, "INSERT INTO t SELECT generate_series(1, 10)").await?;
-    cluster.ctl_output(&["backup"]).await?.expect_success()?;
-    sql_batch(a, "SELECT pg_create_restore_point('ten_rows')").await?;
-    sql_batch(a, "INSERT INTO t SELECT generate_series(11, 20)").await?;
-    cluster
-        .ctl_output(&[
-            "restore",
-            "--target-name",
-            "ten_rows",
-            "--force",
-            "--no-wait",
-        ])
-        .await?
-        .expect_success()?;
-    a.wait_failpoint("before-finish-restore", RESTORE).await?;
 
     // The restored primary runs (its agent is frozen before it records the end): it takes
     // writes, then the node crashes and the agent comes back within the lease.
@@ -517,28 +497,8 @@ async fn a_restorer_that_lost_its_lease_never_promotes_the_restored_data() -> Re
 /// writes made on the put-back data). Rows past the restore point survive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_restore_is_not_run_again_by_its_restorer() -> Result<()> {
-    // ttl 20: the restorer's lease outlives its restart, so it comes back as the key holder.
-    let ttl = "bootstrap: {dcs: {ttl: 20, loop_wait: 1}}";
-    let cluster = members(&["a"], Some(ttl)).backups().configure().await?;
+    let cluster = restore_to_ten_rows_frozen_at("restore-before-recovery").await?;
     let a = cluster.member("a");
-    a.set_failpoints(&["restore-before-recovery"]);
-    cluster.start_with_leader("a", BRINGUP).await?;
-    sql_batch(a, "CREATE TABLE t (id int PRIMARY KEY)").await?;
-    sql_batch(a, "INSERT INTO t SELECT generate_series(1, 10)").await?;
-    cluster.ctl_output(&["backup"]).await?.expect_success()?;
-    sql_batch(a, "SELECT pg_create_restore_point('ten_rows')").await?;
-    sql_batch(a, "INSERT INTO t SELECT generate_series(11, 20)").await?;
-    cluster
-        .ctl_output(&[
-            "restore",
-            "--target-name",
-            "ten_rows",
-            "--force",
-            "--no-wait",
-        ])
-        .await?
-        .expect_success()?;
-    a.wait_failpoint("restore-before-recovery", RESTORE).await?;
     a.crash()?;
     a.set_failpoints(&[]);
     a.start()?;
@@ -567,4 +527,32 @@ async fn an_interrupted_restore_is_not_run_again_by_its_restorer() -> Result<()>
         cluster.log_tails(40)
     );
     Ok(())
+}
+
+/// One member `a` with ttl 20 (its lease outlives a restart, so it comes back as the key
+/// holder): table `t` holds rows 1..=10 at restore point `ten_rows` and 11..=20 after it; a
+/// restore to `ten_rows` is requested and a's agent is frozen at `failpoint`.
+async fn restore_to_ten_rows_frozen_at(failpoint: &str) -> Result<Cluster> {
+    let ttl = "bootstrap: {dcs: {ttl: 20, loop_wait: 1}}";
+    let cluster = members(&["a"], Some(ttl)).backups().configure().await?;
+    let a = cluster.member("a");
+    a.set_failpoints(&[failpoint]);
+    cluster.start_with_leader("a", BRINGUP).await?;
+    sql_batch(a, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    sql_batch(a, "INSERT INTO t SELECT generate_series(1, 10)").await?;
+    cluster.ctl_output(&["backup"]).await?.expect_success()?;
+    sql_batch(a, "SELECT pg_create_restore_point('ten_rows')").await?;
+    sql_batch(a, "INSERT INTO t SELECT generate_series(11, 20)").await?;
+    cluster
+        .ctl_output(&[
+            "restore",
+            "--target-name",
+            "ten_rows",
+            "--force",
+            "--no-wait",
+        ])
+        .await?
+        .expect_success()?;
+    a.wait_failpoint(failpoint, RESTORE).await?;
+    Ok(cluster)
 }

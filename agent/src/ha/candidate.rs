@@ -119,13 +119,19 @@ pub fn manual_failover_allowed(
     cfg: &HaConfig,
     me: &PgStatus,
 ) -> Result<(), CandidateRefusal> {
+    sync_allows(view, cfg, may_lead(view, cfg, me)?)
+}
+
+/// What every taker of the key needs: readable keys that decide who may take over, no
+/// `nofailover` tag and a known position, which it returns.
+fn may_lead(view: &ClusterView, cfg: &HaConfig, me: &PgStatus) -> Result<Lsn, CandidateRefusal> {
     if let Some(refusal) = unreadable_key(view) {
         return Err(refusal);
     }
     if cfg.tags.nofailover {
         return Err(CandidateRefusal::NoFailover);
     }
-    sync_allows(view, cfg, position(me)?)
+    position(me)
 }
 
 /// `Ok` if this member may race for the leader key now.
@@ -134,13 +140,7 @@ pub fn best_candidate(
     cfg: &HaConfig,
     me: &PgStatus,
 ) -> Result<(), CandidateRefusal> {
-    if let Some(refusal) = unreadable_key(view) {
-        return Err(refusal);
-    }
-    if cfg.tags.nofailover {
-        return Err(CandidateRefusal::NoFailover);
-    }
-    let mine = position(me)?;
+    let mine = may_lead(view, cfg, me)?;
     // A sync-key member holds every acknowledged commit (or, in quorum mode, proves it
     // below); the lag limit protects nothing for it and could leave the cluster leaderless.
     let sync_member = cfg.dcs.synchronous_mode != pgherd_config::SynchronousMode::Off

@@ -38,13 +38,16 @@ impl Memory {
             _ => {}
         }
         match &obs.pg.status {
-            Some(s) if s.in_recovery && !s.streaming => {
+            Some(s) if s.in_recovery && !self.really_streaming(s, obs) => {
                 self.not_streaming_since.get_or_insert(obs.now);
             }
             Some(_) => self.not_streaming_since = None,
             // Starting or stopped: keep counting; a standby that never comes up streaming is
             // as stuck as one that stops.
             None => {}
+        }
+        if let Some(s) = &obs.pg.status {
+            self.received_lsn = s.receive_lsn.max(self.received_lsn);
         }
         // A finished restore is recorded in the `restore` key by a later action; remember
         // how it ended now, since this loop's decision may not get to it (etcd unreachable).
@@ -68,6 +71,23 @@ impl Memory {
                 self.rewind_failed = Some((from.clone(), tl));
             }
         }
+    }
+
+    /// Whether our standby streams from its leader for real: its walreceiver is connected,
+    /// and it is on the leader's timeline or receives WAL. A walreceiver that PostgreSQL
+    /// starts again every few seconds against a leader whose history it cannot follow shows
+    /// up as streaming for a moment now and then without receiving anything; counting that
+    /// as streaming kept the not-streaming clock at zero, and the member never stopped to
+    /// be rewound (found by bench/chaos).
+    fn really_streaming(&self, s: &super::PgStatus, obs: &Observation) -> bool {
+        let leader_timeline = obs
+            .cluster
+            .as_ref()
+            .and_then(|v| v.leader_member())
+            .and_then(|m| m.timeline);
+        let on_leader_timeline = leader_timeline.is_none() || leader_timeline == s.timeline;
+        let receiving = s.receive_lsn.is_some_and(|r| Some(r) > self.received_lsn);
+        s.streaming && (on_leader_timeline || receiving)
     }
 
     /// Bookkeeping of an action at `now` (the observation's instant), as far as `outcome`

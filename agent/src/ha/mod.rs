@@ -164,6 +164,9 @@ pub struct Memory {
     pub primary_start_since: Option<Instant>,
     /// Since when our standby has not been streaming.
     pub not_streaming_since: Option<Instant>,
+    /// The furthest WAL position our standby had received when last observed: a
+    /// walreceiver that connects but receives nothing is not streaming.
+    pub received_lsn: Option<Lsn>,
     /// pg_rewind failed onto this leader and timeline; do not retry it in a loop.
     pub rewind_failed: Option<(String, u32)>,
     /// The leader's WAL position when it last dropped a standby from, or lowered q in,

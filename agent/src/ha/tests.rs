@@ -1647,3 +1647,40 @@ fn a_rewind_whose_source_did_not_answer_is_tried_again() {
     let d = stopped_cleanly(JobView::Idle).decide(&cfg("c"), &mem);
     assert!(d.actions.is_empty(), "a failed rewind was run again: {d:?}");
 }
+
+/// A walreceiver that PostgreSQL restarts against a leader whose history it cannot follow is
+/// "streaming" for a moment now and then without receiving anything: the not-streaming clock
+/// keeps running, so the member stops to be rewound; a lagging standby that receives WAL on
+/// the old timeline is streaming (found by bench/chaos: a former leader followed the new one
+/// without pg_rewind and never streamed).
+#[test]
+fn a_walreceiver_that_connects_but_receives_nothing_is_not_streaming() {
+    let mut b = member("b", MemberState::Running, 100);
+    b.timeline = Some(2);
+    let v = view(Some("b"), &[b]);
+    let status = |streaming: bool, received: u64| PgStatus {
+        streaming,
+        receive_lsn: Some(Lsn(received)),
+        ..standby_status(received)
+    };
+    let start = Instant::now();
+    let at = |secs: u64, s: PgStatus| {
+        let mut o = Obs::new(Some(v.clone())).running(Some(s)).0;
+        o.now = start + Duration::from_secs(secs);
+        o
+    };
+    let mut mem = Memory::default();
+    mem.observed(&at(0, status(false, 100)));
+    let since = mem.not_streaming_since.expect("not streaming");
+    mem.observed(&at(1, status(true, 100)));
+    assert_eq!(
+        mem.not_streaming_since,
+        Some(since),
+        "a connect that received nothing reset the clock"
+    );
+    mem.observed(&at(2, status(true, 200)));
+    assert_eq!(
+        mem.not_streaming_since, None,
+        "a standby receiving WAL is streaming"
+    );
+}
