@@ -364,9 +364,15 @@ impl Postgres {
         }
     }
 
+    /// The text of `postmaster.pid`, read without following a link and only from a regular
+    /// file (a FIFO `postgres` planted there must not block the loop; rule 8).
+    fn read_pid_file(&self) -> Option<String> {
+        read_pid_file(&self.data_dir)
+    }
+
     /// What `postmaster.pid` says, checked against /proc; `None` without the file.
     fn pid_file(&self) -> Option<PidFile> {
-        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        let text = self.read_pid_file()?;
         Some(process::check_pid_file(&text, &self.postmaster()))
     }
 
@@ -416,7 +422,7 @@ impl Postgres {
                 tracing::info!(pid, "{what}");
             }
         };
-        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok();
+        let text = self.read_pid_file();
         let named = text.as_deref().and_then(process::pid_of);
         if let Some(child) = self.child_handle() {
             if let Some(named) = named.filter(|p| *p != child.pid()) {
@@ -492,7 +498,7 @@ impl Postgres {
 
     /// The status line of `postmaster.pid` ("ready", "standby", "starting", "stopping").
     fn postmaster_status(&self) -> Option<String> {
-        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        let text = self.read_pid_file()?;
         text.lines().nth(7).map(|s| s.trim().to_string())
     }
 
@@ -1115,6 +1121,13 @@ impl Postgres {
 }
 
 /// Reads the fields pgherd needs from `pg_controldata` output.
+/// [`Postgres::read_pid_file`] of `data_dir`.
+fn read_pid_file(data_dir: &Path) -> Option<String> {
+    let dir = Dir::open(data_dir).ok()?;
+    let bytes = dir.read("postmaster.pid", 4096).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 fn parse_control_data(text: &str) -> Result<ControlData> {
     let field = |name: &str| {
         text.lines()
@@ -1157,6 +1170,32 @@ mod tests {
         assert!(why.contains("can write it"), "{why}");
         let why = config_exposure(&md(0o600), me + 1).join("; ");
         assert!(why.contains("belongs to"), "{why}");
+    }
+
+    /// Rule 8: `postgres` can put a FIFO or a link where `postmaster.pid` belongs; reading it
+    /// must neither block the loop nor follow the link to a root file.
+    #[test]
+    fn a_planted_pid_file_is_neither_waited_on_nor_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "1\n").unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let pid = data.join("postmaster.pid");
+        std::os::unix::fs::symlink(&victim, &pid).unwrap();
+        assert_eq!(read_pid_file(&data), None, "followed a link");
+        std::fs::remove_file(&pid).unwrap();
+        nix::unistd::mkfifo(&pid, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = data.clone();
+        std::thread::spawn(move || tx.send(read_pid_file(&d)));
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("reading a FIFO as postmaster.pid blocked");
+        assert_eq!(got, None);
+        std::fs::remove_file(&pid).unwrap();
+        std::fs::write(&pid, "4242\n/data\n").unwrap();
+        assert_eq!(read_pid_file(&data).as_deref(), Some("4242\n/data\n"));
     }
 
     #[test]
