@@ -33,9 +33,9 @@ impl Outcome {
 impl Memory {
     /// Bookkeeping after observing, before `decide` reads the memory.
     pub fn observed(&mut self, obs: &Observation) {
-        match &obs.pg.status {
-            Some(s) if !s.in_recovery => self.primary_start_since = None,
-            _ => {}
+        // PostgreSQL answers: it came up (a key holder's standby is promoted next).
+        if obs.pg.status.is_some() {
+            self.primary_start_since = None;
         }
         match &obs.pg.status {
             Some(s) if s.in_recovery && !self.really_streaming(s, obs) => {
@@ -102,6 +102,12 @@ impl Memory {
                 self.upstream = None;
             }
             Action::StartStandby(up) => {
+                // Without an upstream this is a key holder's standby data directory started
+                // read-only to be promoted (or a member waiting read-only): it must come up
+                // within primary_start_timeout like any start as the primary.
+                if up.is_none() {
+                    self.primary_start_since.get_or_insert(now);
+                }
                 self.upstream = up.as_ref().map(|u| u.name.clone());
                 self.not_streaming_since = None;
             }

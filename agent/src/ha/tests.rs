@@ -1684,3 +1684,32 @@ fn a_walreceiver_that_connects_but_receives_nothing_is_not_streaming() {
         "a standby receiving WAL is streaming"
     );
 }
+
+/// A key holder whose data directory is a standby's starts it read-only to promote it; if
+/// it never comes up, primary_start_timeout releases the key as for any start as the
+/// primary (it was not counted on this path).
+#[test]
+fn a_key_holder_whose_standby_never_comes_up_releases_the_key_after_primary_start_timeout() {
+    let b = member("b", MemberState::Streaming, 100);
+    let start = Instant::now();
+    let obs_at = |secs: u64| {
+        let mut o = Obs::new(Some(view(Some("a"), std::slice::from_ref(&b))))
+            .holding_lease(Duration::from_secs(5));
+        o.0.now = start + Duration::from_secs(secs);
+        o
+    };
+    let cfg = cfg("a");
+    let mut mem = Memory::default();
+    let d = obs_at(0).decide(&cfg, &mem);
+    assert!(d.actions.contains(&Action::StartStandby(None)), "{d:?}");
+    mem.acted(
+        start,
+        &Action::StartStandby(None),
+        &memory::Outcome::Started,
+    );
+    let late = cfg.dcs.primary_start_timeout + 1;
+    let obs = obs_at(late);
+    mem.observed(&obs.0);
+    let d = obs.decide(&cfg, &mem);
+    assert!(d.actions.contains(&Action::ReleaseLeader), "{d:?}");
+}
