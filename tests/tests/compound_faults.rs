@@ -274,18 +274,7 @@ async fn an_interrupted_restore_is_ended_by_the_next_leader_and_never_runs_again
     // a's member key expires; another member leads with the data it has and ends the restore.
     let leader = cluster.wait_new_leader("a", FAILOVER).await?;
     let new = cluster.member(&leader);
-    wait_until(REPLICATION, "the restore key to be ended", || async {
-        let key = cluster
-            .etcd_get("restore")
-            .await?
-            .context("no restore key")?;
-        ensure!(
-            key.contains("\"failed\"") && key.contains("abandoned"),
-            "restore key: {key}"
-        );
-        Ok(())
-    })
-    .await?;
+    wait_restore_failed(&cluster, REPLICATION, "abandoned").await?;
     sql_batch(new, "INSERT INTO t SELECT generate_series(1001, 1010)").await?;
 
     // a returns and follows; then the new leader stops cleanly and hands the key on.
@@ -502,18 +491,7 @@ async fn an_interrupted_restore_is_not_run_again_by_its_restorer() -> Result<()>
     a.crash()?;
     a.set_failpoints(&[]);
     a.start()?;
-    wait_until(RESTORE, "the restore key to say failed", || async {
-        let key = cluster
-            .etcd_get("restore")
-            .await?
-            .context("no restore key")?;
-        ensure!(
-            key.contains("\"failed\"") && key.contains("started here before"),
-            "restore key: {key}"
-        );
-        Ok(())
-    })
-    .await?;
+    wait_restore_failed(&cluster, RESTORE, "started here before").await?;
     cluster.wait_healthy(REJOIN).await?;
     ensure!(
         !a.agent_log_of_last_start()
@@ -555,4 +533,20 @@ async fn restore_to_ten_rows_frozen_at(failpoint: &str) -> Result<Cluster> {
         .expect_success()?;
     a.wait_failpoint(failpoint, RESTORE).await?;
     Ok(cluster)
+}
+
+/// Waits until the `restore` key says the restore failed, with `why` in its message.
+async fn wait_restore_failed(cluster: &Cluster, timeout: Duration, why: &str) -> Result<()> {
+    wait_until(timeout, "the restore key to say failed", || async {
+        let key = cluster
+            .etcd_get("restore")
+            .await?
+            .context("no restore key")?;
+        ensure!(
+            key.contains("\"failed\"") && key.contains(why),
+            "restore key: {key}"
+        );
+        Ok(())
+    })
+    .await
 }

@@ -513,22 +513,32 @@ impl AsFd for Dir {
     }
 }
 
+/// Helpers shared by the tests of this module and of `resolve`.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+mod test_util {
+    use std::io;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
 
     /// A temp dir that any user could write (0777, not sticky): links in it are untrusted.
-    fn open_to_all(parent: &Path, name: &str) -> PathBuf {
+    pub fn open_to_all(parent: &Path, name: &str) -> PathBuf {
         let p = parent.join(name);
         std::fs::create_dir(&p).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777)).unwrap();
         p
     }
 
-    fn kind(e: io::Error) -> io::ErrorKind {
+    pub fn kind(e: io::Error) -> io::ErrorKind {
         e.kind()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::test_util::{kind, open_to_all};
 
     #[test]
     fn names_inside_a_dir_are_never_followed() {

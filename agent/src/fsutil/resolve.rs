@@ -168,17 +168,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-    /// A temp dir that any user could write (0777, not sticky): links in it are untrusted.
-    fn open_to_all(parent: &Path, name: &str) -> PathBuf {
-        let p = parent.join(name);
-        std::fs::create_dir(&p).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777)).unwrap();
-        p
-    }
-
-    fn kind(e: io::Error) -> io::ErrorKind {
-        e.kind()
-    }
+    use crate::fsutil::test_util::{kind, open_to_all};
 
     #[test]
     fn a_symlink_in_a_directory_others_can_write_is_refused_on_the_way_and_at_the_end() {
