@@ -1,6 +1,5 @@
 //! Where each member's PostgreSQL is in the WAL and whom it streams from, asked with SQL.
 
-use std::fmt;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -9,29 +8,9 @@ use crate::member::Member;
 use crate::pg::{sql, sql_value};
 use crate::wait::wait_until;
 
-/// A WAL position (`pg_lsn`) as a number of bytes; shown like PostgreSQL shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Lsn(pub u64);
-
-impl fmt::Display for Lsn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
-    }
-}
-
-impl std::str::FromStr for Lsn {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Lsn> {
-        let (hi, lo) = s
-            .trim()
-            .trim_matches('"')
-            .split_once('/')
-            .with_context(|| format!("{s:?} is not a WAL position like 0/3000060"))?;
-        let hi = u64::from_str_radix(hi, 16).with_context(|| format!("{s:?}: bad high half"))?;
-        let lo = u64::from_str_radix(lo, 16).with_context(|| format!("{s:?}: bad low half"))?;
-        Ok(Lsn((hi << 32) | lo))
-    }
-}
+/// WAL positions are the agent's own type: the harness reads them as the agent publishes
+/// them (`optime/leader`, `pgherdctl list`, log lines) and compares them with PostgreSQL's.
+pub use pgherd_agent::lsn::Lsn;
 
 async fn lsn_query(member: &Member, expr: &str) -> Result<Option<Lsn>> {
     let bytes: Option<i64> = sql_value(

@@ -32,11 +32,11 @@ async fn start_with_leader(cluster: &Cluster, first: &str) -> Result<()> {
 }
 
 async fn leader_optime(cluster: &Cluster) -> Result<Option<Lsn>> {
-    cluster
+    Ok(cluster
         .etcd_get("optime/leader")
         .await?
         .map(|v| v.parse())
-        .transpose()
+        .transpose()?)
 }
 
 /// The `decision` field `pgherdctl list` shows for `member`.

@@ -202,10 +202,10 @@ async fn published_position(cluster: &Cluster, member: &str) -> Result<Option<Ls
             .and_then(|v| v.as_str())
             .map(str::to_string)
     };
-    field("receive_lsn")
+    Ok(field("receive_lsn")
         .or_else(|| field("replay_lsn"))
         .map(|s| s.parse())
-        .transpose()
+        .transpose()?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
