@@ -513,11 +513,8 @@ fn faults_line(r: &RoundResult) -> String {
 /// `(start, end]`.
 fn round_gap(report: &WriterReport, start: Instant, end: Instant) -> Option<Duration> {
     report
-        .acks
-        .windows(2)
-        .filter(|w| w[1].acked.instant > start && w[1].acked.instant <= end)
-        .map(|w| w[1].acked.instant.duration_since(w[0].acked.instant))
-        .max()
+        .longest_gap_where(|_, after| after.acked.instant > start && after.acked.instant <= end)
+        .map(|g| g.length())
 }
 
 /// "round N" for the round whose span holds `t`, else "between rounds".

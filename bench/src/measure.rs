@@ -356,15 +356,7 @@ async fn wait_writing(writer: &Writer, from: Option<Instant>, span: Duration) ->
 /// `t`: the outage a crash at `t` caused, also when an orphaned backend still acknowledged
 /// an insert or two after `t`.
 fn gap_ending_after(report: &WriterReport, t: Instant) -> Option<Gap> {
-    report
-        .acks
-        .windows(2)
-        .filter(|w| w[1].acked.instant > t)
-        .map(|w| Gap {
-            last_before: w[0],
-            first_after: w[1],
-        })
-        .max_by_key(Gap::length)
+    report.longest_gap_where(|_, first_after| first_after.acked.instant > t)
 }
 
 #[cfg(test)]

@@ -39,11 +39,10 @@ fn secs(d: Duration) -> String {
 /// write gap of whatever happened in between.
 fn gap_within(report: &WriterReport, from: Instant, until: Instant) -> Option<Duration> {
     report
-        .acks
-        .windows(2)
-        .filter(|w| w[1].acked.instant > from && w[0].acked.instant < until)
-        .map(|w| w[1].acked.instant.duration_since(w[0].acked.instant))
-        .max()
+        .longest_gap_where(|before, after| {
+            after.acked.instant > from && before.acked.instant < until
+        })
+        .map(|g| g.length())
 }
 
 /// Fails unless the leader key is the very same key as `before` (same holder, never released

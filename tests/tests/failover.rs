@@ -31,10 +31,8 @@ fn secs(d: Duration) -> String {
 /// The longest gap between acknowledgements that spans `t`, if any.
 fn gap_across(report: &WriterReport, t: Instant) -> Option<Duration> {
     report
-        .acks
-        .windows(2)
-        .find(|w| w[0].acked.instant <= t && w[1].acked.instant > t)
-        .map(|w| w[1].acked.instant.duration_since(w[0].acked.instant))
+        .longest_gap_where(|before, after| before.acked.instant <= t && after.acked.instant > t)
+        .map(|g| g.length())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
