@@ -15,6 +15,8 @@
 //! - [`EtcdProxy`]: cuts one member off etcd ([`MemberOptions::through_etcd_proxy`]).
 //! - [`Member::crash`], [`Member::pause_agent`], [`Paused`]: faults; paused processes are
 //!   thawed when their guard drops.
+//! - [`hold_no_takeover`], [`hold_not_leader`]: nobody (or not this member) takes the
+//!   leader key for a while; [`same_key`], [`Cluster::leader_key`]: is it the same key.
 //! - [`ctl`] / [`ctl_output`]: `pgherdctl` as an operator runs it (stdin not a terminal);
 //!   [`CtlOutput::expect_failure`] checks a refusal's exit code and reason.
 //! - [`TestPki`]: a CA and a certificate for 127.0.0.1, for the TLS API.
@@ -38,6 +40,7 @@ mod config;
 mod ctl;
 mod etcd;
 mod http;
+mod leader;
 mod member;
 mod pg;
 mod ports;
@@ -63,6 +66,7 @@ pub use ctl::{
 };
 pub use etcd::{Etcd, EtcdAuth, EtcdSecurity, EtcdTls};
 pub use http::{http_get, HttpResponse};
+pub use leader::{hold_no_takeover, hold_not_leader, same_key};
 pub use member::{log_line_time, Member, MemberOptions};
 pub use nix::sys::signal::Signal;
 pub use pg::{

@@ -12,9 +12,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::{ensure, Context, Result};
 use etcd_client::KeyValue;
 use pgherd_tests::{
-    current_wal_lsn, hold_for, log_line_time, missing_rows, receive_lsn, replay_lsn, sql_batch,
-    timeline, wait_replayed, wait_until, wal_receiver, Cluster, Lsn, MemberOptions, Paused, Signal,
-    Writer, WriterReport,
+    current_wal_lsn, hold_for, log_line_time, missing_rows, receive_lsn, replay_lsn, same_key,
+    sql_batch, timeline, wait_replayed, wait_until, wal_receiver, Cluster, Lsn, MemberOptions,
+    Paused, Signal, Writer, WriterReport,
 };
 use tokio::time::Instant;
 
@@ -48,14 +48,9 @@ fn gap_within(report: &WriterReport, from: Instant, until: Instant) -> Option<Du
 /// Fails unless the leader key is the very same key as `before` (same holder, never released
 /// and re-created, same lease) and no switchover is pending.
 async fn leader_key_unchanged(cluster: &Cluster, before: &KeyValue) -> Result<()> {
-    let now = cluster
-        .etcd_get_kv("leader")
-        .await?
-        .context("there is no leader key")?;
+    let now = cluster.leader_key().await?;
     ensure!(
-        now.value() == before.value()
-            && now.create_revision() == before.create_revision()
-            && now.lease() == before.lease(),
+        same_key(&now, before),
         "the leader key changed: {:?} (created at revision {}) -> {:?} (created at revision {})",
         before.value_str().unwrap_or("?"),
         before.create_revision(),
@@ -222,10 +217,7 @@ async fn switchover_to_a_nofailover_unknown_lagging_or_stopped_candidate_is_refu
     cluster.start_with_leader("node1", BRINGUP).await?;
     let leader = cluster.member("node1");
     let node3 = cluster.member("node3");
-    let key = cluster
-        .etcd_get_kv("leader")
-        .await?
-        .context("no leader key")?;
+    let key = cluster.leader_key().await?;
     let tl = timeline(leader).await?;
     let mut reasons = Vec::new();
 
@@ -264,11 +256,7 @@ async fn switchover_to_a_nofailover_unknown_lagging_or_stopped_candidate_is_refu
         REPLICATION,
         format!("node3 to be published more than {MAX_LAG} bytes behind {written}"),
         || async {
-            let optime: Lsn = cluster
-                .etcd_get("optime/leader")
-                .await?
-                .context("no optime/leader")?
-                .parse()?;
+            let optime = cluster.leader_optime().await?.context("no optime/leader")?;
             ensure!(optime >= written, "optime/leader is {optime}");
             let at = published_position(&cluster, "node3")
                 .await?
@@ -353,10 +341,7 @@ async fn a_scheduled_switchover_happens_at_its_time_and_not_before_and_a_cancell
 ) -> Result<()> {
     let cluster = Cluster::builder().members(3).configure().await?;
     cluster.start_with_leader("node1", BRINGUP).await?;
-    let key = cluster
-        .etcd_get_kv("leader")
-        .await?
-        .context("no leader key")?;
+    let key = cluster.leader_key().await?;
 
     let at = whole_second_after(Duration::from_secs(5));
     let out = cluster
@@ -384,10 +369,7 @@ async fn a_scheduled_switchover_happens_at_its_time_and_not_before_and_a_cancell
         until_wall(at).saturating_sub(Duration::from_millis(100)),
         "node1 holding the same leader key until the scheduled time",
         || async {
-            let now = cluster
-                .etcd_get_kv("leader")
-                .await?
-                .context("no leader key")?;
+            let now = cluster.leader_key().await?;
             ensure!(
                 now.value() == key.value() && now.create_revision() == key.create_revision(),
                 "the leader key is now {:?} (created at revision {})",
@@ -427,10 +409,7 @@ async fn a_scheduled_switchover_happens_at_its_time_and_not_before_and_a_cancell
     cluster.wait_healthy(REJOIN).await?;
 
     // A second one, cancelled: node2 stays the leader well past its time.
-    let key = cluster
-        .etcd_get_kv("leader")
-        .await?
-        .context("no leader key")?;
+    let key = cluster.leader_key().await?;
     let at2 = whole_second_after(Duration::from_secs(8));
     cluster
         .ctl_output(&[

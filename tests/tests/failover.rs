@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
-    current_wal_lsn, missing_rows, timeline, wait_replayed, wait_streaming_from, Cluster, Signal,
-    Writer, WriterReport,
+    current_wal_lsn, missing_rows, same_key, timeline, wait_replayed, wait_streaming_from, Cluster,
+    Signal, Writer, WriterReport,
 };
 use tokio::time::Instant;
 
@@ -175,10 +175,7 @@ async fn postgres_killed_on_the_leader_is_restarted_in_place_keeping_leader_and_
     let leader = cluster.member(&healthy.leader);
     let tl = timeline(leader).await?;
     let history_before = cluster.history().await?.len();
-    let key_before = cluster
-        .etcd_get_kv("leader")
-        .await?
-        .context("no leader key")?;
+    let key_before = cluster.leader_key().await?;
 
     let writer = Writer::start(&cluster).await?;
     writer.wait_acks(25, REPLICATION).await?;
@@ -216,9 +213,7 @@ async fn postgres_killed_on_the_leader_is_restarted_in_place_keeping_leader_and_
         .await?
         .context("no leader key after the restart")?;
     ensure!(
-        key_after.value() == key_before.value()
-            && key_after.create_revision() == key_before.create_revision()
-            && key_after.lease() == key_before.lease(),
+        same_key(&key_after, &key_before),
         "the leader key changed: {:?} (created at revision {}, lease {}) -> {:?} (revision {}, lease {})",
         key_before.value_str().unwrap_or("?"),
         key_before.create_revision(),
