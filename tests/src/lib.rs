@@ -9,7 +9,8 @@
 //! - [`wait_until`]: polls a condition until a deadline; the error names what was awaited and
 //!   what the last check saw. Tests wait on conditions, never on blind sleeps.
 //! - [`sql`], [`list_json`], [`Cluster::etcd_get`]: look at the cluster the way an operator
-//!   would; [`current_wal_lsn`], [`wal_receiver`], [`timeline`]: where replication stands.
+//!   would; [`current_wal_lsn`], [`wal_receiver`], [`timeline`]: where replication stands;
+//!   [`freeze_wal_receiver`], [`lag_behind`]: make a replica fall behind.
 //! - [`Writer`]: inserts a row every few ms and records every acknowledged commit (the
 //!   application's view, or one member's); [`missing_rows`] checks none is lost.
 //! - [`EtcdProxy`]: cuts one member off etcd ([`MemberOptions::through_etcd_proxy`]).
@@ -77,8 +78,8 @@ pub use ports::free_port;
 pub use process::{is_alive, tail, Paused};
 pub use proxy::{EtcdProxy, ProxyMode};
 pub use replication::{
-    current_wal_lsn, in_recovery, receive_lsn, replay_lsn, timeline, wait_replayed,
-    wait_streaming_from, wal_receiver, Lsn, WalReceiver,
+    current_wal_lsn, freeze_wal_receiver, in_recovery, lag_behind, receive_lsn, replay_lsn,
+    timeline, wait_replayed, wait_streaming_from, wal_receiver, Lsn, WalReceiver,
 };
 pub use report::{Ack, Gap, Stamp, WriteError, WriterReport};
 pub use snapshot::{snapshot, snapshot_diff, FileFacts};

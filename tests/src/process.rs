@@ -198,6 +198,15 @@ impl Paused {
         self.pid
     }
 
+    /// Sends `signal` while the process is still frozen, then SIGCONT: it acts on `signal`
+    /// before it runs anything else (a frozen WAL receiver told to stop never reads what its
+    /// socket still holds).
+    pub fn resume_with(self, signal: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.pid), signal)
+            .with_context(|| format!("cannot send {signal} to {} (pid {})", self.what, self.pid))?;
+        self.resume()
+    }
+
     /// Sends SIGCONT now.
     pub fn resume(mut self) -> Result<()> {
         self.resumed = true;

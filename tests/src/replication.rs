@@ -5,7 +5,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 
 use crate::member::Member;
-use crate::pg::{sql, sql_value};
+use crate::pg::{sql, sql_batch, sql_value};
+use crate::process::Paused;
 use crate::wait::wait_until;
 
 /// WAL positions are the agent's own type: the harness reads them as the agent publishes
@@ -96,6 +97,29 @@ pub async fn wal_receiver(member: &Member) -> Result<Option<WalReceiver>> {
         received_tli: r.get::<_, i32>(2) as u32,
         sender_port: r.get(3),
     }))
+}
+
+/// Freezes `member`'s WAL receiver (SIGSTOP): it receives nothing more until the guard is
+/// resumed or dropped, while its PostgreSQL and agent carry on.
+pub async fn freeze_wal_receiver(member: &Member) -> Result<Paused> {
+    let receiver = wal_receiver(member)
+        .await?
+        .with_context(|| format!("{} has no WAL receiver", member.name()))?;
+    Paused::pause(receiver.pid, format!("WAL receiver of {}", member.name()))
+}
+
+/// Makes `replica` fall behind `leader`: freezes its WAL receiver, then writes a few MB on
+/// the leader (a table `filler` of 5000 rows of 1000 bytes). Returns the frozen receiver's
+/// guard and the leader's WAL position after the writes.
+pub async fn lag_behind(leader: &Member, replica: &Member) -> Result<(Paused, Lsn)> {
+    let frozen = freeze_wal_receiver(replica).await?;
+    sql_batch(
+        leader,
+        "CREATE TABLE filler AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 5000) g",
+    )
+    .await?;
+    let written = current_wal_lsn(leader).await?;
+    Ok((frozen, written))
 }
 
 /// Waits until `member` streams from `upstream` on `timeline`.

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
-    current_wal_lsn, hold_no_takeover, receive_lsn, replay_lsn, sql_batch, wait_until,
-    wal_receiver, Cluster, Member, MemberOptions, Paused, Writer,
+    current_wal_lsn, hold_no_takeover, lag_behind, receive_lsn, replay_lsn, wait_until, Cluster,
+    Member, MemberOptions, Writer,
 };
 use tokio::time::Instant;
 
@@ -70,16 +70,7 @@ async fn nofailover_and_lagging_replicas_are_not_promoted() -> Result<()> {
 
     // node3 falls behind: its WAL receiver frozen, it receives nothing more while the
     // leader writes a few MB and publishes its position.
-    let receiver = wal_receiver(lagging)
-        .await?
-        .context("node3 has no WAL receiver")?;
-    let frozen = Paused::pause(receiver.pid, "node3's WAL receiver")?;
-    sql_batch(
-        leader,
-        "CREATE TABLE filler AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 5000) g",
-    )
-    .await?;
-    let written = current_wal_lsn(leader).await?;
+    let (frozen, written) = lag_behind(leader, lagging).await?;
     let behind = wait_until(
         REPLICATION,
         format!("optime/leader to reach {written} with node3 more than {MAX_LAG} bytes behind"),

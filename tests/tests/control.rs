@@ -12,9 +12,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::{ensure, Context, Result};
 use etcd_client::KeyValue;
 use pgherd_tests::{
-    current_wal_lsn, hold_for, log_line_time, missing_rows, receive_lsn, replay_lsn, same_key,
-    sql_batch, timeline, wait_replayed, wait_until, wal_receiver, Cluster, Lsn, MemberOptions,
-    Paused, Signal, Writer, WriterReport,
+    current_wal_lsn, hold_for, lag_behind, log_line_time, missing_rows, receive_lsn, replay_lsn,
+    same_key, timeline, wait_replayed, wait_until, Cluster, Lsn, MemberOptions, Paused, Signal,
+    Writer, WriterReport,
 };
 use tokio::time::Instant;
 
@@ -242,16 +242,7 @@ async fn switchover_to_a_nofailover_unknown_lagging_or_stopped_candidate_is_refu
 
     // node3 falls behind: its WAL receiver frozen while the leader writes a few MB, until
     // the leader's published position is more than MAX_LAG past node3's published one.
-    let receiver = wal_receiver(node3)
-        .await?
-        .context("node3 has no WAL receiver")?;
-    let frozen = Paused::pause(receiver.pid, "node3's WAL receiver")?;
-    sql_batch(
-        leader,
-        "CREATE TABLE filler AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 5000) g",
-    )
-    .await?;
-    let written = current_wal_lsn(leader).await?;
+    let (frozen, written) = lag_behind(leader, node3).await?;
     let behind = wait_until(
         REPLICATION,
         format!("node3 to be published more than {MAX_LAG} bytes behind {written}"),
