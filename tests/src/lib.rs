@@ -12,7 +12,8 @@
 //!   would; [`current_wal_lsn`], [`wal_receiver`], [`timeline`]: where replication stands;
 //!   [`freeze_wal_receiver`], [`lag_behind`]: make a replica fall behind.
 //! - [`Writer`]: inserts a row every few ms and records every acknowledged commit (the
-//!   application's view, or one member's); [`missing_rows`] checks none is lost.
+//!   application's view, or one member's); [`missing_rows`] and [`ensure_acked_rows_on`] check
+//!   none is lost.
 //! - [`EtcdProxy`]: cuts one member off etcd ([`MemberOptions::through_etcd_proxy`]).
 //! - [`Member::crash`], [`Member::pause_agent`], [`Paused`]: faults; paused processes are
 //!   thawed when their guard drops.
@@ -87,7 +88,7 @@ pub use tls::TestPki;
 pub use tokio_postgres::config::TargetSessionAttrs;
 pub use tokio_postgres::Row;
 pub use wait::{hold_for, wait_until};
-pub use writer::{create_writer_table, missing_rows, Writer, WriterOptions};
+pub use writer::{create_writer_table, ensure_acked_rows_on, missing_rows, Writer, WriterOptions};
 
 /// Superuser every member's config names.
 pub const SUPERUSER: &str = "postgres";
