@@ -111,7 +111,7 @@ pub async fn ctl<S: AsRef<OsStr>>(member: &Member, args: &[S]) -> Result<Output>
 /// Runs `pgherdctl <args>` (give `--config` or `--endpoints` and `--cluster` yourself);
 /// fails with its stderr if it exits non-zero.
 pub async fn ctl_direct<S: AsRef<OsStr>>(args: &[S]) -> Result<Output> {
-    let (shown, output) = run(args).await?;
+    let (shown, output) = run(args, &[]).await?;
     if !output.status.success() {
         bail!(
             "`{shown}` failed ({}): {}",
@@ -132,8 +132,17 @@ pub async fn ctl_output<S: AsRef<OsStr>>(member: &Member, args: &[S]) -> Result<
 
 /// Runs `pgherdctl <args>` and returns how it ended, without judging its exit status.
 pub async fn ctl_direct_output<S: AsRef<OsStr>>(args: &[S]) -> Result<CtlOutput> {
+    ctl_direct_output_env(args, &[]).await
+}
+
+/// Runs `pgherdctl <args>` with `env` set (e.g. `PGHERD_TOKEN`) and returns how it ended,
+/// without judging its exit status.
+pub async fn ctl_direct_output_env<S: AsRef<OsStr>>(
+    args: &[S],
+    env: &[(&str, &str)],
+) -> Result<CtlOutput> {
     let started = std::time::Instant::now();
-    let (command, output) = run(args).await?;
+    let (command, output) = run(args, env).await?;
     Ok(CtlOutput {
         command,
         code: output.status.code(),
@@ -144,8 +153,9 @@ pub async fn ctl_direct_output<S: AsRef<OsStr>>(args: &[S]) -> Result<CtlOutput>
 }
 
 /// Runs pgherdctl with standard input from /dev/null (not a terminal: it never asks) and
-/// without `PGHERD_TOKEN` from the test's environment (each test says which token it uses).
-async fn run<S: AsRef<OsStr>>(args: &[S]) -> Result<(String, Output)> {
+/// without `PGHERD_TOKEN` from the test's environment (each test says which token it uses,
+/// in `args` or in `env`).
+async fn run<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Result<(String, Output)> {
     let bin = crate::ctl_bin()?;
     let shown = format!(
         "pgherdctl {}",
@@ -159,6 +169,7 @@ async fn run<S: AsRef<OsStr>>(args: &[S]) -> Result<(String, Output)> {
         tokio::process::Command::new(bin)
             .args(args)
             .env_remove("PGHERD_TOKEN")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output(),

@@ -21,7 +21,8 @@
 //!   leader key for a while; [`same_key`], [`Cluster::leader_key`]: is it the same key.
 //! - [`ctl`] / [`ctl_output`]: `pgherdctl` as an operator runs it (stdin not a terminal);
 //!   [`CtlOutput::expect_failure`] checks a refusal's exit code and reason.
-//! - [`TestPki`]: a CA and a certificate for 127.0.0.1, for the TLS API.
+//! - [`TestPki`]: a CA and a certificate for 127.0.0.1, for the TLS API; [`TestCa`]: a CA
+//!   that signs certificates for the names a test chooses.
 //! - [`Member::http_get`] / [`http_get`]: the agent's HTTP health checks and metrics, asked
 //!   the way HAProxy asks (plain HTTP/1.1, one request per connection).
 //!
@@ -63,8 +64,8 @@ use anyhow::{bail, Context, Result};
 pub use cluster::{Cluster, ClusterBuilder, Healthy};
 pub use config::{member_yaml, merge_yaml, MemberSpec};
 pub use ctl::{
-    ctl, ctl_direct, ctl_direct_output, ctl_output, list_json, CtlOutput, HistoryEntry,
-    ListedMember,
+    ctl, ctl_direct, ctl_direct_output, ctl_direct_output_env, ctl_output, list_json, CtlOutput,
+    HistoryEntry, ListedMember,
 };
 pub use etcd::{Etcd, EtcdAuth, EtcdSecurity, EtcdTls};
 pub use http::{http_get, HttpResponse};
@@ -84,7 +85,7 @@ pub use replication::{
 };
 pub use report::{Ack, Gap, Stamp, WriteError, WriterReport};
 pub use snapshot::{snapshot, snapshot_diff, FileFacts};
-pub use tls::TestPki;
+pub use tls::{TestCa, TestPki};
 pub use tokio_postgres::config::TargetSessionAttrs;
 pub use tokio_postgres::Row;
 pub use wait::{hold_for, wait_until};
