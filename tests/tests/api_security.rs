@@ -93,107 +93,57 @@ impl Rogue {
     }
 }
 
-#[tonic::async_trait]
-impl Agent for Rogue {
-    async fn status(
-        &self,
-        req: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
-        self.record("Status", &req);
-        Ok(Response::new(self.lock().answer.clone()))
-    }
-    async fn reload(
-        &self,
-        req: Request<ReloadRequest>,
-    ) -> Result<Response<ReloadResponse>, Status> {
-        self.record("Reload", &req);
-        Ok(Response::new(ReloadResponse {
-            message: "reloaded (a stand-in agent)".into(),
-        }))
-    }
-    async fn switchover(
-        &self,
-        req: Request<SwitchoverRequest>,
-    ) -> Result<Response<SwitchoverResponse>, Status> {
-        self.refuse("Switchover", &req)
-    }
-    async fn cancel_switchover(
-        &self,
-        req: Request<CancelSwitchoverRequest>,
-    ) -> Result<Response<CancelSwitchoverResponse>, Status> {
-        self.refuse("CancelSwitchover", &req)
-    }
-    async fn failover(
-        &self,
-        req: Request<FailoverRequest>,
-    ) -> Result<Response<FailoverResponse>, Status> {
-        self.refuse("Failover", &req)
-    }
-    async fn restart(
-        &self,
-        req: Request<RestartRequest>,
-    ) -> Result<Response<RestartResponse>, Status> {
-        self.refuse("Restart", &req)
-    }
-    async fn reinitialize(
-        &self,
-        req: Request<ReinitializeRequest>,
-    ) -> Result<Response<ReinitializeResponse>, Status> {
-        self.refuse("Reinitialize", &req)
-    }
-    async fn pause(&self, req: Request<PauseRequest>) -> Result<Response<PauseResponse>, Status> {
-        self.refuse("Pause", &req)
-    }
-    async fn resume(
-        &self,
-        req: Request<ResumeRequest>,
-    ) -> Result<Response<ResumeResponse>, Status> {
-        self.refuse("Resume", &req)
-    }
-    async fn history(
-        &self,
-        req: Request<HistoryRequest>,
-    ) -> Result<Response<HistoryResponse>, Status> {
-        self.refuse("History", &req)
-    }
-    async fn get_config(
-        &self,
-        req: Request<GetConfigRequest>,
-    ) -> Result<Response<GetConfigResponse>, Status> {
-        self.refuse("GetConfig", &req)
-    }
-    async fn patch_config(
-        &self,
-        req: Request<PatchConfigRequest>,
-    ) -> Result<Response<PatchConfigResponse>, Status> {
-        self.refuse("PatchConfig", &req)
-    }
-    type BackupStream = tonic::codegen::BoxStream<BackupEvent>;
-    async fn backup(
-        &self,
-        req: Request<BackupRequest>,
-    ) -> Result<Response<Self::BackupStream>, Status> {
-        self.refuse("Backup", &req)
-    }
-    async fn list_backups(
-        &self,
-        req: Request<ListBackupsRequest>,
-    ) -> Result<Response<ListBackupsResponse>, Status> {
-        self.refuse("ListBackups", &req)
-    }
-    type VerifyBackupStream = tonic::codegen::BoxStream<BackupEvent>;
-    async fn verify_backup(
-        &self,
-        req: Request<VerifyBackupRequest>,
-    ) -> Result<Response<Self::VerifyBackupStream>, Status> {
-        self.refuse("VerifyBackup", &req)
-    }
-    async fn restore(
-        &self,
-        req: Request<RestoreRequest>,
-    ) -> Result<Response<RestoreResponse>, Status> {
-        self.refuse("Restore", &req)
-    }
+/// The stand-in's `Agent` impl: `Status` and `Reload` answer; every method listed is
+/// recorded under its gRPC name and refused.
+macro_rules! refusing_the_rest {
+    ($($method:ident($request:ty) -> $response:ty = $name:literal;)*) => {
+        #[tonic::async_trait]
+        impl Agent for Rogue {
+            async fn status(
+                &self,
+                req: Request<StatusRequest>,
+            ) -> Result<Response<StatusResponse>, Status> {
+                self.record("Status", &req);
+                Ok(Response::new(self.lock().answer.clone()))
+            }
+            async fn reload(
+                &self,
+                req: Request<ReloadRequest>,
+            ) -> Result<Response<ReloadResponse>, Status> {
+                self.record("Reload", &req);
+                Ok(Response::new(ReloadResponse {
+                    message: "reloaded (a stand-in agent)".into(),
+                }))
+            }
+            type BackupStream = tonic::codegen::BoxStream<BackupEvent>;
+            type VerifyBackupStream = tonic::codegen::BoxStream<BackupEvent>;
+            $(
+                async fn $method(
+                    &self,
+                    req: Request<$request>,
+                ) -> Result<Response<$response>, Status> {
+                    self.refuse($name, &req)
+                }
+            )*
+        }
+    };
+}
+
+refusing_the_rest! {
+    switchover(SwitchoverRequest) -> SwitchoverResponse = "Switchover";
+    cancel_switchover(CancelSwitchoverRequest) -> CancelSwitchoverResponse = "CancelSwitchover";
+    failover(FailoverRequest) -> FailoverResponse = "Failover";
+    restart(RestartRequest) -> RestartResponse = "Restart";
+    reinitialize(ReinitializeRequest) -> ReinitializeResponse = "Reinitialize";
+    pause(PauseRequest) -> PauseResponse = "Pause";
+    resume(ResumeRequest) -> ResumeResponse = "Resume";
+    history(HistoryRequest) -> HistoryResponse = "History";
+    get_config(GetConfigRequest) -> GetConfigResponse = "GetConfig";
+    patch_config(PatchConfigRequest) -> PatchConfigResponse = "PatchConfig";
+    backup(BackupRequest) -> Self::BackupStream = "Backup";
+    list_backups(ListBackupsRequest) -> ListBackupsResponse = "ListBackups";
+    verify_backup(VerifyBackupRequest) -> Self::VerifyBackupStream = "VerifyBackup";
+    restore(RestoreRequest) -> RestoreResponse = "Restore";
 }
 
 /// A running stand-in on a loopback port; stopped when dropped.
