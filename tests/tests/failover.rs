@@ -110,12 +110,7 @@ async fn killing_the_leader_agent_and_postmaster_promotes_a_replica_and_the_old_
         old.name()
     );
     wait_streaming_from(old, new, new_timeline, REPLICATION).await?;
-    let log = old.agent_log_of_last_start();
-    ensure!(
-        log.contains("pg_rewind finished"),
-        "{}'s agent log since its restart does not say pg_rewind ran:\n{log}",
-        old.name()
-    );
+    old.ensure_rewound()?;
 
     let report = writer.stop().await;
     eprintln!("{}", report.summary());
