@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::member::Member;
+use crate::process::{command_line, output_within, succeeded};
 
 /// How long one `pgherdctl` call may take: a switchover or failover waits for the handover
 /// (pgherdctl itself gives an agent 120 s).
@@ -112,14 +113,7 @@ pub async fn ctl<S: AsRef<OsStr>>(member: &Member, args: &[S]) -> Result<Output>
 /// fails with its stderr if it exits non-zero.
 pub async fn ctl_direct<S: AsRef<OsStr>>(args: &[S]) -> Result<Output> {
     let (shown, output) = run(args, &[]).await?;
-    if !output.status.success() {
-        bail!(
-            "`{shown}` failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(output)
+    succeeded(&shown, output)
 }
 
 /// Runs `pgherdctl --config <member's config> <args>` and returns how it ended, without
@@ -157,26 +151,18 @@ pub async fn ctl_direct_output_env<S: AsRef<OsStr>>(
 /// in `args` or in `env`).
 async fn run<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Result<(String, Output)> {
     let bin = crate::ctl_bin()?;
-    let shown = format!(
-        "pgherdctl {}",
-        args.iter()
-            .map(|a| a.as_ref().to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let output = tokio::time::timeout(
-        CTL_TIMEOUT,
+    let shown = command_line("pgherdctl", args);
+    let output = output_within(
         tokio::process::Command::new(bin)
             .args(args)
             .env_remove("PGHERD_TOKEN")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
+            .kill_on_drop(true),
+        &shown,
+        CTL_TIMEOUT,
     )
-    .await
-    .with_context(|| format!("`{shown}` did not finish within {CTL_TIMEOUT:?}"))?
-    .with_context(|| format!("cannot run `{shown}`"))?;
+    .await?;
     Ok((shown, output))
 }
 

@@ -1,10 +1,12 @@
 //! Child processes the harness owns (etcd, agents): spawned in their own process group with a
-//! parent-death signal, signalled, waited on with deadlines, and reaped.
+//! parent-death signal, signalled, waited on with deadlines, and reaped; and one-shot
+//! commands (pgherdctl, initdb) run to completion with a timeout.
 
+use std::ffi::OsStr;
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Output};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -170,6 +172,42 @@ impl Drop for Supervised {
     fn drop(&mut self) {
         self.kill_group();
     }
+}
+
+/// `program` and `args` as one line, for messages.
+pub(crate) fn command_line<S: AsRef<OsStr>>(program: impl std::fmt::Display, args: &[S]) -> String {
+    format!(
+        "{program} {}",
+        args.iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+/// Runs a one-shot command to completion within `timeout`; `shown` (its command line) names
+/// it in errors.
+pub(crate) async fn output_within(
+    cmd: &mut tokio::process::Command,
+    shown: &str,
+    timeout: Duration,
+) -> Result<Output> {
+    tokio::time::timeout(timeout, cmd.output())
+        .await
+        .with_context(|| format!("`{shown}` did not finish within {timeout:?}"))?
+        .with_context(|| format!("cannot run `{shown}`"))
+}
+
+/// `output` if its command exited 0, else an error with the command line and its stderr.
+pub(crate) fn succeeded(shown: &str, output: Output) -> Result<Output> {
+    if !output.status.success() {
+        bail!(
+            "`{shown}` failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
 }
 
 /// A process frozen with SIGSTOP; thawed with SIGCONT on drop, so that a failing test leaves
