@@ -25,7 +25,7 @@ use pgherd_tests::{
 };
 use tokio::time::Instant;
 
-use crate::failover::{drop_quietly, LogKeeper};
+use crate::failover::{drop_quietly, print_closing, LogKeeper};
 use crate::machine::{load_average, Machine};
 use crate::measure::{Timing, BRINGUP};
 use faults::{inject, mode_seed, Plan, Rng, KINDS};
@@ -151,19 +151,8 @@ pub async fn run(args: ChaosArgs) -> Result<bool> {
     println!();
     println!("seed {seed}, {timing}");
     println!("{}", table(&results));
-    println!("load average at end: {}", load_average());
     let findings: Vec<String> = results.iter().flat_map(|r| findings(r, seed)).collect();
-    if findings.is_empty() {
-        println!("findings: none");
-    } else {
-        println!("findings:");
-        for f in &findings {
-            println!("  - {f}");
-        }
-    }
-    if let Some(dir) = logs.root() {
-        println!("logs kept in {}", dir.display());
-    }
+    print_closing("findings", &findings, &logs);
     Ok(findings.is_empty())
 }
 
@@ -513,11 +502,8 @@ fn faults_line(r: &RoundResult) -> String {
 /// `(start, end]`.
 fn round_gap(report: &WriterReport, start: Instant, end: Instant) -> Option<Duration> {
     report
-        .acks
-        .windows(2)
-        .filter(|w| w[1].acked.instant > start && w[1].acked.instant <= end)
-        .map(|w| w[1].acked.instant.duration_since(w[0].acked.instant))
-        .max()
+        .longest_gap_where(|_, after| after.acked.instant > start && after.acked.instant <= end)
+        .map(|g| g.length())
 }
 
 /// "round N" for the round whose span holds `t`, else "between rounds".

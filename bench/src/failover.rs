@@ -4,8 +4,11 @@
 //! Each run gets a fresh cluster; a run that fails is reported and the next one starts, so
 //! one bad run does not cost the others. Failed and anomalous runs keep their logs.
 
+use std::fmt;
+use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -58,99 +61,41 @@ pub async fn run(args: FailoverArgs) -> Result<bool> {
     let mut failovers: Vec<Series<Failover>> = Vec::new();
     for &ttl in &args.ttl {
         let timing = Timing::for_ttl(ttl);
-        let mut series = Series {
-            timing,
-            runs: Vec::new(),
-        };
-        for run in 1..=args.runs {
-            let label = format!("failover ttl={ttl} run {run}/{}", args.runs);
-            let dir_name = format!("failover-ttl{ttl}-run{run}");
-            let result = match start_cluster(&label, timing).await {
-                Err(e) => Err(e),
-                Ok(cluster) => {
-                    let measured =
-                        measure::failover(&cluster, timing, Kill::AgentAndPostgres).await;
-                    finish(
-                        &label,
-                        &dir_name,
-                        cluster,
-                        measured,
-                        |r| failover_anomalous(r, timing),
-                        &mut logs,
-                    )
-                }
-            };
-            match &result {
-                Ok(r) => println!("{label}: {r}"),
-                Err(e) => println!("{label}: FAILED: {e}"),
-            }
-            series.runs.push(result);
-        }
-        failovers.push(series);
+        failovers.push(
+            series(
+                &format!("failover ttl={ttl}"),
+                &format!("failover-ttl{ttl}"),
+                args.runs,
+                timing,
+                |cluster| Box::pin(measure::failover(cluster, timing, Kill::AgentAndPostgres)),
+                |r| failover_anomalous(r, timing),
+                &mut logs,
+            )
+            .await,
+        );
     }
 
     let timing = Timing::for_ttl(DEFAULT_TTL);
-    let mut pg = Series {
+    let pg = series(
+        &format!("pg-crash ttl={DEFAULT_TTL}"),
+        "pg-crash",
+        args.pg_crash_runs,
         timing,
-        runs: Vec::new(),
-    };
-    for run in 1..=args.pg_crash_runs {
-        let label = format!(
-            "pg-crash ttl={DEFAULT_TTL} run {run}/{}",
-            args.pg_crash_runs
-        );
-        let dir_name = format!("pg-crash-run{run}");
-        let result = match start_cluster(&label, timing).await {
-            Err(e) => Err(e),
-            Ok(cluster) => {
-                let measured = measure::pg_crash(&cluster).await;
-                finish(
-                    &label,
-                    &dir_name,
-                    cluster,
-                    measured,
-                    pg_crash_anomalous,
-                    &mut logs,
-                )
-            }
-        };
-        match &result {
-            Ok(r) => println!("{label}: {r}"),
-            Err(e) => println!("{label}: FAILED: {e}"),
-        }
-        pg.runs.push(result);
-    }
-
-    let mut agent = Series {
+        |cluster| Box::pin(measure::pg_crash(cluster)),
+        pg_crash_anomalous,
+        &mut logs,
+    )
+    .await;
+    let agent = series(
+        &format!("agent-kill ttl={DEFAULT_TTL}"),
+        "agent-kill",
+        args.agent_kill_runs,
         timing,
-        runs: Vec::new(),
-    };
-    for run in 1..=args.agent_kill_runs {
-        let label = format!(
-            "agent-kill ttl={DEFAULT_TTL} run {run}/{}",
-            args.agent_kill_runs
-        );
-        let dir_name = format!("agent-kill-run{run}");
-        let result = match start_cluster(&label, timing).await {
-            Err(e) => Err(e),
-            Ok(cluster) => {
-                let measured = measure::failover(&cluster, timing, Kill::AgentOnly).await;
-                finish(
-                    &label,
-                    &dir_name,
-                    cluster,
-                    measured,
-                    agent_kill_anomalous,
-                    &mut logs,
-                )
-            }
-        };
-        match &result {
-            Ok(r) => println!("{label}: {r}"),
-            Err(e) => println!("{label}: FAILED: {e}"),
-        }
-        agent.runs.push(result);
-    }
+        |cluster| Box::pin(measure::failover(cluster, timing, Kill::AgentOnly)),
+        agent_kill_anomalous,
+        &mut logs,
+    )
+    .await;
 
     println!();
     println!(
@@ -160,23 +105,46 @@ pub async fn run(args: FailoverArgs) -> Result<bool> {
         args.runs, args.pg_crash_runs, args.agent_kill_runs
     );
     println!("{}", table(&rows(&failovers, &pg, &agent)));
-    println!("load average at end: {}", load_average());
-    let anomalies = anomalies(&failovers, &pg, &agent);
-    if anomalies.is_empty() {
-        println!("anomalies: none");
-    } else {
-        println!("anomalies:");
-        for a in &anomalies {
-            println!("  - {a}");
-        }
-    }
-    if let Some(dir) = logs.root() {
-        println!("logs kept in {}", dir.display());
-    }
+    print_closing("anomalies", &anomalies(&failovers, &pg, &agent), &logs);
     let all_ok = failovers.iter().all(|s| s.runs.iter().all(Result::is_ok))
         && pg.runs.iter().all(Result::is_ok)
         && agent.runs.iter().all(Result::is_ok);
     Ok(all_ok)
+}
+
+/// `runs` runs named `<label> run i/n` (logs in `<dir_name>-run<i>`), each on a fresh
+/// cluster at `timing`: `measure` on it, its logs kept per [`finish`] and `anomalous`, one
+/// line printed.
+async fn series<T: fmt::Display>(
+    label: &str,
+    dir_name: &str,
+    runs: u32,
+    timing: Timing,
+    measure: impl Fn(&Cluster) -> Pin<Box<dyn Future<Output = Result<T>> + '_>>,
+    anomalous: impl Fn(&T) -> bool,
+    logs: &mut LogKeeper,
+) -> Series<T> {
+    let mut series = Series {
+        timing,
+        runs: Vec::new(),
+    };
+    for run in 1..=runs {
+        let label = format!("{label} run {run}/{runs}");
+        let dir_name = format!("{dir_name}-run{run}");
+        let result = match start_cluster(&label, timing).await {
+            Err(e) => Err(e),
+            Ok(cluster) => {
+                let measured = measure(&cluster).await;
+                finish(&label, &dir_name, cluster, measured, &anomalous, logs)
+            }
+        };
+        match &result {
+            Ok(r) => println!("{label}: {r}"),
+            Err(e) => println!("{label}: FAILED: {e}"),
+        }
+        series.runs.push(result);
+    }
+    series
 }
 
 /// The target for a failover: the writer's gap at most ttl + 1 s.
@@ -449,6 +417,23 @@ fn failover_losses(name: &str, r: &Failover, out: &mut Vec<String>) {
             "{name}: {} writes acknowledged by a server that was neither the old nor the new leader; {}",
             r.acked_elsewhere, r.summary
         ));
+    }
+}
+
+/// The end of a report: the load average now, the `title` list (one line each, or "none")
+/// and where run logs were kept.
+pub(crate) fn print_closing(title: &str, items: &[String], logs: &LogKeeper) {
+    println!("load average at end: {}", load_average());
+    if items.is_empty() {
+        println!("{title}: none");
+    } else {
+        println!("{title}:");
+        for item in items {
+            println!("  - {item}");
+        }
+    }
+    if let Some(dir) = logs.root() {
+        println!("logs kept in {}", dir.display());
     }
 }
 

@@ -12,7 +12,8 @@ use anyhow::{ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use pgherd_tests::{
-    current_wal_lsn, missing_rows, wait_replayed, wait_until, Cluster, Gap, Writer, WriterReport,
+    current_wal_lsn, missing_rows, same_key, wait_replayed, wait_until, Cluster, Gap, Writer,
+    WriterReport,
 };
 use tokio::time::Instant;
 
@@ -282,10 +283,7 @@ impl fmt::Display for PgCrash {
 pub async fn pg_crash(cluster: &Cluster) -> Result<PgCrash> {
     let healthy = cluster.wait_healthy(BRINGUP).await?;
     let leader = cluster.member(&healthy.leader);
-    let key_before = cluster
-        .etcd_get_kv("leader")
-        .await?
-        .context("no leader key")?;
+    let key_before = cluster.leader_key().await?;
     let writer = Writer::start(cluster).await?;
     wait_writing(&writer, None, WRITES_BEFORE).await?;
 
@@ -303,11 +301,7 @@ pub async fn pg_crash(cluster: &Cluster) -> Result<PgCrash> {
     let report = writer.stop().await;
 
     let key_after = cluster.etcd_get_kv("leader").await?;
-    let kept_key = key_after.as_ref().is_some_and(|k| {
-        k.value() == key_before.value()
-            && k.create_revision() == key_before.create_revision()
-            && k.lease() == key_before.lease()
-    });
+    let kept_key = key_after.as_ref().is_some_and(|k| same_key(k, &key_before));
     let now_leading = cluster.leader().await?;
     let gap =
         gap_ending_after(&report, killed).context("no write was acknowledged around the kill")?;
@@ -356,15 +350,7 @@ async fn wait_writing(writer: &Writer, from: Option<Instant>, span: Duration) ->
 /// `t`: the outage a crash at `t` caused, also when an orphaned backend still acknowledged
 /// an insert or two after `t`.
 fn gap_ending_after(report: &WriterReport, t: Instant) -> Option<Gap> {
-    report
-        .acks
-        .windows(2)
-        .filter(|w| w[1].acked.instant > t)
-        .map(|w| Gap {
-            last_before: w[0],
-            first_after: w[1],
-        })
-        .max_by_key(Gap::length)
+    report.longest_gap_where(|_, first_after| first_after.acked.instant > t)
 }
 
 #[cfg(test)]

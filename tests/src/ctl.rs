@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::member::Member;
+use crate::process::{command_line, output_within, succeeded};
 
 /// How long one `pgherdctl` call may take: a switchover or failover waits for the handover
 /// (pgherdctl itself gives an agent 120 s).
@@ -111,15 +112,8 @@ pub async fn ctl<S: AsRef<OsStr>>(member: &Member, args: &[S]) -> Result<Output>
 /// Runs `pgherdctl <args>` (give `--config` or `--endpoints` and `--cluster` yourself);
 /// fails with its stderr if it exits non-zero.
 pub async fn ctl_direct<S: AsRef<OsStr>>(args: &[S]) -> Result<Output> {
-    let (shown, output) = run(args).await?;
-    if !output.status.success() {
-        bail!(
-            "`{shown}` failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(output)
+    let (shown, output) = run(args, &[]).await?;
+    succeeded(&shown, output)
 }
 
 /// Runs `pgherdctl --config <member's config> <args>` and returns how it ended, without
@@ -132,8 +126,17 @@ pub async fn ctl_output<S: AsRef<OsStr>>(member: &Member, args: &[S]) -> Result<
 
 /// Runs `pgherdctl <args>` and returns how it ended, without judging its exit status.
 pub async fn ctl_direct_output<S: AsRef<OsStr>>(args: &[S]) -> Result<CtlOutput> {
+    ctl_direct_output_env(args, &[]).await
+}
+
+/// Runs `pgherdctl <args>` with `env` set (e.g. `PGHERD_TOKEN`) and returns how it ended,
+/// without judging its exit status.
+pub async fn ctl_direct_output_env<S: AsRef<OsStr>>(
+    args: &[S],
+    env: &[(&str, &str)],
+) -> Result<CtlOutput> {
     let started = std::time::Instant::now();
-    let (command, output) = run(args).await?;
+    let (command, output) = run(args, env).await?;
     Ok(CtlOutput {
         command,
         code: output.status.code(),
@@ -144,28 +147,22 @@ pub async fn ctl_direct_output<S: AsRef<OsStr>>(args: &[S]) -> Result<CtlOutput>
 }
 
 /// Runs pgherdctl with standard input from /dev/null (not a terminal: it never asks) and
-/// without `PGHERD_TOKEN` from the test's environment (each test says which token it uses).
-async fn run<S: AsRef<OsStr>>(args: &[S]) -> Result<(String, Output)> {
+/// without `PGHERD_TOKEN` from the test's environment (each test says which token it uses,
+/// in `args` or in `env`).
+async fn run<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Result<(String, Output)> {
     let bin = crate::ctl_bin()?;
-    let shown = format!(
-        "pgherdctl {}",
-        args.iter()
-            .map(|a| a.as_ref().to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let output = tokio::time::timeout(
-        CTL_TIMEOUT,
+    let shown = command_line("pgherdctl", args);
+    let output = output_within(
         tokio::process::Command::new(bin)
             .args(args)
             .env_remove("PGHERD_TOKEN")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
+            .kill_on_drop(true),
+        &shown,
+        CTL_TIMEOUT,
     )
-    .await
-    .with_context(|| format!("`{shown}` did not finish within {CTL_TIMEOUT:?}"))?
-    .with_context(|| format!("cannot run `{shown}`"))?;
+    .await?;
     Ok((shown, output))
 }
 

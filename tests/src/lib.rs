@@ -9,15 +9,20 @@
 //! - [`wait_until`]: polls a condition until a deadline; the error names what was awaited and
 //!   what the last check saw. Tests wait on conditions, never on blind sleeps.
 //! - [`sql`], [`list_json`], [`Cluster::etcd_get`]: look at the cluster the way an operator
-//!   would; [`current_wal_lsn`], [`wal_receiver`], [`timeline`]: where replication stands.
+//!   would; [`current_wal_lsn`], [`wal_receiver`], [`timeline`]: where replication stands;
+//!   [`freeze_wal_receiver`], [`lag_behind`]: make a replica fall behind.
 //! - [`Writer`]: inserts a row every few ms and records every acknowledged commit (the
-//!   application's view, or one member's); [`missing_rows`] checks none is lost.
+//!   application's view, or one member's); [`missing_rows`] and [`ensure_acked_rows_on`] check
+//!   none is lost.
 //! - [`EtcdProxy`]: cuts one member off etcd ([`MemberOptions::through_etcd_proxy`]).
 //! - [`Member::crash`], [`Member::pause_agent`], [`Paused`]: faults; paused processes are
 //!   thawed when their guard drops.
+//! - [`hold_no_takeover`], [`hold_not_leader`]: nobody (or not this member) takes the
+//!   leader key for a while; [`same_key`], [`Cluster::leader_key`]: is it the same key.
 //! - [`ctl`] / [`ctl_output`]: `pgherdctl` as an operator runs it (stdin not a terminal);
 //!   [`CtlOutput::expect_failure`] checks a refusal's exit code and reason.
-//! - [`TestPki`]: a CA and a certificate for 127.0.0.1, for the TLS API.
+//! - [`TestPki`]: a CA and a certificate for 127.0.0.1, for the TLS API; [`TestCa`]: a CA
+//!   that signs certificates for the names a test chooses.
 //! - [`Member::http_get`] / [`http_get`]: the agent's HTTP health checks and metrics, asked
 //!   the way HAProxy asks (plain HTTP/1.1, one request per connection).
 //!
@@ -38,6 +43,7 @@ mod config;
 mod ctl;
 mod etcd;
 mod http;
+mod leader;
 mod member;
 mod pg;
 mod ports;
@@ -58,11 +64,12 @@ use anyhow::{bail, Context, Result};
 pub use cluster::{Cluster, ClusterBuilder, Healthy};
 pub use config::{member_yaml, merge_yaml, MemberSpec};
 pub use ctl::{
-    ctl, ctl_direct, ctl_direct_output, ctl_output, list_json, CtlOutput, HistoryEntry,
-    ListedMember,
+    ctl, ctl_direct, ctl_direct_output, ctl_direct_output_env, ctl_output, list_json, CtlOutput,
+    HistoryEntry, ListedMember,
 };
 pub use etcd::{Etcd, EtcdAuth, EtcdSecurity, EtcdTls};
 pub use http::{http_get, HttpResponse};
+pub use leader::{hold_no_takeover, hold_not_leader, same_key};
 pub use member::{log_line_time, Member, MemberOptions};
 pub use nix::sys::signal::Signal;
 pub use pg::{
@@ -73,16 +80,16 @@ pub use ports::free_port;
 pub use process::{is_alive, tail, Paused};
 pub use proxy::{EtcdProxy, ProxyMode};
 pub use replication::{
-    current_wal_lsn, in_recovery, receive_lsn, replay_lsn, timeline, wait_replayed,
-    wait_streaming_from, wal_receiver, Lsn, WalReceiver,
+    current_wal_lsn, freeze_wal_receiver, in_recovery, lag_behind, receive_lsn, replay_lsn,
+    timeline, wait_replayed, wait_streaming_from, wal_receiver, Lsn, WalReceiver,
 };
 pub use report::{Ack, Gap, Stamp, WriteError, WriterReport};
 pub use snapshot::{snapshot, snapshot_diff, FileFacts};
-pub use tls::TestPki;
+pub use tls::{TestCa, TestPki};
 pub use tokio_postgres::config::TargetSessionAttrs;
 pub use tokio_postgres::Row;
 pub use wait::{hold_for, wait_until};
-pub use writer::{create_writer_table, missing_rows, Writer, WriterOptions};
+pub use writer::{create_writer_table, ensure_acked_rows_on, missing_rows, Writer, WriterOptions};
 
 /// Superuser every member's config names.
 pub const SUPERUSER: &str = "postgres";

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_yaml::{Mapping, Value};
 
 use crate::config::{member_yaml, MemberSpec};
@@ -354,6 +354,18 @@ impl Member {
             Some(i) => log[i..].to_string(),
             None => log,
         }
+    }
+
+    /// Fails unless the agent log since the last start says pg_rewind ran: the member came
+    /// back to a new timeline by rewinding its data.
+    pub fn ensure_rewound(&self) -> Result<()> {
+        let log = self.agent_log_of_last_start();
+        ensure!(
+            log.contains("pg_rewind finished"),
+            "{}'s agent log since its restart does not say pg_rewind ran:\n{log}",
+            self.name()
+        );
+        Ok(())
     }
 
     /// The timestamps of the agent log lines that contain `needle`, in order.

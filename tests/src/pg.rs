@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use nix::unistd::User;
 use tempfile::TempDir;
@@ -16,7 +16,7 @@ use tokio_postgres::{Client, NoTls, Row};
 
 use crate::member::Member;
 use crate::ports::free_port;
-use crate::process::is_alive;
+use crate::process::{command_line, is_alive, output_within, succeeded};
 use crate::{SUPERUSER, SUPERUSER_PASSWORD};
 
 /// PostgreSQL 15's programs on Debian.
@@ -186,26 +186,9 @@ pub async fn run_as_postgres<S: AsRef<OsStr>>(program: &Path, args: &[S]) -> Res
         .current_dir("/")
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    let shown = format!(
-        "{} {}",
-        program.display(),
-        args.iter()
-            .map(|a| a.as_ref().to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let output = tokio::time::timeout(PG_COMMAND_TIMEOUT, cmd.output())
-        .await
-        .with_context(|| format!("`{shown}` did not finish within {PG_COMMAND_TIMEOUT:?}"))?
-        .with_context(|| format!("cannot run `{shown}`"))?;
-    if !output.status.success() {
-        bail!(
-            "`{shown}` failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(output)
+    let shown = command_line(program.display(), args);
+    let output = output_within(&mut cmd, &shown, PG_COMMAND_TIMEOUT).await?;
+    succeeded(&shown, output)
 }
 
 /// Gives `path` to OS user `postgres` when the tests run as root (a no-op otherwise).

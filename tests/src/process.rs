@@ -1,10 +1,12 @@
 //! Child processes the harness owns (etcd, agents): spawned in their own process group with a
-//! parent-death signal, signalled, waited on with deadlines, and reaped.
+//! parent-death signal, signalled, waited on with deadlines, and reaped; and one-shot
+//! commands (pgherdctl, initdb) run to completion with a timeout.
 
+use std::ffi::OsStr;
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Output};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -172,6 +174,42 @@ impl Drop for Supervised {
     }
 }
 
+/// `program` and `args` as one line, for messages.
+pub(crate) fn command_line<S: AsRef<OsStr>>(program: impl std::fmt::Display, args: &[S]) -> String {
+    format!(
+        "{program} {}",
+        args.iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+/// Runs a one-shot command to completion within `timeout`; `shown` (its command line) names
+/// it in errors.
+pub(crate) async fn output_within(
+    cmd: &mut tokio::process::Command,
+    shown: &str,
+    timeout: Duration,
+) -> Result<Output> {
+    tokio::time::timeout(timeout, cmd.output())
+        .await
+        .with_context(|| format!("`{shown}` did not finish within {timeout:?}"))?
+        .with_context(|| format!("cannot run `{shown}`"))
+}
+
+/// `output` if its command exited 0, else an error with the command line and its stderr.
+pub(crate) fn succeeded(shown: &str, output: Output) -> Result<Output> {
+    if !output.status.success() {
+        bail!(
+            "`{shown}` failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
+}
+
 /// A process frozen with SIGSTOP; thawed with SIGCONT on drop, so that a failing test leaves
 /// nothing frozen behind (a frozen process ignores everything but SIGKILL and SIGCONT).
 #[derive(Debug)]
@@ -196,6 +234,15 @@ impl Paused {
 
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// Sends `signal` while the process is still frozen, then SIGCONT: it acts on `signal`
+    /// before it runs anything else (a frozen WAL receiver told to stop never reads what its
+    /// socket still holds).
+    pub fn resume_with(self, signal: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.pid), signal)
+            .with_context(|| format!("cannot send {signal} to {} (pid {})", self.what, self.pid))?;
+        self.resume()
     }
 
     /// Sends SIGCONT now.

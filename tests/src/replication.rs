@@ -1,37 +1,17 @@
 //! Where each member's PostgreSQL is in the WAL and whom it streams from, asked with SQL.
 
-use std::fmt;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
 use crate::member::Member;
-use crate::pg::{sql, sql_value};
+use crate::pg::{sql, sql_batch, sql_value};
+use crate::process::Paused;
 use crate::wait::wait_until;
 
-/// A WAL position (`pg_lsn`) as a number of bytes; shown like PostgreSQL shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Lsn(pub u64);
-
-impl fmt::Display for Lsn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
-    }
-}
-
-impl std::str::FromStr for Lsn {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Lsn> {
-        let (hi, lo) = s
-            .trim()
-            .trim_matches('"')
-            .split_once('/')
-            .with_context(|| format!("{s:?} is not a WAL position like 0/3000060"))?;
-        let hi = u64::from_str_radix(hi, 16).with_context(|| format!("{s:?}: bad high half"))?;
-        let lo = u64::from_str_radix(lo, 16).with_context(|| format!("{s:?}: bad low half"))?;
-        Ok(Lsn((hi << 32) | lo))
-    }
-}
+/// WAL positions are the agent's own type: the harness reads them as the agent publishes
+/// them (`optime/leader`, `pgherdctl list`, log lines) and compares them with PostgreSQL's.
+pub use pgherd_agent::lsn::Lsn;
 
 async fn lsn_query(member: &Member, expr: &str) -> Result<Option<Lsn>> {
     let bytes: Option<i64> = sql_value(
@@ -117,6 +97,29 @@ pub async fn wal_receiver(member: &Member) -> Result<Option<WalReceiver>> {
         received_tli: r.get::<_, i32>(2) as u32,
         sender_port: r.get(3),
     }))
+}
+
+/// Freezes `member`'s WAL receiver (SIGSTOP): it receives nothing more until the guard is
+/// resumed or dropped, while its PostgreSQL and agent carry on.
+pub async fn freeze_wal_receiver(member: &Member) -> Result<Paused> {
+    let receiver = wal_receiver(member)
+        .await?
+        .with_context(|| format!("{} has no WAL receiver", member.name()))?;
+    Paused::pause(receiver.pid, format!("WAL receiver of {}", member.name()))
+}
+
+/// Makes `replica` fall behind `leader`: freezes its WAL receiver, then writes a few MB on
+/// the leader (a table `filler` of 5000 rows of 1000 bytes). Returns the frozen receiver's
+/// guard and the leader's WAL position after the writes.
+pub async fn lag_behind(leader: &Member, replica: &Member) -> Result<(Paused, Lsn)> {
+    let frozen = freeze_wal_receiver(replica).await?;
+    sql_batch(
+        leader,
+        "CREATE TABLE filler AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 5000) g",
+    )
+    .await?;
+    let written = current_wal_lsn(leader).await?;
+    Ok((frozen, written))
 }
 
 /// Waits until `member` streams from `upstream` on `timeline`.

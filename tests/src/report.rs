@@ -159,8 +159,17 @@ impl WriterReport {
 
     /// The longest time between two consecutive acknowledgements, if there were two.
     pub fn longest_gap(&self) -> Option<Gap> {
+        self.longest_gap_where(|_, _| true)
+    }
+
+    /// The longest time between two consecutive acknowledgements `(last_before,
+    /// first_after)` for which `counts` holds: the write gap of whatever happened in a
+    /// window, bounded as the caller needs (the gap spanning a kill, ending after it, or
+    /// falling in a round).
+    pub fn longest_gap_where(&self, counts: impl Fn(&Ack, &Ack) -> bool) -> Option<Gap> {
         self.acks
             .windows(2)
+            .filter(|w| counts(&w[0], &w[1]))
             .map(|w| Gap {
                 last_before: w[0],
                 first_after: w[1],
@@ -245,5 +254,30 @@ mod tests {
                 .map(|a| a.id),
             Some(5)
         );
+    }
+
+    #[test]
+    fn a_window_counts_only_the_gaps_it_admits() {
+        let mut r = WriterReport::new("t", "t");
+        let o = r.started.instant;
+        let ms = |n| o + Duration::from_millis(n);
+        r.acks = vec![
+            ack(1, 0, o),
+            ack(2, 20, o),
+            ack(5, 1520, o),
+            ack(6, 1540, o),
+            ack(7, 1900, o),
+        ];
+        let ids = |g: Option<Gap>| g.map(|g| (g.last_before.id, g.first_after.id));
+        // Ending after 1530 ms: the 1.5 s gap ended before, so 6 -> 7 is the longest.
+        let ending_after = r.longest_gap_where(|_, after| after.acked.instant > ms(1530));
+        assert_eq!(ids(ending_after), Some((6, 7)));
+        // Spanning 100 ms: the one pair around it.
+        let t = ms(100);
+        let across = r.longest_gap_where(|before, after| {
+            before.acked.instant <= t && after.acked.instant > t
+        });
+        assert_eq!(ids(across), Some((2, 5)));
+        assert_eq!(ids(r.longest_gap_where(|_, _| false)), None);
     }
 }

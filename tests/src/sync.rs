@@ -1,7 +1,8 @@
 //! Synchronous replication seen from outside: the `sync` key, the leader's
 //! `synchronous_standby_names` and `pg_stat_replication`, the sync role `pgherdctl list`
-//! shows, dynamic config changes through `pgherdctl edit-config`, and a statement run on its
-//! own connection in the background, to see a commit block and unblock.
+//! shows, dynamic config changes through `pgherdctl edit-config`, a writer whose commits go
+//! through synchronous replication, and a statement run on its own connection in the
+//! background, to see a commit block and unblock.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use crate::ctl::{ctl, ListedMember};
 use crate::member::Member;
 use crate::pg::{sql, sql_value};
 use crate::wait::wait_until;
+use crate::writer::Writer;
 
 /// YAML for [`crate::ClusterBuilder::yaml`]: the cluster bootstraps with this synchronous
 /// replication setup (`mode` is `off`, `on` or `quorum`).
@@ -231,6 +233,20 @@ pub async fn wait_synchronous(
         },
     )
     .await
+}
+
+/// Starts a [`Writer`] on `cluster` and waits until an insert it sent after `sync` was seen
+/// is acknowledged. That insert waited for the key's members (`FIRST n`), or for q of them
+/// (`ANY q`); its WAL follows every earlier commit's, so once it is acknowledged every
+/// earlier acknowledged commit is there too.
+pub async fn write_under_sync(
+    cluster: &Cluster,
+    sync: &Synchronous,
+    timeout: Duration,
+) -> Result<Writer> {
+    let writer = Writer::start(cluster).await?;
+    writer.wait_ack_sent_after(sync.seen_at, timeout).await?;
+    Ok(writer)
 }
 
 /// The running members whose PostgreSQL answers and is not in recovery, in member order.

@@ -10,14 +10,15 @@
 //! Each writer inserts into its own table (`id bigint PRIMARY KEY, port int`, the port of the
 //! server that committed), so writers never collide on ids. An insert whose reply came back
 //! is *acknowledged*; one that failed or timed out after it was sent is *uncertain* (it may
-//! or may not have committed). [`missing_rows`] then lists acknowledged ids a member lacks.
+//! or may not have committed). [`missing_rows`] then lists acknowledged ids a member lacks;
+//! [`ensure_acked_rows_on`] fails unless a member has them all.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -363,4 +364,16 @@ pub async fn missing_rows(member: &Member, table: &str, ids: &[i64]) -> Result<V
         .copied()
         .filter(|id| !present.contains(id))
         .collect())
+}
+
+/// Fails unless `member` has every row the writer of `report` saw acknowledged (after a
+/// failover: none was lost).
+pub async fn ensure_acked_rows_on(member: &Member, report: &WriterReport) -> Result<()> {
+    let missing = missing_rows(member, &report.table, &report.acked_ids()).await?;
+    ensure!(
+        missing.is_empty(),
+        "acknowledged rows missing on {}: {missing:?}",
+        member.name()
+    );
+    Ok(())
 }

@@ -15,8 +15,7 @@
 //! - `api.http_tls: false`: HAProxy-style plain HTTP checks while gRPC requires TLS.
 
 use std::net::{IpAddr, ToSocketAddrs};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,10 +24,9 @@ use pgherd_agent::api::client::{self, ClientOptions, ClientTls};
 use pgherd_agent::api::proto::v1::agent_server::{Agent, AgentServer};
 use pgherd_agent::api::proto::v1::*;
 use pgherd_agent::api::tonic::{self, Request, Response, Status};
-use pgherd_tests::{sql_value, wait_until, Cluster, Member, MemberOptions, TOKEN};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+use pgherd_tests::{
+    ctl_direct_output, ctl_direct_output_env, sql_value, wait_until, Cluster, Member,
+    MemberOptions, TestCa, TOKEN,
 };
 
 const BRINGUP: Duration = Duration::from_secs(90);
@@ -95,107 +93,57 @@ impl Rogue {
     }
 }
 
-#[tonic::async_trait]
-impl Agent for Rogue {
-    async fn status(
-        &self,
-        req: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
-        self.record("Status", &req);
-        Ok(Response::new(self.lock().answer.clone()))
-    }
-    async fn reload(
-        &self,
-        req: Request<ReloadRequest>,
-    ) -> Result<Response<ReloadResponse>, Status> {
-        self.record("Reload", &req);
-        Ok(Response::new(ReloadResponse {
-            message: "reloaded (a stand-in agent)".into(),
-        }))
-    }
-    async fn switchover(
-        &self,
-        req: Request<SwitchoverRequest>,
-    ) -> Result<Response<SwitchoverResponse>, Status> {
-        self.refuse("Switchover", &req)
-    }
-    async fn cancel_switchover(
-        &self,
-        req: Request<CancelSwitchoverRequest>,
-    ) -> Result<Response<CancelSwitchoverResponse>, Status> {
-        self.refuse("CancelSwitchover", &req)
-    }
-    async fn failover(
-        &self,
-        req: Request<FailoverRequest>,
-    ) -> Result<Response<FailoverResponse>, Status> {
-        self.refuse("Failover", &req)
-    }
-    async fn restart(
-        &self,
-        req: Request<RestartRequest>,
-    ) -> Result<Response<RestartResponse>, Status> {
-        self.refuse("Restart", &req)
-    }
-    async fn reinitialize(
-        &self,
-        req: Request<ReinitializeRequest>,
-    ) -> Result<Response<ReinitializeResponse>, Status> {
-        self.refuse("Reinitialize", &req)
-    }
-    async fn pause(&self, req: Request<PauseRequest>) -> Result<Response<PauseResponse>, Status> {
-        self.refuse("Pause", &req)
-    }
-    async fn resume(
-        &self,
-        req: Request<ResumeRequest>,
-    ) -> Result<Response<ResumeResponse>, Status> {
-        self.refuse("Resume", &req)
-    }
-    async fn history(
-        &self,
-        req: Request<HistoryRequest>,
-    ) -> Result<Response<HistoryResponse>, Status> {
-        self.refuse("History", &req)
-    }
-    async fn get_config(
-        &self,
-        req: Request<GetConfigRequest>,
-    ) -> Result<Response<GetConfigResponse>, Status> {
-        self.refuse("GetConfig", &req)
-    }
-    async fn patch_config(
-        &self,
-        req: Request<PatchConfigRequest>,
-    ) -> Result<Response<PatchConfigResponse>, Status> {
-        self.refuse("PatchConfig", &req)
-    }
-    type BackupStream = tonic::codegen::BoxStream<BackupEvent>;
-    async fn backup(
-        &self,
-        req: Request<BackupRequest>,
-    ) -> Result<Response<Self::BackupStream>, Status> {
-        self.refuse("Backup", &req)
-    }
-    async fn list_backups(
-        &self,
-        req: Request<ListBackupsRequest>,
-    ) -> Result<Response<ListBackupsResponse>, Status> {
-        self.refuse("ListBackups", &req)
-    }
-    type VerifyBackupStream = tonic::codegen::BoxStream<BackupEvent>;
-    async fn verify_backup(
-        &self,
-        req: Request<VerifyBackupRequest>,
-    ) -> Result<Response<Self::VerifyBackupStream>, Status> {
-        self.refuse("VerifyBackup", &req)
-    }
-    async fn restore(
-        &self,
-        req: Request<RestoreRequest>,
-    ) -> Result<Response<RestoreResponse>, Status> {
-        self.refuse("Restore", &req)
-    }
+/// The stand-in's `Agent` impl: `Status` and `Reload` answer; every method listed is
+/// recorded under its gRPC name and refused.
+macro_rules! refusing_the_rest {
+    ($($method:ident($request:ty) -> $response:ty = $name:literal;)*) => {
+        #[tonic::async_trait]
+        impl Agent for Rogue {
+            async fn status(
+                &self,
+                req: Request<StatusRequest>,
+            ) -> Result<Response<StatusResponse>, Status> {
+                self.record("Status", &req);
+                Ok(Response::new(self.lock().answer.clone()))
+            }
+            async fn reload(
+                &self,
+                req: Request<ReloadRequest>,
+            ) -> Result<Response<ReloadResponse>, Status> {
+                self.record("Reload", &req);
+                Ok(Response::new(ReloadResponse {
+                    message: "reloaded (a stand-in agent)".into(),
+                }))
+            }
+            type BackupStream = tonic::codegen::BoxStream<BackupEvent>;
+            type VerifyBackupStream = tonic::codegen::BoxStream<BackupEvent>;
+            $(
+                async fn $method(
+                    &self,
+                    req: Request<$request>,
+                ) -> Result<Response<$response>, Status> {
+                    self.refuse($name, &req)
+                }
+            )*
+        }
+    };
+}
+
+refusing_the_rest! {
+    switchover(SwitchoverRequest) -> SwitchoverResponse = "Switchover";
+    cancel_switchover(CancelSwitchoverRequest) -> CancelSwitchoverResponse = "CancelSwitchover";
+    failover(FailoverRequest) -> FailoverResponse = "Failover";
+    restart(RestartRequest) -> RestartResponse = "Restart";
+    reinitialize(ReinitializeRequest) -> ReinitializeResponse = "Reinitialize";
+    pause(PauseRequest) -> PauseResponse = "Pause";
+    resume(ResumeRequest) -> ResumeResponse = "Resume";
+    history(HistoryRequest) -> HistoryResponse = "History";
+    get_config(GetConfigRequest) -> GetConfigResponse = "GetConfig";
+    patch_config(PatchConfigRequest) -> PatchConfigResponse = "PatchConfig";
+    backup(BackupRequest) -> Self::BackupStream = "Backup";
+    list_backups(ListBackupsRequest) -> ListBackupsResponse = "ListBackups";
+    verify_backup(VerifyBackupRequest) -> Self::VerifyBackupStream = "VerifyBackup";
+    restore(RestoreRequest) -> RestoreResponse = "Restore";
 }
 
 /// A running stand-in on a loopback port; stopped when dropped.
@@ -349,95 +297,10 @@ fn status_calls_carry_no_token(who: &str, rogue: &Rogue) -> Result<usize> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Certificates.
-
-/// A CA and certificates it signs, as PEM files in a directory the test owns.
-struct Pki {
-    dir: PathBuf,
-    issuer: Issuer<'static, KeyPair>,
-    ca: PathBuf,
-}
-
-impl Pki {
-    fn new(dir: &Path) -> Result<Pki> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "pgherd api_security test CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key)?;
-        let ca = dir.join("ca.pem");
-        std::fs::write(&ca, cert.pem())?;
-        Ok(Pki {
-            dir: dir.to_path_buf(),
-            issuer: Issuer::new(params, key),
-            ca,
-        })
-    }
-
-    /// A server-and-client certificate for `names` (IP or DNS subject alternative names):
-    /// the paths of its certificate and key files.
-    fn leaf(&self, file: &str, names: &[&str]) -> Result<(PathBuf, PathBuf)> {
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
-        params.distinguished_name.push(DnType::CommonName, file);
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let (c, k) = (
-            self.dir.join(format!("{file}.pem")),
-            self.dir.join(format!("{file}-key.pem")),
-        );
-        std::fs::write(&c, cert.pem())?;
-        std::fs::write(&k, key.serialize_pem())?;
-        Ok((c, k))
-    }
-}
+// Helpers.
 
 fn read(p: &Path) -> Result<String> {
     std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
-}
-
-// ---------------------------------------------------------------------------------------
-// pgherdctl with an environment of the test's choosing.
-
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-async fn pgherdctl(args: &[&str], env: &[(&str, &str)]) -> Result<Run> {
-    let mut cmd = tokio::process::Command::new(pgherd_tests::ctl_bin()?);
-    cmd.args(args)
-        .env_remove("PGHERD_TOKEN")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(150), cmd.output())
-        .await
-        .with_context(|| format!("pgherdctl {args:?} did not finish"))??;
-    Ok(Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
 }
 
 /// A name that resolves to loopback on this machine but that the token policy treats as a
@@ -534,10 +397,10 @@ async fn a_peer_answer_naming_another_member_system_or_cluster_is_not_counted_in
 async fn over_tls_only_an_agent_whose_certificate_names_the_member_is_counted_or_gets_the_token(
 ) -> Result<()> {
     let pki_dir = tempfile::tempdir()?;
-    let pki = Pki::new(pki_dir.path())?;
+    let pki = TestCa::generate(pki_dir.path(), "pgherd api_security test CA")?;
     let ca = pki.ca.display().to_string();
     let member = |name: &str| -> Result<MemberOptions> {
-        let (cert, key) = pki.leaf(name, &["127.0.0.1", name])?;
+        let (cert, key) = pki.sign(name, name, &["127.0.0.1", name])?;
         Ok(MemberOptions::new().name(name).yaml(format!(
             "api: {{plaintext: null, http_tls: false, tls: {{cert: {:?}, key: {:?}, ca: {ca:?}}}}}",
             cert.display().to_string(),
@@ -573,7 +436,7 @@ async fn over_tls_only_an_agent_whose_certificate_names_the_member_is_counted_or
             Ok(_) => anyhow::bail!("the gRPC API answered a plain-text Status"),
         },
     };
-    let (node1_cert, node1_key) = (pki.dir.join("node1.pem"), pki.dir.join("node1-key.pem"));
+    let (node1_cert, node1_key) = (pki.dir().join("node1.pem"), pki.dir().join("node1-key.pem"));
     let tls = |member_identity: Option<&str>| -> Result<ClientOptions> {
         Ok(ClientOptions {
             tls: Some(ClientTls {
@@ -621,22 +484,21 @@ async fn over_tls_only_an_agent_whose_certificate_names_the_member_is_counted_or
         "--token",
         TOKEN,
     ];
-    pgherd_tests::ctl_direct_output(&[&direct[..], &["pause"]].concat())
+    ctl_direct_output(&[&direct[..], &["pause"]].concat())
         .await?
         .expect_success()?;
-    let other_identity = pgherd_tests::ctl_direct_output(
-        &[&direct[..], &["--member-identity", "node9", "resume"]].concat(),
-    )
-    .await?;
+    let other_identity =
+        ctl_direct_output(&[&direct[..], &["--member-identity", "node9", "resume"]].concat())
+            .await?;
     other_identity.expect_failure(1, &["node9", "certificate"])?;
-    pgherd_tests::ctl_direct_output(&[&direct[..], &["resume"]].concat())
+    ctl_direct_output(&[&direct[..], &["resume"]].concat())
         .await?
         .expect_success()?;
 
     // Two stand-ins with certificates from the cluster's own CA: one names node3, the other
     // node9 (a certificate issued to another member). Both answer as node3, far ahead.
-    let (good_cert, good_key) = pki.leaf("rogue-node3", &["127.0.0.1", "node3"])?;
-    let (bad_cert, bad_key) = pki.leaf("rogue-node9", &["127.0.0.1", "node9"])?;
+    let (good_cert, good_key) = pki.sign("rogue-node3", "rogue-node3", &["127.0.0.1", "node3"])?;
+    let (bad_cert, bad_key) = pki.sign("rogue-node9", "rogue-node9", &["127.0.0.1", "node9"])?;
     let good = Rogue::new(answer("test", "node3", &sysid));
     let bad = Rogue::new(answer("test", "node3", &sysid));
     let good_served = serve(good.clone(), Some((read(&good_cert)?, read(&good_key)?))).await?;
@@ -672,7 +534,8 @@ async fn over_tls_only_an_agent_whose_certificate_names_the_member_is_counted_or
 
     // In a failover: the stand-ins whose certificates name them are counted (node2 waits
     // for them; two, so that one slow answer on a loaded machine cannot end the wait) ...
-    let (node4_cert, node4_key) = pki.leaf("rogue-node4", &["127.0.0.1", "node4"])?;
+    let (node4_cert, node4_key) =
+        pki.sign("rogue-node4", "rogue-node4", &["127.0.0.1", "node4"])?;
     let good4 = Rogue::new(answer("test", "node4", &sysid));
     let good4_served = serve(good4.clone(), Some((read(&node4_cert)?, read(&node4_key)?))).await?;
     put_member_key(&cluster, "node3", &good_at).await?;
@@ -718,7 +581,7 @@ async fn the_token_goes_in_plain_text_only_to_loopback_and_pgherdctl_reads_it_fr
     put_member_key(&cluster, "node8", &loopback).await?;
 
     // Control: over loopback the token goes with a change, not with a read.
-    pgherdctl(&["--config", &config, "reload", "node8"], &[])
+    ctl_direct_output(&["--config", &config, "reload", "node8"])
         .await
         .and_then(|r| {
             ensure!(r.code == Some(0), "reload node8: {}", r.stderr);
@@ -739,7 +602,7 @@ async fn the_token_goes_in_plain_text_only_to_loopback_and_pgherdctl_reads_it_fr
         let remote = format!("{alias}:{}", served.port);
         put_member_key(&cluster, "node7", &remote).await?;
         let before = rogue.calls().len();
-        let out = pgherdctl(&["--config", &config, "reload", "node7"], &[]).await?;
+        let out = ctl_direct_output(&["--config", &config, "reload", "node7"]).await?;
         ensure!(
             out.code == Some(1)
                 && out
@@ -789,7 +652,7 @@ async fn the_token_goes_in_plain_text_only_to_loopback_and_pgherdctl_reads_it_fr
     let token_file = node1.dir().join("ctl-token");
     std::fs::write(&token_file, format!("{TOKEN}\n"))?;
     let token_file = token_file.display().to_string();
-    let from_env = pgherdctl(
+    let from_env = ctl_direct_output_env(
         &["--config", &no_token, "pause"],
         &[("PGHERD_TOKEN", TOKEN)],
     )
@@ -804,31 +667,28 @@ async fn the_token_goes_in_plain_text_only_to_loopback_and_pgherdctl_reads_it_fr
         "{}",
         from_env.stderr
     );
-    let from_file = pgherdctl(
-        &["--config", &no_token, "--token-file", &token_file, "resume"],
-        &[],
-    )
-    .await?;
+    let from_file =
+        ctl_direct_output(&["--config", &no_token, "--token-file", &token_file, "resume"]).await?;
     ensure!(
         from_file.code == Some(0),
         "--token-file: {}",
         from_file.stderr
     );
-    let none = pgherdctl(&["--config", &no_token, "pause"], &[]).await?;
+    let none = ctl_direct_output(&["--config", &no_token, "pause"]).await?;
     ensure!(
         none.code == Some(1) && none.stderr.contains("token"),
         "without a token: {:?} {}",
         none.code,
         none.stderr
     );
-    let flag = pgherdctl(&["--config", &no_token, "--token", TOKEN, "pause"], &[]).await?;
+    let flag = ctl_direct_output(&["--config", &no_token, "--token", TOKEN, "pause"]).await?;
     ensure!(flag.code == Some(0), "--token: {}", flag.stderr);
     ensure!(
         flag.stderr.contains("visible") && flag.stderr.contains("process list"),
         "--token gave no warning: {}",
         flag.stderr
     );
-    pgherdctl(&["--config", &config, "resume"], &[]).await?;
+    ctl_direct_output(&["--config", &config, "resume"]).await?;
     eprintln!(
         "figures: {alias_figure}; --token warns: {:?}; paused with PGHERD_TOKEN: {:?}",
         flag.stderr.trim(),

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
-    current_wal_lsn, hold_for, receive_lsn, replay_lsn, sql_batch, wait_until, wal_receiver,
-    Cluster, Lsn, Member, MemberOptions, Paused, Writer,
+    current_wal_lsn, hold_no_takeover, lag_behind, receive_lsn, replay_lsn, wait_until, Cluster,
+    Member, MemberOptions, Writer,
 };
 use tokio::time::Instant;
 
@@ -29,14 +29,6 @@ async fn start_with_leader(cluster: &Cluster, first: &str) -> Result<()> {
     let healthy = cluster.wait_healthy(BRINGUP).await?;
     ensure!(healthy.leader == first, "{healthy:?}");
     Ok(())
-}
-
-async fn leader_optime(cluster: &Cluster) -> Result<Option<Lsn>> {
-    cluster
-        .etcd_get("optime/leader")
-        .await?
-        .map(|v| v.parse())
-        .transpose()
 }
 
 /// The `decision` field `pgherdctl list` shows for `member`.
@@ -78,21 +70,12 @@ async fn nofailover_and_lagging_replicas_are_not_promoted() -> Result<()> {
 
     // node3 falls behind: its WAL receiver frozen, it receives nothing more while the
     // leader writes a few MB and publishes its position.
-    let receiver = wal_receiver(lagging)
-        .await?
-        .context("node3 has no WAL receiver")?;
-    let frozen = Paused::pause(receiver.pid, "node3's WAL receiver")?;
-    sql_batch(
-        leader,
-        "CREATE TABLE filler AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 5000) g",
-    )
-    .await?;
-    let written = current_wal_lsn(leader).await?;
+    let (frozen, written) = lag_behind(leader, lagging).await?;
     let behind = wait_until(
         REPLICATION,
         format!("optime/leader to reach {written} with node3 more than {MAX_LAG} bytes behind"),
         || async {
-            let optime = leader_optime(&cluster).await?.context("no optime/leader")?;
+            let optime = cluster.leader_optime().await?.context("no optime/leader")?;
             ensure!(optime >= written, "optime/leader is {optime}");
             let received = receive_lsn(lagging)
                 .await?
@@ -109,31 +92,15 @@ async fn nofailover_and_lagging_replicas_are_not_promoted() -> Result<()> {
     let killed = Instant::now();
     leader.crash()?;
     // Safe without a candidate: no member takes the key, none takes writes.
-    hold_for(
+    hold_no_takeover(
+        &cluster,
+        "node1",
+        &probes,
+        killed,
         TTL * 3,
         "no leader key and no writable member after the leader died",
-        || async {
-            if let Some(holder) = cluster.leader_name().await? {
-                // The dead leader's key lives until its lease expires.
-                ensure!(holder == "node1", "{holder} took the leader key");
-            }
-            for probe in &probes {
-                let report = probe.report();
-                let late: Vec<i64> = report.acked_after(killed);
-                ensure!(
-                    late.is_empty(),
-                    "{} acknowledged writes {late:?}",
-                    report.label
-                );
-            }
-            Ok(())
-        },
     )
     .await?;
-    ensure!(
-        cluster.leader_name().await?.is_none(),
-        "the dead leader's key outlived its lease"
-    );
     ensure!(
         cluster.history().await?.len() == history_before,
         "a promotion was recorded in history"

@@ -97,18 +97,7 @@ async fn a_switchover_whose_candidate_promoted_and_wrote_is_never_taken_back() -
     cluster.start_with_leader("a", BRINGUP).await?;
     sql_batch(a, "CREATE TABLE promised (id int PRIMARY KEY)").await?;
 
-    let at = humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(2));
-    cluster
-        .ctl_output(&[
-            "switchover",
-            "--candidate",
-            "b",
-            "--at",
-            &at.to_string(),
-            "--force",
-        ])
-        .await?
-        .expect_success()?;
+    schedule_switchover(&cluster, "b", Duration::from_secs(2)).await?;
     a.wait_failpoint("after-handover-release", FAILPOINT)
         .await?;
     b.wait_failpoint("before-handover-cleanup", FAILPOINT)
@@ -201,18 +190,7 @@ async fn a_switchover_whose_checkpoint_hangs_is_aborted_and_the_leader_keeps_wri
     let postmaster = a.postmaster_pid().context("a has no postmaster")?;
     let frozen = Paused::pause(checkpointer_of(postmaster)?, "a's checkpointer")?;
 
-    let at = humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(1));
-    cluster
-        .ctl_output(&[
-            "switchover",
-            "--candidate",
-            "b",
-            "--at",
-            &at.to_string(),
-            "--force",
-        ])
-        .await?
-        .expect_success()?;
+    schedule_switchover(&cluster, "b", Duration::from_secs(1)).await?;
     wait_until(FAILOVER, "a to abort the switchover", || async {
         ensure!(
             a.agent_log_of_last_start().contains("switchover aborted"),
@@ -258,16 +236,7 @@ async fn an_interrupted_restore_is_ended_by_the_next_leader_and_never_runs_again
         .configure()
         .await?;
     let a = cluster.member("a");
-    a.set_failpoints(&["restore-before-recovery"]);
-    cluster.start_with_leader("a", BRINGUP).await?;
-    sql_batch(a, "CREATE TABLE t (id int PRIMARY KEY)").await?;
-    sql_batch(a, "INSERT INTO t SELECT generate_series(1, 10)").await?;
-    cluster.ctl_output(&["backup"]).await?.expect_success()?;
-    cluster
-        .ctl_output(&["restore", "--latest", "--force", "--no-wait"])
-        .await?
-        .expect_success()?;
-    a.wait_failpoint("restore-before-recovery", RESTORE).await?;
+    latest_restore_frozen_before_recovery(&cluster).await?;
     a.crash()?;
     a.set_failpoints(&[]);
 
@@ -425,16 +394,7 @@ async fn a_crashed_standby_is_rewound_onto_a_new_timeline_and_streams_again() ->
 async fn a_restorer_that_lost_its_lease_never_promotes_the_restored_data() -> Result<()> {
     let cluster = members(&["a", "b"], None).backups().configure().await?;
     let a = cluster.member("a");
-    a.set_failpoints(&["restore-before-recovery"]);
-    cluster.start_with_leader("a", BRINGUP).await?;
-    sql_batch(a, "CREATE TABLE t (id int PRIMARY KEY)").await?;
-    sql_batch(a, "INSERT INTO t SELECT generate_series(1, 10)").await?;
-    cluster.ctl_output(&["backup"]).await?.expect_success()?;
-    cluster
-        .ctl_output(&["restore", "--latest", "--force", "--no-wait"])
-        .await?
-        .expect_success()?;
-    a.wait_failpoint("restore-before-recovery", RESTORE).await?;
+    latest_restore_frozen_before_recovery(&cluster).await?;
 
     // a's agent is frozen with its data unpacked; its lease expires and b leads.
     let leader = cluster.wait_new_leader("a", FAILOVER).await?;
@@ -533,6 +493,40 @@ async fn restore_to_ten_rows_frozen_at(failpoint: &str) -> Result<Cluster> {
         .expect_success()?;
     a.wait_failpoint(failpoint, RESTORE).await?;
     Ok(cluster)
+}
+
+/// `a` (a member of `cluster`, not started yet) leads with table `t` holding rows 1..=10,
+/// takes a backup and is asked for a `--latest` restore; its agent is frozen at
+/// `restore-before-recovery`, its data unpacked.
+async fn latest_restore_frozen_before_recovery(cluster: &Cluster) -> Result<()> {
+    let a = cluster.member("a");
+    a.set_failpoints(&["restore-before-recovery"]);
+    cluster.start_with_leader("a", BRINGUP).await?;
+    sql_batch(a, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    sql_batch(a, "INSERT INTO t SELECT generate_series(1, 10)").await?;
+    cluster.ctl_output(&["backup"]).await?.expect_success()?;
+    cluster
+        .ctl_output(&["restore", "--latest", "--force", "--no-wait"])
+        .await?
+        .expect_success()?;
+    a.wait_failpoint("restore-before-recovery", RESTORE).await
+}
+
+/// `pgherdctl switchover --candidate <candidate> --at <now + after>`, which must be accepted.
+async fn schedule_switchover(cluster: &Cluster, candidate: &str, after: Duration) -> Result<()> {
+    let at = humantime::format_rfc3339(std::time::SystemTime::now() + after);
+    cluster
+        .ctl_output(&[
+            "switchover",
+            "--candidate",
+            candidate,
+            "--at",
+            &at.to_string(),
+            "--force",
+        ])
+        .await?
+        .expect_success()?;
+    Ok(())
 }
 
 /// Waits until the `restore` key says the restore failed, with `why` in its message.

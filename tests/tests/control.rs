@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::{ensure, Context, Result};
 use etcd_client::KeyValue;
 use pgherd_tests::{
-    current_wal_lsn, hold_for, log_line_time, missing_rows, receive_lsn, replay_lsn, sql_batch,
-    timeline, wait_replayed, wait_until, wal_receiver, Cluster, Lsn, MemberOptions, Paused, Signal,
+    current_wal_lsn, hold_for, lag_behind, log_line_time, missing_rows, receive_lsn, replay_lsn,
+    same_key, timeline, wait_replayed, wait_until, Cluster, Lsn, MemberOptions, Paused, Signal,
     Writer, WriterReport,
 };
 use tokio::time::Instant;
@@ -39,24 +39,18 @@ fn secs(d: Duration) -> String {
 /// write gap of whatever happened in between.
 fn gap_within(report: &WriterReport, from: Instant, until: Instant) -> Option<Duration> {
     report
-        .acks
-        .windows(2)
-        .filter(|w| w[1].acked.instant > from && w[0].acked.instant < until)
-        .map(|w| w[1].acked.instant.duration_since(w[0].acked.instant))
-        .max()
+        .longest_gap_where(|before, after| {
+            after.acked.instant > from && before.acked.instant < until
+        })
+        .map(|g| g.length())
 }
 
 /// Fails unless the leader key is the very same key as `before` (same holder, never released
 /// and re-created, same lease) and no switchover is pending.
 async fn leader_key_unchanged(cluster: &Cluster, before: &KeyValue) -> Result<()> {
-    let now = cluster
-        .etcd_get_kv("leader")
-        .await?
-        .context("there is no leader key")?;
+    let now = cluster.leader_key().await?;
     ensure!(
-        now.value() == before.value()
-            && now.create_revision() == before.create_revision()
-            && now.lease() == before.lease(),
+        same_key(&now, before),
         "the leader key changed: {:?} (created at revision {}) -> {:?} (created at revision {})",
         before.value_str().unwrap_or("?"),
         before.create_revision(),
@@ -202,10 +196,10 @@ async fn published_position(cluster: &Cluster, member: &str) -> Result<Option<Ls
             .and_then(|v| v.as_str())
             .map(str::to_string)
     };
-    field("receive_lsn")
+    Ok(field("receive_lsn")
         .or_else(|| field("replay_lsn"))
         .map(|s| s.parse())
-        .transpose()
+        .transpose()?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,10 +217,7 @@ async fn switchover_to_a_nofailover_unknown_lagging_or_stopped_candidate_is_refu
     cluster.start_with_leader("node1", BRINGUP).await?;
     let leader = cluster.member("node1");
     let node3 = cluster.member("node3");
-    let key = cluster
-        .etcd_get_kv("leader")
-        .await?
-        .context("no leader key")?;
+    let key = cluster.leader_key().await?;
     let tl = timeline(leader).await?;
     let mut reasons = Vec::new();
 
@@ -251,25 +242,12 @@ async fn switchover_to_a_nofailover_unknown_lagging_or_stopped_candidate_is_refu
 
     // node3 falls behind: its WAL receiver frozen while the leader writes a few MB, until
     // the leader's published position is more than MAX_LAG past node3's published one.
-    let receiver = wal_receiver(node3)
-        .await?
-        .context("node3 has no WAL receiver")?;
-    let frozen = Paused::pause(receiver.pid, "node3's WAL receiver")?;
-    sql_batch(
-        leader,
-        "CREATE TABLE filler AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 5000) g",
-    )
-    .await?;
-    let written = current_wal_lsn(leader).await?;
+    let (frozen, written) = lag_behind(leader, node3).await?;
     let behind = wait_until(
         REPLICATION,
         format!("node3 to be published more than {MAX_LAG} bytes behind {written}"),
         || async {
-            let optime: Lsn = cluster
-                .etcd_get("optime/leader")
-                .await?
-                .context("no optime/leader")?
-                .parse()?;
+            let optime = cluster.leader_optime().await?.context("no optime/leader")?;
             ensure!(optime >= written, "optime/leader is {optime}");
             let at = published_position(&cluster, "node3")
                 .await?
@@ -354,10 +332,7 @@ async fn a_scheduled_switchover_happens_at_its_time_and_not_before_and_a_cancell
 ) -> Result<()> {
     let cluster = Cluster::builder().members(3).configure().await?;
     cluster.start_with_leader("node1", BRINGUP).await?;
-    let key = cluster
-        .etcd_get_kv("leader")
-        .await?
-        .context("no leader key")?;
+    let key = cluster.leader_key().await?;
 
     let at = whole_second_after(Duration::from_secs(5));
     let out = cluster
@@ -385,10 +360,7 @@ async fn a_scheduled_switchover_happens_at_its_time_and_not_before_and_a_cancell
         until_wall(at).saturating_sub(Duration::from_millis(100)),
         "node1 holding the same leader key until the scheduled time",
         || async {
-            let now = cluster
-                .etcd_get_kv("leader")
-                .await?
-                .context("no leader key")?;
+            let now = cluster.leader_key().await?;
             ensure!(
                 now.value() == key.value() && now.create_revision() == key.create_revision(),
                 "the leader key is now {:?} (created at revision {})",
@@ -428,10 +400,7 @@ async fn a_scheduled_switchover_happens_at_its_time_and_not_before_and_a_cancell
     cluster.wait_healthy(REJOIN).await?;
 
     // A second one, cancelled: node2 stays the leader well past its time.
-    let key = cluster
-        .etcd_get_kv("leader")
-        .await?
-        .context("no leader key")?;
+    let key = cluster.leader_key().await?;
     let at2 = whole_second_after(Duration::from_secs(8));
     cluster
         .ctl_output(&[

@@ -8,10 +8,9 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use etcd_client::KeyValue;
 use pgherd_tests::{
-    current_wal_lsn, hold_for, sql_batch, sql_value, timeline, wait_replayed, wait_streaming_from,
-    wait_until, Cluster, ListedMember, Writer,
+    current_wal_lsn, hold_no_takeover, same_key, sql_batch, sql_value, timeline, wait_replayed,
+    wait_streaming_from, wait_until, Cluster, ListedMember, Writer,
 };
 use tokio::time::Instant;
 
@@ -61,17 +60,6 @@ async fn list_table(cluster: &Cluster) -> Result<String> {
     Ok(out.stdout)
 }
 
-async fn leader_key(cluster: &Cluster) -> Result<KeyValue> {
-    cluster
-        .etcd_get_kv("leader")
-        .await?
-        .context("there is no leader key")
-}
-
-fn same_key(a: &KeyValue, b: &KeyValue) -> bool {
-    a.value() == b.value() && a.create_revision() == b.create_revision() && a.lease() == b.lease()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_paused_a_crashed_leader_is_not_replaced_and_resume_lets_a_replica_take_over(
 ) -> Result<()> {
@@ -96,31 +84,15 @@ async fn while_paused_a_crashed_leader_is_not_replaced_and_resume_lets_a_replica
 
     old.crash()?;
     let killed = Instant::now();
-    hold_for(
+    hold_no_takeover(
+        &cluster,
+        "node1",
+        &probes,
+        killed,
         TTL * 3,
         "no new leader and no writable member while paused",
-        || async {
-            if let Some(holder) = cluster.leader_name().await? {
-                // The dead leader's key lives until its lease expires.
-                ensure!(holder == "node1", "{holder} took the leader key");
-            }
-            for probe in &probes {
-                let report = probe.report();
-                let late = report.acked_after(killed);
-                ensure!(
-                    late.is_empty(),
-                    "{} acknowledged writes {late:?}",
-                    report.label
-                );
-            }
-            Ok(())
-        },
     )
     .await?;
-    ensure!(
-        cluster.leader_name().await?.is_none(),
-        "the dead leader's key outlived its lease"
-    );
     ensure!(
         cluster.history().await?.len() == history_before,
         "a promotion was recorded while paused"
@@ -160,7 +132,7 @@ async fn manual_failover_is_refused_while_the_leader_is_healthy_and_promotes_the
     cluster.start_with_leader("node1", BRINGUP).await?;
     let old = cluster.member("node1");
     let chosen = cluster.member("node3");
-    let key = leader_key(&cluster).await?;
+    let key = cluster.leader_key().await?;
     let old_timeline = timeline(old).await?;
 
     let refused = cluster
@@ -168,7 +140,7 @@ async fn manual_failover_is_refused_while_the_leader_is_healthy_and_promotes_the
         .await?;
     refused.expect_failure(1, &["switchover"])?;
     ensure!(
-        same_key(&leader_key(&cluster).await?, &key),
+        same_key(&cluster.leader_key().await?, &key),
         "the leader key changed after a refused failover"
     );
     ensure!(
@@ -238,7 +210,7 @@ async fn reinit_clones_a_replica_again_and_is_refused_for_the_leader() -> Result
     std::fs::write(&marker, "left by the test; a re-clone removes it\n")
         .with_context(|| format!("cannot write {}", marker.display()))?;
     let old_postmaster = replica.postmaster_pid();
-    let key = leader_key(&cluster).await?;
+    let key = cluster.leader_key().await?;
 
     let started = Instant::now();
     let out = cluster.ctl_output(&["reinit", "node3", "--force"]).await?;
@@ -277,7 +249,7 @@ async fn reinit_clones_a_replica_again_and_is_refused_for_the_leader() -> Result
         "the leader's PostgreSQL was touched by a refused reinit"
     );
     ensure!(
-        same_key(&leader_key(&cluster).await?, &key),
+        same_key(&cluster.leader_key().await?, &key),
         "the leader key changed"
     );
     eprintln!(
@@ -298,7 +270,7 @@ async fn disruptive_commands_without_force_and_without_a_terminal_exit_2_and_cha
     let marker = replica.data_dir().join("pgherd-test-marker");
     std::fs::write(&marker, "must survive a reinit without --force\n")
         .with_context(|| format!("cannot write {}", marker.display()))?;
-    let key = leader_key(&cluster).await?;
+    let key = cluster.leader_key().await?;
     let postmasters: Vec<Option<i32>> = cluster
         .members()
         .iter()
@@ -325,7 +297,7 @@ async fn disruptive_commands_without_force_and_without_a_terminal_exit_2_and_cha
     // Give a change that slipped through the time to show.
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(
-        same_key(&leader_key(&cluster).await?, &key),
+        same_key(&cluster.leader_key().await?, &key),
         "the leader key changed"
     );
     ensure!(

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
-    current_wal_lsn, missing_rows, timeline, wait_replayed, wait_streaming_from, Cluster, Signal,
-    Writer, WriterReport,
+    current_wal_lsn, missing_rows, same_key, timeline, wait_replayed, wait_streaming_from, Cluster,
+    Signal, Writer, WriterReport,
 };
 use tokio::time::Instant;
 
@@ -31,10 +31,8 @@ fn secs(d: Duration) -> String {
 /// The longest gap between acknowledgements that spans `t`, if any.
 fn gap_across(report: &WriterReport, t: Instant) -> Option<Duration> {
     report
-        .acks
-        .windows(2)
-        .find(|w| w[0].acked.instant <= t && w[1].acked.instant > t)
-        .map(|w| w[1].acked.instant.duration_since(w[0].acked.instant))
+        .longest_gap_where(|before, after| before.acked.instant <= t && after.acked.instant > t)
+        .map(|g| g.length())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,12 +110,7 @@ async fn killing_the_leader_agent_and_postmaster_promotes_a_replica_and_the_old_
         old.name()
     );
     wait_streaming_from(old, new, new_timeline, REPLICATION).await?;
-    let log = old.agent_log_of_last_start();
-    ensure!(
-        log.contains("pg_rewind finished"),
-        "{}'s agent log since its restart does not say pg_rewind ran:\n{log}",
-        old.name()
-    );
+    old.ensure_rewound()?;
 
     let report = writer.stop().await;
     eprintln!("{}", report.summary());
@@ -177,10 +170,7 @@ async fn postgres_killed_on_the_leader_is_restarted_in_place_keeping_leader_and_
     let leader = cluster.member(&healthy.leader);
     let tl = timeline(leader).await?;
     let history_before = cluster.history().await?.len();
-    let key_before = cluster
-        .etcd_get_kv("leader")
-        .await?
-        .context("no leader key")?;
+    let key_before = cluster.leader_key().await?;
 
     let writer = Writer::start(&cluster).await?;
     writer.wait_acks(25, REPLICATION).await?;
@@ -218,9 +208,7 @@ async fn postgres_killed_on_the_leader_is_restarted_in_place_keeping_leader_and_
         .await?
         .context("no leader key after the restart")?;
     ensure!(
-        key_after.value() == key_before.value()
-            && key_after.create_revision() == key_before.create_revision()
-            && key_after.lease() == key_before.lease(),
+        same_key(&key_after, &key_before),
         "the leader key changed: {:?} (created at revision {}, lease {}) -> {:?} (revision {}, lease {})",
         key_before.value_str().unwrap_or("?"),
         key_before.create_revision(),

@@ -46,6 +46,15 @@ fn probe_of<'a>(cluster: &Cluster, probes: &'a [Writer], member: &Member) -> &'a
     &probes[i]
 }
 
+/// A probe on every member (in member order), once `leader`'s has had a write acknowledged.
+async fn probes_writing(cluster: &Cluster, leader: &Member) -> Result<Vec<Writer>> {
+    let probes = Writer::probe_all(cluster).await?;
+    probe_of(cluster, &probes, leader)
+        .wait_ack_sent_after(Instant::now(), REPLICATION)
+        .await?;
+    Ok(probes)
+}
+
 /// How a leader was replaced after a fault at `fault`.
 struct Takeover {
     new_leader: String,
@@ -195,10 +204,7 @@ async fn a_sigstopped_leader_agent_stops_accepting_writes_before_another_member_
     let cluster = Cluster::start(3).await?;
     let healthy = cluster.wait_healthy(BRINGUP).await?;
     let old = cluster.member(&healthy.leader);
-    let probes = Writer::probe_all(&cluster).await?;
-    probe_of(&cluster, &probes, old)
-        .wait_ack_sent_after(Instant::now(), REPLICATION)
-        .await?;
+    let probes = probes_writing(&cluster, old).await?;
 
     let fault = Stamp::now();
     let frozen = old.pause_agent()?;
@@ -269,10 +275,7 @@ async fn leader_cut_off_from_etcd(cut: Cut) -> Result<()> {
         "{}'s agent never connected through its proxy",
         old.name()
     );
-    let probes = Writer::probe_all(&cluster).await?;
-    probe_of(&cluster, &probes, old)
-        .wait_ack_sent_after(Instant::now(), REPLICATION)
-        .await?;
+    let probes = probes_writing(&cluster, old).await?;
 
     let fault = Stamp::now();
     match cut {
@@ -319,10 +322,7 @@ async fn with_etcd_stopped_no_member_stays_writable_past_the_lease_and_the_clust
     let cluster = Cluster::start(3).await?;
     let healthy = cluster.wait_healthy(BRINGUP).await?;
     let old = cluster.member(&healthy.leader);
-    let probes = Writer::probe_all(&cluster).await?;
-    probe_of(&cluster, &probes, old)
-        .wait_ack_sent_after(Instant::now(), REPLICATION)
-        .await?;
+    let probes = probes_writing(&cluster, old).await?;
 
     let stopped = Stamp::now();
     cluster.etcd().stop().await?;

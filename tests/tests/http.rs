@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
-    kill_postmaster, sql_batch, sql_value, wait_until, Cluster, Member, MemberOptions, Paused,
+    freeze_wal_receiver, kill_postmaster, sql_batch, wait_until, Cluster, Member, MemberOptions,
 };
 
 const BRINGUP: Duration = Duration::from_secs(120);
@@ -158,8 +158,7 @@ async fn leader_replicas_and_a_lagging_replica_answer_health_checks_as_a_load_ba
     }
 
     // A lagging replica: its WAL receiver frozen while the leader writes a few MB.
-    let receiver: i32 = sql_value(replica, "SELECT pid FROM pg_stat_wal_receiver").await?;
-    let frozen = Paused::pause(receiver, "node2's WAL receiver")?;
+    let frozen = freeze_wal_receiver(replica).await?;
     sql_batch(
         leader,
         "CREATE TABLE lag_filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g",

@@ -116,11 +116,6 @@ async fn a_crashed_leader_whose_pid_file_names_another_process_rewinds_and_strea
     let healthy = cluster.wait_healthy(REJOIN).await?;
     ensure!(healthy.leader == new_name, "{healthy:?}");
     wait_streaming_from(old, new, new_timeline, REPLICATION).await?;
-    let log = old.agent_log_of_last_start();
-    ensure!(
-        log.contains("pg_rewind finished"),
-        "{}'s agent log since its restart does not say pg_rewind ran:\n{log}",
-        old.name()
-    );
+    old.ensure_rewound()?;
     check_after_return(old, &mut squatter)
 }

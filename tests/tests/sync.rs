@@ -11,11 +11,11 @@ use anyhow::{bail, ensure, Context, Result};
 use pgherd_tests::sync::{
     configured_standby_names, edit_config, list_table, listed_sync_state, replication_states,
     sync_bootstrap_yaml, sync_key, synchronous_standby_names, wait_synchronous, watchdog_pids,
-    writable_members, BackgroundStatement, StandbyNames, Synchronous,
+    writable_members, write_under_sync, BackgroundStatement, StandbyNames, Synchronous,
 };
 use pgherd_tests::{
-    hold_for, missing_rows, receive_lsn, sql_batch, sql_value, wait_until, wal_receiver, Cluster,
-    Lsn, MemberOptions, Paused, Writer,
+    ensure_acked_rows_on, freeze_wal_receiver, hold_not_leader, missing_rows, receive_lsn,
+    sql_batch, sql_value, wait_until, Cluster, Lsn, Member, MemberOptions, Paused, Signal, Writer,
 };
 use tokio::time::Instant;
 
@@ -295,11 +295,7 @@ async fn replica_outside_the_sync_key_is_not_promoted_even_when_further_ahead_th
     let leader = cluster.member(&sync.leader);
     let in_key = cluster.member(&sync_name);
     let outside = cluster.member(&async_name);
-    let writer = Writer::start(&cluster).await?;
-    let table = writer.report().table;
-    writer
-        .wait_ack_sent_after(sync.seen_at, REPLICATION)
-        .await?;
+    let writer = write_under_sync(&cluster, &sync, REPLICATION).await?;
     sql_batch(
         leader,
         "CREATE TABLE pgherd_bulk (id int, pad text); CHECKPOINT",
@@ -308,10 +304,7 @@ async fn replica_outside_the_sync_key_is_not_promoted_even_when_further_ahead_th
 
     // Freeze the sync standby's WAL receiver: commits now wait for it, while the asynchronous
     // standby keeps receiving WAL, including that of a large transaction whose commit waits.
-    let receiver = wal_receiver(in_key)
-        .await?
-        .with_context(|| format!("{sync_name} has no WAL receiver"))?;
-    let frozen = Paused::pause(receiver.pid, format!("WAL receiver of {sync_name}"))?;
+    let frozen = freeze_wal_receiver(in_key).await?;
     let mut bulk = BackgroundStatement::start(
         leader,
         "INSERT INTO pgherd_bulk SELECT g, repeat('x', 1000) FROM generate_series(1, 50000) g",
@@ -377,11 +370,7 @@ async fn replica_outside_the_sync_key_is_not_promoted_even_when_further_ahead_th
         .map(str::to_string);
 
     let report = writer.stop().await;
-    let missing = missing_rows(cluster.member(&new), &table, &report.acked_ids()).await?;
-    ensure!(
-        missing.is_empty(),
-        "acknowledged rows missing on {new}: {missing:?}"
-    );
+    ensure_acked_rows_on(cluster.member(&new), &report).await?;
     match bulk.wait(REPLICATION).await {
         Ok(Some(r)) => bail!(
             "the bulk insert returned success although its commit could not be confirmed: {:?}",
@@ -754,23 +743,75 @@ async fn a_cluster_bootstraps_in_strict_synchronous_mode() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quorum_member_does_not_take_over_while_it_cannot_reach_enough_of_the_sync_set(
-) -> Result<()> {
+/// Three members (each with `options`) in quorum mode with synchronous replication to both
+/// replicas in place (ANY 1: a commit may be on either alone, so a candidate needs to see
+/// both, |M| - q + 1 = 2, to be sure it has every acknowledged commit), and a writer whose
+/// commits go through it.
+async fn quorum_of_two(options: MemberOptions) -> Result<(Cluster, Synchronous, Writer)> {
     let cluster = Cluster::builder()
-        .members(3)
+        .member(options.clone())
+        .member(options.clone())
+        .member(options)
         .yaml(sync_bootstrap_yaml("quorum", false, 1))
         .start()
         .await?;
-    // ANY 1 of two standbys: a commit may be on either alone, so a candidate needs to see
-    // both (|M| - q + 1 = 2) to be sure it has every acknowledged commit.
     let sync = wait_synchronous(&cluster, 2, BRINGUP).await?;
-    ensure!(sync.key.quorum == 1, "{:?}", sync.key);
-    let writer = Writer::start(&cluster).await?;
-    let table = writer.report().table;
-    writer
-        .wait_ack_sent_after(sync.seen_at, REPLICATION)
+    let writer = write_under_sync(&cluster, &sync, REPLICATION).await?;
+    Ok((cluster, sync, writer))
+}
+
+/// Cuts `leader` off etcd: it stops renewing its key (its PostgreSQL keeps committing until
+/// it is fenced or killed). Returns when.
+fn sever(leader: &Member) -> Result<Instant> {
+    leader
+        .etcd_proxy()
+        .context("every member goes through a proxy")?
+        .sever();
+    Ok(Instant::now())
+}
+
+/// The error for quorum member `a` having taken the leader key (`held`, the broken hold)
+/// although it could not reach `b`: once `a` accepts writes, which of the commits
+/// acknowledged up to the kill it lacks, of which `only_b` were confirmed by `b` alone.
+async fn took_over_without(
+    held: anyhow::Error,
+    a: &Member,
+    b: &Member,
+    writer: &Writer,
+    killed: Instant,
+    only_b: &[i64],
+) -> anyhow::Error {
+    let lacking = async {
+        wait_until(
+            FAILOVER,
+            format!("{} to accept writes", a.name()),
+            || async {
+                ensure!(!pgherd_tests::in_recovery(a).await?, "still in recovery");
+                Ok(())
+            },
+        )
         .await?;
+        let report = writer.report();
+        missing_rows(a, &report.table, &report.acked_before(killed)).await
+    };
+    match lacking.await {
+        Ok(missing) => anyhow::anyhow!(
+            "{held:#}; {} of the {} commits acknowledged while only {} confirmed are missing on the new leader {}: {:?}",
+            missing.len(),
+            only_b.len(),
+            b.name(),
+            a.name(),
+            missing
+        ),
+        Err(e) => e,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_member_does_not_take_over_while_it_cannot_reach_enough_of_the_sync_set(
+) -> Result<()> {
+    let (cluster, sync, writer) = quorum_of_two(MemberOptions::new()).await?;
+    ensure!(sync.key.quorum == 1, "{:?}", sync.key);
     let leader = cluster.member(&sync.leader);
     let (survivor, lost) = (
         cluster.member(&sync.key.members[0]),
@@ -787,24 +828,22 @@ async fn quorum_member_does_not_take_over_while_it_cannot_reach_enough_of_the_sy
     let lost_at = Instant::now();
 
     let hold = Duration::from_secs(12);
-    pgherd_tests::hold_for(
+    hold_not_leader(
+        &cluster,
+        survivor,
         hold,
         format!(
             "no leader while {} can reach only itself of the sync set {:?}",
             survivor.name(),
             sync.key.members
         ),
-        || async {
-            match cluster.leader_name().await? {
-                Some(l) if l == survivor.name() => bail!(
-                    "{} took the leader key {:.1} s after the leader's crash, {:.1} s after {}'s",
-                    survivor.name(),
-                    killed.elapsed().as_secs_f64(),
-                    lost_at.elapsed().as_secs_f64(),
-                    lost.name()
-                ),
-                _ => Ok(()),
-            }
+        || {
+            format!(
+                "{:.1} s after the leader's crash, {:.1} s after {}'s",
+                killed.elapsed().as_secs_f64(),
+                lost_at.elapsed().as_secs_f64(),
+                lost.name()
+            )
         },
     )
     .await?;
@@ -824,11 +863,7 @@ async fn quorum_member_does_not_take_over_while_it_cannot_reach_enough_of_the_sy
         sync.key
     );
     let report = writer.stop().await;
-    let missing = missing_rows(cluster.member(&new), &table, &report.acked_ids()).await?;
-    ensure!(
-        missing.is_empty(),
-        "acknowledged rows missing on {new}: {missing:?}"
-    );
+    ensure_acked_rows_on(cluster.member(&new), &report).await?;
     eprintln!(
         "figures: {} held off for {} while {} was down ({}); {new} took over once {} returned; {} acknowledged rows, none lost",
         survivor.name(),
@@ -847,19 +882,7 @@ async fn quorum_candidate_does_not_count_a_crashed_member_by_its_stale_member_ke
     // key (bound to its own lease) outlives the leader key and still shows the position b
     // had published before those commits. a cannot reach b: it must not count b as seen,
     // or it takes over without the commits only b had.
-    let cluster = Cluster::builder()
-        .member(MemberOptions::new().through_etcd_proxy())
-        .member(MemberOptions::new().through_etcd_proxy())
-        .member(MemberOptions::new().through_etcd_proxy())
-        .yaml(sync_bootstrap_yaml("quorum", false, 1))
-        .start()
-        .await?;
-    let sync = wait_synchronous(&cluster, 2, BRINGUP).await?;
-    let writer = Writer::start(&cluster).await?;
-    let table = writer.report().table;
-    writer
-        .wait_ack_sent_after(sync.seen_at, REPLICATION)
-        .await?;
+    let (cluster, sync, writer) = quorum_of_two(MemberOptions::new().through_etcd_proxy()).await?;
     let leader = cluster.member(&sync.leader);
     let (a, b) = (
         cluster.member(&sync.key.members[0]),
@@ -867,19 +890,14 @@ async fn quorum_candidate_does_not_count_a_crashed_member_by_its_stale_member_ke
     );
 
     // The leader stops renewing its key (it keeps committing until it fences itself).
-    leader
-        .etcd_proxy()
-        .context("every member goes through a proxy")?
-        .sever();
-    let severed = Instant::now();
+    let severed = sever(leader)?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // b's agent stops publishing (and refreshing its lease: its key expires after the
     // leader's, which was last renewed before the cut); b's PostgreSQL keeps confirming.
     let b_agent = b.pause_agent()?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     // a stops receiving WAL: from now on commits are confirmed by b alone.
-    let receiver = wal_receiver(a).await?.context("a has no WAL receiver")?;
-    let frozen = Paused::pause(receiver.pid, format!("WAL receiver of {}", a.name()))?;
+    let frozen = freeze_wal_receiver(a).await?;
     let frozen_at = Instant::now();
     tokio::time::sleep(Duration::from_millis(900)).await;
     // The leader and b die; a's WAL receiver is told to stop before it can read what its
@@ -888,68 +906,35 @@ async fn quorum_candidate_does_not_count_a_crashed_member_by_its_stale_member_ke
     b.crash()?;
     let killed = Instant::now();
     drop(b_agent);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(receiver.pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
-    frozen.resume()?;
-    let only_b: Vec<i64> = writer
-        .report()
-        .acks
-        .iter()
-        .filter(|x| x.acked.instant > frozen_at && x.acked.instant <= killed)
-        .map(|x| x.id)
-        .collect();
+    frozen.resume_with(Signal::SIGTERM)?;
+    let only_b = writer.report().acked_between(frozen_at, killed);
 
-    let hold = Duration::from_secs(10);
-    let held = pgherd_tests::hold_for(
-        hold,
-        format!("{} not to take over while it cannot reach {}", a.name(), b.name()),
-        || async {
-            match cluster.leader_name().await? {
-                Some(l) if l == a.name() => bail!(
-                    "{} took the leader key {:.1} s after the leader was cut off, {:.1} s after {} died",
-                    a.name(),
-                    severed.elapsed().as_secs_f64(),
-                    killed.elapsed().as_secs_f64(),
-                    b.name()
-                ),
-                _ => Ok(()),
-            }
+    let held = hold_not_leader(
+        &cluster,
+        a,
+        Duration::from_secs(10),
+        format!(
+            "{} not to take over while it cannot reach {}",
+            a.name(),
+            b.name()
+        ),
+        || {
+            format!(
+                "{:.1} s after the leader was cut off, {:.1} s after {} died",
+                severed.elapsed().as_secs_f64(),
+                killed.elapsed().as_secs_f64(),
+                b.name()
+            )
         },
     )
     .await;
     if let Err(e) = held {
-        let a_pg = a;
-        wait_until(
-            FAILOVER,
-            format!("{} to accept writes", a.name()),
-            || async {
-                ensure!(!pgherd_tests::in_recovery(a_pg).await?, "still in recovery");
-                Ok(())
-            },
-        )
-        .await?;
-        let report = writer.report();
-        let acked = report.acked_before(killed);
-        let missing = missing_rows(a, &table, &acked).await?;
-        bail!(
-            "{e:#}; {} of the {} commits acknowledged while only {} confirmed are missing on the new leader {}: {:?}",
-            missing.len(),
-            only_b.len(),
-            b.name(),
-            a.name(),
-            missing
-        );
+        return Err(took_over_without(e, a, b, &writer, killed, &only_b).await);
     }
     b.start()?;
     let new = cluster.wait_new_leader(leader.name(), REJOIN).await?;
     let report = writer.stop().await;
-    let missing = missing_rows(cluster.member(&new), &table, &report.acked_ids()).await?;
-    ensure!(
-        missing.is_empty(),
-        "acknowledged rows missing on {new}: {missing:?}"
-    );
+    ensure_acked_rows_on(cluster.member(&new), &report).await?;
     eprintln!(
         "figures: {} commits were confirmed by {} alone; {} held off while {} was down; {new} took over once it returned; none lost",
         only_b.len(),
@@ -967,19 +952,7 @@ async fn quorum_candidate_does_not_trust_a_position_a_live_member_published_befo
     // but its loop is stuck (on a query to its own PostgreSQL), so what it answers is the
     // position of its last loop, older than those commits. a must not take that for b's
     // position and take over without them.
-    let cluster = Cluster::builder()
-        .member(MemberOptions::new().through_etcd_proxy())
-        .member(MemberOptions::new().through_etcd_proxy())
-        .member(MemberOptions::new().through_etcd_proxy())
-        .yaml(sync_bootstrap_yaml("quorum", false, 1))
-        .start()
-        .await?;
-    let sync = wait_synchronous(&cluster, 2, BRINGUP).await?;
-    let writer = Writer::start(&cluster).await?;
-    let table = writer.report().table;
-    writer
-        .wait_ack_sent_after(sync.seen_at, REPLICATION)
-        .await?;
+    let (cluster, sync, writer) = quorum_of_two(MemberOptions::new().through_etcd_proxy()).await?;
     let leader = cluster.member(&sync.leader);
     let (a, b) = (
         cluster.member(&sync.key.members[0]),
@@ -995,83 +968,44 @@ async fn quorum_candidate_does_not_trust_a_position_a_live_member_published_befo
 
     // The leader stops renewing its key; it keeps committing until it is killed below,
     // before the key can expire.
-    leader
-        .etcd_proxy()
-        .context("every member goes through a proxy")?
-        .sever();
-    let severed = Instant::now();
+    let severed = sever(leader)?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // b's agent loop hangs on its next query; its member key outlives the leader key.
     let b_stuck = Paused::pause(b_backend, format!("the session of {}'s agent", b.name()))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let receiver = wal_receiver(a).await?.context("a has no WAL receiver")?;
-    let frozen = Paused::pause(receiver.pid, format!("WAL receiver of {}", a.name()))?;
+    let frozen = freeze_wal_receiver(a).await?;
     let frozen_at = Instant::now();
     tokio::time::sleep(Duration::from_millis(2800).saturating_sub(severed.elapsed())).await;
     leader.crash()?;
     let killed = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(receiver.pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
-    frozen.resume()?;
-    let only_b: Vec<i64> = writer
-        .report()
-        .acks
-        .iter()
-        .filter(|x| x.acked.instant > frozen_at && x.acked.instant <= killed)
-        .map(|x| x.id)
-        .collect();
+    frozen.resume_with(Signal::SIGTERM)?;
+    let only_b = writer.report().acked_between(frozen_at, killed);
 
-    let held = pgherd_tests::hold_for(
+    let held = hold_not_leader(
+        &cluster,
+        a,
         Duration::from_secs(8),
         format!(
             "{} not to take over while {} cannot tell where it is",
             a.name(),
             b.name()
         ),
-        || async {
-            match cluster.leader_name().await? {
-                Some(l) if l == a.name() => bail!(
-                    "{} took the leader key {:.1} s after the leader was cut off",
-                    a.name(),
-                    severed.elapsed().as_secs_f64()
-                ),
-                _ => Ok(()),
-            }
+        || {
+            format!(
+                "{:.1} s after the leader was cut off",
+                severed.elapsed().as_secs_f64()
+            )
         },
     )
     .await;
     if let Err(e) = held {
         drop(b_stuck);
-        wait_until(
-            FAILOVER,
-            format!("{} to accept writes", a.name()),
-            || async {
-                ensure!(!pgherd_tests::in_recovery(a).await?, "still in recovery");
-                Ok(())
-            },
-        )
-        .await?;
-        let acked = writer.report().acked_before(killed);
-        let missing = missing_rows(a, &table, &acked).await?;
-        bail!(
-            "{e:#}; {} of the {} commits acknowledged while only {} confirmed are missing on the new leader {}: {:?}",
-            missing.len(),
-            only_b.len(),
-            b.name(),
-            a.name(),
-            missing
-        );
+        return Err(took_over_without(e, a, b, &writer, killed, &only_b).await);
     }
     b_stuck.resume()?;
     let new = cluster.wait_new_leader(leader.name(), REJOIN).await?;
     let report = writer.stop().await;
-    let missing = missing_rows(cluster.member(&new), &table, &report.acked_ids()).await?;
-    ensure!(
-        missing.is_empty(),
-        "acknowledged rows missing on {new}: {missing:?}"
-    );
+    ensure_acked_rows_on(cluster.member(&new), &report).await?;
     eprintln!(
         "figures: {} commits were confirmed by {} alone; {} held off while {}'s loop was stuck; {new} took over after; none lost",
         only_b.len(),
@@ -1334,23 +1268,21 @@ async fn a_new_leader_that_dies_before_listing_a_standby_is_the_only_one_to_take
     // Second fault: the new leader crashes too.
     next.crash()?;
     let crashed = Instant::now();
-    hold_for(
+    hold_not_leader(
+        &cluster,
+        other,
         Duration::from_secs(25),
         format!(
             "{} not taking the key that only {} may hold",
             other.name(),
             next.name()
         ),
-        || async {
-            let leader = cluster.leader_name().await?;
-            ensure!(
-                leader.as_deref() != Some(other.name()),
-                "{} took the leader key while the sync key named only {}: the row {} acknowledged is not certain to be on it",
-                other.name(),
+        || {
+            format!(
+                "while the sync key named only {}: the row {} acknowledged is not certain to be on it",
                 next.name(),
                 next.name()
-            );
-            Ok(())
+            )
         },
     )
     .await?;

@@ -201,11 +201,7 @@ async fn with_postgres_tls_members_stream_clone_and_rewind_over_verified_tls_and
         "{} did not run pg_rewind with sslmode=verify-full:\n{log}",
         leader.name()
     );
-    ensure!(
-        log.contains("pg_rewind finished"),
-        "{}'s agent log since its restart does not say pg_rewind ran:\n{log}",
-        leader.name()
-    );
+    leader.ensure_rewound()?;
     ensure!(
         walsender_ssl(new, leader).await?,
         "{new_name}'s walsender for the rejoined {} is not over TLS",
