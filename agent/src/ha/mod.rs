@@ -4,7 +4,9 @@
 //! etcd or PostgreSQL.
 
 mod candidate;
+mod decision;
 mod memory;
+mod observation;
 #[cfg(test)]
 mod sim;
 pub mod sync;
@@ -12,140 +14,18 @@ pub mod sync;
 mod tests;
 
 use pgherd_config::{DynamicConfig, Tags};
-use tokio::time::Instant;
 
 use crate::dcs::model::{
     ClusterView, Handover, HandoverKind, Initialize, MemberInfo, MemberState, Role,
 };
-use crate::lsn::Lsn;
 
 pub use candidate::{best_candidate, CandidateRefusal};
-pub use memory::Outcome;
-
-/// The state of the local data directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DataDir {
-    /// Missing or empty: nothing to lose, a clone or initdb may fill it.
-    Empty,
-    Initialized {
-        system_identifier: u64,
-        /// `standby.signal` is present.
-        standby: bool,
-    },
-    /// Not empty but not a PostgreSQL data directory (or unreadable); never touched.
-    Unusable(String),
-}
-
-/// What PostgreSQL reports about itself, when it answers queries.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PgStatus {
-    pub in_recovery: bool,
-    pub timeline: Option<u32>,
-    /// Current write position (primary only).
-    pub wal_lsn: Option<Lsn>,
-    pub receive_lsn: Option<Lsn>,
-    pub replay_lsn: Option<Lsn>,
-    /// The WAL receiver is streaming from an upstream.
-    pub streaming: bool,
-    /// A changed parameter waits for a restart.
-    pub pending_restart: bool,
-    /// `synchronous_standby_names` in effect.
-    pub standbys: sync::Standbys,
-    /// `pg_stat_replication` (on a primary).
-    pub replication: Vec<sync::Replication>,
-}
-
-/// What `pg_controldata` says of a stopped data directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ControlData {
-    /// The timeline of the latest checkpoint.
-    pub timeline: u32,
-    pub shut_down_cleanly: bool,
-    /// Where the latest checkpoint record starts.
-    pub checkpoint_lsn: Option<Lsn>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PgView {
-    pub data_dir: DataDir,
-    /// A postmaster runs on the data directory.
-    pub running: bool,
-    /// `None` while PostgreSQL does not answer (starting, stopped, overloaded).
-    pub status: Option<PgStatus>,
-    /// Read while PostgreSQL is stopped, to compare timelines before following a leader.
-    pub control: Option<ControlData>,
-    /// The configuration files on disk differ from what the current config asks for.
-    pub config_stale: bool,
-}
-
-/// Long actions run as tasks; the loop sees their progress here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobKind {
-    /// initdb and first start of a new cluster.
-    Bootstrap,
-    /// pg_basebackup from the named leader.
-    Clone { from: String },
-    /// pg_rewind onto the named leader's history (a no-op when they did not diverge).
-    Rewind { from: String },
-    /// Point-in-time restore `id` of the `restore` key: replace the data directory from a
-    /// base backup and recover to the target (only the leader runs it).
-    Restore { id: String },
-}
-
-impl JobKind {
-    /// The state a member shows while this job runs.
-    pub fn member_state(&self) -> MemberState {
-        match self {
-            JobKind::Bootstrap => MemberState::Initializing,
-            JobKind::Clone { .. } => MemberState::CreatingReplica,
-            JobKind::Rewind { .. } => MemberState::Rewinding,
-            JobKind::Restore { .. } => MemberState::Restoring,
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            JobKind::Bootstrap => "initialising a new cluster".to_string(),
-            JobKind::Clone { from } => format!("cloning from {from}"),
-            JobKind::Rewind { from } => format!("rewinding onto {from}'s timeline"),
-            JobKind::Restore { id } => format!("point-in-time restore {id}"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobView {
-    Idle,
-    Running(JobKind),
-    Succeeded(JobKind),
-    Failed(JobKind, String),
-    /// The job changed nothing: the member it copies from did not accept connections. Not
-    /// remembered as a failure; tried again while the reason to run it lasts.
-    SourceDown(JobKind, String),
-}
-
-/// This member's leader lease, as measured by the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct LeaseView {
-    /// We hold a lease that was attached to the leader key.
-    pub held: bool,
-    /// Until when the lease is certainly alive: when the last successful renewal was *sent*,
-    /// plus the TTL, minus a safety margin (ARCHITECTURE rule 2).
-    pub valid_until: Option<Instant>,
-}
-
-/// One loop's observations.
-#[derive(Debug, Clone)]
-pub struct Observation {
-    pub now: Instant,
-    /// Wall-clock time, for scheduled switchovers (stored in etcd as RFC 3339).
-    pub wall_now: std::time::SystemTime,
-    /// `None`: etcd could not be read this loop.
-    pub cluster: Option<ClusterView>,
-    pub lease: LeaseView,
-    pub pg: PgView,
-    pub job: JobView,
-}
+use decision::decision;
+pub use decision::{Action, Decision, Upstream};
+pub use memory::{Memory, Outcome};
+pub use observation::{
+    ControlData, DataDir, JobKind, JobView, LeaseView, Observation, PgStatus, PgView,
+};
 
 /// What decide needs from configuration.
 #[derive(Debug, Clone)]
@@ -153,139 +33,6 @@ pub struct HaConfig {
     pub name: String,
     pub tags: Tags,
     pub dcs: DynamicConfig,
-}
-
-/// What the agent remembers between loops (kept by the act side, read here).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Memory {
-    /// The leader our `primary_conninfo` points at, if PostgreSQL runs as a standby.
-    pub upstream: Option<String>,
-    /// Since when this leader has been trying to get PostgreSQL running as the primary.
-    pub primary_start_since: Option<Instant>,
-    /// Since when our standby has not been streaming.
-    pub not_streaming_since: Option<Instant>,
-    /// The furthest WAL position our standby had received when last observed: a
-    /// walreceiver that connects but receives nothing is not streaming.
-    pub received_lsn: Option<Lsn>,
-    /// pg_rewind failed onto this leader and timeline; do not retry it in a loop.
-    pub rewind_failed: Option<(String, u32)>,
-    /// The leader's WAL position when it last dropped a standby from, or lowered q in,
-    /// `synchronous_standby_names` (quorum mode; see `sync`).
-    pub standbys_changed_at: Option<Lsn>,
-    /// How restore `.0` ended (`Some(error)` when it failed), until the `restore` key says so.
-    pub restore_outcome: Option<(String, Option<String>)>,
-}
-
-/// Where a standby streams from.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Upstream {
-    pub name: String,
-    pub host: String,
-    pub port: u16,
-}
-
-impl Upstream {
-    fn of(m: &MemberInfo) -> Upstream {
-        Upstream {
-            name: m.name.clone(),
-            host: m.host.clone(),
-            port: m.port,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// Refuse to go on: the agent logs the reason and exits non-zero.
-    Exit,
-    /// Race for an empty cluster (`initialize` and `leader` in one transaction); the winner
-    /// starts the bootstrap job.
-    ClaimNewCluster,
-    /// Race for a cluster whose data directory already exists here, with its identifier.
-    AdoptCluster {
-        system_identifier: u64,
-    },
-    /// Record the finished initdb's identifier in `initialize` and seed `config`.
-    FinishBootstrap,
-    /// Undo a failed bootstrap: stop PostgreSQL, release both keys, empty the data dir.
-    AbortBootstrap,
-    StartJob(JobKind),
-    /// Forget a failed clone's partial copy so the next loop can clone again.
-    EmptyDataDir,
-    AcquireLeader,
-    RenewLeader,
-    ReleaseLeader,
-    StartPrimary,
-    StartStandby(Option<Upstream>),
-    /// Point `primary_conninfo` at a new upstream (reload).
-    FollowUpstream(Upstream),
-    Promote,
-    StopPostgres,
-    /// Leader duties: replication slots for members, `optime/leader`.
-    LeaderHousekeeping,
-    /// Planned switchover: checkpoint, stop cleanly, publish the final position in the
-    /// switchover key and release the leader key for the named replica.
-    HandOver {
-        to: String,
-    },
-    /// Remove the switchover key (finished, failed or no longer valid).
-    DeleteHandover,
-    /// Rewrite the configuration files and reload PostgreSQL.
-    ApplyConfig,
-    /// Synchronous replication: write the `sync` key (only while holding the leader key).
-    SetSyncKey(crate::dcs::model::SyncKey),
-    /// Synchronous replication: set `synchronous_standby_names` and reload.
-    SetSyncStandbys(sync::Standbys),
-    /// Record the end of restore `id` in the `restore` key (and `history`); `error` when it
-    /// failed and the previous data directory was put back.
-    FinishRestore {
-        id: String,
-        error: Option<String>,
-    },
-    /// End restore `id`, which another member started and did not finish, as failed
-    /// ("abandoned") in the `restore` key, before this new leader accepts a write: from then
-    /// on its restorer has no claim to the leader key and never runs it again (rule 7).
-    AbandonRestore {
-        id: String,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decision {
-    pub actions: Vec<Action>,
-    /// One sentence, logged once per change and published in the member key.
-    pub reason: String,
-    pub role: Role,
-    pub state: MemberState,
-    /// Run the next loop soon (a handover is in flight) instead of after loop_wait.
-    pub retry_soon: bool,
-}
-
-impl Decision {
-    fn soon(mut self) -> Decision {
-        self.retry_soon = true;
-        self
-    }
-
-    fn with(mut self, action: Action) -> Decision {
-        self.actions.push(action);
-        self
-    }
-}
-
-fn decision(
-    actions: Vec<Action>,
-    reason: impl Into<String>,
-    role: Role,
-    state: MemberState,
-) -> Decision {
-    Decision {
-        actions,
-        reason: reason.into(),
-        role,
-        state,
-        retry_soon: false,
-    }
 }
 
 /// The state a member's PostgreSQL shows, from what the agent saw.
