@@ -63,6 +63,24 @@ pub struct PgView {
     pub config_stale: bool,
 }
 
+impl PgView {
+    /// The state a member's PostgreSQL shows, from what the agent saw.
+    pub(super) fn member_state(&self) -> MemberState {
+        match (&self.status, self.running) {
+            (_, false) => MemberState::Stopped,
+            (None, true) => MemberState::Starting,
+            (Some(s), true) if !s.in_recovery => MemberState::Running,
+            (Some(s), true) if s.streaming => MemberState::Streaming,
+            (Some(_), true) => MemberState::InRecovery,
+        }
+    }
+
+    /// PostgreSQL runs and answered that it is not in recovery: it accepts writes.
+    pub(super) fn primary_running(&self) -> bool {
+        self.running && self.status.as_ref().is_some_and(|s| !s.in_recovery)
+    }
+}
+
 /// Long actions run as tasks; the loop sees their progress here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobKind {
@@ -130,4 +148,15 @@ pub struct Observation {
     pub lease: LeaseView,
     pub pg: PgView,
     pub job: JobView,
+}
+
+impl Observation {
+    /// The timeline of this member's data: PostgreSQL's answer, or pg_control's while stopped.
+    pub(super) fn data_timeline(&self) -> Option<u32> {
+        self.pg
+            .status
+            .as_ref()
+            .and_then(|s| s.timeline)
+            .or(self.pg.control.map(|c| c.timeline))
+    }
 }
