@@ -862,7 +862,7 @@ mod handover {
 mod synchronous {
     use super::handover::{switchover, with_handover};
     use super::*;
-    use crate::dcs::model::SyncKey;
+    use crate::dcs::model::{Handover, HandoverKind, SyncKey};
     use pgherd_config::SynchronousMode;
 
     fn sync_cfg(name: &str, mode: SynchronousMode) -> HaConfig {
