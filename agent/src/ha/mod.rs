@@ -27,10 +27,11 @@ use crate::dcs::model::{ClusterView, MemberState, Role};
 pub use candidate::{best_candidate, CandidateRefusal};
 use decision::decision;
 pub use decision::{Action, Decision, Upstream};
-pub use handover::switchover_target;
+pub use handover::{handover_timeout, switchover_target};
 pub use memory::{Memory, Outcome};
 pub use observation::{
-    ControlData, DataDir, JobKind, JobView, LeaseView, Observation, PgStatus, PgView,
+    leader_key_carries_lease, lease_safety_margin, ControlData, DataDir, JobKind, JobView,
+    LeaseView, Observation, PgStatus, PgView,
 };
 
 /// What decide needs from configuration.

@@ -1,6 +1,8 @@
 //! What one loop observed, as plain data: the local data directory, PostgreSQL, the long
 //! job in progress, this member's leader lease, and the cluster as etcd showed it.
 
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use super::sync;
@@ -137,6 +139,20 @@ pub struct LeaseView {
     pub valid_until: Option<Instant>,
 }
 
+/// How much earlier than the lease TTL a leader considers its lease gone (rule 2): a tenth
+/// of the TTL, at least 500 ms.
+pub fn lease_safety_margin(ttl: Duration) -> Duration {
+    (ttl / 10).max(Duration::from_millis(500))
+}
+
+/// Whether the leader key still carries my lease: it names me and is bound to the lease I
+/// hold. `key` is the key's holder and lease id as etcd shows them, `None` while the key is
+/// vacant. Only etcd can say this; when it no longer does (the key expired, or was taken
+/// with another lease), the lease I hold leads nothing and is dropped (rule 1).
+pub fn leader_key_carries_lease(key: Option<(&str, i64)>, me: &str, my_lease: i64) -> bool {
+    key.is_some_and(|(name, lease)| name == me && lease == my_lease)
+}
+
 /// One loop's observations.
 #[derive(Debug, Clone)]
 pub struct Observation {
@@ -158,5 +174,36 @@ impl Observation {
             .as_ref()
             .and_then(|s| s.timeline)
             .or(self.pg.control.map(|c| c.timeline))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_leader_key_carries_my_lease_only_when_it_names_me_with_that_lease() {
+        let cases = [
+            (None, false),
+            (Some(("a", 7)), true),
+            // The key names me with another lease: a previous run's, or re-acquired since.
+            (Some(("a", 8)), false),
+            (Some(("b", 7)), false),
+        ];
+        for (key, carries) in cases {
+            assert_eq!(leader_key_carries_lease(key, "a", 7), carries, "{key:?}");
+        }
+    }
+
+    #[test]
+    fn the_lease_safety_margin_is_a_tenth_of_the_ttl_and_at_least_500_ms() {
+        assert_eq!(
+            lease_safety_margin(Duration::from_secs(30)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            lease_safety_margin(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
     }
 }
