@@ -13,7 +13,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub(super) fn of(m: &MemberInfo) -> Upstream {
+    /// A member's address, as the upstream a standby streams from.
+    pub fn of(m: &MemberInfo) -> Upstream {
         Upstream {
             name: m.name.clone(),
             host: m.host.clone(),
