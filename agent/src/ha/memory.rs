@@ -1,5 +1,5 @@
 //! What an agent remembers between loops, and the one set of rules that keeps it: the agent
-//! (`agent.rs`) and the simulation (`sim.rs`) both call [`Memory::observed`] after each
+//! (`agent.rs`) and the simulation (`sim/`) both call [`Memory::observed`] after each
 //! observation and [`Memory::acted`] around each action, so the simulation checks the
 //! bookkeeping the agent really does, not a copy of it.
 
@@ -8,7 +8,8 @@ use tokio::time::Instant;
 use super::{Action, JobKind, JobView, Observation};
 use crate::lsn::Lsn;
 
-/// What the agent remembers between loops (kept by the act side, read here).
+/// What the agent remembers between loops (kept by [`Memory::observed`] and
+/// [`Memory::acted`], read by `decide`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Memory {
     /// The leader our `primary_conninfo` points at, if PostgreSQL runs as a standby.

@@ -2,6 +2,14 @@
 //! no clock reads (the current instant comes in the observation). Every rule about who leads,
 //! who follows and when PostgreSQL starts, stops or promotes lives here and is tested without
 //! etcd or PostgreSQL.
+//!
+//! The inputs are in `observation.rs` (and `HaConfig` here), the output in `decision.rs`, what
+//! is kept between loops in `memory.rs`. `decide` builds one `Situation` and asks its rules
+//! in order: a job in progress (`jobs.rs`), a restore (`restore.rs`), whose cluster this is
+//! (`bootstrap.rs`), then the leader's rules (`leader.rs`), a follower's (`follower.rs`) or
+//! those without a leader (`leaderless.rs`); `handover.rs` has both sides of a switchover or
+//! manual failover, `candidate.rs` who may take a vacant key, `sync.rs` the synchronous
+//! replication plan. Tests: `tests/` (tables of `decide`, one file per situation) and `sim/`.
 
 mod bootstrap;
 mod candidate;
