@@ -94,12 +94,6 @@ pub struct Agent {
     pg_role: Option<PgRole>,
 }
 
-/// How much earlier than the lease TTL a leader considers its lease gone (rule 2): a tenth
-/// of the TTL, at least 500 ms.
-pub fn lease_safety_margin(ttl: Duration) -> Duration {
-    (ttl / 10).max(Duration::from_millis(500))
-}
-
 /// The dynamic config in effect: etcd's, or while it is unreadable the last valid one this
 /// agent read (`Dcs::load` keeps it in the view and logs the problem at ERROR). The file's
 /// `bootstrap.dcs` only before the cluster has a config key, or when the key has been
@@ -364,11 +358,8 @@ impl Agent {
         }
         // Are we still the holder? Only etcd can say; without an answer keep what we knew.
         if let (Some(view), Some(lease)) = (&cluster, &self.leader_lease) {
-            let mine = view
-                .leader
-                .as_ref()
-                .is_some_and(|l| l.name == self.cfg.name && l.lease == lease.id);
-            if !mine {
+            let key = view.leader.as_ref().map(|l| (l.name.as_str(), l.lease));
+            if !ha::leader_key_carries_lease(key, &self.cfg.name, lease.id) {
                 tracing::info!("the leader key no longer carries my lease");
                 self.drop_leader_lease().await;
             }
@@ -759,7 +750,7 @@ impl Agent {
             .as_ref()
             .map(|l| l.ttl)
             .unwrap_or(Duration::ZERO);
-        self.leader_valid_until = Some(sent + ttl.saturating_sub(lease_safety_margin(ttl)));
+        self.leader_valid_until = Some(sent + ttl.saturating_sub(ha::lease_safety_margin(ttl)));
     }
 
     async fn act(&mut self, action: &Action, obs: &Observation, decision: &Decision) -> Result<()> {
@@ -1127,7 +1118,7 @@ impl Agent {
     async fn stop_for_handover(&mut self, to: &str) -> Result<Lsn> {
         self.renew_leader().await?;
         let ttl = Duration::from_secs(self.ha_config().dcs.ttl);
-        let budget_end = Instant::now() + ttl.saturating_sub(lease_safety_margin(ttl));
+        let budget_end = Instant::now() + ttl.saturating_sub(ha::lease_safety_margin(ttl));
         let pg = self.pg.clone();
         self.with_renewal(budget_end, async move { pg.checkpoint().await })
             .await

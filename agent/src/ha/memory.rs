@@ -1,12 +1,34 @@
 //! What an agent remembers between loops, and the one set of rules that keeps it: the agent
-//! (`agent.rs`) and the simulation (`sim.rs`) both call [`Memory::observed`] after each
+//! (`agent.rs`) and the simulation (`sim/`) both call [`Memory::observed`] after each
 //! observation and [`Memory::acted`] around each action, so the simulation checks the
 //! bookkeeping the agent really does, not a copy of it.
 
 use tokio::time::Instant;
 
-use super::{Action, JobKind, JobView, Memory, Observation};
+use super::{Action, JobKind, JobView, Observation};
 use crate::lsn::Lsn;
+
+/// What the agent remembers between loops (kept by [`Memory::observed`] and
+/// [`Memory::acted`], read by `decide`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// The leader our `primary_conninfo` points at, if PostgreSQL runs as a standby.
+    pub upstream: Option<String>,
+    /// Since when this leader has been trying to get PostgreSQL running as the primary.
+    pub primary_start_since: Option<Instant>,
+    /// Since when our standby has not been streaming.
+    pub not_streaming_since: Option<Instant>,
+    /// The furthest WAL position our standby had received when last observed: a
+    /// walreceiver that connects but receives nothing is not streaming.
+    pub received_lsn: Option<Lsn>,
+    /// pg_rewind failed onto this leader and timeline; do not retry it in a loop.
+    pub rewind_failed: Option<(String, u32)>,
+    /// The leader's WAL position when it last dropped a standby from, or lowered q in,
+    /// `synchronous_standby_names` (quorum mode; see `sync`).
+    pub standbys_changed_at: Option<Lsn>,
+    /// How restore `.0` ended (`Some(error)` when it failed), until the `restore` key says so.
+    pub restore_outcome: Option<(String, Option<String>)>,
+}
 
 /// How far an action got, as the act side reports it to [`Memory::acted`].
 ///

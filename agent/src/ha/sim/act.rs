@@ -160,7 +160,8 @@ impl World {
                 self.check_eligible(i, obs, held_by_me);
                 self.dcs.leader = Some((name, id));
                 self.bump();
-                self.nodes[i].lease = Some((id, now + self.ttl() - margin(self.ttl())));
+                self.nodes[i].lease =
+                    Some((id, now + self.ttl() - lease_safety_margin(self.ttl())));
             }
             Action::RenewLeader => {
                 let Some((id, _)) = self.nodes[i].lease else {
@@ -174,7 +175,8 @@ impl World {
                     return Err("my leader lease expired before I could renew it".into());
                 }
                 self.dcs.leases.insert(id, now + self.ttl());
-                self.nodes[i].lease = Some((id, now + self.ttl() - margin(self.ttl())));
+                self.nodes[i].lease =
+                    Some((id, now + self.ttl() - lease_safety_margin(self.ttl())));
             }
             Action::ReleaseLeader => {
                 self.drop_lease(i);

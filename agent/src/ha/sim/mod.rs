@@ -275,10 +275,6 @@ struct World {
     stats: Stats,
 }
 
-fn margin(ttl: Duration) -> Duration {
-    crate::agent::lease_safety_margin(ttl)
-}
-
 /// The cluster's shape for one run.
 #[derive(Debug, Clone, Copy)]
 pub struct Setup {
@@ -911,12 +907,13 @@ impl World {
         let cut = self.nodes[i].cut_off_until.is_some_and(|t| self.now < t);
         // The act side drops a lease etcd no longer attaches to the key (and disarms).
         if let (false, Some((id, _))) = (cut, self.nodes[i].lease) {
-            let mine = self
+            // Lease ids as etcd shows them in the view (`view`).
+            let key = self
                 .dcs
                 .leader
                 .as_ref()
-                .is_some_and(|(l, lid)| *l == self.nodes[i].name && *lid == id);
-            if !mine {
+                .map(|(l, lid)| (l.as_str(), *lid as i64));
+            if !leader_key_carries_lease(key, &self.nodes[i].name, id as i64) {
                 self.nodes[i].lease = None;
                 self.nodes[i].standbys_set = None;
                 self.arm(i);
@@ -1139,7 +1136,7 @@ fn run_seed(seed: u64, setup: Setup) -> Stats {
     w.dcs.next_lease += 1;
     w.dcs.leases.insert(id, w.now + w.ttl());
     w.dcs.leader = Some(("n0".into(), id));
-    w.nodes[0].lease = Some((id, w.now + w.ttl() - margin(w.ttl())));
+    w.nodes[0].lease = Some((id, w.now + w.ttl() - lease_safety_margin(w.ttl())));
     w.nodes[0].pg.running = true;
     w.nodes[0].pg.in_recovery = false;
     w.nodes[0].pg.standbys = w.standbys_param(0);

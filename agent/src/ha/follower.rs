@@ -1,0 +1,212 @@
+//! Another member holds the leader key: clone it, follow it, or rewind onto its timeline
+//! first (rule 5).
+
+use super::{decision, Action, DataDir, Decision, JobKind, Situation, Upstream};
+use crate::dcs::model::{MemberInfo, MemberState, Role};
+
+impl Situation<'_> {
+    pub(super) fn follower_decision(&self, leader: &str) -> Decision {
+        let Situation {
+            obs,
+            view,
+            cfg,
+            mem,
+            state,
+            primary_running,
+            ..
+        } = *self;
+        let leader_member = view.members.get(leader);
+        if primary_running || (obs.lease.held && obs.pg.running) {
+            // Rule 1: only the holder of the leader key runs PostgreSQL writable.
+            return decision(
+                vec![Action::StopPostgres, Action::ReleaseLeader],
+                format!("{leader} holds the leader key but my PostgreSQL is writable: stopping it"),
+                Role::Replica,
+                state,
+            );
+        }
+        if obs.pg.data_dir == DataDir::Empty && cfg.dcs.pause {
+            return decision(
+                vec![],
+                "paused: my data directory is empty and I will not clone until resumed",
+                Role::Replica,
+                MemberState::Waiting,
+            );
+        }
+        if obs.pg.data_dir == DataDir::Empty {
+            return match leader_member {
+                Some(m) if m.state == MemberState::Running => decision(
+                    vec![Action::StartJob(JobKind::Clone {
+                        from: leader.to_string(),
+                    })],
+                    format!("cloning from {leader}"),
+                    Role::Replica,
+                    MemberState::CreatingReplica,
+                ),
+                _ => decision(
+                    vec![],
+                    format!("waiting for {leader} to be running before cloning from it"),
+                    Role::Replica,
+                    MemberState::Waiting,
+                ),
+            };
+        }
+        let Some(leader_member) = leader_member else {
+            // The leader key is bound to the leader's lease, so its agent is alive and nobody
+            // may take over. Its member key (its address) exists but cannot be read: corrupt, or
+            // written by a newer agent in a form this version cannot read. Nothing repairs that
+            // by waiting, so say so in every member's decision (`pgherdctl list`; the key is
+            // logged at ERROR) and serve reads meanwhile; following resumes once it is readable.
+            if let Some(why) = view.unreadable(&format!("members/{leader}")) {
+                let start = !obs.pg.running
+                    && !cfg.dcs.pause
+                    && matches!(obs.pg.data_dir, DataDir::Initialized { .. });
+                return decision(
+                    if start {
+                        vec![Action::StartStandby(None)]
+                    } else {
+                        vec![]
+                    },
+                    format!(
+                        "{leader} holds the leader key but its member key is unreadable ({why}): I cannot follow it until the key is repaired{}",
+                        if start { "; starting read-only meanwhile" } else { "" }
+                    ),
+                    Role::Replica,
+                    state,
+                );
+            }
+            return decision(
+                vec![],
+                format!("{leader} holds the leader key but has not published its address yet"),
+                Role::Replica,
+                state,
+            );
+        };
+        let upstream = Upstream::of(leader_member);
+        if !obs.pg.running && cfg.dcs.pause {
+            return decision(
+                vec![],
+                format!(
+                    "paused: PostgreSQL is not running and I will not start it (leader: {leader})"
+                ),
+                Role::Replica,
+                state,
+            );
+        }
+        if !obs.pg.running {
+            return self.stopped_follower(leader_member, upstream);
+        }
+        if let (Some(status), Some(since), Some(leader_tl)) = (
+            &obs.pg.status,
+            mem.not_streaming_since,
+            leader_member.timeline,
+        ) {
+            let grace = std::time::Duration::from_secs(cfg.dcs.ttl);
+            let stuck = obs.now.saturating_duration_since(since) > grace;
+            if stuck && status.in_recovery && status.timeline != Some(leader_tl) {
+                return decision(
+                    vec![Action::StopPostgres],
+                    format!(
+                        "not streaming from {leader} for over {} s and my timeline {:?} differs from its {leader_tl}: stopping to check for divergence",
+                        cfg.dcs.ttl, status.timeline
+                    ),
+                    Role::Replica,
+                    state,
+                );
+            }
+        }
+        if mem.upstream.as_deref() != Some(leader) {
+            return decision(
+                vec![Action::FollowUpstream(upstream)],
+                format!("following {leader}"),
+                Role::Replica,
+                state,
+            );
+        }
+        let d = decision(vec![], format!("following {leader}"), Role::Replica, state);
+        if obs.pg.config_stale {
+            d.with(Action::ApplyConfig)
+        } else {
+            d
+        }
+    }
+
+    /// Rule 5: a stopped member compares its timeline with the leader's before it streams;
+    /// a different timeline goes through pg_rewind (which changes nothing if the histories did
+    /// not diverge) or, if allowed, a fresh clone.
+    fn stopped_follower(&self, leader: &MemberInfo, upstream: Upstream) -> Decision {
+        let Situation {
+            obs,
+            cfg,
+            mem,
+            state,
+            ..
+        } = *self;
+        let name = leader.name.as_str();
+        let (Some(local), Some(theirs)) = (obs.pg.control.map(|c| c.timeline), leader.timeline)
+        else {
+            return decision(
+                vec![],
+                format!("waiting to compare my timeline with {name}'s before following it"),
+                Role::Replica,
+                state,
+            );
+        };
+        if local == theirs {
+            return decision(
+                vec![Action::StartStandby(Some(upstream))],
+                format!("starting as a standby of {name}"),
+                Role::Replica,
+                state,
+            );
+        }
+        // A standby that crashed shows the timeline of its last restartpoint, usually before a
+        // switch it can simply follow; and pg_rewind cannot take its data anyway (its crash
+        // recovery in single-user mode refuses a standby). Start it as a standby: PostgreSQL
+        // follows the new timeline if its history allows, and refuses otherwise, in which case
+        // the not-streaming rule stops it cleanly and the next start is a rewind.
+        if let (DataDir::Initialized { standby: true, .. }, Some(c)) =
+            (&obs.pg.data_dir, obs.pg.control)
+        {
+            if !c.shut_down_cleanly {
+                return decision(
+                    vec![Action::StartStandby(Some(upstream))],
+                    format!("my standby data directory was not shut down cleanly (timeline {local}): starting it as a standby of {name} to follow its timeline {theirs}; pg_rewind needs a clean shutdown"),
+                    Role::Replica,
+                    state,
+                );
+            }
+        }
+        let pg = &cfg.dcs.postgresql;
+        if mem.rewind_failed.as_ref() == Some(&(name.to_string(), theirs)) {
+            return decision(
+                vec![],
+                format!("pg_rewind onto {name} (timeline {theirs}) failed before; not starting PostgreSQL until the data directory is repaired or remove_data_directory_on_rewind_failure is on"),
+                Role::Replica,
+                MemberState::Stopped,
+            );
+        }
+        if pg.use_pg_rewind {
+            return decision(
+                vec![Action::StartJob(JobKind::Rewind { from: name.to_string() })],
+                format!("my timeline {local} differs from {name}'s {theirs}: running pg_rewind before following it"),
+                Role::Replica,
+                MemberState::Rewinding,
+            );
+        }
+        if pg.remove_data_directory_on_rewind_failure {
+            return decision(
+                vec![Action::EmptyDataDir],
+                format!("my timeline {local} differs from {name}'s {theirs} and use_pg_rewind is off: removing the data directory to clone {name} again"),
+                Role::Replica,
+                MemberState::Stopped,
+            );
+        }
+        decision(
+            vec![],
+            format!("my timeline {local} differs from {name}'s {theirs}, use_pg_rewind and remove_data_directory_on_rewind_failure are off: not starting PostgreSQL"),
+            Role::Replica,
+            MemberState::Stopped,
+        )
+    }
+}

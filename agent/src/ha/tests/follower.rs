@@ -1,0 +1,163 @@
+//! Another member leads: clone it, follow it, and check timelines before streaming (rule 5).
+
+use super::*;
+
+#[test]
+fn empty_data_dir_clones_from_a_running_leader_only() {
+    let leader = member("b", MemberState::Running, 100);
+    let d = Obs::new(Some(view(Some("b"), std::slice::from_ref(&leader))))
+        .data(DataDir::Empty)
+        .decide(&cfg("a"), &Memory::default());
+    assert_eq!(
+        d.actions,
+        vec![Action::StartJob(JobKind::Clone { from: "b".into() })]
+    );
+    let starting = member("b", MemberState::Starting, 100);
+    let d = Obs::new(Some(view(Some("b"), &[starting])))
+        .data(DataDir::Empty)
+        .decide(&cfg("a"), &Memory::default());
+    assert!(d.actions.is_empty(), "{d:?}");
+}
+
+#[test]
+fn a_stopped_replica_starts_as_a_standby_of_the_leader() {
+    let leader = member("b", MemberState::Running, 100);
+    let d = Obs::new(Some(view(Some("b"), &[leader]))).decide(&cfg("a"), &Memory::default());
+    assert_eq!(
+        d.actions,
+        vec![Action::StartStandby(Some(Upstream {
+            name: "b".into(),
+            host: "127.0.0.1".into(),
+            port: 5432
+        }))]
+    );
+}
+
+#[test]
+fn a_standby_following_the_old_leader_is_repointed() {
+    let leader = member("b", MemberState::Running, 100);
+    let obs = Obs::new(Some(view(Some("b"), &[leader]))).running(Some(standby_status(50)));
+    let d = obs.decide(&cfg("a"), &following("c"));
+    assert!(
+        matches!(d.actions.as_slice(), [Action::FollowUpstream(u)] if u.name == "b"),
+        "{d:?}"
+    );
+    let d = obs.decide(&cfg("a"), &following("b"));
+    assert!(d.actions.is_empty());
+    assert_eq!(d.reason, "following b");
+    assert_eq!(d.state, MemberState::Streaming);
+}
+
+/// A crashed standby on an older timeline starts as a standby of the leader (PostgreSQL
+/// follows the switch if it can) instead of pg_rewind, which cannot run on it; a cleanly
+/// stopped one is rewound as before (item 12; found by bench/chaos).
+#[test]
+fn a_crashed_standby_on_an_older_timeline_starts_as_a_standby_before_any_rewind() {
+    let mut b = member("b", MemberState::Running, 100);
+    b.timeline = Some(2);
+    let v = view(Some("b"), std::slice::from_ref(&b));
+    let mut obs = Obs::new(Some(v.clone()));
+    obs.0.pg.control = Some(ControlData {
+        timeline: 1,
+        shut_down_cleanly: false,
+        checkpoint_lsn: None,
+    });
+    let d = obs.decide(&cfg("c"), &Memory::default());
+    assert!(
+        matches!(d.actions.as_slice(), [Action::StartStandby(Some(u))] if u.name == "b"),
+        "{d:?}"
+    );
+    let mut obs = Obs::new(Some(v));
+    obs.0.pg.control = Some(ControlData {
+        timeline: 1,
+        shut_down_cleanly: true,
+        checkpoint_lsn: None,
+    });
+    let d = obs.decide(&cfg("c"), &Memory::default());
+    assert!(
+        matches!(
+            d.actions.as_slice(),
+            [Action::StartJob(JobKind::Rewind { .. })]
+        ),
+        "{d:?}"
+    );
+}
+
+/// A pg_rewind whose source did not answer changed nothing and is not remembered: once the
+/// leader answers again on the same timeline the member rewinds, while a rewind that
+/// really failed stays remembered (found by the simulation, gate
+/// REWIND_FAILS_WHEN_SOURCE_DOWN).
+#[test]
+fn a_rewind_whose_source_did_not_answer_is_tried_again() {
+    let mut b = member("b", MemberState::Running, 100);
+    b.timeline = Some(2);
+    let v = view(Some("b"), std::slice::from_ref(&b));
+    let stopped_cleanly = |job: JobView| {
+        let mut obs = Obs::new(Some(v.clone())).job(job);
+        obs.0.pg.control = Some(ControlData {
+            timeline: 1,
+            shut_down_cleanly: true,
+            checkpoint_lsn: None,
+        });
+        obs
+    };
+    let from = || JobKind::Rewind { from: "b".into() };
+
+    let mut mem = Memory::default();
+    let obs = stopped_cleanly(JobView::SourceDown(from(), "b does not answer".into()));
+    mem.observed(&obs.0);
+    let d = obs.decide(&cfg("c"), &mem);
+    assert!(d.actions.is_empty(), "{d:?}");
+    assert!(d.reason.contains("not started"), "{}", d.reason);
+    let d = stopped_cleanly(JobView::Idle).decide(&cfg("c"), &mem);
+    assert!(
+        matches!(
+            d.actions.as_slice(),
+            [Action::StartJob(JobKind::Rewind { .. })]
+        ),
+        "the rewind was not tried again: {d:?}"
+    );
+
+    let mut mem = Memory::default();
+    let obs = stopped_cleanly(JobView::Failed(from(), "pg_rewind failed".into()));
+    mem.observed(&obs.0);
+    let d = stopped_cleanly(JobView::Idle).decide(&cfg("c"), &mem);
+    assert!(d.actions.is_empty(), "a failed rewind was run again: {d:?}");
+}
+
+/// A walreceiver that PostgreSQL restarts against a leader whose history it cannot follow is
+/// "streaming" for a moment now and then without receiving anything: the not-streaming clock
+/// keeps running, so the member stops to be rewound; a lagging standby that receives WAL on
+/// the old timeline is streaming (found by bench/chaos: a former leader followed the new one
+/// without pg_rewind and never streamed).
+#[test]
+fn a_walreceiver_that_connects_but_receives_nothing_is_not_streaming() {
+    let mut b = member("b", MemberState::Running, 100);
+    b.timeline = Some(2);
+    let v = view(Some("b"), &[b]);
+    let status = |streaming: bool, received: u64| PgStatus {
+        streaming,
+        receive_lsn: Some(Lsn(received)),
+        ..standby_status(received)
+    };
+    let start = Instant::now();
+    let at = |secs: u64, s: PgStatus| {
+        let mut o = Obs::new(Some(v.clone())).running(Some(s)).0;
+        o.now = start + Duration::from_secs(secs);
+        o
+    };
+    let mut mem = Memory::default();
+    mem.observed(&at(0, status(false, 100)));
+    let since = mem.not_streaming_since.expect("not streaming");
+    mem.observed(&at(1, status(true, 100)));
+    assert_eq!(
+        mem.not_streaming_since,
+        Some(since),
+        "a connect that received nothing reset the clock"
+    );
+    mem.observed(&at(2, status(true, 200)));
+    assert_eq!(
+        mem.not_streaming_since, None,
+        "a standby receiving WAL is streaming"
+    );
+}
