@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use pgherd_config::{patch, DynamicConfig};
 use pgherd_proto::v1::agent_server::Agent as AgentService;
 use pgherd_proto::v1::*;
+use pgherd_proto::LEADER_ADDRESS;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -14,9 +15,6 @@ use super::{member_to_proto, ApiContext};
 use crate::agent::LocalRequest;
 use crate::dcs::model::{ClusterView, Handover, HandoverKind, MemberState};
 use crate::ha::{switchover_target, HaConfig};
-
-/// Metadata entry naming the leader's API address when a follower refuses a request.
-pub const LEADER_ADDRESS: &str = "pgherd-leader-address";
 
 pub struct Service {
     ctx: ApiContext,
