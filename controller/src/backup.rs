@@ -8,7 +8,7 @@ use pgherd_proto::v1::*;
 use tonic::Streaming;
 
 use crate::agents::{status_failure, Target};
-use crate::commands::confirm;
+use crate::prompt::confirm;
 use crate::{Failure, Format};
 
 fn mib(b: u64) -> String {
