@@ -140,17 +140,6 @@ pub fn restore_command(ctx: &BackupContext) -> Result<String> {
     ))
 }
 
-/// Quotes for /bin/sh (archive and restore commands run through the shell).
-pub fn shell_quote(s: &str) -> String {
-    if s.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "/._-+:=".contains(c))
-    {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}
-
 /// Arms archive recovery in a restored data directory: `recovery.signal`, no
 /// `standby.signal`.
 pub fn arm_recovery(ctx: &BackupContext, dir: &Path) -> Result<()> {
