@@ -211,7 +211,7 @@ pub async fn restore(
     o: RestoreOptions<'_>,
 ) -> Result<(), Failure> {
     // Check the target's syntax before asking anything.
-    let parsed = pgherd_agent::backup::target::Target::from_options(
+    let parsed = pgherd_agent::dcs::model::Target::from_options(
         o.target_time,
         o.target_lsn,
         o.target_name,

@@ -744,7 +744,7 @@ impl AgentService for Service {
         fn opt(s: &str) -> Option<&str> {
             (!s.is_empty()).then_some(s)
         }
-        let target = crate::backup::target::Target::from_options(
+        let target = crate::dcs::model::Target::from_options(
             opt(&r.target_time),
             opt(&r.target_lsn),
             opt(&r.target_name),
@@ -760,7 +760,7 @@ impl AgentService for Service {
         )
         .await
         .map_err(|e| {
-            if e.downcast_ref::<crate::backup::target::TargetError>()
+            if e.downcast_ref::<crate::backup::target::ChooseError>()
                 .is_some()
             {
                 Status::invalid_argument(format!("{e:#}"))

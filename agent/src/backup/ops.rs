@@ -13,9 +13,9 @@ use tokio::sync::watch;
 
 use super::base::{self, Progress, Source};
 use super::catalog::{BackupInfo, VerifyResult};
-use super::target::{self, ArchiveEnd, Target};
+use super::target::{self, ArchiveEnd};
 use super::{restore, verify, wal, BackupContext};
-use crate::dcs::model::{ClusterView, RestoreKey, RestorePhase, Role};
+use crate::dcs::model::{parse_time, ClusterView, RestoreKey, RestorePhase, Role, Target};
 use crate::dcs::Dcs;
 use crate::fsutil;
 use crate::postgres::{Mode, Postgres};
@@ -91,7 +91,7 @@ async fn take_checked(
 pub fn board_status(ctx: &BackupContext) -> Option<crate::api::BackupStatus> {
     use crate::api::{BackupRun, BackupStatus};
     let sum = summary(ctx).ok()?;
-    let at = |t: &str| target::parse_time(t).ok().map(std::time::SystemTime::from);
+    let at = |t: &str| parse_time(t).ok().map(std::time::SystemTime::from);
     let failure = *ctx.last_failure.lock().unwrap_or_else(|p| p.into_inner());
     let last_backup = match (failure, &sum.last_backup) {
         (Some(f), _) => Some(BackupRun {
@@ -574,7 +574,7 @@ pub async fn run_schedules(
             .unwrap_or(false)
     };
     let last = |t: Option<&str>| {
-        t.and_then(|t| target::parse_time(t).ok())
+        t.and_then(|t| parse_time(t).ok())
             .map_or(started, |t| t.max(started))
     };
     loop {
