@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use pgherd_config::{Config, DynamicConfig, ParamValue, SynchronousMode};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::StatusBoard;
 use crate::backup::{ops as backup_ops, BackupContext};
+use crate::board::{LocalRequest, LocalStatus, PgFacts, StatusBoard};
 use crate::callbacks::{Callbacks, Event, PgRole};
 use crate::dcs::model::{ClusterView, HistoryEntry, MemberInfo, Role, VERSION};
 use crate::dcs::{Dcs, Lease};
@@ -28,23 +28,6 @@ use crate::lsn::Lsn;
 use crate::now_rfc3339;
 use crate::postgres::{Mode, Postgres};
 use crate::watchdog::Watchdog;
-
-/// A request from the API about this member, executed by the loop between two cycles.
-pub enum LocalRequest {
-    /// Restart PostgreSQL in its current role (only if a restart is pending, with the flag).
-    Restart {
-        pending_only: bool,
-        reply: oneshot::Sender<Result<String, String>>,
-    },
-    /// Rewrite the configuration files and reload PostgreSQL.
-    Reload {
-        reply: oneshot::Sender<Result<String, String>>,
-    },
-    /// Throw the data directory away and clone the leader again (never on the leader).
-    Reinitialize {
-        reply: oneshot::Sender<Result<String, String>>,
-    },
-}
 
 struct Job {
     kind: JobKind,
@@ -301,13 +284,13 @@ impl Agent {
             }
             self.pg_role = Some(now);
         }
-        self.board.set_local(crate::api::LocalStatus {
+        self.board.set_local(LocalStatus {
             at: Instant::now(),
             loop_duration: started.elapsed(),
             ttl: Duration::from_secs(ha_cfg.dcs.ttl),
             leader_valid_until: self.leader_lease.as_ref().and(self.leader_valid_until),
             pg_running,
-            pg: status.map(|s| crate::api::PgFacts {
+            pg: status.map(|s| PgFacts {
                 in_recovery: s.in_recovery,
                 streaming: s.streaming,
             }),

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod backup;
+pub mod board;
 pub mod callbacks;
 pub mod dcs;
 pub mod failpoint;

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::{member_to_proto, ApiContext};
-use crate::agent::LocalRequest;
+use crate::board::LocalRequest;
 use crate::dcs::model::{ClusterView, Handover, HandoverKind, MemberState};
 use crate::ha::{switchover_target, HaConfig};
 

@@ -15,6 +15,7 @@ use super::base::{self, Progress, Source};
 use super::catalog::{BackupInfo, VerifyResult};
 use super::target::{self, ArchiveEnd};
 use super::{restore, verify, wal, BackupContext};
+use crate::board::{BackupRun, BackupStatus};
 use crate::dcs::model::{parse_time, ClusterView, RestoreKey, RestorePhase, Role, Target};
 use crate::dcs::Dcs;
 use crate::fsutil;
@@ -88,8 +89,7 @@ async fn take_checked(
 
 /// What `/metrics` shows about backups: the newest backup (or a later failed attempt) and
 /// the last verification.
-pub fn board_status(ctx: &BackupContext) -> Option<crate::api::BackupStatus> {
-    use crate::api::{BackupRun, BackupStatus};
+pub fn board_status(ctx: &BackupContext) -> Option<BackupStatus> {
     let sum = summary(ctx).ok()?;
     let at = |t: &str| parse_time(t).ok().map(std::time::SystemTime::from);
     let failure = *ctx.last_failure.lock().unwrap_or_else(|p| p.into_inner());
