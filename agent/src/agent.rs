@@ -25,9 +25,9 @@ use crate::ha::{
     Outcome, PgView, Upstream,
 };
 use crate::lsn::Lsn;
-use crate::now_rfc3339;
 use crate::postgres::{Mode, Postgres};
 use crate::watchdog::Watchdog;
+use crate::{now_rfc3339, now_rfc3339_millis};
 
 struct Job {
     kind: JobKind,
@@ -1154,9 +1154,7 @@ impl Agent {
             to: Some(to.to_string()),
             from: Some(self.cfg.name.clone()),
             final_lsn: Some(final_lsn),
-            handed_over_at: Some(
-                humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            ),
+            handed_over_at: Some(now_rfc3339_millis()),
             ..handover
         };
         if !self.dcs.update_handover(&done, rev).await? {

@@ -19,3 +19,9 @@ pub mod watchdog;
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
+
+/// Now as RFC 3339 (UTC, milliseconds), for the switchover key's times: decide measures a
+/// handover's timeout from them.
+pub fn now_rfc3339_millis() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}

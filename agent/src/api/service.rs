@@ -15,6 +15,7 @@ use super::{member_to_proto, ApiContext};
 use crate::board::LocalRequest;
 use crate::dcs::model::{ClusterView, Handover, HandoverKind, MemberState};
 use crate::ha::{switchover_target, HaConfig};
+use crate::now_rfc3339_millis;
 
 pub struct Service {
     ctx: ApiContext,
@@ -26,10 +27,6 @@ type Reply<T> = Result<Response<T>, Status>;
 /// Compares secrets without an early exit on the first differing byte.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Status {
@@ -406,7 +403,7 @@ impl AgentService for Service {
             final_lsn: None,
             handed_over_at: None,
             taken_by: None,
-            requested_at: now_rfc3339(),
+            requested_at: now_rfc3339_millis(),
         };
         if !self
             .ctx
@@ -551,7 +548,7 @@ impl AgentService for Service {
             final_lsn: None,
             handed_over_at: None,
             taken_by: None,
-            requested_at: now_rfc3339(),
+            requested_at: now_rfc3339_millis(),
         };
         if !self
             .ctx

@@ -121,7 +121,7 @@ pub async fn take(
         "backups/{id}/base.tar{}",
         ctx.backup.compression.extension()
     );
-    let start_time = super::now_rfc3339();
+    let start_time = crate::now_rfc3339();
     let args: Vec<String> = vec![
         "-D".into(),
         "-".into(),
@@ -302,7 +302,7 @@ pub async fn take(
         start_lsn,
         stop_lsn,
         start_time,
-        stop_time: super::now_rfc3339(),
+        stop_time: crate::now_rfc3339(),
         size_bytes: size,
         stored_bytes: stored,
         compression: ctx.backup.compression.as_str().to_string(),

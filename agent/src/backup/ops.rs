@@ -189,7 +189,7 @@ pub async fn request_restore(
         backup_id: chosen.id.clone(),
         target,
         phase: RestorePhase::Restoring,
-        requested_at: super::now_rfc3339(),
+        requested_at: crate::now_rfc3339(),
         finished_at: None,
         timeline: None,
         message: String::new(),

@@ -112,7 +112,7 @@ pub async fn verify(
         Ok((message, rows, recovered_to)) => VerifyResult {
             backup_id: info.id.clone(),
             passed: true,
-            finished_at: super::now_rfc3339(),
+            finished_at: crate::now_rfc3339(),
             seconds,
             message,
             rows: Some(rows),
@@ -121,7 +121,7 @@ pub async fn verify(
         Err(e) => VerifyResult {
             backup_id: info.id.clone(),
             passed: false,
-            finished_at: super::now_rfc3339(),
+            finished_at: crate::now_rfc3339(),
             seconds,
             message: format!("{e:#}"),
             rows: None,
