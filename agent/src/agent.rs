@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use pgherd_config::{Config, DynamicConfig, ParamValue, SynchronousMode};
+use pgherd_config::{Config, ParamValue, SynchronousMode};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backup::{ops as backup_ops, BackupContext};
 use crate::board::{LocalRequest, LocalStatus, PgFacts, StatusBoard};
 use crate::callbacks::{Callbacks, Event, PgRole};
-use crate::dcs::model::{ClusterView, HistoryEntry, MemberInfo, Role, VERSION};
+use crate::dcs::model::{dynamic_config, ClusterView, HistoryEntry, MemberInfo, Role, VERSION};
 use crate::dcs::{Dcs, Lease};
 use crate::ha::{
     self, Action, DataDir, Decision, HaConfig, JobKind, JobView, LeaseView, Memory, Observation,
@@ -81,26 +81,6 @@ pub struct Agent {
 /// of the TTL, at least 500 ms.
 pub fn lease_safety_margin(ttl: Duration) -> Duration {
     (ttl / 10).max(Duration::from_millis(500))
-}
-
-/// The dynamic config in effect: etcd's, or while it is unreadable the last valid one this
-/// agent read (`Dcs::load` keeps it in the view and logs the problem at ERROR). The file's
-/// `bootstrap.dcs` only before the cluster has a config key, or when the key has been
-/// unreadable since this agent started (logged at ERROR too, and decide then races for no
-/// vacant leader key).
-fn dynamic_config(cfg: &Config, view: Option<&ClusterView>) -> DynamicConfig {
-    match view.and_then(|v| v.config.as_ref()) {
-        Some(Ok(d)) => d.clone(),
-        Some(Err(_)) | None => cfg.bootstrap.dcs.clone(),
-    }
-}
-
-fn upstream_of(m: &MemberInfo) -> Upstream {
-    Upstream {
-        name: m.name.clone(),
-        host: m.host.clone(),
-        port: m.port,
-    }
 }
 
 impl Agent {
@@ -475,7 +455,7 @@ impl Agent {
             .upstream
             .as_ref()
             .and_then(|name| view.or(self.last_view.as_ref())?.members.get(name))
-            .map(upstream_of);
+            .map(Upstream::of);
         Mode::Standby(upstream)
     }
 
@@ -1418,7 +1398,7 @@ impl Agent {
                 .cluster
                 .as_ref()
                 .and_then(|v| v.members.get(from))
-                .map(upstream_of),
+                .map(Upstream::of),
             JobKind::Bootstrap | JobKind::Restore { .. } => None,
         };
         let handle = match &kind {

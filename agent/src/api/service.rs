@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::{member_to_proto, ApiContext};
 use crate::board::LocalRequest;
-use crate::dcs::model::{ClusterView, Handover, HandoverKind, MemberState};
+use crate::dcs::model::{dynamic_config, ClusterView, Handover, HandoverKind, MemberState};
 use crate::ha::{switchover_target, HaConfig};
 use crate::now_rfc3339_millis;
 
@@ -125,7 +125,7 @@ impl Service {
         HaConfig {
             name: self.ctx.cfg.name.clone(),
             tags: self.ctx.cfg.tags.clone(),
-            dcs: dynamic(&self.ctx.cfg, view),
+            dcs: dynamic_config(&self.ctx.cfg, Some(view)),
         }
     }
 
@@ -280,13 +280,6 @@ impl Service {
             "not finished within {} s; see pgherdctl list",
             limit.as_secs()
         )))
-    }
-}
-
-fn dynamic(cfg: &pgherd_config::Config, view: &ClusterView) -> DynamicConfig {
-    match &view.config {
-        Some(Ok(d)) => d.clone(),
-        _ => cfg.bootstrap.dcs.clone(),
     }
 }
 
@@ -655,7 +648,7 @@ impl AgentService for Service {
 
     async fn get_config(&self, _req: Request<GetConfigRequest>) -> Reply<GetConfigResponse> {
         let view = self.view().await?;
-        let cfg = dynamic(&self.ctx.cfg, &view);
+        let cfg = dynamic_config(&self.ctx.cfg, Some(&view));
         Ok(Response::new(GetConfigResponse {
             json: serde_json::to_string_pretty(&cfg)
                 .map_err(|e| Status::internal(e.to_string()))?,

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, FixedOffset, Utc};
-use pgherd_config::{DynamicConfig, Tags};
+use pgherd_config::{Config, DynamicConfig, Tags};
 use serde::{Deserialize, Serialize};
 
 use crate::lsn::Lsn;
@@ -246,6 +246,18 @@ impl ClusterView {
     /// Why `key` (relative to the cluster prefix) cannot be read, if it cannot.
     pub fn unreadable(&self, key: &str) -> Option<&str> {
         self.unreadable.get(key).map(String::as_str)
+    }
+}
+
+/// The dynamic config in effect: etcd's, or while it is unreadable the last valid one this
+/// agent read (`Dcs::load` keeps it in the view and logs the problem at ERROR). The file's
+/// `bootstrap.dcs` only before the cluster has a config key, or when the key has been
+/// unreadable since this agent started (logged at ERROR too, and decide then races for no
+/// vacant leader key).
+pub fn dynamic_config(cfg: &Config, view: Option<&ClusterView>) -> DynamicConfig {
+    match view.and_then(|v| v.config.as_ref()) {
+        Some(Ok(d)) => d.clone(),
+        Some(Err(_)) | None => cfg.bootstrap.dcs.clone(),
     }
 }
 

@@ -185,7 +185,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    fn of(m: &MemberInfo) -> Upstream {
+    pub fn of(m: &MemberInfo) -> Upstream {
         Upstream {
             name: m.name.clone(),
             host: m.host.clone(),
