@@ -216,7 +216,7 @@ impl Agent {
             let wait = if decision.retry_soon {
                 Duration::from_millis(50)
             } else {
-                Duration::from_secs(ha_cfg.dcs.loop_wait)
+                ha_cfg.dcs.loop_wait()
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -267,7 +267,7 @@ impl Agent {
         self.board.set_local(LocalStatus {
             at: Instant::now(),
             loop_duration: started.elapsed(),
-            ttl: Duration::from_secs(ha_cfg.dcs.ttl),
+            ttl: ha_cfg.dcs.ttl(),
             leader_valid_until: self.leader_lease.as_ref().and(self.leader_valid_until),
             pg_running,
             pg: status.map(|s| PgFacts {
@@ -297,9 +297,8 @@ impl Agent {
 
     async fn observe(&mut self) -> Observation {
         let dcs_cfg = self.ha_config().dcs;
-        let ttl = Duration::from_secs(dcs_cfg.ttl);
-        self.dcs
-            .set_timeout(Duration::from_secs(dcs_cfg.retry_timeout));
+        let ttl = dcs_cfg.ttl();
+        self.dcs.set_timeout(dcs_cfg.retry_timeout());
         // Rule 2: a leader renews before anything else in the cycle, so a slow etcd read or a
         // slow PostgreSQL status query (each bounded) cannot push its renewal past the
         // deadline and make a healthy leader fence itself. A lease found expired here is
@@ -503,7 +502,7 @@ impl Agent {
         }
         tracing::info!(reason = "restart requested through the API", "decision");
         // The loop waits for the restart: keep the lease renewed meanwhile (rule 2).
-        let until = Instant::now() + Duration::from_secs(self.cfg.postgres.command_timeout);
+        let until = Instant::now() + self.cfg.postgres.command_timeout();
         let pg = self.pg.clone();
         self.with_renewal(until, async move { pg.stop().await })
             .await?;
@@ -697,7 +696,7 @@ impl Agent {
     /// Grants a fresh leader lease; returns the instant the grant was sent.
     async fn fresh_leader_lease(&mut self) -> Result<Instant> {
         self.drop_leader_lease().await;
-        let ttl = Duration::from_secs(self.ha_config().dcs.ttl);
+        let ttl = self.ha_config().dcs.ttl();
         let sent = Instant::now();
         self.leader_lease = Some(self.dcs.grant_lease(ttl).await?);
         Ok(sent)
@@ -708,7 +707,7 @@ impl Agent {
     /// Whether we hold the lease and its last renewal was sent less than a third of the TTL
     /// ago (at the start of this cycle, usually).
     fn renewed_recently(&self) -> bool {
-        let ttl = Duration::from_secs(self.ha_config().dcs.ttl);
+        let ttl = self.ha_config().dcs.ttl();
         self.leader_lease.is_some()
             && self
                 .last_renewal_sent
@@ -1089,7 +1088,7 @@ impl Agent {
     /// final position.
     async fn stop_for_handover(&mut self, to: &str) -> Result<Lsn> {
         self.renew_leader().await?;
-        let ttl = Duration::from_secs(self.ha_config().dcs.ttl);
+        let ttl = self.ha_config().dcs.ttl();
         let budget_end = Instant::now() + ttl.saturating_sub(lease_safety_margin(ttl));
         let pg = self.pg.clone();
         self.with_renewal(budget_end, async move { pg.checkpoint().await })
@@ -1180,7 +1179,7 @@ impl Agent {
         until: Instant,
         work: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        let ttl = Duration::from_secs(self.ha_config().dcs.ttl);
+        let ttl = self.ha_config().dcs.ttl();
         let every = (ttl / 3).max(Duration::from_millis(200));
         let budget = until.saturating_duration_since(Instant::now());
         tokio::pin!(work);
@@ -1239,7 +1238,7 @@ impl Agent {
         });
         // Promotion and the checkpoint after it can take seconds under load: the lease is
         // renewed meanwhile (rule 2).
-        let until = Instant::now() + Duration::from_secs(self.cfg.postgres.command_timeout);
+        let until = Instant::now() + self.cfg.postgres.command_timeout();
         let pg = self.pg.clone();
         self.with_renewal(until, async move { pg.promote().await })
             .await?;
@@ -1577,7 +1576,7 @@ impl Agent {
             wd.stop();
         }
         // on_stop above is usually still queued or running.
-        let limit = Duration::from_secs(self.cfg.callbacks.timeout) + Duration::from_secs(1);
+        let limit = self.cfg.callbacks.timeout() + Duration::from_secs(1);
         self.callbacks.finish(limit).await;
     }
 

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use super::{member_to_proto, ApiContext};
 use crate::board::LocalRequest;
 use crate::dcs::model::{dynamic_config, ClusterView, Handover, HandoverKind, MemberState};
-use crate::ha::{switchover_target, HaConfig};
+use crate::ha::{handover_timeout, switchover_target, HaConfig};
 use crate::now_rfc3339_millis;
 
 pub struct Service {
@@ -171,7 +171,7 @@ impl Service {
             .send(make(tx))
             .await
             .map_err(|_| Status::unavailable("the agent loop is shutting down"))?;
-        let limit = Duration::from_secs(self.ctx.cfg.postgres.command_timeout * 2 + 30);
+        let limit = self.ctx.cfg.postgres.command_timeout() * 2 + Duration::from_secs(30);
         match tokio::time::timeout(limit, rx).await {
             Ok(Ok(Ok(msg))) => Ok(msg),
             Ok(Ok(Err(why))) => Err(Status::failed_precondition(why)),
@@ -425,7 +425,7 @@ impl AgentService for Service {
         }
         tracing::info!(candidate = %target, "switchover requested");
         let board = self.ctx.board.clone();
-        let limit = Duration::from_secs(cfg.dcs.ttl.max(10) * 2 + 30);
+        let limit = handover_timeout(&cfg) * 2 + Duration::from_secs(30);
         let mut seen_handover = false;
         let outcome = self
             .wait_for(limit, |v| {
@@ -555,8 +555,7 @@ impl AgentService for Service {
             ));
         }
         tracing::info!(candidate = %candidate, "manual failover requested");
-        let ttl = self.ha_config(&view).dcs.ttl;
-        let limit = Duration::from_secs(ttl * 3 + 30);
+        let limit = self.ha_config(&view).dcs.ttl() * 3 + Duration::from_secs(30);
         let c = candidate.clone();
         let msg = self
             .wait_for(limit, |v| {

@@ -266,7 +266,7 @@ pub async fn take(
             Ok((raw, stored, sha, manifest))
         })
     };
-    let timeout = Duration::from_secs(ctx.backup.timeout);
+    let timeout = ctx.backup.timeout();
     let (size, stored, sha256, manifest) = match tokio::time::timeout(timeout, job).await {
         Ok(r) => r.context("the backup task died")??,
         Err(_) => {

@@ -439,7 +439,7 @@ pub async fn run_restore(
         crate::failpoint::hit("restore-before-recovery");
         tracing::info!(restore = %key.id, backup = %info.id, target = %key.target.describe(), "recovering from the archive");
         pg.start().await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(ctx.backup.timeout);
+        let deadline = tokio::time::Instant::now() + ctx.backup.timeout();
         let mut promoting = false;
         loop {
             if !pg.is_running() {

@@ -5,7 +5,6 @@
 use std::ffi::OsStr;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
@@ -112,7 +111,7 @@ pub async fn check_manifest(ctx: &BackupContext, info: &BackupInfo, data: &Dir) 
         &ctx.bin_dir.join("pg_verifybackup"),
         &args,
         &[],
-        Duration::from_secs(ctx.backup.timeout),
+        ctx.backup.timeout(),
         command::Log::Info,
     )
     .await

@@ -980,7 +980,7 @@ fn parse_time(s: &str) -> Option<std::time::SystemTime> {
 }
 
 /// How long a handover may take before it is given up: the lease TTL, at least 10 s.
-fn handover_timeout(cfg: &HaConfig) -> std::time::Duration {
+pub fn handover_timeout(cfg: &HaConfig) -> std::time::Duration {
     std::time::Duration::from_secs(cfg.dcs.ttl.max(10))
 }
 

@@ -202,7 +202,7 @@ impl Postgres {
             archiving,
             recovery: std::sync::Mutex::new(BTreeMap::new()),
             data_dir: cfg.postgres.data_dir.clone(),
-            timeout: Duration::from_secs(cfg.postgres.command_timeout),
+            timeout: cfg.postgres.command_timeout(),
             cfg,
             user,
             bin_dir,
