@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::{ops as backup_ops, BackupContext};
-use crate::board::{LocalRequest, LocalStatus, PgFacts, StatusBoard};
+use crate::board::{LocalRequest, LocalStatus, PgFacts, RestartOutcome, StatusBoard};
 use crate::callbacks::{Callbacks, Event, PgRole};
 use crate::dcs::model::{dynamic_config, ClusterView, HistoryEntry, MemberInfo, Role, VERSION};
 use crate::dcs::{Dcs, Lease};
@@ -482,7 +482,7 @@ impl Agent {
         }
     }
 
-    async fn restart(&mut self, pending_only: bool) -> Result<String> {
+    async fn restart(&mut self, pending_only: bool) -> Result<RestartOutcome> {
         if self.job.is_some() {
             return Err(anyhow!(
                 "a long job (clone, rewind, initdb) is running; try again when it has finished"
@@ -494,7 +494,7 @@ impl Agent {
             .await
             .context("PostgreSQL is not running or does not answer; nothing to restart")?;
         if pending_only && !status.pending_restart {
-            return Ok("no restart pending: nothing done".to_string());
+            return Ok(RestartOutcome::NothingPending);
         }
         let mode = self.current_mode(status.in_recovery, None);
         if mode == Mode::Primary {
@@ -515,19 +515,12 @@ impl Agent {
         self.with_renewal(until, async move { pg.start_and_wait().await })
             .await?;
         self.arm_watchdog();
-        self.callbacks
-            .fire(Event::Restart, PgRole::of(mode != Mode::Primary));
-        Ok(format!(
-            "restarted PostgreSQL as {}",
-            if mode == Mode::Primary {
-                "the primary"
-            } else {
-                "a standby"
-            }
-        ))
+        let role = PgRole::of(mode != Mode::Primary);
+        self.callbacks.fire(Event::Restart, role);
+        Ok(RestartOutcome::Restarted(role))
     }
 
-    async fn reload(&mut self) -> Result<String> {
+    async fn reload(&mut self) -> Result<()> {
         let status = self
             .pg
             .status()
@@ -535,11 +528,10 @@ impl Agent {
             .context("PostgreSQL is not running or does not answer; nothing to reload")?;
         let mode = self.current_mode(status.in_recovery, None);
         self.pg.write_config(&mode, &self.cluster_params())?;
-        self.pg.reload().await?;
-        Ok("configuration rewritten and reloaded".to_string())
+        self.pg.reload().await
     }
 
-    async fn reinitialize(&mut self) -> Result<String> {
+    async fn reinitialize(&mut self) -> Result<()> {
         // Rule 6: never on the member that holds the leader key.
         if self.leader_lease.is_some() {
             return Err(anyhow!(
@@ -562,7 +554,7 @@ impl Agent {
         self.memory = Memory::default();
         self.known_timeline = None;
         self.wake.notify_one();
-        Ok("data directory removed; the member clones the leader again".to_string())
+        Ok(())
     }
 
     async fn job_view(&mut self) -> JobView {

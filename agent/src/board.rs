@@ -10,23 +10,34 @@ use pgherd_config::SynchronousMode;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::callbacks::PgRole;
 use crate::dcs::model::{ClusterView, Handover, MemberInfo};
 
-/// A request from the API about this member, executed by the loop between two cycles.
+/// A request from the API about this member, executed by the loop between two cycles. The
+/// loop replies with what it did, or with why it did not (for the operator to read).
 pub enum LocalRequest {
     /// Restart PostgreSQL in its current role (only if a restart is pending, with the flag).
     Restart {
         pending_only: bool,
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Result<RestartOutcome, String>>,
     },
     /// Rewrite the configuration files and reload PostgreSQL.
     Reload {
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Result<(), String>>,
     },
     /// Throw the data directory away and clone the leader again (never on the leader).
     Reinitialize {
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Result<(), String>>,
     },
+}
+
+/// What the loop did for a [`LocalRequest::Restart`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartOutcome {
+    /// Only a pending restart was asked for, and none is pending: nothing done.
+    NothingPending,
+    /// PostgreSQL was stopped and started again in the role it had.
+    Restarted(PgRole),
 }
 
 /// What the loop last knew, shared with request handlers.

@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::{member_to_proto, ApiContext};
-use crate::board::LocalRequest;
+use crate::board::{LocalRequest, RestartOutcome};
+use crate::callbacks::PgRole;
 use crate::dcs::model::{dynamic_config, ClusterView, Handover, HandoverKind, MemberState};
 use crate::ha::{handover_timeout, switchover_target, HaConfig};
 use crate::now_rfc3339_millis;
@@ -161,10 +162,11 @@ impl Service {
         }
     }
 
-    async fn ask_loop(
+    /// Hands a request about this member to the loop and waits for its reply.
+    async fn ask_loop<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> LocalRequest,
-    ) -> Result<String, Status> {
+        make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> LocalRequest,
+    ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.ctx
             .requests
@@ -173,7 +175,7 @@ impl Service {
             .map_err(|_| Status::unavailable("the agent loop is shutting down"))?;
         let limit = self.ctx.cfg.postgres.command_timeout() * 2 + Duration::from_secs(30);
         match tokio::time::timeout(limit, rx).await {
-            Ok(Ok(Ok(msg))) => Ok(msg),
+            Ok(Ok(Ok(done))) => Ok(done),
             Ok(Ok(Err(why))) => Err(Status::failed_precondition(why)),
             Ok(Err(_)) => Err(Status::internal("the agent loop dropped the request")),
             Err(_) => Err(Status::deadline_exceeded(format!(
@@ -575,34 +577,46 @@ impl AgentService for Service {
         self.authorize(&req)?;
         let req = req.into_inner();
         self.require_self(&req.member)?;
-        let msg = self
+        let outcome = self
             .ask_loop(|reply| LocalRequest::Restart {
                 pending_only: req.pending_only,
                 reply,
             })
             .await?;
+        let message = match outcome {
+            RestartOutcome::NothingPending => "no restart pending: nothing done".to_string(),
+            RestartOutcome::Restarted(role) => format!(
+                "restarted PostgreSQL as {}",
+                match role {
+                    PgRole::Primary => "the primary",
+                    PgRole::Replica => "a standby",
+                }
+            ),
+        };
         Ok(Response::new(RestartResponse {
-            restarted: msg.starts_with("restarted"),
-            message: msg,
+            restarted: matches!(outcome, RestartOutcome::Restarted(_)),
+            message,
         }))
     }
 
     async fn reload(&self, req: Request<ReloadRequest>) -> Reply<ReloadResponse> {
         self.authorize(&req)?;
         self.require_self(&req.get_ref().member)?;
-        let message = self
-            .ask_loop(|reply| LocalRequest::Reload { reply })
+        self.ask_loop(|reply| LocalRequest::Reload { reply })
             .await?;
-        Ok(Response::new(ReloadResponse { message }))
+        Ok(Response::new(ReloadResponse {
+            message: "configuration rewritten and reloaded".to_string(),
+        }))
     }
 
     async fn reinitialize(&self, req: Request<ReinitializeRequest>) -> Reply<ReinitializeResponse> {
         self.authorize(&req)?;
         self.require_self(&req.get_ref().member)?;
-        let message = self
-            .ask_loop(|reply| LocalRequest::Reinitialize { reply })
+        self.ask_loop(|reply| LocalRequest::Reinitialize { reply })
             .await?;
-        Ok(Response::new(ReinitializeResponse { message }))
+        Ok(Response::new(ReinitializeResponse {
+            message: "data directory removed; the member clones the leader again".to_string(),
+        }))
     }
 
     async fn pause(&self, req: Request<PauseRequest>) -> Reply<PauseResponse> {
