@@ -8,7 +8,7 @@
 //! the loop and `observe`; `lease` the member and leader leases (and the watchdog armed with
 //! the leader lease's deadline); `config` the configuration in effect; `jobs` the long jobs;
 //! `publish` the member key and the status board; `requests` the operator's requests from
-//! the API; `act` carries out a decision's actions.
+//! the API; `act` carries out a decision's actions, one file per family of actions.
 
 mod act;
 mod config;
