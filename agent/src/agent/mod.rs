@@ -91,7 +91,12 @@ impl Agent {
         requests: mpsc::Receiver<LocalRequest>,
     ) -> Result<Agent> {
         let wake = Arc::new(Notify::new());
-        let pg = Arc::new(Postgres::new(cfg.clone(), wake.clone())?);
+        let mut pg = Postgres::new(cfg.clone(), wake.clone())?;
+        pg.set_archiving(crate::backup::wal::archiving_parameters(
+            &cfg,
+            pg.os_user(),
+        )?);
+        let pg = Arc::new(pg);
         pg.install_tls()?;
         let peer_client =
             crate::api::ClientOptions::from_api_config(&cfg.api, Duration::from_millis(500))?;
