@@ -84,7 +84,7 @@ impl Callbacks {
             };
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let timeout = Duration::from_secs(callbacks.timeout);
+        let timeout = callbacks.timeout();
         let worker = tokio::spawn(work(rx, cfg.cluster.clone(), timeout));
         Callbacks {
             cfg: callbacks,

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod backup;
+pub mod board;
 pub mod callbacks;
 pub mod dcs;
 pub mod failpoint;
@@ -17,4 +18,10 @@ pub mod watchdog;
 /// Now as RFC 3339 (UTC, whole seconds), for what humans and etcd keys read.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Now as RFC 3339 (UTC, milliseconds), for the switchover key's times: decide measures a
+/// handover's timeout from them.
+pub fn now_rfc3339_millis() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use pgherd_agent::board::StatusBoard;
 use pgherd_agent::{agent::Agent, api, dcs};
 use pgherd_config::ConfigError;
 use tokio_util::sync::CancellationToken;
@@ -211,7 +212,7 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot set up the etcd client for {:?}", cfg.etcd.endpoints))?;
     let dcs = dcs::Dcs::new(client, &cfg.cluster, &cfg.name, timeout);
-    let board = api::StatusBoard::new(&cfg.cluster);
+    let board = StatusBoard::new(&cfg.cluster);
     let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(8);
     let agent = Agent::new(cfg.clone(), dcs.clone(), board.clone(), requests_rx)?;
     let backup = agent.backup();

@@ -2,6 +2,7 @@
 //! compressed, how many are kept and when they are taken and verified.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -101,6 +102,12 @@ impl BackupConfig {
     pub fn level(&self) -> i32 {
         self.compression_level
             .unwrap_or_else(|| self.compression.default_level())
+    }
+
+    /// How long a base backup, a restore's recovery or a verification may take (`timeout`,
+    /// in seconds).
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout)
     }
 
     pub(crate) fn validate(&self, out: &mut Vec<Problem>) {

@@ -14,6 +14,7 @@ mod validate;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -389,6 +390,11 @@ impl Default for Callbacks {
 }
 
 impl Callbacks {
+    /// How long a callback may run (`timeout`, in seconds).
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout)
+    }
+
     /// The configured command of each action, with its key name.
     pub fn commands(&self) -> [(&'static str, Option<&str>); 4] {
         [
@@ -529,6 +535,34 @@ impl DynamicConfig {
     /// (`bootstrap.dcs` in the file, empty for the etcd copy).
     pub fn validate(&self, prefix: &str) -> Vec<Problem> {
         validate::dynamic(self, prefix)
+    }
+
+    /// The leader lease's TTL (`ttl`, in seconds).
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl)
+    }
+
+    /// The time between two runs of the agent loop (`loop_wait`, in seconds).
+    pub fn loop_wait(&self) -> Duration {
+        Duration::from_secs(self.loop_wait)
+    }
+
+    /// How long an etcd call may take (`retry_timeout`, in seconds).
+    pub fn retry_timeout(&self) -> Duration {
+        Duration::from_secs(self.retry_timeout)
+    }
+
+    /// How long the leader may bring a crashed PostgreSQL back (`primary_start_timeout`,
+    /// in seconds).
+    pub fn primary_start_timeout(&self) -> Duration {
+        Duration::from_secs(self.primary_start_timeout)
+    }
+}
+
+impl PostgresConfig {
+    /// How long one of PostgreSQL's programs may run (`command_timeout`, in seconds).
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_secs(self.command_timeout)
     }
 }
 

@@ -7,12 +7,10 @@ use pgherd_agent::api::client::{self, Client, ClientOptions, ClientTls};
 use pgherd_agent::dcs::model::ClusterView;
 use pgherd_agent::dcs::{self, Dcs};
 use pgherd_config::EtcdConfig;
+use pgherd_proto::LEADER_ADDRESS;
 use tonic::Status;
 
 use crate::{Cli, Failure};
-
-/// Metadata entry in which a follower names the leader's API address.
-const LEADER_ADDRESS: &str = "pgherd-leader-address";
 
 pub struct Target {
     pub cluster: String,

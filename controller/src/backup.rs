@@ -8,7 +8,7 @@ use pgherd_proto::v1::*;
 use tonic::Streaming;
 
 use crate::agents::{status_failure, Target};
-use crate::commands::confirm;
+use crate::prompt::confirm;
 use crate::{Failure, Format};
 
 fn mib(b: u64) -> String {
@@ -211,7 +211,7 @@ pub async fn restore(
     o: RestoreOptions<'_>,
 ) -> Result<(), Failure> {
     // Check the target's syntax before asking anything.
-    let parsed = pgherd_agent::backup::target::Target::from_options(
+    let parsed = pgherd_agent::dcs::model::Target::from_options(
         o.target_time,
         o.target_lsn,
         o.target_name,

@@ -5,6 +5,7 @@ mod agents;
 mod backup;
 mod commands;
 mod list;
+mod prompt;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Board, StatusBoard};
+use crate::board::{Board, StatusBoard};
 use crate::dcs::model::MemberInfo;
 use crate::postgres::Postgres;
 
@@ -497,7 +497,7 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{LocalStatus, PgFacts};
+    use crate::board::{LocalStatus, PgFacts};
     use crate::dcs::model::{MemberState, Role, VERSION};
 
     fn member(name: &str, role: Role, lag: Option<u64>) -> MemberInfo {

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use pgherd_config::SynchronousMode;
 use tokio::time::Instant;
 
-use super::Board;
+use crate::board::Board;
 use crate::dcs::model::Role;
 use crate::listing;
 
@@ -244,7 +244,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::api::{BackupRun, BackupStatus};
+    use crate::board::{BackupRun, BackupStatus};
 
     #[test]
     fn backup_series_appear_only_with_backup_information() {

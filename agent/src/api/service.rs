@@ -6,17 +6,17 @@ use std::time::{Duration, SystemTime};
 use pgherd_config::{patch, DynamicConfig};
 use pgherd_proto::v1::agent_server::Agent as AgentService;
 use pgherd_proto::v1::*;
+use pgherd_proto::LEADER_ADDRESS;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::{member_to_proto, ApiContext};
-use crate::agent::LocalRequest;
-use crate::dcs::model::{ClusterView, Handover, HandoverKind, MemberState};
-use crate::ha::{switchover_target, HaConfig};
-
-/// Metadata entry naming the leader's API address when a follower refuses a request.
-pub const LEADER_ADDRESS: &str = "pgherd-leader-address";
+use crate::board::{LocalRequest, RestartOutcome};
+use crate::callbacks::PgRole;
+use crate::dcs::model::{dynamic_config, ClusterView, Handover, HandoverKind, MemberState};
+use crate::ha::{handover_timeout, switchover_target, HaConfig};
+use crate::now_rfc3339_millis;
 
 pub struct Service {
     ctx: ApiContext,
@@ -28,10 +28,6 @@ type Reply<T> = Result<Response<T>, Status>;
 /// Compares secrets without an early exit on the first differing byte.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Status {
@@ -130,7 +126,7 @@ impl Service {
         HaConfig {
             name: self.ctx.cfg.name.clone(),
             tags: self.ctx.cfg.tags.clone(),
-            dcs: dynamic(&self.ctx.cfg, view),
+            dcs: dynamic_config(&self.ctx.cfg, Some(view)),
         }
     }
 
@@ -166,19 +162,20 @@ impl Service {
         }
     }
 
-    async fn ask_loop(
+    /// Hands a request about this member to the loop and waits for its reply.
+    async fn ask_loop<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> LocalRequest,
-    ) -> Result<String, Status> {
+        make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> LocalRequest,
+    ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.ctx
             .requests
             .send(make(tx))
             .await
             .map_err(|_| Status::unavailable("the agent loop is shutting down"))?;
-        let limit = Duration::from_secs(self.ctx.cfg.postgres.command_timeout * 2 + 30);
+        let limit = self.ctx.cfg.postgres.command_timeout() * 2 + Duration::from_secs(30);
         match tokio::time::timeout(limit, rx).await {
-            Ok(Ok(Ok(msg))) => Ok(msg),
+            Ok(Ok(Ok(done))) => Ok(done),
             Ok(Ok(Err(why))) => Err(Status::failed_precondition(why)),
             Ok(Err(_)) => Err(Status::internal("the agent loop dropped the request")),
             Err(_) => Err(Status::deadline_exceeded(format!(
@@ -285,13 +282,6 @@ impl Service {
             "not finished within {} s; see pgherdctl list",
             limit.as_secs()
         )))
-    }
-}
-
-fn dynamic(cfg: &pgherd_config::Config, view: &ClusterView) -> DynamicConfig {
-    match &view.config {
-        Some(Ok(d)) => d.clone(),
-        _ => cfg.bootstrap.dcs.clone(),
     }
 }
 
@@ -408,7 +398,7 @@ impl AgentService for Service {
             final_lsn: None,
             handed_over_at: None,
             taken_by: None,
-            requested_at: now_rfc3339(),
+            requested_at: now_rfc3339_millis(),
         };
         if !self
             .ctx
@@ -437,7 +427,7 @@ impl AgentService for Service {
         }
         tracing::info!(candidate = %target, "switchover requested");
         let board = self.ctx.board.clone();
-        let limit = Duration::from_secs(cfg.dcs.ttl.max(10) * 2 + 30);
+        let limit = handover_timeout(&cfg) * 2 + Duration::from_secs(30);
         let mut seen_handover = false;
         let outcome = self
             .wait_for(limit, |v| {
@@ -553,7 +543,7 @@ impl AgentService for Service {
             final_lsn: None,
             handed_over_at: None,
             taken_by: None,
-            requested_at: now_rfc3339(),
+            requested_at: now_rfc3339_millis(),
         };
         if !self
             .ctx
@@ -567,8 +557,7 @@ impl AgentService for Service {
             ));
         }
         tracing::info!(candidate = %candidate, "manual failover requested");
-        let ttl = self.ha_config(&view).dcs.ttl;
-        let limit = Duration::from_secs(ttl * 3 + 30);
+        let limit = self.ha_config(&view).dcs.ttl() * 3 + Duration::from_secs(30);
         let c = candidate.clone();
         let msg = self
             .wait_for(limit, |v| {
@@ -588,34 +577,46 @@ impl AgentService for Service {
         self.authorize(&req)?;
         let req = req.into_inner();
         self.require_self(&req.member)?;
-        let msg = self
+        let outcome = self
             .ask_loop(|reply| LocalRequest::Restart {
                 pending_only: req.pending_only,
                 reply,
             })
             .await?;
+        let message = match outcome {
+            RestartOutcome::NothingPending => "no restart pending: nothing done".to_string(),
+            RestartOutcome::Restarted(role) => format!(
+                "restarted PostgreSQL as {}",
+                match role {
+                    PgRole::Primary => "the primary",
+                    PgRole::Replica => "a standby",
+                }
+            ),
+        };
         Ok(Response::new(RestartResponse {
-            restarted: msg.starts_with("restarted"),
-            message: msg,
+            restarted: matches!(outcome, RestartOutcome::Restarted(_)),
+            message,
         }))
     }
 
     async fn reload(&self, req: Request<ReloadRequest>) -> Reply<ReloadResponse> {
         self.authorize(&req)?;
         self.require_self(&req.get_ref().member)?;
-        let message = self
-            .ask_loop(|reply| LocalRequest::Reload { reply })
+        self.ask_loop(|reply| LocalRequest::Reload { reply })
             .await?;
-        Ok(Response::new(ReloadResponse { message }))
+        Ok(Response::new(ReloadResponse {
+            message: "configuration rewritten and reloaded".to_string(),
+        }))
     }
 
     async fn reinitialize(&self, req: Request<ReinitializeRequest>) -> Reply<ReinitializeResponse> {
         self.authorize(&req)?;
         self.require_self(&req.get_ref().member)?;
-        let message = self
-            .ask_loop(|reply| LocalRequest::Reinitialize { reply })
+        self.ask_loop(|reply| LocalRequest::Reinitialize { reply })
             .await?;
-        Ok(Response::new(ReinitializeResponse { message }))
+        Ok(Response::new(ReinitializeResponse {
+            message: "data directory removed; the member clones the leader again".to_string(),
+        }))
     }
 
     async fn pause(&self, req: Request<PauseRequest>) -> Reply<PauseResponse> {
@@ -660,7 +661,7 @@ impl AgentService for Service {
 
     async fn get_config(&self, _req: Request<GetConfigRequest>) -> Reply<GetConfigResponse> {
         let view = self.view().await?;
-        let cfg = dynamic(&self.ctx.cfg, &view);
+        let cfg = dynamic_config(&self.ctx.cfg, Some(&view));
         Ok(Response::new(GetConfigResponse {
             json: serde_json::to_string_pretty(&cfg)
                 .map_err(|e| Status::internal(e.to_string()))?,
@@ -746,7 +747,7 @@ impl AgentService for Service {
         fn opt(s: &str) -> Option<&str> {
             (!s.is_empty()).then_some(s)
         }
-        let target = crate::backup::target::Target::from_options(
+        let target = crate::dcs::model::Target::from_options(
             opt(&r.target_time),
             opt(&r.target_lsn),
             opt(&r.target_name),
@@ -762,7 +763,7 @@ impl AgentService for Service {
         )
         .await
         .map_err(|e| {
-            if e.downcast_ref::<crate::backup::target::TargetError>()
+            if e.downcast_ref::<crate::backup::target::ChooseError>()
                 .is_some()
             {
                 Status::invalid_argument(format!("{e:#}"))

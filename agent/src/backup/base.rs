@@ -121,7 +121,7 @@ pub async fn take(
         "backups/{id}/base.tar{}",
         ctx.backup.compression.extension()
     );
-    let start_time = super::now_rfc3339();
+    let start_time = crate::now_rfc3339();
     let args: Vec<String> = vec![
         "-D".into(),
         "-".into(),
@@ -266,7 +266,7 @@ pub async fn take(
             Ok((raw, stored, sha, manifest))
         })
     };
-    let timeout = Duration::from_secs(ctx.backup.timeout);
+    let timeout = ctx.backup.timeout();
     let (size, stored, sha256, manifest) = match tokio::time::timeout(timeout, job).await {
         Ok(r) => r.context("the backup task died")??,
         Err(_) => {
@@ -302,7 +302,7 @@ pub async fn take(
         start_lsn,
         stop_lsn,
         start_time,
-        stop_time: super::now_rfc3339(),
+        stop_time: crate::now_rfc3339(),
         size_bytes: size,
         stored_bytes: stored,
         compression: ctx.backup.compression.as_str().to_string(),

@@ -168,5 +168,3 @@ fn warn_if_open(dir: &Dir, private: bool) -> std::io::Result<()> {
 pub fn repository_root(cfg: &Config, backup: &BackupConfig) -> PathBuf {
     backup.repository.join(&cfg.cluster)
 }
-
-pub use crate::now_rfc3339;

@@ -13,9 +13,10 @@ use tokio::sync::watch;
 
 use super::base::{self, Progress, Source};
 use super::catalog::{BackupInfo, VerifyResult};
-use super::target::{self, ArchiveEnd, Target};
+use super::target::{self, ArchiveEnd};
 use super::{restore, verify, wal, BackupContext};
-use crate::dcs::model::{ClusterView, RestoreKey, RestorePhase, Role};
+use crate::board::{BackupRun, BackupStatus};
+use crate::dcs::model::{parse_time, ClusterView, RestoreKey, RestorePhase, Role, Target};
 use crate::dcs::Dcs;
 use crate::fsutil;
 use crate::postgres::{Mode, Postgres};
@@ -88,10 +89,9 @@ async fn take_checked(
 
 /// What `/metrics` shows about backups: the newest backup (or a later failed attempt) and
 /// the last verification.
-pub fn board_status(ctx: &BackupContext) -> Option<crate::api::BackupStatus> {
-    use crate::api::{BackupRun, BackupStatus};
+pub fn board_status(ctx: &BackupContext) -> Option<BackupStatus> {
     let sum = summary(ctx).ok()?;
-    let at = |t: &str| target::parse_time(t).ok().map(std::time::SystemTime::from);
+    let at = |t: &str| parse_time(t).ok().map(std::time::SystemTime::from);
     let failure = *ctx.last_failure.lock().unwrap_or_else(|p| p.into_inner());
     let last_backup = match (failure, &sum.last_backup) {
         (Some(f), _) => Some(BackupRun {
@@ -189,7 +189,7 @@ pub async fn request_restore(
         backup_id: chosen.id.clone(),
         target,
         phase: RestorePhase::Restoring,
-        requested_at: super::now_rfc3339(),
+        requested_at: crate::now_rfc3339(),
         finished_at: None,
         timeline: None,
         message: String::new(),
@@ -439,7 +439,7 @@ pub async fn run_restore(
         crate::failpoint::hit("restore-before-recovery");
         tracing::info!(restore = %key.id, backup = %info.id, target = %key.target.describe(), "recovering from the archive");
         pg.start().await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(ctx.backup.timeout);
+        let deadline = tokio::time::Instant::now() + ctx.backup.timeout();
         let mut promoting = false;
         loop {
             if !pg.is_running() {
@@ -574,7 +574,7 @@ pub async fn run_schedules(
             .unwrap_or(false)
     };
     let last = |t: Option<&str>| {
-        t.and_then(|t| target::parse_time(t).ok())
+        t.and_then(|t| parse_time(t).ok())
             .map_or(started, |t| t.max(started))
     };
     loop {

@@ -5,7 +5,6 @@
 use std::ffi::OsStr;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
@@ -112,7 +111,7 @@ pub async fn check_manifest(ctx: &BackupContext, info: &BackupInfo, data: &Dir) 
         &ctx.bin_dir.join("pg_verifybackup"),
         &args,
         &[],
-        Duration::from_secs(ctx.backup.timeout),
+        ctx.backup.timeout(),
         command::Log::Info,
     )
     .await
@@ -138,17 +137,6 @@ pub fn restore_command(ctx: &BackupContext) -> Result<String> {
         "wal-fetch",
         "%f %p",
     ))
-}
-
-/// Quotes for /bin/sh (archive and restore commands run through the shell).
-pub fn shell_quote(s: &str) -> String {
-    if s.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "/._-+:=".contains(c))
-    {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
 }
 
 /// Arms archive recovery in a restored data directory: `recovery.signal`, no

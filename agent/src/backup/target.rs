@@ -1,36 +1,19 @@
-//! Point-in-time recovery targets: parsing what the operator typed, choosing the backup to
-//! start from, refusing targets the archive cannot reach, and the recovery parameters.
+//! Point-in-time recovery targets (the `Target` type and its parser live with the `restore`
+//! key that stores them, in `dcs::model`): choosing the backup to start from, refusing
+//! targets the archive cannot reach, and the recovery parameters.
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, FixedOffset, Utc};
-use serde::{Deserialize, Serialize};
+use chrono::{DateTime, Utc};
 
 use super::catalog::BackupInfo;
+use crate::dcs::model::parse_time;
+use crate::dcs::model::Target;
 use crate::lsn::Lsn;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Target {
-    /// RFC 3339 with an offset, stored normalised to UTC.
-    Time(String),
-    Lsn(Lsn),
-    /// A restore point made with `pg_create_restore_point(name)`.
-    Name(String),
-    /// The end of the archive.
-    Latest,
-}
-
+/// Why no backup can reach a restore target.
 #[derive(Debug, thiserror::Error, PartialEq)]
-pub enum TargetError {
-    #[error("--target-time {0:?} is not a time: use RFC 3339 with a zone, e.g. 2026-11-26T10:00:00Z or 2026-11-26 10:00:00+01:00")]
-    BadTime(String),
-    #[error("--target-lsn {0:?} is not an LSN like 0/3000060")]
-    BadLsn(String),
-    #[error("--target-name must not be empty")]
-    EmptyName,
-    #[error("give exactly one of --target-time, --target-lsn, --target-name, --latest")]
-    NotOne,
+pub enum ChooseError {
     #[error("there is no backup in the repository to restore from")]
     NoBackups,
     #[error("target {target} is before the end of {which} ({end}): a restore can only reach points after a backup finished; pick an older backup with --backup or a later target")]
@@ -53,64 +36,7 @@ pub enum TargetError {
     },
 }
 
-/// Parses a time as RFC 3339 (`T` or a space between date and time; a zone is required).
-pub fn parse_time(s: &str) -> Result<DateTime<Utc>, TargetError> {
-    let t = s.trim();
-    let normalised = if t.len() > 10 && t.as_bytes()[10] == b' ' {
-        format!("{}T{}", &t[..10], &t[11..])
-    } else {
-        t.to_string()
-    };
-    let normalised = normalised.replace(" +", "+").replace(" -", "-");
-    DateTime::<FixedOffset>::parse_from_rfc3339(&normalised)
-        .map(|d| d.with_timezone(&Utc))
-        .map_err(|_| TargetError::BadTime(s.to_string()))
-}
-
 impl Target {
-    /// From the CLI's options (exactly one must be set).
-    pub fn from_options(
-        time: Option<&str>,
-        lsn: Option<&str>,
-        name: Option<&str>,
-        latest: bool,
-    ) -> Result<Target, TargetError> {
-        let given =
-            time.is_some() as u8 + lsn.is_some() as u8 + name.is_some() as u8 + latest as u8;
-        if given != 1 {
-            return Err(TargetError::NotOne);
-        }
-        if let Some(t) = time {
-            let utc = parse_time(t)?;
-            return Ok(Target::Time(
-                utc.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-            ));
-        }
-        if let Some(l) = lsn {
-            return l
-                .trim()
-                .parse()
-                .map(Target::Lsn)
-                .map_err(|_| TargetError::BadLsn(l.to_string()));
-        }
-        if let Some(n) = name {
-            if n.is_empty() {
-                return Err(TargetError::EmptyName);
-            }
-            return Ok(Target::Name(n.to_string()));
-        }
-        Ok(Target::Latest)
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            Target::Time(t) => format!("time {t}"),
-            Target::Lsn(l) => format!("LSN {l}"),
-            Target::Name(n) => format!("restore point {n:?}"),
-            Target::Latest => "the end of the archive".to_string(),
-        }
-    }
-
     /// The recovery parameters for this target (besides `restore_command`).
     pub fn recovery_parameters(&self) -> BTreeMap<String, String> {
         let mut p = BTreeMap::new();
@@ -160,14 +86,14 @@ pub fn choose(
     target: &Target,
     archive_end: Option<ArchiveEnd>,
     history: &super::wal::TimelineHistory,
-) -> Result<BackupInfo, TargetError> {
+) -> Result<BackupInfo, ChooseError> {
     if all_backups.is_empty() {
-        return Err(TargetError::NoBackups);
+        return Err(ChooseError::NoBackups);
     }
     if let Some(id) = wanted {
         if let Some(b) = all_backups.iter().find(|b| b.id == id) {
             if !history.contains(b.timeline, b.stop_lsn) {
-                return Err(TargetError::OffTimeline {
+                return Err(ChooseError::OffTimeline {
                     id: id.to_string(),
                     timeline: b.timeline,
                     newest: history.timeline,
@@ -182,7 +108,7 @@ pub fn choose(
         .collect();
     let backups = &backups[..];
     if backups.is_empty() {
-        return Err(TargetError::NoBackups);
+        return Err(ChooseError::NoBackups);
     }
     let stop_time = |b: &BackupInfo| parse_time(&b.stop_time).ok();
     // Whether `b` ends before the target (`None`: cannot tell, e.g. a restore point).
@@ -198,9 +124,9 @@ pub fn choose(
             let b = backups
                 .iter()
                 .find(|b| b.id == id)
-                .ok_or_else(|| TargetError::UnknownBackup(id.to_string()))?;
+                .ok_or_else(|| ChooseError::UnknownBackup(id.to_string()))?;
             if reaches(b) == Some(false) {
-                return Err(TargetError::BeforeBackup {
+                return Err(ChooseError::BeforeBackup {
                     target: target.describe(),
                     which: format!("backup {}", b.id),
                     end: end_of(b, target),
@@ -212,7 +138,7 @@ pub fn choose(
             Some(b) => b.clone(),
             None => {
                 let oldest = &backups[0];
-                return Err(TargetError::BeforeBackup {
+                return Err(ChooseError::BeforeBackup {
                     target: target.describe(),
                     which: format!("the oldest backup {}", oldest.id),
                     end: end_of(oldest, target),
@@ -229,7 +155,7 @@ pub fn choose(
             Target::Name(_) | Target::Latest => false,
         };
         if after {
-            return Err(TargetError::AfterArchive {
+            return Err(ChooseError::AfterArchive {
                 target: target.describe(),
                 end: match target {
                     Target::Lsn(_) => format!("LSN {}", end.lsn),
@@ -272,32 +198,11 @@ mod tests {
     }
 
     #[test]
-    fn targets_parse_and_render() {
+    fn targets_render_as_recovery_parameters() {
         let t = Target::from_options(Some("2026-11-26 10:00:00+01:00"), None, None, false).unwrap();
-        assert_eq!(t, Target::Time("2026-11-26T09:00:00Z".into()));
         assert_eq!(
             t.recovery_parameters()["recovery_target_time"],
             "2026-11-26 09:00:00.000000+00"
-        );
-        assert!(matches!(
-            Target::from_options(Some("yesterday"), None, None, false),
-            Err(TargetError::BadTime(_))
-        ));
-        assert!(matches!(
-            Target::from_options(Some("2026-11-26 10:00:00"), None, None, false),
-            Err(TargetError::BadTime(_))
-        ));
-        assert_eq!(
-            Target::from_options(None, None, None, false),
-            Err(TargetError::NotOne)
-        );
-        assert_eq!(
-            Target::from_options(None, Some("0/3000060"), None, true),
-            Err(TargetError::NotOne)
-        );
-        assert_eq!(
-            Target::from_options(None, Some("0/3000060"), None, false).unwrap(),
-            Target::Lsn(Lsn(0x3000060))
         );
         assert!(!Target::Latest
             .recovery_parameters()
@@ -333,15 +238,15 @@ mod tests {
         );
         assert!(matches!(
             choose(&backups, None, &t("2026-11-26T09:00:00Z"), end, &h1),
-            Err(TargetError::BeforeBackup { .. })
+            Err(ChooseError::BeforeBackup { .. })
         ));
         assert!(matches!(
             choose(&backups, Some("b2"), &t("2026-11-26T10:30:00Z"), end, &h1),
-            Err(TargetError::BeforeBackup { .. })
+            Err(ChooseError::BeforeBackup { .. })
         ));
         assert!(matches!(
             choose(&backups, None, &t("2026-11-26T12:30:00Z"), end, &h1),
-            Err(TargetError::AfterArchive { .. })
+            Err(ChooseError::AfterArchive { .. })
         ));
         assert_eq!(
             choose(&backups, None, &Target::Lsn(Lsn(150)), end, &h1)
@@ -351,11 +256,11 @@ mod tests {
         );
         assert!(matches!(
             choose(&backups, None, &Target::Lsn(Lsn(5000)), end, &h1),
-            Err(TargetError::AfterArchive { .. })
+            Err(ChooseError::AfterArchive { .. })
         ));
         assert!(matches!(
             choose(&backups, None, &Target::Lsn(Lsn(50)), end, &h1),
-            Err(TargetError::BeforeBackup { .. })
+            Err(ChooseError::BeforeBackup { .. })
         ));
         assert_eq!(
             choose(&backups, None, &Target::Latest, end, &h1)
@@ -365,7 +270,7 @@ mod tests {
         );
         assert_eq!(
             choose(&[], None, &Target::Latest, end, &h1),
-            Err(TargetError::NoBackups)
+            Err(ChooseError::NoBackups)
         );
     }
 
@@ -389,7 +294,7 @@ mod tests {
         );
         assert!(matches!(
             choose(&backups, Some("b2"), &Target::Latest, None, &h2),
-            Err(TargetError::OffTimeline { .. })
+            Err(ChooseError::OffTimeline { .. })
         ));
     }
 }

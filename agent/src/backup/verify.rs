@@ -112,7 +112,7 @@ pub async fn verify(
         Ok((message, rows, recovered_to)) => VerifyResult {
             backup_id: info.id.clone(),
             passed: true,
-            finished_at: super::now_rfc3339(),
+            finished_at: crate::now_rfc3339(),
             seconds,
             message,
             rows: Some(rows),
@@ -121,7 +121,7 @@ pub async fn verify(
         Err(e) => VerifyResult {
             backup_id: info.id.clone(),
             passed: false,
-            finished_at: super::now_rfc3339(),
+            finished_at: crate::now_rfc3339(),
             seconds,
             message: format!("{e:#}"),
             rows: None,
@@ -273,7 +273,7 @@ async fn check(
             "start".into(),
         ],
         &[],
-        Duration::from_secs(timeout + 10),
+        ctx.backup.timeout() + Duration::from_secs(10),
         command::Log::Info,
     )
     .await;
@@ -304,7 +304,7 @@ async fn check(
     };
     // pg_ctl returns once the postmaster runs; with hot_standby off nobody may connect
     // until recovery has ended, which is what we wait for.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    let deadline = tokio::time::Instant::now() + ctx.backup.timeout();
     let client = loop {
         match connect("postgres").await {
             Ok(c) => break c,
@@ -379,7 +379,7 @@ async fn check(
                 ctx.cfg.postgres.superuser.username.clone(),
             ],
             &[],
-            Duration::from_secs(timeout),
+            ctx.backup.timeout(),
             command::Log::Info,
         )
         .await

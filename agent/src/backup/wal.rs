@@ -12,8 +12,11 @@
 //! names the repository and compression and nothing else: the member's own configuration
 //! (API token, etcd credentials, both passwords) stays readable by root alone.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
 
 use pgherd_config::{Compression, Config};
 use serde::{Deserialize, Serialize};
@@ -21,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::compress::{self, HashingReader};
 use super::repo::{RepoError, Repository};
 use crate::lsn::Lsn;
+use crate::postgres::command::OsUser;
 
 /// What `wal-push` and `wal-fetch` need, and all they get: the cluster's archive and how to
 /// compress into it. The agent writes it at start beside its configuration file (see
@@ -110,6 +114,43 @@ impl WalSettings {
         tmp.persist(path).map_err(|e| e.error)?;
         Ok(())
     }
+}
+
+/// The archiving parameters of a member (none without a `backup` section): writes the WAL
+/// settings beside the configuration file, readable by PostgreSQL's OS `user`, and points
+/// `archive_command` and `restore_command` at `pgherd-agent wal-push` and `wal-fetch`.
+pub fn archiving_parameters(
+    cfg: &Config,
+    user: &OsUser,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    Ok(match (WalSettings::from_config(cfg), &cfg.source) {
+        (Some(wal), Some(source)) => {
+            // archive_command and restore_command run as the OS user and read settings
+            // without secrets, written beside the configuration file (issue 13 item 10).
+            let path = WalSettings::path_beside(source);
+            wal.write(&path, user.switch_to.map(|(_, gid)| gid))
+                .with_context(|| format!("cannot write the WAL settings {}", path.display()))?;
+            // Fail now rather than let WAL pile up in pg_wal.
+            if !user.can_reach(&path) {
+                bail!(
+                    "backup: archive_command (pgherd-agent wal-push) runs as postgres.os_user {:?} and cannot read {}, which the agent writes beside the configuration file; let that user search its directory (e.g. chmod o+x {})",
+                    user.name,
+                    path.display(),
+                    path.parent().unwrap_or(Path::new("/")).display(),
+                );
+            }
+            let exe = std::env::current_exe()
+                .context("cannot find the pgherd-agent executable for archive_command")?;
+            crate::postgres::conf::archiving(
+                &exe.display().to_string(),
+                &path.display().to_string(),
+            )
+        }
+        (Some(_), None) => {
+            bail!("the backup section needs the configuration file's path for archive_command")
+        }
+        (None, _) => BTreeMap::new(),
+    })
 }
 
 /// WAL segment size: initdb's default; pgherd clusters use it.

@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use pgherd_config::{DynamicConfig, Tags};
+use chrono::{DateTime, FixedOffset, Utc};
+use pgherd_config::{Config, DynamicConfig, Tags};
 use serde::{Deserialize, Serialize};
 
 use crate::lsn::Lsn;
@@ -248,6 +249,18 @@ impl ClusterView {
     }
 }
 
+/// The dynamic config in effect: etcd's, or while it is unreadable the last valid one this
+/// agent read (`Dcs::load` keeps it in the view and logs the problem at ERROR). The file's
+/// `bootstrap.dcs` only before the cluster has a config key, or when the key has been
+/// unreadable since this agent started (logged at ERROR too, and decide then races for no
+/// vacant leader key).
+pub fn dynamic_config(cfg: &Config, view: Option<&ClusterView>) -> DynamicConfig {
+    match view.and_then(|v| v.config.as_ref()) {
+        Some(Ok(d)) => d.clone(),
+        Some(Err(_)) | None => cfg.bootstrap.dcs.clone(),
+    }
+}
+
 /// One entry of `history`: a promotion that started a new timeline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -292,7 +305,7 @@ pub struct RestoreKey {
     /// The member that restores (the leader when it was requested).
     pub leader: String,
     pub backup_id: String,
-    pub target: crate::backup::target::Target,
+    pub target: Target,
     pub phase: RestorePhase,
     /// RFC 3339, UTC.
     pub requested_at: String,
@@ -303,4 +316,121 @@ pub struct RestoreKey {
     pub timeline: Option<u32>,
     #[serde(default)]
     pub message: String,
+}
+
+/// What a point-in-time restore recovers to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// RFC 3339 with an offset, stored normalised to UTC.
+    Time(String),
+    Lsn(Lsn),
+    /// A restore point made with `pg_create_restore_point(name)`.
+    Name(String),
+    /// The end of the archive.
+    Latest,
+}
+
+/// Why what the operator typed is not a restore target.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TargetError {
+    #[error("--target-time {0:?} is not a time: use RFC 3339 with a zone, e.g. 2026-11-26T10:00:00Z or 2026-11-26 10:00:00+01:00")]
+    BadTime(String),
+    #[error("--target-lsn {0:?} is not an LSN like 0/3000060")]
+    BadLsn(String),
+    #[error("--target-name must not be empty")]
+    EmptyName,
+    #[error("give exactly one of --target-time, --target-lsn, --target-name, --latest")]
+    NotOne,
+}
+
+/// Parses a time as RFC 3339 (`T` or a space between date and time; a zone is required).
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>, TargetError> {
+    let t = s.trim();
+    let normalised = if t.len() > 10 && t.as_bytes()[10] == b' ' {
+        format!("{}T{}", &t[..10], &t[11..])
+    } else {
+        t.to_string()
+    };
+    let normalised = normalised.replace(" +", "+").replace(" -", "-");
+    DateTime::<FixedOffset>::parse_from_rfc3339(&normalised)
+        .map(|d| d.with_timezone(&Utc))
+        .map_err(|_| TargetError::BadTime(s.to_string()))
+}
+
+impl Target {
+    /// From the CLI's options (exactly one must be set).
+    pub fn from_options(
+        time: Option<&str>,
+        lsn: Option<&str>,
+        name: Option<&str>,
+        latest: bool,
+    ) -> Result<Target, TargetError> {
+        let given =
+            time.is_some() as u8 + lsn.is_some() as u8 + name.is_some() as u8 + latest as u8;
+        if given != 1 {
+            return Err(TargetError::NotOne);
+        }
+        if let Some(t) = time {
+            let utc = parse_time(t)?;
+            return Ok(Target::Time(
+                utc.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            ));
+        }
+        if let Some(l) = lsn {
+            return l
+                .trim()
+                .parse()
+                .map(Target::Lsn)
+                .map_err(|_| TargetError::BadLsn(l.to_string()));
+        }
+        if let Some(n) = name {
+            if n.is_empty() {
+                return Err(TargetError::EmptyName);
+            }
+            return Ok(Target::Name(n.to_string()));
+        }
+        Ok(Target::Latest)
+    }
+
+    /// How logs, messages and pgherdctl name the target.
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Time(t) => format!("time {t}"),
+            Target::Lsn(l) => format!("LSN {l}"),
+            Target::Name(n) => format!("restore point {n:?}"),
+            Target::Latest => "the end of the archive".to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_normalise() {
+        let t = Target::from_options(Some("2026-11-26 10:00:00+01:00"), None, None, false).unwrap();
+        assert_eq!(t, Target::Time("2026-11-26T09:00:00Z".into()));
+        assert!(matches!(
+            Target::from_options(Some("yesterday"), None, None, false),
+            Err(TargetError::BadTime(_))
+        ));
+        assert!(matches!(
+            Target::from_options(Some("2026-11-26 10:00:00"), None, None, false),
+            Err(TargetError::BadTime(_))
+        ));
+        assert_eq!(
+            Target::from_options(None, None, None, false),
+            Err(TargetError::NotOne)
+        );
+        assert_eq!(
+            Target::from_options(None, Some("0/3000060"), None, true),
+            Err(TargetError::NotOne)
+        );
+        assert_eq!(
+            Target::from_options(None, Some("0/3000060"), None, false).unwrap(),
+            Target::Lsn(Lsn(0x3000060))
+        );
+    }
 }

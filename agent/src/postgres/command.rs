@@ -271,3 +271,14 @@ pub async fn run(
         })
     }
 }
+
+/// Quotes for /bin/sh (archive and restore commands run through the shell).
+pub fn shell_quote(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+:=".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}

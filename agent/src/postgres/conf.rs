@@ -105,7 +105,7 @@ pub fn archiving(agent_exe: &str, settings_file: &str) -> BTreeMap<String, Strin
 /// `<agent_exe> <subcommand> --config <settings_file> <args>`, quoted for the shell
 /// PostgreSQL runs archive and restore commands through.
 pub fn wal_command(agent_exe: &str, settings_file: &str, subcommand: &str, args: &str) -> String {
-    let q = crate::backup::restore::shell_quote;
+    let q = super::command::shell_quote;
     format!(
         "{} {subcommand} --config {} {args}",
         q(agent_exe),

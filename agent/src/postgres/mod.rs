@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use tokio::sync::{Mutex, Notify};
 
-use crate::backup::wal::WalSettings;
 use crate::fsutil::{self, Dir};
 use crate::ha::{ControlData, DataDir, PgStatus, Upstream};
 use command::OsUser;
@@ -173,36 +172,11 @@ impl Postgres {
         if let Some(source) = &cfg.source {
             warn_if_config_exposed(source);
         }
-        let archiving = match (WalSettings::from_config(&cfg), &cfg.source) {
-            (Some(wal), Some(source)) => {
-                // archive_command and restore_command run as the OS user and read settings
-                // without secrets, written beside the configuration file (issue 13 item 10).
-                let path = WalSettings::path_beside(source);
-                wal.write(&path, user.switch_to.map(|(_, gid)| gid))
-                    .with_context(|| format!("cannot write the WAL settings {}", path.display()))?;
-                // Fail now rather than let WAL pile up in pg_wal.
-                if !user.can_reach(&path) {
-                    bail!(
-                        "backup: archive_command (pgherd-agent wal-push) runs as postgres.os_user {:?} and cannot read {}, which the agent writes beside the configuration file; let that user search its directory (e.g. chmod o+x {})",
-                        user.name,
-                        path.display(),
-                        path.parent().unwrap_or(Path::new("/")).display(),
-                    );
-                }
-                let exe = std::env::current_exe()
-                    .context("cannot find the pgherd-agent executable for archive_command")?;
-                conf::archiving(&exe.display().to_string(), &path.display().to_string())
-            }
-            (Some(_), None) => {
-                bail!("the backup section needs the configuration file's path for archive_command")
-            }
-            (None, _) => BTreeMap::new(),
-        };
         Ok(Postgres {
-            archiving,
+            archiving: BTreeMap::new(),
             recovery: std::sync::Mutex::new(BTreeMap::new()),
             data_dir: cfg.postgres.data_dir.clone(),
-            timeout: Duration::from_secs(cfg.postgres.command_timeout),
+            timeout: cfg.postgres.command_timeout(),
             cfg,
             user,
             bin_dir,
@@ -225,6 +199,12 @@ impl Postgres {
                 .clone(),
         );
         p
+    }
+
+    /// Sets the archiving parameters (`backup::wal::archiving_parameters`); they take effect
+    /// at the next `write_config`.
+    pub fn set_archiving(&mut self, params: BTreeMap<String, String>) {
+        self.archiving = params;
     }
 
     /// Sets (or with an empty map clears) the recovery target parameters of a restore; they

@@ -1121,7 +1121,7 @@ fn restore_key(id: &str, leader: &str, at: &str) -> RestoreKey {
         "phase": "restoring", "requested_at": at,
     }))
     .unwrap_or_else(|e| panic!("a valid restore key: {e}"));
-    k.target = crate::backup::target::Target::Latest;
+    k.target = crate::dcs::model::Target::Latest;
     k
 }
 

@@ -169,7 +169,7 @@ fn restore_key(
         id: "r1".into(),
         leader: leader.into(),
         backup_id: "b1".into(),
-        target: crate::backup::target::Target::Latest,
+        target: crate::dcs::model::Target::Latest,
         phase,
         requested_at: "2026-11-26T10:00:00Z".into(),
         finished_at: None,

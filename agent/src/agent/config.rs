@@ -1,0 +1,78 @@
+//! The configuration in effect: the dynamic configuration decide reads, the mode PostgreSQL
+//! runs in, and the parameters the agent writes for it.
+
+use std::collections::BTreeMap;
+
+use pgherd_config::{ParamValue, SynchronousMode};
+
+use super::Agent;
+use crate::dcs::model::{dynamic_config, ClusterView};
+use crate::ha::{HaConfig, Upstream};
+use crate::postgres::Mode;
+
+impl Agent {
+    /// What decide is configured with: this member's name and tags, and the dynamic
+    /// configuration in effect.
+    pub(super) fn ha_config(&self) -> HaConfig {
+        HaConfig {
+            name: self.cfg.name.clone(),
+            tags: self.cfg.tags.clone(),
+            dcs: dynamic_config(&self.cfg, self.last_view.as_ref()),
+        }
+    }
+
+    /// The configuration mode of a running PostgreSQL: primary, or standby of the upstream
+    /// we pointed it at.
+    pub(super) fn current_mode(&self, in_recovery: bool, view: Option<&ClusterView>) -> Mode {
+        if !in_recovery {
+            return Mode::Primary;
+        }
+        let upstream = self
+            .memory
+            .upstream
+            .as_ref()
+            .and_then(|name| view.or(self.last_view.as_ref())?.members.get(name))
+            .map(Upstream::of);
+        Mode::Standby(upstream)
+    }
+
+    /// The cluster's PostgreSQL parameters plus `synchronous_standby_names`: what this
+    /// leader chose; before it chose (its agent restarted, it just promoted), what the
+    /// `sync` key it still leads promises, so a restart never acknowledges a commit the
+    /// key's members lack; otherwise the safe default of the mode (`*` in strict mode, so a
+    /// freshly promoted leader does not acknowledge a commit no standby has).
+    pub(super) fn cluster_params(&self) -> BTreeMap<String, ParamValue> {
+        use crate::ha::sync::Standbys;
+        let d = dynamic_config(&self.cfg, self.last_view.as_ref());
+        let mut params = d.postgresql.parameters;
+        let default = || {
+            if d.synchronous_mode != SynchronousMode::Off && d.synchronous_mode_strict {
+                Standbys::Any
+            } else {
+                Standbys::None
+            }
+        };
+        let key = self
+            .last_view
+            .as_ref()
+            .and_then(|v| v.sync.as_ref())
+            .filter(|k| k.leader == self.cfg.name && !k.members.is_empty());
+        let standbys = match (&self.standbys_set, key, d.synchronous_mode) {
+            (Some(s), _, _) => s.clone(),
+            (None, _, SynchronousMode::Off) | (None, None, _) => default(),
+            // `on`: every key member confirmed every acknowledged commit; keep it so.
+            (None, Some(k), SynchronousMode::On) => Standbys::First(k.members.clone()),
+            // `quorum`: every acknowledged commit is on q of the set; q = 0 (the set has
+            // not caught up yet) still needs one of them, as the plan's next step would.
+            (None, Some(k), SynchronousMode::Quorum) => {
+                Standbys::Quorum(k.quorum.max(1), k.members.clone())
+            }
+        }
+        .render();
+        params.insert(
+            "synchronous_standby_names".to_string(),
+            ParamValue::Text(standbys),
+        );
+        params
+    }
+}

@@ -1,0 +1,130 @@
+//! Long jobs (initdb, clone, rewind, restore) run as tasks, so the loop goes on (and a
+//! leader keeps renewing) while they run; the loop observes how they ended.
+
+use anyhow::{anyhow, Context, Result};
+use pgherd_config::{ParamValue, SynchronousMode};
+use tokio::task::JoinHandle;
+
+use super::Agent;
+use crate::backup::ops as backup_ops;
+use crate::callbacks::{Event, PgRole};
+use crate::dcs::model::dynamic_config;
+use crate::ha::{JobKind, JobView, Observation, Upstream};
+use crate::postgres::Mode;
+
+/// A long job (initdb, clone, rewind, restore) running as a task the loop observes.
+pub(super) struct Job {
+    pub(super) kind: JobKind,
+    pub(super) handle: JoinHandle<Result<()>>,
+}
+
+impl Agent {
+    /// How the running job is doing; once, how the one that finished ended.
+    pub(super) async fn job_view(&mut self) -> JobView {
+        if let Some(job) = &self.job {
+            if !job.handle.is_finished() {
+                return JobView::Running(job.kind.clone());
+            }
+            let job = self.job.take().expect("job is present in this branch");
+            let view = match job.handle.await {
+                Ok(Ok(())) => JobView::Succeeded(job.kind),
+                Ok(Err(e)) if e.downcast_ref::<crate::postgres::SourceDown>().is_some() => {
+                    JobView::SourceDown(job.kind, format!("{e:#}"))
+                }
+                Ok(Err(e)) => JobView::Failed(job.kind, format!("{e:#}")),
+                Err(e) => JobView::Failed(job.kind, format!("the job task died: {e}")),
+            };
+            if let JobView::Succeeded(JobKind::Bootstrap) = &view {
+                // The bootstrap job started the new cluster's PostgreSQL.
+                self.callbacks.fire(Event::Start, PgRole::Primary);
+            }
+            self.finished_job = Some(view);
+        }
+        self.finished_job.take().unwrap_or(JobView::Idle)
+    }
+
+    /// Starts `kind` as a task; the loop wakes up when it ends.
+    pub(super) fn start_job(&mut self, kind: JobKind, obs: &Observation) {
+        let pg = self.pg.clone();
+        let params = self.cluster_params();
+        let upstream = match &kind {
+            JobKind::Clone { from } | JobKind::Rewind { from } => obs
+                .cluster
+                .as_ref()
+                .and_then(|v| v.members.get(from))
+                .map(Upstream::of),
+            JobKind::Bootstrap | JobKind::Restore { .. } => None,
+        };
+        let handle = match &kind {
+            JobKind::Bootstrap => tokio::spawn(async move {
+                // No standby exists yet: creating the roles must not wait for one (strict
+                // synchronous mode would otherwise block it forever).
+                let mut params = params;
+                params.insert(
+                    "synchronous_standby_names".to_string(),
+                    ParamValue::Text(String::new()),
+                );
+                pg.initdb().await?;
+                pg.write_pgpass()?;
+                pg.write_config(&Mode::Primary, &params)?;
+                pg.start_and_wait().await?;
+                pg.create_roles().await
+            }),
+            JobKind::Clone { .. } => tokio::spawn(async move {
+                let up = upstream.context("the leader's member key disappeared")?;
+                pg.write_pgpass()?;
+                pg.basebackup(&up).await?;
+                pg.write_config(&Mode::Standby(Some(up)), &params)
+            }),
+            JobKind::Rewind { .. } => tokio::spawn(async move {
+                let up = upstream.context("the leader's member key disappeared")?;
+                // A source that does not answer is not a failed rewind (rule 5).
+                pg.check_source(&up).await?;
+                pg.write_pgpass()?;
+                pg.rewind(&up).await
+            }),
+            JobKind::Restore { id } => {
+                let key = obs
+                    .cluster
+                    .as_ref()
+                    .and_then(|v| v.restore.as_ref())
+                    .map(|(k, _)| k.clone())
+                    .filter(|k| &k.id == id);
+                let ctx = self.backup.clone();
+                let lease = backup_ops::LeaseCheck(self.lease_deadline.subscribe());
+                let sync_claim = (dynamic_config(&self.cfg, obs.cluster.as_ref()).synchronous_mode
+                    != SynchronousMode::Off)
+                    .then(|| backup_ops::SyncClaim {
+                        dcs: self.dcs.clone(),
+                        key: crate::dcs::model::SyncKey {
+                            leader: self.cfg.name.clone(),
+                            members: vec![],
+                            quorum: 0,
+                        },
+                    });
+                // No standby exists on the restored timeline yet.
+                let mut params = params;
+                params.insert(
+                    "synchronous_standby_names".to_string(),
+                    ParamValue::Text(String::new()),
+                );
+                tokio::spawn(async move {
+                    let key = key.context("the restore key disappeared")?;
+                    let ctx = ctx.context("this member has no backup section")?;
+                    backup_ops::run_restore(ctx, pg, key, params, lease, sync_claim).await
+                })
+            }
+        };
+        // The loop reacts to the finished job at once, not at the next tick.
+        let wake = self.wake.clone();
+        let handle = tokio::spawn(async move {
+            let result = handle.await;
+            wake.notify_one();
+            match result {
+                Ok(r) => r,
+                Err(e) => Err(anyhow!("the job task died: {e}")),
+            }
+        });
+        self.job = Some(Job { kind, handle });
+    }
+}
