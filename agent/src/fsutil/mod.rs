@@ -35,7 +35,7 @@ mod resolve;
 pub use resolve::{split, split_create};
 
 /// Who a new file or directory is given to: `Some((uid, gid))` when the agent runs as root
-/// for another user ([`crate::postgres::command::OsUser::switch_to`]), `None` to keep it.
+/// for another user (the postgres module's `OsUser::switch_to`), `None` to keep it.
 pub type Owner = Option<(u32, u32)>;
 
 /// Directory depth a tree walk goes to; deeper trees are refused rather than let a user who
