@@ -63,8 +63,9 @@ pub struct Board {
     /// Promotions of this member since the agent started.
     pub failovers: u64,
     pub switchovers: u64,
-    /// Hook for the backup work: the last base backup and the last verification of the
-    /// archive. `None` (and no metrics) until backups exist; nothing sets it yet.
+    /// The newest base backup and the last verification of the archive, read from the
+    /// repository every 10 s by main.rs's backup task. `None` (and no metrics) without a
+    /// `backup` section or before the repository holds a backup.
     pub backup: Option<BackupStatus>,
 }
 
