@@ -400,7 +400,8 @@ print_log_tails() {
 
 require_binaries() {
     local b
-    for b in pgherd-agent pgherdctl; do
+    # pgherd-agent starts the pgherd-watchdog next to it.
+    for b in pgherd-agent pgherd-watchdog pgherdctl; do
         [[ -x $PGHERD_BIN_DIR/$b ]] || die "$PGHERD_BIN_DIR/$b is missing: build it with cargo build --release --bins"
     done
     [[ -x $PGHERD_ETCD ]] || die "$PGHERD_ETCD is missing: run scripts/install-deps"

@@ -49,9 +49,10 @@ enum Command {
         /// Where PostgreSQL wants it (`%p`).
         path: PathBuf,
     },
-    /// Internal: the fencing watchdog the agent starts for itself.
+    /// Internal: revokes leader lease LEASE for the fencing watchdog (pgherd-watchdog) once it
+    /// fenced the PostgreSQL of an agent that died; the etcd settings come on stdin.
     #[command(hide = true)]
-    Watchdog,
+    RevokeLease { lease: i64 },
 }
 
 /// wal-fetch's exit status when recovery must stop (PostgreSQL aborts on more than 125).
@@ -80,9 +81,12 @@ fn main() -> ExitCode {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Watchdog) => {
-            pgherd_agent::watchdog::run();
-            ExitCode::SUCCESS
+        Some(Command::RevokeLease { lease }) => {
+            if pgherd_agent::watchdog::revoke_lease(lease) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Some(Command::WalPush { path }) => wal_command(cli.config, "wal-push", |repo, wal| {
             pgherd_agent::backup::wal::push(repo, &path, wal.compression, wal.compression_level)

@@ -100,7 +100,7 @@ pub const TOKEN: &str = "pgherd-test-token-0123456789";
 pub const REPLICATION_USER: &str = "replicator";
 pub const REPLICATION_PASSWORD: &str = "pgherd-test-replication";
 
-/// Directory holding `pgherd-agent` and `pgherdctl`: `PGHERD_BIN_DIR`, else the cargo target
+/// Directory holding `pgherd-agent`, `pgherd-watchdog` and `pgherdctl`: `PGHERD_BIN_DIR`, else the cargo target
 /// directory of the running test (`target/debug/deps/<test>` -> `target/debug`).
 pub fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("PGHERD_BIN_DIR") {
@@ -131,6 +131,11 @@ fn binary(name: &str) -> Result<PathBuf> {
 /// Path of the `pgherd-agent` binary under test.
 pub fn agent_bin() -> Result<PathBuf> {
     binary("pgherd-agent")
+}
+
+/// Path of the `pgherd-watchdog` binary under test (the agent starts the one next to it).
+pub fn watchdog_bin() -> Result<PathBuf> {
+    binary("pgherd-watchdog")
 }
 
 /// Path of the `pgherdctl` binary under test.

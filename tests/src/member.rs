@@ -325,7 +325,7 @@ impl Member {
         if let Some(pid) = postmaster {
             // Every backend runs in a session of its own: kill them one by one, as a power
             // cut would, not just the postmaster's process group.
-            pgherd_agent::watchdog::kill_postgres(pid);
+            pgherd_watchdog::kill_postgres(pid);
         }
         self.process.kill_group();
         Ok(postmaster)

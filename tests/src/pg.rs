@@ -164,7 +164,7 @@ pub fn kill_postmaster(data_dir: &Path) -> bool {
         return false;
     };
     // The postmaster and every backend (each runs in a session of its own).
-    pgherd_agent::watchdog::kill_postgres(pid);
+    pgherd_watchdog::kill_postgres(pid);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while is_alive(pid) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));

@@ -378,7 +378,7 @@ pub fn configured_standby_names(member: &Member) -> Option<String> {
     })
 }
 
-/// The pids of the `pgherd-agent watchdog` processes the agent `agent_pid` started.
+/// The pids of the `pgherd-watchdog` processes the agent `agent_pid` started.
 pub fn watchdog_pids(agent_pid: u32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return vec![];
@@ -392,10 +392,10 @@ pub fn watchdog_pids(agent_pid: u32) -> Vec<i32> {
                 .rsplit_once(')')
                 .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            // Its program's file name, from the first argument.
+            let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
             ppid == Some(agent_pid)
-                && cmdline
-                    .split(|b| *b == 0)
-                    .any(|arg| arg == b"watchdog".as_slice())
+                && program.rsplit(|b| *b == b'/').next() == Some(b"pgherd-watchdog".as_slice())
         })
         .collect()
 }

@@ -563,8 +563,7 @@ fn the_watchdog_refuses_to_guard_a_root_process() -> Result<()> {
         Ok(t.tv_sec() * 1_000_000_000 + t.tv_nsec())
     };
     let stderr = tempfile::NamedTempFile::new()?;
-    let mut wd = Command::new(pgherd_tests::agent_bin()?)
-        .arg("watchdog")
+    let mut wd = Command::new(pgherd_tests::watchdog_bin()?)
         .stdin(Stdio::piped())
         .stderr(stderr.reopen()?)
         .spawn()
@@ -609,8 +608,7 @@ fn the_watchdog_refuses_to_guard_a_root_process() -> Result<()> {
         .spawn()?;
     let pid = theirs.id() as i32;
     wait_exec(pid, &bin.path().join("postgres"))?;
-    let mut wd = Command::new(pgherd_tests::agent_bin()?)
-        .arg("watchdog")
+    let mut wd = Command::new(pgherd_tests::watchdog_bin()?)
         .stdin(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;

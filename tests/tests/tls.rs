@@ -356,3 +356,53 @@ async fn a_password_over_http_and_replication_without_tls_are_each_warned_about_
     );
     Ok(())
 }
+
+/// Issue 14 item 7: the watchdog of a killed agent revokes its leader lease through etcd over
+/// https with a client certificate and a password, as the agent connects (the revoke runs in
+/// `pgherd-agent revoke-lease`, with the agent's etcd settings handed over the pipe), so the
+/// key goes at once rather than when the lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agents_watchdog_revokes_its_lease_through_etcd_over_https_with_a_certificate_and_a_password(
+) -> Result<()> {
+    let certs = tempfile::tempdir()?;
+    let pki = pki(certs.path())?;
+    let security = EtcdSecurity {
+        tls: Some(etcd_tls(&pki)),
+        client_cert_auth: true,
+        auth: Some(etcd_auth()),
+    };
+    let cluster = leads_on(
+        security,
+        format!(
+            "etcd: {{ca: {}, cert: {}, key: {}, username: {ETCD_USER}, password: {ETCD_PASSWORD}}}",
+            quoted(&pki.ca),
+            quoted(&pki.cert),
+            quoted(&pki.key)
+        ),
+    )
+    .await?;
+    let member = &cluster.members()[0];
+    member.kill()?;
+    let log = wait_until(
+        Duration::from_secs(15),
+        format!("{}'s watchdog to revoke the leader lease", member.name()),
+        || async {
+            let log = member.agent_log_of_last_start();
+            ensure!(
+                log.contains("revoked leader lease"),
+                "no revoke in the log yet:\n{log}"
+            );
+            Ok(log)
+        },
+    )
+    .await?;
+    ensure!(
+        !log.contains(ETCD_PASSWORD),
+        "the etcd password reached the log"
+    );
+    ensure!(
+        cluster.leader_name().await?.is_none(),
+        "the leader key outlived the revoke"
+    );
+    Ok(())
+}

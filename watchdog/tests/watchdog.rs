@@ -1,4 +1,4 @@
-//! The fencing watchdog process (`pgherd-agent watchdog`) against real process groups: a
+//! The fencing watchdog process (`pgherd-watchdog`) against real process groups: a
 //! sleeping process stands in for PostgreSQL's postmaster (ARCHITECTURE rule 3). The
 //! watchdog guards only a `postgres` process of a user other than root (rule 8), so the
 //! stand-in is a copy of `sleep` named `postgres`, run as the `postgres` user when the tests
@@ -108,8 +108,7 @@ impl Drop for Victim {
 }
 
 fn watchdog() -> Child {
-    Command::new(env!("CARGO_BIN_EXE_pgherd-agent"))
-        .arg("watchdog")
+    Command::new(env!("CARGO_BIN_EXE_pgherd-watchdog"))
         .stdin(Stdio::piped())
         .spawn()
         .expect("the watchdog starts")
