@@ -1,5 +1,5 @@
 //! Named steps where a test can stop the agent dead, to hit the window between two actions
-//! of a multi-step change on purpose (ARCHITECTURE rule 7).
+//! of a multi-step change on purpose (rule 7 of docs/architecture.md).
 //!
 //! `PGHERD_FAILPOINTS=step[,step...]` in the agent's environment: when the agent reaches a
 //! listed step it logs `failpoint <step> reached: stopping` and sends itself SIGSTOP, which

@@ -1,5 +1,5 @@
 //! pgherd-agent: keeps one PostgreSQL member of a pgherd cluster in its right role.
-//! See ARCHITECTURE.md for the shape: observe (etcd, PostgreSQL), decide (`ha`, pure), act.
+//! See docs/architecture.md for the shape: observe (etcd, PostgreSQL), decide (`ha`, pure), act.
 
 pub mod agent;
 pub mod api;

@@ -121,7 +121,7 @@ fn main() -> ExitCode {
             };
             init_logging(&cfg.name);
             // One thread: the postmaster's parent-death signal is tied to the thread that
-            // spawned it, which must live as long as the agent (ARCHITECTURE rule 3).
+            // spawned it, which must live as long as the agent (rule 3 of docs/architecture.md).
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -1,4 +1,4 @@
-//! The agent's side of its fencing watchdog (ARCHITECTURE rule 3): [`Watchdog`] starts
+//! The agent's side of its fencing watchdog (rule 3 of docs/architecture.md): [`Watchdog`] starts
 //! `pgherd-watchdog` (the crate `pgherd-watchdog`, whose documentation says what it does)
 //! from next to this executable and tells it over a pipe what to guard; [`revoke_lease`] is
 //! `pgherd-agent revoke-lease`, which the watchdog starts to revoke the leader lease of an

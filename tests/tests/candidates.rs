@@ -1,4 +1,4 @@
-//! Who may be promoted when the leader dies (ARCHITECTURE rule 4): never a member tagged
+//! Who may be promoted when the leader dies (rule 4 of docs/architecture.md): never a member tagged
 //! `nofailover`, never one further behind the leader's last published position than
 //! `maximum_lag_on_failover`; among equally advanced members the higher
 //! `failover_priority` wins.

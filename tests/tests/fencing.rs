@@ -1,5 +1,5 @@
-//! Fencing (ARCHITECTURE rules 1-3): a leader that can no longer renew its lease, because
-//! its agent is frozen, because it is cut off from etcd, or because etcd is down, stops
+//! Fencing (rules 1-3 of docs/architecture.md): a leader that can no longer renew its lease,
+//! because its agent is frozen, because it is cut off from etcd, or because etcd is down, stops
 //! accepting writes before any other member can take over; and it comes back as a replica.
 //!
 //! Each member is probed with an INSERT every 50 ms on its own connection

@@ -1,4 +1,4 @@
-//! The fencing watchdog around the agent (ARCHITECTURE rule 3, issue 12 items 6 and 11):
+//! The fencing watchdog around the agent (rule 3 of docs/architecture.md, issue 12 items 6 and 11):
 //! it guards PostgreSQL for as long as it may accept writes, also after the lease is gone and
 //! before PostgreSQL has stopped; when the agent dies (its node lives) it fences PostgreSQL
 //! and then revokes the leader lease, so a replica takes over at once; when the agent is only

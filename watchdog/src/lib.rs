@@ -1,12 +1,12 @@
-//! The fencing watchdog (ARCHITECTURE rule 3): `pgherd-watchdog`, a process of its own that
-//! the agent starts beside itself with a pipe on its stdin. The agent first sends `etcd
-//! <json>` (its etcd connection settings, secrets included: they travel over the pipe, never
-//! on a command line). While PostgreSQL may accept writes it sends `arm <postmaster pid>
-//! <deadline> <leader lease id>` (deadline in CLOCK_MONOTONIC nanoseconds: the moment its
-//! lease could be in doubt) after every renewal; otherwise `disarm`. What to send is
-//! [`command`]: armed from the start of a primary, and still armed with the old deadline after
-//! the lease was lost until that PostgreSQL has really stopped. The watchdog kills the
-//! postmaster and every process it forked with SIGKILL when
+//! The fencing watchdog (rule 3 of docs/architecture.md): `pgherd-watchdog`, a process of its own
+//! that the agent starts beside itself with a pipe on its stdin. The agent first sends `etcd
+//! <json>` (its etcd connection settings, secrets included: they travel over the pipe, never on a
+//! command line). While PostgreSQL may accept writes it sends `arm <postmaster pid> <deadline>
+//! <leader lease id>` (deadline in CLOCK_MONOTONIC nanoseconds: the moment its lease could be in
+//! doubt) after every renewal; otherwise `disarm`. What to send is [`command`]: armed from the
+//! start of a primary, and still armed with the old deadline after the lease was lost until that
+//! PostgreSQL has really stopped. The watchdog kills the postmaster and every process it forked
+//! with SIGKILL when
 //!
 //! - the deadline passes without a new `arm` (the agent is stopped, hung, or cannot renew), or
 //! - the pipe closes while armed (the agent died). Then, once PostgreSQL is certainly dead,

@@ -1,5 +1,6 @@
-//! `pgherd-watchdog`: the fencing watchdog `pgherd-agent` starts beside itself (ARCHITECTURE
-//! rule 3). It takes its instructions from the agent on stdin; see the library for them.
+//! `pgherd-watchdog`: the fencing watchdog `pgherd-agent` starts beside itself (rule 3 of
+//! docs/architecture.md). It takes its instructions from the agent on stdin; see the library for
+//! them.
 
 use std::process::ExitCode;
 

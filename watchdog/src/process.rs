@@ -1,5 +1,5 @@
 //! What /proc says about a process, and signals that reach only the process that was checked
-//! (ARCHITECTURE rule 8: root signals only its own processes). Shared by the agent (its
+//! (rule 8 of docs/architecture.md: root signals only its own processes). Shared by the agent (its
 //! `postgres/process.rs` adds what a postmaster of its data directory looks like) and the
 //! watchdog, which must reach only the postmaster it was armed with.
 //!

@@ -1,5 +1,5 @@
 //! The fencing watchdog process (`pgherd-watchdog`) against real process groups: a
-//! sleeping process stands in for PostgreSQL's postmaster (ARCHITECTURE rule 3). The
+//! sleeping process stands in for PostgreSQL's postmaster (rule 3 of docs/architecture.md). The
 //! watchdog guards only a `postgres` process of a user other than root (rule 8), so the
 //! stand-in is a copy of `sleep` named `postgres`, run as the `postgres` user when the tests
 //! run as root.

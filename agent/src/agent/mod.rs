@@ -2,7 +2,7 @@
 //! Woken by the `loop_wait` timer, by etcd watch events and by PostgreSQL exiting; long jobs
 //! (initdb, clone, rewind) run as tasks the loop observes, so a leader keeps renewing its
 //! lease while they run. While it holds the leader lease it keeps the fencing watchdog armed
-//! with the lease's deadline (ARCHITECTURE rules 2 and 3).
+//! with the lease's deadline (rules 2 and 3 of docs/architecture.md).
 //!
 //! One `Agent`, several `impl Agent` blocks, one file per concern: this file has the state,
 //! the loop and `observe`; `lease` the member and leader leases (and the watchdog armed with

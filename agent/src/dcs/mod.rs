@@ -461,7 +461,7 @@ impl Dcs {
         Ok(self.timed(c.txn(txn)).await?.succeeded())
     }
 
-    /// Takes the leader key if nobody holds it (ARCHITECTURE: the only way to become
+    /// Takes the leader key if nobody holds it (docs/architecture.md: the only way to become
     /// leader), or if it still names this member from a previous run of the agent.
     pub async fn acquire_leader(&self, leader_lease: i64) -> Result<bool> {
         let key = self.key("leader");
@@ -801,8 +801,9 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Renews the lease once. Returns the instant the renewal was *sent* (ARCHITECTURE rule 2
-    /// measures from it), or `Ok(None)` when etcd says the lease has already expired.
+    /// Renews the lease once. Returns the instant the renewal was *sent* (rule 2 of
+    /// docs/architecture.md measures from it), or `Ok(None)` when etcd says the lease has already
+    /// expired.
     pub async fn refresh(&mut self) -> Result<Option<Instant>> {
         let timeout = self.timeout;
         let sent = Instant::now();

@@ -1,4 +1,4 @@
-//! Who may take the leader key when nobody holds it (ARCHITECTURE rule 4).
+//! Who may take the leader key when nobody holds it (rule 4 of docs/architecture.md).
 
 use std::fmt;
 

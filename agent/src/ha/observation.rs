@@ -135,7 +135,7 @@ pub struct LeaseView {
     /// We hold a lease that was attached to the leader key.
     pub held: bool,
     /// Until when the lease is certainly alive: when the last successful renewal was *sent*,
-    /// plus the TTL, minus a safety margin (ARCHITECTURE rule 2).
+    /// plus the TTL, minus a safety margin (rule 2 of docs/architecture.md).
     pub valid_until: Option<Instant>,
 }
 

@@ -738,8 +738,8 @@ impl Postgres {
     /// Starts the postmaster as our child; the loop sees it come up.
     ///
     /// The child gets a parent-death signal (SIGQUIT: immediate shutdown), so if the agent
-    /// dies its PostgreSQL stops rather than outliving the lease (ARCHITECTURE rule 3). The
-    /// runtime is single-threaded, so the spawning thread lives as long as the agent.
+    /// dies its PostgreSQL stops rather than outliving the lease (rule 3 of docs/architecture.md).
+    /// The runtime is single-threaded, so the spawning thread lives as long as the agent.
     pub async fn start(&self) -> Result<()> {
         self.remove_stale_pid_file()?;
         if let Some(pid) = self.postmaster_pid() {

@@ -1,5 +1,5 @@
 //! What /proc says about a process, and signals that reach only the process that was checked
-//! (ARCHITECTURE rule 8: the root agent signals only its own processes).
+//! (rule 8 of docs/architecture.md: the root agent signals only its own processes).
 //!
 //! `postmaster.pid` lives in the data directory, which the `postgres` OS user owns: anyone who
 //! reaches that user can write any pid into it, `1` or a root daemon's. So a pid read from it
