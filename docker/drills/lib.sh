@@ -105,6 +105,20 @@ haproxy_up() {
     awk -F, -v b="$1" '$1 == b && $2 != "FRONTEND" && $2 != "BACKEND" && $18 == "UP" { n++ } END { print n + 0 }' <<<"$csv"
 }
 
+# What healthy looks at, in one line for a drill's note: each member's role and state, and
+# how many servers HAProxy has UP behind ports 5000 and 5001.
+health_summary() {
+    local obj out=""
+    while IFS= read -r obj; do
+        [[ $obj =~ \"name\":\"([a-z0-9_]+)\" ]] && out+="${BASH_REMATCH[1]}"
+        [[ $obj =~ \"role\":\"([a-z_]+)\" ]] && out+=" ${BASH_REMATCH[1]}"
+        [[ $obj =~ \"state\":\"([a-z_ ]+)\" ]] && out+=" ${BASH_REMATCH[1]}"
+        out+=", "
+    done < <(members_flat 2>/dev/null)
+    printf '%shaproxy up: primary %s, replicas %s' "$out" "$(haproxy_up primary || echo '?')" \
+        "$(haproxy_up replicas || echo '?')"
+}
+
 # Healthy: three members, one leader running, two replicas streaming, and HAProxy sending
 # port 5000 to one server and port 5001 to two.
 healthy() {
@@ -251,7 +265,7 @@ finish() {
     final=$(leader) || final=""
     healthy || {
         ok=0
-        note="${note:+$note; }cluster not healthy at the end"
+        note="${note:+$note; }cluster not healthy at the end ($(health_summary))"
     }
     ((ok)) || pass=false
     printf '{"drill":"%s","write_outage_s":%s,"acked_rows_lost":%s,"final_leader":"%s","pass":%s,"duration_s":%s,"note":"%s","writer":%s}\n' \
