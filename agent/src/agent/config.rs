@@ -14,11 +14,7 @@ impl Agent {
     /// What decide is configured with: this member's name and tags, and the dynamic
     /// configuration in effect.
     pub(super) fn ha_config(&self) -> HaConfig {
-        HaConfig {
-            name: self.cfg.name.clone(),
-            tags: self.cfg.tags.clone(),
-            dcs: dynamic_config(&self.cfg, self.last_view.as_ref()),
-        }
+        HaConfig::new(&self.cfg, self.last_view.as_ref())
     }
 
     /// The configuration mode of a running PostgreSQL: primary, or standby of the upstream

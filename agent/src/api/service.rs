@@ -123,11 +123,7 @@ impl Service {
     }
 
     fn ha_config(&self, view: &ClusterView) -> HaConfig {
-        HaConfig {
-            name: self.ctx.cfg.name.clone(),
-            tags: self.ctx.cfg.tags.clone(),
-            dcs: dynamic_config(&self.ctx.cfg, Some(view)),
-        }
+        HaConfig::new(&self.ctx.cfg, Some(view))
     }
 
     /// Cluster-wide changes are made by the leader's agent; others point at it.

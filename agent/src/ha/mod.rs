@@ -50,6 +50,18 @@ pub struct HaConfig {
     pub dcs: DynamicConfig,
 }
 
+impl HaConfig {
+    /// This member's name and tags from its file, and the dynamic config in effect given
+    /// the last cluster view read from etcd ([`crate::dcs::model::dynamic_config`]).
+    pub fn new(cfg: &pgherd_config::Config, view: Option<&ClusterView>) -> HaConfig {
+        HaConfig {
+            name: cfg.name.clone(),
+            tags: cfg.tags.clone(),
+            dcs: crate::dcs::model::dynamic_config(cfg, view),
+        }
+    }
+}
+
 /// This loop's decision: what to do, in order, and why.
 pub fn decide(obs: &Observation, cfg: &HaConfig, mem: &Memory) -> Decision {
     let Some(view) = &obs.cluster else {
