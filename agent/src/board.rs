@@ -44,6 +44,13 @@ pub enum RestartOutcome {
 #[derive(Clone, Default)]
 pub struct StatusBoard {
     inner: Arc<Mutex<Board>>,
+    /// Failsafe mode: the state behind `GET /failsafe`, and the gate between accepting a
+    /// leader and racing for its key (see [`FailsafeGate`]).
+    failsafe: Arc<Mutex<FailsafeStatus>>,
+    failsafe_gate: Arc<tokio::sync::Mutex<FailsafeGate>>,
+    /// This agent took the leader key and has not dropped that lease since (set under the
+    /// gate; cleared without it, when the lease is dropped).
+    failsafe_leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Default, Clone)]
@@ -67,6 +74,8 @@ pub struct Board {
     /// repository every 10 s by main.rs's backup task. `None` (and no metrics) without a
     /// `backup` section or before the repository holds a backup.
     pub backup: Option<BackupStatus>,
+    /// This member's replication slots with their owner, as the loop last listed them.
+    pub slots: Vec<(crate::slots::SlotRow, crate::slots::Owner)>,
 }
 
 /// The loop's own view of this member at the end of a cycle, for health checks and metrics.
@@ -145,6 +154,10 @@ impl StatusBoard {
     }
 
     /// The loop's local observations at the end of a cycle.
+    pub fn set_slots(&self, slots: Vec<(crate::slots::SlotRow, crate::slots::Owner)>) {
+        self.lock().slots = slots;
+    }
+
     pub fn set_local(&self, local: LocalStatus) {
         self.lock().local = Some(local);
     }
@@ -164,5 +177,97 @@ impl StatusBoard {
     /// `/metrics`. `None` removes them.
     pub fn set_backup(&self, backup: Option<BackupStatus>) {
         self.lock().backup = backup;
+    }
+}
+
+// ---- Failsafe mode (issue 15 item 4) ----
+
+/// Failsafe mode as this member last saw it: for `GET /failsafe`, for the `Failsafe` call
+/// (which records an acceptance here) and for the loop (which reads it into decide's
+/// observation).
+#[derive(Debug, Clone, Default)]
+pub struct FailsafeStatus {
+    /// `failsafe_mode` of the last dynamic config the loop read.
+    pub mode: bool,
+    /// Leader: the last round of `Failsafe` calls it made while etcd was unreachable.
+    pub last_round: Option<FailsafeRoundReport>,
+    /// Leader: until when the members' acceptances let it stay writable.
+    pub leading_until: Option<Instant>,
+    /// Replica: the last leader it accepted.
+    pub accepted: Option<FailsafeAcceptance>,
+}
+
+/// One round of `Failsafe` calls by a leader that cannot reach etcd.
+#[derive(Debug, Clone)]
+pub struct FailsafeRoundReport {
+    pub started: Instant,
+    pub started_wall: SystemTime,
+    /// Each member asked, with `Ok` when it accepted, or why it refused or did not answer.
+    pub answers: Vec<(String, Result<(), String>)>,
+    /// Why no member was asked, when none was.
+    pub not_eligible: Option<String>,
+    /// The write deadline this round gave, when every member accepted.
+    pub extended_to: Option<Instant>,
+}
+
+/// A leader this member accepted through the `Failsafe` call.
+#[derive(Debug, Clone)]
+pub struct FailsafeAcceptance {
+    pub leader: String,
+    pub at: Instant,
+    pub at_wall: SystemTime,
+    /// This member does not race for the leader key before this instant.
+    pub hold_until: Instant,
+    pub timeline: u32,
+    /// The leader's WAL position when it asked.
+    pub wal_lsn: String,
+}
+
+/// Serialises accepting a leader (the `Failsafe` handler) with taking the leader key (the
+/// loop's acquisition): a member never accepts a leader while it takes the key, and never
+/// takes the key after it accepted a leader whose hold has not passed, even when the
+/// decision to take it was made before the acceptance.
+#[derive(Debug, Default)]
+pub struct FailsafeGate;
+
+impl StatusBoard {
+    fn failsafe_lock(&self) -> std::sync::MutexGuard<'_, FailsafeStatus> {
+        self.failsafe.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn failsafe(&self) -> FailsafeStatus {
+        self.failsafe_lock().clone()
+    }
+
+    pub fn set_failsafe_mode(&self, on: bool) {
+        self.failsafe_lock().mode = on;
+    }
+
+    pub fn set_failsafe_round(&self, round: FailsafeRoundReport) {
+        self.failsafe_lock().last_round = Some(round);
+    }
+
+    pub fn set_failsafe_leading_until(&self, until: Option<Instant>) {
+        self.failsafe_lock().leading_until = until;
+    }
+
+    pub fn set_failsafe_accepted(&self, acceptance: FailsafeAcceptance) {
+        self.failsafe_lock().accepted = Some(acceptance);
+    }
+
+    /// The gate between accepting a leader and taking the leader key.
+    pub fn failsafe_gate(&self) -> Arc<tokio::sync::Mutex<FailsafeGate>> {
+        self.failsafe_gate.clone()
+    }
+
+    /// Whether this agent holds the leader key it took (see [`FailsafeGate`]).
+    pub fn failsafe_leading(&self) -> bool {
+        self.failsafe_leading
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn set_failsafe_leading(&self, leading: bool) {
+        self.failsafe_leading
+            .store(leading, std::sync::atomic::Ordering::SeqCst);
     }
 }

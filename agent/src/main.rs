@@ -76,6 +76,7 @@ fn load(path: &std::path::Path) -> Result<pgherd_config::Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    pgherd_agent::install_crypto_provider();
     // What the agent, wal-push and wal-fetch create is private (backups, archived WAL,
     // pgpass); files and folders others must reach get their mode explicitly.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -88,15 +89,51 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Some(Command::WalPush { path }) => wal_command(cli.config, "wal-push", |repo, wal| {
-            pgherd_agent::backup::wal::push(repo, &path, wal.compression, wal.compression_level)
-                .map(|_| ())
+        Some(Command::WalPush { path }) => wal_command(cli.config, "wal-push", |wal| {
+            use pgherd_agent::backup::wal;
+            let result = match (&wal.agent_socket, &wal.repository) {
+                (Some(socket), _) => wal::push_batch(
+                    &path,
+                    wal.parallel,
+                    &pgherd_agent::backup::walsocket::Client::new(socket.clone()),
+                ),
+                (None, Some(root)) => wal::push_batch(
+                    &path,
+                    wal.parallel,
+                    &wal::RepoSink {
+                        repo: &pgherd_agent::backup::LocalRepository::new(root),
+                        compression: wal.compression,
+                        level: wal.compression_level,
+                    },
+                ),
+                (None, None) => Err(NO_REPOSITORY.to_string()),
+            };
+            result.map_err(WalFailure::Other)
         }),
-        Some(Command::WalFetch { name, path }) => {
-            wal_command(cli.config, "wal-fetch", |repo, _| {
-                pgherd_agent::backup::wal::fetch(repo, &name, &path)
-            })
-        }
+        Some(Command::WalFetch { name, path }) => wal_command(cli.config, "wal-fetch", |wal| {
+            use pgherd_agent::backup::{wal as w, walsocket};
+            match (&wal.agent_socket, &wal.repository) {
+                (Some(socket), _) => {
+                    let data = walsocket::Client::new(socket.clone())
+                        .fetch(&name)
+                        .map_err(|e| match e {
+                            walsocket::FetchError::NotFound(m) => WalFailure::NotFound(m),
+                            walsocket::FetchError::Failed(m) => WalFailure::Other(m),
+                        })?;
+                    w::write_fetched(&data, &path).map_err(|e| WalFailure::Other(e.to_string()))
+                }
+                (None, Some(root)) => w::fetch(
+                    &pgherd_agent::backup::LocalRepository::new(root),
+                    &name,
+                    &path,
+                )
+                .map_err(|e| match e {
+                    w::WalError::NotFound(_) => WalFailure::NotFound(e.to_string()),
+                    e => WalFailure::Other(e.to_string()),
+                }),
+                (None, None) => Err(WalFailure::Other(NO_REPOSITORY.to_string())),
+            }
+        }),
         Some(Command::CheckConfig { file }) => {
             let Some(path) = file.or(cli.config) else {
                 eprintln!("check-config needs a FILE (or --config FILE)");
@@ -147,16 +184,23 @@ fn main() -> ExitCode {
     }
 }
 
+const NO_REPOSITORY: &str =
+    "the WAL settings name neither a repository folder nor the agent's socket";
+
+/// Why `wal-push` or `wal-fetch` failed.
+enum WalFailure {
+    /// Not in the archive: a normal answer to restore_command.
+    NotFound(String),
+    Other(String),
+}
+
 /// Runs `wal-push` or `wal-fetch`: one line on stderr and exit 1 on any error (PostgreSQL
 /// puts it in its log and retries). `--config` names the WAL settings the agent wrote for
 /// them (no secrets in it), or a member's configuration file.
 fn wal_command(
     config: Option<PathBuf>,
     what: &str,
-    f: impl FnOnce(
-        &pgherd_agent::backup::LocalRepository,
-        &pgherd_agent::backup::wal::WalSettings,
-    ) -> Result<(), pgherd_agent::backup::wal::WalError>,
+    f: impl FnOnce(&pgherd_agent::backup::wal::WalSettings) -> Result<(), WalFailure>,
 ) -> ExitCode {
     let Some(path) = config else {
         eprintln!(
@@ -171,15 +215,13 @@ fn wal_command(
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let repo = pgherd_agent::backup::LocalRepository::new(&wal.repository);
-    match f(&repo, &wal) {
+    match f(&wal) {
         Ok(()) => ExitCode::SUCCESS,
-        // "Not in the archive" is a normal answer to restore_command: exit 1.
-        Err(e @ pgherd_agent::backup::wal::WalError::NotFound(_)) => {
+        Err(WalFailure::NotFound(e)) => {
             eprintln!("pgherd-agent {what}: {e}");
             ExitCode::FAILURE
         }
-        Err(e) => {
+        Err(WalFailure::Other(e)) => {
             eprintln!("pgherd-agent {what}: {e}");
             // Anything else (a corrupted or unreadable file) must stop recovery rather than
             // look like the end of the archive: PostgreSQL aborts on a status above 125.
@@ -245,6 +287,17 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
                 }
             }
         });
+        if let (true, Some(source)) = (ctx.backup.archive_through_agent(), &cfg.source) {
+            let socket = pgherd_agent::backup::walsocket::path_beside(source);
+            let owner = agent.postgres().os_user().switch_to;
+            let (c, stop) = (ctx.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) = pgherd_agent::backup::walsocket::serve(c, socket, owner, stop).await
+                {
+                    tracing::error!(error = %format!("{e:#}"), "cannot serve wal-push and wal-fetch: archiving and archive recovery stop until the agent restarts");
+                }
+            });
+        }
         let board = board.clone();
         tokio::spawn(pgherd_agent::backup::ops::run_schedules(
             ctx,

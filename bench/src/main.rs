@@ -11,14 +11,20 @@
 //! cluster and reports acknowledged rows lost, the longest write gap and whether two members
 //! were ever writable at once; `bench/chaos` builds the release binaries and runs it.
 //!
+//! `pgherd-bench slots` stops a replica's agent for a while under a steady writer and
+//! measures the WAL its slot keeps on the leader and how long the replica takes to catch up,
+//! with `member_slots_ttl` 1800 and, for comparison, 0 (re-clone); `bench/slots` runs it.
+//!
 //! `pgherd-bench drill-writer` is the writer of the docker-compose drills (docker/drills/):
 //! it writes through HAProxy instead of starting a cluster of its own.
 
 mod chaos;
+mod clone;
 mod drill;
 mod failover;
 mod machine;
 mod measure;
+mod slots;
 mod summary;
 
 use std::path::PathBuf;
@@ -84,6 +90,43 @@ enum Command {
         its logs (see --logs)."
     )]
     Chaos(chaos::ChaosArgs),
+    /// Time to create a replica from the backup repository vs by pg_basebackup from the
+    /// leader, with the leader's CPU seconds and bytes sent during each.
+    #[command(
+        long_about = "One leader with a backup section and pgbench data (-s N, default 70, about \
+        1 GB); a base backup, then pgbench updates whose WAL is archived. Then, per run, a new \
+        member is created with create_replica_methods [backup] and another with [basebackup] \
+        (alternating which goes first), each measured from its agent's start until it streams \
+        and has replayed the leader's position at that start, then stopped.\n\n\
+        Leader CPU: utime+stime of the leader's postmaster and all its children (exited ones \
+        through cutime/cstime), from /proc. Leader bytes sent: the leader's \
+        postgres.connect_address is a counting TCP proxy in front of its port, so everything \
+        members receive from it (pg_basebackup, streaming) is counted; the benchmark's own \
+        clients use the real port."
+    )]
+    Clone(clone::CloneArgs),
+    /// A replica down for a while under a steady writer: the WAL its slot keeps on the
+    /// leader and its catch-up time, with member_slots_ttl 1800 and, for comparison, 0.
+    #[command(
+        long_about = "A replica down for a while under a steady writer, on a three-member \
+        cluster with wal_keep_size 0 (only slots keep WAL on the leader).\n\n\
+        Each run: a fresh cluster; --data-mib of rows loaded; a writer inserts --rate rows of \
+        1000 bytes a second on the leader; one replica's agent stops cleanly (SIGTERM; its \
+        PostgreSQL stops with it) and stays down; the leader's slot for it is sampled every \
+        5 s; at the end a WAL switch and a CHECKPOINT on the leader, then the agent starts \
+        again. Measures the WAL written and retained, the leader's pg_wal size, the time \
+        until the replica streams and until it replayed the leader's position at its restart, and whether it \
+        was cloned again (its agent log).\n\n\
+        First with member_slots_ttl 1800 for --down seconds (the replica must catch up from \
+        the leader's WAL); then, for comparison, member_slots_ttl 0 for --compare-down \
+        seconds, after loading the rows the writer adds in the difference (so the database \
+        has the same size): the slot goes with the member key, the WAL the replica needs \
+        is removed, and once its PostgreSQL logs \"has already been removed\" the bench runs \
+        `pgherdctl reinit` as an operator would and times the re-clone.\n\n\
+        Prints one line per run, a Markdown table and every finding (exit status 2 when \
+        there is one). Failed runs keep their logs (see --logs)."
+    )]
+    Slots(slots::SlotsArgs),
     /// Commit a row every 20 ms through one address (HAProxy's read-write port) until
     /// SIGTERM; then print, as one JSON line, the longest write outage and the acknowledged
     /// rows the table lacks. Used by docker/drills/.
@@ -140,6 +183,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Failover(args) => interruptible(failover::run(args)).await,
             Command::Chaos(args) => interruptible(chaos::run(args)).await,
+            Command::Clone(args) => interruptible(clone::run(args)).await,
+            Command::Slots(args) => interruptible(slots::run(args)).await,
             // Handles SIGTERM itself: it is how a drill stops it before the check.
             Command::DrillWriter(args) => drill::run(args).await,
         }

@@ -261,11 +261,11 @@ mod tests {
     #[test]
     fn tags_from_a_newer_agent_keep_the_known_ones() {
         let parsed = from_json::<Tags>(
-            br#"{"nofailover": true, "clonefrom": true, "failover_priority": 3}"#,
+            br#"{"nofailover": true, "zone_of_a_newer_agent": true, "failover_priority": 3}"#,
         )
         .unwrap();
         assert!(parsed.value.nofailover);
         assert_eq!(parsed.value.failover_priority, 3);
-        assert_eq!(parsed.ignored, vec!["clonefrom"]);
+        assert_eq!(parsed.ignored, vec!["zone_of_a_newer_agent"]);
     }
 }

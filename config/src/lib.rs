@@ -18,9 +18,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use backup::{BackupConfig, Compression, Retention};
+pub use backup::{
+    ArchiveConfig, AzureConfig, BackupConfig, BootstrapMethod, BootstrapRestore, BootstrapTarget,
+    Compression, EncryptionConfig, GcsConfig, Location, ObjectStoreKind, RepositoryUrl, Retention,
+    S3Config,
+};
 pub use tls::PostgresTls;
-pub use validate::{bounds, runs_code, Problem};
+pub use validate::{bounds, runs_code, valid_slot_name, Problem};
 
 /// Default directory of the PostgreSQL 15 binaries on Debian.
 pub const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
@@ -215,6 +219,11 @@ pub struct PostgresConfig {
     /// that traffic, SCRAM exchanges included, crosses the network in clear text.
     #[serde(default)]
     pub tls: Option<PostgresTls>,
+    /// Where this member keeps tablespaces that are elsewhere on the leader (leader's
+    /// location -> this member's), for replicas made by `pg_basebackup`
+    /// (`--tablespace-mapping`) or from a base backup; absent: the same paths.
+    #[serde(default)]
+    pub tablespace_map: BTreeMap<PathBuf, PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,6 +244,14 @@ pub struct Bootstrap {
     /// Checksums are always enabled.
     #[serde(default)]
     pub initdb: Vec<InitdbOption>,
+    /// How the first member makes the new cluster's data: `initdb` (default) or `restore`
+    /// (from another cluster's backup repository, see `restore`).
+    #[serde(default)]
+    pub method: BootstrapMethod,
+    /// With `method: restore`: where the source cluster's backups are, which one, and the
+    /// recovery target.
+    #[serde(default)]
+    pub restore: Option<BootstrapRestore>,
 }
 
 /// Cluster-wide settings, stored as JSON in etcd under `/pgherd/<cluster>/config`.
@@ -276,6 +293,109 @@ pub struct DynamicConfig {
     pub synchronous_node_count: u32,
     #[serde(default)]
     pub postgresql: DcsPostgresql,
+    /// Seconds the leader keeps a member's replication slot after the member's key
+    /// disappeared (agent stopped, node down), so the member catches up from the leader's
+    /// WAL without a new clone. 0: dropped at once.
+    #[serde(default = "default_member_slots_ttl")]
+    pub member_slots_ttl: u64,
+    /// Permanent replication slots for consumers outside the cluster (CDC, archivers):
+    /// created on the leader and kept on every member that may become leader.
+    #[serde(default)]
+    pub slots: BTreeMap<String, PermanentSlot>,
+    /// Slots pgherd must leave alone even where it would otherwise drop or change them. A
+    /// slot matches an entry when every field the entry sets matches.
+    #[serde(default)]
+    pub ignore_slots: Vec<IgnoreSlot>,
+    /// How a member without data becomes a replica, tried in order: `backup` (the newest
+    /// base backup of the repository plus archived WAL, then streaming) and `basebackup`
+    /// (pg_basebackup from a `clonefrom` member or the leader).
+    #[serde(default = "default_create_replica_methods")]
+    pub create_replica_methods: Vec<ReplicaMethod>,
+    /// With etcd unreachable for everyone, the leader stays writable while every member
+    /// etcd last listed answers that it accepts this leader (see the README's failsafe mode).
+    #[serde(default)]
+    pub failsafe_mode: bool,
+}
+
+/// A permanent slot of the dynamic configuration: `{type: physical}` or
+/// `{type: logical, database: D, plugin: P}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PermanentSlot {
+    #[serde(rename = "type")]
+    pub kind: SlotType,
+    /// Logical slots: the database the slot decodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// Logical slots: the output plugin (`pgoutput`, `test_decoding`, `wal2json`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotType {
+    Physical,
+    Logical,
+}
+
+impl SlotType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotType::Physical => "physical",
+            SlotType::Logical => "logical",
+        }
+    }
+}
+
+/// An `ignore_slots` entry; unset fields match anything.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IgnoreSlot {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<SlotType>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
+}
+
+impl IgnoreSlot {
+    /// Whether a slot with these properties is one to leave alone.
+    pub fn matches(
+        &self,
+        name: &str,
+        kind: SlotType,
+        database: Option<&str>,
+        plugin: Option<&str>,
+    ) -> bool {
+        self.name.as_deref().is_none_or(|n| n == name)
+            && self.kind.is_none_or(|k| k == kind)
+            && self.database.as_deref().is_none_or(|d| Some(d) == database)
+            && self.plugin.as_deref().is_none_or(|p| Some(p) == plugin)
+    }
+}
+
+/// A way to create a replica (`create_replica_methods`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaMethod {
+    /// Restore the newest base backup of `backup.repository`, recover from the archive,
+    /// then stream from the leader.
+    Backup,
+    /// pg_basebackup from a member tagged `clonefrom` that streams, or from the leader.
+    Basebackup,
+}
+
+impl ReplicaMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaMethod::Backup => "backup",
+            ReplicaMethod::Basebackup => "basebackup",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -351,6 +471,9 @@ pub struct Tags {
     /// Never make this member a synchronous standby.
     #[serde(default)]
     pub nosync: bool,
+    /// `basebackup` clones from this member (when it streams) rather than from the leader.
+    #[serde(default)]
+    pub clonefrom: bool,
 }
 
 /// Commands run on PostgreSQL events, Patroni style: `<command> <action> <role> <cluster>`,
@@ -469,6 +592,12 @@ fn default_primary_start_timeout() -> u64 {
 fn default_synchronous_node_count() -> u32 {
     1
 }
+fn default_member_slots_ttl() -> u64 {
+    1800
+}
+fn default_create_replica_methods() -> Vec<ReplicaMethod> {
+    vec![ReplicaMethod::Basebackup]
+}
 fn default_callback_timeout() -> u64 {
     30
 }
@@ -492,6 +621,11 @@ impl Default for DynamicConfig {
             synchronous_mode_strict: false,
             synchronous_node_count: default_synchronous_node_count(),
             postgresql: DcsPostgresql::default(),
+            member_slots_ttl: default_member_slots_ttl(),
+            slots: BTreeMap::new(),
+            ignore_slots: Vec::new(),
+            create_replica_methods: default_create_replica_methods(),
+            failsafe_mode: false,
         }
     }
 }
@@ -503,6 +637,7 @@ impl Default for Tags {
             failover_priority: default_failover_priority(),
             noloadbalance: false,
             nosync: false,
+            clonefrom: false,
         }
     }
 }

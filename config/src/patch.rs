@@ -29,13 +29,14 @@ pub fn apply(
             None
         } else {
             match serde_yaml::from_str::<Value>(raw) {
-                Ok(v @ (Value::Object(_) | Value::Array(_))) => {
+                Ok(v @ Value::Object(_)) => {
                     problems.push(Problem::new(
                         key.clone(),
                         format!("{v} is not a single value; set nested keys one by one"),
                     ));
                     continue;
                 }
+                // A list (`create_replica_methods=[backup, basebackup]`) replaces the list.
                 Ok(v) => Some(v),
                 Err(e) => {
                     problems.push(Problem::new(
@@ -255,5 +256,101 @@ mod tests {
                 p[0].message
             );
         }
+    }
+
+    #[test]
+    fn slots_replica_methods_and_failsafe_are_set_and_checked() {
+        let old = DynamicConfig::default();
+        assert_eq!(old.member_slots_ttl, 1800);
+        assert_eq!(
+            old.create_replica_methods,
+            vec![crate::ReplicaMethod::Basebackup]
+        );
+        let new = apply(
+            &old,
+            &sets(&[
+                ("slots.cdc.type", "logical"),
+                ("slots.cdc.database", "app"),
+                ("slots.cdc.plugin", "test_decoding"),
+                ("slots.archiver.type", "physical"),
+                ("create_replica_methods", "[backup, basebackup]"),
+                ("member_slots_ttl", "600"),
+                ("failsafe_mode", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(new.slots["cdc"].kind, crate::SlotType::Logical);
+        assert_eq!(new.slots["cdc"].database.as_deref(), Some("app"));
+        assert_eq!(new.slots["archiver"].kind, crate::SlotType::Physical);
+        assert_eq!(
+            new.create_replica_methods,
+            vec![
+                crate::ReplicaMethod::Backup,
+                crate::ReplicaMethod::Basebackup
+            ]
+        );
+        assert_eq!(new.member_slots_ttl, 600);
+        assert!(new.failsafe_mode);
+        let gone = apply(&new, &sets(&[("slots.cdc", "")])).unwrap();
+        assert!(!gone.slots.contains_key("cdc"));
+
+        for (pairs, path, says) in [
+            (
+                &[("slots.cdc.type", "logical"), ("slots.cdc.plugin", "p")][..],
+                "slots.cdc.database",
+                "required",
+            ),
+            (
+                &[("slots.a.type", "physical"), ("slots.a.database", "app")][..],
+                "slots.a.database",
+                "only for logical",
+            ),
+            (
+                &[("slots.Bad-Name.type", "physical")][..],
+                "slots.Bad-Name",
+                "not a slot name",
+            ),
+            (
+                &[("create_replica_methods", "[]")][..],
+                "create_replica_methods",
+                "empty",
+            ),
+            (
+                &[("create_replica_methods", "[backup, backup]")][..],
+                "create_replica_methods[1]",
+                "twice",
+            ),
+            (
+                &[("member_slots_ttl", "99999999")][..],
+                "member_slots_ttl",
+                "must be from",
+            ),
+        ] {
+            let p = apply(&old, &sets(pairs)).unwrap_err();
+            assert!(
+                p.iter().any(|p| p.path == path && p.message.contains(says)),
+                "{pairs:?}: {p:?}"
+            );
+        }
+        let p = apply(&old, &sets(&[("create_replica_methods", "[tape]")])).unwrap_err();
+        assert!(p[0].message.contains("tape"), "{p:?}");
+    }
+
+    #[test]
+    fn ignore_slots_match_on_the_fields_they_set() {
+        let any_logical = crate::IgnoreSlot {
+            kind: Some(crate::SlotType::Logical),
+            ..Default::default()
+        };
+        assert!(any_logical.matches("x", crate::SlotType::Logical, Some("db"), Some("p")));
+        assert!(!any_logical.matches("x", crate::SlotType::Physical, None, None));
+        let named = crate::IgnoreSlot {
+            name: Some("keep".into()),
+            database: Some("app".into()),
+            ..Default::default()
+        };
+        assert!(named.matches("keep", crate::SlotType::Logical, Some("app"), Some("p")));
+        assert!(!named.matches("keep", crate::SlotType::Physical, None, None));
+        assert!(!named.matches("other", crate::SlotType::Logical, Some("app"), None));
     }
 }

@@ -304,6 +304,33 @@ fn backup_section_problems_are_reported_at_their_paths() {
 }
 
 #[test]
+fn backup_encryption_needs_one_key_source_and_the_agent_for_wal() {
+    let with = |enc: &str| format!("{GOOD}\nbackup: {{repository: /srv/b, encryption: {enc}}}\n");
+    assert_eq!(paths(&with("{}")), vec!["backup.encryption"]);
+    assert_eq!(
+        paths(&with("{key_file: /k, key_command: 'cat /k'}")),
+        vec!["backup.encryption"]
+    );
+    assert_eq!(
+        paths(&with("{key_file: k}")),
+        vec!["backup.encryption.key_file"]
+    );
+    assert_eq!(
+        paths(&with("{key_command: ' '}")),
+        vec!["backup.encryption.key_command"]
+    );
+    let refused = format!(
+        "{GOOD}\nbackup: {{repository: /srv/b, archive: {{through_agent: false}}, encryption: {{key_file: /k}}}}\n"
+    );
+    assert_eq!(paths(&refused), vec!["backup.archive.through_agent"]);
+    let b = parse(&with("{key_file: /etc/pgherd/backup.key}"))
+        .unwrap()
+        .backup
+        .unwrap();
+    assert!(b.archive_through_agent(), "the OS user never gets the key");
+}
+
+#[test]
 fn every_duration_and_count_has_bounds_in_the_file() {
     let huge = u64::MAX;
     let cases: Vec<(String, &str)> = vec![
@@ -504,4 +531,111 @@ fn member_identity_is_a_dns_name_and_needs_a_ca() {
         paths(&tls(", ca: /ca.pem, member_identity: 'a b'")),
         vec!["api.tls.member_identity"]
     );
+}
+
+#[test]
+fn a_bootstrap_restore_section_is_checked_at_its_yaml_path() {
+    let base = |bootstrap: &str| format!("{GOOD}\nbootstrap:\n{bootstrap}");
+    let good = base(
+        "  method: restore\n  restore:\n    repository: /srv/backups\n    cluster: prod\n    target: {xid: 1234, inclusive: false}\n    tablespace_map: {/srv/ts1: /srv/copy/ts1}\n",
+    );
+    let c = parse(&good).unwrap_or_else(|p| panic!("{}", Problem::list(&p)));
+    assert_eq!(c.bootstrap.method, BootstrapMethod::Restore);
+    let r = c.bootstrap.restore.unwrap();
+    assert_eq!(r.backup, "latest");
+    assert_eq!(r.target.unwrap().xid, Some(1234));
+    let cases: &[(&str, &str)] = &[
+        ("  method: clone\n", "bootstrap.method"),
+        ("  method: restore\n", "bootstrap.restore"),
+        (
+            "  method: restore\n  restore: {cluster: prod}\n",
+            "bootstrap.restore",
+        ),
+        (
+            "  method: restore\n  restore: {repository: srv, cluster: prod}\n",
+            "bootstrap.restore.repository",
+        ),
+        (
+            "  method: restore\n  restore: {repository: /srv, cluster: demo}\n",
+            "bootstrap.restore.cluster",
+        ),
+        (
+            "  method: restore\n  restore: {repository: /srv, cluster: prod, target: {xid: 5, lsn: 0/1}}\n",
+            "bootstrap.restore.target",
+        ),
+        (
+            "  method: restore\n  restore: {repository: /srv, cluster: prod, target: {immediate: true, inclusive: false}}\n",
+            "bootstrap.restore.target.inclusive",
+        ),
+        (
+            "  restore: {repository: /srv, cluster: prod}\n",
+            "bootstrap.restore",
+        ),
+    ];
+    for (yaml, path) in cases {
+        let problems = match parse(&base(yaml)) {
+            Ok(_) => panic!("{yaml:?} was accepted"),
+            Err(p) => p,
+        };
+        assert!(
+            problems.iter().any(|p| p.path == *path),
+            "{yaml:?}: expected a problem at {path}, got {}",
+            Problem::list(&problems)
+        );
+    }
+}
+
+#[test]
+fn backup_repository_is_a_path_or_an_object_store_url() {
+    use crate::{Location, ObjectStoreKind, RepositoryUrl};
+    let loc = |s: &str| RepositoryUrl(s.to_string()).location();
+    assert_eq!(loc("/srv/b"), Ok(Location::Dir("/srv/b".into())));
+    assert_eq!(
+        loc("s3://bucket/team/prod/"),
+        Ok(Location::Object {
+            store: ObjectStoreKind::S3,
+            bucket: "bucket".into(),
+            prefix: "team/prod/".into()
+        })
+    );
+    assert_eq!(
+        loc("gs://b"),
+        Ok(Location::Object {
+            store: ObjectStoreKind::Gcs,
+            bucket: "b".into(),
+            prefix: String::new()
+        })
+    );
+    for bad in ["srv/b", "s3://", "s3://b/../x", "ftp://b/x", "s3://b c/x"] {
+        assert!(loc(bad).is_err(), "{bad} was accepted");
+    }
+    // Bad input names the key; the store's sections must match the repository.
+    let problems = |yaml: &str| {
+        let text = format!("{GOOD}\n{yaml}\n");
+        match crate::parse(&text) {
+            Ok(_) => Vec::new(),
+            Err(problems) => {
+                let mut paths: Vec<String> = problems.into_iter().map(|p| p.path).collect();
+                paths.sort();
+                paths
+            }
+        }
+    };
+    assert_eq!(
+        problems("backup: {repository: 'ftp://x/y'}"),
+        vec!["backup.repository"]
+    );
+    assert_eq!(
+        problems("backup: {repository: /srv/b, s3: {region: x}}"),
+        vec!["backup.s3"]
+    );
+    assert_eq!(
+        problems("backup: {repository: 's3://b/p', archive: {through_agent: false, parallel: 0}}"),
+        vec!["backup.archive.parallel", "backup.archive.through_agent"]
+    );
+    assert_eq!(
+        problems("backup: {repository: 's3://b/p', s3: {endpoint: 'minio:9000'}}"),
+        vec!["backup.s3.endpoint"]
+    );
+    assert!(problems("backup: {repository: 's3://b/p', s3: {endpoint: 'http://127.0.0.1:9000', force_path_style: true}}").is_empty());
 }

@@ -329,6 +329,8 @@ pub mod bounds {
     pub const CALLBACK_TIMEOUT: (u64, u64) = (1, 86_400);
     /// `backup.timeout`: a base backup, a restore's recovery or a verification, seconds.
     pub const BACKUP_TIMEOUT: (u64, u64) = (1, 7 * 86_400);
+    /// `member_slots_ttl`: seconds (up to 30 days; retained WAL grows all that time).
+    pub const MEMBER_SLOTS_TTL: (u64, u64) = (0, 30 * 86_400);
     /// `backup.retention.full`: base backups kept.
     pub const RETENTION_FULL: (u64, u64) = (1, 1000);
 }
@@ -509,12 +511,84 @@ pub(crate) fn dynamic(d: &DynamicConfig, prefix: &str) -> Vec<Problem> {
     }
     let params = join(&join(prefix, "postgresql"), "parameters");
     check_parameters(&params, &d.postgresql.parameters, &mut out);
+    check_range(
+        join(prefix, "member_slots_ttl"),
+        d.member_slots_ttl,
+        bounds::MEMBER_SLOTS_TTL,
+        "s",
+        &mut out,
+    );
+    check_slots(prefix, d, &mut out);
     for name in d.postgresql.parameters.keys() {
         if let Some(what) = runs_code(name) {
             out.push(code_parameter_problem(join(&params, name), what));
         }
     }
     out
+}
+
+/// PostgreSQL's rule for slot names: lower-case letters, digits and underscores, at most 63.
+pub fn valid_slot_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn check_slots(prefix: &str, d: &DynamicConfig, out: &mut Vec<Problem>) {
+    let slots = join(prefix, "slots");
+    for (name, slot) in &d.slots {
+        let path = join(&slots, name);
+        if !valid_slot_name(name) {
+            out.push(Problem::new(
+                path.clone(),
+                "is not a slot name: use lower-case letters, digits and underscores, at most 63",
+            ));
+        }
+        match slot.kind {
+            crate::SlotType::Physical => {
+                for (field, v) in [("database", &slot.database), ("plugin", &slot.plugin)] {
+                    if v.is_some() {
+                        out.push(Problem::new(
+                            join(&path, field),
+                            "is only for logical slots (this one is physical)",
+                        ));
+                    }
+                }
+            }
+            crate::SlotType::Logical => {
+                for (field, v) in [("database", &slot.database), ("plugin", &slot.plugin)] {
+                    match v.as_deref() {
+                        None | Some("") => out.push(Problem::new(
+                            join(&path, field),
+                            "is required for a logical slot",
+                        )),
+                        Some(s) if s.len() > 63 || s.contains('\0') => out.push(Problem::new(
+                            join(&path, field),
+                            "is not a PostgreSQL name (at most 63 bytes)",
+                        )),
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+    }
+    let methods = join(prefix, "create_replica_methods");
+    if d.create_replica_methods.is_empty() {
+        out.push(Problem::new(
+            methods.clone(),
+            "is empty: list at least one of backup, basebackup",
+        ));
+    }
+    for (i, m) in d.create_replica_methods.iter().enumerate() {
+        if d.create_replica_methods[..i].contains(m) {
+            out.push(Problem::new(
+                format!("{methods}[{i}]"),
+                format!("lists {} twice", m.as_str()),
+            ));
+        }
+    }
 }
 
 pub(crate) fn config(c: &Config) -> Vec<Problem> {
@@ -748,6 +822,19 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
     }
     if let Some(b) = &c.backup {
         b.validate(&mut out);
+    }
+    crate::backup::validate_bootstrap(&c.bootstrap, &c.cluster, &mut out);
+    for (old, new) in &c.postgres.tablespace_map {
+        if !old.is_absolute() || !new.is_absolute() {
+            out.push(Problem::new(
+                "postgres.tablespace_map",
+                format!(
+                    "{} -> {}: both must be absolute paths",
+                    old.display(),
+                    new.display()
+                ),
+            ));
+        }
     }
     out
 }

@@ -73,7 +73,9 @@ pub async fn backup(
     format: Format,
     from_replica: bool,
     member: Option<&str>,
+    kind: crate::BackupKind,
 ) -> Result<(), Failure> {
+    let kind = kind.as_str().to_string();
     let result = if from_replica {
         let view = target.view().await?;
         let name = match member {
@@ -90,27 +92,46 @@ pub async fn backup(
                 })?,
         };
         let stream = target
-            .on_member(&view, &name, |mut c| async move {
-                c.backup(BackupRequest { from_replica: true }).await
+            .on_member(&view, &name, |mut c| {
+                let kind = kind.clone();
+                async move {
+                    c.backup(BackupRequest {
+                        from_replica: true,
+                        r#type: kind,
+                    })
+                    .await
+                }
             })
             .await?;
         follow(stream).await?
     } else {
         let stream = target
-            .on_leader(|mut c| async move {
-                c.backup(BackupRequest {
-                    from_replica: false,
-                })
-                .await
+            .on_leader(|mut c| {
+                let kind = kind.clone();
+                async move {
+                    c.backup(BackupRequest {
+                        from_replica: false,
+                        r#type: kind,
+                    })
+                    .await
+                }
             })
             .await?;
         follow(stream).await?
     };
+    if let Some(note) = result["note"].as_str() {
+        eprintln!("note: {note}");
+    }
     match format {
         Format::Json => println!("{result}"),
         Format::Table => println!(
-            "backup {} taken on {}: {} ({} stored, {}), WAL {} to {} on timeline {}",
+            "{} backup {}{} taken on {}: {} ({} stored, {}), WAL {} to {} on timeline {}",
+            result["type"].as_str().unwrap_or("full"),
             result["id"].as_str().unwrap_or("?"),
+            result["parent"]
+                .as_str()
+                .map(|p| format!(" (of full backup {p})"))
+                .unwrap_or_default(),
             result["member"].as_str().unwrap_or("?"),
             mib(result["size_bytes"].as_u64().unwrap_or(0)),
             mib(result["stored_bytes"].as_u64().unwrap_or(0)),
@@ -137,8 +158,17 @@ pub async fn list(target: &Target, format: Format) -> Result<(), Failure> {
                 return Ok(());
             }
             println!(
-                "{:<20} {:<22} {:<22} {:>3} {:<12} {:<12} {:>11} {:>11} verify",
-                "id", "start", "stop", "tl", "start_lsn", "stop_lsn", "size", "stored"
+                "{:<20} {:<4} {:<20} {:<22} {:<22} {:>3} {:<12} {:<12} {:>11} {:>11} verify",
+                "id",
+                "type",
+                "parent",
+                "start",
+                "stop",
+                "tl",
+                "start_lsn",
+                "stop_lsn",
+                "size",
+                "stored"
             );
             for b in backups {
                 let verify = match &b["verify"] {
@@ -149,8 +179,10 @@ pub async fn list(target: &Target, format: Format) -> Result<(), Failure> {
                     v => format!("FAILED {}", v["finished_at"].as_str().unwrap_or("")),
                 };
                 println!(
-                    "{:<20} {:<22} {:<22} {:>3} {:<12} {:<12} {:>11} {:>11} {verify}",
+                    "{:<20} {:<4} {:<20} {:<22} {:<22} {:>3} {:<12} {:<12} {:>11} {:>11} {verify}",
                     b["id"].as_str().unwrap_or("?"),
+                    b["type"].as_str().unwrap_or("full"),
+                    b["parent"].as_str().unwrap_or("-"),
                     b["start_time"].as_str().unwrap_or("?"),
                     b["stop_time"].as_str().unwrap_or("?"),
                     b["timeline"],
@@ -199,6 +231,10 @@ pub struct RestoreOptions<'a> {
     pub target_time: Option<&'a str>,
     pub target_lsn: Option<&'a str>,
     pub target_name: Option<&'a str>,
+    pub target_xid: Option<&'a str>,
+    pub target_immediate: bool,
+    pub target_inclusive: Option<&'a str>,
+    pub tablespace_map: &'a [String],
     pub latest: bool,
     pub backup: Option<&'a str>,
     pub force: bool,
@@ -211,18 +247,26 @@ pub async fn restore(
     o: RestoreOptions<'_>,
 ) -> Result<(), Failure> {
     // Check the target's syntax before asking anything.
-    let parsed = pgherd_agent::dcs::model::Target::from_options(
-        o.target_time,
-        o.target_lsn,
-        o.target_name,
-        o.latest,
-    )
-    .map_err(|e| Failure::Usage(e.to_string()))?;
+    let (parsed, inclusive) =
+        pgherd_agent::dcs::model::Target::from_options(pgherd_agent::dcs::model::TargetOptions {
+            time: o.target_time,
+            lsn: o.target_lsn,
+            name: o.target_name,
+            xid: o.target_xid,
+            immediate: o.target_immediate,
+            latest: o.latest,
+            inclusive: o.target_inclusive,
+        })
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    for entry in o.tablespace_map {
+        pgherd_agent::backup::tablespace::parse_map_entry(entry).map_err(Failure::Usage)?;
+    }
     confirm(
         &format!(
-            "restore cluster {:?} to {}? The leader's data directory is replaced from a backup and every other member is re-cloned",
+            "restore cluster {:?} to {}{}? The leader's data directory is replaced from a backup and every other member is re-cloned",
             target.cluster,
-            parsed.describe()
+            parsed.describe(),
+            if inclusive { "" } else { " (stopping just before it)" },
         ),
         o.force,
     )?;
@@ -232,6 +276,10 @@ pub async fn restore(
         target_name: o.target_name.unwrap_or_default().to_string(),
         latest: o.latest,
         backup_id: o.backup.unwrap_or_default().to_string(),
+        target_xid: o.target_xid.unwrap_or_default().to_string(),
+        target_immediate: o.target_immediate,
+        target_inclusive: o.target_inclusive.unwrap_or_default().to_string(),
+        tablespace_map: o.tablespace_map.to_vec(),
     };
     let r = target
         .on_leader(|mut c| {

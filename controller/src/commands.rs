@@ -64,12 +64,41 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
             action: None,
             from_replica,
             member,
-        } => crate::backup::backup(&target, cli.format, *from_replica, member.as_deref()).await?,
+            kind,
+        } => {
+            crate::backup::backup(&target, cli.format, *from_replica, member.as_deref(), *kind)
+                .await?
+        }
         Command::Backups => crate::backup::list(&target, cli.format).await?,
+        Command::Slots { member } => {
+            let view = target.view().await?;
+            let member = match member {
+                Some(m) => m.clone(),
+                None => view
+                    .leader_name()
+                    .ok_or_else(|| {
+                        Failure::Refused(
+                            "the cluster has no leader right now: name a member with --member"
+                                .into(),
+                        )
+                    })?
+                    .to_string(),
+            };
+            let r = target
+                .on_member(&view, &member, |mut c| async move {
+                    c.slots(SlotsRequest {}).await
+                })
+                .await?;
+            print!("{}", list::render_slots(&r, cli.format));
+        }
         Command::Restore {
             target_time,
             target_lsn,
             target_name,
+            target_xid,
+            target_immediate,
+            target_inclusive,
+            tablespace_map,
             latest,
             backup,
             force,
@@ -82,6 +111,10 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
                     target_time: target_time.as_deref(),
                     target_lsn: target_lsn.as_deref(),
                     target_name: target_name.as_deref(),
+                    target_xid: target_xid.as_deref(),
+                    target_immediate: *target_immediate,
+                    target_inclusive: target_inclusive.as_deref(),
+                    tablespace_map,
                     latest: *latest,
                     backup: backup.as_deref(),
                     force: *force,
@@ -100,6 +133,12 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
                         if let Ok(r) = c.status(StatusRequest {}).await {
                             if let Some(line) = list::render_backups(&r.into_inner().backup_json) {
                                 print!("{line}");
+                            }
+                        }
+                        if let Ok(r) = c.slots(SlotsRequest {}).await {
+                            let r = r.into_inner();
+                            if !r.slots.is_empty() {
+                                print!("{}", list::render_slots(&r, Format::Table));
                             }
                         }
                     }

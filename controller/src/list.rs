@@ -14,6 +14,9 @@ fn tags_text(t: &pgherd_config::Tags) -> String {
     if t.noloadbalance {
         parts.push("noloadbalance".to_string());
     }
+    if t.clonefrom {
+        parts.push("clonefrom".to_string());
+    }
     if t.failover_priority != 1 {
         parts.push(format!("priority={}", t.failover_priority));
     }
@@ -125,6 +128,76 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
 }
 
 /// The footer line about backups, from the leader's `backup_json` status field.
+fn mib(bytes: Option<u64>) -> String {
+    bytes
+        .map(|b| format!("{:.1}", b as f64 / (1024.0 * 1024.0)))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// `pgherdctl slots`: one member's replication slots, whose each is and the WAL it holds.
+pub fn render_slots(r: &pgherd_proto::v1::SlotsResponse, format: Format) -> String {
+    match format {
+        Format::Json => {
+            let v: Vec<serde_json::Value> = r
+                .slots
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "member": r.member,
+                        "name": s.name,
+                        "type": s.r#type,
+                        "owner": s.owner,
+                        "active": s.active,
+                        "retained_bytes": s.retained_bytes,
+                        "database": (!s.database.is_empty()).then_some(&s.database),
+                        "plugin": (!s.plugin.is_empty()).then_some(&s.plugin),
+                        "restart_lsn": (!s.restart_lsn.is_empty()).then_some(&s.restart_lsn),
+                        "confirmed_flush_lsn": (!s.confirmed_flush_lsn.is_empty()).then_some(&s.confirmed_flush_lsn),
+                    })
+                })
+                .collect();
+            let mut s = serde_json::to_string_pretty(&v).expect("slots serialize to JSON");
+            s.push('\n');
+            s
+        }
+        Format::Table => {
+            let cells = r
+                .slots
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.r#type.clone(),
+                        s.owner.clone(),
+                        if s.active { "yes" } else { "no" }.into(),
+                        mib(s.retained_bytes),
+                        if s.database.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{}/{}", s.database, s.plugin)
+                        },
+                    ]
+                })
+                .collect();
+            format!(
+                "Slots on {}:\n{}",
+                r.member,
+                table(
+                    &[
+                        "Slot",
+                        "Type",
+                        "Owner",
+                        "Active",
+                        "Retained MB",
+                        "Database/plugin"
+                    ],
+                    cells
+                )
+            )
+        }
+    }
+}
+
 pub fn render_backups(summary_json: &str) -> Option<String> {
     let s: serde_json::Value = serde_json::from_str(summary_json).ok()?;
     let mut line = format!("Backups: {}", s["count"].as_u64().unwrap_or(0));

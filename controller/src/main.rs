@@ -143,10 +143,22 @@ pub enum Command {
         /// With --from-replica: this replica (default: the least lagging streaming one).
         #[arg(long, requires = "from_replica")]
         member: Option<String>,
+        /// full: a complete copy. diff: only the files changed since the newest full
+        /// backup (restore needs both; retention keeps them together); without a full
+        /// backup a full one is taken, and the output says so.
+        #[arg(long = "type", value_enum, default_value = "full")]
+        kind: BackupKind,
     },
     /// List the base backups in the repository with their WAL range, size and last
     /// verification.
     Backups,
+    /// Show a member's replication slots (the leader's by default): type, owner (member,
+    /// permanent, ignored, or foreign: never touched by pgherd), active, WAL retained.
+    Slots {
+        /// This member instead of the leader.
+        #[arg(long)]
+        member: Option<String>,
+    },
     /// Point-in-time restore of the whole cluster: the leader's data directory is replaced
     /// from a base backup and recovered to the target on a new timeline; the other members
     /// re-clone from it. The old data directory is kept until the restore succeeded.
@@ -160,9 +172,23 @@ pub enum Command {
         /// Recover up to this restore point (pg_create_restore_point).
         #[arg(long, value_name = "NAME", group = "target")]
         target_name: Option<String>,
+        /// Recover up to this transaction (e.g. what txid_current() returned in it).
+        #[arg(long, value_name = "XID", group = "target")]
+        target_xid: Option<String>,
+        /// Recover only to the end of the base backup (its earliest consistent point).
+        #[arg(long, group = "target")]
+        target_immediate: bool,
         /// Recover to the end of the archive.
         #[arg(long, group = "target")]
         latest: bool,
+        /// With --target-time, --target-lsn or --target-xid: `false` stops just before the
+        /// target instead of just after it (recovery_target_inclusive; default true).
+        #[arg(long, value_name = "BOOL")]
+        target_inclusive: Option<String>,
+        /// Restore the tablespace that was at OLD to NEW instead (absolute paths; repeat
+        /// for several). NEW must not exist or be an empty directory.
+        #[arg(long = "tablespace-map", value_name = "OLD=NEW")]
+        tablespace_map: Vec<String>,
         /// Start from this backup (default: the newest that can reach the target).
         #[arg(long, value_name = "ID")]
         backup: Option<String>,
@@ -186,6 +212,22 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// `pgherdctl backup --type`.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum BackupKind {
+    Full,
+    Diff,
+}
+
+impl BackupKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupKind::Full => "full",
+            BackupKind::Diff => "diff",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -212,6 +254,7 @@ impl<E: std::fmt::Display> From<E> for Failure {
 }
 
 fn main() -> ExitCode {
+    pgherd_agent::install_crypto_provider();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -133,6 +133,15 @@ healthy() {
     [[ $(haproxy_up primary) == 1 && $(haproxy_up replicas) == 2 ]]
 }
 
+# healthy, and a replica is a synchronous standby (the drill cluster runs synchronous_mode:
+# on): right after a failover the new leader's sync key names nobody until a standby has
+# flushed past its changes, and while it names nobody no member may take over (a fault then
+# would be waited out, not failed over).
+synced() {
+    healthy || return 1
+    members_flat | grep '"role":"replica"' | grep -Eq '"sync_state":"(sync|quorum)"'
+}
+
 # wait_for SECONDS DESCRIPTION COMMAND...: runs COMMAND every 0.5 s until it succeeds (0) or
 # SECONDS have passed (1, with a message).
 wait_for() {

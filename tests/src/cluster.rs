@@ -278,6 +278,16 @@ impl Cluster {
         ctl_output(member, args).await
     }
 
+    /// Runs `pgherdctl <args> --format json`, expects success, parses stdout.
+    pub async fn ctl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--format", "json"]);
+        let out = self.ctl_output(&all).await?;
+        out.expect_success()?;
+        serde_json::from_str(out.stdout.trim())
+            .with_context(|| format!("`{}` printed no JSON: {}", out.command, out.stdout))
+    }
+
     /// The value of `/pgherd/<cluster>/<key>`, if it exists.
     pub async fn etcd_get(&self, key: &str) -> Result<Option<String>> {
         self.etcd.get(&format!("{}{key}", self.prefix())).await

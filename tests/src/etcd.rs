@@ -302,6 +302,7 @@ impl Etcd {
             let read = |p: &PathBuf| {
                 std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
             };
+            pgherd_agent::install_crypto_provider();
             let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
             if self.security.client_cert_auth {
                 t = t.identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));

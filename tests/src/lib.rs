@@ -51,6 +51,7 @@ mod process;
 mod proxy;
 mod replication;
 mod report;
+pub mod s3;
 mod snapshot;
 pub mod sync;
 mod tls;

@@ -144,6 +144,8 @@ refusing_the_rest! {
     list_backups(ListBackupsRequest) -> ListBackupsResponse = "ListBackups";
     verify_backup(VerifyBackupRequest) -> Self::VerifyBackupStream = "VerifyBackup";
     restore(RestoreRequest) -> RestoreResponse = "Restore";
+    slots(SlotsRequest) -> SlotsResponse = "Slots";
+    failsafe(FailsafeRequest) -> FailsafeResponse = "Failsafe";
 }
 
 /// A running stand-in on a loopback port; stopped when dropped.
@@ -165,8 +167,11 @@ async fn serve(rogue: Rogue, tls: Option<(String, String)>) -> Result<Served> {
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = tls {
         builder = builder.tls_config(
-            tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(cert, key)),
+            {
+                pgherd_agent::install_crypto_provider();
+                tonic::transport::ServerTlsConfig::new()
+            }
+            .identity(tonic::transport::Identity::from_pem(cert, key)),
         )?;
     }
     let incoming = tonic::transport::server::TcpIncoming::from(listener);

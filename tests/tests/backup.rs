@@ -20,16 +20,6 @@ async fn ctl(cluster: &Cluster, args: &[&str]) -> Result<CtlOutput> {
     cluster.ctl_output(args).await
 }
 
-/// Runs `pgherdctl <args> --format json`, expects success, parses stdout.
-async fn ctl_json(cluster: &Cluster, args: &[&str]) -> Result<serde_json::Value> {
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--format", "json"]);
-    let out = ctl(cluster, &all).await?;
-    out.expect_success()?;
-    serde_json::from_str(out.stdout.trim())
-        .with_context(|| format!("`{}` printed no JSON: {}", out.command, out.stdout))
-}
-
 /// The ids in `t`, in order.
 async fn ids(member: &Member, table: &str) -> Result<Vec<i32>> {
     let rows = pgherd_tests::sql(member, &format!("SELECT id FROM {table} ORDER BY id")).await?;
@@ -89,7 +79,7 @@ fn archived(cluster: &Cluster) -> Result<Vec<(String, PathBuf)>> {
 }
 
 async fn take_backup(cluster: &Cluster) -> Result<serde_json::Value> {
-    let b = ctl_json(cluster, &["backup"]).await?;
+    let b = cluster.ctl_json(&["backup"]).await?;
     ensure!(b["id"].is_string(), "backup printed {b}");
     Ok(b)
 }
@@ -248,7 +238,7 @@ async fn restore_to_a_named_point_then_to_an_lsn_across_the_restored_timeline_an
 
     // On the restored timeline: a backup taken from the replica, more rows, note the LSN,
     // lose everything, restore by LSN from the replica's backup.
-    let from_replica = ctl_json(&cluster, &["backup", "--from-replica"]).await?;
+    let from_replica = cluster.ctl_json(&["backup", "--from-replica"]).await?;
     ensure!(
         from_replica["from_replica"] == true && from_replica["member"] != leader_name.as_str(),
         "the backup was not taken on the replica: {from_replica}"
@@ -475,7 +465,7 @@ async fn retention_keeps_what_the_newest_backups_need_and_verify_fails_without_a
         backups.push(take_backup(&cluster).await?);
     }
     // retention.full is 2: the first backup and the WAL before the second one's start go.
-    let listed = ctl_json(&cluster, &["backups"]).await?;
+    let listed = cluster.ctl_json(&["backups"]).await?;
     let listed_ids: Vec<&str> = listed
         .as_array()
         .context("backups printed no array")?
@@ -509,7 +499,7 @@ async fn retention_keeps_what_the_newest_backups_need_and_verify_fails_without_a
     insert(leader, "t", 1001, 1100).await?;
     sql_batch(leader, "SELECT pg_switch_wal()").await?;
     let oldest = want[0];
-    let v = ctl_json(&cluster, &["backup", "verify", oldest]).await?;
+    let v = cluster.ctl_json(&["backup", "verify", oldest]).await?;
     ensure!(v["passed"] == true, "verify of {oldest} failed: {v}");
     ensure!(
         v["rows"].as_u64() == Some(400),
@@ -533,7 +523,7 @@ async fn retention_keeps_what_the_newest_backups_need_and_verify_fails_without_a
     out.expect_failure(1, &["verify failed"])?;
     let v: serde_json::Value = serde_json::from_str(out.stdout.trim())?;
     ensure!(v["passed"] == false, "{v}");
-    let listed = ctl_json(&cluster, &["backups"]).await?;
+    let listed = cluster.ctl_json(&["backups"]).await?;
     let entry = listed
         .as_array()
         .and_then(|a| a.iter().find(|b| b["id"] == newest))
@@ -564,7 +554,7 @@ async fn the_leader_takes_and_verifies_scheduled_backups_and_list_shows_the_resu
         Duration::from_secs(150),
         "a scheduled backup and its verification",
         || async {
-            let listed = ctl_json(&cluster, &["backups"]).await?;
+            let listed = cluster.ctl_json(&["backups"]).await?;
             let verified: Vec<serde_json::Value> = listed
                 .as_array()
                 .context("no array")?
@@ -612,25 +602,24 @@ async fn the_leader_takes_and_verifies_scheduled_backups_and_list_shows_the_resu
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restore_that_cannot_reach_its_target_puts_the_previous_data_back() -> Result<()> {
+/// One member with table `t` holding ids 1 to 10 in a base backup and 11 to 20 after it:
+/// the cluster, the backup `pgherdctl backup` printed, and the timeline.
+async fn a_backup_and_rows_after_it() -> Result<(Cluster, serde_json::Value, u32)> {
     let cluster = Cluster::builder().members(1).backups().configure().await?;
     cluster.start_with_leader("node1", BRINGUP).await?;
     let leader = cluster.member("node1");
     sql_batch(leader, "CREATE TABLE t (id int PRIMARY KEY, v text)").await?;
     insert(leader, "t", 1, 10).await?;
-    take_backup(&cluster).await?;
+    let backup = take_backup(&cluster).await?;
     insert(leader, "t", 11, 20).await?;
     let tl = timeline(leader).await?;
+    Ok((cluster, backup, tl))
+}
 
-    // No such restore point: recovery reaches the archive's end without finding it and
-    // PostgreSQL refuses to promote.
-    let out = ctl(
-        &cluster,
-        &["restore", "--target-name", "never_created", "--force"],
-    )
-    .await?;
-    out.expect_failure(1, &["failed"])?;
+/// After a restore that failed on node1: the `restore` key says failed (returned), node1
+/// leads again on timeline `tl` with ids 1 to 20, and no `.pre-restore` copy is left.
+async fn the_previous_data_is_back(cluster: &Cluster, tl: u32) -> Result<serde_json::Value> {
+    let leader = cluster.member("node1");
     let key: serde_json::Value = serde_json::from_str(
         &cluster
             .etcd_get("restore")
@@ -641,18 +630,61 @@ async fn a_restore_that_cannot_reach_its_target_puts_the_previous_data_back() ->
     let healthy = cluster.wait_healthy(RESTORE).await?;
     ensure!(healthy.leader == "node1");
     let want: Vec<i32> = (1..=20).collect();
-    ensure!(
-        ids(leader, "t").await? == want,
-        "rows after the failed restore: {:?}",
-        ids(leader, "t").await?
-    );
+    let got = ids(leader, "t").await?;
+    ensure!(got == want, "rows after the failed restore: {got:?}");
     ensure!(
         timeline(leader).await? == tl,
         "the failed restore changed the timeline"
     );
-    insert(leader, "t", 21, 21).await?;
     let aside = format!("{}.pre-restore", leader.data_dir().display());
     ensure!(!Path::new(&aside).exists(), "{aside} is still there");
+    Ok(key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_cannot_reach_its_target_puts_the_previous_data_back() -> Result<()> {
+    let (cluster, _, tl) = a_backup_and_rows_after_it().await?;
+    // No such restore point: recovery reaches the archive's end without finding it and
+    // PostgreSQL refuses to promote.
+    let out = ctl(
+        &cluster,
+        &["restore", "--target-name", "never_created", "--force"],
+    )
+    .await?;
+    out.expect_failure(1, &["failed"])?;
+    the_previous_data_is_back(&cluster, tl).await?;
+    insert(cluster.member("node1"), "t", 21, 21).await?;
+    Ok(())
+}
+
+/// The restore hashes the stored file while it unpacks it (one read, issue 16 item 5): a
+/// flipped byte must still stop it before PostgreSQL sees the unpacked copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_base_backup_is_refused_and_the_previous_data_is_put_back() -> Result<()> {
+    let (cluster, b, tl) = a_backup_and_rows_after_it().await?;
+    let id = b["id"].as_str().context("no backup id")?;
+    let folder = cluster.repository().join("backups").join(id);
+    let stored = std::fs::read_dir(&folder)
+        .with_context(|| format!("cannot read {}", folder.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("base.tar"))
+        })
+        .with_context(|| format!("no base.tar* in {}", folder.display()))?;
+    let mut bytes = std::fs::read(&stored)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&stored, &bytes)?;
+
+    let out = ctl(&cluster, &["restore", "--latest", "--force"]).await?;
+    out.expect_failure(1, &["failed"])?;
+    let key = the_previous_data_is_back(&cluster, tl).await?;
+    let message = key["message"].as_str().unwrap_or_default();
+    ensure!(
+        message.contains("is corrupted") && message.contains(id),
+        "the failed restore does not say the backup is corrupted: {key}"
+    );
     Ok(())
 }
 

@@ -364,9 +364,7 @@ async fn crafted_backup_metadata_is_refused_and_touches_nothing_outside_its_fold
     cluster.start_with_leader("node1", BRINGUP).await?;
     let leader = cluster.member("node1");
     let repo = cluster.repository();
-    let out = cluster.ctl_output(&["backup", "--format", "json"]).await?;
-    out.expect_success()?;
-    let real: serde_json::Value = serde_json::from_str(out.stdout.trim())?;
+    let real = cluster.ctl_json(&["backup"]).await?;
     let real_id = real["id"].as_str().context("no id")?.to_string();
 
     // What `backups/<id>/../../` and `../../../` would reach: files the test owns.
@@ -508,11 +506,7 @@ async fn a_database_owner_cannot_hijack_the_verify_session() -> Result<()> {
         .await?
         .expect_success()?;
     let started = Instant::now();
-    let out = cluster
-        .ctl_output(&["backup", "verify", "--format", "json"])
-        .await?;
-    out.expect_success()?;
-    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())?;
+    let v = cluster.ctl_json(&["backup", "verify"]).await?;
     ensure!(v["passed"] == true, "verify failed: {v}");
     ensure!(
         v["rows"].as_u64().is_some_and(|r| r >= 10),

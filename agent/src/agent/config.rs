@@ -69,6 +69,64 @@ impl Agent {
             "synchronous_standby_names".to_string(),
             ParamValue::Text(standbys),
         );
+        // Logical permanent slots need logical decoding on every member that may lead.
+        // Also while the record still lists a logical slot (one just removed from the config
+        // may still exist, active): PostgreSQL refuses to start with a logical slot and a
+        // lower wal_level.
+        let recorded_logical = self
+            .last_view
+            .as_ref()
+            .and_then(|v| v.slots.as_ref())
+            .is_some_and(|k| {
+                k.permanent
+                    .values()
+                    .any(|p| p.kind == pgherd_config::SlotType::Logical)
+            });
+        if recorded_logical
+            || d.slots
+                .values()
+                .any(|s| s.kind == pgherd_config::SlotType::Logical)
+        {
+            params.insert(
+                "wal_level".to_string(),
+                ParamValue::Text("logical".to_string()),
+            );
+            if self
+                .server_version
+                .is_some_and(|v| v >= super::act::NATIVE_SLOT_SYNC)
+            {
+                // PostgreSQL 17+: standbys synchronise the `failover` logical slots
+                // themselves (conf.rs adds the dbname primary_conninfo then needs), and
+                // the leader's logical walsenders send nothing the members that may take
+                // over have not received, so a consumer is never ahead of the new leader.
+                params.insert(
+                    "sync_replication_slots".to_string(),
+                    ParamValue::Text("on".to_string()),
+                );
+                let standbys: Vec<String> = self
+                    .last_view
+                    .as_ref()
+                    .map(|v| {
+                        // Only slots that exist (recorded): naming a missing one makes
+                        // the logical walsenders wait.
+                        v.members
+                            .values()
+                            .filter(|m| m.name != self.cfg.name && !m.tags.nofailover)
+                            .filter(|m| {
+                                v.slots
+                                    .as_ref()
+                                    .is_some_and(|k| k.members.contains_key(&m.name))
+                            })
+                            .map(|m| m.name.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                params.insert(
+                    "synchronized_standby_slots".to_string(),
+                    ParamValue::Text(standbys.join(",")),
+                );
+            }
+        }
         params
     }
 }

@@ -5,10 +5,12 @@ use anyhow::{anyhow, Context, Result};
 use pgherd_config::{ParamValue, SynchronousMode};
 use tokio::task::JoinHandle;
 
+use super::replica::CloneJob;
 use super::Agent;
 use crate::backup::ops as backup_ops;
+use crate::backup::replica::ForLeader;
 use crate::callbacks::{Event, PgRole};
-use crate::dcs::model::dynamic_config;
+use crate::dcs::model::{dynamic_config, Initialize};
 use crate::ha::{JobKind, JobView, Observation, Upstream};
 use crate::postgres::Mode;
 
@@ -38,6 +40,12 @@ impl Agent {
                 // The bootstrap job started the new cluster's PostgreSQL.
                 self.callbacks.fire(Event::Start, PgRole::Primary);
             }
+            if let JobView::Succeeded(JobKind::Clone { .. }) = &view {
+                // The `backup` method leaves its standby running (streaming).
+                if self.pg.is_running() {
+                    self.callbacks.fire(Event::Start, PgRole::Replica);
+                }
+            }
             self.finished_job = Some(view);
         }
         self.finished_job.take().unwrap_or(JobView::Idle)
@@ -48,7 +56,7 @@ impl Agent {
         let pg = self.pg.clone();
         let params = self.cluster_params();
         let upstream = match &kind {
-            JobKind::Clone { from } | JobKind::Rewind { from } => obs
+            JobKind::Clone { from, .. } | JobKind::Rewind { from } => obs
                 .cluster
                 .as_ref()
                 .and_then(|v| v.members.get(from))
@@ -56,26 +64,46 @@ impl Agent {
             JobKind::Bootstrap | JobKind::Restore { .. } => None,
         };
         let handle = match &kind {
-            JobKind::Bootstrap => tokio::spawn(async move {
-                // No standby exists yet: creating the roles must not wait for one (strict
-                // synchronous mode would otherwise block it forever).
-                let mut params = params;
-                params.insert(
-                    "synchronous_standby_names".to_string(),
-                    ParamValue::Text(String::new()),
-                );
-                pg.initdb().await?;
-                pg.write_pgpass()?;
-                pg.write_config(&Mode::Primary, &params)?;
-                pg.start_and_wait().await?;
-                pg.create_roles().await
-            }),
-            JobKind::Clone { .. } => tokio::spawn(async move {
-                let up = upstream.context("the leader's member key disappeared")?;
-                pg.write_pgpass()?;
-                pg.basebackup(&up).await?;
-                pg.write_config(&Mode::Standby(Some(up)), &params)
-            }),
+            JobKind::Bootstrap => {
+                let restore = self.bootstrap_restore.clone();
+                tokio::spawn(async move {
+                    // No standby exists yet: creating the roles must not wait for one (strict
+                    // synchronous mode would otherwise block it forever).
+                    let mut params = params;
+                    params.insert(
+                        "synchronous_standby_names".to_string(),
+                        ParamValue::Text(String::new()),
+                    );
+                    if let Some(plan) = restore {
+                        return crate::backup::bootstrap::run(plan, pg, params).await;
+                    }
+                    pg.initdb().await?;
+                    pg.write_pgpass()?;
+                    pg.write_config(&Mode::Primary, &params)?;
+                    pg.start_and_wait().await?;
+                    pg.create_roles().await
+                })
+            }
+            JobKind::Clone { methods, .. } => {
+                let view = obs.cluster.as_ref();
+                let leader = view.and_then(|v| v.leader_member()).map(|m| ForLeader {
+                    upstream: Upstream::of(m),
+                    timeline: m.timeline,
+                    system_identifier: match view.and_then(|v| v.initialize.as_ref()) {
+                        Some(Initialize::SystemIdentifier(id)) => Some(id.clone()),
+                        _ => None,
+                    },
+                });
+                let job = CloneJob {
+                    pg,
+                    backup: self.backup.clone(),
+                    methods: methods.clone(),
+                    source: upstream,
+                    leader,
+                    params,
+                };
+                tokio::spawn(job.run())
+            }
             JobKind::Rewind { .. } => tokio::spawn(async move {
                 let up = upstream.context("the leader's member key disappeared")?;
                 // A source that does not answer is not a failed rewind (rule 5).

@@ -59,6 +59,7 @@ impl Agent {
         self.standbys_set = None;
         if let Some(lease) = self.leader_lease.take() {
             self.arm_watchdog();
+            self.failsafe_gate_release();
             crate::failpoint::hit("leader-lease-dropped");
             if let Err(e) = self.dcs.revoke_lease(lease.id).await {
                 tracing::debug!(error = %e, "cannot revoke my old leader lease; it will expire");
@@ -113,6 +114,7 @@ impl Agent {
             Ok(None) => {
                 self.leader_lease = None;
                 self.leader_valid_until = None;
+                self.failsafe_gate_release();
                 Err(anyhow!("my leader lease expired before I could renew it"))
             }
             Err(e) => Err(e).context("cannot renew the leader lease"),

@@ -12,9 +12,11 @@
 
 mod act;
 mod config;
+mod failsafe;
 mod jobs;
 mod lease;
 mod publish;
+mod replica;
 mod requests;
 
 use std::sync::Arc;
@@ -79,7 +81,24 @@ pub struct Agent {
     /// The role PostgreSQL last answered with (kept while it is stopped), for
     /// `on_role_change` and the role `on_stop` reports.
     pg_role: Option<PgRole>,
+    /// Warnings logged already (slots, failsafe prerequisites): each once while it lasts.
+    warned_once: std::collections::BTreeSet<String>,
+    /// `server_version_num` of the local PostgreSQL, once asked.
+    server_version: Option<u32>,
+    /// Failsafe mode: until when the members' acceptances let this leader stay writable
+    /// without etcd (kept after the lease is found expired, until the key is taken back).
+    failsafe_until: Option<Instant>,
+    /// When this agent started: a failsafe acceptance from before a restart is not known.
+    started_at: Instant,
+    /// `bootstrap.method: restore`: the source cluster's backup to make a new cluster from.
+    bootstrap_restore: Option<crate::backup::bootstrap::Plan>,
 }
+
+/// An error after which the agent must not go on (a configuration that cannot work): the
+/// loop ends with it instead of retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
 
 impl Agent {
     pub fn new(
@@ -102,9 +121,11 @@ impl Agent {
             cfg.clone(),
             pg.os_user().clone(),
             pg.bin_dir().to_path_buf(),
-        );
+        )?;
         let callbacks = Callbacks::new(&cfg);
+        let bootstrap_restore = crate::backup::bootstrap::plan(&cfg, pg.os_user(), pg.bin_dir())?;
         Ok(Agent {
+            bootstrap_restore,
             backup,
             cfg,
             dcs,
@@ -132,6 +153,10 @@ impl Agent {
             standbys_set: None,
             callbacks,
             pg_role: None,
+            warned_once: Default::default(),
+            server_version: None,
+            started_at: Instant::now(),
+            failsafe_until: None,
         })
     }
 
@@ -163,7 +188,7 @@ impl Agent {
             b.prepare().with_context(|| {
                 format!(
                     "cannot prepare the backup repository {}",
-                    b.repo.root().display()
+                    b.repo.describe("")
                 )
             })?;
         }
@@ -195,12 +220,20 @@ impl Agent {
             }
             for action in &decision.actions {
                 if let Err(e) = self.act(action, &obs, &decision).await {
+                    if e.downcast_ref::<Refusal>().is_some() {
+                        return Err(e);
+                    }
                     tracing::warn!(action = ?action, error = %format!("{e:#}"), "action failed");
                     break;
                 }
                 self.arm_watchdog();
             }
             self.arm_watchdog();
+            if decision.role == crate::dcs::model::Role::Replica && self.job.is_none() {
+                if let Err(e) = self.replica_slots(&obs).await {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot keep this replica's copies of the permanent slots");
+                }
+            }
             self.publish(&decision, &obs).await;
             self.post_local_status(&decision, &obs, started, &ha_cfg)
                 .await;
@@ -296,6 +329,9 @@ impl Agent {
                 self.refresh_peer_positions(view).await;
             }
         }
+        let failsafe = self
+            .observe_failsafe(cluster.as_ref(), status.as_ref())
+            .await;
         Observation {
             now,
             wall_now: std::time::SystemTime::now(),
@@ -312,6 +348,7 @@ impl Agent {
                 config_stale,
             },
             job: self.job_view().await,
+            failsafe,
         }
     }
 

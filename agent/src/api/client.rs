@@ -58,10 +58,12 @@ pub const MUTATING_METHODS: &[&str] = &[
     "Backup",
     "VerifyBackup",
     "Restore",
+    // Failsafe mode: an acceptance holds the member back from elections for a TTL.
+    "Failsafe",
 ];
 
 /// The methods that only read: they are sent without the token.
-pub const READ_ONLY_METHODS: &[&str] = &["Status", "History", "GetConfig", "ListBackups"];
+pub const READ_ONLY_METHODS: &[&str] = &["Status", "History", "GetConfig", "ListBackups", "Slots"];
 
 /// Whether a call of `method` (as named in the proto file) carries the bearer token.
 pub fn needs_token(method: &str) -> bool {
@@ -181,6 +183,7 @@ pub type Client = AgentClient<InterceptedService<Channel, Bearer>>;
 /// certificate must be signed by the configured CA and name `member` (or the configured
 /// member identity); otherwise no connection is made.
 pub async fn connect(address: &str, member: &str, opts: &ClientOptions) -> Result<Client> {
+    crate::install_crypto_provider();
     let scheme = if opts.tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
         .with_context(|| format!("{address:?} is not a usable API address"))?

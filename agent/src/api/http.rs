@@ -358,10 +358,11 @@ fn router(state: HttpState) -> Router {
     }
     app.route("/cluster", on(methods, cluster))
         .route("/metrics", on(methods, metrics))
+        .route("/failsafe", on(methods, failsafe))
         .fallback(|method: Method, uri: Uri| async move {
             (
                 StatusCode::NOT_FOUND,
-                format!("{method} {uri}: no such endpoint; see /primary, /replica, /read-only, /health, /liveness, /readiness, /cluster, /metrics\n"),
+                format!("{method} {uri}: no such endpoint; see /primary, /replica, /read-only, /health, /liveness, /readiness, /cluster, /metrics, /failsafe\n"),
             )
         })
         .with_state(state)
@@ -492,6 +493,120 @@ pub async fn serve(
             });
         }
     })))
+}
+
+// ---- Failsafe mode (issue 15 item 5): `GET /failsafe` ----
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct FailsafeAnswer {
+    pub member: String,
+    /// `failsafe_mode` in the dynamic config the loop last read.
+    pub failsafe_mode: bool,
+    /// This member is in failsafe now: a leader writable on its members' acceptances, or a
+    /// replica holding back from the leader race for a leader it accepted.
+    pub active: bool,
+    /// Leader side: its last round of `Failsafe` calls, if it made one.
+    pub leader: Option<FailsafeLeaderView>,
+    /// Replica side: the last leader it accepted, if any.
+    pub accepted: Option<FailsafeAcceptedView>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct FailsafeLeaderView {
+    /// Seconds until the write deadline the acceptances gave (0 once passed), or null.
+    pub writable_for_s: Option<f64>,
+    pub last_round: Option<FailsafeRoundView>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct FailsafeRoundView {
+    pub started: String,
+    pub age_s: f64,
+    /// Why nobody was asked, when nobody was.
+    pub not_eligible: Option<String>,
+    pub members: Vec<FailsafeMemberAnswer>,
+    /// Every member accepted and the deadline was extended.
+    pub extended: bool,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct FailsafeMemberAnswer {
+    pub name: String,
+    pub accepted: bool,
+    /// Why it refused or could not be reached (empty when it accepted).
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct FailsafeAcceptedView {
+    pub leader: String,
+    pub at: String,
+    pub age_s: f64,
+    /// Seconds this member still does not race for the leader key (0 once passed).
+    pub hold_for_s: f64,
+    pub timeline: u32,
+    pub wal_lsn: String,
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The `/failsafe` answer from the board's failsafe state, at `now`.
+pub fn failsafe_answer(
+    member: &str,
+    f: &crate::board::FailsafeStatus,
+    now: Instant,
+) -> FailsafeAnswer {
+    let remaining = |t: Instant| t.saturating_duration_since(now).as_secs_f64();
+    let leading = f.leading_until.is_some_and(|u| now < u);
+    let holding = f.accepted.as_ref().is_some_and(|a| now < a.hold_until);
+    let leader =
+        (f.last_round.is_some() || f.leading_until.is_some()).then(|| FailsafeLeaderView {
+            writable_for_s: f.leading_until.map(remaining),
+            last_round: f.last_round.as_ref().map(|r| FailsafeRoundView {
+                started: rfc3339(r.started_wall),
+                age_s: now.saturating_duration_since(r.started).as_secs_f64(),
+                not_eligible: r.not_eligible.clone(),
+                members: r
+                    .answers
+                    .iter()
+                    .map(|(name, a)| FailsafeMemberAnswer {
+                        name: name.clone(),
+                        accepted: a.is_ok(),
+                        reason: a.as_ref().err().cloned().unwrap_or_default(),
+                    })
+                    .collect(),
+                extended: r.extended_to.is_some(),
+            }),
+        });
+    FailsafeAnswer {
+        member: member.to_string(),
+        failsafe_mode: f.mode,
+        active: leading || holding,
+        leader,
+        accepted: f.accepted.as_ref().map(|a| FailsafeAcceptedView {
+            leader: a.leader.clone(),
+            at: rfc3339(a.at_wall),
+            age_s: now.saturating_duration_since(a.at).as_secs_f64(),
+            hold_for_s: remaining(a.hold_until),
+            timeline: a.timeline,
+            wal_lsn: a.wal_lsn.clone(),
+        }),
+    }
+}
+
+async fn failsafe(State(state): State<HttpState>) -> Response {
+    let name = state
+        .board
+        .snapshot()
+        .me
+        .map(|m| m.name)
+        .unwrap_or_default();
+    json(
+        StatusCode::OK,
+        &failsafe_answer(&name, &state.board.failsafe(), Instant::now()),
+    )
 }
 
 #[cfg(test)]

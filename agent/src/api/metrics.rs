@@ -210,6 +210,42 @@ pub fn render(b: &Board, now: Instant) -> String {
         "1 when this member is in the sync key: it may take over without losing an acknowledged commit.",
         flag(sync_standby),
     );
+    if !b.slots.is_empty() {
+        let name = "pgherd_replication_slot_retained_bytes";
+        p.family(
+            name,
+            "gauge",
+            "WAL each replication slot on this member holds back, bytes (owner: member, permanent, ignored or foreign).",
+        );
+        for (row, owner) in &b.slots {
+            p.sample(
+                name,
+                &[
+                    ("slot", &row.name),
+                    ("type", row.kind.as_str()),
+                    ("owner", owner.as_str()),
+                ],
+                row.retained_bytes.unwrap_or(0) as f64,
+            );
+        }
+        let name = "pgherd_replication_slot_active";
+        p.family(
+            name,
+            "gauge",
+            "1 while a consumer streams through the slot.",
+        );
+        for (row, owner) in &b.slots {
+            p.sample(
+                name,
+                &[
+                    ("slot", &row.name),
+                    ("type", row.kind.as_str()),
+                    ("owner", owner.as_str()),
+                ],
+                flag(row.active),
+            );
+        }
+    }
     if let Some(backup) = &b.backup {
         if let Some(run) = &backup.last_backup {
             p.gauge(
@@ -267,6 +303,36 @@ mod tests {
         );
         assert!(page.contains("pgherd_last_backup_success{cluster=\"c\",member=\"\"} 1\n"));
         assert!(!page.contains("pgherd_last_verify"));
+    }
+
+    #[test]
+    fn each_slot_has_its_retained_wal_and_owner() {
+        let now = Instant::now();
+        let mut b = Board {
+            cluster: "c".into(),
+            ..Board::default()
+        };
+        assert!(!render(&b, now).contains("pgherd_replication_slot"));
+        b.slots.push((
+            crate::slots::SlotRow {
+                name: "external_archiver".into(),
+                kind: pgherd_config::SlotType::Physical,
+                database: None,
+                plugin: None,
+                active: false,
+                active_application: None,
+                restart_lsn: None,
+                confirmed_flush_lsn: None,
+                retained_bytes: Some(16777216),
+            },
+            crate::slots::Owner::Foreign,
+        ));
+        let page = render(&b, now);
+        assert!(
+            page.contains("pgherd_replication_slot_retained_bytes{cluster=\"c\",member=\"\",slot=\"external_archiver\",type=\"physical\",owner=\"foreign\"} 16777216\n"),
+            "{page}"
+        );
+        assert!(page.contains("pgherd_replication_slot_active{cluster=\"c\",member=\"\",slot=\"external_archiver\",type=\"physical\",owner=\"foreign\"} 0\n"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! read from it and never wait for the loop.
 
 pub mod client;
+pub mod failsafe;
 pub mod http;
 pub mod metrics;
 mod service;
@@ -143,6 +144,7 @@ pub struct ApiContext {
 }
 
 fn tls_config(cfg: &Config) -> Result<Option<ServerTlsConfig>> {
+    crate::install_crypto_provider();
     let Some(t) = &cfg.api.tls else {
         return Ok(None);
     };

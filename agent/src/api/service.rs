@@ -669,7 +669,14 @@ impl AgentService for Service {
 
     async fn backup(&self, req: Request<BackupRequest>) -> Reply<Self::BackupStream> {
         self.authorize(&req)?;
-        let from_replica = req.into_inner().from_replica;
+        let req = req.into_inner();
+        let from_replica = req.from_replica;
+        let kind = crate::backup::catalog::BackupType::parse(&req.r#type).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "backup type {:?} is neither full nor diff",
+                req.r#type
+            ))
+        })?;
         let ctx = self.backup_ctx()?;
         let view = self.view().await?;
         if !from_replica {
@@ -684,9 +691,42 @@ impl AgentService for Service {
         let pg = self.ctx.pg.clone();
         Ok(progress_stream(move |progress| async move {
             let _guard = guard;
-            let info =
-                crate::backup::ops::take_backup(&ctx, &pg, &view, from_replica, &progress).await?;
-            Ok(serde_json::to_string(&info)?)
+            let taken =
+                crate::backup::ops::take_backup(&ctx, &pg, &view, from_replica, kind, &progress)
+                    .await?;
+            // The backup's metadata, plus what was asked for and why it differs.
+            let mut v = serde_json::to_value(&taken.info)?;
+            v["requested_type"] = kind.as_str().into();
+            if let Some(note) = taken.note {
+                v["note"] = note.into();
+            }
+            Ok(serde_json::to_string(&v)?)
+        }))
+    }
+
+    async fn slots(&self, _req: Request<SlotsRequest>) -> Reply<SlotsResponse> {
+        let b = self.ctx.board.snapshot();
+        let slots = b
+            .slots
+            .iter()
+            .map(|(r, owner)| Slot {
+                name: r.name.clone(),
+                r#type: r.kind.as_str().to_string(),
+                owner: owner.as_str().to_string(),
+                active: r.active,
+                retained_bytes: r.retained_bytes,
+                database: r.database.clone().unwrap_or_default(),
+                plugin: r.plugin.clone().unwrap_or_default(),
+                restart_lsn: r.restart_lsn.map(|l| l.to_string()).unwrap_or_default(),
+                confirmed_flush_lsn: r
+                    .confirmed_flush_lsn
+                    .map(|l| l.to_string())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(SlotsResponse {
+            member: self.ctx.cfg.name.clone(),
+            slots,
         }))
     }
 
@@ -716,9 +756,10 @@ impl AgentService for Service {
         let id = req.into_inner().backup_id;
         let ctx = self.backup_ctx()?;
         if !id.is_empty() {
-            ctx.catalog()
-                .get(&id)
-                .map_err(|e| Status::not_found(e.to_string()))?;
+            let check = id.clone();
+            ctx.blocking(move |c| Ok(c.catalog().get(&check)?))
+                .await
+                .map_err(|e| Status::not_found(format!("{e:#}")))?;
         }
         let guard = self.ctx.backup_busy.clone().try_lock_owned().map_err(|_| {
             Status::failed_precondition(format!(
@@ -743,24 +784,38 @@ impl AgentService for Service {
         fn opt(s: &str) -> Option<&str> {
             (!s.is_empty()).then_some(s)
         }
-        let target = crate::dcs::model::Target::from_options(
-            opt(&r.target_time),
-            opt(&r.target_lsn),
-            opt(&r.target_name),
-            r.latest,
-        )
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (target, inclusive) =
+            crate::dcs::model::Target::from_options(crate::dcs::model::TargetOptions {
+                time: opt(&r.target_time),
+                lsn: opt(&r.target_lsn),
+                name: opt(&r.target_name),
+                xid: opt(&r.target_xid),
+                immediate: r.target_immediate,
+                latest: r.latest,
+                inclusive: opt(&r.target_inclusive),
+            })
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut tablespace_map = std::collections::BTreeMap::new();
+        for entry in &r.tablespace_map {
+            let (old, new) = crate::backup::tablespace::parse_map_entry(entry)
+                .map_err(Status::invalid_argument)?;
+            tablespace_map.insert(old, new);
+        }
         let key = crate::backup::ops::request_restore(
             &ctx,
             &self.ctx.pg,
             &self.ctx.dcs,
             target,
+            inclusive,
+            tablespace_map,
             opt(&r.backup_id),
         )
         .await
         .map_err(|e| {
             if e.downcast_ref::<crate::backup::target::ChooseError>()
                 .is_some()
+                || e.downcast_ref::<crate::backup::ops::RestoreRefused>()
+                    .is_some()
             {
                 Status::invalid_argument(format!("{e:#}"))
             } else {
@@ -802,5 +857,14 @@ impl AgentService for Service {
             changes: patch::changes(&old, &new),
             pending_restart,
         }))
+    }
+
+    // ---- Failsafe mode (issue 15 item 4) ----
+    async fn failsafe(&self, req: Request<FailsafeRequest>) -> Reply<FailsafeResponse> {
+        self.authorize(&req)?;
+        let req = req.into_inner();
+        Ok(Response::new(
+            super::failsafe::answer(&self.ctx, &req).await,
+        ))
     }
 }

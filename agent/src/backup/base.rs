@@ -3,6 +3,7 @@
 //! repository, then the WAL the backup needs is confirmed in the archive and `backup.json`
 //! is written. Retention runs after each successful backup.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Read};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -12,9 +13,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::watch;
 
-use super::catalog::BackupInfo;
+use super::catalog::{BackupInfo, BackupType};
 use super::compress::{self, HashingWriter};
-use super::repo::Repository;
+use super::files::{self, FileEntry, FileList, Parent};
 use super::wal::{self, WalName};
 use super::BackupContext;
 use crate::lsn::Lsn;
@@ -43,6 +44,9 @@ pub struct Source {
     pub port: u16,
     pub from_replica: bool,
     pub system_identifier: String,
+    /// Whether the cluster has tablespaces besides `pg_default` and `pg_global`: then the
+    /// backup goes through a scratch directory ([`super::tablespace`]).
+    pub has_tablespaces: bool,
 }
 
 /// A new backup id: the UTC start time, made unique by creating its folder (two members
@@ -87,36 +91,92 @@ fn wal_range(manifest: &str) -> Option<(u32, Lsn, Lsn)> {
     ))
 }
 
-/// Copies what is read through it to `copy`, counting bytes.
-struct Tee<'a, R> {
-    inner: R,
-    copy: &'a mut dyn std::io::Write,
-    count: u64,
-}
-
-impl<R: Read> Read for Tee<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.copy.write_all(&buf[..n])?;
-        self.count += n as u64;
-        Ok(n)
+/// Reads `pg_basebackup -P -v`'s stderr: progress lines update `progress`, the rest is
+/// returned (for error messages).
+fn read_stderr(stderr: std::process::ChildStderr, progress: watch::Sender<Progress>) -> String {
+    // Progress lines end in '\r'; everything else in '\n'.
+    let mut all = String::new();
+    let mut r = std::io::BufReader::new(stderr);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let mut byte = [0u8; 1];
+        loop {
+            match r.read(&mut byte) {
+                Ok(0) => break,
+                Ok(_) if byte[0] == b'\r' || byte[0] == b'\n' => break,
+                Ok(_) => buf.push(byte[0]),
+                Err(_) => break,
+            }
+        }
+        if buf.is_empty() {
+            if r.fill_buf().map(|b| b.is_empty()).unwrap_or(true) {
+                break;
+            }
+            continue;
+        }
+        let line = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((done, total)) = parse_progress(&line) {
+            progress.send_modify(|p| {
+                p.done_bytes = done;
+                p.total_bytes = total;
+            });
+        } else {
+            all.push_str(&line);
+            all.push('\n');
+        }
     }
+    all
 }
 
-/// Takes a base backup of `src` into the repository.
+/// What the copy gave, whichever way it was made.
+struct Taken {
+    size: u64,
+    stored: u64,
+    sha256: String,
+    manifest: String,
+    tablespaces: Vec<super::catalog::TablespaceFile>,
+    manifest_file: Option<super::catalog::StoredFile>,
+    files: BTreeMap<String, Vec<FileEntry>>,
+}
+
+/// Starts `pg_basebackup` as the OS user with `args` (stderr piped, stdout as given) and
+/// records its pid, so a timeout can stop it.
+fn spawn_pg_basebackup(
+    ctx: &BackupContext,
+    program: &std::path::Path,
+    args: &[String],
+    stdout: Stdio,
+    pid: &AtomicI32,
+) -> Result<std::process::Child> {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .current_dir("/")
+        .env("PGPASSFILE", ctx.cfg.pgpass_path());
+    ctx.user.apply_std(&mut cmd);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run {}", program.display()))?;
+    pid.store(child.id() as i32, Ordering::SeqCst);
+    Ok(child)
+}
+
+/// Takes a base backup of `src` into the repository: a full one, or with `parent` a
+/// differential one holding only the files that differ from that full backup's.
 pub async fn take(
     ctx: &BackupContext,
     src: &Source,
+    parent: Option<Arc<Parent>>,
     switch_wal: impl std::future::Future<Output = Result<()>>,
     progress: &watch::Sender<Progress>,
 ) -> Result<BackupInfo> {
-    ctx.prepare().with_context(|| {
-        format!(
-            "cannot prepare the repository {}",
-            ctx.repo.root().display()
-        )
-    })?;
-    let id = new_id(ctx)?;
+    ctx.prepare()
+        .with_context(|| format!("cannot prepare the repository {}", ctx.repo.describe("")))?;
+    // Repository calls leave the loop's thread (an object store may take seconds).
+    let id = ctx.blocking(new_id).await?;
     let key = format!(
         "backups/{id}/base.tar{}",
         ctx.backup.compression.extension()
@@ -148,67 +208,23 @@ pub async fn take(
     progress.send_replace(Progress::phase("copying"));
 
     let pid = Arc::new(AtomicI32::new(0));
-    let job = {
+    let stream_job = || {
         let ctx = ctx.clone();
         let key = key.clone();
+        let args = args.clone();
         let pid = pid.clone();
         let progress = progress.clone();
-        tokio::task::spawn_blocking(move || -> Result<(u64, u64, String, String)> {
-            let mut cmd = std::process::Command::new(&program);
-            cmd.args(&args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .current_dir("/")
-                .env("PGPASSFILE", ctx.cfg.pgpass_path());
-            ctx.user.apply_std(&mut cmd);
-            let mut child = cmd
-                .spawn()
-                .with_context(|| format!("cannot run {}", program.display()))?;
-            pid.store(child.id() as i32, Ordering::SeqCst);
+        let parent = parent.clone();
+        tokio::task::spawn_blocking(move || -> Result<(u64, u64, String, files::Scanned)> {
+            let mut child = spawn_pg_basebackup(&ctx, &program, &args, Stdio::piped(), &pid)?;
             let mut stdout = child.stdout.take().expect("stdout is piped");
             let stderr = child.stderr.take().expect("stderr is piped");
-            let reader = std::thread::spawn(move || {
-                // Progress lines end in '\r'; everything else in '\n'.
-                let mut all = String::new();
-                let mut r = std::io::BufReader::new(stderr);
-                let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    let mut byte = [0u8; 1];
-                    loop {
-                        match r.read(&mut byte) {
-                            Ok(0) => break,
-                            Ok(_) if byte[0] == b'\r' || byte[0] == b'\n' => break,
-                            Ok(_) => buf.push(byte[0]),
-                            Err(_) => break,
-                        }
-                    }
-                    if buf.is_empty() {
-                        if r.fill_buf().map(|b| b.is_empty()).unwrap_or(true) {
-                            break;
-                        }
-                        continue;
-                    }
-                    let line = String::from_utf8_lossy(&buf).into_owned();
-                    if let Some((done, total)) = parse_progress(&line) {
-                        progress.send_modify(|p| {
-                            p.done_bytes = done;
-                            p.total_bytes = total;
-                        });
-                    } else {
-                        all.push_str(&line);
-                        all.push('\n');
-                    }
-                }
-                all
-            });
+            let reader = std::thread::spawn(move || read_stderr(stderr, progress));
             let workers = std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
                 .unwrap_or(1);
-            let mut raw = 0u64;
             let mut sha = String::new();
-            let mut manifest = String::new();
+            let mut scanned = files::Scanned::default();
             let put = ctx.repo.put(&key, &mut |w| {
                 let mut hashing = HashingWriter::new(w);
                 compress::compress_into(
@@ -217,24 +233,15 @@ pub async fn take(
                     ctx.backup.level(),
                     workers,
                     &mut |enc| {
-                        // Read the tar as it passes to find the manifest pg_basebackup puts
-                        // at its end (the backup's WAL range is in it).
-                        let mut tee = Tee {
-                            inner: &mut stdout,
-                            copy: enc,
-                            count: 0,
-                        };
-                        {
-                            let mut archive = tar::Archive::new(&mut tee);
-                            for entry in archive.entries()? {
-                                let mut entry = entry?;
-                                if entry.path()?.as_os_str() == "backup_manifest" {
-                                    entry.read_to_string(&mut manifest)?;
-                                }
-                            }
-                        }
-                        std::io::copy(&mut tee, &mut std::io::sink())?;
-                        raw = tee.count;
+                        // Read the tar as it passes: every file's checksum, and the
+                        // manifest pg_basebackup puts at its end (the backup's WAL range is
+                        // in it). A differential backup writes only what changed.
+                        scanned = files::scan_tar(
+                            &mut stdout,
+                            enc,
+                            parent.as_ref().and_then(|p| p.archive(files::BASE)),
+                            &["backup_manifest"],
+                        )?;
                         Ok(())
                     },
                 )?;
@@ -263,12 +270,91 @@ pub async fn take(
                     tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
                 );
             }
-            Ok((raw, stored, sha, manifest))
+            Ok((scanned.written, stored, sha, scanned))
+        })
+    };
+    // With tablespaces, pg_basebackup cannot stream one tar: it writes one tar per
+    // tablespace into a scratch directory, stored afterwards (see `super::tablespace`).
+    let scratch_job = |args: Vec<String>| {
+        let ctx = ctx.clone();
+        let pid = pid.clone();
+        let progress = progress.clone();
+        let id = id.clone();
+        let program = ctx.bin_dir.join("pg_basebackup");
+        let parent = parent.clone();
+        tokio::task::spawn_blocking(move || -> Result<Taken> {
+            let scratch = super::tablespace::Scratch::create(&ctx, &id)?;
+            let mut args = args;
+            args[1] = scratch.dir.path().display().to_string();
+            let mut child = spawn_pg_basebackup(&ctx, &program, &args, Stdio::null(), &pid)?;
+            let stderr = child.stderr.take().expect("stderr is piped");
+            let reader = std::thread::spawn(move || read_stderr(stderr, progress));
+            let status = child.wait().context("cannot wait for pg_basebackup")?;
+            let err = reader.join().unwrap_or_default();
+            if !status.success() {
+                let tail: Vec<&str> = err.lines().rev().take(4).collect();
+                bail!(
+                    "pg_basebackup failed ({status}): {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                );
+            }
+            let c = super::tablespace::store_scratch(&ctx, &id, &scratch.dir, parent.as_deref())?;
+            Ok(Taken {
+                size: c.size,
+                stored: c.stored,
+                sha256: c.sha256,
+                manifest: c.manifest,
+                tablespaces: c.tablespaces,
+                manifest_file: Some(c.manifest_file),
+                files: c.files,
+            })
+        })
+    };
+    let job = if src.has_tablespaces {
+        scratch_job(args)
+    } else {
+        let streaming = stream_job();
+        tokio::spawn(async move {
+            let (size, stored, sha256, mut scanned) =
+                streaming.await.context("the backup task died")??;
+            Ok(Taken {
+                size,
+                stored,
+                sha256,
+                manifest: scanned
+                    .captured
+                    .remove("backup_manifest")
+                    .unwrap_or_default(),
+                tablespaces: vec![],
+                manifest_file: None,
+                files: [(files::BASE.to_string(), scanned.files)].into(),
+            })
+        })
+    };
+    // Removes whatever of this backup is stored (its folder's files; `backup.json` is
+    // written last, so nothing lists the backup meanwhile).
+    let discard = || {
+        let prefix = format!("backups/{id}/");
+        ctx.blocking(move |c| {
+            if let Ok(entries) = c.repo.list(&prefix) {
+                for e in entries {
+                    let _ = c.repo.delete(&e.key);
+                }
+            }
+            Ok(())
         })
     };
     let timeout = ctx.backup.timeout();
-    let (size, stored, sha256, manifest) = match tokio::time::timeout(timeout, job).await {
-        Ok(r) => r.context("the backup task died")??,
+    let taken = match tokio::time::timeout(timeout, job).await {
+        Ok(Ok(Ok(t))) => t,
+        Ok(Ok(Err(e))) => {
+            let _ = discard().await;
+            return Err(e);
+        }
+        Ok(Err(e)) => {
+            let _ = discard().await;
+            bail!("the backup task died: {e}");
+        }
         Err(_) => {
             let p = pid.load(Ordering::SeqCst);
             if p > 0 {
@@ -277,23 +363,47 @@ pub async fn take(
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
-            let _ = ctx.repo.delete(&key);
+            let _ = discard().await;
             bail!("the base backup did not finish within backup.timeout ({timeout:?}); it was stopped and removed");
         }
     };
-    let (timeline, start_lsn, stop_lsn) = match wal_range(&manifest) {
+    let (timeline, start_lsn, stop_lsn) = match wal_range(&taken.manifest) {
         Some(r) => r,
         None => {
-            let _ = ctx.repo.delete(&key);
+            let _ = discard().await;
             bail!("pg_basebackup's output has no readable backup_manifest with a WAL range");
         }
     };
 
     progress.send_replace(Progress::phase("waiting for the WAL to be archived"));
     if let Err(e) = wait_archived(ctx, timeline, start_lsn, stop_lsn, switch_wal).await {
-        let _ = ctx.repo.delete(&key);
+        let _ = discard().await;
         return Err(e);
     }
+    // The file list, stored like the rest (compressed, encrypted with the repository).
+    let list = FileList {
+        backup_id: id.clone(),
+        archives: taken.files,
+    };
+    let (borrowed_files, borrowed_bytes) = list.borrowed();
+    let list_key = format!(
+        "backups/{id}/files.json{}",
+        ctx.backup.compression.extension()
+    );
+    let stored_list = ctx
+        .blocking(move |c| {
+            let text = serde_json::to_vec(&list).expect("a file list serialises");
+            super::tablespace::store_file(c, &list_key, &text)
+        })
+        .await;
+    let stored_list = match stored_list {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = discard().await;
+            return Err(e.context("cannot store the backup's file list"));
+        }
+    };
+    let (size, stored) = (taken.size, taken.stored);
     let info = BackupInfo {
         id: id.clone(),
         member: ctx.cfg.name.clone(),
@@ -306,14 +416,24 @@ pub async fn take(
         size_bytes: size,
         stored_bytes: stored,
         compression: ctx.backup.compression.as_str().to_string(),
-        sha256,
+        sha256: taken.sha256,
         file: key,
         system_identifier: src.system_identifier.clone(),
+        tablespaces: taken.tablespaces,
+        manifest: taken.manifest_file,
+        kind: if parent.is_some() {
+            BackupType::Diff
+        } else {
+            BackupType::Full
+        },
+        parent: parent.as_ref().map(|p| p.id.clone()),
+        files: Some(stored_list),
     };
-    ctx.catalog()
-        .record(&info)
+    let record = info.clone();
+    ctx.blocking(move |c| Ok(c.catalog().record(&record)?))
+        .await
         .context("cannot record the backup")?;
-    tracing::info!(backup = %id, size, stored, start_lsn = %start_lsn, stop_lsn = %stop_lsn, timeline, "base backup taken");
+    tracing::info!(backup = %id, r#type = info.kind.as_str(), parent = info.parent.as_deref().unwrap_or("-"), size, stored, files_from_parent = borrowed_files, bytes_from_parent = borrowed_bytes, start_lsn = %start_lsn, stop_lsn = %stop_lsn, timeline, tablespaces = info.tablespaces.len(), "base backup taken");
     let retained = ctx
         .blocking(|c| Ok(c.catalog().apply_retention(c.backup.retention.full)?))
         .await;

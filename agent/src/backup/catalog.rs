@@ -29,6 +29,73 @@ pub struct BackupInfo {
     /// The stored file's key.
     pub file: String,
     pub system_identifier: String,
+    /// The cluster's extra tablespaces, each in a file of its own (none: the backup is the
+    /// one file `file`, with its manifest inside, as before tablespaces were supported).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tablespaces: Vec<TablespaceFile>,
+    /// The backup manifest, stored beside the tars when the backup has tablespaces (inside
+    /// `file` otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<StoredFile>,
+    /// `full`, or `diff`: only the files changed since full backup `parent` are stored
+    /// (absent in backups from before differential backups: full).
+    #[serde(rename = "type", default)]
+    pub kind: BackupType,
+    /// A differential backup's full backup, whose files it needs to restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The per-file list (`files.json`, see `super::files`); absent in backups taken before
+    /// it existed, which cannot be the full backup of a differential one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<StoredFile>,
+}
+
+/// Whether a base backup stands alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupType {
+    #[default]
+    Full,
+    /// Differential: the files changed since a full backup.
+    Diff,
+}
+
+impl BackupType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupType::Full => "full",
+            BackupType::Diff => "diff",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BackupType> {
+        match s {
+            "" | "full" => Some(BackupType::Full),
+            "diff" => Some(BackupType::Diff),
+            _ => None,
+        }
+    }
+}
+
+/// One tablespace of a base backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TablespaceFile {
+    /// Its OID: the name of its link in `pg_tblspc`.
+    pub oid: u32,
+    /// Where it was on the backed-up server (`pg_tablespace_location`).
+    pub location: String,
+    /// The stored (compressed) tar's key, its SHA-256 and sizes.
+    pub file: String,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+/// A file stored with a backup, with the SHA-256 of what is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredFile {
+    pub file: String,
+    pub sha256: String,
 }
 
 /// What the last `backup verify` of a backup found.
@@ -150,6 +217,67 @@ impl<'a> Catalog<'a> {
                 info.file
             )));
         }
+        // The tablespaces' and the manifest's files are this folder's own, with the names
+        // pgherd gives them; a location is an absolute path without `..` (a restore creates
+        // it as root).
+        let ext_ok = |key: &str, stem: &str| {
+            ["", ".zst", ".gz"]
+                .iter()
+                .any(|ext| key == format!("{folder}{stem}{ext}"))
+        };
+        if let Some(m) = &info.manifest {
+            if !ext_ok(&m.file, "backup_manifest") {
+                return Err(refuse(format!(
+                    "its backup.json names the manifest file {:?}, which is not {folder}backup_manifest[.zst|.gz]",
+                    m.file
+                )));
+            }
+        }
+        for t in &info.tablespaces {
+            if !ext_ok(&t.file, &format!("tablespace-{}.tar", t.oid)) {
+                return Err(refuse(format!(
+                    "its backup.json names the tablespace file {:?}, which is not {folder}tablespace-{}.tar[.zst|.gz]",
+                    t.file, t.oid
+                )));
+            }
+            let location = std::path::Path::new(&t.location);
+            if !location.is_absolute()
+                || location
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(refuse(format!(
+                    "its backup.json gives tablespace {} the location {:?}, which is not an absolute path without ..",
+                    t.oid, t.location
+                )));
+            }
+        }
+        if let Some(f) = &info.files {
+            if !ext_ok(&f.file, "files.json") {
+                return Err(refuse(format!(
+                    "its backup.json names the file list {:?}, which is not {folder}files.json[.zst|.gz]",
+                    f.file
+                )));
+            }
+        }
+        match (info.kind, &info.parent) {
+            (BackupType::Full, None) => {}
+            (BackupType::Diff, Some(p)) if valid_id(p) && p != id && info.files.is_some() => {}
+            (BackupType::Diff, _) => {
+                return Err(refuse(
+                    "it is a differential backup without a valid parent id or file list"
+                        .to_string(),
+                ))
+            }
+            (BackupType::Full, Some(_)) => {
+                return Err(refuse("it is a full backup naming a parent".to_string()))
+            }
+        }
+        if !info.tablespaces.is_empty() && info.manifest.is_none() {
+            return Err(refuse(
+                "its backup.json lists tablespaces but no manifest".to_string(),
+            ));
+        }
         Ok(Some(info))
     }
 
@@ -221,23 +349,34 @@ impl<'a> Catalog<'a> {
         Ok(())
     }
 
-    /// Keeps the newest `keep` backups; removes older ones and the WAL older than the oldest
-    /// backup kept (timeline history files are always kept). Returns what was removed.
+    /// Keeps the newest `keep` full backups with their differential backups; removes older
+    /// ones and the WAL older than the oldest backup kept (timeline history files are
+    /// always kept). Returns what was removed.
     pub fn apply_retention(&self, keep: u32) -> Result<Retained, CatalogError> {
         let backups = self.backups()?;
         let mut removed = Retained::default();
-        if backups.is_empty() {
+        let doomed = expired(&backups, keep);
+        if doomed.len() == backups.len() {
             return Ok(removed);
         }
-        let drop_count = backups.len().saturating_sub(keep as usize);
-        for b in &backups[..drop_count] {
+        // Differential backups first: a full backup goes only once nothing depends on it.
+        for b in backups
+            .iter()
+            .filter(|b| doomed.contains(&b.id.as_str()) && b.kind == BackupType::Diff)
+            .chain(
+                backups
+                    .iter()
+                    .filter(|b| doomed.contains(&b.id.as_str()) && b.kind == BackupType::Full),
+            )
+        {
             self.remove(&b.id)?;
             removed.backups.push(b.id.clone());
         }
         // The lowest start among the kept backups (after a restore onto an older point a
         // newer backup can start lower than an older one).
-        let keep_from = backups[drop_count..]
+        let keep_from = backups
             .iter()
+            .filter(|b| !doomed.contains(&b.id.as_str()))
             .map(|b| b.start_lsn.0)
             .min()
             .expect("at least one backup is kept")
@@ -279,6 +418,31 @@ impl<'a> Catalog<'a> {
     }
 }
 
+/// The backups (of `backups`, oldest first) that retention of `keep` full backups removes:
+/// the full backups older than the newest `keep`, and every differential backup of those.
+/// A differential backup whose full backup is not listed (unreadable, or removed by hand)
+/// cannot be restored; it goes once it is older than the oldest full backup kept. A full
+/// backup is never removed while a kept differential backup names it.
+pub fn expired(backups: &[BackupInfo], keep: u32) -> Vec<&str> {
+    let fulls: Vec<&BackupInfo> = backups
+        .iter()
+        .filter(|b| b.kind == BackupType::Full)
+        .collect();
+    let drop_count = fulls.len().saturating_sub(keep.max(1) as usize);
+    let dropped: Vec<&str> = fulls[..drop_count].iter().map(|b| b.id.as_str()).collect();
+    let oldest_kept = fulls.get(drop_count).map(|b| b.start_time.as_str());
+    let mut out = dropped.clone();
+    for b in backups.iter().filter(|b| b.kind == BackupType::Diff) {
+        let parent = b.parent.as_deref().unwrap_or_default();
+        let orphan = !fulls.iter().any(|f| f.id == parent);
+        let older = oldest_kept.is_some_and(|t| b.start_time.as_str() < t);
+        if dropped.contains(&parent) || (orphan && older) {
+            out.push(b.id.as_str());
+        }
+    }
+    out
+}
+
 /// What retention removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Retained {
@@ -310,6 +474,109 @@ mod tests {
             sha256: String::new(),
             file: format!("backups/{id}/base.tar.zst"),
             system_identifier: "1".into(),
+            tablespaces: vec![],
+            manifest: None,
+            kind: BackupType::Full,
+            parent: None,
+            files: None,
+        }
+    }
+
+    fn diff(id: &str, parent: &str, t: &str) -> BackupInfo {
+        BackupInfo {
+            kind: BackupType::Diff,
+            parent: Some(parent.to_string()),
+            files: Some(StoredFile {
+                file: format!("backups/{id}/files.json.zst"),
+                sha256: String::new(),
+            }),
+            ..info(id, 0, t)
+        }
+    }
+
+    #[test]
+    fn retention_counts_full_backups_and_keeps_each_chain_whole() {
+        let t = |d: u32| format!("2026-01-{d:02}T00:00:00Z");
+        let list = vec![
+            info("f1", 0, &t(1)),
+            diff("d1", "f1", &t(2)),
+            info("f2", 0, &t(3)),
+            diff("d2a", "f2", &t(4)),
+            diff("orphan-old", "gone", &t(2)),
+            info("f3", 0, &t(5)),
+            diff("d3", "f3", &t(6)),
+            diff("orphan-new", "gone", &t(7)),
+        ];
+        // Two fulls kept: f2 and f3 with their diffs; f1 and its diff go, with the
+        // unrestorable diff older than f2.
+        assert_eq!(expired(&list, 2), ["f1", "d1", "orphan-old"]);
+        assert_eq!(expired(&list, 1), ["f1", "f2", "d1", "d2a", "orphan-old"]);
+        assert!(expired(&list, 3).is_empty());
+        // Old catalogs (no type) are full backups; keep 0 is read as 1.
+        assert_eq!(expired(&list[..1], 0), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn backup_json_without_the_new_fields_reads_as_a_full_backup() {
+        let mut v = serde_json::to_value(info("b1", 0, "2026-01-01T00:00:00Z")).unwrap();
+        assert_eq!(v["type"], "full");
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("type");
+        let back: BackupInfo = serde_json::from_value(v).unwrap();
+        assert_eq!(back.kind, BackupType::Full);
+        assert_eq!(back.parent, None);
+        let d = serde_json::to_value(diff("d1", "b1", "2026-01-01T00:00:00Z")).unwrap();
+        assert_eq!(d["type"], "diff");
+        assert_eq!(d["parent"], "b1");
+    }
+
+    #[test]
+    fn a_differential_backup_json_must_name_a_parent_and_its_own_file_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = LocalRepository::new(dir.path());
+        let cat = Catalog::new(&repo);
+        let t = "2026-01-01T00:00:00Z";
+        cat.record(&diff("d1", "f1", t)).unwrap();
+        assert_eq!(cat.get("d1").unwrap().parent.as_deref(), Some("f1"));
+        for (id, bad) in [
+            (
+                "d2",
+                BackupInfo {
+                    parent: None,
+                    ..diff("d2", "f1", t)
+                },
+            ),
+            ("d3", diff("d3", "../x", t)),
+            (
+                "d4",
+                BackupInfo {
+                    files: None,
+                    ..diff("d4", "f1", t)
+                },
+            ),
+            (
+                "d5",
+                BackupInfo {
+                    files: Some(StoredFile {
+                        file: "backups/other/files.json".into(),
+                        sha256: String::new(),
+                    }),
+                    ..diff("d5", "f1", t)
+                },
+            ),
+            (
+                "d6",
+                BackupInfo {
+                    kind: BackupType::Full,
+                    ..diff("d6", "f1", t)
+                },
+            ),
+        ] {
+            cat.record(&bad).unwrap();
+            assert!(
+                matches!(cat.get(id), Err(CatalogError::Refused { .. })),
+                "{id} was accepted"
+            );
         }
     }
 
@@ -386,11 +653,40 @@ mod tests {
         craft("b2", "../../victim", "backups/b2/base.tar.zst");
         craft("b3", "b3", "backups/b3/../../../victim");
         craft("b4", "b4", "/etc/passwd");
+        // Tablespaces: a file outside the folder, a relative or escaping location.
+        let craft_ts = |folder: &str, file: &str, location: &str| {
+            let mut i = info(folder, 300, "2026-01-03T00:00:00Z");
+            i.file = format!("backups/{folder}/base.tar.zst");
+            i.manifest = Some(StoredFile {
+                file: format!("backups/{folder}/backup_manifest.zst"),
+                sha256: String::new(),
+            });
+            i.tablespaces = vec![TablespaceFile {
+                oid: 16384,
+                location: location.into(),
+                file: file.replace("{folder}", folder),
+                sha256: String::new(),
+                size_bytes: 0,
+                stored_bytes: 0,
+            }];
+            let text = serde_json::to_vec(&i).unwrap();
+            repo.put(&format!("backups/{folder}/backup.json"), &mut |w| {
+                w.write_all(&text)
+            })
+            .unwrap();
+        };
+        craft_ts("b5", "backups/{folder}/../b0/base.tar.zst", "/srv/ts");
+        craft_ts("b6", "backups/{folder}/tablespace-16384.tar.zst", "srv/ts");
+        craft_ts(
+            "b7",
+            "backups/{folder}/tablespace-16384.tar.zst",
+            "/srv/../etc",
+        );
         std::fs::create_dir_all(root.join("backups/.hidden")).unwrap();
 
         let ids: Vec<String> = cat.backups().unwrap().into_iter().map(|b| b.id).collect();
         assert_eq!(ids, vec!["b0", "b1"]);
-        for id in ["b2", "b3", "b4"] {
+        for id in ["b2", "b3", "b4", "b5", "b6", "b7"] {
             let e = cat.get(id).unwrap_err();
             assert!(matches!(e, CatalogError::Refused { .. }), "{id}: {e}");
             assert!(e.to_string().contains("refused"), "{e}");

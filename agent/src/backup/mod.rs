@@ -1,12 +1,18 @@
 //! WAL archive, base backups, retention, point-in-time restore and restore verification.
 //!
-//! Everything lives in a [`repo::Repository`] (today a local or mounted directory; an object
-//! store can be added behind the same trait). Layout under `<repository>/<cluster>/`:
+//! Everything lives in a [`repo::Repository`]: a local or mounted directory
+//! ([`repo::LocalRepository`]) or an object store ([`object::ObjectRepository`]: S3, GCS,
+//! Azure). Layout under `<repository>/<cluster>/`:
 //!
 //! ```text
 //! wal/<timeline+log>/<segment>-<sha256>.zst   archived WAL segments (and .partial, .backup)
 //! wal/history/<timeline>.history-<sha256>.zst timeline history files
 //! backups/<id>/base.tar.zst                   a base backup: pg_basebackup's tar, compressed
+//! backups/<id>/tablespace-<oid>.tar.zst       with tablespaces: one tar per tablespace,
+//! backups/<id>/backup_manifest.zst            and the manifest beside them (tablespace.rs)
+//! backups/<id>/files.json.zst                 every file of its tars with size and sha256;
+//!                                             a differential backup's tars hold only the
+//!                                             files changed since its full backup (files.rs)
 //! backups/<id>/backup.json                    its metadata; written last, so a backup
 //!                                             without it is incomplete and ignored
 //! backups/<id>/verify.json                    the result of the last `backup verify`
@@ -16,6 +22,9 @@
 //! pushed twice is recognised whatever the compression, and a file is published under its
 //! final name by one rename: a reader never sees a partial file.
 //!
+//! With `backup.encryption` every object is encrypted and authenticated by
+//! [`crypt::EncryptedRepository`], which [`repo::open`] puts in front of the store.
+//!
 //! The repository is private: files 0600, folders 0700 (the cluster's folder 0710 for the
 //! OS user's group, see [`BackupContext::prepare`]); `backups/` is root's, `wal/` the OS
 //! user's. Nothing read from it names a path: a backup's id is its folder's name, checked
@@ -23,15 +32,22 @@
 //! link ([`repo::LocalRepository`]).
 
 pub mod base;
+pub mod bootstrap;
 pub mod catalog;
 pub mod compress;
+pub mod crypt;
+pub mod files;
+pub mod object;
 pub mod ops;
+pub mod replica;
 pub mod repo;
 pub mod restore;
+pub mod tablespace;
 pub mod target;
 pub mod untar;
 pub mod verify;
 pub mod wal;
+pub mod walsocket;
 
 pub use catalog::{BackupInfo, Catalog};
 pub use repo::{LocalRepository, Repository};
@@ -49,7 +65,7 @@ use crate::postgres::command::OsUser;
 pub struct BackupContext {
     pub cfg: Arc<Config>,
     pub backup: BackupConfig,
-    pub repo: Arc<LocalRepository>,
+    pub repo: Arc<dyn Repository>,
     pub user: OsUser,
     pub bin_dir: PathBuf,
     /// When this agent's last backup attempt failed, if it failed after the newest backup
@@ -58,18 +74,25 @@ pub struct BackupContext {
 }
 
 impl BackupContext {
-    /// `None` when the member has no `backup` section.
-    pub fn new(cfg: Arc<Config>, user: OsUser, bin_dir: PathBuf) -> Option<BackupContext> {
-        let backup = cfg.backup.clone()?;
-        let repo = Arc::new(LocalRepository::new(repository_root(&cfg, &backup)));
-        Some(BackupContext {
+    /// `None` when the member has no `backup` section; an error when its repository cannot
+    /// be set up (a bad URL, an unreadable credentials file).
+    pub fn new(
+        cfg: Arc<Config>,
+        user: OsUser,
+        bin_dir: PathBuf,
+    ) -> anyhow::Result<Option<BackupContext>> {
+        let Some(backup) = cfg.backup.clone() else {
+            return Ok(None);
+        };
+        let repo = repo::open(&backup, &cfg.cluster).map_err(anyhow::Error::msg)?;
+        Ok(Some(BackupContext {
             cfg,
             backup,
             repo,
             user,
             bin_dir,
             last_failure: Arc::new(std::sync::Mutex::new(None)),
-        })
+        }))
     }
 
     pub fn catalog(&self) -> Catalog<'_> {
@@ -100,9 +123,14 @@ impl BackupContext {
     ///
     /// Existing entries are never chowned or chmodded: pgherd gives away only what it just
     /// created, through the descriptor it created (never a path another user could swap).
+    ///
+    /// An object store has no folders: nothing to do.
     pub fn prepare(&self) -> std::io::Result<()> {
+        let Ok(pgherd_config::Location::Dir(top)) = self.backup.repository.location() else {
+            return Ok(());
+        };
         let owner = self.user.switch_to;
-        let top = Dir::create_all(&self.backup.repository, 0o711)?;
+        let top = Dir::create_all(&top, 0o711)?;
         // Listing it shows cluster names only; changing it could replace the cluster's folder.
         warn_if_open(&top, false)?;
         let (root, created) = top.ensure_dir(&self.cfg.cluster, 0o710)?;
@@ -164,7 +192,10 @@ fn warn_if_open(dir: &Dir, private: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `<repository>/<cluster>`.
-pub fn repository_root(cfg: &Config, backup: &BackupConfig) -> PathBuf {
-    backup.repository.join(&cfg.cluster)
+/// `<repository>/<cluster>` of a directory repository; `None` for an object store.
+pub fn repository_root(cfg: &Config, backup: &BackupConfig) -> Option<PathBuf> {
+    match backup.repository.location() {
+        Ok(pgherd_config::Location::Dir(dir)) => Some(dir.join(&cfg.cluster)),
+        _ => None,
+    }
 }

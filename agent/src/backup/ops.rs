@@ -3,6 +3,7 @@
 //! touched), the restore job itself, and the schedules.
 
 use std::collections::BTreeMap;
+use std::ops::Not;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,24 +13,36 @@ use pgherd_config::ParamValue;
 use tokio::sync::watch;
 
 use super::base::{self, Progress, Source};
-use super::catalog::{BackupInfo, VerifyResult};
+use super::catalog::{BackupInfo, BackupType, VerifyResult};
+use super::files::{FileList, Parent};
 use super::target::{self, ArchiveEnd};
-use super::{restore, verify, wal, BackupContext};
+use super::{restore, tablespace, verify, wal, BackupContext};
 use crate::board::{BackupRun, BackupStatus};
 use crate::dcs::model::{parse_time, ClusterView, RestoreKey, RestorePhase, Role, Target};
 use crate::dcs::Dcs;
 use crate::fsutil;
 use crate::postgres::{Mode, Postgres};
 
+/// A backup taken, and why it is not of the type asked for (a differential backup asked
+/// for with no full backup to compare with is taken as a full one).
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub info: BackupInfo,
+    pub note: Option<String>,
+}
+
 /// Takes a base backup of this member's PostgreSQL. The leader backs up itself; a replica
 /// (`from_replica`) backs up itself and asks the leader to finish the last WAL segment.
+/// `kind` diff: only the files changed since the newest full backup of this cluster that
+/// has a file list; without one a full backup is taken, and the note says so.
 pub async fn take_backup(
     ctx: &BackupContext,
     pg: &Postgres,
     view: &ClusterView,
     from_replica: bool,
+    kind: BackupType,
     progress: &watch::Sender<Progress>,
-) -> Result<BackupInfo> {
+) -> Result<Taken> {
     let me = &ctx.cfg.name;
     let status = pg
         .status()
@@ -49,26 +62,88 @@ pub async fn take_backup(
         _ => String::new(),
     };
     let (host, port) = pg.local_address();
+    let has_tablespaces = pg
+        .connect_to(&host, port)
+        .await?
+        .query(
+            "SELECT 1 FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')",
+            &[],
+        )
+        .await
+        .context("cannot list the tablespaces")?
+        .is_empty()
+        .not();
     let src = Source {
         host,
         port,
         from_replica,
         system_identifier,
+        has_tablespaces,
     };
     let leader = view.leader_member().map(|m| (m.host.clone(), m.port));
-    let result = take_checked(ctx, pg, &src, from_replica, leader, progress).await;
+    let (parent, note) = match kind {
+        BackupType::Full => (None, None),
+        BackupType::Diff => {
+            let system = src.system_identifier.clone();
+            match ctx.blocking(move |c| diff_parent(c, &system)).await? {
+                Some(p) => {
+                    tracing::info!(full = %p.id, "taking a differential backup: only the files changed since full backup {}", p.id);
+                    (Some(Arc::new(p)), None)
+                }
+                None => {
+                    let note = "no full backup with a file list to take a differential backup from: took a full backup instead".to_string();
+                    tracing::info!(reason = %note, "decision");
+                    (None, Some(note))
+                }
+            }
+        }
+    };
+    let result = take_checked(ctx, pg, &src, parent, from_replica, leader, progress).await;
     let mut failed = ctx.last_failure.lock().unwrap_or_else(|p| p.into_inner());
     *failed = match &result {
         Ok(_) => None,
         Err(_) => Some(std::time::SystemTime::now()),
     };
-    result
+    result.map(|info| Taken { info, note })
+}
+
+/// The full backup a differential backup of cluster `system_identifier` is taken against:
+/// the newest full backup of it with a file list, whose list is read (checked). `None` when
+/// there is none. Blocking.
+fn diff_parent(ctx: &BackupContext, system_identifier: &str) -> Result<Option<Parent>> {
+    let newest = ctx.catalog().backups()?.into_iter().rev().find(|b| {
+        b.kind == BackupType::Full
+            && b.files.is_some()
+            && (system_identifier.is_empty() || b.system_identifier == system_identifier)
+    });
+    let Some(full) = newest else {
+        return Ok(None);
+    };
+    let stored = full.files.as_ref().expect("filtered on a file list");
+    let text = tablespace::read_checked(ctx, stored, 1 << 30)
+        .with_context(|| format!("cannot read the file list of full backup {}", full.id))?;
+    let list: FileList = serde_json::from_slice(&text).with_context(|| {
+        format!(
+            "{} is not a valid file list",
+            ctx.repo.describe(&stored.file)
+        )
+    })?;
+    if list.backup_id != full.id {
+        bail!(
+            "{} names backup {:?}, not {}",
+            ctx.repo.describe(&stored.file),
+            list.backup_id,
+            full.id
+        );
+    }
+    Ok(Some(Parent::new(&list)))
 }
 
 async fn take_checked(
     ctx: &BackupContext,
     pg: &Postgres,
     src: &Source,
+    parent: Option<Arc<Parent>>,
     from_replica: bool,
     leader: Option<(String, u16)>,
     progress: &watch::Sender<Progress>,
@@ -84,7 +159,7 @@ async fn take_checked(
             (true, None) => bail!("there is no leader to switch WAL on"),
         }
     };
-    base::take(ctx, src, switch_wal, progress).await
+    base::take(ctx, src, parent, switch_wal, progress).await
 }
 
 /// What `/metrics` shows about backups: the newest backup (or a later failed attempt) and
@@ -125,14 +200,17 @@ pub async fn verify_backup(
     id: Option<&str>,
     progress: &watch::Sender<Progress>,
 ) -> Result<VerifyResult> {
-    let info = match id {
-        Some(id) => ctx.catalog().get(id)?,
-        None => ctx
-            .catalog()
-            .backups()?
-            .pop()
-            .ok_or_else(|| anyhow!("there is no backup to verify"))?,
-    };
+    let id = id.map(str::to_string);
+    let info = ctx
+        .blocking(move |c| match id {
+            Some(id) => Ok(c.catalog().get(&id)?),
+            None => c
+                .catalog()
+                .backups()?
+                .pop()
+                .ok_or_else(|| anyhow!("there is no backup to verify")),
+        })
+        .await?;
     Ok(verify::verify(ctx, &info, progress).await)
 }
 
@@ -144,6 +222,8 @@ pub async fn request_restore(
     pg: &Postgres,
     dcs: &Dcs,
     target: Target,
+    target_inclusive: bool,
+    tablespace_map: BTreeMap<PathBuf, PathBuf>,
     backup_id: Option<&str>,
 ) -> Result<RestoreKey> {
     let view = dcs
@@ -179,7 +259,37 @@ pub async fn request_restore(
             Ok((c.catalog().backups()?, end, history))
         })
         .await?;
+    // A differential backup whose full backup is not listed cannot be restored: it is not
+    // chosen unless named (and then refused below, naming the full).
+    let fulls: Vec<String> = backups
+        .iter()
+        .filter(|b| b.kind == BackupType::Full)
+        .map(|b| b.id.clone())
+        .collect();
+    let backups: Vec<BackupInfo> = backups
+        .into_iter()
+        .filter(|b| {
+            b.parent.as_ref().is_none_or(|p| fulls.contains(p)) || Some(b.id.as_str()) == backup_id
+        })
+        .collect();
     let chosen = target::choose(&backups, backup_id, &target, end, &history)?;
+    // A differential backup restores only with its full backup (checked whole again when
+    // unpacked): refuse now, before the leader stops, when that is gone.
+    if let Some(parent) = chosen.parent.as_deref() {
+        if !fulls.iter().any(|f| f == parent) {
+            return Err(anyhow!(RestoreRefused(format!(
+                "backup {} is a differential backup of full backup {parent}, which is missing from the repository; restore another backup (see pgherdctl backups)",
+                chosen.id
+            ))));
+        }
+    }
+    // Every tablespace must have an empty place before the leader stops for the restore.
+    // The ones in use by this cluster are not empty: they need --tablespace-map.
+    let places = super::tablespace::Places::Mapped(tablespace_map.clone());
+    let uid = ctx.user.switch_to.map(|(u, _)| u);
+    let in_use = super::tablespace::in_use(&chosen, &tablespace_map, pg.data_dir(), uid)?;
+    super::tablespace::check_places_except(&chosen, &places, &in_use)
+        .map_err(|e| anyhow!(RestoreRefused(format!("{e:#}"))))?;
     let revision = view.restore.as_ref().map(|(_, r)| *r).unwrap_or(0);
     let key = RestoreKey {
         id: chrono::Utc::now()
@@ -188,6 +298,8 @@ pub async fn request_restore(
         leader: me.clone(),
         backup_id: chosen.id.clone(),
         target,
+        target_inclusive,
+        tablespace_map,
         phase: RestorePhase::Restoring,
         requested_at: crate::now_rfc3339(),
         finished_at: None,
@@ -200,6 +312,11 @@ pub async fn request_restore(
     tracing::info!(restore = %key.id, backup = %key.backup_id, target = %key.target.describe(), "point-in-time restore requested");
     Ok(key)
 }
+
+/// A restore request that cannot work as asked (bad input): nothing was changed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RestoreRefused(pub String);
 
 async fn wait_for_segment(ctx: &BackupContext, name: &str, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
@@ -278,8 +395,10 @@ async fn remove_tree(path: PathBuf) -> Result<()> {
 /// successful restore left to delete.
 pub fn recover_interrupted_restore(pg: &Postgres) -> Result<()> {
     let obsolete = obsolete_dir(pg);
+    let uid = pg.os_user().switch_to.map(|(u, _)| u);
     if obsolete.exists() {
         tracing::info!(path = %obsolete.display(), "removing the data directory a finished restore replaced");
+        tablespace::drop_aside(&tablespace::aside_of(&obsolete, uid))?;
         remove_tree_now(&obsolete)?;
     }
     let aside = aside_dir(pg);
@@ -296,6 +415,7 @@ pub fn recover_interrupted_restore(pg: &Postgres) -> Result<()> {
             "decision"
         );
         rename_durably(&aside, &obsolete)?;
+        tablespace::drop_aside(&tablespace::aside_of(&obsolete, uid))?;
         return remove_tree_now(&obsolete);
     }
     tracing::warn!(
@@ -303,6 +423,7 @@ pub fn recover_interrupted_restore(pg: &Postgres) -> Result<()> {
         aside = %aside.display(),
         "decision"
     );
+    tablespace::put_back(&tablespace::aside_of(&aside, uid))?;
     if pg.data_dir().exists() {
         remove_tree_now(pg.data_dir()).context("cannot remove the partial data directory")?;
     }
@@ -382,7 +503,10 @@ pub async fn run_restore(
     sync_claim: Option<SyncClaim>,
 ) -> Result<()> {
     lease.ensure(&format!("start restore {}", key.id))?;
-    let info = ctx.catalog().get(&key.backup_id)?;
+    let backup_id = key.backup_id.clone();
+    let info = ctx
+        .blocking(move |c| Ok(c.catalog().get(&backup_id)?))
+        .await?;
     let aside = aside_dir(&pg);
     let obsolete = obsolete_dir(&pg);
     let data = pg.data_dir().to_path_buf();
@@ -409,6 +533,11 @@ pub async fn run_restore(
         );
     }
     write_attempt(&attempt, &key.id)?;
+    // The tablespaces this cluster uses where the backup's go are moved aside with the data
+    // directory (read from it, or from the copy an interrupted attempt left aside).
+    let uid = ctx.user.switch_to.map(|(u, _)| u);
+    let current = if aside.exists() { &aside } else { &data };
+    let moved = tablespace::in_use(&info, &key.tablespace_map, current, uid)?;
     if pg.is_running() {
         tracing::info!(restore = %key.id, "stopping PostgreSQL for the restore");
         pg.stop().await?;
@@ -421,8 +550,9 @@ pub async fn run_restore(
     }
     tracing::info!(restore = %key.id, aside = %aside.display(), "previous data directory kept aside until the restore succeeds");
     let attempt = async {
-        restore::unpack(&ctx, &info, &data).await?;
-        let mut recovery = key.target.recovery_parameters();
+        tablespace::move_aside(&moved)?;
+        restore::unpack_mapped(&ctx, &info, &data, key.tablespace_map.clone()).await?;
+        let mut recovery = key.target.recovery_parameters(key.target_inclusive);
         let pause_at_target = recovery.contains_key("recovery_target_action");
         let mode = if pause_at_target {
             recovery.insert("recovery_target_action".into(), "pause".into());
@@ -493,6 +623,9 @@ pub async fn run_restore(
             pg.set_recovery_parameters(BTreeMap::new());
             pg.write_config(&Mode::Primary, &params)?;
             pg.reload().await?;
+            if let Err(e) = tablespace::drop_aside(&moved) {
+                tracing::warn!(error = %format!("{e:#}"), "cannot remove the tablespaces the restore replaced; the agent removes them at its next start");
+            }
             if let Err(e) = remove_tree(obsolete.clone()).await {
                 tracing::warn!(error = %format!("{e:#}"), "cannot remove the previous data directory; the agent removes it at its next start");
             }
@@ -509,6 +642,8 @@ pub async fn run_restore(
                 // writes, so it stays (the old copy is `.obsolete`, removed at next start).
                 return Err(e.context("the restored data was being promoted; it stays in place"));
             }
+            tablespace::put_back(&moved)
+                .context("the restore failed and the previous tablespaces could not be put back; do it by hand")?;
             remove_tree(data.clone()).await?;
             rename_durably(&aside, &data)
                 .context("the restore failed and the previous data directory could not be put back; do it by hand")?;
@@ -601,7 +736,9 @@ pub async fn run_schedules(
                 let (tx, _rx) = watch::channel(Progress::default());
                 match dcs.load().await {
                     Ok(view) => {
-                        if let Err(e) = take_backup(&ctx, &pg, &view, false, &tx).await {
+                        if let Err(e) =
+                            take_backup(&ctx, &pg, &view, false, BackupType::Full, &tx).await
+                        {
                             tracing::warn!(error = %format!("{e:#}"), "scheduled backup failed");
                         }
                     }

@@ -1,6 +1,7 @@
-//! Where backups and archived WAL are stored. The trait is what an object store would
-//! implement; [`LocalRepository`] is a directory (local disk or a mount) that publishes
-//! files atomically: temporary file, fsync, rename, fsync of the directory.
+//! Where backups and archived WAL are stored. [`LocalRepository`] is a directory (local
+//! disk or a mount) that publishes files atomically: temporary file, fsync, rename, fsync
+//! of the directory; [`super::object::ObjectRepository`] is an object store. [`open`]
+//! picks one from `backup.repository`.
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
@@ -31,6 +32,31 @@ impl RepoError {
     }
 }
 
+/// Reads a file of the repository's secrets (`holds`: "credentials", "encryption keys")
+/// that must be private: owned by root or by this process's user, and not readable or
+/// writable by group or others. The error names the setting `key`, the file and why, and
+/// never its content.
+pub(super) fn read_private(path: &Path, key: &str, holds: &str) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{key}: {}: {e}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(format!(
+            "{key}: {} belongs to uid {}: it must belong to root (it holds the repository's {holds})",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{key}: {} has mode {:04o}: group and others must have no access (chmod 600 it)",
+            path.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("{key}: {}: {e}", path.display()))
+}
+
 /// One stored object.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -57,8 +83,52 @@ pub trait Repository: Send + Sync {
     /// The "directories" right under `prefix` (ending in `/`).
     fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, RepoError>;
     fn delete(&self, key: &str) -> Result<(), RepoError>;
+    /// Creates folder `key` (its parents must exist); `false` when it exists already. For
+    /// reserving a unique name.
+    fn create_folder(&self, key: &str) -> Result<bool, RepoError>;
     /// A human-readable location, for messages.
     fn describe(&self, key: &str) -> String;
+    /// The directory repository behind this one, if it is one (only a directory has
+    /// folders to create with owners and modes).
+    fn as_local(&self) -> Option<&LocalRepository> {
+        None
+    }
+}
+
+/// The repository of `cluster` that `backup.repository` names: `<dir>/<cluster>` or
+/// `<store>://bucket/<prefix><cluster>/`, behind [`super::crypt::EncryptedRepository`]
+/// with `backup.encryption`. The error names the setting and why.
+pub fn open(
+    backup: &pgherd_config::BackupConfig,
+    cluster: &str,
+) -> Result<std::sync::Arc<dyn Repository>, String> {
+    use pgherd_config::Location;
+    let repo: std::sync::Arc<dyn Repository> = match backup
+        .repository
+        .location()
+        .map_err(|e| format!("backup.repository: {e}"))?
+    {
+        Location::Dir(dir) => std::sync::Arc::new(LocalRepository::new(dir.join(cluster))),
+        Location::Object {
+            store,
+            bucket,
+            prefix,
+        } => std::sync::Arc::new(super::object::ObjectRepository::new(
+            backup, store, &bucket, &prefix, cluster,
+        )?),
+    };
+    let Some(enc) = &backup.encryption else {
+        return Ok(repo);
+    };
+    let keys = super::crypt::Keys::load(enc)?;
+    tracing::info!(
+        encrypting_key = %keys.current_id(),
+        keys = %keys.ids().join(","),
+        "the backup repository is encrypted (backup.encryption): new objects with the first key, any of the keys decrypts"
+    );
+    Ok(std::sync::Arc::new(super::crypt::EncryptedRepository::new(
+        repo, keys,
+    )))
 }
 
 /// A directory repository. Every key is walked from the root one plain name at a time
@@ -142,21 +212,6 @@ impl LocalRepository {
             cur = next;
         }
         Ok(cur)
-    }
-
-    /// Creates folder `key` (its parents must exist); `false` when it exists already. For
-    /// reserving a unique name.
-    pub fn create_folder(&self, key: &str) -> Result<bool, RepoError> {
-        let (dirs, name) = split_key(key)?;
-        let parent = self.create_dirs(&dirs)?;
-        match parent.create_dir(name, 0o700) {
-            Ok(_) => {
-                parent.sync().map_err(|e| RepoError::io(parent.path(), e))?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(RepoError::io(parent.join(name), e)),
-        }
     }
 
     /// The stored objects and folders right under `prefix`.
@@ -289,14 +344,32 @@ impl Repository for LocalRepository {
         Ok(())
     }
 
+    fn create_folder(&self, key: &str) -> Result<bool, RepoError> {
+        let (dirs, name) = split_key(key)?;
+        let parent = self.create_dirs(&dirs)?;
+        match parent.create_dir(name, 0o700) {
+            Ok(_) => {
+                parent.sync().map_err(|e| RepoError::io(parent.path(), e))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(RepoError::io(parent.join(name), e)),
+        }
+    }
+
     fn describe(&self, key: &str) -> String {
         self.path(key).display().to_string()
     }
+
+    fn as_local(&self) -> Option<&LocalRepository> {
+        Some(self)
+    }
 }
 
-struct CountingWriter<W> {
-    inner: W,
-    count: u64,
+/// Counts the bytes written through it.
+pub(super) struct CountingWriter<W> {
+    pub(super) inner: W,
+    pub(super) count: u64,
 }
 
 impl<W: Write> Write for CountingWriter<W> {

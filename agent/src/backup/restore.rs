@@ -2,46 +2,71 @@
 //! tar, give it to the PostgreSQL OS user, check it against its manifest with
 //! `pg_verifybackup`, and arm archive recovery (`recovery.signal`).
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
-use super::catalog::BackupInfo;
+use super::catalog::{BackupInfo, BackupType, CatalogError};
 use super::compress::{self, HashingReader};
-use super::repo::Repository;
+use super::files::{self, Chain, FileList};
+use super::tablespace::{self, Places};
 use super::{untar, BackupContext};
 use crate::fsutil::{self, Dir};
 use crate::postgres::command;
 
-/// Reads the stored backup file and checks it has the checksum recorded at backup time.
-fn check_stored(ctx: &BackupContext, info: &BackupInfo) -> Result<()> {
+/// Unpacks stored tar `key` (recorded with SHA-256 `sha256`) into `dest` in one pass: the
+/// stored bytes are hashed while they are decompressed and unpacked, and a mismatch is
+/// reported as corruption of `what` (also when the corrupted stream fails to decode first).
+/// `dest` stays root's 0700 until the caller hands it over, so nobody reads what a
+/// corrupted file put there before the check; the callers remove or put back on error.
+pub(super) fn unpack_checked(
+    ctx: &BackupContext,
+    key: &str,
+    sha256: &str,
+    what: &str,
+    dest: &Dir,
+    opts: &untar::Options,
+) -> Result<untar::Unpacked> {
     let input = ctx
         .repo
-        .open(&info.file)
-        .with_context(|| format!("cannot open backup {}", info.id))?;
-    let mut r = HashingReader::new(input);
-    std::io::copy(&mut r, &mut std::io::sink())
-        .with_context(|| format!("cannot read {}", ctx.repo.describe(&info.file)))?;
-    let actual = r.hex();
-    if actual != info.sha256 {
+        .open(key)
+        .with_context(|| format!("cannot open {what}"))?;
+    let mut raw = HashingReader::new(input);
+    let unpacked = compress::decompressor(Box::new(&mut raw), compress::from_name(key))
+        .map_err(anyhow::Error::from)
+        .and_then(|reader| untar::untar(reader, dest, ctx.user.switch_to, opts));
+    // What the unpack left unread (the end of the compressed stream) counts too.
+    let drained = std::io::copy(&mut raw, &mut std::io::sink());
+    if drained.is_ok() && raw.hex() != sha256 {
         bail!(
-            "backup {} is corrupted: {} has sha256 {actual}, it was stored with {}",
-            info.id,
-            ctx.repo.describe(&info.file),
-            info.sha256
+            "{what} is corrupted: {} has sha256 {}, it was stored with {sha256}",
+            ctx.repo.describe(key),
+            raw.hex()
         );
     }
-    Ok(())
+    drained.with_context(|| format!("cannot read {}", ctx.repo.describe(key)))?;
+    unpacked
 }
 
-/// Unpacks backup `info` as directory `dest` (which must not exist or be empty) and checks
-/// it against its manifest.
+/// Unpacks backup `info` as directory `dest` (which must not exist or be empty), its
+/// tablespaces at their original locations, and checks it against its manifest.
 pub async fn unpack(ctx: &BackupContext, info: &BackupInfo, dest: &Path) -> Result<()> {
+    unpack_mapped(ctx, info, dest, BTreeMap::new()).await
+}
+
+/// [`unpack`] with the tablespaces moved as `map` (original location -> new) says.
+pub async fn unpack_mapped(
+    ctx: &BackupContext,
+    info: &BackupInfo,
+    dest: &Path,
+    map: BTreeMap<PathBuf, PathBuf>,
+) -> Result<()> {
     let (parent, name) = fsutil::split(dest)
         .with_context(|| format!("cannot open the folder of {}", dest.display()))?;
-    let data = extract(ctx, info, &parent, &name).await?;
+    let data = extract(ctx, info, &parent, &name, Places::Mapped(map)).await?;
     check_manifest(ctx, info, &data).await
 }
 
@@ -54,13 +79,18 @@ pub async fn extract(
     info: &BackupInfo,
     parent: &Dir,
     name: &OsStr,
+    places: Places,
 ) -> Result<Dir> {
     let ctx = ctx.clone();
     let info = info.clone();
     let parent = parent.try_clone()?;
     let name = name.to_os_string();
     tokio::task::spawn_blocking(move || -> Result<Dir> {
-        check_stored(&ctx, &info)?;
+        // A differential backup needs its full backup listed before anything is written (its
+        // stored file is checked while it unpacks, as the differential's own).
+        let chain = load_chain(&ctx, &info)?;
+        // Every tablespace's place is checked before anything is written.
+        tablespace::check_places(&info, &places)?;
         let shown = parent.join(&name);
         match parent.entry(&name)? {
             None => {}
@@ -83,12 +113,21 @@ pub async fn extract(
         let dest = parent
             .create_dir(&name, 0o700)
             .with_context(|| format!("cannot create {}", shown.display()))?;
-        let input = ctx.repo.open(&info.file)?;
-        let reader = compress::decompressor(input, compress::from_name(&info.file))?;
         let owner = ctx.user.switch_to;
-        untar::untar(reader, &dest, owner).with_context(|| {
-            format!("cannot unpack backup {} into {}", info.id, shown.display())
-        })?;
+        let what = format!("backup {}", info.id);
+        unpack_checked(
+            &ctx,
+            &info.file,
+            &info.sha256,
+            &what,
+            &dest,
+            &untar::Options::all(),
+        )
+        .with_context(|| format!("cannot unpack {what} into {}", shown.display()))?;
+        if let Some(chain) = &chain {
+            fill_from_full(&ctx, chain, files::BASE, &dest)?;
+        }
+        tablespace::unpack_all(&ctx, &info, &dest, &places, chain.as_ref())?;
         dest.chmod(0o700)?;
         dest.chown(owner)
             .with_context(|| format!("cannot give {} to {}", shown.display(), ctx.user.name))?;
@@ -98,8 +137,108 @@ pub async fn extract(
     .context("the unpack task died")?
 }
 
+/// For a differential backup: its full backup (which must be listed, with its stored file
+/// intact) and its own file list; `None` for a full backup. Blocking.
+pub fn load_chain(ctx: &BackupContext, info: &BackupInfo) -> Result<Option<Chain>> {
+    if info.kind != BackupType::Diff {
+        return Ok(None);
+    }
+    let full_id = info.parent.as_deref().unwrap_or_default();
+    let missing = |why: String| {
+        anyhow!(
+            "backup {} is a differential backup of full backup {full_id}, which {why}; restore another backup (see pgherdctl backups)",
+            info.id
+        )
+    };
+    let full = match ctx.catalog().get(full_id) {
+        Ok(f) => f,
+        Err(CatalogError::UnknownBackup(_)) => {
+            return Err(missing("is missing from the repository".to_string()))
+        }
+        Err(e) => return Err(missing(format!("cannot be read: {e}"))),
+    };
+    if full.kind != BackupType::Full {
+        return Err(missing("is not a full backup".to_string()));
+    }
+    let stored = info
+        .files
+        .as_ref()
+        .ok_or_else(|| anyhow!("differential backup {} has no file list", info.id))?;
+    let text = tablespace::read_checked(ctx, stored, 1 << 30)
+        .with_context(|| format!("cannot read the file list of backup {}", info.id))?;
+    let list: FileList = serde_json::from_slice(&text).with_context(|| {
+        format!(
+            "{} is not a valid file list",
+            ctx.repo.describe(&stored.file)
+        )
+    })?;
+    if list.backup_id != info.id {
+        bail!(
+            "{} names backup {:?}, not {}",
+            ctx.repo.describe(&stored.file),
+            list.backup_id,
+            info.id
+        );
+    }
+    Ok(Some(Chain { full, list }))
+}
+
+/// Unpacks into `dest` the files of archive `archive` (`base` or a tablespace's OID) that a
+/// differential backup takes from its full backup, and checks that all of them were there.
+/// The differential's own files are unpacked first; untar creates every file with
+/// `O_EXCL`, so nothing of the differential's is overwritten. Blocking.
+pub fn fill_from_full(ctx: &BackupContext, chain: &Chain, archive: &str, dest: &Dir) -> Result<()> {
+    let full = &chain.full;
+    let wanted = chain.list.taken_from(&full.id, archive);
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let (file, sha256, what) = if archive == files::BASE {
+        (&full.file, &full.sha256, format!("full backup {}", full.id))
+    } else {
+        let t = full
+            .tablespaces
+            .iter()
+            .find(|t| t.oid.to_string() == archive)
+            .ok_or_else(|| {
+                anyhow!(
+                    "full backup {} has no tablespace {archive}, which differential backup {} takes files from",
+                    full.id,
+                    chain.list.backup_id
+                )
+            })?;
+        (
+            &t.file,
+            &t.sha256,
+            format!("tablespace {} of full backup {}", t.oid, full.id),
+        )
+    };
+    let keep = |p: &Path| wanted.contains(p.to_string_lossy().as_ref());
+    let opts = untar::Options {
+        workers: untar::writers(),
+        keep: Some(&keep),
+    };
+    let done = unpack_checked(ctx, file, sha256, &what, dest, &opts).with_context(|| {
+        format!(
+            "cannot unpack the files of full backup {} that differential backup {} needs",
+            full.id, chain.list.backup_id
+        )
+    })?;
+    if done.files != wanted.len() as u64 {
+        bail!(
+            "full backup {} holds {} of the {} files differential backup {} takes from it ({archive})",
+            full.id,
+            done.files,
+            wanted.len(),
+            chain.list.backup_id
+        );
+    }
+    tracing::info!(backup = %chain.list.backup_id, full = %full.id, archive, files = done.files, bytes = done.bytes, "files taken from the full backup");
+    Ok(())
+}
+
 /// Checks unpacked backup `data` against its manifest with `pg_verifybackup` (run as the OS
-/// user), then removes the manifest.
+/// user), then removes the manifest (and `tablespace_map`: the links are made).
 pub async fn check_manifest(ctx: &BackupContext, info: &BackupInfo, data: &Dir) -> Result<()> {
     let args = vec![
         "-n".to_string(),
@@ -117,7 +256,7 @@ pub async fn check_manifest(ctx: &BackupContext, info: &BackupInfo, data: &Dir) 
     .await
     .with_context(|| format!("backup {} does not match its manifest", info.id))?;
     let _ = data.remove_file("backup_manifest");
-    Ok(())
+    tablespace::forget_original_places(info, data)
 }
 
 /// The `restore_command` for this member: `pgherd-agent wal-fetch` with the WAL settings

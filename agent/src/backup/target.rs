@@ -37,8 +37,9 @@ pub enum ChooseError {
 }
 
 impl Target {
-    /// The recovery parameters for this target (besides `restore_command`).
-    pub fn recovery_parameters(&self) -> BTreeMap<String, String> {
+    /// The recovery parameters for this target (besides `restore_command`);
+    /// `inclusive` is `recovery_target_inclusive` (kept only where it means something).
+    pub fn recovery_parameters(&self, inclusive: bool) -> BTreeMap<String, String> {
         let mut p = BTreeMap::new();
         match self {
             Target::Time(t) => {
@@ -54,11 +55,20 @@ impl Target {
             Target::Name(n) => {
                 p.insert("recovery_target_name".to_string(), n.clone());
             }
+            Target::Xid(x) => {
+                p.insert("recovery_target_xid".to_string(), x.to_string());
+            }
+            Target::Immediate => {
+                p.insert("recovery_target".to_string(), "immediate".to_string());
+            }
             Target::Latest => {}
         }
         if *self != Target::Latest {
             p.insert("recovery_target_action".to_string(), "promote".to_string());
-            p.insert("recovery_target_inclusive".to_string(), "on".to_string());
+        }
+        if self.takes_inclusive() {
+            let on = if inclusive { "on" } else { "off" };
+            p.insert("recovery_target_inclusive".to_string(), on.to_string());
         }
         p.insert("recovery_target_timeline".to_string(), "latest".to_string());
         p
@@ -116,7 +126,7 @@ pub fn choose(
         match target {
             Target::Time(t) => Some(stop_time(b)? <= parse_time(t).ok()?),
             Target::Lsn(l) => Some(b.stop_lsn <= *l),
-            Target::Name(_) | Target::Latest => None,
+            Target::Name(_) | Target::Xid(_) | Target::Immediate | Target::Latest => None,
         }
     };
     let chosen = match wanted {
@@ -152,7 +162,7 @@ pub fn choose(
                 .ok()
                 .is_some_and(|t| t > DateTime::<Utc>::from(end.time)),
             Target::Lsn(l) => *l > end.lsn,
-            Target::Name(_) | Target::Latest => false,
+            Target::Name(_) | Target::Xid(_) | Target::Immediate | Target::Latest => false,
         };
         if after {
             return Err(ChooseError::AfterArchive {
@@ -194,19 +204,34 @@ mod tests {
             sha256: String::new(),
             file: String::new(),
             system_identifier: "1".into(),
+            tablespaces: vec![],
+            manifest: None,
+            kind: Default::default(),
+            parent: None,
+            files: None,
         }
     }
 
     #[test]
     fn targets_render_as_recovery_parameters() {
-        let t = Target::from_options(Some("2026-11-26 10:00:00+01:00"), None, None, false).unwrap();
-        assert_eq!(
-            t.recovery_parameters()["recovery_target_time"],
-            "2026-11-26 09:00:00.000000+00"
-        );
+        let (t, _) = Target::from_options(crate::dcs::model::TargetOptions {
+            time: Some("2026-11-26 10:00:00+01:00"),
+            ..Default::default()
+        })
+        .unwrap();
+        let p = t.recovery_parameters(true);
+        assert_eq!(p["recovery_target_time"], "2026-11-26 09:00:00.000000+00");
+        assert_eq!(p["recovery_target_inclusive"], "on");
         assert!(!Target::Latest
-            .recovery_parameters()
+            .recovery_parameters(true)
             .contains_key("recovery_target_action"));
+        let p = Target::Xid(1234).recovery_parameters(false);
+        assert_eq!(p["recovery_target_xid"], "1234");
+        assert_eq!(p["recovery_target_inclusive"], "off");
+        assert_eq!(p["recovery_target_action"], "promote");
+        let p = Target::Immediate.recovery_parameters(true);
+        assert_eq!(p["recovery_target"], "immediate");
+        assert!(!p.contains_key("recovery_target_inclusive"));
     }
 
     #[test]

@@ -14,7 +14,10 @@
 
 use std::ffi::OsStr;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 
@@ -30,6 +33,8 @@ pub struct Unpacked {
     pub files: u64,
     pub dirs: u64,
     pub bytes: u64,
+    /// Entries `Options::keep` left out.
+    pub skipped: u64,
 }
 
 /// The plain names of an entry's path; `None` for the archive's top (`./`).
@@ -53,6 +58,8 @@ struct Folders<'a> {
     dest: &'a Dir,
     owner: Owner,
     last: Option<(PathBuf, Dir)>,
+    /// Folders created because the archive did not list them (fsynced at the end).
+    made: Vec<Dir>,
 }
 
 impl Folders<'_> {
@@ -68,6 +75,7 @@ impl Folders<'_> {
                     .with_context(|| format!("cannot create {}", cur.join(n).display()))?;
                 if created {
                     next.chown(self.owner)?;
+                    self.made.push(next.try_clone()?);
                 }
                 cur = next;
             }
@@ -77,17 +85,181 @@ impl Folders<'_> {
     }
 }
 
+/// How [`untar`] unpacks.
+pub struct Options<'a> {
+    /// Threads writing file contents (at least one); the caller's thread reads the stream.
+    pub workers: usize,
+    /// Entries for which this says `false` are read past and not written (a differential
+    /// backup's full part); `None` keeps everything.
+    pub keep: Option<&'a (dyn Fn(&Path) -> bool + Sync)>,
+}
+
+impl Options<'_> {
+    /// Every entry, with a writer per core.
+    pub fn all() -> Options<'static> {
+        Options {
+            workers: writers(),
+            keep: None,
+        }
+    }
+}
+
+/// Writer threads for an unpack: one per core, so the one reading and decompressing the
+/// stream is never starved of places to hand its chunks to; at most [`MAX_WRITERS`], as one
+/// decompressing reader cannot keep more busy and each writer holds two pieces in memory.
+pub fn writers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(MAX_WRITERS))
+}
+
+const MAX_WRITERS: usize = 8;
+
+/// A file's content is handed to the writers in pieces of at most this size: a relation's
+/// 1 GiB segment is written by every writer at once, at most `2 * workers + 2` pieces are in
+/// memory.
+const CHUNK: usize = 1 << 20;
+
+/// A file being written by the writers.
+struct Writing {
+    file: std::fs::File,
+    shown: PathBuf,
+    /// Pieces not yet written; the writer of the last one sets the modification time.
+    left: AtomicUsize,
+    mtime: Option<u64>,
+}
+
+struct Piece {
+    to: Arc<Writing>,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+/// What the writers share with the reader.
+struct Shared {
+    jobs: Mutex<mpsc::Receiver<Piece>>,
+    failed: Mutex<Option<anyhow::Error>>,
+    failing: AtomicBool,
+}
+
+fn write_pieces(shared: &Shared, spare: &mpsc::SyncSender<Vec<u8>>) {
+    loop {
+        let piece = {
+            let Ok(jobs) = shared.jobs.lock() else { return };
+            match jobs.recv() {
+                Ok(p) => p,
+                Err(_) => return,
+            }
+        };
+        if !shared.failing.load(Ordering::Relaxed) {
+            if let Err(e) = write_piece(&piece) {
+                if let Ok(mut f) = shared.failed.lock() {
+                    f.get_or_insert(e);
+                }
+                shared.failing.store(true, Ordering::Relaxed);
+            }
+        }
+        // The reader waits for spare buffers: every piece gives its buffer back, also after
+        // a failure, so the reader sees the failure instead of waiting forever.
+        let _ = spare.send(piece.buf);
+    }
+}
+
+fn write_piece(p: &Piece) -> Result<()> {
+    p.to.file
+        .write_all_at(&p.buf, p.offset)
+        .with_context(|| format!("cannot write {}", p.to.shown.display()))?;
+    if p.to.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+        finish(&p.to.file, &p.to.shown, p.to.mtime)?;
+    }
+    Ok(())
+}
+
+/// A file's last piece is written: its time as in the archive, then fsync, so the sync is
+/// spread over the writers while the reader goes on (PostgreSQL's own pass over the data
+/// directory when it starts on a backup then finds nothing left to write).
+fn finish(file: &std::fs::File, shown: &Path, mtime: Option<u64>) -> Result<()> {
+    set_mtime(file, mtime);
+    file.sync_data()
+        .with_context(|| format!("cannot fsync {}", shown.display()))
+}
+
+fn set_mtime(file: &std::fs::File, mtime: Option<u64>) {
+    if let Some(mtime) = mtime {
+        let at = rustix::fs::Timespec {
+            tv_sec: mtime as i64,
+            tv_nsec: 0,
+        };
+        let t = rustix::fs::Timestamps {
+            last_access: at,
+            last_modification: at,
+        };
+        let _ = rustix::fs::futimens(file, &t);
+    }
+}
+
 /// Unpacks the tar stream `input` into `dest` (an empty directory no other user can reach)
 /// and reads it to its end, so a truncated stream is an error.
-pub fn untar(input: impl Read, dest: &Dir, owner: Owner) -> Result<Unpacked> {
+///
+/// The calling thread reads the stream (decompressing it, when `input` does) and creates
+/// every directory and file in order; the contents go to `opts.workers` writer threads in
+/// pieces of at most [`CHUNK`], written with `pwrite` at their offsets, so decompression
+/// and writing overlap and several files (or parts of one) are written at once. Each file is
+/// fsynced by the writer of its last piece, every folder at the end.
+pub fn untar(input: impl Read, dest: &Dir, owner: Owner, opts: &Options) -> Result<Unpacked> {
+    let workers = opts.workers.max(1);
+    let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Piece>(workers);
+    let (spare_tx, spare_rx) = mpsc::sync_channel::<Vec<u8>>(2 * workers + 2);
+    for _ in 0..2 * workers + 2 {
+        spare_tx
+            .send(Vec::with_capacity(CHUNK))
+            .expect("the spare buffer channel holds all buffers");
+    }
+    let shared = Shared {
+        jobs: Mutex::new(jobs_rx),
+        failed: Mutex::new(None),
+        failing: AtomicBool::new(false),
+    };
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let spare = spare_tx.clone();
+            let shared = &shared;
+            s.spawn(move || write_pieces(shared, &spare));
+        }
+        drop(spare_tx);
+        let read = read_entries(input, dest, owner, opts, &jobs_tx, &spare_rx, &shared);
+        // Closing the queue lets the writers finish what is queued and stop.
+        drop(jobs_tx);
+        read
+    })
+    .and_then(|done| match shared.failed.into_inner() {
+        Ok(Some(e)) => Err(e),
+        Ok(None) => Ok(done),
+        Err(_) => bail!("a writer thread panicked"),
+    })
+}
+
+fn read_entries(
+    input: impl Read,
+    dest: &Dir,
+    owner: Owner,
+    opts: &Options,
+    jobs: &mpsc::SyncSender<Piece>,
+    spare: &mpsc::Receiver<Vec<u8>>,
+    shared: &Shared,
+) -> Result<Unpacked> {
     let mut archive = tar::Archive::new(input);
     let mut done = Unpacked::default();
     let mut folders = Folders {
         dest,
         owner,
         last: None,
+        made: Vec::new(),
     };
+    let mut made = Vec::new();
     for entry in archive.entries().context("cannot read the archive")? {
+        if shared.failing.load(Ordering::Relaxed) {
+            // The writer's error is returned by the caller.
+            return Ok(done);
+        }
         let mut entry = entry.context("cannot read the archive")?;
         let kind = entry.header().entry_type();
         if kind.is_pax_global_extensions() {
@@ -100,6 +272,18 @@ pub fn untar(input: impl Read, dest: &Dir, owner: Owner) -> Result<Unpacked> {
         let Some(names) = entry_names(&path)? else {
             continue;
         };
+        if !(kind.is_dir() || kind.is_file() || kind == tar::EntryType::Continuous) {
+            bail!(
+                "the archive holds {} of type {:?}; pgherd restores only directories and regular files (a backup with tablespaces or links was not made by pgherd)",
+                path.display(),
+                kind
+            );
+        }
+        if opts.keep.is_some_and(|keep| !keep(&path)) {
+            // Read past by the archive's iterator.
+            done.skipped += 1;
+            continue;
+        }
         let (name, parents) = names.split_last().expect("entry_names is never empty");
         let mode = entry.header().mode().unwrap_or(0o600) & MODE_MASK;
         let parent = folders.get(parents)?;
@@ -111,46 +295,65 @@ pub fn untar(input: impl Read, dest: &Dir, owner: Owner) -> Result<Unpacked> {
                 dir.chmod(mode | 0o700)?;
                 dir.chown(owner)?;
                 done.dirs += 1;
+                made.push(dir);
             }
-        } else if kind.is_file() || kind == tar::EntryType::Continuous {
-            let mut file = parent
-                .create_file(name, mode | 0o600)
-                .with_context(|| format!("cannot create {}", parent.join(name).display()))?;
-            fchown(&file, owner)?;
-            let size = entry.header().size().unwrap_or(0);
-            let copied = std::io::copy(&mut entry, &mut file)
-                .with_context(|| format!("cannot write {}", parent.join(name).display()))?;
-            if copied != size {
+            continue;
+        }
+        let shown = parent.join(name);
+        let file = parent
+            .create_file(name, mode | 0o600)
+            .with_context(|| format!("cannot create {}", shown.display()))?;
+        fchown(&file, owner)?;
+        let size = entry.header().size().unwrap_or(0);
+        let mtime = entry.header().mtime().ok();
+        let pieces = size.div_ceil(CHUNK as u64) as usize;
+        if pieces == 0 {
+            finish(&file, &shown, mtime)?;
+            done.files += 1;
+            continue;
+        }
+        let to = Arc::new(Writing {
+            file,
+            shown,
+            left: AtomicUsize::new(pieces),
+            mtime,
+        });
+        let mut offset = 0u64;
+        while offset < size {
+            let want = (size - offset).min(CHUNK as u64) as usize;
+            let mut buf = spare
+                .recv()
+                .context("the writer threads stopped while the archive was read")?;
+            buf.clear();
+            let got = (&mut entry)
+                .take(want as u64)
+                .read_to_end(&mut buf)
+                .with_context(|| format!("cannot read {} from the archive", path.display()))?;
+            if got != want {
                 bail!(
-                    "the archive ends inside {} ({copied} of {size} bytes)",
-                    path.display()
+                    "the archive ends inside {} ({} of {size} bytes)",
+                    path.display(),
+                    offset + got as u64
                 );
             }
-            done.bytes += copied;
-            if let Ok(mtime) = entry.header().mtime() {
-                let t = rustix::fs::Timestamps {
-                    last_access: rustix::fs::Timespec {
-                        tv_sec: mtime as i64,
-                        tv_nsec: 0,
-                    },
-                    last_modification: rustix::fs::Timespec {
-                        tv_sec: mtime as i64,
-                        tv_nsec: 0,
-                    },
-                };
-                let _ = rustix::fs::futimens(&file, &t);
-            }
-            done.files += 1;
-        } else {
-            bail!(
-                "the archive holds {} of type {:?}; pgherd restores only directories and regular files (a backup with tablespaces or links was not made by pgherd)",
-                path.display(),
-                kind
-            );
+            jobs.send(Piece {
+                to: to.clone(),
+                offset,
+                buf,
+            })
+            .context("the writer threads stopped while the archive was read")?;
+            offset += want as u64;
         }
+        done.bytes += size;
+        done.files += 1;
     }
     let mut rest = archive.into_inner();
     std::io::copy(&mut rest, &mut std::io::sink()).context("cannot read the archive's end")?;
+    // The names of the files: every folder made here, and the destination.
+    for dir in made.iter().chain(folders.made.iter()) {
+        dir.sync()?;
+    }
+    dest.sync()?;
     Ok(done)
 }
 
@@ -208,13 +411,14 @@ mod tests {
             )
             .unwrap();
         });
-        let done = untar(&data[..], &dest, None).unwrap();
+        let done = untar(&data[..], &dest, None, &Options::all()).unwrap();
         assert_eq!(
             done,
             Unpacked {
                 files: 2,
                 dirs: 1,
-                bytes: 7
+                bytes: 7,
+                skipped: 0
             }
         );
         let p = t.path().join("data/global/pg_control");
@@ -282,7 +486,7 @@ mod tests {
             )
             .unwrap();
             assert!(
-                untar(&data[..], &dest, None).is_err(),
+                untar(&data[..], &dest, None, &Options::all()).is_err(),
                 "{what} was unpacked"
             );
         }
@@ -307,7 +511,7 @@ mod tests {
             )
             .unwrap();
         });
-        assert!(untar(&data[..], &dest, None).is_err());
+        assert!(untar(&data[..], &dest, None, &Options::all()).is_err());
         assert!(!outside.join("f").exists());
     }
 
@@ -323,6 +527,132 @@ mod tests {
             )
             .unwrap();
         });
-        assert!(untar(&data[..700], &dest, None).is_err());
+        assert!(untar(&data[..700], &dest, None, &Options::all()).is_err());
+    }
+
+    /// Bytes that differ in every piece, so a piece written at a wrong offset shows.
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i / 7) as u8 ^ (i >> 20) as u8 ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn files_larger_than_a_piece_and_many_small_ones_are_written_exactly_by_several_writers() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = Dir::create_all(&t.path().join("data"), 0o700).unwrap();
+        // 3.5 pieces, exactly one piece, and 200 small files between them.
+        let big = pattern(3 * CHUNK + CHUNK / 2, 1);
+        let exact = pattern(CHUNK, 2);
+        let data = archive(|b| {
+            b.append_data(
+                &mut header(tar::EntryType::Regular, big.len() as u64, 0o600),
+                "base/1/16384",
+                &big[..],
+            )
+            .unwrap();
+            for i in 0..200u32 {
+                let body = pattern(100 + i as usize, i as u8);
+                b.append_data(
+                    &mut header(tar::EntryType::Regular, body.len() as u64, 0o600),
+                    format!("base/1/{}", 20000 + i),
+                    &body[..],
+                )
+                .unwrap();
+            }
+            b.append_data(
+                &mut header(tar::EntryType::Regular, exact.len() as u64, 0o600),
+                "global/1262",
+                &exact[..],
+            )
+            .unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 0, 0o600),
+                "empty",
+                &[][..],
+            )
+            .unwrap();
+        });
+        for workers in [1, 3] {
+            let to = t.path().join(format!("w{workers}"));
+            let dest = Dir::create_all(&to, 0o700).unwrap();
+            let opts = Options {
+                workers,
+                keep: None,
+            };
+            let done = untar(&data[..], &dest, None, &opts).unwrap();
+            assert_eq!((done.files, done.skipped), (203, 0));
+            assert_eq!(std::fs::read(to.join("base/1/16384")).unwrap(), big);
+            assert_eq!(std::fs::read(to.join("global/1262")).unwrap(), exact);
+            for i in 0..200u32 {
+                let got = std::fs::read(to.join(format!("base/1/{}", 20000 + i))).unwrap();
+                assert_eq!(got, pattern(100 + i as usize, i as u8), "file {i}");
+            }
+            assert_eq!(std::fs::metadata(to.join("empty")).unwrap().len(), 0);
+            // Every file carries the archive's modification time, the big one too (set by
+            // whichever writer finished its last piece).
+            let mtime = std::fs::metadata(to.join("base/1/16384"))
+                .unwrap()
+                .modified()
+                .unwrap();
+            assert_eq!(
+                mtime,
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000)
+            );
+        }
+        drop(dest);
+    }
+
+    #[test]
+    fn entries_the_filter_refuses_are_read_past_and_not_written() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = Dir::create_all(&t.path().join("data"), 0o700).unwrap();
+        let data = archive(|b| {
+            for (name, body) in [("a", &b"1"[..]), ("b", &b"22"[..]), ("c", &b"333"[..])] {
+                b.append_data(
+                    &mut header(tar::EntryType::Regular, body.len() as u64, 0o600),
+                    name,
+                    body,
+                )
+                .unwrap();
+            }
+        });
+        let keep = |p: &Path| p != Path::new("b");
+        let opts = Options {
+            workers: 2,
+            keep: Some(&keep),
+        };
+        let done = untar(&data[..], &dest, None, &opts).unwrap();
+        assert_eq!((done.files, done.bytes, done.skipped), (2, 4, 1));
+        assert_eq!(std::fs::read(t.path().join("data/c")).unwrap(), b"333");
+        assert!(!t.path().join("data/b").exists());
+    }
+
+    #[test]
+    fn an_entry_that_cannot_be_created_stops_the_unpack_with_its_name_after_the_queued_pieces() {
+        // A file that exists already cannot be created (O_EXCL): the error names it. A
+        // writer failure (here: a piece of a file on a full filesystem is hard to stage)
+        // goes the same way through `Shared::failed`; this checks the reader side.
+        let t = tempfile::tempdir().unwrap();
+        let dest = Dir::create_all(&t.path().join("data"), 0o700).unwrap();
+        std::fs::write(t.path().join("data/taken"), "x").unwrap();
+        let big = pattern(2 * CHUNK, 3);
+        let data = archive(|b| {
+            b.append_data(
+                &mut header(tar::EntryType::Regular, big.len() as u64, 0o600),
+                "big",
+                &big[..],
+            )
+            .unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 1, 0o600),
+                "taken",
+                &b"y"[..],
+            )
+            .unwrap();
+        });
+        let err = untar(&data[..], &dest, None, &Options::all()).unwrap_err();
+        assert!(format!("{err:#}").contains("taken"), "{err:#}");
+        assert_eq!(std::fs::read(t.path().join("data/big")).unwrap(), big);
     }
 }

@@ -133,7 +133,11 @@ pub async fn verify(
     } else {
         tracing::warn!(backup = %info.id, seconds, message = %result.message, "backup verify FAILED");
     }
-    if let Err(e) = ctx.catalog().record_verify(&result) {
+    let record = result.clone();
+    if let Err(e) = ctx
+        .blocking(move |c| Ok(c.catalog().record_verify(&record)?))
+        .await
+    {
         tracing::warn!(error = %e, "cannot record the verify result");
     }
     result
@@ -200,7 +204,8 @@ async fn check(
 
     progress.send_replace(Progress::phase("unpacking"));
     let t0 = Instant::now();
-    let data = restore::extract(ctx, info, scratch_dir, "data".as_ref()).await?;
+    let places = super::tablespace::Places::Under(scratch_dir.try_clone()?);
+    let data = restore::extract(ctx, info, scratch_dir, "data".as_ref(), places).await?;
     // Unpacking ended: the OS user may now reach the copy (its PostgreSQL runs it).
     scratch_dir.chown(owner)?;
     restore::check_manifest(ctx, info, &data).await?;
@@ -412,8 +417,12 @@ async fn check(
     }
     Ok((
         format!(
-            "restored {} and recovered to {recovered_to}: {amcheck_note}, {rows} rows in user tables (unpack {unpack_s:.1} s, recovery {recover_s:.1} s, checks {amcheck_s:.1} s)",
-            info.id
+            "restored {}{} and recovered to {recovered_to}: {amcheck_note}, {rows} rows in user tables (unpack {unpack_s:.1} s, recovery {recover_s:.1} s, checks {amcheck_s:.1} s)",
+            info.id,
+            info.parent
+                .as_deref()
+                .map(|p| format!(" (differential, with full backup {p})"))
+                .unwrap_or_default()
         ),
         rows,
         recovered_to,

@@ -33,20 +33,43 @@ use crate::postgres::command::OsUser;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WalSettings {
-    /// `<backup.repository>/<cluster>`: the root of this cluster's archive.
-    pub repository: PathBuf,
+    /// `<backup.repository>/<cluster>`: the root of this cluster's archive, when
+    /// `wal-push` and `wal-fetch` reach it themselves (a directory repository).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<PathBuf>,
+    /// The agent's socket, when they go through the agent
+    /// (`backup.archive.through_agent`, always for an object store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_socket: Option<PathBuf>,
     pub compression: Compression,
     pub compression_level: i32,
+    /// WAL files `wal-push` archives at the same time (`backup.archive.parallel`).
+    #[serde(default = "one")]
+    pub parallel: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl WalSettings {
     /// The settings of a member with a `backup` section.
     pub fn from_config(cfg: &Config) -> Option<WalSettings> {
         let backup = cfg.backup.as_ref()?;
+        let through_agent = backup.archive_through_agent();
         Some(WalSettings {
-            repository: super::repository_root(cfg, backup),
+            repository: if through_agent {
+                None
+            } else {
+                super::repository_root(cfg, backup)
+            },
+            agent_socket: match (&cfg.source, through_agent) {
+                (Some(source), true) => Some(super::walsocket::path_beside(source)),
+                _ => None,
+            },
             compression: backup.compression,
             compression_level: backup.level(),
+            parallel: backup.archive_parallel(),
         })
     }
 
@@ -357,16 +380,35 @@ pub fn push(
     compression: Compression,
     level: i32,
 ) -> Result<Pushed, WalError> {
+    let (name, data) = read_wal_file(path)?;
+    push_bytes(repo, &name, &data, compression, level)
+}
+
+/// The name and content of the WAL file at `path`, its name checked.
+pub fn read_wal_file(path: &Path) -> Result<(String, Vec<u8>), WalError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let parsed = WalName::parse(&name)?;
+    WalName::parse(&name)?;
     let data = std::fs::read(path).map_err(|source| WalError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    let ours = compress::sha256_hex(&data);
+    Ok((name, data))
+}
+
+/// Archives `data` as WAL file `name`.
+pub fn push_bytes(
+    repo: &dyn Repository,
+    name: &str,
+    data: &[u8],
+    compression: Compression,
+    level: i32,
+) -> Result<Pushed, WalError> {
+    let parsed = WalName::parse(name)?;
+    let name = name.to_string();
+    let ours = compress::sha256_hex(data);
     let existing = find(repo, &name)?;
     if existing.iter().any(|a| a.sha256 == ours) {
         return Ok(Pushed::AlreadyArchived);
@@ -386,17 +428,124 @@ pub fn push(
         compression.extension()
     );
     repo.put(&key, &mut |w| {
-        compress::compress_into(w, compression, level, 1, &mut |inner| {
-            inner.write_all(&data)
-        })
+        compress::compress_into(w, compression, level, 1, &mut |inner| inner.write_all(data))
     })?;
     Ok(Pushed::Stored)
+}
+
+/// Where `wal-push` sends files: the repository itself, or the agent.
+pub trait WalSink: Sync {
+    /// Stores `data` as `name` (durable when it returns Ok).
+    fn push(&self, name: &str, sha: &str, data: &[u8]) -> Result<(), String>;
+    /// Whether `name` with this content is stored already, as far as cheaply known.
+    fn done(&self, name: &str, sha: &str) -> bool;
+}
+
+/// `wal-push` of the file at `path`, with up to `parallel - 1` more of the WAL files
+/// PostgreSQL has waiting (`archive_status/*.ready`, oldest first) pushed alongside, so
+/// that when PostgreSQL asks for them they are stored already (`done`) and it moves on at
+/// once. Only `path`'s outcome decides the answer; each file is acknowledged to PostgreSQL
+/// by its own `archive_command` call, so nothing counts as archived before it is stored.
+pub fn push_batch(path: &Path, parallel: u32, sink: &dyn WalSink) -> Result<(), String> {
+    let (name, data) = read_wal_file(path).map_err(|e| e.to_string())?;
+    let sha = compress::sha256_hex(&data);
+    if sink.done(&name, &sha) {
+        return Ok(());
+    }
+    let others = if parallel > 1 {
+        waiting_after(path, &name, parallel as usize * 4 - 1)
+    } else {
+        Vec::new()
+    };
+    let queue = std::sync::Mutex::new(others.into_iter());
+    let push_ahead = || loop {
+        let Some(other) = queue.lock().ok().and_then(|mut q| q.next()) else {
+            return;
+        };
+        let Ok((other_name, other_data)) = read_wal_file(&other) else {
+            continue;
+        };
+        let other_sha = compress::sha256_hex(&other_data);
+        if sink.done(&other_name, &other_sha) {
+            continue;
+        }
+        // Its own archive_command call reports a failure; this is only ahead.
+        let _ = sink.push(&other_name, &other_sha, &other_data);
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..parallel {
+            scope.spawn(push_ahead);
+        }
+        let mine = sink.push(&name, &sha, &data);
+        // Once its own file is stored this thread pushes ahead too, so `parallel` files are
+        // in flight until the batch is done (the answer waits for the batch either way).
+        if mine.is_ok() {
+            push_ahead();
+        }
+        mine
+    })
+}
+
+/// The WAL files PostgreSQL has waiting to be archived after `name`, oldest first (at most
+/// `max`), from `<pg_wal>/archive_status/*.ready` beside `path`.
+fn waiting_after(path: &Path, name: &str, max: usize) -> Vec<PathBuf> {
+    let Some(pg_wal) = path.parent() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(pg_wal.join("archive_status")) else {
+        return Vec::new();
+    };
+    let mut ready: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let f = e.file_name().to_string_lossy().into_owned();
+            let n = f.strip_suffix(".ready")?.to_string();
+            (n.as_str() > name && WalName::parse(&n).is_ok()).then_some(n)
+        })
+        .collect();
+    ready.sort();
+    ready.truncate(max);
+    ready.into_iter().map(|n| pg_wal.join(n)).collect()
+}
+
+/// The repository itself as a [`WalSink`] (a directory repository `wal-push` reaches).
+pub struct RepoSink<'a> {
+    pub repo: &'a dyn Repository,
+    pub compression: Compression,
+    pub level: i32,
+}
+
+impl WalSink for RepoSink<'_> {
+    fn push(&self, name: &str, _sha: &str, data: &[u8]) -> Result<(), String> {
+        push_bytes(self.repo, name, data, self.compression, self.level)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn done(&self, name: &str, sha: &str) -> bool {
+        find(self.repo, name).is_ok_and(|found| found.iter().any(|a| a.sha256 == sha))
+    }
+}
+
+impl WalSink for super::walsocket::Client {
+    fn push(&self, name: &str, sha: &str, data: &[u8]) -> Result<(), String> {
+        super::walsocket::Client::push(self, name, sha, data)
+    }
+
+    fn done(&self, name: &str, sha: &str) -> bool {
+        super::walsocket::Client::done(self, name, sha).unwrap_or(false)
+    }
 }
 
 /// Restores archived `name` to `dest` (`restore_command`'s `%f` and `%p`), checking its
 /// checksum first; `dest` appears complete or not at all.
 pub fn fetch(repo: &dyn Repository, name: &str, dest: &Path) -> Result<(), WalError> {
     let data = read(repo, name)?;
+    write_fetched(&data, dest)
+}
+
+/// Writes a fetched WAL file to `dest`: complete or not at all.
+pub fn write_fetched(data: &[u8], dest: &Path) -> Result<(), WalError> {
     let file_name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -404,7 +553,7 @@ pub fn fetch(repo: &dyn Repository, name: &str, dest: &Path) -> Result<(), WalEr
     let tmp = dest.with_file_name(format!(".{file_name}.pgherd-tmp"));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&data)?;
+        f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, dest)
     };
@@ -544,7 +693,11 @@ mod tests {
         cfg.backup =
             Some(serde_yaml::from_str("{repository: /srv/repo, compression: gzip}").unwrap());
         let w = WalSettings::from_config(&cfg).unwrap();
-        assert_eq!(w.repository, Path::new("/srv/repo").join(&cfg.cluster));
+        assert_eq!(
+            w.repository,
+            Some(Path::new("/srv/repo").join(&cfg.cluster))
+        );
+        assert_eq!(w.agent_socket, None);
         assert_eq!((w.compression, w.compression_level), (Compression::Gzip, 6));
         let text = w.render();
         for secret in [
@@ -575,6 +728,92 @@ mod tests {
         assert_eq!(WalSettings::load(&member).unwrap(), w);
         std::fs::write(&member, "repository: /x\ncompression: zstd\nsecret: 1\n").unwrap();
         assert!(WalSettings::load(&member).is_err());
+        // An object store: wal-push and wal-fetch get the agent's socket and nothing of the
+        // store (its credentials stay with root).
+        cfg.source = Some(dir.path().join("node1.yml"));
+        cfg.backup = Some(
+            serde_yaml::from_str(
+                "{repository: 's3://bucket/pre', s3: {endpoint: 'http://127.0.0.1:9', credentials_file: /etc/pgherd/s3.yml}}",
+            )
+            .unwrap(),
+        );
+        let w = WalSettings::from_config(&cfg).unwrap();
+        assert_eq!(w.repository, None);
+        assert_eq!(w.agent_socket, Some(dir.path().join("node1.wal.sock")));
+        let text = w.render();
+        assert!(
+            !text.contains("bucket") && !text.contains("s3.yml"),
+            "{text}"
+        );
+    }
+
+    /// A sink that records what it was given and fails for the names it is told to.
+    struct Recorder {
+        pushed: std::sync::Mutex<Vec<String>>,
+        stored: Vec<String>,
+        failing: Vec<String>,
+    }
+
+    impl WalSink for Recorder {
+        fn push(&self, name: &str, _sha: &str, _data: &[u8]) -> Result<(), String> {
+            self.pushed.lock().unwrap().push(name.to_string());
+            if self.failing.iter().any(|f| f == name) {
+                return Err(format!("{name}: store unreachable"));
+            }
+            Ok(())
+        }
+        fn done(&self, name: &str, _sha: &str) -> bool {
+            self.stored.iter().any(|s| s == name)
+        }
+    }
+
+    #[test]
+    fn wal_push_pushes_the_waiting_files_alongside_and_answers_for_its_own_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let pg_wal = dir.path().join("pg_wal");
+        std::fs::create_dir_all(pg_wal.join("archive_status")).unwrap();
+        let names: Vec<String> = (1..=6)
+            .map(|n| format!("0000000100000000000000{n:02X}"))
+            .collect();
+        for (i, n) in names.iter().enumerate() {
+            std::fs::write(pg_wal.join(n), vec![i as u8; 1000]).unwrap();
+            // 01 was archived already (.done); the others wait.
+            let status = if i == 0 { "done" } else { "ready" };
+            std::fs::write(
+                pg_wal.join("archive_status").join(format!("{n}.{status}")),
+                "",
+            )
+            .unwrap();
+        }
+        std::fs::write(pg_wal.join("archive_status").join("junk.ready"), "").unwrap();
+        let sink = |failing: &[&str], stored: &[&str]| Recorder {
+            pushed: Default::default(),
+            stored: stored.iter().map(|s| s.to_string()).collect(),
+            failing: failing.iter().map(|s| s.to_string()).collect(),
+        };
+        // PostgreSQL asks for 02: 02 and the waiting files after it go, 01 (done) does not.
+        let s = sink(&[&names[3]], &[]);
+        push_batch(&pg_wal.join(&names[1]), 2, &s).expect("02 is stored");
+        let mut pushed = s.pushed.lock().unwrap().clone();
+        pushed.sort();
+        assert_eq!(pushed, names[1..].to_vec(), "{pushed:?}");
+        // A failure of its own file is its answer, whatever happened to the others.
+        let s = sink(&[&names[1]], &[]);
+        let e = push_batch(&pg_wal.join(&names[1]), 2, &s).unwrap_err();
+        assert!(e.contains("store unreachable"), "{e}");
+        // A file stored already (by an earlier batch) is answered at once, nothing sent.
+        let s = sink(&[], &[&names[2]]);
+        push_batch(&pg_wal.join(&names[2]), 4, &s).unwrap();
+        assert!(s.pushed.lock().unwrap().is_empty());
+        // parallel 1: only the file asked for.
+        let s = sink(&[], &[]);
+        push_batch(&pg_wal.join(&names[4]), 1, &s).unwrap();
+        assert_eq!(*s.pushed.lock().unwrap(), vec![names[4].clone()]);
+        // A file that is not WAL is refused before anything is sent.
+        std::fs::write(pg_wal.join("notwal"), "x").unwrap();
+        let s = sink(&[], &[]);
+        assert!(push_batch(&pg_wal.join("notwal"), 2, &s).is_err());
+        assert!(s.pushed.lock().unwrap().is_empty());
     }
 
     #[test]

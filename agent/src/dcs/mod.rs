@@ -19,7 +19,8 @@ use tokio::time::Instant;
 
 use crate::lsn::Lsn;
 use model::{
-    ClusterView, Handover, HistoryEntry, Initialize, LeaderKey, MemberInfo, RestoreKey, SyncKey,
+    ClusterView, Handover, HistoryEntry, Initialize, LeaderKey, MemberInfo, RestoreKey, SlotsKey,
+    SyncKey,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +132,12 @@ fn unreadable_consequence(rel: &str, have_config: bool) -> &'static str {
             "unreadable: no member races for a vacant leader key and none checks its data directory against it until the leader's system identifier is put back"
         }
         "history" => "unreadable: no entry is appended until it is fixed",
+        "slots" => {
+            "unreadable: the leader creates member and permanent slots but drops and advances none, and does not overwrite it, until it is fixed or deleted"
+        }
+        "failsafe" => {
+            "unreadable: while failsafe_mode is on no member races for a vacant leader key and the leader does not stay writable without etcd until its leader writes it again"
+        }
         r if r.starts_with("members/") => {
             "unreadable: the member is left out (if it leads, the others cannot follow it)"
         }
@@ -140,6 +147,7 @@ fn unreadable_consequence(rel: &str, have_config: bool) -> &'static str {
 
 /// Connects to etcd; the connection is lazy, so this succeeds while etcd is down.
 pub async fn connect(cfg: &EtcdConfig, timeout: Duration) -> Result<Client> {
+    crate::install_crypto_provider();
     // Once per process: the watchdog and pgherdctl connect again, the agent only at start.
     static CLEAR_TEXT_WARNED: std::sync::Once = std::sync::Once::new();
     if let Some(why) = pgherd_config::tls::etcd_credentials_in_clear(cfg) {
@@ -263,6 +271,8 @@ impl Dcs {
                     }
                 }
                 "sync" => view.sync = read_value(&mut view, &mut ignored, rel, value),
+                "slots" => view.slots = read_value(&mut view, &mut ignored, rel, value),
+                "failsafe" => view.failsafe = read_value(&mut view, &mut ignored, rel, value),
                 "restore" => {
                     if let Some(r) = read_value::<RestoreKey>(&mut view, &mut ignored, rel, value) {
                         view.restore = Some((r, kv.mod_revision()));
@@ -577,21 +587,39 @@ impl Dcs {
         Ok(())
     }
 
-    /// Writes the sync key, only while the leader key still names this member.
-    pub async fn put_sync(&self, key: &SyncKey) -> Result<bool> {
-        let json = serde_json::to_string(key).map_err(|source| DcsError::Encode {
-            what: "sync".into(),
-            source,
-        })?;
+    /// Runs `op` only while the leader key still names this member; says whether it ran.
+    async fn as_leader(&self, op: TxnOp) -> Result<bool> {
         let txn = Txn::new()
             .when([Compare::value(
                 self.key("leader"),
                 CompareOp::Equal,
                 self.member.clone(),
             )])
-            .and_then([TxnOp::put(self.key("sync"), json, None)]);
+            .and_then([op]);
         let mut c = self.client.clone();
         Ok(self.timed(c.txn(txn)).await?.succeeded())
+    }
+
+    /// `value` as JSON, for key `what`.
+    fn encode<T: serde::Serialize>(what: &str, value: &T) -> Result<String> {
+        serde_json::to_string(value).map_err(|source| DcsError::Encode {
+            what: what.into(),
+            source,
+        })
+    }
+
+    /// Writes the sync key, only while the leader key still names this member.
+    pub async fn put_sync(&self, key: &SyncKey) -> Result<bool> {
+        let json = Self::encode("sync", key)?;
+        self.as_leader(TxnOp::put(self.key("sync"), json, None))
+            .await
+    }
+
+    /// Writes the `slots` key, only while the leader key still names this member.
+    pub async fn put_slots(&self, key: &SlotsKey) -> Result<bool> {
+        let json = Self::encode("slots", key)?;
+        self.as_leader(TxnOp::put(self.key("slots"), json, None))
+            .await
     }
 
     /// Writes the restore key while the leader key names this member and the restore key is
@@ -788,6 +816,34 @@ impl Dcs {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         })
+    }
+}
+
+/// Failsafe mode (issue 15 item 4): the `failsafe` key and the quick look at the leader key
+/// a member takes before it accepts a leader that lost etcd.
+impl Dcs {
+    /// Writes the `failsafe` key (`None`: deletes it), only while the leader key still names
+    /// this member; false when it does not.
+    pub async fn put_failsafe(&self, key: Option<&model::FailsafeKey>) -> Result<bool> {
+        let op = match key {
+            Some(k) => TxnOp::put(self.key("failsafe"), Self::encode("failsafe", k)?, None),
+            None => TxnOp::delete(self.key("failsafe"), None),
+        };
+        self.as_leader(op).await
+    }
+
+    /// Who the leader key names, asked now and bounded by `within` (not the loop's timeout):
+    /// `Ok(None)` when it is vacant, an error when etcd does not answer in time.
+    pub async fn leader_now(&self, within: Duration) -> Result<Option<String>> {
+        let mut c = self.client.clone();
+        let resp = match tokio::time::timeout(within, c.get(self.key("leader"), None)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(DcsError::Timeout(within)),
+        };
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 }
 

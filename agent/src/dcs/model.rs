@@ -225,6 +225,10 @@ pub struct ClusterView {
     pub sync: Option<SyncKey>,
     /// The last point-in-time restore of the cluster, and its key's revision.
     pub restore: Option<(RestoreKey, i64)>,
+    /// The replication slots pgherd owns.
+    pub slots: Option<SlotsKey>,
+    /// The members a leader in failsafe mode asks (`failsafe`), as its leader last wrote it.
+    pub failsafe: Option<FailsafeKey>,
     /// Not stored in etcd: the members whose agents answered this member just now (asked
     /// before racing for a vacant leader key). `None` when nobody was asked.
     pub reached: Option<std::collections::BTreeSet<String>>,
@@ -285,6 +289,59 @@ pub struct SyncKey {
     pub quorum: u32,
 }
 
+/// The `slots` key: the replication slots pgherd owns, written only by the leader it names.
+/// A slot that is neither here nor in the dynamic config's `slots` is not pgherd's and is
+/// never created, advanced or dropped (see slots.rs at the crate root).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotsKey {
+    pub leader: String,
+    /// Members whose physical slot pgherd created on the leader (or adopted because the
+    /// member itself streamed through it).
+    #[serde(default)]
+    pub members: BTreeMap<String, MemberSlot>,
+    /// Permanent slots of the dynamic config that the leader created or adopted, with the
+    /// position replicas advance their copies to.
+    #[serde(default)]
+    pub permanent: BTreeMap<String, PermanentSlotState>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberSlot {
+    /// RFC 3339: when the leader first saw the member's key gone. The slot is dropped
+    /// `member_slots_ttl` later unless the member comes back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gone_since: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PermanentSlotState {
+    #[serde(rename = "type")]
+    pub kind: pgherd_config::SlotType,
+    /// Logical: `confirmed_flush_lsn`; physical: `restart_lsn` on the leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<Lsn>,
+    /// RFC 3339: when the slot left the dynamic config. The leader dropped its own; the
+    /// entry stays `member_slots_ttl` so every replica drops its copy too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_since: Option<String>,
+}
+
+/// The `failsafe` key (issue 15, failsafe mode): the members the leader it names asks to
+/// confirm it while etcd is unreachable, with their API addresses. Written by that leader
+/// whenever its view of the members changes, kept without a lease (it must outlive an
+/// outage). While `failsafe_mode` is on, a member it does not name never races for a vacant
+/// leader key: a leader staying writable in failsafe mode asked every member that could.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailsafeKey {
+    pub leader: String,
+    /// Member name -> its agent's API address (`api.connect_address`).
+    pub members: BTreeMap<String, String>,
+}
+
 /// Where a point-in-time restore of the cluster is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -306,6 +363,14 @@ pub struct RestoreKey {
     pub leader: String,
     pub backup_id: String,
     pub target: Target,
+    /// `recovery_target_inclusive`: whether recovery stops just after the target (true) or
+    /// just before it. Absent in keys written before it existed (true); written only when
+    /// false, so an older agent reads every key a newer one writes with the default.
+    #[serde(default = "inclusive_default", skip_serializing_if = "is_inclusive")]
+    pub target_inclusive: bool,
+    /// Tablespaces restored elsewhere than their original location (original -> new).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tablespace_map: BTreeMap<std::path::PathBuf, std::path::PathBuf>,
     pub phase: RestorePhase,
     /// RFC 3339, UTC.
     pub requested_at: String,
@@ -318,6 +383,14 @@ pub struct RestoreKey {
     pub message: String,
 }
 
+fn inclusive_default() -> bool {
+    true
+}
+
+fn is_inclusive(b: &bool) -> bool {
+    *b
+}
+
 /// What a point-in-time restore recovers to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -327,6 +400,12 @@ pub enum Target {
     Lsn(Lsn),
     /// A restore point made with `pg_create_restore_point(name)`.
     Name(String),
+    /// A transaction id (`txid_current()`, with or without its epoch): recovery stops at its
+    /// commit (or abort).
+    Xid(u64),
+    /// The end of the base backup (`recovery_target = 'immediate'`): the earliest consistent
+    /// point.
+    Immediate,
     /// The end of the archive.
     Latest,
 }
@@ -340,8 +419,28 @@ pub enum TargetError {
     BadLsn(String),
     #[error("--target-name must not be empty")]
     EmptyName,
-    #[error("give exactly one of --target-time, --target-lsn, --target-name, --latest")]
+    #[error("--target-xid {0:?} is not a transaction id: give a number of 3 or more, e.g. what txid_current() returned")]
+    BadXid(String),
+    #[error("give exactly one of --target-time, --target-lsn, --target-xid, --target-name, --target-immediate, --latest")]
     NotOne,
+    #[error("--target-inclusive {0:?} is not a boolean: give true or false")]
+    BadInclusive(String),
+    #[error("--target-inclusive applies only to --target-time, --target-lsn and --target-xid (PostgreSQL's recovery_target_inclusive), not to {0}")]
+    InclusiveNotApplicable(String),
+}
+
+/// The restore target as typed (pgherdctl's flags, the gRPC request, `bootstrap.restore`):
+/// at most one kind may be set; [`Target::from_options`] checks and parses it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TargetOptions<'a> {
+    pub time: Option<&'a str>,
+    pub lsn: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub xid: Option<&'a str>,
+    pub immediate: bool,
+    pub latest: bool,
+    /// `--target-inclusive`; `None`: true.
+    pub inclusive: Option<&'a str>,
 }
 
 /// Parses a time as RFC 3339 (`T` or a space between date and time; a zone is required).
@@ -359,38 +458,61 @@ pub fn parse_time(s: &str) -> Result<DateTime<Utc>, TargetError> {
 }
 
 impl Target {
-    /// From the CLI's options (exactly one must be set).
-    pub fn from_options(
-        time: Option<&str>,
-        lsn: Option<&str>,
-        name: Option<&str>,
-        latest: bool,
-    ) -> Result<Target, TargetError> {
-        let given =
-            time.is_some() as u8 + lsn.is_some() as u8 + name.is_some() as u8 + latest as u8;
+    /// From the CLI's options: exactly one target kind must be set. Returns the target and
+    /// `recovery_target_inclusive`.
+    pub fn from_options(o: TargetOptions<'_>) -> Result<(Target, bool), TargetError> {
+        let given = o.time.is_some() as u8
+            + o.lsn.is_some() as u8
+            + o.name.is_some() as u8
+            + o.xid.is_some() as u8
+            + o.immediate as u8
+            + o.latest as u8;
         if given != 1 {
             return Err(TargetError::NotOne);
         }
-        if let Some(t) = time {
+        let target = if let Some(t) = o.time {
             let utc = parse_time(t)?;
-            return Ok(Target::Time(
-                utc.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-            ));
-        }
-        if let Some(l) = lsn {
-            return l
-                .trim()
+            Target::Time(utc.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        } else if let Some(l) = o.lsn {
+            l.trim()
                 .parse()
                 .map(Target::Lsn)
-                .map_err(|_| TargetError::BadLsn(l.to_string()));
-        }
-        if let Some(n) = name {
+                .map_err(|_| TargetError::BadLsn(l.to_string()))?
+        } else if let Some(n) = o.name {
             if n.is_empty() {
                 return Err(TargetError::EmptyName);
             }
-            return Ok(Target::Name(n.to_string()));
+            Target::Name(n.to_string())
+        } else if let Some(x) = o.xid {
+            // 0, 1 and 2 are PostgreSQL's invalid, bootstrap and frozen ids, never a commit.
+            match x.trim().parse::<u64>() {
+                Ok(n) if n >= 3 => Target::Xid(n),
+                _ => return Err(TargetError::BadXid(x.to_string())),
+            }
+        } else if o.immediate {
+            Target::Immediate
+        } else {
+            Target::Latest
+        };
+        let inclusive = match o.inclusive.map(|s| s.trim().to_ascii_lowercase()) {
+            None => true,
+            Some(s) if matches!(s.as_str(), "true" | "on" | "yes" | "1") => true,
+            Some(s) if matches!(s.as_str(), "false" | "off" | "no" | "0") => false,
+            Some(_) => {
+                return Err(TargetError::BadInclusive(
+                    o.inclusive.unwrap_or_default().to_string(),
+                ))
+            }
+        };
+        if o.inclusive.is_some() && !target.takes_inclusive() {
+            return Err(TargetError::InclusiveNotApplicable(target.describe()));
         }
-        Ok(Target::Latest)
+        Ok((target, inclusive))
+    }
+
+    /// Whether `recovery_target_inclusive` means something for this target.
+    pub fn takes_inclusive(&self) -> bool {
+        matches!(self, Target::Time(_) | Target::Lsn(_) | Target::Xid(_))
     }
 
     /// How logs, messages and pgherdctl name the target.
@@ -399,6 +521,8 @@ impl Target {
             Target::Time(t) => format!("time {t}"),
             Target::Lsn(l) => format!("LSN {l}"),
             Target::Name(n) => format!("restore point {n:?}"),
+            Target::Xid(x) => format!("transaction {x}"),
+            Target::Immediate => "the end of the base backup".to_string(),
             Target::Latest => "the end of the archive".to_string(),
         }
     }
@@ -410,27 +534,114 @@ mod tests {
 
     #[test]
     fn targets_parse_and_normalise() {
-        let t = Target::from_options(Some("2026-11-26 10:00:00+01:00"), None, None, false).unwrap();
+        let time = |t| TargetOptions {
+            time: Some(t),
+            ..TargetOptions::default()
+        };
+        let (t, inclusive) = Target::from_options(time("2026-11-26 10:00:00+01:00")).unwrap();
         assert_eq!(t, Target::Time("2026-11-26T09:00:00Z".into()));
+        assert!(inclusive);
         assert!(matches!(
-            Target::from_options(Some("yesterday"), None, None, false),
+            Target::from_options(time("yesterday")),
             Err(TargetError::BadTime(_))
         ));
         assert!(matches!(
-            Target::from_options(Some("2026-11-26 10:00:00"), None, None, false),
+            Target::from_options(time("2026-11-26 10:00:00")),
             Err(TargetError::BadTime(_))
         ));
         assert_eq!(
-            Target::from_options(None, None, None, false),
+            Target::from_options(TargetOptions::default()),
             Err(TargetError::NotOne)
         );
         assert_eq!(
-            Target::from_options(None, Some("0/3000060"), None, true),
+            Target::from_options(TargetOptions {
+                lsn: Some("0/3000060"),
+                latest: true,
+                ..TargetOptions::default()
+            }),
             Err(TargetError::NotOne)
         );
         assert_eq!(
-            Target::from_options(None, Some("0/3000060"), None, false).unwrap(),
-            Target::Lsn(Lsn(0x3000060))
+            Target::from_options(TargetOptions {
+                lsn: Some("0/3000060"),
+                ..TargetOptions::default()
+            })
+            .unwrap(),
+            (Target::Lsn(Lsn(0x3000060)), true)
         );
+    }
+
+    #[test]
+    fn xid_immediate_and_inclusive_targets_are_checked() {
+        let xid = |x, inclusive| TargetOptions {
+            xid: Some(x),
+            inclusive,
+            ..TargetOptions::default()
+        };
+        assert_eq!(
+            Target::from_options(xid("1234", Some("false"))).unwrap(),
+            (Target::Xid(1234), false)
+        );
+        assert_eq!(
+            Target::from_options(xid(" 1234 ", None)).unwrap(),
+            (Target::Xid(1234), true)
+        );
+        for bad in ["", "abc", "-5", "2", "1.5"] {
+            assert_eq!(
+                Target::from_options(xid(bad, None)),
+                Err(TargetError::BadXid(bad.to_string())),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            Target::from_options(xid("1234", Some("maybe"))),
+            Err(TargetError::BadInclusive(_))
+        ));
+        assert!(TargetError::BadXid("x".into())
+            .to_string()
+            .contains("--target-xid"));
+        let immediate = TargetOptions {
+            immediate: true,
+            ..TargetOptions::default()
+        };
+        assert_eq!(
+            Target::from_options(immediate).unwrap(),
+            (Target::Immediate, true)
+        );
+        assert!(matches!(
+            Target::from_options(TargetOptions {
+                inclusive: Some("false"),
+                ..immediate
+            }),
+            Err(TargetError::InclusiveNotApplicable(_))
+        ));
+        assert_eq!(
+            Target::from_options(TargetOptions {
+                xid: Some("7"),
+                ..immediate
+            }),
+            Err(TargetError::NotOne)
+        );
+    }
+
+    #[test]
+    fn restore_keys_of_older_agents_read_and_new_ones_stay_readable() {
+        // A key written before xid, immediate and inclusive existed.
+        let old = r#"{"id":"r1","leader":"m1","backup_id":"b1","target":{"lsn":"0/3000060"},"phase":"done","requested_at":"2026-11-26T10:00:00Z"}"#;
+        let k: RestoreKey = serde_json::from_str(old).unwrap();
+        assert!(k.target_inclusive);
+        assert_eq!(k.target, Target::Lsn(Lsn(0x3000060)));
+        // Inclusive (the default) is not written, so older agents read the key unchanged.
+        assert!(!serde_json::to_string(&k).unwrap().contains("inclusive"));
+        let mut k2 = k.clone();
+        k2.target = Target::Xid(42);
+        k2.target_inclusive = false;
+        let json = serde_json::to_string(&k2).unwrap();
+        assert!(json.contains(r#""target":{"xid":42}"#), "{json}");
+        assert!(json.contains(r#""target_inclusive":false"#), "{json}");
+        assert_eq!(serde_json::from_str::<RestoreKey>(&json).unwrap(), k2);
+        k2.target = Target::Immediate;
+        let json = serde_json::to_string(&k2).unwrap();
+        assert!(json.contains(r#""target":"immediate""#), "{json}");
     }
 }

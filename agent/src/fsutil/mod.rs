@@ -377,6 +377,32 @@ impl Dir {
         written
     }
 
+    /// Creates symlink `name` here pointing at `target` (it must not exist) and gives the
+    /// link itself to `owner`; nothing is followed.
+    pub fn symlink(&self, target: &Path, name: impl AsRef<OsStr>, owner: Owner) -> io::Result<()> {
+        let name = check_name(name.as_ref())?;
+        rfs::symlinkat(target, &self.fd, name).map_err(|e| self.error(e, name))?;
+        if let Some((uid, gid)) = owner {
+            rfs::chownat(
+                &self.fd,
+                name,
+                Some(Uid::from_raw(uid)),
+                Some(Gid::from_raw(gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| self.error(e, name))?;
+        }
+        Ok(())
+    }
+
+    /// The target of symlink `name` (read, never followed).
+    pub fn read_link(&self, name: impl AsRef<OsStr>) -> io::Result<PathBuf> {
+        let name = check_name(name.as_ref())?;
+        let target =
+            rfs::readlinkat(&self.fd, name, Vec::new()).map_err(|e| self.error(e, name))?;
+        Ok(PathBuf::from(OsString::from_vec(target.into_bytes())))
+    }
+
     /// Removes entry `name` if it is not a directory (a symlink itself, never its target).
     pub fn remove_file(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
         let name = check_name(name.as_ref())?;

@@ -77,6 +77,9 @@ pub enum Action {
     AbandonRestore {
         id: String,
     },
+    /// Failsafe mode: write the `failsafe` key (only while holding the leader key), or
+    /// delete it (`None`) once failsafe mode is off.
+    SetFailsafeKey(Option<crate::dcs::model::FailsafeKey>),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -1,8 +1,51 @@
 //! Another member holds the leader key: clone it, follow it, or rewind onto its timeline
 //! first (rule 5).
 
+use pgherd_config::ReplicaMethod;
+
 use super::{decision, Action, DataDir, Decision, JobKind, Situation, Upstream};
-use crate::dcs::model::{MemberInfo, MemberState, Role};
+use crate::dcs::model::{ClusterView, MemberInfo, MemberState, Role};
+
+/// Whom `basebackup` copies from, and why (for the decision's sentence): among the members
+/// tagged `clonefrom`, one that is a healthy streaming replica of `leader` (state
+/// streaming, on the leader's timeline, its lag known), the least lagging, by name among
+/// equals; else the leader itself. Copying from a replica spares the leader the read and
+/// the network traffic of a whole base backup.
+pub(super) fn clone_source(view: &ClusterView, leader: &MemberInfo, me: &str) -> (String, String) {
+    let tagged: Vec<&MemberInfo> = view
+        .members
+        .values()
+        .filter(|m| m.tags.clonefrom && m.name != me && m.name != leader.name)
+        .collect();
+    let best = tagged
+        .iter()
+        .filter(|m| {
+            m.role == Role::Replica
+                && m.state == MemberState::Streaming
+                && m.timeline.is_some()
+                && m.timeline == leader.timeline
+        })
+        .filter_map(|m| Some((m.lag_bytes?, m.name.as_str())))
+        .min();
+    match best {
+        Some((lag, name)) => (
+            name.to_string(),
+            format!(" (tagged clonefrom, streaming, {lag} bytes behind the leader)"),
+        ),
+        None if tagged.is_empty() => (leader.name.clone(), String::new()),
+        None => (
+            leader.name.clone(),
+            format!(
+                " (no member tagged clonefrom is a streaming replica on the leader's timeline: {})",
+                tagged
+                    .iter()
+                    .map(|m| format!("{} {}", m.name, m.state.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+    }
+}
 
 impl Situation<'_> {
     pub(super) fn follower_decision(&self, leader: &str) -> Decision {
@@ -35,14 +78,22 @@ impl Situation<'_> {
         }
         if obs.pg.data_dir == DataDir::Empty {
             return match leader_member {
-                Some(m) if m.state == MemberState::Running => decision(
-                    vec![Action::StartJob(JobKind::Clone {
-                        from: leader.to_string(),
-                    })],
-                    format!("cloning from {leader}"),
-                    Role::Replica,
-                    MemberState::CreatingReplica,
-                ),
+                Some(m) if m.state == MemberState::Running => {
+                    let methods = cfg.dcs.create_replica_methods.clone();
+                    let (from, why) = if methods.contains(&ReplicaMethod::Basebackup) {
+                        clone_source(view, m, self.me)
+                    } else {
+                        (leader.to_string(), String::new())
+                    };
+                    let kind = JobKind::Clone { from, methods };
+                    let reason = format!("{}{why}", kind.describe());
+                    decision(
+                        vec![Action::StartJob(kind)],
+                        reason,
+                        Role::Replica,
+                        MemberState::CreatingReplica,
+                    )
+                }
                 _ => decision(
                     vec![],
                     format!("waiting for {leader} to be running before cloning from it"),

@@ -39,11 +39,12 @@ impl Situation<'_> {
                     MemberState::Stopped,
                 ));
             }
-            JobView::Failed(JobKind::Clone { from }, why) => {
+            JobView::Failed(kind @ JobKind::Clone { .. }, why) => {
                 return Some(decision(
                     vec![Action::EmptyDataDir],
                     format!(
-                        "cloning from {from} failed ({why}); removing the partial copy to retry"
+                        "{} failed ({why}); removing the partial copy to retry",
+                        kind.describe()
                     ),
                     Role::Replica,
                     MemberState::Stopped,

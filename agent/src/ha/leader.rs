@@ -135,7 +135,7 @@ impl Situation<'_> {
                 if let Some(status) = &obs.pg.status {
                     d = self.with_sync_steps(d, status);
                 }
-                d
+                self.with_failsafe_key(d)
             }
         }
     }

@@ -14,6 +14,9 @@ impl Situation<'_> {
             primary_running,
             ..
         } = *self;
+        if let Some(d) = self.failsafe_retake() {
+            return d;
+        }
         if primary_running {
             // We were the leader and lost the key: stop writes first (rule 1), then compete.
             return decision(
@@ -29,6 +32,16 @@ impl Situation<'_> {
                 "there is no leader to clone from; waiting",
                 Role::Replica,
                 MemberState::Waiting,
+            );
+        }
+        // Before a switchover's or manual failover's takeover too: an operator's failover
+        // must not make a second writer beside a leader staying writable in failsafe mode.
+        if let Some(why) = self.failsafe_forbids_race() {
+            return decision(
+                vec![],
+                format!("there is no leader; not taking over: {why}"),
+                Role::Replica,
+                state,
             );
         }
         if let Some(d) = self.leaderless_handover() {

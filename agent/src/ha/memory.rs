@@ -174,6 +174,7 @@ mod tests {
                 config_stale: false,
             },
             job,
+            failsafe: Default::default(),
         }
     }
 

@@ -14,6 +14,7 @@
 mod bootstrap;
 mod candidate;
 mod decision;
+pub mod failsafe;
 mod follower;
 mod handover;
 mod jobs;
@@ -35,6 +36,7 @@ use crate::dcs::model::{ClusterView, MemberState, Role};
 pub use candidate::{best_candidate, CandidateRefusal};
 use decision::decision;
 pub use decision::{Action, Decision, Upstream};
+pub use failsafe::{FailsafeRound, FailsafeView};
 pub use handover::{handover_timeout, switchover_target};
 pub use memory::{Memory, Outcome};
 pub use observation::{
@@ -111,7 +113,16 @@ impl<'a> Situation<'a> {
             me,
             leader,
             i_lead: leader == Some(me) && obs.lease.held,
-            state: obs.pg.member_state(),
+            state: match obs.pg.member_state() {
+                // A walreceiver that connects now and then without receiving anything (a
+                // former leader against a history it cannot follow) is not streaming: the
+                // member key says so, or health checks and candidates count it as a replica
+                // in step with the leader until the not-streaming rule stops it to rewind.
+                MemberState::Streaming if mem.not_streaming_since.is_some() => {
+                    MemberState::InRecovery
+                }
+                s => s,
+            },
             primary_running: obs.pg.primary_running(),
         }
     }
@@ -142,23 +153,36 @@ fn etcd_unreachable(obs: &Observation) -> Decision {
     if obs.lease.held {
         let expired = obs.lease.valid_until.is_none_or(|t| obs.now >= t);
         if !expired {
-            return decision(
-                vec![Action::RenewLeader],
-                "etcd is unreachable; keeping the leader role while my lease is still valid",
-                Role::Leader,
-                state,
-            );
+            // Failsafe mode (issue 15 item 4): the shell folded an extension into
+            // `valid_until` only when every member accepted me; the reason says which.
+            let reason = match &obs.failsafe.round {
+                Some(round) if round.all_accepted() => format!(
+                    "etcd is unreachable; {}: staying writable",
+                    round.describe()
+                ),
+                Some(round) => format!(
+                    "etcd is unreachable and {}: keeping the leader role only while my lease is still valid",
+                    round.describe()
+                ),
+                None => {
+                    "etcd is unreachable; keeping the leader role while my lease is still valid"
+                        .to_string()
+                }
+            };
+            return decision(vec![Action::RenewLeader], reason, Role::Leader, state);
         }
         let mut actions = vec![Action::ReleaseLeader];
         if obs.pg.running {
             actions.insert(0, Action::StopPostgres);
         }
-        return decision(
-            actions,
-            "etcd is unreachable and my leader lease may have expired: stopping PostgreSQL so it cannot accept writes",
-            Role::Replica,
-            state,
-        );
+        let reason = match &obs.failsafe.round {
+            Some(round) if !round.all_accepted() => format!(
+                "etcd is unreachable, {} and my leader lease may have expired: stopping PostgreSQL so it cannot accept writes",
+                round.describe()
+            ),
+            _ => "etcd is unreachable and my leader lease may have expired: stopping PostgreSQL so it cannot accept writes".to_string(),
+        };
+        return decision(actions, reason, Role::Replica, state);
     }
     if primary_running {
         return decision(

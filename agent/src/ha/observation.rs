@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use pgherd_config::ReplicaMethod;
+
 use super::sync;
 use crate::dcs::model::{ClusterView, MemberState};
 use crate::lsn::Lsn;
@@ -88,8 +90,15 @@ impl PgView {
 pub enum JobKind {
     /// initdb and first start of a new cluster.
     Bootstrap,
-    /// pg_basebackup from the named leader.
-    Clone { from: String },
+    /// Create a replica by `methods` in order (`create_replica_methods`), each tried once,
+    /// the next when one fails: `backup` restores the repository's newest base backup and
+    /// recovers from the archive, `basebackup` runs pg_basebackup from `from` (the leader,
+    /// or a streaming member tagged `clonefrom`). Either way the replica streams from the
+    /// leader afterwards.
+    Clone {
+        from: String,
+        methods: Vec<ReplicaMethod>,
+    },
     /// pg_rewind onto the named leader's history (a no-op when they did not diverge).
     Rewind { from: String },
     /// Point-in-time restore `id` of the `restore` key: replace the data directory from a
@@ -111,10 +120,29 @@ impl JobKind {
     pub fn describe(&self) -> String {
         match self {
             JobKind::Bootstrap => "initialising a new cluster".to_string(),
-            JobKind::Clone { from } => format!("cloning from {from}"),
+            JobKind::Clone { from, methods } => describe_clone(from, methods),
             JobKind::Rewind { from } => format!("rewinding onto {from}'s timeline"),
             JobKind::Restore { id } => format!("point-in-time restore {id}"),
         }
+    }
+}
+
+/// "cloning from b", or with the repository first "creating a replica from the backup
+/// repository, else cloning from b".
+fn describe_clone(from: &str, methods: &[ReplicaMethod]) -> String {
+    let steps: Vec<String> = methods
+        .iter()
+        .map(|m| match m {
+            ReplicaMethod::Backup => {
+                "restoring the backup repository's newest base backup".to_string()
+            }
+            ReplicaMethod::Basebackup => format!("cloning from {from}"),
+        })
+        .collect();
+    match steps.as_slice() {
+        [] => format!("cloning from {from}"),
+        [one] => one.clone(),
+        _ => format!("creating a replica by {}", steps.join(", else ")),
     }
 }
 
@@ -164,6 +192,8 @@ pub struct Observation {
     pub lease: LeaseView,
     pub pg: PgView,
     pub job: JobView,
+    /// Failsafe mode: this leader's round of calls, its extension, a replica's acceptance.
+    pub failsafe: super::FailsafeView,
 }
 
 impl Observation {

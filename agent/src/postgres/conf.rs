@@ -74,7 +74,12 @@ pub fn parameters(
     p.insert("cluster_name".into(), cfg.name.clone());
     p.insert("recovery_target_timeline".into(), "latest".into());
     if let Some(up) = upstream {
-        p.insert("primary_conninfo".into(), primary_conninfo(cfg, up));
+        let mut conninfo = primary_conninfo(cfg, up);
+        // PostgreSQL 17's slot synchronisation connects to a database of the primary.
+        if p.get("sync_replication_slots").map(String::as_str) == Some("on") {
+            conninfo.push_str(" dbname=postgres");
+        }
+        p.insert("primary_conninfo".into(), conninfo);
         p.insert("primary_slot_name".into(), cfg.name.clone());
     }
     // Archiving and recovery settings pgherd manages itself (see `archiving`).
@@ -227,6 +232,19 @@ mod tests {
             "no password in conninfo"
         );
         assert!(!parameters(&c, &cluster, None, &BTreeMap::new()).contains_key("primary_conninfo"));
+        assert!(!p["primary_conninfo"].contains("dbname"));
+        // PostgreSQL 17's slot synchronisation needs a database in primary_conninfo.
+        let mut synced = cluster.clone();
+        synced.insert(
+            "sync_replication_slots".to_string(),
+            ParamValue::Text("on".into()),
+        );
+        let p = parameters(&c, &synced, Some(&up), &BTreeMap::new());
+        assert!(
+            p["primary_conninfo"].ends_with(" dbname=postgres"),
+            "{}",
+            p["primary_conninfo"]
+        );
     }
 
     #[test]

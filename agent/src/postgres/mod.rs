@@ -22,7 +22,10 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::fsutil::{self, Dir};
 use crate::ha::{ControlData, DataDir, PgStatus, Upstream};
+use crate::lsn::Lsn;
+use crate::slots::{Create, SlotRow};
 use command::OsUser;
+use pgherd_config::SlotType;
 use process::PidFile;
 pub use source::SourceDown;
 
@@ -236,12 +239,22 @@ impl Postgres {
         port: u16,
         peer: tls::Peer,
     ) -> Result<tokio_postgres::Client> {
+        self.connect_db(host, port, peer, "postgres").await
+    }
+
+    async fn connect_db(
+        &self,
+        host: &str,
+        port: u16,
+        peer: tls::Peer,
+        dbname: &str,
+    ) -> Result<tokio_postgres::Client> {
         let mut pc = tokio_postgres::Config::new();
         pc.host(host)
             .port(port)
             .user(&self.cfg.postgres.superuser.username)
             .password(self.cfg.postgres.superuser.password.as_bytes())
-            .dbname("postgres")
+            .dbname(dbname)
             .application_name("pgherd")
             .connect_timeout(Duration::from_secs(3));
         tls::connect(&self.cfg, pc, host, peer)
@@ -679,6 +692,14 @@ impl Postgres {
             "fast".to_string(),
             "--no-password".to_string(),
         ];
+        let mut args = args;
+        for (old, new) in &self.cfg.postgres.tablespace_map {
+            args.push(format!(
+                "--tablespace-mapping={}={}",
+                old.display(),
+                new.display()
+            ));
+        }
         self.run("pg_basebackup", &args).await?;
         Ok(())
     }
@@ -1092,12 +1113,127 @@ impl Postgres {
         query::create_replication_role(&mut c, &self.cfg.postgres.replication).await
     }
 
-    /// Creates a physical slot for every other member and drops inactive slots of members
-    /// that are gone.
-    pub async fn sync_slots(&self, members: Vec<String>) -> Result<()> {
-        self.with_client(|c| async move { query::sync_slots(&c, &members).await })
+    /// The local server's replication slots (temporary ones left out).
+    pub async fn slots(&self) -> Result<Vec<SlotRow>> {
+        self.with_client(|c| async move { query::slots(&c).await })
             .await
     }
+
+    /// `server_version_num` of the local server (150004, 170002, ...).
+    pub async fn server_version_num(&self) -> Result<u32> {
+        self.with_client(|c| async move {
+            let v: String = c
+                .query_one("SELECT current_setting('server_version_num')", &[])
+                .await?
+                .get(0);
+            v.parse::<u32>()
+                .with_context(|| format!("server_version_num {v:?} is not a number"))
+        })
+        .await
+    }
+
+    /// A connection to database `dbname` of the local server (logical slots live in one).
+    async fn connect_local_db(&self, dbname: &str) -> Result<tokio_postgres::Client> {
+        let (host, port) = self.local_address();
+        self.connect_db(&host, port, tls::Peer::Local, dbname)
+            .await
+            .with_context(|| format!("cannot connect to database {dbname} of the local PostgreSQL"))
+    }
+
+    /// Creates `slot` on the local server; a logical one with `failover` on PostgreSQL 17+.
+    pub async fn create_slot(&self, slot: &Create, failover: bool) -> Result<()> {
+        match (slot.kind, &slot.database, &slot.plugin) {
+            (SlotType::Logical, Some(db), Some(plugin)) => {
+                let c = self.connect_local_db(db).await?;
+                query::create_logical_slot(&c, &slot.name, plugin, failover).await
+            }
+            (SlotType::Logical, _, _) => Err(anyhow::anyhow!(
+                "logical slot {} has no database or plugin",
+                slot.name
+            )),
+            (SlotType::Physical, _, _) => {
+                let name = slot.name.clone();
+                self.with_client(|c| async move { query::create_physical_slot(&c, &name).await })
+                    .await
+            }
+        }
+    }
+
+    pub async fn drop_slot(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.with_client(|c| async move { query::drop_slot(&c, &name).await })
+            .await
+    }
+
+    /// Moves `slot` forward to `to`; returns where it ended.
+    pub async fn advance_slot(&self, slot: &SlotRow, to: Lsn) -> Result<Option<Lsn>> {
+        match (&slot.kind, &slot.database) {
+            (SlotType::Logical, Some(db)) => {
+                let c = self.connect_local_db(db).await?;
+                query::advance_slot(&c, &slot.name, to).await
+            }
+            _ => {
+                let name = slot.name.clone();
+                self.with_client(|c| async move { query::advance_slot(&c, &name, to).await })
+                    .await
+            }
+        }
+    }
+
+    /// On the leader at `host:port`: logical slot `slot`'s on-disk state (`None`: the
+    /// leader has no such slot).
+    pub async fn leader_slot_state(
+        &self,
+        host: &str,
+        port: u16,
+        slot: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        let c = self.connect_to(host, port).await?;
+        query::logical_slot_state(&c, slot).await
+    }
+
+    /// Puts a logical slot's on-disk state (read from the leader) into this standby's
+    /// `pg_replslot/<name>/state`, owned by the OS user, 0600, synced; PostgreSQL loads it
+    /// at its next start. Written through descriptors (rule 8): `postgres` owns the
+    /// directories walked.
+    pub fn install_slot_state(&self, name: &str, state: &[u8]) -> Result<()> {
+        install_slot_state(&self.data_dir, name, state, self.user.switch_to)
+    }
+}
+
+/// [`Postgres::install_slot_state`] into `data_dir`, files owned by `owner`.
+pub fn install_slot_state(
+    data_dir: &Path,
+    name: &str,
+    state: &[u8],
+    owner: fsutil::Owner,
+) -> Result<()> {
+    if !pgherd_config::valid_slot_name(name) {
+        bail!("{name:?} is not a slot name");
+    }
+    let data =
+        Dir::open(data_dir).with_context(|| format!("cannot open {}", data_dir.display()))?;
+    let replslot = data.open_dir("pg_replslot")?;
+    if replslot.exists(name)? {
+        bail!("pg_replslot/{name} exists already");
+    }
+    // Built as `<name>.tmp` (PostgreSQL removes such directories at start, so a crash
+    // half-way leaves nothing it would refuse to start with), then renamed into place.
+    let tmp = format!("{name}.tmp");
+    replslot.remove_tree(&tmp)?;
+    let built = (|| -> Result<()> {
+        let dir = replslot.create_dir(&tmp, 0o700)?;
+        dir.chown(owner)?;
+        dir.write_atomic("state", state, 0o600, owner)?;
+        dir.sync()?;
+        replslot.rename(&tmp, &replslot, name)?;
+        replslot.sync()?;
+        Ok(())
+    })();
+    if built.is_err() {
+        let _ = replslot.remove_tree(&tmp);
+    }
+    built
 }
 
 /// Reads the fields pgherd needs from `pg_controldata` output.
@@ -1128,6 +1264,58 @@ fn parse_control_data(text: &str) -> Result<ControlData> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rule 8: the copy of a logical slot goes into `pg_replslot/<name>/state` through
+    /// descriptors; a link the `postgres` user planted there is refused or replaced, never
+    /// followed.
+    #[test]
+    fn a_slot_state_is_written_in_place_and_never_through_a_planted_link() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        let outside = root.path().join("outside");
+        std::fs::create_dir_all(data.join("pg_replslot")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+
+        install_slot_state(&data, "cdc", b"state-bytes", None).unwrap();
+        let file = data.join("pg_replslot/cdc/state");
+        assert_eq!(std::fs::read(&file).unwrap(), b"state-bytes");
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        // The slot's directory is a link to elsewhere: refused, nothing written there.
+        symlink(&outside, data.join("pg_replslot/evil")).unwrap();
+        assert!(install_slot_state(&data, "evil", b"x", None).is_err());
+        assert!(!outside.join("state").exists());
+
+        // A slot that exists already is not overwritten.
+        assert!(install_slot_state(&data, "cdc", b"new", None).is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"state-bytes");
+
+        // A `<name>.tmp` left by a crash (or planted as a link) is removed, not followed.
+        std::fs::write(outside.join("target"), b"keep").unwrap();
+        symlink(&outside, data.join("pg_replslot/other.tmp")).unwrap();
+        install_slot_state(&data, "other", b"o", None).unwrap();
+        assert_eq!(std::fs::read(outside.join("target")).unwrap(), b"keep");
+        assert!(!outside.join("state").exists());
+        assert_eq!(
+            std::fs::read(data.join("pg_replslot/other/state")).unwrap(),
+            b"o"
+        );
+        assert!(!data.join("pg_replslot/other.tmp").exists());
+
+        // pg_replslot itself a link: refused.
+        let data2 = root.path().join("data2");
+        std::fs::create_dir(&data2).unwrap();
+        symlink(&outside, data2.join("pg_replslot")).unwrap();
+        assert!(install_slot_state(&data2, "cdc", b"x", None).is_err());
+        assert!(!outside.join("cdc").exists());
+
+        // A name that is not a slot name never becomes a path.
+        assert!(install_slot_state(&data, "../x", b"x", None).is_err());
+    }
 
     /// Issue 13 item 10: the agent warns when its configuration file is open to others.
     #[test]

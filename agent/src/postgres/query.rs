@@ -8,6 +8,8 @@ use super::conf::{scram_verifier, sql_ident, sql_literal};
 use crate::ha::sync::{Replication, Standbys};
 use crate::ha::PgStatus;
 use crate::lsn::Lsn;
+use crate::slots::SlotRow;
+use pgherd_config::SlotType;
 
 const STATUS: &str = "\
 SELECT pg_is_in_recovery(),
@@ -106,31 +108,108 @@ pub async fn create_replication_role(c: &mut Client, repl: &Credentials) -> Resu
     Ok(())
 }
 
-pub async fn sync_slots(c: &Client, members: &[String]) -> Result<()> {
+const SLOTS: &str = "\
+SELECT s.slot_name::text, s.slot_type::text, s.database::text, s.plugin::text, s.active,
+       r.application_name::text, s.restart_lsn::text, s.confirmed_flush_lsn::text,
+       pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                            ELSE pg_current_wal_lsn() END, s.restart_lsn)::float8
+  FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+ WHERE NOT s.temporary ORDER BY 1";
+
+/// The server's replication slots (temporary ones left out).
+pub async fn slots(c: &Client) -> Result<Vec<SlotRow>> {
     let rows = c
-        .query(
-            "SELECT slot_name::text, active FROM pg_replication_slots WHERE slot_type = 'physical'",
-            &[],
-        )
-        .await?;
-    let existing: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    for m in members {
-        if !existing.iter().any(|(n, _)| n == m) {
-            c.execute("SELECT pg_create_physical_replication_slot($1, true)", &[m])
-                .await
-                .with_context(|| format!("cannot create replication slot {m}"))?;
-            tracing::info!(slot = %m, "created replication slot for member");
-        }
-    }
-    for (name, active) in existing {
-        if !active && !members.contains(&name) {
-            c.execute("SELECT pg_drop_replication_slot($1)", &[&name])
-                .await
-                .with_context(|| format!("cannot drop replication slot {name}"))?;
-            tracing::info!(slot = %name, "dropped replication slot of a member that left");
-        }
-    }
+        .query(SLOTS, &[])
+        .await
+        .context("cannot list the replication slots")?;
+    Ok(rows
+        .iter()
+        .map(|r| SlotRow {
+            name: r.get(0),
+            kind: if r.get::<_, String>(1) == "logical" {
+                SlotType::Logical
+            } else {
+                SlotType::Physical
+            },
+            database: r.get(2),
+            plugin: r.get(3),
+            active: r.get(4),
+            active_application: r.get(5),
+            restart_lsn: lsn(r.get(6)),
+            confirmed_flush_lsn: lsn(r.get(7)),
+            retained_bytes: r.get::<_, Option<f64>>(8).map(|b| b.max(0.0) as u64),
+        })
+        .collect())
+}
+
+/// Creates a physical slot that reserves WAL from now on.
+pub async fn create_physical_slot(c: &Client, name: &str) -> Result<()> {
+    c.execute(
+        "SELECT pg_create_physical_replication_slot($1, true)",
+        &[&name],
+    )
+    .await
+    .with_context(|| format!("cannot create replication slot {name}"))?;
     Ok(())
+}
+
+/// Creates a logical slot on a connection to its database; `failover` (PostgreSQL 17+)
+/// lets standbys with `sync_replication_slots` keep it synchronised.
+pub async fn create_logical_slot(
+    c: &Client,
+    name: &str,
+    plugin: &str,
+    failover: bool,
+) -> Result<()> {
+    let sql = if failover {
+        "SELECT pg_create_logical_replication_slot($1, $2, false, false, true)"
+    } else {
+        "SELECT pg_create_logical_replication_slot($1, $2)"
+    };
+    c.execute(sql, &[&name, &plugin]).await.with_context(|| {
+        format!("cannot create logical replication slot {name} (plugin {plugin})")
+    })?;
+    Ok(())
+}
+
+pub async fn drop_slot(c: &Client, name: &str) -> Result<()> {
+    c.execute("SELECT pg_drop_replication_slot($1)", &[&name])
+        .await
+        .with_context(|| format!("cannot drop replication slot {name}"))?;
+    Ok(())
+}
+
+/// Moves a slot forward to `to` (a logical slot: on a connection to its database); returns
+/// where it ended.
+pub async fn advance_slot(c: &Client, name: &str, to: Lsn) -> Result<Option<Lsn>> {
+    let row = c
+        .query_one(
+            "SELECT end_lsn::text FROM pg_replication_slot_advance($1, $2::text::pg_lsn)",
+            &[&name, &to.to_string()],
+        )
+        .await
+        .with_context(|| format!("cannot advance replication slot {name} to {to}"))?;
+    Ok(lsn(row.get(0)))
+}
+
+/// On the leader: the on-disk state of logical slot `slot` (`None`: no such slot).
+///
+/// The copy starts at the leader's position, whose catalog rows the leader's own slot
+/// keeps; once the standby runs with it, `hot_standby_feedback` carries its catalog_xmin
+/// to the leader's slot of that standby. A consumer that confirms far ahead in the seconds
+/// between the copy and the standby's restart could let the leader vacuum catalog rows the
+/// copy still needs; Patroni, which copies slots the same way, has the same window.
+pub async fn logical_slot_state(c: &Client, slot: &str) -> Result<Option<Vec<u8>>> {
+    let row = c
+        .query_opt(
+            "SELECT pg_read_binary_file('pg_replslot/' || slot_name || '/state')
+               FROM pg_replication_slots
+              WHERE slot_name = $1 AND slot_type = 'logical' AND NOT temporary",
+            &[&slot],
+        )
+        .await
+        .with_context(|| format!("cannot read logical slot {slot} on the leader"))?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// The LSN at which `timeline` branched off its parent, from `<timeline>.history`.

@@ -19,6 +19,19 @@ impl Agent {
             .as_ref()
             .map(|l| l.id)
             .context("no member lease yet")?;
+        if let (None, Some(plan)) = (&sysid, &self.bootstrap_restore) {
+            // Before claiming: a source that cannot give the backup makes every attempt
+            // fail the same way, so the agent stops and says which key is wrong.
+            let plan = plan.clone();
+            let chosen = tokio::task::spawn_blocking(move || plan.choose())
+                .await
+                .context("the repository task died")?;
+            if let Err(e) = chosen {
+                return Err(anyhow!(crate::agent::Refusal(format!(
+                    "refusing to initialise the cluster from another cluster's backup: {e:#}"
+                ))));
+            }
+        }
         let sent = self.fresh_leader_lease().await?;
         let leader_lease = self
             .leader_lease
@@ -32,10 +45,12 @@ impl Agent {
         {
             self.lease_valid_from(sent);
             if sysid.is_none() {
-                tracing::info!(
-                    reason = "won the initialisation race: running initdb",
-                    "decision"
-                );
+                let reason = if self.bootstrap_restore.is_some() {
+                    "won the initialisation race: restoring the source cluster's backup (bootstrap.method: restore)"
+                } else {
+                    "won the initialisation race: running initdb"
+                };
+                tracing::info!(reason, "decision");
                 self.start_job(JobKind::Bootstrap, obs);
             } else {
                 tracing::info!(

@@ -18,6 +18,8 @@ impl Agent {
         obs: &Observation,
         decision: &Decision,
     ) -> Result<()> {
+        // Failsafe mode: not while a leader this member accepted may still be writable.
+        let gate = self.failsafe_gate().await?;
         let sent = self.fresh_leader_lease().await?;
         let id = self
             .leader_lease
@@ -40,6 +42,7 @@ impl Agent {
             _ => self.dcs.acquire_leader(id).await?,
         };
         if acquired {
+            self.board.set_failsafe_leading(true);
             self.lease_valid_from(sent);
             tracing::info!(reason = "acquired leader lease", "decision");
             self.takeover_reason = Some(match &self.previous_leader {
@@ -53,6 +56,7 @@ impl Agent {
             );
             self.drop_leader_lease().await;
         }
+        drop(gate);
         Ok(())
     }
 
@@ -175,23 +179,24 @@ impl Agent {
         Ok(())
     }
 
-    /// Keeps the replication slots of the other members and publishes the leader's WAL
-    /// position when it moved.
+    /// Publishes the leader's WAL position when it moved, then keeps the replication slots
+    /// (`leader_slots`).
     pub(super) async fn leader_housekeeping(&mut self, obs: &Observation) -> Result<()> {
         let Some(view) = &obs.cluster else {
             return Ok(());
         };
-        let others: Vec<String> = view
-            .members
-            .keys()
-            .filter(|n| **n != self.cfg.name)
-            .cloned()
-            .collect();
-        self.pg.sync_slots(others).await?;
         if let Some(lsn) = obs.pg.status.as_ref().and_then(|s| s.wal_lsn) {
             if self.published_optime != Some(lsn) {
                 self.dcs.put_optime(lsn).await?;
                 self.published_optime = Some(lsn);
+            }
+        }
+        // A slot that cannot be created (a misspelt database, a missing plugin, no free
+        // slot) must not hold back the rest of the leader's decision (config, sync).
+        if let Err(e) = self.leader_slots(view).await {
+            let e = format!("cannot keep the replication slots: {e:#}");
+            if self.warned_once.insert(e.clone()) {
+                tracing::warn!("{e}");
             }
         }
         Ok(())

@@ -9,6 +9,9 @@ mod bootstrap;
 mod leader;
 mod local;
 mod restore;
+mod slots;
+
+pub(super) use slots::NATIVE_SLOT_SYNC;
 mod switchover;
 mod sync;
 
@@ -63,6 +66,7 @@ impl Agent {
                     .await
             }
             Action::LeaderHousekeeping => self.leader_housekeeping(obs).await,
+            Action::SetFailsafeKey(key) => self.set_failsafe_key(key.as_ref()).await,
         }
     }
 }

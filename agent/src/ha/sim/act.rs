@@ -244,6 +244,8 @@ impl World {
                 }
             }
             Action::ApplyConfig => {}
+            // The simulation runs with failsafe mode off: its etcd has no `failsafe` key.
+            Action::SetFailsafeKey(_) => {}
             Action::SetSyncKey(k) => {
                 if cut {
                     return unreachable();
@@ -520,7 +522,7 @@ impl World {
         }
         self.nodes[i].job = None;
         let result = match &job.kind {
-            JobKind::Clone { from } | JobKind::Rewind { from } => {
+            JobKind::Clone { from, .. } | JobKind::Rewind { from } => {
                 // A rewind fails only when its source does not answer (`SourceDown`, not
                 // remembered): a rewind that fails for good is remembered by design and
                 // leaves the member down.

@@ -895,6 +895,7 @@ impl World {
                 config_stale: false,
             },
             job: self.nodes[i].finished.take().unwrap_or(job),
+            failsafe: Default::default(),
         }
     }
 

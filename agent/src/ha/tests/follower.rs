@@ -1,5 +1,7 @@
 //! Another member leads: clone it, follow it, and check timelines before streaming (rule 5).
 
+use pgherd_config::ReplicaMethod;
+
 use super::*;
 
 #[test]
@@ -10,13 +12,113 @@ fn empty_data_dir_clones_from_a_running_leader_only() {
         .decide(&cfg("a"), &Memory::default());
     assert_eq!(
         d.actions,
-        vec![Action::StartJob(JobKind::Clone { from: "b".into() })]
+        vec![Action::StartJob(JobKind::Clone {
+            from: "b".into(),
+            methods: vec![ReplicaMethod::Basebackup]
+        })]
     );
+    assert_eq!(d.reason, "cloning from b");
     let starting = member("b", MemberState::Starting, 100);
     let d = Obs::new(Some(view(Some("b"), &[starting])))
         .data(DataDir::Empty)
         .decide(&cfg("a"), &Memory::default());
     assert!(d.actions.is_empty(), "{d:?}");
+}
+
+/// The clone job for an empty data directory, and its reason, with `create_replica_methods`
+/// `methods` and the members `others` beside the running leader `b`.
+fn clone_job(methods: &[ReplicaMethod], others: &[MemberInfo]) -> (JobKind, String) {
+    let mut leader = member("b", MemberState::Running, 100);
+    leader.role = Role::Leader;
+    let mut all = vec![leader];
+    all.extend_from_slice(others);
+    let mut c = cfg("a");
+    c.dcs.create_replica_methods = methods.to_vec();
+    let d = Obs::new(Some(view(Some("b"), &all)))
+        .data(DataDir::Empty)
+        .decide(&c, &Memory::default());
+    match d.actions.as_slice() {
+        [Action::StartJob(kind)] => (kind.clone(), d.reason),
+        other => panic!("expected one clone job, got {other:?} ({})", d.reason),
+    }
+}
+
+fn clonefrom(name: &str, state: MemberState, lag: Option<u64>) -> MemberInfo {
+    let mut m = member(name, state, 100);
+    m.tags.clonefrom = true;
+    m.lag_bytes = lag;
+    m
+}
+
+#[test]
+fn basebackup_clones_from_the_least_lagging_streaming_member_tagged_clonefrom() {
+    use ReplicaMethod::{Backup, Basebackup};
+    let methods = [Backup, Basebackup];
+    let (kind, reason) = clone_job(
+        &methods,
+        &[
+            clonefrom("c", MemberState::Streaming, Some(300)),
+            clonefrom("d", MemberState::Streaming, Some(20)),
+            clonefrom("e", MemberState::Streaming, Some(20)),
+            // Not tagged: never a source, however close.
+            member("f", MemberState::Streaming, 100),
+        ],
+    );
+    assert_eq!(
+        kind,
+        JobKind::Clone {
+            from: "d".into(),
+            methods: methods.to_vec()
+        }
+    );
+    assert_eq!(
+        reason,
+        "creating a replica by restoring the backup repository's newest base backup, else cloning from d (tagged clonefrom, streaming, 20 bytes behind the leader)"
+    );
+}
+
+#[test]
+fn basebackup_clones_from_the_leader_when_no_clonefrom_member_streams_on_its_timeline() {
+    let mut other_tl = clonefrom("e", MemberState::Streaming, Some(0));
+    other_tl.timeline = Some(2);
+    let (kind, reason) = clone_job(
+        &[ReplicaMethod::Basebackup],
+        &[
+            clonefrom("c", MemberState::Stopped, Some(0)),
+            clonefrom("d", MemberState::Streaming, None),
+            other_tl,
+        ],
+    );
+    assert_eq!(
+        kind,
+        JobKind::Clone {
+            from: "b".into(),
+            methods: vec![ReplicaMethod::Basebackup]
+        }
+    );
+    assert_eq!(
+        reason,
+        "cloning from b (no member tagged clonefrom is a streaming replica on the leader's timeline: c stopped, d streaming, e streaming)"
+    );
+    // A member never picks itself, even when tagged.
+    let (kind, _) = clone_job(
+        &[ReplicaMethod::Basebackup],
+        &[clonefrom("a", MemberState::Streaming, Some(0))],
+    );
+    assert!(matches!(kind, JobKind::Clone { from, .. } if from == "b"));
+}
+
+#[test]
+fn with_the_repository_alone_no_clonefrom_member_is_chosen() {
+    let (kind, reason) = clone_job(
+        &[ReplicaMethod::Backup],
+        &[clonefrom("c", MemberState::Streaming, Some(0))],
+    );
+    assert!(matches!(kind, JobKind::Clone { from, .. } if from == "b"));
+    assert_eq!(
+        reason,
+        "restoring the backup repository's newest base backup"
+    );
 }
 
 #[test]
@@ -155,9 +257,15 @@ fn a_walreceiver_that_connects_but_receives_nothing_is_not_streaming() {
         Some(since),
         "a connect that received nothing reset the clock"
     );
+    // Nor does the member say it streams (the partition-leader drill saw a former leader
+    // "streaming" and called the cluster healthy ten seconds before it was rewound).
+    let d = decide(&at(1, status(true, 100)), &cfg("c"), &mem);
+    assert_eq!(d.state, MemberState::InRecovery, "{d:?}");
     mem.observed(&at(2, status(true, 200)));
     assert_eq!(
         mem.not_streaming_since, None,
         "a standby receiving WAL is streaming"
     );
+    let d = decide(&at(2, status(true, 200)), &cfg("c"), &mem);
+    assert_eq!(d.state, MemberState::Streaming, "{d:?}");
 }

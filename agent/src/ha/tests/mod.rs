@@ -13,6 +13,7 @@ use crate::dcs::model::{ClusterView, Initialize, LeaderKey, MemberInfo, MemberSt
 use crate::lsn::Lsn;
 
 mod bootstrap;
+mod failsafe;
 mod follower;
 mod handover;
 mod leader;
@@ -62,6 +63,8 @@ fn view(leader: Option<&str>, members: &[MemberInfo]) -> ClusterView {
         handover: None,
         sync: None,
         restore: None,
+        slots: None,
+        failsafe: None,
         reached: None,
         unreadable: Default::default(),
     }
@@ -126,6 +129,7 @@ impl Obs {
                 config_stale: false,
             },
             job: JobView::Idle,
+            failsafe: Default::default(),
         })
     }
     fn data(mut self, d: DataDir) -> Obs {
@@ -170,6 +174,8 @@ fn restore_key(
         leader: leader.into(),
         backup_id: "b1".into(),
         target: crate::dcs::model::Target::Latest,
+        target_inclusive: true,
+        tablespace_map: Default::default(),
         phase,
         requested_at: "2026-11-26T10:00:00Z".into(),
         finished_at: None,

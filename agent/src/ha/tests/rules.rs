@@ -49,7 +49,10 @@ fn jobs_in_progress_block_other_actions_but_not_renewal() {
     let d = Obs::new(Some(view(Some("b"), &[])))
         .data(DataDir::Empty)
         .job(JobView::Failed(
-            JobKind::Clone { from: "b".into() },
+            JobKind::Clone {
+                from: "b".into(),
+                methods: vec![pgherd_config::ReplicaMethod::Basebackup],
+            },
             "boom".into(),
         ))
         .decide(&cfg("a"), &Memory::default());
@@ -112,6 +115,7 @@ fn rule1_no_combination_of_observations_runs_writable_without_the_key() {
                                     config_stale: false,
                                 },
                                 job: job.clone(),
+                                failsafe: Default::default(),
                             };
                             let d = decide(&obs, &cfg("a"), &Memory::default());
                             let makes_writable = d
