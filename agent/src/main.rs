@@ -40,6 +40,10 @@ enum Command {
     WalPush {
         /// The WAL file, as PostgreSQL passes it (`%p`).
         path: PathBuf,
+        /// Internal: run as the background pusher of the pg_wal folder PATH (started by
+        /// `wal-push` itself when `backup.archive.parallel` is above 1).
+        #[arg(long, hide = true)]
+        pusher: bool,
     },
     /// PostgreSQL's restore_command: restore archived WAL file NAME (`%f`) to PATH (`%p`)
     /// after checking its checksum. Exits 1 when the file is not in the archive.
@@ -89,27 +93,38 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Some(Command::WalPush { path }) => wal_command(cli.config, "wal-push", |wal| {
-            use pgherd_agent::backup::wal;
-            let result = match (&wal.agent_socket, &wal.repository) {
-                (Some(socket), _) => wal::push_batch(
-                    &path,
-                    wal.parallel,
-                    &pgherd_agent::backup::walsocket::Client::new(socket.clone()),
-                ),
-                (None, Some(root)) => wal::push_batch(
-                    &path,
-                    wal.parallel,
-                    &wal::RepoSink {
-                        repo: &pgherd_agent::backup::LocalRepository::new(root),
-                        compression: wal.compression,
-                        level: wal.compression_level,
-                    },
-                ),
-                (None, None) => Err(NO_REPOSITORY.to_string()),
-            };
-            result.map_err(WalFailure::Other)
-        }),
+        Some(Command::WalPush { path, pusher }) => {
+            let config = cli.config.clone();
+            wal_command(cli.config, "wal-push", |wal| {
+                use pgherd_agent::backup::{wal as w, walasync, walsocket, LocalRepository};
+                let local;
+                let repo_sink;
+                let client;
+                let sink: &dyn w::WalSink = match (&wal.agent_socket, &wal.repository) {
+                    (Some(socket), _) => {
+                        client = walsocket::Client::new(socket.clone());
+                        &client
+                    }
+                    (None, Some(root)) => {
+                        local = LocalRepository::new(root);
+                        repo_sink = w::RepoSink {
+                            repo: &local,
+                            compression: wal.compression,
+                            level: wal.compression_level,
+                        };
+                        &repo_sink
+                    }
+                    (None, None) => return Err(WalFailure::Other(NO_REPOSITORY.to_string())),
+                };
+                if pusher {
+                    return walasync::run_pusher(&path, wal.parallel, sink, walasync::PUSHER_IDLE)
+                        .map_err(|e| WalFailure::Other(e.to_string()));
+                }
+                let start = |pg_wal: &std::path::Path| start_pusher(config.as_deref(), pg_wal);
+                walasync::push(&path, wal.parallel, sink, &start, walasync::PATIENCE)
+                    .map_err(WalFailure::Other)
+            })
+        }
         Some(Command::WalFetch { name, path }) => wal_command(cli.config, "wal-fetch", |wal| {
             use pgherd_agent::backup::{wal as w, walsocket};
             match (&wal.agent_socket, &wal.repository) {
@@ -182,6 +197,34 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Starts the background pusher of `pg_wal` (this program, `wal-push --pusher`) in a
+/// session of its own, so that PostgreSQL's archiver does not wait for it.
+fn start_pusher(
+    config: Option<&std::path::Path>,
+    pg_wal: &std::path::Path,
+) -> std::io::Result<Box<dyn pgherd_agent::backup::walasync::Running>> {
+    use std::os::unix::process::CommandExt;
+    let config = config.ok_or_else(|| std::io::Error::other("no --config"))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--config")
+        .arg(config)
+        .arg("wal-push")
+        .arg("--pusher")
+        .arg(pg_wal)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    Ok(Box::new(cmd.spawn()?))
 }
 
 const NO_REPOSITORY: &str =

@@ -747,3 +747,140 @@ async fn after_a_restore_to_an_older_point_a_backup_from_the_abandoned_history_i
     wait_restored(&cluster, "t", &want, tl2).await?;
     Ok(())
 }
+
+/// The pid of the running background pusher of `pg_wal` (`wal-push --pusher <pg_wal>`).
+fn pusher_of(pg_wal: &Path) -> Option<i32> {
+    let want = pg_wal.as_os_str().as_encoded_bytes();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.contains(&&b"--pusher"[..]) && args.contains(&want) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_push_answers_from_a_background_pusher_that_pushes_ahead_and_survives_being_killed(
+) -> Result<()> {
+    // A pg_wal with eight segments waiting (.ready), archived one archive_command call each
+    // in order as PostgreSQL's archiver does, by the real binary with archive.parallel 2.
+    let scratch = tempfile::tempdir()?;
+    let pg_wal = scratch.path().join("pg_wal");
+    std::fs::create_dir_all(pg_wal.join("archive_status"))?;
+    let repo = scratch.path().join("repo");
+    std::fs::create_dir(&repo)?;
+    let settings = scratch.path().join("wal.yml");
+    std::fs::write(
+        &settings,
+        format!(
+            "repository: {}\ncompression: zstd\ncompression_level: 3\nparallel: 2\n",
+            repo.display()
+        ),
+    )?;
+    let names: Vec<String> = (1..=8)
+        .map(|n| format!("0000000100000000000000{n:02X}"))
+        .collect();
+    let mut contents = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        // Different, poorly compressible content per segment.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1);
+        let data: Vec<u8> = (0..4 * 1024 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(pg_wal.join(n), &data)?;
+        std::fs::write(pg_wal.join("archive_status").join(format!("{n}.ready")), "")?;
+        contents.push(data);
+    }
+    let agent = pgherd_tests::agent_bin()?;
+    let push = |name: &str| {
+        let (agent, settings, file) = (agent.clone(), settings.clone(), pg_wal.join(name));
+        async move {
+            let out = tokio::process::Command::new(&agent)
+                .args(["wal-push", "--config"])
+                .arg(&settings)
+                .arg(&file)
+                .output()
+                .await?;
+            ensure!(
+                out.status.success(),
+                "wal-push {} failed: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let status = file.parent().unwrap().join("archive_status");
+            let n = file.file_name().unwrap().to_string_lossy().into_owned();
+            std::fs::rename(
+                status.join(format!("{n}.ready")),
+                status.join(format!("{n}.done")),
+            )?;
+            anyhow::Ok(())
+        }
+    };
+    push(&names[0]).await?;
+    // The pusher went on with the files PostgreSQL had not asked for yet.
+    let spool = pg_wal.join("pgherd_archive");
+    wait_until(
+        Duration::from_secs(30),
+        "the pusher to store 03 ahead",
+        || async {
+            ensure!(spool.join(format!("{}.ok", names[2])).exists());
+            Ok(())
+        },
+    )
+    .await?;
+    // Killed mid-way (between storing a file and writing its status, or anywhere): every
+    // later wal-push still answers only once its file is stored.
+    if let Some(pid) = pusher_of(&pg_wal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)?;
+    }
+    for n in &names[1..] {
+        push(n).await?;
+    }
+    // Everything is in the archive with its exact content.
+    for (n, data) in names.iter().zip(&contents) {
+        let dest = scratch.path().join("fetched");
+        let out = tokio::process::Command::new(&agent)
+            .args(["wal-fetch", "--config"])
+            .arg(&settings)
+            .arg(n)
+            .arg(&dest)
+            .output()
+            .await?;
+        ensure!(
+            out.status.success(),
+            "wal-fetch {n}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(std::fs::read(&dest)? == *data, "{n} came back different");
+    }
+    // Nothing waits any more: the pusher leaves, and with it the status of acknowledged
+    // files.
+    wait_until(
+        Duration::from_secs(30),
+        "the pusher to leave and clean up",
+        || async {
+            ensure!(pusher_of(&pg_wal).is_none(), "a pusher still runs");
+            let left: Vec<String> = std::fs::read_dir(&spool)?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|f| f != "pusher.lock")
+                .collect();
+            ensure!(left.is_empty(), "status files left: {left:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(())
+}

@@ -47,6 +47,7 @@ pub mod target;
 pub mod untar;
 pub mod verify;
 pub mod wal;
+pub mod walasync;
 pub mod walsocket;
 
 pub use catalog::{BackupInfo, Catalog};
