@@ -156,9 +156,9 @@ impl std::fmt::Display for RepositoryUrl {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArchiveConfig {
-    /// WAL files `wal-push` archives at the same time: the one PostgreSQL asks for and the
-    /// next ones waiting (`.ready`), each acknowledged only once stored. Default: the
-    /// machine's cores.
+    /// WAL files archived at the same time. Above 1, `wal-push` answers from a background
+    /// pusher that stores every waiting (`.ready`) file this many at a time; each is
+    /// acknowledged only once stored. Default: the machine's cores.
     #[serde(default)]
     pub parallel: Option<u32>,
     /// WAL segments the agent fetches ahead of recovery (`wal-fetch` through the agent).

@@ -17,7 +17,7 @@
 //! ```
 //!
 //! `DONE` says whether this agent stored exactly that content under that name since it
-//! started (a batch of `wal-push` pushed the file before PostgreSQL asked for it). `FETCH`
+//! started (a `wal-push` whose pusher failed or left asks before it pushes). `FETCH`
 //! of a segment starts fetching the next `backup.archive.prefetch` segments of its timeline,
 //! which later requests take from memory.
 
