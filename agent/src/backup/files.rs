@@ -13,10 +13,16 @@
 //! reconstructed directory is the one its `backup_manifest` describes, and
 //! `pg_verifybackup` checks it as for any backup.
 //!
-//! A file must be read whole before it is known whether it goes into the tar (the tar
-//! header comes first), so the differential holds one file at a time: in memory up to
-//! [`SPOOL_IN_MEMORY`], beyond that in an unnamed temporary file (`O_TMPFILE`, root's, in
-//! `TMPDIR`): at most one relation segment (1 GiB).
+//! The list also keeps each file's modification time (seconds, from the tar header
+//! `pg_basebackup` writes). A file whose size or modification time differs from the full's
+//! has been written since, so the differential streams it into its tar at once (while
+//! hashing it for the list), as a full backup does. Only a file whose size and time are the
+//! full's must be read whole before it is known whether it goes into the tar (the tar header
+//! comes first; a write within the same second leaves the time unchanged, so the content
+//! decides): the differential holds that one file: in memory up to [`SPOOL_IN_MEMORY`],
+//! beyond that in an unnamed temporary file (`O_TMPFILE`, root's, in `TMPDIR`): at most one
+//! relation segment (1 GiB). A list without times (written before they were recorded)
+//! makes every file go the held way.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -40,6 +46,9 @@ pub struct FileEntry {
     pub size: u64,
     /// SHA-256 of its content.
     pub sha256: String,
+    /// Its modification time in the tar (seconds since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<u64>,
     /// The full backup whose tar holds it; `None`: this backup's own tar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
@@ -60,8 +69,16 @@ pub struct Chain {
     pub list: FileList,
 }
 
-/// A tar's files by path: size and checksum.
-pub type ArchiveIndex = HashMap<String, (u64, String)>;
+/// A file of the full backup, as a differential compares with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Indexed {
+    pub size: u64,
+    pub sha256: String,
+    pub mtime: Option<u64>,
+}
+
+/// A tar's files by path.
+pub type ArchiveIndex = HashMap<String, Indexed>;
 
 /// The full backup a differential one is compared with.
 #[derive(Debug, Default)]
@@ -80,7 +97,14 @@ impl Parent {
                 let index = files
                     .iter()
                     .filter(|f| f.from.is_none())
-                    .map(|f| (f.path.clone(), (f.size, f.sha256.clone())))
+                    .map(|f| {
+                        let indexed = Indexed {
+                            size: f.size,
+                            sha256: f.sha256.clone(),
+                            mtime: f.mtime,
+                        };
+                        (f.path.clone(), indexed)
+                    })
                     .collect();
                 (name.clone(), index)
             })
@@ -188,6 +212,7 @@ fn copy_listing(
                 continue;
             }
             let path = entry.path()?.to_string_lossy().into_owned();
+            let mtime = entry.header().mtime().ok();
             let mut hasher = HashingWriter::new(std::io::sink());
             let size = if capture.contains(&path.as_str()) {
                 let mut text = String::new();
@@ -203,6 +228,7 @@ fn copy_listing(
                 path,
                 size,
                 sha256: hasher.hex(),
+                mtime,
                 from: None,
             });
         }
@@ -246,14 +272,47 @@ fn write_differences(
                 builder.append(&header, &mut entry)?;
                 continue;
             }
-            let mut spool = Spool::new(header.size()?)?;
+            let size = header.size()?;
+            let mtime = header.mtime().ok();
+            let before = index.get(&name);
+            let written_since = before.is_none_or(|b| {
+                b.size != size || matches!((b.mtime, mtime), (Some(a), Some(m)) if a != m)
+            });
+            if always_stored(&name) || written_since {
+                // Stored: streamed into the tar, hashed on the way.
+                let sha256 = if capture.contains(&name.as_str()) {
+                    let mut text = String::new();
+                    entry.read_to_string(&mut text)?;
+                    builder.append_data(&mut header, &path, text.as_bytes())?;
+                    let sha = super::compress::sha256_hex(text.as_bytes());
+                    scanned.captured.insert(name.clone(), text);
+                    sha
+                } else {
+                    let mut hashed = super::compress::HashingReader::new(&mut entry);
+                    builder.append_data(&mut header, &path, &mut hashed)?;
+                    if hashed.bytes != size {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!("{name} ended after {} of its {size} bytes", hashed.bytes),
+                        ));
+                    }
+                    hashed.hex()
+                };
+                scanned.files.push(FileEntry {
+                    path: name,
+                    size,
+                    sha256,
+                    mtime,
+                    from: None,
+                });
+                continue;
+            }
+            // Same size and time: the content decides, so the file is held until known.
+            let mut spool = Spool::new(size)?;
             let mut hashed = HashingWriter::new(&mut spool);
-            let size = std::io::copy(&mut entry, &mut hashed)?;
+            let read = std::io::copy(&mut entry, &mut hashed)?;
             let sha256 = hashed.hex();
-            let unchanged = !always_stored(&name)
-                && index
-                    .get(&name)
-                    .is_some_and(|(s, h)| *s == size && *h == sha256);
+            let unchanged = before.is_some_and(|b| b.size == read && b.sha256 == sha256);
             if capture.contains(&name.as_str()) {
                 let mut text = String::new();
                 spool.reader()?.read_to_string(&mut text)?;
@@ -264,8 +323,9 @@ fn write_differences(
             }
             scanned.files.push(FileEntry {
                 path: name,
-                size,
+                size: read,
                 sha256,
+                mtime,
                 from: unchanged.then(|| parent.to_string()),
             });
         }
@@ -361,6 +421,19 @@ mod tests {
             h.set_entry_type(tar::EntryType::Regular);
             h.set_mode(0o600);
             h.set_size(data.len() as u64);
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn tar_timed(files: &[(&str, &[u8], u64)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data, mtime) in files {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o600);
+            h.set_size(data.len() as u64);
+            h.set_mtime(*mtime);
             b.append_data(&mut h, name, *data).unwrap();
         }
         b.into_inner().unwrap()
@@ -466,5 +539,76 @@ mod tests {
             ["base/1".to_string()].into_iter().collect()
         );
         assert_eq!(diff.borrowed(), (1, 4));
+    }
+
+    #[test]
+    fn the_time_only_decides_how_a_file_is_read_never_that_it_is_unchanged() {
+        let big = vec![1u8; (SPOOL_IN_MEMORY + 10) as usize];
+        let full_tar = tar_timed(&[
+            ("base/same", b"aaaa", 100),
+            ("base/same_time_new_content", b"bbbb", 100),
+            ("base/new_time_same_content", b"cccc", 100),
+            ("base/big_written", &big, 100),
+        ]);
+        let full = scan_tar(&mut &full_tar[..], &mut Vec::new(), None, &[]).unwrap();
+        assert!(full.files.iter().all(|f| f.mtime == Some(100)));
+        let list = FileList {
+            backup_id: "F".into(),
+            archives: [(BASE.to_string(), full.files)].into(),
+        };
+        let parent = Parent::new(&list);
+        let mut big2 = big.clone();
+        big2[5] = 2;
+        let diff_tar = tar_timed(&[
+            ("base/same", b"aaaa", 100),
+            // Written within the second the full read it: same size and time, new bytes.
+            ("base/same_time_new_content", b"BBBB", 100),
+            ("base/new_time_same_content", b"cccc", 200),
+            ("base/big_written", &big2, 200),
+        ]);
+        let mut out = Vec::new();
+        let s = scan_tar(&mut &diff_tar[..], &mut out, parent.archive(BASE), &[]).unwrap();
+        assert_eq!(
+            names(&out),
+            [
+                "base/same_time_new_content",
+                "base/new_time_same_content",
+                "base/big_written"
+            ]
+        );
+        assert_eq!(s.files[0].from.as_deref(), Some("F"));
+        assert!(s.files[1..].iter().all(|f| f.from.is_none()));
+        // The streamed file's list entry is its content's.
+        assert_eq!(
+            s.files[3].sha256,
+            crate::backup::compress::sha256_hex(&big2)
+        );
+        assert_eq!(s.files[3].mtime, Some(200));
+        let mut a = tar::Archive::new(&out[..]);
+        let mut e = a.entries().unwrap().nth(2).unwrap().unwrap();
+        let mut got = Vec::new();
+        e.read_to_end(&mut got).unwrap();
+        assert_eq!(got, big2);
+        // A list written before times were kept: every file is held and compared.
+        let mut old = list.clone();
+        for f in old.archives.get_mut(BASE).unwrap() {
+            f.mtime = None;
+        }
+        let parent = Parent::new(&old);
+        let s = scan_tar(
+            &mut &full_tar[..],
+            &mut Vec::new(),
+            parent.archive(BASE),
+            &[],
+        )
+        .unwrap();
+        assert!(
+            s.files.iter().all(|f| f.from.as_deref() == Some("F")),
+            "{:?}",
+            s.files
+        );
+        // A stream cut inside a written file is an error, not a short file.
+        let cut = &diff_tar[..diff_tar.len() - 1024 - 4096];
+        assert!(scan_tar(&mut &cut[..], &mut Vec::new(), parent.archive(BASE), &[]).is_err());
     }
 }
