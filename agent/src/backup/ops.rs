@@ -383,6 +383,10 @@ fn remove_tree_now(path: &std::path::Path) -> Result<()> {
 
 /// Removes a directory tree off the loop's thread (a data directory takes a while, and the
 /// loop must keep renewing the lease meanwhile).
+/// Held while a finished restore's previous data is removed in the background: a next
+/// restore waits for it before it moves anything aside.
+static REMOVING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn remove_tree(path: PathBuf) -> Result<()> {
     tokio::task::spawn_blocking(move || remove_tree_now(&path))
         .await
@@ -503,6 +507,8 @@ pub async fn run_restore(
     sync_claim: Option<SyncClaim>,
 ) -> Result<()> {
     lease.ensure(&format!("start restore {}", key.id))?;
+    // The previous restore's old data may still be going (removed after it reported).
+    let removing = REMOVING.lock().await;
     let backup_id = key.backup_id.clone();
     let info = ctx
         .blocking(move |c| Ok(c.catalog().get(&backup_id)?))
@@ -610,7 +616,7 @@ pub async fn run_restore(
             if tokio::time::Instant::now() >= deadline {
                 bail!("recovery did not finish within backup.timeout");
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         anyhow::Ok(())
     };
@@ -623,12 +629,17 @@ pub async fn run_restore(
             pg.set_recovery_parameters(BTreeMap::new());
             pg.write_config(&Mode::Primary, &params)?;
             pg.reload().await?;
-            if let Err(e) = tablespace::drop_aside(&moved) {
-                tracing::warn!(error = %format!("{e:#}"), "cannot remove the tablespaces the restore replaced; the agent removes them at its next start");
-            }
-            if let Err(e) = remove_tree(obsolete.clone()).await {
-                tracing::warn!(error = %format!("{e:#}"), "cannot remove the previous data directory; the agent removes it at its next start");
-            }
+            // The old data goes after the restore reported (a gigabyte takes a while); a
+            // next restore waits for it, an agent stopped meanwhile finishes it at start.
+            tokio::spawn(async move {
+                let _removing = removing;
+                if let Err(e) = tablespace::drop_aside(&moved) {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot remove the tablespaces the restore replaced; the agent removes them at its next start");
+                }
+                if let Err(e) = remove_tree(obsolete.clone()).await {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot remove the previous data directory; the agent removes it at its next start");
+                }
+            });
             Ok(())
         }
         Err(e) => {
