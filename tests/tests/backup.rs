@@ -78,6 +78,20 @@ fn archived(cluster: &Cluster) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
+/// `pgherd-agent <verb> --config <config> <args...>` (wal-push, wal-fetch), its output.
+async fn agent_wal(
+    verb: &str,
+    config: &Path,
+    args: &[&std::ffi::OsStr],
+) -> Result<std::process::Output> {
+    Ok(tokio::process::Command::new(pgherd_tests::agent_bin()?)
+        .args([verb, "--config"])
+        .arg(config)
+        .args(args)
+        .output()
+        .await?)
+}
+
 async fn take_backup(cluster: &Cluster) -> Result<serde_json::Value> {
     let b = cluster.ctl_json(&["backup"]).await?;
     ensure!(b["id"].is_string(), "backup printed {b}");
@@ -354,7 +368,6 @@ async fn wal_push_refuses_different_content_and_wal_fetch_detects_a_corrupted_se
         Ok(segs)
     })
     .await?;
-    let agent = pgherd_tests::agent_bin()?;
     let config = leader.config_path().to_path_buf();
     let scratch = tempfile::tempdir()?;
 
@@ -363,12 +376,7 @@ async fn wal_push_refuses_different_content_and_wal_fetch_detects_a_corrupted_se
     let before = std::fs::read(stored)?;
     let fake = scratch.path().join(name);
     std::fs::write(&fake, vec![0x55u8; 16 * 1024 * 1024])?;
-    let out = tokio::process::Command::new(&agent)
-        .args(["wal-push", "--config"])
-        .arg(&config)
-        .arg(&fake)
-        .output()
-        .await?;
+    let out = agent_wal("wal-push", &config, &[fake.as_ref()]).await?;
     ensure!(
         !out.status.success(),
         "wal-push of different content succeeded"
@@ -392,24 +400,13 @@ async fn wal_push_refuses_different_content_and_wal_fetch_detects_a_corrupted_se
     let real = scratch.path().join("real");
     std::fs::create_dir(&real)?;
     let fetched = real.join(name);
-    let out = tokio::process::Command::new(&agent)
-        .args(["wal-fetch", "--config"])
-        .arg(&config)
-        .arg(name)
-        .arg(&fetched)
-        .output()
-        .await?;
+    let out = agent_wal("wal-fetch", &config, &[name.as_ref(), fetched.as_ref()]).await?;
     ensure!(
         out.status.success(),
         "wal-fetch failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = tokio::process::Command::new(&agent)
-        .args(["wal-push", "--config"])
-        .arg(&config)
-        .arg(&fetched)
-        .output()
-        .await?;
+    let out = agent_wal("wal-push", &config, &[fetched.as_ref()]).await?;
     ensure!(
         out.status.success(),
         "re-pushing identical content failed: {}",
@@ -420,13 +417,7 @@ async fn wal_push_refuses_different_content_and_wal_fetch_detects_a_corrupted_se
     let (other_name, other_stored) = &segs[1];
     std::fs::copy(other_stored, stored)?;
     let dest = scratch.path().join("RECOVERYXLOG");
-    let out = tokio::process::Command::new(&agent)
-        .args(["wal-fetch", "--config"])
-        .arg(&config)
-        .arg(name)
-        .arg(&dest)
-        .output()
-        .await?;
+    let out = agent_wal("wal-fetch", &config, &[name.as_ref(), dest.as_ref()]).await?;
     ensure!(
         !out.status.success(),
         "wal-fetch of a corrupted segment succeeded"
@@ -436,13 +427,12 @@ async fn wal_push_refuses_different_content_and_wal_fetch_detects_a_corrupted_se
     ensure!(!dest.exists(), "wal-fetch left a file under the final name");
     ensure!(name != other_name);
     // Not in the archive at all: a clean non-zero exit PostgreSQL reads as "not found".
-    let out = tokio::process::Command::new(&agent)
-        .args(["wal-fetch", "--config"])
-        .arg(&config)
-        .args(["0000000900000000000000AA"])
-        .arg(&dest)
-        .output()
-        .await?;
+    let out = agent_wal(
+        "wal-fetch",
+        &config,
+        &["0000000900000000000000AA".as_ref(), dest.as_ref()],
+    )
+    .await?;
     ensure!(
         out.status.code() == Some(1),
         "missing file: {:?}",
@@ -803,16 +793,10 @@ async fn wal_push_answers_from_a_background_pusher_that_pushes_ahead_and_survive
         std::fs::write(pg_wal.join("archive_status").join(format!("{n}.ready")), "")?;
         contents.push(data);
     }
-    let agent = pgherd_tests::agent_bin()?;
     let push = |name: &str| {
-        let (agent, settings, file) = (agent.clone(), settings.clone(), pg_wal.join(name));
+        let (settings, file) = (settings.clone(), pg_wal.join(name));
         async move {
-            let out = tokio::process::Command::new(&agent)
-                .args(["wal-push", "--config"])
-                .arg(&settings)
-                .arg(&file)
-                .output()
-                .await?;
+            let out = agent_wal("wal-push", &settings, &[file.as_ref()]).await?;
             ensure!(
                 out.status.success(),
                 "wal-push {} failed: {}",
@@ -851,13 +835,7 @@ async fn wal_push_answers_from_a_background_pusher_that_pushes_ahead_and_survive
     // Everything is in the archive with its exact content.
     for (n, data) in names.iter().zip(&contents) {
         let dest = scratch.path().join("fetched");
-        let out = tokio::process::Command::new(&agent)
-            .args(["wal-fetch", "--config"])
-            .arg(&settings)
-            .arg(n)
-            .arg(&dest)
-            .output()
-            .await?;
+        let out = agent_wal("wal-fetch", &settings, &[n.as_ref(), dest.as_ref()]).await?;
         ensure!(
             out.status.success(),
             "wal-fetch {n}: {}",
