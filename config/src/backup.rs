@@ -44,6 +44,11 @@ pub struct BackupConfig {
     /// UTC), e.g. `"0 3 * * *"`.
     #[serde(default)]
     pub schedule: Option<String>,
+    /// When the leader takes a differential backup (cron expression, UTC), e.g. daily with a
+    /// weekly `schedule`: only the files changed since the newest full backup are stored. A
+    /// full backup is taken instead when there is none to build on.
+    #[serde(default)]
+    pub diff_schedule: Option<String>,
     /// When the leader runs `backup verify` on the newest backup (cron expression, UTC).
     #[serde(default)]
     pub verify_schedule: Option<String>,
@@ -485,6 +490,7 @@ impl BackupConfig {
         );
         for (key, expr) in [
             ("schedule", &self.schedule),
+            ("diff_schedule", &self.diff_schedule),
             ("verify_schedule", &self.verify_schedule),
         ] {
             if let Some(expr) = expr {

@@ -303,9 +303,16 @@ pub async fn restore(
         return Ok(());
     }
     // Bounded: a restore that does not finish in a day is reported, not waited for.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(24 * 3600);
     loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Quick looks while a small restore may end any moment, then calmer ones.
+        let pause = if started.elapsed() < Duration::from_secs(60) {
+            100
+        } else {
+            1000
+        };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
         let view = match target.dcs.load().await {
             Ok(v) => v,
             Err(_) if tokio::time::Instant::now() < deadline => continue,

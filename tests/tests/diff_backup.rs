@@ -234,3 +234,54 @@ async fn a_differential_backup_without_its_full_is_refused_naming_it_and_the_dat
     data_unchanged().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_schedule_takes_differential_backups_on_the_newest_full_and_a_full_when_there_is_none(
+) -> Result<()> {
+    // Full backups once a year (never during the test), differential ones every 5 s.
+    let cluster = Cluster::builder()
+        .members(1)
+        .backups()
+        .yaml("backup: {schedule: '0 0 0 1 1 *', diff_schedule: '*/5 * * * * *'}")
+        .configure()
+        .await?;
+    cluster.start_with_leader("node1", BRINGUP).await?;
+    sql_batch(
+        cluster.member("node1"),
+        "CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 10) g",
+    )
+    .await?;
+    let listed = pgherd_tests::wait_until(
+        Duration::from_secs(150),
+        "a scheduled full backup (none to build on) and a differential one on it",
+        || async {
+            let listed = cluster.ctl_json(&["backups"]).await?;
+            let all = listed.as_array().context("backups is no array")?.clone();
+            ensure!(
+                all.iter().any(|b| b["type"] == "diff"),
+                "no differential yet: {listed}"
+            );
+            Ok(all)
+        },
+    )
+    .await?;
+    // One full backup (the diff schedule's first, with none to build on), then only
+    // differential ones on it.
+    let first = &listed[0];
+    ensure!(
+        first["type"] == "full",
+        "the first backup is not a full one: {first}"
+    );
+    for b in &listed[1..] {
+        ensure!(
+            b["parent"] == first["id"],
+            "a differential not on the full: {b}"
+        );
+        ensure!(
+            b["member"] == "node1",
+            "taken by {} and not the leader",
+            b["member"]
+        );
+    }
+    Ok(())
+}

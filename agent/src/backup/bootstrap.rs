@@ -90,6 +90,7 @@ pub fn plan(cfg: &Arc<Config>, user: &OsUser, bin_dir: &Path) -> Result<Option<P
         compression_level: None,
         retention: Default::default(),
         schedule: None,
+        diff_schedule: None,
         verify_schedule: None,
         // The recovery of a restore is bounded like this member's own restores.
         timeout: cfg.backup.as_ref().map_or(3600, |b| b.timeout),

@@ -668,6 +668,9 @@ pub async fn run_restore(
 pub struct BackupSummary {
     pub count: usize,
     pub last_backup: Option<BackupInfo>,
+    /// The newest full backup (what `backup.schedule` counts from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_full: Option<BackupInfo>,
     pub last_verify: Option<VerifyResult>,
 }
 
@@ -688,6 +691,11 @@ pub fn summary(ctx: &BackupContext) -> Result<BackupSummary> {
     Ok(BackupSummary {
         count: backups.len(),
         last_backup: backups.last().cloned(),
+        last_full: backups
+            .iter()
+            .rev()
+            .find(|b| b.kind == BackupType::Full)
+            .cloned(),
         last_verify,
     })
 }
@@ -706,11 +714,12 @@ pub async fn run_schedules(
         e.as_ref()
             .and_then(|e| pgherd_config::backup::parse_schedule(e).ok())
     };
-    let (backup_cron, verify_cron) = (
+    let (backup_cron, diff_cron, verify_cron) = (
         parse(&ctx.backup.schedule),
+        parse(&ctx.backup.diff_schedule),
         parse(&ctx.backup.verify_schedule),
     );
-    if backup_cron.is_none() && verify_cron.is_none() {
+    if backup_cron.is_none() && diff_cron.is_none() && verify_cron.is_none() {
         return;
     }
     let started = chrono::Utc::now();
@@ -735,27 +744,38 @@ pub async fn run_schedules(
         let Ok(_guard) = busy.try_lock() else {
             continue;
         };
-        if let Some(cron) = &backup_cron {
-            if due(
-                cron,
-                last(sum.last_backup.as_ref().map(|b| b.start_time.as_str())),
-            ) {
-                tracing::info!(
-                    reason = "backup.schedule is due and I am the leader",
-                    "decision"
-                );
-                let (tx, _rx) = watch::channel(Progress::default());
-                match dcs.load().await {
-                    Ok(view) => {
-                        if let Err(e) =
-                            take_backup(&ctx, &pg, &view, false, BackupType::Full, &tx).await
-                        {
-                            tracing::warn!(error = %format!("{e:#}"), "scheduled backup failed");
-                        }
+        // A full backup is due after an occurrence of `schedule` since the newest full one,
+        // a differential after one of `diff_schedule` since the newest backup of any type;
+        // when both are, the full.
+        let newest_full = sum.last_full.as_ref().map(|b| b.start_time.as_str());
+        let newest = sum.last_backup.as_ref().map(|b| b.start_time.as_str());
+        let kind = if backup_cron
+            .as_ref()
+            .is_some_and(|c| due(c, last(newest_full)))
+        {
+            Some((
+                BackupType::Full,
+                "backup.schedule is due and I am the leader",
+            ))
+        } else if diff_cron.as_ref().is_some_and(|c| due(c, last(newest))) {
+            Some((
+                BackupType::Diff,
+                "backup.diff_schedule is due and I am the leader",
+            ))
+        } else {
+            None
+        };
+        if let Some((kind, reason)) = kind {
+            tracing::info!(reason, "decision");
+            let (tx, _rx) = watch::channel(Progress::default());
+            match dcs.load().await {
+                Ok(view) => {
+                    if let Err(e) = take_backup(&ctx, &pg, &view, false, kind, &tx).await {
+                        tracing::warn!(error = %format!("{e:#}"), "scheduled backup failed");
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "scheduled backup skipped: etcd unreadable")
-                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduled backup skipped: etcd unreadable")
                 }
             }
         }
