@@ -100,12 +100,14 @@ fn main() -> ExitCode {
                 let local;
                 let repo_sink;
                 let client;
+                // A directory is written directly, so archiving goes on while the agent
+                // is down; an object store only through the agent, which holds its keys.
                 let sink: &dyn w::WalSink = match (&wal.agent_socket, &wal.repository) {
-                    (Some(socket), _) => {
+                    (Some(socket), None) => {
                         client = walsocket::Client::new(socket.clone());
                         &client
                     }
-                    (None, Some(root)) => {
+                    (_, Some(root)) => {
                         local = LocalRepository::new(root);
                         repo_sink = w::RepoSink {
                             repo: &local,
@@ -127,17 +129,8 @@ fn main() -> ExitCode {
         }
         Some(Command::WalFetch { name, path }) => wal_command(cli.config, "wal-fetch", |wal| {
             use pgherd_agent::backup::{wal as w, walsocket};
-            match (&wal.agent_socket, &wal.repository) {
-                (Some(socket), _) => {
-                    let data = walsocket::Client::new(socket.clone())
-                        .fetch(&name)
-                        .map_err(|e| match e {
-                            walsocket::FetchError::NotFound(m) => WalFailure::NotFound(m),
-                            walsocket::FetchError::Failed(m) => WalFailure::Other(m),
-                        })?;
-                    w::write_fetched(&data, &path).map_err(|e| WalFailure::Other(e.to_string()))
-                }
-                (None, Some(root)) => w::fetch(
+            let direct = |root: &std::path::Path| {
+                w::fetch(
                     &pgherd_agent::backup::LocalRepository::new(root),
                     &name,
                     &path,
@@ -145,7 +138,25 @@ fn main() -> ExitCode {
                 .map_err(|e| match e {
                     w::WalError::NotFound(_) => WalFailure::NotFound(e.to_string()),
                     e => WalFailure::Other(e.to_string()),
-                }),
+                })
+            };
+            match (&wal.agent_socket, &wal.repository) {
+                (Some(socket), repository) => {
+                    let data = match walsocket::Client::new(socket.clone()).fetch(&name) {
+                        Ok(data) => data,
+                        Err(walsocket::FetchError::Unreachable(m)) => match repository {
+                            // No agent: the directory is there to read.
+                            Some(root) => return direct(root),
+                            None => return Err(WalFailure::Other(m)),
+                        },
+                        Err(walsocket::FetchError::NotFound(m)) => {
+                            return Err(WalFailure::NotFound(m))
+                        }
+                        Err(walsocket::FetchError::Failed(m)) => return Err(WalFailure::Other(m)),
+                    };
+                    w::write_fetched(&data, &path).map_err(|e| WalFailure::Other(e.to_string()))
+                }
+                (None, Some(root)) => direct(root),
                 (None, None) => Err(WalFailure::Other(NO_REPOSITORY.to_string())),
             }
         }),
@@ -330,7 +341,9 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
                 }
             }
         });
-        if let (true, Some(source)) = (ctx.backup.archive_through_agent(), &cfg.source) {
+        // wal-fetch asks the agent first for every repository (it fetches ahead); for an
+        // object store wal-push goes through it too.
+        if let Some(source) = &cfg.source {
             let socket = pgherd_agent::backup::walsocket::path_beside(source);
             let owner = agent.postgres().os_user().switch_to;
             let (c, stop) = (ctx.clone(), shutdown.clone());

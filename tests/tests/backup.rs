@@ -438,6 +438,19 @@ async fn wal_push_refuses_different_content_and_wal_fetch_detects_a_corrupted_se
         "missing file: {:?}",
         out.status
     );
+    // wal-fetch asks the running agent first; with no agent it reads the directory itself.
+    leader.stop().await?;
+    let dest = scratch.path().join("without-agent");
+    let out = agent_wal("wal-fetch", &config, &[other_name.as_ref(), dest.as_ref()]).await?;
+    ensure!(
+        out.status.success(),
+        "wal-fetch without the agent failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        std::fs::metadata(&dest)?.len() == SEGMENT_SIZE,
+        "a short segment came back"
+    );
     Ok(())
 }
 

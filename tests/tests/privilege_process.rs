@@ -456,7 +456,13 @@ async fn wal_push_and_fetch_run_as_postgres_without_reading_the_member_config() 
         other => bail!("{} is not a mapping: {other:?}", settings.display()),
     };
     ensure!(
-        keys == ["repository", "compression", "compression_level", "parallel"],
+        keys == [
+            "repository",
+            "agent_socket",
+            "compression",
+            "compression_level",
+            "parallel"
+        ],
         "{}: {keys:?}",
         settings.display()
     );

@@ -37,8 +37,11 @@ pub struct WalSettings {
     /// `wal-push` and `wal-fetch` reach it themselves (a directory repository).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<PathBuf>,
-    /// The agent's socket, when they go through the agent
-    /// (`backup.archive.through_agent`, always for an object store).
+    /// The agent's socket. `wal-push` and `wal-fetch` go through it when there is no
+    /// `repository` (`backup.archive.through_agent`, always for an object store); with a
+    /// directory repository `wal-fetch` still asks the running agent first (which fetches
+    /// ahead, `backup.archive.prefetch`) and reads the directory itself when no agent
+    /// answers, and `wal-push` writes the directory itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_socket: Option<PathBuf>,
     pub compression: Compression,
@@ -63,10 +66,7 @@ impl WalSettings {
             } else {
                 super::repository_root(cfg, backup)
             },
-            agent_socket: match (&cfg.source, through_agent) {
-                (Some(source), true) => Some(super::walsocket::path_beside(source)),
-                _ => None,
-            },
+            agent_socket: cfg.source.as_deref().map(super::walsocket::path_beside),
             compression: backup.compression,
             compression_level: backup.level(),
             parallel: backup.archive_parallel(),
@@ -658,7 +658,19 @@ mod tests {
         let mut text = include_str!("../../../config/examples/minimal.yml").to_string();
         text.push_str("backup: {repository: /srv/repo, compression: gzip}\n");
         std::fs::write(&member, text).unwrap();
-        assert_eq!(WalSettings::load(&member).unwrap(), w);
+        // (It names the socket of that member's agent, which wal-fetch asks first.)
+        let loaded = WalSettings::load(&member).unwrap();
+        assert_eq!(
+            loaded.agent_socket,
+            Some(dir.path().join("member.wal.sock"))
+        );
+        assert_eq!(
+            WalSettings {
+                agent_socket: None,
+                ..loaded
+            },
+            w
+        );
         std::fs::write(&member, "repository: /x\ncompression: zstd\nsecret: 1\n").unwrap();
         assert!(WalSettings::load(&member).is_err());
         // An object store: wal-push and wal-fetch get the agent's socket and nothing of the

@@ -96,7 +96,7 @@ pub async fn serve(
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
             .with_context(|| format!("cannot chmod {}", path.display()))?;
     }
-    tracing::info!(socket = %path.display(), "serving wal-push and wal-fetch through the agent (backup.archive.through_agent)");
+    tracing::info!(socket = %path.display(), "serving wal-fetch (with prefetch) and, for backup.archive.through_agent, wal-push through the agent");
     let server = Arc::new(Server {
         prefetch: ctx.backup.archive_prefetch(),
         ctx,
@@ -290,6 +290,8 @@ pub struct Client {
 /// What a fetch through the agent ended with.
 pub enum FetchError {
     NotFound(String),
+    /// No agent (or not root's) at the socket: a directory repository is read directly.
+    Unreachable(String),
     Failed(String),
 }
 
@@ -361,7 +363,7 @@ impl Client {
     }
 
     pub fn fetch(&self, name: &str) -> Result<Vec<u8>, FetchError> {
-        let mut s = self.connect().map_err(FetchError::Failed)?;
+        let mut s = self.connect().map_err(FetchError::Unreachable)?;
         s.write_all(format!("FETCH {name}\n").as_bytes())
             .map_err(|e| FetchError::Failed(format!("cannot ask the agent for {name}: {e}")))?;
         let mut r = BufReader::new(s);
