@@ -118,13 +118,36 @@ fn main() -> ExitCode {
                     }
                     (None, None) => return Err(WalFailure::Other(NO_REPOSITORY.to_string())),
                 };
+                // Statuses count only for pushes made with these very settings; a pusher
+                // whose settings changed (another repository) stops.
+                let settings = walasync::fingerprint(&wal.render());
                 if pusher {
-                    return walasync::run_pusher(&path, wal.parallel, sink, walasync::PUSHER_IDLE)
-                        .map_err(|e| WalFailure::Other(e.to_string()));
+                    let current = || {
+                        config.as_deref().is_some_and(|c| {
+                            w::WalSettings::load(c)
+                                .is_ok_and(|now| walasync::fingerprint(&now.render()) == settings)
+                        })
+                    };
+                    return walasync::run_pusher(
+                        &path,
+                        wal.parallel,
+                        sink,
+                        walasync::PUSHER_IDLE,
+                        &settings,
+                        &current,
+                    )
+                    .map_err(|e| WalFailure::Other(e.to_string()));
                 }
                 let start = |pg_wal: &std::path::Path| start_pusher(config.as_deref(), pg_wal);
-                walasync::push(&path, wal.parallel, sink, &start, walasync::PATIENCE)
-                    .map_err(WalFailure::Other)
+                walasync::push(
+                    &path,
+                    wal.parallel,
+                    sink,
+                    &start,
+                    walasync::PATIENCE,
+                    &settings,
+                )
+                .map_err(WalFailure::Other)
             })
         }
         Some(Command::WalFetch { name, path }) => wal_command(cli.config, "wal-fetch", |wal| {
@@ -144,15 +167,18 @@ fn main() -> ExitCode {
                 (Some(socket), repository) => {
                     let data = match walsocket::Client::new(socket.clone()).fetch(&name) {
                         Ok(data) => data,
-                        Err(walsocket::FetchError::Unreachable(m)) => match repository {
-                            // No agent: the directory is there to read.
-                            Some(root) => return direct(root),
-                            None => return Err(WalFailure::Other(m)),
-                        },
                         Err(walsocket::FetchError::NotFound(m)) => {
                             return Err(WalFailure::NotFound(m))
                         }
-                        Err(walsocket::FetchError::Failed(m)) => return Err(WalFailure::Other(m)),
+                        // No agent, or one that restarted or failed while answering: a
+                        // directory is there to read (and says itself what is wrong with it).
+                        Err(
+                            walsocket::FetchError::Unreachable(m)
+                            | walsocket::FetchError::Failed(m),
+                        ) => match repository {
+                            Some(root) => return direct(root),
+                            None => return Err(WalFailure::Other(m)),
+                        },
                     };
                     w::write_fetched(&data, &path).map_err(|e| WalFailure::Other(e.to_string()))
                 }

@@ -506,9 +506,10 @@ pub async fn run_restore(
     lease: LeaseCheck,
     sync_claim: Option<SyncClaim>,
 ) -> Result<()> {
-    lease.ensure(&format!("start restore {}", key.id))?;
-    // The previous restore's old data may still be going (removed after it reported).
+    // The previous restore's old data may still be going (removed after it reported);
+    // the lease is checked after that wait.
     let removing = REMOVING.lock().await;
+    lease.ensure(&format!("start restore {}", key.id))?;
     let backup_id = key.backup_id.clone();
     let info = ctx
         .blocking(move |c| Ok(c.catalog().get(&backup_id)?))
@@ -633,7 +634,10 @@ pub async fn run_restore(
             // next restore waits for it, an agent stopped meanwhile finishes it at start.
             tokio::spawn(async move {
                 let _removing = removing;
-                if let Err(e) = tablespace::drop_aside(&moved) {
+                let dropped = tokio::task::spawn_blocking(move || tablespace::drop_aside(&moved))
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("the removal task died: {e}")));
+                if let Err(e) = dropped {
                     tracing::warn!(error = %format!("{e:#}"), "cannot remove the tablespaces the restore replaced; the agent removes them at its next start");
                 }
                 if let Err(e) = remove_tree(obsolete.clone()).await {

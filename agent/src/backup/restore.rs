@@ -115,17 +115,32 @@ pub async fn extract(
             .with_context(|| format!("cannot create {}", shown.display()))?;
         let owner = ctx.user.switch_to;
         let what = format!("backup {}", info.id);
-        unpack_checked(
-            &ctx,
-            &info.file,
-            &info.sha256,
-            &what,
-            &dest,
-            &untar::Options::all(),
-        )
-        .with_context(|| format!("cannot unpack {what} into {}", shown.display()))?;
-        if let Some(chain) = &chain {
-            fill_from_full(&ctx, chain, files::BASE, &dest)?;
+        let own = || {
+            unpack_checked(
+                &ctx,
+                &info.file,
+                &info.sha256,
+                &what,
+                &dest,
+                &untar::Options::all(),
+            )
+            .with_context(|| format!("cannot unpack {what} into {}", shown.display()))
+        };
+        match &chain {
+            None => {
+                own()?;
+            }
+            // The differential's files and those it takes from its full backup are
+            // disjoint: both stored files are read, decompressed and unpacked at once.
+            Some(chain) => std::thread::scope(|s| -> Result<()> {
+                let full = s.spawn(|| fill_from_full(&ctx, chain, files::BASE, &dest));
+                let mine = own();
+                let full = full
+                    .join()
+                    .map_err(|_| anyhow!("the unpack of the full backup's files panicked"))?;
+                mine?;
+                full
+            })?,
         }
         tablespace::unpack_all(&ctx, &info, &dest, &places, chain.as_ref())?;
         dest.chmod(0o700)?;
@@ -185,8 +200,9 @@ pub fn load_chain(ctx: &BackupContext, info: &BackupInfo) -> Result<Option<Chain
 
 /// Unpacks into `dest` the files of archive `archive` (`base` or a tablespace's OID) that a
 /// differential backup takes from its full backup, and checks that all of them were there.
-/// The differential's own files are unpacked first; untar creates every file with
-/// `O_EXCL`, so nothing of the differential's is overwritten. Blocking.
+/// It may run while the differential's own files are unpacked: untar creates every file
+/// with `O_EXCL`, so a file in both (which a sound file list never has) fails the restore
+/// rather than being overwritten. Blocking.
 pub fn fill_from_full(ctx: &BackupContext, chain: &Chain, archive: &str, dest: &Dir) -> Result<()> {
     let full = &chain.full;
     let wanted = chain.list.taken_from(&full.id, archive);

@@ -44,6 +44,13 @@ pub const PUSHER_IDLE: Duration = Duration::from_secs(2);
 /// How long `wal-push` waits for the pusher before it pushes its file itself.
 pub const PATIENCE: Duration = Duration::from_secs(600);
 
+/// A short fingerprint of the WAL settings (their YAML): a status counts only for pushes
+/// made with the same settings, so a pusher started before the repository changed cannot
+/// answer for the new one.
+pub fn fingerprint(settings: &str) -> String {
+    compress::sha256_hex(settings.as_bytes())[..16].to_string()
+}
+
 /// A running pusher `wal-push` started and watches.
 pub trait Running {
     /// Whether it still runs.
@@ -108,15 +115,17 @@ impl Spool {
         self.dir.join(format!("{name}.{kind}"))
     }
 
-    /// Whether the pusher stored exactly the file `name` that is on disk now.
-    fn stored(&self, name: &str) -> bool {
+    /// Whether a pusher with settings `settings` stored exactly the file `name` that is on
+    /// disk now.
+    fn stored(&self, name: &str, settings: &str) -> bool {
         let Ok(text) = read_small(&self.marker(name, "ok")) else {
             return false;
         };
         let Ok(now) = std::fs::metadata(self.pg_wal.join(name)) else {
             return false;
         };
-        text.split_whitespace().nth(1) == Some(Identity::of(&now).0.as_str())
+        let mut fields = text.split_whitespace().skip(1);
+        fields.next() == Some(Identity::of(&now).0.as_str()) && fields.next() == Some(settings)
     }
 
     /// The pusher's error for `name`, removed: the caller pushes the file itself, and
@@ -263,6 +272,7 @@ pub fn push(
     sink: &dyn WalSink,
     start: &dyn Fn(&Path) -> std::io::Result<Box<dyn Running>>,
     patience: Duration,
+    settings: &str,
 ) -> Result<(), String> {
     let name = path
         .file_name()
@@ -284,7 +294,7 @@ pub fn push(
     let mut mine: Option<Box<dyn Running>> = None;
     let mut started = 0;
     loop {
-        if spool.stored(&name) {
+        if spool.stored(&name, settings) {
             // PostgreSQL marks it archived next; a pusher looking in between only pushes
             // it again, which the repository answers as archived already.
             let _ = std::fs::remove_file(spool.marker(&name, "ok"));
@@ -297,7 +307,7 @@ pub fn push(
         let alive = mine.as_mut().is_some_and(|p| p.alive()) || spool.pusher_running();
         if !alive {
             // It may have stored the file just before it left.
-            if spool.stored(&name) {
+            if spool.stored(&name, settings) {
                 let _ = std::fs::remove_file(spool.marker(&name, "ok"));
                 return Ok(());
             }
@@ -318,13 +328,16 @@ pub fn push(
 }
 
 /// The background pusher of `pg_wal`: stores every waiting WAL file, `parallel` at a time,
-/// writing each one's status, until nothing has waited for `idle`. Returns at once when
-/// another pusher runs.
+/// writing each one's status (with `settings`, the fingerprint of the settings it pushes
+/// with), until nothing has waited for `idle`, `current` says the settings changed, or a
+/// status cannot be written. Returns at once when another pusher runs.
 pub fn run_pusher(
     pg_wal: &Path,
     parallel: u32,
     sink: &dyn WalSink,
     idle: Duration,
+    settings: &str,
+    current: &dyn Fn() -> bool,
 ) -> std::io::Result<()> {
     let spool = Spool::open(pg_wal)?;
     // The wal-push that started this one may be checking the lock this very moment.
@@ -340,13 +353,18 @@ pub fn run_pusher(
     };
     let mut last_work = Instant::now();
     loop {
+        if !current() {
+            return Err(std::io::Error::other(
+                "the WAL settings changed: a pusher started with the new ones takes over",
+            ));
+        }
         spool.clean();
         let todo: Vec<String> = spool
             .ready()
             .into_iter()
             // A status of another file under the same name (replaced since) does not
             // count: that file is pushed, and its conflict, if any, reported.
-            .filter(|n| !spool.stored(n) && !spool.marker(n, "error").exists())
+            .filter(|n| !spool.stored(n, settings) && !spool.marker(n, "error").exists())
             .collect();
         if todo.is_empty() {
             if last_work.elapsed() > idle || !pg_wal.is_dir() {
@@ -356,6 +374,7 @@ pub fn run_pusher(
             continue;
         }
         let queue = std::sync::Mutex::new(todo.into_iter());
+        let unwritable = std::sync::Mutex::new(None);
         let work = || loop {
             let Some(name) = queue.lock().ok().and_then(|mut q| q.next()) else {
                 return;
@@ -365,12 +384,18 @@ pub fn run_pusher(
                 .and_then(|(data, identity)| {
                     let sha = compress::sha256_hex(&data);
                     sink.push(&name, &sha, &data)?;
-                    Ok(format!("{sha} {}\n", identity.0))
+                    Ok(format!("{sha} {} {settings}\n", identity.0))
                 });
-            let _ = match outcome {
+            let written = match outcome {
                 Ok(text) => spool.write(&name, "ok", &text),
                 Err(e) => spool.write(&name, "error", &format!("{e}\n")),
             };
+            if let Err(e) = written {
+                // Without its status nobody learns the outcome: the pusher stops, and
+                // each wal-push pushes its own file.
+                *unwritable.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                return;
+            }
         };
         std::thread::scope(|s| {
             for _ in 1..parallel.max(1) {
@@ -378,6 +403,12 @@ pub fn run_pusher(
             }
             work();
         });
+        if let Some(e) = unwritable.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot write a status in {}: {e}", spool.dir.display()),
+            ));
+        }
         last_work = Instant::now();
     }
 }
@@ -464,7 +495,15 @@ mod tests {
             *starts.lock().unwrap() += 1;
             let (store, pg_wal) = (store.clone(), pg_wal.to_path_buf());
             Ok(Box::new(Thread(std::thread::spawn(move || {
-                run_pusher(&pg_wal, 2, &*store, Duration::from_millis(300)).unwrap();
+                run_pusher(
+                    &pg_wal,
+                    2,
+                    &*store,
+                    Duration::from_millis(300),
+                    "S",
+                    &|| true,
+                )
+                .unwrap();
             }))) as Box<dyn Running>)
         }
     }
@@ -479,7 +518,14 @@ mod tests {
         names
             .iter()
             .map(|n| {
-                let r = push(&pg_wal.join(n), 2, &**store, start, Duration::from_secs(20));
+                let r = push(
+                    &pg_wal.join(n),
+                    2,
+                    &**store,
+                    start,
+                    Duration::from_secs(20),
+                    "S",
+                );
                 if r.is_ok() {
                     let s = pg_wal.join("archive_status");
                     std::fs::rename(s.join(format!("{n}.ready")), s.join(format!("{n}.done")))
@@ -529,7 +575,7 @@ mod tests {
             vec![Ok(())]
         );
         // (A pusher that is still running cleans up on its next look; this one, if none.)
-        run_pusher(&pg_wal, 2, &*store, Duration::ZERO).unwrap();
+        run_pusher(&pg_wal, 2, &*store, Duration::ZERO, "S", &|| true).unwrap();
         let spool = pg_wal.join(SPOOL);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -555,6 +601,7 @@ mod tests {
             &*store,
             &start,
             Duration::from_secs(5),
+            "S",
         )
         .unwrap();
         assert!(!pg_wal2.join(SPOOL).exists());
@@ -565,6 +612,7 @@ mod tests {
             &*store,
             &start,
             Duration::from_secs(5),
+            "S",
         )
         .unwrap();
         assert!(store.names().contains(&seg(8)));
@@ -575,7 +623,8 @@ mod tests {
             2,
             &*store,
             &start,
-            Duration::from_secs(5)
+            Duration::from_secs(5),
+            "S",
         )
         .is_err());
     }
@@ -588,7 +637,7 @@ mod tests {
         let (n1, n2) = (seg(1), seg(2));
         let (_dir, pg_wal) = pg_wal_with(&[(&n1, 0xA), (&n2, 1)]);
         let store = Arc::new(Store::default());
-        run_pusher(&pg_wal, 2, &*store, Duration::ZERO).unwrap();
+        run_pusher(&pg_wal, 2, &*store, Duration::ZERO, "S", &|| true).unwrap();
         assert_eq!(store.names(), vec![n1.clone(), n2.clone()]);
         for n in [&n1, &n2] {
             assert!(pg_wal.join(SPOOL).join(format!("{n}.ok")).exists());
@@ -606,7 +655,15 @@ mod tests {
         let starts = Arc::new(Mutex::new(0));
         let start = starter(store.clone(), starts.clone());
         for n in [&n1, &n2] {
-            let e = push(&pg_wal.join(n), 2, &*store, &start, Duration::from_secs(20)).unwrap_err();
+            let e = push(
+                &pg_wal.join(n),
+                2,
+                &*store,
+                &start,
+                Duration::from_secs(20),
+                "S",
+            )
+            .unwrap_err();
             assert!(e.contains("other content"), "{n}: {e}");
         }
     }
@@ -632,6 +689,7 @@ mod tests {
             &*store,
             &dying,
             Duration::from_secs(20),
+            "S",
         )
         .unwrap();
         assert_eq!(store.names(), vec![n.clone()]);
@@ -654,7 +712,8 @@ mod tests {
             2,
             &*store,
             &dying,
-            Duration::from_secs(20)
+            Duration::from_secs(20),
+            "S",
         )
         .is_err());
         // A planted status of a file never stored (no identity match) is no answer either.
@@ -676,8 +735,39 @@ mod tests {
             2,
             &*store,
             &dying,
-            Duration::from_secs(20)
+            Duration::from_secs(20),
+            "S",
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_status_written_with_other_settings_is_no_answer_and_such_a_pusher_stops() {
+        // A pusher of the old settings (another repository) stored 01 there; the new
+        // settings' repository does not have it: wal-push must push it there itself.
+        let n = seg(1);
+        let (_dir, pg_wal) = pg_wal_with(&[(&n, 1)]);
+        let old = Arc::new(Store::default());
+        run_pusher(&pg_wal, 2, &*old, Duration::ZERO, "OLD", &|| true).unwrap();
+        assert_eq!(old.names(), vec![n.clone()]);
+        let new = Arc::new(Store::default());
+        new.failing.lock().unwrap().push(n.clone());
+        let starts = Arc::new(Mutex::new(0));
+        let start = starter(new.clone(), starts.clone());
+        // (The test's starter gives its pushers the settings "S".)
+        let e = push(
+            &pg_wal.join(&n),
+            2,
+            &*new,
+            &start,
+            Duration::from_secs(20),
+            "NEW",
+        );
+        assert!(e.unwrap_err().contains("store unreachable"));
+        // A pusher whose settings are no longer current stops before pushing anything.
+        let (_dir2, pg_wal2) = pg_wal_with(&[(&seg(2), 2)]);
+        let gone = Store::default();
+        assert!(run_pusher(&pg_wal2, 2, &gone, Duration::ZERO, "OLD", &|| false).is_err());
+        assert!(gone.names().is_empty());
     }
 }

@@ -233,12 +233,14 @@ impl Server {
         };
         let ahead = self.prefetched.lock().unwrap().remove(name);
         self.prefetch_after(&parsed);
+        let fetched_ahead = ahead.is_some();
         let mut got = match ahead {
             Some(p) => p.await,
             None => self.start_fetch(name).await,
         };
-        // A segment fetched ahead before it was archived: ask again.
-        if matches!(got, Fetched::NotFound(_)) {
+        // A segment fetched ahead before it was archived, or while the store failed: asked
+        // again, so only a fetch made for this request answers.
+        if fetched_ahead && !matches!(got, Fetched::Data(_)) {
             got = self.start_fetch(name).await;
         }
         match got {
