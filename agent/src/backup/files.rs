@@ -278,9 +278,11 @@ fn write_differences(
             let written_since = before.is_none_or(|b| {
                 b.size != size || matches!((b.mtime, mtime), (Some(a), Some(m)) if a != m)
             });
-            if always_stored(&name) || written_since {
+            let captured = capture.contains(&name.as_str());
+            // (Captured entries are small texts that describe the backup, always stored.)
+            if always_stored(&name) || written_since || captured {
                 // Stored: streamed into the tar, hashed on the way.
-                let sha256 = if capture.contains(&name.as_str()) {
+                let sha256 = if captured {
                     let mut text = String::new();
                     entry.read_to_string(&mut text)?;
                     builder.append_data(&mut header, &path, text.as_bytes())?;
@@ -313,11 +315,6 @@ fn write_differences(
             let read = std::io::copy(&mut entry, &mut hashed)?;
             let sha256 = hashed.hex();
             let unchanged = before.is_some_and(|b| b.size == read && b.sha256 == sha256);
-            if capture.contains(&name.as_str()) {
-                let mut text = String::new();
-                spool.reader()?.read_to_string(&mut text)?;
-                scanned.captured.insert(name.clone(), text);
-            }
             if !unchanged {
                 builder.append_data(&mut header, &path, spool.reader()?)?;
             }

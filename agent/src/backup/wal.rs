@@ -386,16 +386,22 @@ pub fn push(
 
 /// The name and content of the WAL file at `path`, its name checked.
 pub fn read_wal_file(path: &Path) -> Result<(String, Vec<u8>), WalError> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    WalName::parse(&name)?;
+    let name = wal_name_of(path)?;
     let data = std::fs::read(path).map_err(|source| WalError::Read {
         path: path.display().to_string(),
         source,
     })?;
     Ok((name, data))
+}
+
+/// The file name of `path`, checked to be a WAL file name.
+pub fn wal_name_of(path: &Path) -> Result<String, WalError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    WalName::parse(&name)?;
+    Ok(name)
 }
 
 /// Archives `data` as WAL file `name`.

@@ -274,11 +274,7 @@ pub fn push(
     patience: Duration,
     settings: &str,
 ) -> Result<(), String> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    WalName::parse(&name).map_err(|e| e.to_string())?;
+    let name = super::wal::wal_name_of(path).map_err(|e| e.to_string())?;
     let pg_wal = match path.parent() {
         Some(p) if p.as_os_str().is_empty() => Path::new("."),
         Some(p) => p,
@@ -290,14 +286,20 @@ pub fn push(
         Some(Ok(spool)) => spool,
         _ => return push_one(path, sink),
     };
+    // PostgreSQL marks it archived next; a pusher looking in between only pushes it
+    // again, which the repository answers as archived already.
+    let acknowledged = || {
+        let stored = spool.stored(&name, settings);
+        if stored {
+            let _ = std::fs::remove_file(spool.marker(&name, "ok"));
+        }
+        stored
+    };
     let deadline = Instant::now() + patience;
     let mut mine: Option<Box<dyn Running>> = None;
     let mut started = 0;
     loop {
-        if spool.stored(&name, settings) {
-            // PostgreSQL marks it archived next; a pusher looking in between only pushes
-            // it again, which the repository answers as archived already.
-            let _ = std::fs::remove_file(spool.marker(&name, "ok"));
+        if acknowledged() {
             return Ok(());
         }
         if spool.take_error(&name).is_some() {
@@ -307,8 +309,7 @@ pub fn push(
         let alive = mine.as_mut().is_some_and(|p| p.alive()) || spool.pusher_running();
         if !alive {
             // It may have stored the file just before it left.
-            if spool.stored(&name, settings) {
-                let _ = std::fs::remove_file(spool.marker(&name, "ok"));
+            if acknowledged() {
                 return Ok(());
             }
             if started == 2 {
