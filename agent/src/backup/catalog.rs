@@ -632,6 +632,7 @@ mod tests {
     fn a_crafted_backup_json_names_no_path_outside_its_folder() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("repo");
+        std::fs::create_dir(&root).unwrap();
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "keep").unwrap();
         let repo = LocalRepository::new(&root);

@@ -422,6 +422,10 @@ impl Repository for EncryptedRepository {
         self.inner.describe(key)
     }
 
+    fn make_durable(&self, key: &str) -> Result<(), RepoError> {
+        self.inner.make_durable(key)
+    }
+
     fn as_local(&self) -> Option<&LocalRepository> {
         self.inner.as_local()
     }
@@ -437,6 +441,7 @@ mod tests {
 
     fn repo(keys: &str) -> (tempfile::TempDir, EncryptedRepository) {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("r")).unwrap();
         let inner = Arc::new(LocalRepository::new(dir.path().join("r")));
         let r = EncryptedRepository::new(inner, Keys::parse(keys, "test").unwrap());
         (dir, r)

@@ -88,6 +88,9 @@ pub trait Repository: Send + Sync {
     fn create_folder(&self, key: &str) -> Result<bool, RepoError>;
     /// A human-readable location, for messages.
     fn describe(&self, key: &str) -> String;
+    /// Makes the stored object `key` durable: for one found stored rather than just
+    /// written (an earlier writer may have crashed after its rename, before its fsync).
+    fn make_durable(&self, key: &str) -> Result<(), RepoError>;
     /// The directory repository behind this one, if it is one (only a directory has
     /// folders to create with owners and modes).
     fn as_local(&self) -> Option<&LocalRepository> {
@@ -158,7 +161,10 @@ fn split_key(key: &str) -> Result<(Vec<&str>, &str), RepoError> {
 }
 
 impl LocalRepository {
-    /// The repository at `root` (created on first write).
+    /// The repository at `root`. Writes never create `root` itself: the agent does, with
+    /// its owners and modes ([`super::BackupContext::prepare`]), and a root that vanished
+    /// (an unmounted file system, a removed test directory) must fail the write, not be
+    /// replaced by an empty folder on whatever lies beneath.
     pub fn new(root: impl Into<PathBuf>) -> LocalRepository {
         LocalRepository { root: root.into() }
     }
@@ -197,11 +203,18 @@ impl LocalRepository {
         Ok(Some(cur))
     }
 
-    /// The folder `dirs`, created 0700 where missing (each new folder's parent fsynced so
-    /// the entry survives a crash).
+    /// The folder `dirs`, created 0700 where missing below the root (each new folder's
+    /// parent fsynced so the entry survives a crash). The root must exist.
     fn create_dirs(&self, dirs: &[&str]) -> Result<Dir, RepoError> {
-        let mut cur =
-            Dir::create_all(&self.root, 0o700).map_err(|e| RepoError::io(&self.root, e))?;
+        let Some(mut cur) = self.open_root()? else {
+            return Err(RepoError::io(
+                &self.root,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the repository folder does not exist (the agent creates it at start; is its file system mounted?)",
+                ),
+            ));
+        };
         for d in dirs {
             let (next, created) = cur
                 .ensure_dir(d, 0o700)
@@ -277,6 +290,42 @@ impl Repository for LocalRepository {
             let _ = dir.remove_file(&tmp);
         }
         result
+    }
+
+    fn make_durable(&self, key: &str) -> Result<(), RepoError> {
+        let (dirs, name) = split_key(key)?;
+        if name.is_empty() {
+            return Err(RepoError::BadKey(key.to_string()));
+        }
+        let mut chain = vec![self
+            .open_root()?
+            .ok_or_else(|| RepoError::NotFound(self.describe(key)))?];
+        for d in &dirs {
+            let cur = chain.last().expect("the root is first");
+            let next = match cur.open_dir(d) {
+                Ok(next) => next,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(RepoError::NotFound(self.describe(key)))
+                }
+                Err(e) => return Err(RepoError::io(cur.join(d), e)),
+            };
+            chain.push(next);
+        }
+        let dir = chain.last().expect("the root is first");
+        let file = match dir.open_file(name) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(RepoError::NotFound(self.describe(key)))
+            }
+            Err(e) => return Err(RepoError::io(dir.join(name), e)),
+        };
+        file.sync_all()
+            .map_err(|e| RepoError::io(dir.join(name), e))?;
+        // Its entry, and each folder's entry in its parent, from the bottom up.
+        for d in chain.iter().rev() {
+            d.sync().map_err(|e| RepoError::io(d.path(), e))?;
+        }
+        Ok(())
     }
 
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, RepoError> {
@@ -388,6 +437,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_vanished_root_is_never_created_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // An unmounted file system or a removed folder: the configured directory is gone.
+        let root = dir.path().join("mnt/repository/cluster");
+        let repo = LocalRepository::new(&root);
+        let e = repo
+            .put("wal/0000000100000000/x", &mut |w| w.write_all(b"data"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mnt/repository/cluster") && e.contains("does not exist"),
+            "{e}"
+        );
+        assert!(!dir.path().join("mnt").exists());
+        // Reading an absent repository finds nothing, and creates nothing either.
+        assert!(repo.list("wal/").unwrap().is_empty());
+        assert!(matches!(
+            repo.make_durable("wal/x"),
+            Err(RepoError::NotFound(_))
+        ));
+        assert!(!dir.path().join("mnt").exists());
+        // Folders below an existing root are created.
+        std::fs::create_dir_all(&root).unwrap();
+        repo.put("wal/0000000100000000/x", &mut |w| w.write_all(b"data"))
+            .unwrap();
+        repo.make_durable("wal/0000000100000000/x").unwrap();
+        assert!(root.join("wal/0000000100000000/x").is_file());
+    }
+
+    #[test]
     fn put_is_all_or_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let repo = LocalRepository::new(dir.path());
@@ -456,6 +535,7 @@ mod tests {
         std::fs::create_dir(&outside).unwrap();
         std::fs::write(outside.join("secret"), "s").unwrap();
         let root = dir.path().join("repo");
+        std::fs::create_dir(&root).unwrap();
         let repo = LocalRepository::new(&root);
         repo.put("backups/b1/backup.json", &mut |w| w.write_all(b"{}"))
             .unwrap();

@@ -416,7 +416,10 @@ pub fn push_bytes(
     let name = name.to_string();
     let ours = compress::sha256_hex(data);
     let existing = find(repo, &name)?;
-    if existing.iter().any(|a| a.sha256 == ours) {
+    if let Some(a) = existing.iter().find(|a| a.sha256 == ours) {
+        // Stored by an earlier push that may have died between its rename and its fsync:
+        // acknowledged only once durable.
+        repo.make_durable(&a.key)?;
         return Ok(Pushed::AlreadyArchived);
     }
     // A .partial file is never restored; two promotions from the same point (two restores
@@ -462,7 +465,12 @@ impl WalSink for RepoSink<'_> {
     }
 
     fn done(&self, name: &str, sha: &str) -> bool {
-        find(self.repo, name).is_ok_and(|found| found.iter().any(|a| a.sha256 == sha))
+        find(self.repo, name).is_ok_and(|found| {
+            found
+                .iter()
+                .find(|a| a.sha256 == sha)
+                .is_some_and(|a| self.repo.make_durable(&a.key).is_ok())
+        })
     }
 }
 
@@ -767,6 +775,79 @@ mod tests {
         let dest = src.path().join("RECOVERYXLOG");
         fetch(&repo, name, &dest).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), vec![7u8; 1 << 16]);
+    }
+
+    /// A directory repository whose fsync fails (a disk error), counting the attempts.
+    struct FailingSync(LocalRepository, std::sync::Mutex<Vec<String>>);
+
+    impl Repository for FailingSync {
+        fn put(
+            &self,
+            key: &str,
+            source: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+        ) -> Result<u64, RepoError> {
+            self.0.put(key, source)
+        }
+        fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, RepoError> {
+            self.0.open(key)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<super::super::repo::Entry>, RepoError> {
+            self.0.list(prefix)
+        }
+        fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, RepoError> {
+            self.0.list_dirs(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<(), RepoError> {
+            self.0.delete(key)
+        }
+        fn create_folder(&self, key: &str) -> Result<bool, RepoError> {
+            self.0.create_folder(key)
+        }
+        fn describe(&self, key: &str) -> String {
+            self.0.describe(key)
+        }
+        fn make_durable(&self, key: &str) -> Result<(), RepoError> {
+            self.1.lock().unwrap().push(key.to_string());
+            Err(RepoError::io(
+                self.0.path(key),
+                std::io::Error::other("fsync: Input/output error"),
+            ))
+        }
+    }
+
+    #[test]
+    fn a_file_found_archived_is_acknowledged_only_once_made_durable() {
+        let repo_dir = tempfile::tempdir().unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let name = "000000010000000000000003";
+        let p = segment(src.path(), name, 3);
+        let repo = FailingSync(
+            LocalRepository::new(repo_dir.path()),
+            std::sync::Mutex::new(Vec::new()),
+        );
+        // Stored by an earlier push that died after its rename, before its fsync: the
+        // retry finds it, and cannot make it durable here.
+        assert_eq!(
+            push(&repo, &p, Compression::Zstd, 3).unwrap(),
+            Pushed::Stored
+        );
+        let err = push(&repo, &p, Compression::Zstd, 3).unwrap_err();
+        assert!(err.to_string().contains("Input/output error"), "{err}");
+        let stored = list_archive(&repo).unwrap().remove(0).key;
+        assert_eq!(*repo.1.lock().unwrap(), vec![stored.clone()]);
+        let data = std::fs::read(&p).unwrap();
+        let sink = RepoSink {
+            repo: &repo,
+            compression: Compression::Zstd,
+            level: 3,
+        };
+        assert!(!sink.done(name, &compress::sha256_hex(&data)));
+        assert_eq!(repo.1.lock().unwrap().len(), 2);
+        // With a working fsync the same retry is acknowledged.
+        assert_eq!(
+            push(&repo.0, &p, Compression::Zstd, 3).unwrap(),
+            Pushed::AlreadyArchived
+        );
     }
 
     #[test]
