@@ -122,11 +122,27 @@ fn main() -> ExitCode {
                 // whose settings changed (another repository) stops.
                 let settings = walasync::fingerprint(&wal.render());
                 if pusher {
+                    // `path` is `pg_wal` as PostgreSQL's archive_command saw it: inside the
+                    // data directory (through a link when pg_wal lies elsewhere).
+                    let data_dir = match path.parent() {
+                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                        _ => PathBuf::from("."),
+                    };
                     let current = || {
-                        config.as_deref().is_some_and(|c| {
+                        let same = config.as_deref().is_some_and(|c| {
                             w::WalSettings::load(c)
                                 .is_ok_and(|now| walasync::fingerprint(&now.render()) == settings)
-                        })
+                        });
+                        if !same {
+                            return Err("the WAL settings changed: a pusher started with the new ones takes over".to_string());
+                        }
+                        if !walasync::postmaster_alive(&data_dir) {
+                            return Err(format!(
+                                "PostgreSQL of {} is not running: the pusher stops",
+                                data_dir.display()
+                            ));
+                        }
+                        Ok(())
                     };
                     return walasync::run_pusher(
                         &path,

@@ -777,6 +777,13 @@ async fn wal_push_answers_from_a_background_pusher_that_pushes_ahead_and_survive
     let scratch = tempfile::tempdir()?;
     let pg_wal = scratch.path().join("pg_wal");
     std::fs::create_dir_all(pg_wal.join("archive_status"))?;
+    // The data directory's PostgreSQL "runs": its pid file names a live process (this
+    // test). A pusher works only while it does.
+    let pid_file = scratch.path().join("postmaster.pid");
+    std::fs::write(
+        &pid_file,
+        format!("{}\n{}\n", std::process::id(), scratch.path().display()),
+    )?;
     let repo = scratch.path().join("repo");
     std::fs::create_dir(&repo)?;
     let settings = scratch.path().join("wal.yml");
@@ -787,7 +794,7 @@ async fn wal_push_answers_from_a_background_pusher_that_pushes_ahead_and_survive
             repo.display()
         ),
     )?;
-    let names: Vec<String> = (1..=8)
+    let names: Vec<String> = (1..=10)
         .map(|n| format!("0000000100000000000000{n:02X}"))
         .collect();
     let mut contents = Vec::new();
@@ -803,7 +810,10 @@ async fn wal_push_answers_from_a_background_pusher_that_pushes_ahead_and_survive
             })
             .collect();
         std::fs::write(pg_wal.join(n), &data)?;
-        std::fs::write(pg_wal.join("archive_status").join(format!("{n}.ready")), "")?;
+        // The last two wait only later.
+        if i < 8 {
+            std::fs::write(pg_wal.join("archive_status").join(format!("{n}.ready")), "")?;
+        }
         contents.push(data);
     }
     let push = |name: &str| {
@@ -842,11 +852,11 @@ async fn wal_push_answers_from_a_background_pusher_that_pushes_ahead_and_survive
     if let Some(pid) = pusher_of(&pg_wal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)?;
     }
-    for n in &names[1..] {
+    for n in &names[1..8] {
         push(n).await?;
     }
     // Everything is in the archive with its exact content.
-    for (n, data) in names.iter().zip(&contents) {
+    for (n, data) in names[..8].iter().zip(&contents) {
         let dest = scratch.path().join("fetched");
         let out = agent_wal("wal-fetch", &settings, &[n.as_ref(), dest.as_ref()]).await?;
         ensure!(
@@ -873,5 +883,35 @@ async fn wal_push_answers_from_a_background_pusher_that_pushes_ahead_and_survive
         },
     )
     .await?;
+    // PostgreSQL stopped (no pid file): a pusher started now leaves at once and takes no
+    // file ahead; wal-push still stores its own file itself.
+    std::fs::remove_file(&pid_file)?;
+    for n in &names[8..] {
+        std::fs::write(pg_wal.join("archive_status").join(format!("{n}.ready")), "")?;
+    }
+    push(&names[8]).await?;
+    wait_until(Duration::from_secs(30), "the pusher to leave", || async {
+        ensure!(pusher_of(&pg_wal).is_none(), "a pusher still runs");
+        Ok(())
+    })
+    .await?;
+    let archived = |n: &str| {
+        let dir = repo.join("wal").join(&n[..16]);
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(n))
+            })
+            .unwrap_or(false)
+    };
+    ensure!(archived(&names[8]), "wal-push did not store its own file");
+    ensure!(
+        !archived(&names[9]),
+        "a pusher pushed ahead for a PostgreSQL that is not running"
+    );
+    ensure!(
+        !spool.join(format!("{}.ok", names[9])).exists(),
+        "a pusher wrote a status for a PostgreSQL that is not running"
+    );
     Ok(())
 }

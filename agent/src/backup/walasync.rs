@@ -328,17 +328,41 @@ pub fn push(
     }
 }
 
+/// Whether the postmaster of `data_dir` runs: its `postmaster.pid` names a live process.
+/// PostgreSQL removes that file when it stops; after a crash the pid is dead. A pusher
+/// works only for a running PostgreSQL, so it never outlives it.
+pub fn postmaster_alive(data_dir: &Path) -> bool {
+    let Ok(text) = read_small(&data_dir.join("postmaster.pid")) else {
+        return false;
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+    else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Ok(()) | Err(nix::errno::Errno::EPERM)
+    )
+}
+
 /// The background pusher of `pg_wal`: stores every waiting WAL file, `parallel` at a time,
 /// writing each one's status (with `settings`, the fingerprint of the settings it pushes
-/// with), until nothing has waited for `idle`, `current` says the settings changed, or a
-/// status cannot be written. Returns at once when another pusher runs.
+/// with), until nothing has waited for `idle`, `current` says to stop (the settings
+/// changed, PostgreSQL stopped; asked before each file), or a status cannot be written.
+/// Returns at once when another pusher runs.
 pub fn run_pusher(
     pg_wal: &Path,
     parallel: u32,
     sink: &dyn WalSink,
     idle: Duration,
     settings: &str,
-    current: &dyn Fn() -> bool,
+    current: &(dyn Fn() -> Result<(), String> + Sync),
 ) -> std::io::Result<()> {
     let spool = Spool::open(pg_wal)?;
     // The wal-push that started this one may be checking the lock this very moment.
@@ -353,11 +377,10 @@ pub fn run_pusher(
         std::thread::sleep(Duration::from_millis(5));
     };
     let mut last_work = Instant::now();
+    let stop = std::sync::Mutex::new(None);
     loop {
-        if !current() {
-            return Err(std::io::Error::other(
-                "the WAL settings changed: a pusher started with the new ones takes over",
-            ));
+        if let Err(why) = current() {
+            return Err(std::io::Error::other(why));
         }
         spool.clean();
         let todo: Vec<String> = spool
@@ -377,6 +400,10 @@ pub fn run_pusher(
         let queue = std::sync::Mutex::new(todo.into_iter());
         let unwritable = std::sync::Mutex::new(None);
         let work = || loop {
+            if let Err(why) = current() {
+                *stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                return;
+            }
             let Some(name) = queue.lock().ok().and_then(|mut q| q.next()) else {
                 return;
             };
@@ -404,6 +431,9 @@ pub fn run_pusher(
             }
             work();
         });
+        if let Some(why) = stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(std::io::Error::other(why));
+        }
         if let Some(e) = unwritable.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(std::io::Error::new(
                 e.kind(),
@@ -502,7 +532,7 @@ mod tests {
                     &*store,
                     Duration::from_millis(300),
                     "S",
-                    &|| true,
+                    &|| Ok(()),
                 )
                 .unwrap();
             }))) as Box<dyn Running>)
@@ -576,7 +606,7 @@ mod tests {
             vec![Ok(())]
         );
         // (A pusher that is still running cleans up on its next look; this one, if none.)
-        run_pusher(&pg_wal, 2, &*store, Duration::ZERO, "S", &|| true).unwrap();
+        run_pusher(&pg_wal, 2, &*store, Duration::ZERO, "S", &|| Ok(())).unwrap();
         let spool = pg_wal.join(SPOOL);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -638,7 +668,7 @@ mod tests {
         let (n1, n2) = (seg(1), seg(2));
         let (_dir, pg_wal) = pg_wal_with(&[(&n1, 0xA), (&n2, 1)]);
         let store = Arc::new(Store::default());
-        run_pusher(&pg_wal, 2, &*store, Duration::ZERO, "S", &|| true).unwrap();
+        run_pusher(&pg_wal, 2, &*store, Duration::ZERO, "S", &|| Ok(())).unwrap();
         assert_eq!(store.names(), vec![n1.clone(), n2.clone()]);
         for n in [&n1, &n2] {
             assert!(pg_wal.join(SPOOL).join(format!("{n}.ok")).exists());
@@ -749,7 +779,7 @@ mod tests {
         let n = seg(1);
         let (_dir, pg_wal) = pg_wal_with(&[(&n, 1)]);
         let old = Arc::new(Store::default());
-        run_pusher(&pg_wal, 2, &*old, Duration::ZERO, "OLD", &|| true).unwrap();
+        run_pusher(&pg_wal, 2, &*old, Duration::ZERO, "OLD", &|| Ok(())).unwrap();
         assert_eq!(old.names(), vec![n.clone()]);
         let new = Arc::new(Store::default());
         new.failing.lock().unwrap().push(n.clone());
@@ -768,7 +798,46 @@ mod tests {
         // A pusher whose settings are no longer current stops before pushing anything.
         let (_dir2, pg_wal2) = pg_wal_with(&[(&seg(2), 2)]);
         let gone = Store::default();
-        assert!(run_pusher(&pg_wal2, 2, &gone, Duration::ZERO, "OLD", &|| false).is_err());
+        let changed = || Err("the WAL settings changed".to_string());
+        assert!(run_pusher(&pg_wal2, 2, &gone, Duration::ZERO, "OLD", &changed).is_err());
         assert!(gone.names().is_empty());
+    }
+
+    #[test]
+    fn a_pusher_stops_taking_files_once_postgres_is_gone() {
+        let (dir, pg_wal) = pg_wal_with(&[(&seg(1), 1), (&seg(2), 2), (&seg(3), 3)]);
+        let data_dir = dir.path();
+        // Running: postmaster.pid names a live process (this one).
+        std::fs::write(
+            data_dir.join("postmaster.pid"),
+            format!("{}\n{}\n", std::process::id(), data_dir.display()),
+        )
+        .unwrap();
+        assert!(postmaster_alive(data_dir));
+        // Crashed: the file stays, its process is dead.
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        dead.wait().unwrap();
+        std::fs::write(data_dir.join("postmaster.pid"), format!("{}\n", dead.id())).unwrap();
+        assert!(!postmaster_alive(data_dir));
+        std::fs::write(data_dir.join("postmaster.pid"), "junk\n").unwrap();
+        assert!(!postmaster_alive(data_dir));
+        // Stopped: no file.
+        std::fs::remove_file(data_dir.join("postmaster.pid")).unwrap();
+        assert!(!postmaster_alive(data_dir));
+        // PostgreSQL stops after the pusher took its first file: it takes no other.
+        let asked = Mutex::new(0);
+        let alive = || {
+            let mut n = asked.lock().unwrap();
+            *n += 1;
+            if *n <= 2 {
+                Ok(())
+            } else {
+                Err("PostgreSQL stopped".to_string())
+            }
+        };
+        let store = Store::default();
+        let e = run_pusher(&pg_wal, 1, &store, Duration::from_secs(30), "S", &alive).unwrap_err();
+        assert!(e.to_string().contains("PostgreSQL stopped"), "{e}");
+        assert_eq!(store.names(), vec![seg(1)]);
     }
 }
