@@ -26,8 +26,20 @@ use pgherd_config::{BackupConfig, ObjectStoreKind};
 use super::repo::{read_private, Entry, RepoError, Repository};
 
 /// Objects up to this size are written with one PUT; larger ones in parts of this size
-/// (S3 wants at least 5 MiB per part but the last).
-const PART_SIZE: usize = 16 << 20;
+/// at first (S3 wants at least 5 MiB per part but the last).
+const FIRST_PART: usize = 8 << 20;
+/// Parts double in size after every this many, so that S3's limit of 10 000 parts holds
+/// an object of its largest size (5 TiB) while small objects still go in small parts: the
+/// last part, sent after the data ends, stays short.
+const PARTS_PER_SIZE: usize = 1000;
+/// S3's largest part.
+const LARGEST_PART: usize = 5 << 30;
+
+/// The size of part `index` (from 0) of a multipart upload.
+fn part_size(index: usize) -> usize {
+    let doublings = (index / PARTS_PER_SIZE).min(20) as u32;
+    FIRST_PART.saturating_mul(1 << doublings).min(LARGEST_PART)
+}
 /// Parts of one object uploaded at the same time.
 const PARTS_IN_FLIGHT: usize = 4;
 /// Chunks of a download buffered ahead of the reader.
@@ -239,6 +251,8 @@ struct Upload {
     buf: Vec<u8>,
     multipart: Option<Box<dyn object_store::MultipartUpload>>,
     in_flight: VecDeque<tokio::task::JoinHandle<object_store::Result<()>>>,
+    /// Parts sent so far.
+    parts: usize,
     count: u64,
 }
 
@@ -250,7 +264,8 @@ impl Upload {
                 .map_err(|e| std::io::Error::other(with_causes(&e)))?;
             self.multipart = Some(upload);
         }
-        let part = std::mem::replace(&mut self.buf, Vec::with_capacity(PART_SIZE));
+        self.parts += 1;
+        let part = std::mem::replace(&mut self.buf, Vec::with_capacity(part_size(self.parts)));
         let fut = self
             .multipart
             .as_mut()
@@ -300,10 +315,11 @@ impl Upload {
 
 impl Write for Upload {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let n = data.len().min(PART_SIZE - self.buf.len());
+        let size = part_size(self.parts);
+        let n = data.len().min(size - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
         self.count += n as u64;
-        if self.buf.len() == PART_SIZE {
+        if self.buf.len() == size {
             self.send_part()?;
         }
         Ok(n)
@@ -364,6 +380,7 @@ impl Repository for ObjectRepository {
             buf: Vec::new(),
             multipart: None,
             in_flight: VecDeque::new(),
+            parts: 0,
             count: 0,
         };
         source(&mut upload).map_err(|e| RepoError::io(self.describe(key), e))?;
@@ -453,6 +470,12 @@ impl Repository for ObjectRepository {
     fn describe(&self, key: &str) -> String {
         format!("{}{key}", self.url)
     }
+
+    /// An object the store lists is durable: a PUT or a completed upload answers only
+    /// once it is stored.
+    fn make_durable(&self, _key: &str) -> Result<(), RepoError> {
+        Ok(())
+    }
 }
 
 /// An object store error with its causes: a certificate or connection failure is only said
@@ -496,7 +519,28 @@ fn trusting(file: &Path, key: &str) -> Result<object_store::ClientOptions, Strin
 
 #[cfg(test)]
 mod tests {
-    use super::{check_key, trusting};
+    use super::{check_key, part_size, trusting};
+
+    #[test]
+    fn parts_grow_so_that_ten_thousand_hold_the_largest_s3_object() {
+        let mut total: u64 = 0;
+        for i in 0..10_000 {
+            let size = part_size(i);
+            assert!(size >= 5 << 20, "part {i} is under S3's 5 MiB");
+            assert!(size <= 5 << 30, "part {i} is over S3's 5 GiB");
+            if i > 0 {
+                assert!(size >= part_size(i - 1), "parts shrink at {i}");
+            }
+            total += size as u64;
+        }
+        assert!(
+            total >= 5 << 40,
+            "10 000 parts hold {total} bytes, under 5 TiB"
+        );
+        // Small objects keep small parts.
+        assert_eq!(part_size(0), 8 << 20);
+        assert_eq!(part_size(999), 8 << 20);
+    }
 
     #[test]
     fn a_ca_file_that_is_missing_or_holds_no_certificate_is_refused_naming_the_key() {
