@@ -297,28 +297,25 @@ impl Repository for LocalRepository {
         if name.is_empty() {
             return Err(RepoError::BadKey(key.to_string()));
         }
+        let missing = |e: std::io::Error, at: PathBuf| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                RepoError::NotFound(self.describe(key))
+            } else {
+                RepoError::io(at, e)
+            }
+        };
         let mut chain = vec![self
             .open_root()?
             .ok_or_else(|| RepoError::NotFound(self.describe(key)))?];
         for d in &dirs {
             let cur = chain.last().expect("the root is first");
-            let next = match cur.open_dir(d) {
-                Ok(next) => next,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(RepoError::NotFound(self.describe(key)))
-                }
-                Err(e) => return Err(RepoError::io(cur.join(d), e)),
-            };
+            let next = cur.open_dir(d).map_err(|e| missing(e, cur.join(d)))?;
             chain.push(next);
         }
         let dir = chain.last().expect("the root is first");
-        let file = match dir.open_file(name) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(RepoError::NotFound(self.describe(key)))
-            }
-            Err(e) => return Err(RepoError::io(dir.join(name), e)),
-        };
+        let file = dir
+            .open_file(name)
+            .map_err(|e| missing(e, dir.join(name)))?;
         file.sync_all()
             .map_err(|e| RepoError::io(dir.join(name), e))?;
         // Its entry, and each folder's entry in its parent, from the bottom up.
