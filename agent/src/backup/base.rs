@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use super::catalog::{BackupInfo, BackupType};
 use super::compress::{self, HashingWriter};
 use super::files::{self, FileEntry, FileList, Parent};
-use super::wal::{self, WalName};
+use super::wal;
 use super::BackupContext;
 use crate::lsn::Lsn;
 
@@ -463,13 +463,7 @@ async fn wait_archived(
     let last = stop.0.saturating_sub(1).max(start.0) / wal::SEGMENT_SIZE;
     let missing = || {
         ctx.blocking(move |c| {
-            let have: std::collections::BTreeSet<u64> = wal::list_archive(c.repo.as_ref())?
-                .into_iter()
-                .filter_map(|a| match a.parsed {
-                    WalName::Segment { timeline: t, segno } if t == timeline => Some(segno),
-                    _ => None,
-                })
-                .collect();
+            let have = wal::archived_segments(c.repo.as_ref(), timeline, first, last)?;
             Ok((first..=last)
                 .filter(|s| !have.contains(s))
                 .collect::<Vec<u64>>())
@@ -481,7 +475,8 @@ async fn wait_archived(
     if let Err(e) = switch_wal.await {
         tracing::warn!(error = %format!("{e:#}"), "cannot switch WAL on the primary; waiting for the archiver anyway");
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(60);
     loop {
         let m = missing().await?;
         if m.is_empty() {
@@ -497,7 +492,13 @@ async fn wait_archived(
                 names.join(", ")
             );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The archiver usually stores the last segment within moments of the switch.
+        let poll = if started.elapsed() < Duration::from_secs(2) {
+            25
+        } else {
+            200
+        };
+        tokio::time::sleep(Duration::from_millis(poll)).await;
     }
 }
 
