@@ -39,6 +39,7 @@ pub mod crypt;
 pub mod files;
 pub mod object;
 pub mod ops;
+pub mod pagecheck;
 pub mod replica;
 pub mod repo;
 pub mod restore;
