@@ -124,10 +124,7 @@ fn main() -> ExitCode {
                 if pusher {
                     // `path` is `pg_wal` as PostgreSQL's archive_command saw it: inside the
                     // data directory (through a link when pg_wal lies elsewhere).
-                    let data_dir = match path.parent() {
-                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                        _ => PathBuf::from("."),
-                    };
+                    let data_dir = walasync::parent_or_here(&path);
                     let current = || {
                         let same = config.as_deref().is_some_and(|c| {
                             w::WalSettings::load(c)
@@ -136,7 +133,7 @@ fn main() -> ExitCode {
                         if !same {
                             return Err("the WAL settings changed: a pusher started with the new ones takes over".to_string());
                         }
-                        if !walasync::postmaster_alive(&data_dir) {
+                        if !walasync::postmaster_alive(data_dir) {
                             return Err(format!(
                                 "PostgreSQL of {} is not running: the pusher stops",
                                 data_dir.display()

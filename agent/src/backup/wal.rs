@@ -389,6 +389,19 @@ fn find(repo: &dyn Repository, name: &str) -> Result<Vec<Archived>, WalError> {
         .collect())
 }
 
+/// Whether `existing` (archived copies of one name) holds content `sha`, made durable: it
+/// may have been stored by an earlier push that died between its rename and its fsync, so
+/// it counts as archived only once durable.
+fn durable_copy(repo: &dyn Repository, existing: &[Archived], sha: &str) -> Result<bool, WalError> {
+    match existing.iter().find(|a| a.sha256 == sha) {
+        Some(a) => {
+            repo.make_durable(&a.key)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
 /// What [`push`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pushed {
@@ -439,10 +452,7 @@ pub fn push_bytes(
     let name = name.to_string();
     let ours = compress::sha256_hex(data);
     let existing = find(repo, &name)?;
-    if let Some(a) = existing.iter().find(|a| a.sha256 == ours) {
-        // Stored by an earlier push that may have died between its rename and its fsync:
-        // acknowledged only once durable.
-        repo.make_durable(&a.key)?;
+    if durable_copy(repo, &existing, &ours)? {
         return Ok(Pushed::AlreadyArchived);
     }
     // A .partial file is never restored; two promotions from the same point (two restores
@@ -488,12 +498,9 @@ impl WalSink for RepoSink<'_> {
     }
 
     fn done(&self, name: &str, sha: &str) -> bool {
-        find(self.repo, name).is_ok_and(|found| {
-            found
-                .iter()
-                .find(|a| a.sha256 == sha)
-                .is_some_and(|a| self.repo.make_durable(&a.key).is_ok())
-        })
+        find(self.repo, name)
+            .and_then(|found| durable_copy(self.repo, &found, sha))
+            .unwrap_or(false)
     }
 }
 

@@ -275,11 +275,7 @@ pub fn push(
     settings: &str,
 ) -> Result<(), String> {
     let name = super::wal::wal_name_of(path).map_err(|e| e.to_string())?;
-    let pg_wal = match path.parent() {
-        Some(p) if p.as_os_str().is_empty() => Path::new("."),
-        Some(p) => p,
-        None => Path::new("."),
-    };
+    let pg_wal = parent_or_here(path);
     // Without a .ready file (a push by hand) no pusher would ever take it.
     let waiting = pg_wal.join("archive_status").join(format!("{name}.ready"));
     let spool = match (parallel > 1 && waiting.exists()).then(|| Spool::open(pg_wal)) {
@@ -332,23 +328,18 @@ pub fn push(
 /// PostgreSQL removes that file when it stops; after a crash the pid is dead. A pusher
 /// works only for a running PostgreSQL, so it never outlives it.
 pub fn postmaster_alive(data_dir: &Path) -> bool {
-    let Ok(text) = read_small(&data_dir.join("postmaster.pid")) else {
-        return false;
-    };
-    let Some(pid) = text
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse::<i32>().ok())
-    else {
-        return false;
-    };
-    if pid <= 0 {
-        return false;
+    use crate::postgres::process::{is_live, pid_of};
+    read_small(&data_dir.join("postmaster.pid"))
+        .is_ok_and(|text| pid_of(&text).is_some_and(is_live))
+}
+
+/// The folder `path` lies in, `.` for a bare name: pg_wal for `archive_command`'s `%p`,
+/// the data directory for pg_wal itself (archive_command runs in the data directory).
+pub fn parent_or_here(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
     }
-    matches!(
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-        Ok(()) | Err(nix::errno::Errno::EPERM)
-    )
 }
 
 /// The background pusher of `pg_wal`: stores every waiting WAL file, `parallel` at a time,
