@@ -47,6 +47,9 @@ pub struct Source {
     /// Whether the cluster has tablespaces besides `pg_default` and `pg_global`: then the
     /// backup goes through a scratch directory ([`super::tablespace`]).
     pub has_tablespaces: bool,
+    /// Read the data directory itself ([`super::copy`]) instead of streaming
+    /// `pg_basebackup`: the session and the data directory.
+    pub direct: Option<Arc<super::copy::Direct>>,
 }
 
 /// A new backup id: the UTC start time, made unique by creating its folder (two members
@@ -138,6 +141,9 @@ struct Taken {
     tablespaces: Vec<super::catalog::TablespaceFile>,
     manifest_file: Option<super::catalog::StoredFile>,
     files: BTreeMap<String, Vec<FileEntry>>,
+    /// Recorded by copies of the data directory ([`FileList::copy_start`]).
+    copy_start: Option<u64>,
+    timeline: Option<u32>,
 }
 
 /// Starts `pg_basebackup` as the OS user with `args` (stderr piped, stdout as given) and
@@ -307,10 +313,30 @@ pub async fn take(
                 tablespaces: c.tablespaces,
                 manifest_file: Some(c.manifest_file),
                 files: c.files,
+                copy_start: None,
+                timeline: None,
             })
         })
     };
-    let job = if src.has_tablespaces {
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let job = if let Some(direct) = src.direct.clone() {
+        let (ctx, label, key) = (ctx.clone(), format!("pgherd {id}"), key.clone());
+        let (progress, parent, cancel) = (progress.clone(), parent.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let s = super::copy::take(&ctx, direct, label, key, parent, progress, cancel).await?;
+            Ok(Taken {
+                size: s.size,
+                stored: s.stored,
+                sha256: s.sha256,
+                manifest: s.manifest,
+                tablespaces: vec![],
+                manifest_file: None,
+                files: [(files::BASE.to_string(), s.files)].into(),
+                copy_start: Some(s.copy_start),
+                timeline: Some(s.timeline),
+            })
+        })
+    } else if src.has_tablespaces {
         scratch_job(args)
     } else {
         let streaming = stream_job();
@@ -328,6 +354,8 @@ pub async fn take(
                 tablespaces: vec![],
                 manifest_file: None,
                 files: [(files::BASE.to_string(), scanned.files)].into(),
+                copy_start: None,
+                timeline: None,
             })
         })
     };
@@ -356,6 +384,7 @@ pub async fn take(
             bail!("the backup task died: {e}");
         }
         Err(_) => {
+            cancel.store(true, Ordering::SeqCst);
             let p = pid.load(Ordering::SeqCst);
             if p > 0 {
                 let _ = nix::sys::signal::kill(
@@ -384,6 +413,8 @@ pub async fn take(
     let list = FileList {
         backup_id: id.clone(),
         archives: taken.files,
+        copy_start: taken.copy_start,
+        timeline: taken.timeline,
     };
     let (borrowed_files, borrowed_bytes) = list.borrowed();
     let list_key = format!(

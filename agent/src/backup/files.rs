@@ -49,6 +49,10 @@ pub struct FileEntry {
     /// Its modification time in the tar (seconds since the epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime: Option<u64>,
+    /// CRC-32C of its content (what `backup_manifest` records); kept by backups that read
+    /// the data directory themselves ([`super::copy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32c: Option<u32>,
     /// The full backup whose tar holds it; `None`: this backup's own tar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
@@ -60,6 +64,14 @@ pub struct FileList {
     pub backup_id: String,
     /// Per tar: [`BASE`] or a tablespace's OID.
     pub archives: BTreeMap<String, Vec<FileEntry>>,
+    /// When the copy of the data directory began (seconds since the epoch, a whole second
+    /// waited for after the backup started): a file dated earlier was last written before
+    /// the copy read it. Only backups that read the data directory themselves record it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_start: Option<u64>,
+    /// The timeline the backup started on (with `copy_start`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
 }
 
 /// What restoring a differential backup needs of its full backup: its metadata and the
@@ -75,6 +87,7 @@ pub struct Indexed {
     pub size: u64,
     pub sha256: String,
     pub mtime: Option<u64>,
+    pub crc32c: Option<u32>,
 }
 
 /// A tar's files by path.
@@ -86,6 +99,9 @@ pub struct Parent {
     pub id: String,
     /// Per archive, as in [`FileList::archives`]; only the files its own tar holds.
     pub archives: HashMap<String, ArchiveIndex>,
+    /// As in [`FileList`].
+    pub copy_start: Option<u64>,
+    pub timeline: Option<u32>,
 }
 
 impl Parent {
@@ -102,6 +118,7 @@ impl Parent {
                             size: f.size,
                             sha256: f.sha256.clone(),
                             mtime: f.mtime,
+                            crc32c: f.crc32c,
                         };
                         (f.path.clone(), indexed)
                     })
@@ -112,6 +129,8 @@ impl Parent {
         Parent {
             id: list.backup_id.clone(),
             archives,
+            copy_start: list.copy_start,
+            timeline: list.timeline,
         }
     }
 
@@ -229,6 +248,7 @@ fn copy_listing(
                 size,
                 sha256: hasher.hex(),
                 mtime,
+                crc32c: None,
                 from: None,
             });
         }
@@ -305,6 +325,7 @@ fn write_differences(
                     size,
                     sha256,
                     mtime,
+                    crc32c: None,
                     from: None,
                 });
                 continue;
@@ -323,6 +344,7 @@ fn write_differences(
                 size: read,
                 sha256,
                 mtime,
+                crc32c: None,
                 from: unchanged.then(|| parent.to_string()),
             });
         }
@@ -336,13 +358,13 @@ fn write_differences(
 
 /// One file's content while it is checksummed: in memory when small, else in an unnamed
 /// temporary file.
-enum Spool {
+pub(super) enum Spool {
     Memory(Vec<u8>),
     File(std::fs::File),
 }
 
 impl Spool {
-    fn new(size: u64) -> std::io::Result<Spool> {
+    pub(super) fn new(size: u64) -> std::io::Result<Spool> {
         Ok(if size <= SPOOL_IN_MEMORY {
             Spool::Memory(Vec::with_capacity(size as usize))
         } else {
@@ -350,7 +372,7 @@ impl Spool {
         })
     }
 
-    fn reader(&mut self) -> std::io::Result<Box<dyn Read + '_>> {
+    pub(super) fn reader(&mut self) -> std::io::Result<Box<dyn Read + '_>> {
         Ok(match self {
             Spool::Memory(v) => Box::new(&v[..]),
             Spool::File(f) => {
@@ -476,6 +498,7 @@ mod tests {
         let list = FileList {
             backup_id: "F".into(),
             archives: [(BASE.to_string(), full.files)].into(),
+            ..FileList::default()
         };
         let parent = Parent::new(&list);
         let big = vec![7u8; (SPOOL_IN_MEMORY + 10) as usize];
@@ -530,6 +553,7 @@ mod tests {
         let diff = FileList {
             backup_id: "D".into(),
             archives: [(BASE.to_string(), s.files)].into(),
+            ..FileList::default()
         };
         assert_eq!(
             diff.taken_from("F", BASE),
@@ -552,6 +576,7 @@ mod tests {
         let list = FileList {
             backup_id: "F".into(),
             archives: [(BASE.to_string(), full.files)].into(),
+            ..FileList::default()
         };
         let parent = Parent::new(&list);
         let mut big2 = big.clone();

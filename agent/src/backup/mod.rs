@@ -35,6 +35,7 @@ pub mod base;
 pub mod bootstrap;
 pub mod catalog;
 pub mod compress;
+pub mod copy;
 pub mod crypt;
 pub mod files;
 pub mod object;

@@ -73,12 +73,28 @@ pub async fn take_backup(
         .context("cannot list the tablespaces")?
         .is_empty()
         .not();
+    // Without tablespaces the agent reads the data directory itself on its own backup
+    // session (docs/design/file-level-backups.md); with them pg_basebackup writes one tar
+    // per tablespace.
+    let direct = if has_tablespaces {
+        None
+    } else {
+        let client = pg
+            .connect_to(&host, port)
+            .await
+            .context("cannot open the backup session")?;
+        Some(Arc::new(super::copy::Direct {
+            client,
+            data_dir: pg.data_dir().to_path_buf(),
+        }))
+    };
     let src = Source {
         host,
         port,
         from_replica,
         system_identifier,
         has_tablespaces,
+        direct,
     };
     let leader = view.leader_member().map(|m| (m.host.clone(), m.port));
     let (parent, note) = match kind {
