@@ -144,6 +144,7 @@ struct Taken {
     /// Recorded by copies of the data directory ([`FileList::copy_start`]).
     copy_start: Option<u64>,
     timeline: Option<u32>,
+    source: Option<String>,
 }
 
 /// Starts `pg_basebackup` as the OS user with `args` (stderr piped, stdout as given) and
@@ -315,6 +316,7 @@ pub async fn take(
                 files: c.files,
                 copy_start: None,
                 timeline: None,
+                source: None,
             })
         })
     };
@@ -334,6 +336,7 @@ pub async fn take(
                 files: [(files::BASE.to_string(), s.files)].into(),
                 copy_start: Some(s.copy_start),
                 timeline: Some(s.timeline),
+                source: Some(s.source),
             })
         })
     } else if src.has_tablespaces {
@@ -356,6 +359,7 @@ pub async fn take(
                 files: [(files::BASE.to_string(), scanned.files)].into(),
                 copy_start: None,
                 timeline: None,
+                source: None,
             })
         })
     };
@@ -373,7 +377,8 @@ pub async fn take(
         })
     };
     let timeout = ctx.backup.timeout();
-    let taken = match tokio::time::timeout(timeout, job).await {
+    let mut job = job;
+    let taken = match tokio::time::timeout(timeout, &mut job).await {
         Ok(Ok(Ok(t))) => t,
         Ok(Ok(Err(e))) => {
             let _ = discard().await;
@@ -391,6 +396,14 @@ pub async fn take(
                     nix::unistd::Pid::from_raw(p),
                     nix::sys::signal::Signal::SIGKILL,
                 );
+            }
+            // The copy stops at its next chunk; it must not complete a store after the
+            // discard below.
+            if tokio::time::timeout(Duration::from_secs(60), job)
+                .await
+                .is_err()
+            {
+                tracing::warn!(backup = %id, "the stopped backup did not end within 60 s; what it stores later stays unlisted (no backup.json)");
             }
             let _ = discard().await;
             bail!("the base backup did not finish within backup.timeout ({timeout:?}); it was stopped and removed");
@@ -415,6 +428,7 @@ pub async fn take(
         archives: taken.files,
         copy_start: taken.copy_start,
         timeline: taken.timeline,
+        source: taken.source,
     };
     let (borrowed_files, borrowed_bytes) = list.borrowed();
     let list_key = format!(

@@ -24,7 +24,7 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -107,8 +107,26 @@ pub struct Entry {
 
 /// The data directory's entries in the order they are written, `pg_control` last.
 pub struct Walk {
-    dirs: Vec<Dir>,
+    root: Dir,
+    /// Each folder read, as its names from the data directory down (folders are opened
+    /// again, one at a time, when their files are read: a descriptor per folder held for
+    /// the whole copy would let a user who can make folders exhaust the agent's).
+    dirs: Vec<Vec<OsString>>,
     pub entries: Vec<Entry>,
+    /// Links the backup left out (neither `pg_wal`, a folder whose contents are left out,
+    /// nor a tablespace), for the log.
+    pub skipped_links: Vec<String>,
+}
+
+impl Walk {
+    /// Opens folder `idx` from the data directory down, following no link.
+    fn open(&self, idx: usize) -> io::Result<Dir> {
+        let mut d = self.root.try_clone()?;
+        for name in &self.dirs[idx] {
+            d = d.open_dir(name)?;
+        }
+        Ok(d)
+    }
 }
 
 fn mtime_secs(m: &crate::fsutil::Meta) -> u64 {
@@ -153,10 +171,12 @@ fn excluded_file(name: &str) -> bool {
 /// Walks the data directory `data` of PostgreSQL `major`.
 pub fn walk(data: &Dir, major: u32) -> Result<Walk> {
     let mut w = Walk {
-        dirs: vec![data.try_clone()?],
+        root: data.try_clone()?,
+        dirs: vec![Vec::new()],
         entries: Vec::new(),
+        skipped_links: Vec::new(),
     };
-    walk_dir(&mut w, 0, "", 0, major)?;
+    walk_dir(&mut w, data, 0, "", 0, major)?;
     // pg_control last: it must not be older than any other file of the copy.
     let at = w
         .entries
@@ -168,16 +188,23 @@ pub fn walk(data: &Dir, major: u32) -> Result<Walk> {
     Ok(w)
 }
 
-fn walk_dir(w: &mut Walk, dir: usize, prefix: &str, depth: usize, major: u32) -> Result<()> {
+fn walk_dir(
+    w: &mut Walk,
+    here: &Dir,
+    dir: usize,
+    prefix: &str,
+    depth: usize,
+    major: u32,
+) -> Result<()> {
     if depth > MAX_DEPTH {
         bail!(
             "{} is nested more than {MAX_DEPTH} folders deep; refusing to back it up",
-            w.dirs[dir].path().display()
+            here.path().display()
         );
     }
-    let mut names = w.dirs[dir]
+    let mut names = here
         .entries()
-        .with_context(|| format!("cannot list {}", w.dirs[dir].path().display()))?;
+        .with_context(|| format!("cannot list {}", here.path().display()))?;
     names.sort_by(|a, b| a.0.cmp(&b.0));
     // A database folder: unlogged relations (an `_init` fork exists) keep only that fork.
     let database = (prefix.starts_with("base/") && prefix.matches('/').count() == 2).then(|| {
@@ -190,14 +217,14 @@ fn walk_dir(w: &mut Walk, dir: usize, prefix: &str, depth: usize, major: u32) ->
         let Some(text) = name.to_str() else {
             bail!(
                 "{} has a name that is not UTF-8; rename it to back it up",
-                w.dirs[dir].join(&name).display()
+                here.join(&name).display()
             );
         };
         let path = format!("{prefix}{text}");
         if excluded_file(text) {
             continue;
         }
-        let Some(meta) = w.dirs[dir].entry(&name)? else {
+        let Some(meta) = here.entry(&name)? else {
             continue; // gone since the listing
         };
         let entry = |kind, size| Entry {
@@ -239,17 +266,26 @@ fn walk_dir(w: &mut Walk, dir: usize, prefix: &str, depth: usize, major: u32) ->
             continue;
         }
         match meta.kind {
+            // A folder whose contents are left out is written as a folder, a link too.
+            FileType::Directory | FileType::Symlink
+                if prefix.is_empty() && EXCLUDED_CONTENTS.contains(&text) =>
+            {
+                let mut e = entry(Kind::Dir, 0);
+                if meta.kind == FileType::Symlink {
+                    e.mode = 0o700;
+                }
+                w.entries.push(e);
+            }
             FileType::Directory => {
                 w.entries.push(entry(Kind::Dir, 0));
-                if prefix.is_empty() && EXCLUDED_CONTENTS.contains(&text) {
-                    continue;
-                }
-                let sub = w.dirs[dir]
+                let sub = here
                     .open_dir(&name)
-                    .with_context(|| format!("cannot open {}", w.dirs[dir].join(&name).display()))?;
-                w.dirs.push(sub);
+                    .with_context(|| format!("cannot open {}", here.join(&name).display()))?;
+                let mut names = w.dirs[dir].clone();
+                names.push(name.clone());
+                w.dirs.push(names);
                 let at = w.dirs.len() - 1;
-                walk_dir(w, at, &format!("{path}/"), depth + 1, major)?;
+                walk_dir(w, &sub, at, &format!("{path}/"), depth + 1, major)?;
             }
             FileType::RegularFile => {
                 if let Some(unlogged) = &database {
@@ -274,10 +310,8 @@ fn walk_dir(w: &mut Walk, dir: usize, prefix: &str, depth: usize, major: u32) ->
             FileType::Symlink if prefix == "pg_tblspc/" => bail!(
                 "the cluster has a tablespace ({path}) that appeared after the backup started; take the backup again"
             ),
-            FileType::Symlink => bail!(
-                "{} is a symbolic link; a backup copies only files and folders of the data directory (links belong in pg_tblspc)",
-                w.dirs[dir].join(&name).display()
-            ),
+            // Skipped, never followed, as pg_basebackup skips it ("skipping special file").
+            FileType::Symlink => w.skipped_links.push(path.clone()),
             // Sockets, FIFOs and devices have no content to back up.
             _ => {}
         }
@@ -297,7 +331,8 @@ enum Choice {
 }
 
 /// Whether modification times tell a differential backup which files are unchanged. They
-/// do when the full backup recorded its copy start, the cluster is on the same timeline,
+/// do when the full backup recorded its copy start, read the same member's same data
+/// directory (`source`), the cluster is on the same timeline,
 /// the clock moved forward since, no file is dated after `now`, none is dated earlier than
 /// in the full, and no file changed size without changing time (pgBackRest's rules).
 /// Otherwise every file of the full's size is read and compared. Returns why not.
@@ -305,6 +340,7 @@ pub fn trust_times(
     walk: &Walk,
     parent: &Parent,
     parent_index: &ArchiveIndex,
+    source: &str,
     timeline: u32,
     copy_start: u64,
     now: u64,
@@ -315,6 +351,12 @@ pub fn trust_times(
             parent.id
         ));
     };
+    if parent.source.as_deref() != Some(source) {
+        return Err(format!(
+            "full backup {} was read from {:?}, this one from {source:?} (another member or data directory)",
+            parent.id, parent.source
+        ));
+    }
     if parent.timeline != Some(timeline) {
         return Err(format!(
             "the timeline changed since full backup {} ({:?} to {timeline})",
@@ -390,7 +432,8 @@ pub struct Copied {
 
 /// Reads the walked files and writes them as tar entries into `out` (without the tar's
 /// end), checking page checksums of relation files when `checksums` (pages written since
-/// `start_lsn` are not checked). `progress` is told the bytes read so far.
+/// `start_lsn` are not checked). `progress` is told the bytes done so far, after every
+/// chunk read; an error from it stops the copy.
 pub fn copy(
     walk: &Walk,
     out: &mut dyn Write,
@@ -401,12 +444,13 @@ pub fn copy(
 ) -> Result<Copied> {
     let mut copied = Copied::default();
     let mut buf = vec![0u8; CHUNK];
+    let owner = walk.root.meta()?.uid;
+    let mut folder: Option<(usize, Dir)> = None;
     for e in &walk.entries {
         if e.kind == Kind::Dir {
             write_header(out, &e.path, tar::EntryType::Directory, e.mode, 0, e.mtime)?;
             continue;
         }
-        let dir = &walk.dirs[e.dir.expect("files are read from a folder")];
         let choice = choose(e, parent);
         if choice == Choice::Borrow {
             let d = parent.expect("borrowing needs a full backup");
@@ -419,8 +463,18 @@ pub fn copy(
                 crc32c: b.crc32c,
                 from: Some(d.id.to_string()),
             });
+            copied.read += e.size;
+            progress(copied.read)?;
             continue;
         }
+        let idx = e.dir.expect("files are read from a folder");
+        if folder.as_ref().is_none_or(|(at, _)| *at != idx) {
+            let d = walk
+                .open(idx)
+                .with_context(|| format!("cannot open the folder of {}", e.path))?;
+            folder = Some((idx, d));
+        }
+        let dir = &folder.as_ref().expect("opened above").1;
         let file = match dir.open_file(&e.name) {
             Ok(f) => f,
             Err(err) if err.kind() == io::ErrorKind::NotFound && e.path != PG_CONTROL => {
@@ -429,54 +483,81 @@ pub fn copy(
             }
             Err(err) => return Err(anyhow!(err).context(format!("cannot open {}", e.path))),
         };
+        // The file as it is now (it may have been replaced since the walk: ALTER SYSTEM
+        // renames a new postgresql.auto.conf into place).
+        let md = file
+            .metadata()
+            .with_context(|| format!("cannot stat {}", e.path))?;
+        if md.uid() != owner && md.nlink() > 1 {
+            // Only root can put a file of another owner here, unless it is a hard link
+            // made by the data directory's owner to somebody else's file.
+            bail!(
+                "{} is a hard link to a file of uid {}, not the data directory's owner; refusing to read it",
+                e.path,
+                md.uid()
+            );
+        }
+        let size = md.len();
+        let mtime = md.mtime().max(0) as u64;
         let blocks = if checksums { e.relation_block } else { None };
+        if e.path == PG_CONTROL {
+            let bytes = read_stable(&file, size)?;
+            write_header(out, &e.path, tar::EntryType::Regular, e.mode, size, mtime)?;
+            out.write_all(&bytes)?;
+            pad(out, size)?;
+            copied.read += size;
+            progress(copied.read)?;
+            copied.files.push(FileEntry {
+                path: e.path.clone(),
+                size,
+                sha256: super::compress::sha256_hex(&bytes),
+                mtime: Some(mtime),
+                crc32c: Some(crc32c::crc32c(&bytes)),
+                from: None,
+            });
+            continue;
+        }
+        let mut reading = Reading {
+            file: &file,
+            path: &e.path,
+            size,
+            first_block: blocks,
+            start_lsn,
+            done: copied.read,
+            progress: &mut *progress,
+        };
         let sums = if choice == Choice::Compare {
             // Held until its checksum says whether the full's copy is this file.
-            let mut spool = super::files::Spool::new(e.size)?;
-            let sums = read_file(&file, e, blocks, start_lsn, &mut spool, &mut buf)?;
+            let mut spool = super::files::Spool::new(size)?;
+            let sums = reading.read(&mut spool, &mut buf)?;
             let d = parent.expect("comparing needs a full backup");
-            if d.index[&e.path].sha256 == sums.sha256 {
+            let before = &d.index[&e.path];
+            if before.sha256 == sums.sha256 && before.size == size {
                 copied.files.push(FileEntry {
                     path: e.path.clone(),
-                    size: e.size,
+                    size,
                     sha256: sums.sha256,
-                    mtime: Some(e.mtime),
+                    mtime: Some(mtime),
                     crc32c: Some(sums.crc32c),
                     from: Some(d.id.to_string()),
                 });
-                copied.read += e.size;
-                progress(copied.read)?;
+                copied.read += size;
                 continue;
             }
-            write_header(
-                out,
-                &e.path,
-                tar::EntryType::Regular,
-                e.mode,
-                e.size,
-                e.mtime,
-            )?;
+            write_header(out, &e.path, tar::EntryType::Regular, e.mode, size, mtime)?;
             io::copy(&mut spool.reader()?, out)?;
             sums
         } else {
-            write_header(
-                out,
-                &e.path,
-                tar::EntryType::Regular,
-                e.mode,
-                e.size,
-                e.mtime,
-            )?;
-            read_file(&file, e, blocks, start_lsn, out, &mut buf)?
+            write_header(out, &e.path, tar::EntryType::Regular, e.mode, size, mtime)?;
+            reading.read(out, &mut buf)?
         };
-        pad(out, e.size)?;
-        copied.read += e.size;
-        progress(copied.read)?;
+        pad(out, size)?;
+        copied.read += size;
         copied.files.push(FileEntry {
             path: e.path.clone(),
-            size: e.size,
+            size,
             sha256: sums.sha256,
-            mtime: Some(e.mtime),
+            mtime: Some(mtime),
             crc32c: Some(sums.crc32c),
             from: None,
         });
@@ -484,88 +565,112 @@ pub fn copy(
     Ok(copied)
 }
 
+/// Reads the control file until two reads agree (PostgreSQL rewrites it in place; a read
+/// during a write could see half of each).
+fn read_stable(file: &File, size: u64) -> Result<Vec<u8>> {
+    let read = || -> Result<Vec<u8>> {
+        let mut v = vec![0u8; size as usize];
+        file.read_exact_at(&mut v, 0)
+            .with_context(|| format!("cannot read {PG_CONTROL}"))?;
+        Ok(v)
+    };
+    let mut last = read()?;
+    for _ in 0..10 {
+        let now = read()?;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+    bail!("{PG_CONTROL} changed on every one of 10 reads; take the backup again")
+}
+
 struct Sums {
     sha256: String,
     crc32c: u32,
 }
 
-/// Reads `e.size` bytes of `file` into `out` (zeros where the file ended sooner), checking
-/// each whole page when `first_block` is set.
-fn read_file(
-    file: &File,
-    e: &Entry,
+/// One file being read.
+struct Reading<'a> {
+    file: &'a File,
+    path: &'a str,
+    size: u64,
+    /// The block number of its first page, when its pages are checked.
     first_block: Option<u64>,
     start_lsn: Lsn,
-    out: &mut dyn Write,
-    buf: &mut [u8],
-) -> Result<Sums> {
-    let mut sha = Sha256::new();
-    let mut crc = 0u32;
-    let mut offset = 0u64;
-    let mut ended = false;
-    while offset < e.size {
-        let want = (e.size - offset).min(buf.len() as u64) as usize;
-        let chunk = &mut buf[..want];
-        let mut got = 0;
-        while !ended && got < want {
-            match file.read_at(&mut chunk[got..], offset + got as u64) {
-                Ok(0) => ended = true,
-                Ok(n) => got += n,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(anyhow!(err).context(format!("cannot read {}", e.path))),
+    /// Bytes of the backup done before this file, for `progress`.
+    done: u64,
+    progress: &'a mut dyn FnMut(u64) -> Result<()>,
+}
+
+impl Reading<'_> {
+    /// Reads `size` bytes into `out` (zeros where the file ended sooner), checking each
+    /// whole page when `first_block` is set.
+    fn read(&mut self, out: &mut dyn Write, buf: &mut [u8]) -> Result<Sums> {
+        let mut sha = Sha256::new();
+        let mut crc = 0u32;
+        let mut offset = 0u64;
+        let mut ended = false;
+        while offset < self.size {
+            let want = (self.size - offset).min(buf.len() as u64) as usize;
+            let chunk = &mut buf[..want];
+            let mut got = 0;
+            while !ended && got < want {
+                match self.file.read_at(&mut chunk[got..], offset + got as u64) {
+                    Ok(0) => ended = true,
+                    Ok(n) => got += n,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => {
+                        return Err(anyhow!(err).context(format!("cannot read {}", self.path)))
+                    }
+                }
             }
+            // A file that shrank while read: the rest is zeros (WAL replay truncates it).
+            chunk[got..].fill(0);
+            if let Some(first) = self.first_block {
+                check_pages(self, first + offset / PAGE as u64, chunk, offset)?;
+            }
+            sha.update(&*chunk);
+            crc = crc32c::crc32c_append(crc, chunk);
+            out.write_all(chunk)?;
+            offset += want as u64;
+            (self.progress)(self.done + offset)?;
         }
-        // A file that shrank since the walk: the rest is zeros (WAL replay truncates it).
-        chunk[got..].fill(0);
-        if let Some(first) = first_block {
-            check_pages(
-                file,
-                e,
-                first + offset / PAGE as u64,
-                start_lsn,
-                chunk,
-                offset,
-            )?;
-        }
-        sha.update(&*chunk);
-        crc = crc32c::crc32c_append(crc, chunk);
-        out.write_all(chunk)?;
-        offset += want as u64;
+        Ok(Sums {
+            sha256: hex::encode(sha.finalize()),
+            crc32c: crc,
+        })
     }
-    Ok(Sums {
-        sha256: hex::encode(sha.finalize()),
-        crc32c: crc,
-    })
 }
 
 /// Checks every whole page of `chunk` (read at `offset`, its first page block `block`). A
 /// page that fails is read once more (it may have been read while PostgreSQL wrote it);
-/// the second read replaces the first when it passes, else the backup fails.
-fn check_pages(
-    file: &File,
-    e: &Entry,
-    block: u64,
-    start_lsn: Lsn,
-    chunk: &mut [u8],
-    offset: u64,
-) -> Result<()> {
+/// the second read replaces the first when it passes (a file cut short since reads as
+/// zeros: a new page), else the backup fails.
+fn check_pages(r: &Reading, block: u64, chunk: &mut [u8], offset: u64) -> Result<()> {
     for (i, page) in chunk.chunks_exact_mut(PAGE).enumerate() {
         let blkno = block + i as u64;
         let page: &mut [u8; PAGE] = page.try_into().expect("chunks are pages");
-        let first = pagecheck::verify(page, blkno as u32, start_lsn.0);
-        let Verdict::Invalid { .. } = first else {
+        let Verdict::Invalid { .. } = pagecheck::verify(page, blkno as u32, r.start_lsn.0) else {
             continue;
         };
         let mut again = [0u8; PAGE];
         let at = offset + (i * PAGE) as u64;
-        let fresh = match file.read_exact_at(&mut again, at) {
-            Ok(()) => pagecheck::verify(&again, blkno as u32, start_lsn.0),
-            Err(_) => first,
-        };
-        match fresh {
+        let mut got = 0;
+        while got < PAGE {
+            match r.file.read_at(&mut again[got..], at + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => {
+                    return Err(anyhow!(err).context(format!("cannot read {} again", r.path)))
+                }
+            }
+        }
+        match pagecheck::verify(&again, blkno as u32, r.start_lsn.0) {
             Verdict::Invalid { stored, computed } => bail!(
                 "page checksum failure in {} block {} (relation block {blkno}): stored {stored:#06x}, computed {computed:#06x}; the file is corrupt, the backup is not taken",
-                e.path,
+                r.path,
                 (offset / PAGE as u64) + i as u64
             ),
             _ => *page = again,
@@ -719,6 +824,15 @@ pub struct Stored {
     pub files: Vec<FileEntry>,
     pub copy_start: u64,
     pub timeline: u32,
+    pub source: String,
+}
+
+/// Which copy of the cluster a backup read: this member's name and its data directory's
+/// device and inode. Times are only compared between backups of the same source: another
+/// member's files are written at other moments.
+fn source_of(member: &str, data: &Dir) -> Result<String> {
+    let st = rustix::fs::fstat(data).context("cannot stat the data directory")?;
+    Ok(format!("{member} {}:{}", st.st_dev, st.st_ino))
 }
 
 fn epoch_secs() -> u64 {
@@ -761,22 +875,32 @@ pub async fn take(
     let row = c
         .query_one(
             "SELECT current_setting('server_version_num')::int / 10000, current_setting('data_checksums') = 'on', \
-             (SELECT system_identifier::text FROM pg_control_system()), (SELECT timeline_id FROM pg_control_checkpoint())",
+             (SELECT system_identifier::text FROM pg_control_system()), (SELECT timeline_id FROM pg_control_checkpoint()), \
+             current_setting('block_size')::int = 8192 AND current_setting('segment_size') = '1GB'",
             &[],
         )
         .await
         .context("cannot read the server's version, checksum setting and timeline")?;
     let major = row.get::<_, i32>(0) as u32;
-    let checksums: bool = row.get(1);
-    let system_identifier: u64 = row.get::<_, String>(2).parse().unwrap_or(0);
+    let system_identifier: String = row.get(2);
+    let system_identifier: u64 = system_identifier
+        .parse()
+        .map_err(|e| anyhow!("the server's system identifier {system_identifier:?}: {e}"))?;
     let timeline = row.get::<_, i32>(3) as u32;
+    let mut checksums: bool = row.get(1);
+    if checksums && !row.get::<_, bool>(4) {
+        tracing::info!("decision: page checksums are not checked: this PostgreSQL was built with a block or segment size other than 8 kB and 1 GB");
+        checksums = false;
+    }
     // The copy starts on a whole second, so a file written during it is dated that second
-    // or later (see `trust_times`).
+    // or later (see `trust_times`); 50 ms later, as the kernel dates writes with a clock
+    // that may lag by a tick.
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .context("the clock is before 1970")?;
     let copy_start = now.as_secs() + 1;
-    tokio::time::sleep(Duration::from_secs(copy_start).saturating_sub(now)).await;
+    let wait = Duration::from_secs(copy_start) + Duration::from_millis(50);
+    tokio::time::sleep(wait.saturating_sub(now)).await;
     tracing::info!(start_lsn = %start, timeline, copy_start, checksums, "backup started; copying the data directory");
 
     let ctx = ctx.clone();
@@ -785,6 +909,10 @@ pub async fn take(
         let data = Dir::open(&direct.data_dir)
             .with_context(|| format!("cannot open {}", direct.data_dir.display()))?;
         let walk = walk(&data, major)?;
+        if !walk.skipped_links.is_empty() {
+            tracing::warn!(links = ?walk.skipped_links, "symbolic links in the data directory are left out of the backup, as pg_basebackup leaves them out");
+        }
+        let source = source_of(&ctx.cfg.name, &data)?;
         let total: u64 = walk.entries.iter().map(|e| e.size).sum();
         progress.send_modify(|p| {
             p.total_bytes = total;
@@ -792,7 +920,7 @@ pub async fn take(
         });
         let diff = parent.as_deref().map(|p| {
             let (id, index) = p.archive(BASE).expect("an archive index always exists");
-            let trusted_before = match trust_times(&walk, p, index, timeline, copy_start, epoch_secs()) {
+            let trusted_before = match trust_times(&walk, p, index, &source, timeline, copy_start, epoch_secs()) {
                 Ok(()) => p.copy_start,
                 Err(why) => {
                     tracing::info!(full = %p.id, reason = %why, "decision: modification times are not trusted; every file of the full backup's size is read and compared");
@@ -840,6 +968,8 @@ pub async fn take(
                         let text = manifest(major, system_identifier, &files, tl, start, stopped.lsn);
                         files.push(write_text(&mut out, "backup_manifest", text.as_bytes(), at)?);
                         finish_tar(&mut out)?;
+                        // The last moment to give up before the store is completed.
+                        tick(copied.read)?;
                         Ok((text, files, copied, tl))
                     })();
                     match r {
@@ -882,6 +1012,7 @@ pub async fn take(
             files,
             copy_start,
             timeline,
+            source,
         })
     });
     job.await.context("the backup task died")?
@@ -1024,7 +1155,7 @@ mod tests {
     }
 
     #[test]
-    fn links_in_the_data_directory_are_never_followed() {
+    fn links_in_the_data_directory_are_never_followed_nor_copied() {
         // pg_wal elsewhere (initdb --waldir) is written as an empty folder.
         let d = data_dir();
         let wal = tempfile::tempdir().unwrap();
@@ -1037,25 +1168,103 @@ mod tests {
         assert!(!paths(&w)
             .iter()
             .any(|p| p.contains("000000010000000000000002")));
-        // A link planted anywhere else fails the backup, naming it.
+        // A folder whose contents are left out, linked elsewhere: a folder too.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("global.stat"), b"s").unwrap();
+        std::fs::remove_dir_all(d.path().join("pg_stat_tmp")).unwrap();
+        symlink(tmp.path(), d.path().join("pg_stat_tmp")).unwrap();
+        let w = walk(&Dir::open(d.path()).unwrap(), 15).unwrap();
+        let e = w.entries.iter().find(|e| e.path == "pg_stat_tmp").unwrap();
+        assert_eq!((e.kind, e.mode), (Kind::Dir, 0o700));
+        // A link planted anywhere else is left out, never followed (pg_basebackup skips it
+        // as a special file); a new tablespace fails the backup.
         let secret = tempfile::tempdir().unwrap();
         std::fs::write(secret.path().join("shadow"), b"root's").unwrap();
-        for (at, expect) in [
-            ("base/1/16385", "is a symbolic link"),
-            ("global/linked", "is a symbolic link"),
-            ("pg_tblspc/16390", "appeared after the backup started"),
-        ] {
-            let d = data_dir();
-            symlink(secret.path().join("shadow"), d.path().join(at)).unwrap();
-            let err = walk(&Dir::open(d.path()).unwrap(), 15)
-                .err()
-                .map(|e| format!("{e:#}"))
-                .unwrap_or_default();
-            assert!(
-                err.contains(expect) && err.contains(at.rsplit('/').next().unwrap()),
-                "{at}: {err}"
-            );
+        std::fs::create_dir(secret.path().join("folder")).unwrap();
+        std::fs::write(secret.path().join("folder/key"), b"root's").unwrap();
+        let d = data_dir();
+        symlink(secret.path().join("shadow"), d.path().join("base/1/16385")).unwrap();
+        symlink(secret.path().join("folder"), d.path().join("global/linked")).unwrap();
+        let w = walk(&Dir::open(d.path()).unwrap(), 15).unwrap();
+        assert_eq!(w.skipped_links, ["base/1/16385", "global/linked"]);
+        let mut tar = Vec::new();
+        copy(&w, &mut tar, false, Lsn(0), None, &mut no_progress()).unwrap();
+        finish_tar(&mut tar).unwrap();
+        let files = untar(&tar);
+        assert!(!files
+            .iter()
+            .any(|(p, v)| p.contains("16385") || p.contains("linked") || v == b"root's"));
+        symlink(
+            secret.path().join("folder"),
+            d.path().join("pg_tblspc/16390"),
+        )
+        .unwrap();
+        let err = walk(&Dir::open(d.path()).unwrap(), 15)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(
+            err.contains("pg_tblspc/16390") && err.contains("appeared after the backup started"),
+            "{err}"
+        );
+        // A folder swapped for a link between the walk and the read is not followed.
+        let d = data_dir();
+        let w = walk(&Dir::open(d.path()).unwrap(), 15).unwrap();
+        std::fs::rename(d.path().join("base/1"), d.path().join("base/1.old")).unwrap();
+        symlink(secret.path().join("folder"), d.path().join("base/1")).unwrap();
+        let err = copy(&w, &mut Vec::new(), false, Lsn(0), None, &mut no_progress()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("cannot open the folder of base/1/"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn a_hard_link_to_another_owners_file_is_refused() {
+        // Run as root: a file of another user, hard-linked into the data directory owned
+        // by that user, is what the postgres user could plant (fs.protected_hardlinks=0).
+        if !nix::unistd::geteuid().is_root() {
+            panic!("this test needs root (it makes files of two owners)");
         }
+        let d = data_dir();
+        let r = d.path();
+        let chown = |p: &Path, uid: u32| std::os::unix::fs::chown(p, Some(uid), Some(uid)).unwrap();
+        let w0 = walk(&Dir::open(r).unwrap(), 15).unwrap();
+        chown(r, 4242);
+        for e in &w0.entries {
+            chown(&r.join(&e.path), 4242);
+        }
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"root's").unwrap();
+        std::fs::hard_link(outside.path().join("secret"), r.join("base/1/16386")).unwrap();
+        let w = walk(&Dir::open(r).unwrap(), 15).unwrap();
+        let err = copy(&w, &mut Vec::new(), false, Lsn(0), None, &mut no_progress()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("base/1/16386 is a hard link to a file of uid 0"),
+            "{err:#}"
+        );
+        // The owner's own hard links are fine.
+        std::fs::remove_file(r.join("base/1/16386")).unwrap();
+        std::fs::hard_link(r.join("base/1/1259"), r.join("base/1/16386")).unwrap();
+        let w = walk(&Dir::open(r).unwrap(), 15).unwrap();
+        copy(&w, &mut Vec::new(), false, Lsn(0), None, &mut no_progress()).unwrap();
+    }
+
+    #[test]
+    fn a_copy_stops_when_progress_says_so() {
+        let d = data_dir();
+        put(d.path(), "base/1/big", &vec![5u8; 3 * CHUNK]);
+        let w = walk(&Dir::open(d.path()).unwrap(), 15).unwrap();
+        let mut calls = 0;
+        let mut stop_in_big = |done: u64| {
+            calls += 1;
+            if done >= CHUNK as u64 {
+                bail!("the backup was cancelled");
+            }
+            Ok(())
+        };
+        let err = copy(&w, &mut Vec::new(), false, Lsn(0), None, &mut stop_in_big).unwrap_err();
+        assert!(err.to_string().contains("cancelled"));
     }
 
     /// The tar's files and their contents.
@@ -1093,19 +1302,36 @@ mod tests {
         finish_tar(&mut tar).unwrap();
         let files = untar(&tar);
         let get = |p: &str| files.iter().find(|(n, _)| n == p).map(|(_, v)| v.clone());
-        assert_eq!(get("base/1/grows"), Some(vec![1u8; 3000]));
-        let mut shrunk = vec![2u8; 1000];
-        shrunk.resize(3000, 0);
-        assert_eq!(get("base/1/shrinks"), Some(shrunk));
+        // Each file as it was when opened (pg_basebackup stats it just before it sends it).
+        assert!(get("base/1/grows") == Some(vec![1u8; 5000]), "grown file");
+        assert!(
+            get("base/1/shrinks") == Some(vec![2u8; 1000]),
+            "shrunk file"
+        );
         assert_eq!(get("base/1/vanishes"), None);
         assert_eq!(c.vanished, ["base/1/vanishes"]);
         assert_eq!(files.last().unwrap().0, "global/pg_control");
         let listed = c.files.iter().find(|f| f.path == "base/1/shrinks").unwrap();
-        assert_eq!(listed.size, 3000);
-        assert_eq!(
-            listed.crc32c,
-            Some(crc32c::crc32c(&get("base/1/shrinks").unwrap()))
-        );
+        assert_eq!(listed.size, 1000);
+        assert_eq!(listed.crc32c, Some(crc32c::crc32c(&[2u8; 1000])));
+        // A file cut short while it is read: the rest of its size is zeros.
+        let f = std::fs::File::open(d.path().join("base/1/shrinks")).unwrap();
+        let mut no = no_progress();
+        let mut r = Reading {
+            file: &f,
+            path: "base/1/shrinks",
+            size: 3000,
+            first_block: None,
+            start_lsn: Lsn(0),
+            done: 0,
+            progress: &mut no,
+        };
+        let mut read = Vec::new();
+        let sums = r.read(&mut read, &mut vec![0u8; CHUNK]).unwrap();
+        let mut padded = vec![2u8; 1000];
+        padded.resize(3000, 0);
+        assert!(read == padded, "not padded with zeros");
+        assert_eq!(sums.crc32c, crc32c::crc32c(&padded));
         // pg_control is never optional.
         std::fs::remove_file(d.path().join("global/pg_control")).unwrap();
         assert!(copy(&w, &mut Vec::new(), false, Lsn(0), None, &mut no_progress()).is_err());
@@ -1173,6 +1399,7 @@ mod tests {
             archives: [(BASE.to_string(), c.files)].into(),
             copy_start: Some(copy_start),
             timeline: Some(1),
+            source: Some("node1 1:2".into()),
         })
     }
 
@@ -1184,7 +1411,7 @@ mod tests {
     ) -> (Copied, Vec<(String, Vec<u8>)>) {
         let w = walk(&Dir::open(d).unwrap(), 15).unwrap();
         let (id, index) = p.archive(BASE).unwrap();
-        let trusted_before = trust_times(&w, p, index, 1, copy_start, now)
+        let trusted_before = trust_times(&w, p, index, "node1 1:2", 1, copy_start, now)
             .ok()
             .and(p.copy_start);
         let diff = Differential {
@@ -1257,20 +1484,24 @@ mod tests {
         // So does a size change with the same time, and a new timeline.
         let w = walk(&Dir::open(r).unwrap(), 15).unwrap();
         let (_, index) = full.archive(BASE).unwrap();
-        assert!(trust_times(&w, &full, index, 2, 3_000, 3_500)
+        let t = |w: &Walk, source: &str, timeline: u32| {
+            trust_times(w, &full, index, source, timeline, 3_000, 3_500)
+        };
+        assert!(t(&w, "node1 1:2", 2).unwrap_err().contains("timeline"));
+        // Another member's (or data directory's) times say nothing about this one's files.
+        assert!(t(&w, "node2 1:2", 1)
             .unwrap_err()
-            .contains("timeline"));
+            .contains("another member"));
+        assert!(t(&w, "node1 1:2", 1).is_ok());
         put(r, "base/1/a", b"aaaaaa");
         set_mtime(r, "base/1/a", 1_000);
         let w = walk(&Dir::open(r).unwrap(), 15).unwrap();
-        assert!(trust_times(&w, &full, index, 1, 3_000, 3_500)
-            .unwrap_err()
-            .contains("size"));
+        assert!(t(&w, "node1 1:2", 1).unwrap_err().contains("size"));
         // A full taken by pg_basebackup (no copy start) is always compared.
         let mut old = full_of(r, 2_000);
         old.copy_start = None;
         let (_, index) = old.archive(BASE).unwrap();
-        assert!(trust_times(&w, &old, index, 1, 3_000, 3_500).is_err());
+        assert!(trust_times(&w, &old, index, "node1 1:2", 1, 3_000, 3_500).is_err());
     }
 
     #[test]

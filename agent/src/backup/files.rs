@@ -72,6 +72,10 @@ pub struct FileList {
     /// The timeline the backup started on (with `copy_start`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeline: Option<u32>,
+    /// Which member and data directory the copy read (with `copy_start`): times are only
+    /// compared with a full backup of the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// What restoring a differential backup needs of its full backup: its metadata and the
@@ -102,6 +106,7 @@ pub struct Parent {
     /// As in [`FileList`].
     pub copy_start: Option<u64>,
     pub timeline: Option<u32>,
+    pub source: Option<String>,
 }
 
 impl Parent {
@@ -131,6 +136,7 @@ impl Parent {
             archives,
             copy_start: list.copy_start,
             timeline: list.timeline,
+            source: list.source.clone(),
         }
     }
 

@@ -35,17 +35,23 @@ fn mix(sum: u32, value: u32) -> u32 {
 /// relation (`segment * PAGES_PER_SEGMENT + block in the segment`).
 pub fn checksum(page: &[u8; PAGE], blkno: u32) -> u16 {
     let mut sums = SEEDS;
-    for (i, word) in page.chunks_exact(4).enumerate() {
-        let mut value = u32::from_ne_bytes([word[0], word[1], word[2], word[3]]);
-        // pd_checksum (bytes 8 and 9, in the third word) counts as zero.
-        if i == PD_CHECKSUM / 4 {
-            let mut bytes = value.to_ne_bytes();
-            bytes[0] = 0;
-            bytes[1] = 0;
-            value = u32::from_ne_bytes(bytes);
+    // Row by row, all 32 lanes at once (as checksum_impl.h lays it out, so the compiler
+    // can use vector instructions).
+    for (row, bytes) in page.chunks_exact(4 * LANES).enumerate() {
+        let mut words = [0u32; LANES];
+        for (w, b) in words.iter_mut().zip(bytes.chunks_exact(4)) {
+            *w = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
         }
-        let lane = i % LANES;
-        sums[lane] = mix(sums[lane], value);
+        if row == 0 {
+            // pd_checksum (bytes 8 and 9, in the third word) counts as zero.
+            let mut third = words[PD_CHECKSUM / 4].to_ne_bytes();
+            third[0] = 0;
+            third[1] = 0;
+            words[PD_CHECKSUM / 4] = u32::from_ne_bytes(third);
+        }
+        for (s, w) in sums.iter_mut().zip(words) {
+            *s = mix(*s, w);
+        }
     }
     for _ in 0..2 {
         for s in sums.iter_mut() {
