@@ -178,22 +178,19 @@ fn main() -> ExitCode {
             };
             match (&wal.agent_socket, &wal.repository) {
                 (Some(socket), repository) => {
-                    let data = match walsocket::Client::new(socket.clone()).fetch(&name) {
-                        Ok(data) => data,
-                        Err(walsocket::FetchError::NotFound(m)) => {
-                            return Err(WalFailure::NotFound(m))
-                        }
+                    match walsocket::Client::new(socket.clone()).fetch_into(&name, &path) {
+                        Ok(()) => Ok(()),
+                        Err(walsocket::FetchError::NotFound(m)) => Err(WalFailure::NotFound(m)),
                         // No agent, or one that restarted or failed while answering: a
                         // directory is there to read (and says itself what is wrong with it).
                         Err(
                             walsocket::FetchError::Unreachable(m)
                             | walsocket::FetchError::Failed(m),
                         ) => match repository {
-                            Some(root) => return direct(root),
-                            None => return Err(WalFailure::Other(m)),
+                            Some(root) => direct(root),
+                            None => Err(WalFailure::Other(m)),
                         },
-                    };
-                    w::write_fetched(&data, &path).map_err(|e| WalFailure::Other(e.to_string()))
+                    }
                 }
                 (None, Some(root)) => direct(root),
                 (None, None) => Err(WalFailure::Other(NO_REPOSITORY.to_string())),

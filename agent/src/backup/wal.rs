@@ -527,14 +527,26 @@ pub fn fetch(repo: &dyn Repository, name: &str, dest: &Path) -> Result<(), WalEr
 /// fsync cost recovery a disk flush of 16 MiB per segment (pgBackRest's archive-get does
 /// not sync either).
 pub fn write_fetched(data: &[u8], dest: &Path) -> Result<(), WalError> {
+    write_fetched_from(&mut &data[..], data.len() as u64, dest)
+}
+
+/// [`write_fetched`] from a reader that must give exactly `len` bytes: a short read leaves
+/// nothing under `dest`.
+pub fn write_fetched_from(input: &mut dyn Read, len: u64, dest: &Path) -> Result<(), WalError> {
     let file_name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dest.with_file_name(format!(".{file_name}.pgherd-tmp"));
-    let write = || -> std::io::Result<()> {
+    let mut write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
+        let n = std::io::copy(input, &mut f)?;
+        if n != len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{n} of {len} bytes arrived"),
+            ));
+        }
         drop(f);
         std::fs::rename(&tmp, dest)
     };
@@ -664,6 +676,22 @@ pub fn archive_end(archive: &[Archived]) -> Option<(Lsn, std::time::SystemTime)>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fetched_file_cut_short_leaves_nothing_under_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("000000010000000000000003");
+        let data = vec![9u8; 3 << 20];
+        // Fewer bytes than announced (the agent died while sending).
+        let err = write_fetched_from(&mut &data[..1 << 20], data.len() as u64, &dest).unwrap_err();
+        assert!(
+            err.to_string().contains("1048576 of 3145728 bytes"),
+            "{err}"
+        );
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+        write_fetched_from(&mut &data[..], data.len() as u64, &dest).unwrap();
+        assert!(std::fs::read(&dest).unwrap() == data);
+    }
     use crate::backup::repo::LocalRepository;
 
     #[test]

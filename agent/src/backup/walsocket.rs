@@ -165,7 +165,15 @@ impl Server {
                     .contains(&(name.to_string(), sha.to_string()));
                 if done { "YES\n" } else { "NO\n" }.as_bytes().to_vec()
             }
-            ["FETCH", name] => self.fetch(name).await,
+            ["FETCH", name] => {
+                // The segment goes out from the cache's own buffer, not a copy of it.
+                let (head, body) = self.fetch(name).await;
+                write.write_all(&head).await?;
+                if let Some(body) = body {
+                    write.write_all(&body).await?;
+                }
+                return write.shutdown().await;
+            }
             _ => b"ERR unknown request\n".to_vec(),
         };
         write.write_all(&answer).await?;
@@ -226,31 +234,31 @@ impl Server {
         .shared()
     }
 
-    async fn fetch(&self, name: &str) -> Vec<u8> {
+    /// The answer to `FETCH name`: its first line, and the segment's bytes after it.
+    async fn fetch(&self, name: &str) -> (Vec<u8>, Option<Arc<Vec<u8>>>) {
         let parsed = match WalName::parse(name) {
             Ok(p) => p,
-            Err(e) => return format!("ERR {e}\n").into_bytes(),
+            Err(e) => return (format!("ERR {e}\n").into_bytes(), None),
         };
         let ahead = self.prefetched.lock().unwrap().remove(name);
-        self.prefetch_after(&parsed);
         let fetched_ahead = ahead.is_some();
-        let mut got = match ahead {
-            Some(p) => p.await,
-            None => self.start_fetch(name).await,
-        };
+        // Not fetched ahead: this one starts before the segments after it, which recovery
+        // does not wait for yet.
+        let pending = ahead.unwrap_or_else(|| self.start_fetch(name));
+        self.prefetch_after(&parsed);
+        let mut got = pending.await;
         // A segment fetched ahead before it was archived, or while the store failed: asked
         // again, so only a fetch made for this request answers.
         if fetched_ahead && !matches!(got, Fetched::Data(_)) {
             got = self.start_fetch(name).await;
         }
         match got {
-            Fetched::Data(data) => {
-                let mut out = format!("OK {}\n", data.len()).into_bytes();
-                out.extend_from_slice(&data);
-                out
-            }
-            Fetched::NotFound(n) => format!("NOTFOUND {n} is not in the archive\n").into_bytes(),
-            Fetched::Failed(e) => format!("ERR {}\n", one_line(&e)).into_bytes(),
+            Fetched::Data(data) => (format!("OK {}\n", data.len()).into_bytes(), Some(data)),
+            Fetched::NotFound(n) => (
+                format!("NOTFOUND {n} is not in the archive\n").into_bytes(),
+                None,
+            ),
+            Fetched::Failed(e) => (format!("ERR {}\n", one_line(&e)).into_bytes(), None),
         }
     }
 
@@ -364,27 +372,20 @@ impl Client {
         Ok(Self::answer_line(&mut BufReader::new(s))? == "YES")
     }
 
-    pub fn fetch(&self, name: &str) -> Result<Vec<u8>, FetchError> {
+    /// Fetches WAL file `name` into `dest`: written to a temporary name beside it as it
+    /// arrives (1 MiB at a time, never held whole), renamed once every byte is there.
+    pub fn fetch_into(&self, name: &str, dest: &std::path::Path) -> Result<(), FetchError> {
         let mut s = self.connect().map_err(FetchError::Unreachable)?;
         s.write_all(format!("FETCH {name}\n").as_bytes())
             .map_err(|e| FetchError::Failed(format!("cannot ask the agent for {name}: {e}")))?;
-        let mut r = BufReader::new(s);
+        let mut r = BufReader::with_capacity(1 << 20, s);
         let line = Self::answer_line(&mut r).map_err(FetchError::Failed)?;
         if let Some(len) = line.strip_prefix("OK ") {
             let len: u64 = len
                 .parse()
                 .map_err(|_| FetchError::Failed(format!("the agent answered {line:?}")))?;
-            let mut data = Vec::with_capacity(len as usize);
-            r.take(len)
-                .read_to_end(&mut data)
-                .map_err(|e| FetchError::Failed(format!("receiving {name}: {e}")))?;
-            if data.len() as u64 != len {
-                return Err(FetchError::Failed(format!(
-                    "the agent sent {} of {len} bytes of {name}",
-                    data.len()
-                )));
-            }
-            return Ok(data);
+            return wal::write_fetched_from(&mut r.take(len), len, dest)
+                .map_err(|e| FetchError::Failed(format!("receiving {name}: {e}")));
         }
         if let Some(m) = line.strip_prefix("NOTFOUND ") {
             return Err(FetchError::NotFound(m.to_string()));
