@@ -31,6 +31,23 @@ fn stored_backup_files(cluster: &Cluster) -> Vec<String> {
     out
 }
 
+/// No backup is listed, and no tar or `backup.json` is in the repository.
+async fn nothing_stored(cluster: &Cluster, what: &str) -> Result<()> {
+    let files = stored_backup_files(cluster);
+    ensure!(
+        !files
+            .iter()
+            .any(|f| f.ends_with("backup.json") || f.contains("base.tar")),
+        "{what} left {files:?}"
+    );
+    let list = cluster.ctl_json(&["backups"]).await?;
+    ensure!(
+        list.as_array().is_some_and(|a| a.is_empty()),
+        "{what} is listed: {list}"
+    );
+    Ok(())
+}
+
 /// Flips one byte at `offset` of `file`, returning what was there.
 fn flip(file: &std::path::Path, offset: u64) -> Result<u8> {
     let mut f = std::fs::File::options()
@@ -80,18 +97,7 @@ async fn a_corrupted_page_or_a_session_ended_mid_backup_fails_the_backup_and_sto
         "the failure does not name the file and block ({expect}): {}",
         out.stderr
     );
-    let files = stored_backup_files(&cluster);
-    ensure!(
-        !files
-            .iter()
-            .any(|f| f.ends_with("backup.json") || f.contains("base.tar")),
-        "a failed backup left {files:?}"
-    );
-    let list = cluster.ctl_json(&["backups"]).await?;
-    ensure!(
-        list.as_array().is_some_and(|a| a.is_empty()),
-        "listed: {list}"
-    );
+    nothing_stored(&cluster, "a failed backup").await?;
 
     // Repaired. The next backup stops (frozen agent) after the copy, before
     // pg_backup_stop; its session is ended meanwhile.
@@ -131,18 +137,7 @@ async fn a_corrupted_page_or_a_session_ended_mid_backup_fails_the_backup_and_sto
         "the failure does not say the backup could not be stopped: {}",
         out.stderr
     );
-    let files = stored_backup_files(&cluster);
-    ensure!(
-        !files
-            .iter()
-            .any(|f| f.ends_with("backup.json") || f.contains("base.tar")),
-        "a backup whose session ended left {files:?}"
-    );
-    let list = cluster.ctl_json(&["backups"]).await?;
-    ensure!(
-        list.as_array().is_some_and(|a| a.is_empty()),
-        "listed: {list}"
-    );
+    nothing_stored(&cluster, "a backup whose session ended").await?;
     let log = std::fs::read_to_string(node.postgres_log_path()).unwrap_or_default();
     ensure!(
         log.contains("aborting backup due to backend exiting before pg_backup_stop was called"),

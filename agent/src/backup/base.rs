@@ -1,7 +1,9 @@
-//! Taking a base backup: `pg_basebackup` writes a tar stream (with its backup manifest
-//! inside) to stdout; it is compressed on the fly (zstd on every core) straight into the
-//! repository, then the WAL the backup needs is confirmed in the archive and `backup.json`
-//! is written. Retention runs after each successful backup.
+//! Taking a base backup: the agent reads the data directory itself on its own backup
+//! session ([`super::copy`]) and compresses the tar on the fly (zstd on every core) straight
+//! into the repository; a cluster with tablespaces goes through `pg_basebackup` into a
+//! scratch directory instead ([`super::tablespace`]). Then the WAL the backup needs is
+//! confirmed in the archive and `backup.json` is written. Retention runs after each
+//! successful backup.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read};
@@ -14,7 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::watch;
 
 use super::catalog::{BackupInfo, BackupType};
-use super::compress::{self, HashingWriter};
+
 use super::files::{self, FileEntry, FileList, Parent};
 use super::wal;
 use super::BackupContext;
@@ -215,73 +217,9 @@ pub async fn take(
     progress.send_replace(Progress::phase("copying"));
 
     let pid = Arc::new(AtomicI32::new(0));
-    let stream_job = || {
-        let ctx = ctx.clone();
-        let key = key.clone();
-        let args = args.clone();
-        let pid = pid.clone();
-        let progress = progress.clone();
-        let parent = parent.clone();
-        tokio::task::spawn_blocking(move || -> Result<(u64, u64, String, files::Scanned)> {
-            let mut child = spawn_pg_basebackup(&ctx, &program, &args, Stdio::piped(), &pid)?;
-            let mut stdout = child.stdout.take().expect("stdout is piped");
-            let stderr = child.stderr.take().expect("stderr is piped");
-            let reader = std::thread::spawn(move || read_stderr(stderr, progress));
-            let workers = std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1);
-            let mut sha = String::new();
-            let mut scanned = files::Scanned::default();
-            let put = ctx.repo.put(&key, &mut |w| {
-                let mut hashing = HashingWriter::new(w);
-                compress::compress_into(
-                    &mut hashing,
-                    ctx.backup.compression,
-                    ctx.backup.level(),
-                    workers,
-                    &mut |enc| {
-                        // Read the tar as it passes: every file's checksum, and the
-                        // manifest pg_basebackup puts at its end (the backup's WAL range is
-                        // in it). A differential backup writes only what changed.
-                        scanned = files::scan_tar(
-                            &mut stdout,
-                            enc,
-                            parent.as_ref().and_then(|p| p.archive(files::BASE)),
-                            &["backup_manifest"],
-                        )?;
-                        Ok(())
-                    },
-                )?;
-                sha = hashing.hex();
-                Ok(())
-            });
-            // A failed store leaves pg_basebackup blocked on a full pipe: stop it.
-            drop(stdout);
-            if put.is_err() {
-                let _ = child.kill();
-            }
-            let status = child.wait().context("cannot wait for pg_basebackup")?;
-            let err = reader.join().unwrap_or_default();
-            let stored = match put {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = ctx.repo.delete(&key);
-                    return Err(anyhow!(e).context("cannot store the backup"));
-                }
-            };
-            if !status.success() {
-                let _ = ctx.repo.delete(&key);
-                let tail: Vec<&str> = err.lines().rev().take(4).collect();
-                bail!(
-                    "pg_basebackup failed ({status}): {}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-                );
-            }
-            Ok((scanned.written, stored, sha, scanned))
-        })
-    };
-    // With tablespaces, pg_basebackup cannot stream one tar: it writes one tar per
-    // tablespace into a scratch directory, stored afterwards (see `super::tablespace`).
+    // With tablespaces the agent does not read the cluster itself: pg_basebackup writes
+    // one tar per tablespace into a scratch directory, stored afterwards (see
+    // `super::tablespace`).
     let scratch_job = |args: Vec<String>| {
         let ctx = ctx.clone();
         let pid = pid.clone();
@@ -339,29 +277,8 @@ pub async fn take(
                 source: Some(s.source),
             })
         })
-    } else if src.has_tablespaces {
-        scratch_job(args)
     } else {
-        let streaming = stream_job();
-        tokio::spawn(async move {
-            let (size, stored, sha256, mut scanned) =
-                streaming.await.context("the backup task died")??;
-            Ok(Taken {
-                size,
-                stored,
-                sha256,
-                manifest: scanned
-                    .captured
-                    .remove("backup_manifest")
-                    .unwrap_or_default(),
-                tablespaces: vec![],
-                manifest_file: None,
-                files: [(files::BASE.to_string(), scanned.files)].into(),
-                copy_start: None,
-                timeline: None,
-                source: None,
-            })
-        })
+        scratch_job(args)
     };
     // Removes whatever of this backup is stored (its folder's files; `backup.json` is
     // written last, so nothing lists the backup meanwhile).

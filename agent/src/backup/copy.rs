@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::base::Progress;
-use super::compress::{self, HashingWriter};
+
 use super::files::{ArchiveIndex, FileEntry, Parent, BASE};
 use super::pagecheck::{self, Verdict, PAGE};
 use super::repo::CountingWriter;
@@ -929,20 +929,9 @@ pub async fn take(
             };
             Differential { id, index, trusted_before }
         });
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1);
         let mut failure: Option<anyhow::Error> = None;
         let mut done: Option<(u64, String, Vec<FileEntry>, Copied, u32)> = None;
-        let mut sha = String::new();
-        let put = ctx.repo.put(&key, &mut |w| {
-            let mut hashing = HashingWriter::new(w);
-            compress::compress_into(
-                &mut hashing,
-                ctx.backup.compression,
-                ctx.backup.level(),
-                workers,
-                &mut |enc| {
+        let put = ctx.store_compressed(&key, &mut |enc| {
                     let mut out = CountingWriter { inner: enc, count: 0 };
                     let mut tick = |read: u64| -> Result<()> {
                         if cancel.load(Ordering::SeqCst) {
@@ -983,17 +972,13 @@ pub async fn take(
                             Err(io::Error::other(msg))
                         }
                     }
-                },
-            )?;
-            sha = hashing.hex();
-            Ok(())
         });
         if let Some(e) = failure {
             let _ = ctx.repo.delete(&key);
             return Err(e);
         }
-        let stored = match put {
-            Ok(n) => n,
+        let (stored, sha) = match put {
+            Ok(done) => done,
             Err(e) => {
                 let _ = ctx.repo.delete(&key);
                 return Err(anyhow!(e).context("cannot store the backup"));

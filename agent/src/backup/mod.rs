@@ -102,6 +102,32 @@ impl BackupContext {
         Catalog::new(self.repo.as_ref())
     }
 
+    /// Stores what `fill` writes at `key`, compressed as backups are (zstd on every core);
+    /// returns the bytes stored and the SHA-256 of them. Blocking.
+    pub fn store_compressed(
+        &self,
+        key: &str,
+        fill: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<(u64, String), repo::RepoError> {
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let mut sha256 = String::new();
+        let stored = self.repo.put(key, &mut |w| {
+            let mut hashing = compress::HashingWriter::new(w);
+            compress::compress_into(
+                &mut hashing,
+                self.backup.compression,
+                self.backup.level(),
+                workers,
+                fill,
+            )?;
+            sha256 = hashing.hex();
+            Ok(())
+        })?;
+        Ok((stored, sha256))
+    }
+
     /// Runs repository work (directory listings, deletions) off the loop's thread: the agent
     /// runs on one thread, which must stay free to renew the leader lease.
     pub async fn blocking<T: Send + 'static>(

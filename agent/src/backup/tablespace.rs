@@ -63,26 +63,10 @@ pub fn store_tar(
     capture: &[&str],
     parent: Option<(&str, &ArchiveIndex)>,
 ) -> Result<Stored> {
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
-    let mut sha256 = String::new();
     let mut scanned = files::Scanned::default();
-    let stored = ctx
-        .repo
-        .put(key, &mut |w| {
-            let mut hashing = HashingWriter::new(w);
-            compress::compress_into(
-                &mut hashing,
-                ctx.backup.compression,
-                ctx.backup.level(),
-                workers,
-                &mut |enc| {
-                    scanned = files::scan_tar(&mut *input, enc, parent, capture)?;
-                    Ok(())
-                },
-            )?;
-            sha256 = hashing.hex();
+    let (stored, sha256) = ctx
+        .store_compressed(key, &mut |enc| {
+            scanned = files::scan_tar(&mut *input, enc, parent, capture)?;
             Ok(())
         })
         .with_context(|| format!("cannot store {}", ctx.repo.describe(key)))?;
