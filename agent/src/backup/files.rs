@@ -1,6 +1,10 @@
 //! Per-file lists of base backups, and differential backups built from them (issue 16
 //! item 8).
 //!
+//! A cluster without tablespaces is read by the agent itself, which chooses the files of a
+//! differential backup from their sizes and times ([`super::copy`]); what follows is the
+//! way of a cluster with tablespaces, whose tars `pg_basebackup` writes.
+//!
 //! Every base backup records the files of each of its tars (`base`, and each tablespace by
 //! OID) with their size and SHA-256 in `backups/<id>/files.json[.zst|.gz]`, computed as the
 //! tar passes on its way into the repository. A differential backup (`pgherdctl backup
