@@ -16,7 +16,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::watch;
 
 use super::catalog::{BackupInfo, BackupType};
-
 use super::files::{self, FileEntry, FileList, Parent};
 use super::wal;
 use super::BackupContext;
@@ -46,11 +45,10 @@ pub struct Source {
     pub port: u16,
     pub from_replica: bool,
     pub system_identifier: String,
-    /// Whether the cluster has tablespaces besides `pg_default` and `pg_global`: then the
-    /// backup goes through a scratch directory ([`super::tablespace`]).
-    pub has_tablespaces: bool,
-    /// Read the data directory itself ([`super::copy`]) instead of streaming
-    /// `pg_basebackup`: the session and the data directory.
+    /// The session and the data directory when the agent reads the cluster itself
+    /// ([`super::copy`]); `None` for a cluster with tablespaces besides `pg_default` and
+    /// `pg_global`, which `pg_basebackup` writes into a scratch directory
+    /// ([`super::tablespace`]).
     pub direct: Option<Arc<super::copy::Direct>>,
 }
 
@@ -259,7 +257,7 @@ pub async fn take(
         })
     };
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let job = if let Some(direct) = src.direct.clone() {
+    let mut job = if let Some(direct) = src.direct.clone() {
         let (ctx, label, key) = (ctx.clone(), format!("pgherd {id}"), key.clone());
         let (progress, parent, cancel) = (progress.clone(), parent.clone(), cancel.clone());
         tokio::spawn(async move {
@@ -294,7 +292,6 @@ pub async fn take(
         })
     };
     let timeout = ctx.backup.timeout();
-    let mut job = job;
     let taken = match tokio::time::timeout(timeout, &mut job).await {
         Ok(Ok(Ok(t))) => t,
         Ok(Ok(Err(e))) => {

@@ -500,23 +500,6 @@ pub fn copy(
         let size = md.len();
         let mtime = md.mtime().max(0) as u64;
         let blocks = if checksums { e.relation_block } else { None };
-        if e.path == PG_CONTROL {
-            let bytes = read_stable(&file, size)?;
-            write_header(out, &e.path, tar::EntryType::Regular, e.mode, size, mtime)?;
-            out.write_all(&bytes)?;
-            pad(out, size)?;
-            copied.read += size;
-            progress(copied.read)?;
-            copied.files.push(FileEntry {
-                path: e.path.clone(),
-                size,
-                sha256: super::compress::sha256_hex(&bytes),
-                mtime: Some(mtime),
-                crc32c: Some(crc32c::crc32c(&bytes)),
-                from: None,
-            });
-            continue;
-        }
         let mut reading = Reading {
             file: &file,
             path: &e.path,
@@ -526,7 +509,16 @@ pub fn copy(
             done: copied.read,
             progress: &mut *progress,
         };
-        let sums = if choice == Choice::Compare {
+        let sums = if e.path == PG_CONTROL {
+            let bytes = read_stable(&file, size)?;
+            write_header(out, &e.path, tar::EntryType::Regular, e.mode, size, mtime)?;
+            out.write_all(&bytes)?;
+            progress(copied.read + size)?;
+            Sums {
+                sha256: super::compress::sha256_hex(&bytes),
+                crc32c: crc32c::crc32c(&bytes),
+            }
+        } else if choice == Choice::Compare {
             // Held until its checksum says whether the full's copy is this file.
             let mut spool = super::files::Spool::new(size)?;
             let sums = reading.read(&mut spool, &mut buf)?;
@@ -794,16 +786,6 @@ pub fn label_timeline(label: &str) -> Option<u32> {
         .lines()
         .find_map(|l| l.strip_prefix("START TIMELINE:"))
         .and_then(|t| t.trim().parse().ok())
-}
-
-/// Whether `name` could be a file PostgreSQL checksums (for tests and messages).
-pub fn is_relation_file(path: &str) -> bool {
-    let mut parts = path.rsplitn(2, '/');
-    let name = parts.next().unwrap_or("");
-    relation_name(name).is_some()
-        && parts.next().is_some_and(|p| {
-            p == "global" || (p.starts_with("base/") && is_digits(&p["base/".len()..]))
-        })
 }
 
 /// A backup of the local PostgreSQL read from its data directory: the superuser session that

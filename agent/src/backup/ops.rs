@@ -93,7 +93,6 @@ pub async fn take_backup(
         port,
         from_replica,
         system_identifier,
-        has_tablespaces,
         direct,
     };
     let leader = view.leader_member().map(|m| (m.host.clone(), m.port));
