@@ -691,6 +691,62 @@ async fn a_corrupted_base_backup_is_refused_and_the_previous_data_is_put_back() 
     Ok(())
 }
 
+/// A writer to the repository (a broken or rogue agent) replaces a backup's tar and records
+/// its new SHA-256, so the stored file's own check passes: the restore still refuses it,
+/// because the files it unpacked differ from the backup's manifest, and names them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_whose_files_differ_from_its_manifest_is_refused_naming_them() -> Result<()> {
+    let (cluster, b, tl) = a_backup_and_rows_after_it().await?;
+    let id = b["id"].as_str().context("no backup id")?;
+    let folder = cluster.repository().join("backups").join(id);
+    let stored = folder.join("base.tar.zst");
+    let tar = zstd::decode_all(&std::fs::read(&stored)?[..])
+        .with_context(|| format!("cannot decompress {}", stored.display()))?;
+    // Every entry again, PG_VERSION with other content of the same size, and one more file.
+    let mut out = tar::Builder::new(Vec::new());
+    let mut changed = false;
+    for entry in tar::Archive::new(&tar[..]).entries()? {
+        let mut entry = entry?;
+        let mut header = entry.header().clone();
+        let path = entry.path()?.into_owned();
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut body)?;
+        if path.as_os_str() == "PG_VERSION" {
+            body.iter_mut().take(2).for_each(|b| *b = b'9');
+            changed = true;
+        }
+        out.append_data(&mut header, &path, &body[..])?;
+    }
+    ensure!(changed, "the backup's tar holds no PG_VERSION");
+    let mut planted = tar::Header::new_gnu();
+    planted.set_size(7);
+    planted.set_mode(0o600);
+    planted.set_entry_type(tar::EntryType::Regular);
+    out.append_data(&mut planted, "base/1/99999", &b"planted"[..])?;
+    let rewritten = zstd::encode_all(&out.into_inner()?[..], 3)?;
+    std::fs::write(&stored, &rewritten)?;
+    let meta_path = folder.join("backup.json");
+    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path)?)?;
+    meta["sha256"] = pgherd_agent::backup::compress::sha256_hex(&rewritten).into();
+    std::fs::write(&meta_path, serde_json::to_vec(&meta)?)?;
+
+    let out = ctl(&cluster, &["restore", "--latest", "--force"]).await?;
+    out.expect_failure(1, &["failed"])?;
+    let key = the_previous_data_is_back(&cluster, tl).await?;
+    let message = key["message"].as_str().unwrap_or_default();
+    for said in [
+        "does not match its manifest",
+        "PG_VERSION has checksum",
+        "base/1/99999 is in the backup but not in its manifest",
+    ] {
+        ensure!(
+            message.contains(said),
+            "the failed restore does not say {said:?}: {key}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restore_to_an_older_point_a_backup_from_the_abandoned_history_is_not_used(
 ) -> Result<()> {

@@ -38,6 +38,7 @@ pub mod compress;
 pub mod copy;
 pub mod crypt;
 pub mod files;
+pub mod manifest;
 pub mod object;
 pub mod ops;
 pub mod pagecheck;

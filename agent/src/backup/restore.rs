@@ -1,6 +1,7 @@
 //! Restoring a base backup into a directory: check the stored file's checksum, unpack the
-//! tar, give it to the PostgreSQL OS user, check it against its manifest with
-//! `pg_verifybackup`, and arm archive recovery (`recovery.signal`).
+//! tar, give it to the PostgreSQL OS user, check it against its manifest (from the sizes and
+//! CRC-32Cs the unpack kept, [`super::manifest`]; with `pg_verifybackup` for other checksum
+//! algorithms), and arm archive recovery (`recovery.signal`).
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -12,8 +13,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use super::catalog::{BackupInfo, BackupType, CatalogError};
 use super::compress::{self, HashingReader};
 use super::files::{self, Chain, FileList};
+use super::manifest::{self, Checked};
 use super::tablespace::{self, Places};
-use super::{untar, BackupContext};
+use super::untar::{self, FileSum};
+use super::BackupContext;
 use crate::fsutil::{self, Dir};
 use crate::postgres::command;
 
@@ -66,8 +69,19 @@ pub async fn unpack_mapped(
 ) -> Result<()> {
     let (parent, name) = fsutil::split(dest)
         .with_context(|| format!("cannot open the folder of {}", dest.display()))?;
-    let data = extract(ctx, info, &parent, &name, Places::Mapped(map)).await?;
-    check_manifest(ctx, info, &data).await
+    let done = extract(ctx, info, &parent, &name, Places::Mapped(map)).await?;
+    check_unpacked(ctx, info, &done).await
+}
+
+/// What [`extract`] made.
+pub struct Extracted {
+    /// The data directory, the OS user's.
+    pub dir: Dir,
+    /// The backup's manifest (also in the directory), stored beside its tar or in it.
+    pub manifest: Option<Vec<u8>>,
+    /// Every regular file unpacked, with its path in the data directory (a tablespace's
+    /// under `pg_tblspc/<oid>/`).
+    pub sums: Vec<FileSum>,
 }
 
 /// Checks the stored backup and unpacks it as `parent/name`: the directory is created
@@ -80,12 +94,12 @@ pub async fn extract(
     parent: &Dir,
     name: &OsStr,
     places: Places,
-) -> Result<Dir> {
+) -> Result<Extracted> {
     let ctx = ctx.clone();
     let info = info.clone();
     let parent = parent.try_clone()?;
     let name = name.to_os_string();
-    tokio::task::spawn_blocking(move || -> Result<Dir> {
+    tokio::task::spawn_blocking(move || -> Result<Extracted> {
         // A differential backup needs its full backup listed before anything is written (its
         // stored file is checked while it unpacks, as the differential's own).
         let chain = load_chain(&ctx, &info)?;
@@ -126,27 +140,45 @@ pub async fn extract(
             )
             .with_context(|| format!("cannot unpack {what} into {}", shown.display()))
         };
-        match &chain {
-            None => {
-                own()?;
-            }
+        let mut sums = match &chain {
+            None => own()?.sums,
             // The differential's files and those it takes from its full backup are
             // disjoint: both stored files are read, decompressed and unpacked at once.
-            Some(chain) => std::thread::scope(|s| -> Result<()> {
+            Some(chain) => std::thread::scope(|s| -> Result<Vec<FileSum>> {
                 let full = s.spawn(|| fill_from_full(&ctx, chain, files::BASE, &dest));
                 let mine = own();
                 let full = full
                     .join()
                     .map_err(|_| anyhow!("the unpack of the full backup's files panicked"))?;
-                mine?;
-                full
+                let mut sums = mine?.sums;
+                sums.extend(full?.sums);
+                Ok(sums)
             })?,
-        }
-        tablespace::unpack_all(&ctx, &info, &dest, &places, chain.as_ref())?;
+        };
+        let stored =
+            tablespace::unpack_all(&ctx, &info, &dest, &places, chain.as_ref(), &mut sums)?;
+        // A backup read from the data directory carries its manifest in its tar: read while
+        // the directory is still root's alone.
+        let manifest = match stored {
+            Some(text) => Some(text),
+            None => match dest.read("backup_manifest", 1 << 30) {
+                Ok(text) => Some(text),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot read {}", dest.join("backup_manifest").display())
+                    })
+                }
+            },
+        };
         dest.chmod(0o700)?;
         dest.chown(owner)
             .with_context(|| format!("cannot give {} to {}", shown.display(), ctx.user.name))?;
-        Ok(dest)
+        Ok(Extracted {
+            dir: dest,
+            manifest,
+            sums,
+        })
     })
     .await
     .context("the unpack task died")?
@@ -203,11 +235,16 @@ pub fn load_chain(ctx: &BackupContext, info: &BackupInfo) -> Result<Option<Chain
 /// It may run while the differential's own files are unpacked: untar creates every file
 /// with `O_EXCL`, so a file in both (which a sound file list never has) fails the restore
 /// rather than being overwritten. Blocking.
-pub fn fill_from_full(ctx: &BackupContext, chain: &Chain, archive: &str, dest: &Dir) -> Result<()> {
+pub fn fill_from_full(
+    ctx: &BackupContext,
+    chain: &Chain,
+    archive: &str,
+    dest: &Dir,
+) -> Result<untar::Unpacked> {
     let full = &chain.full;
     let wanted = chain.list.taken_from(&full.id, archive);
     if wanted.is_empty() {
-        return Ok(());
+        return Ok(untar::Unpacked::default());
     }
     let (file, sha256, what) = if archive == files::BASE {
         (&full.file, &full.sha256, format!("full backup {}", full.id))
@@ -250,7 +287,41 @@ pub fn fill_from_full(ctx: &BackupContext, chain: &Chain, archive: &str, dest: &
         );
     }
     tracing::info!(backup = %chain.list.backup_id, full = %full.id, archive, files = done.files, bytes = done.bytes, "files taken from the full backup");
-    Ok(())
+    Ok(done)
+}
+
+/// Checks an extracted backup against its manifest from the sizes and checksums its unpack
+/// kept ([`manifest::check`]), or with `pg_verifybackup` when that cannot (another checksum
+/// algorithm, or no manifest stored: it then fails); then removes the manifest (and
+/// `tablespace_map`: the links are made).
+pub async fn check_unpacked(ctx: &BackupContext, info: &BackupInfo, x: &Extracted) -> Result<()> {
+    let Some(text) = &x.manifest else {
+        return check_manifest(ctx, info, &x.dir).await;
+    };
+    let system = || -> Result<u64> {
+        let control = x
+            .dir
+            .open_dir("global")
+            .and_then(|g| g.read("pg_control", 8192))
+            .context("cannot read the restored global/pg_control")?;
+        let id: [u8; 8] = control
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| anyhow!("the restored global/pg_control is shorter than 8 bytes"))?;
+        Ok(u64::from_ne_bytes(id))
+    };
+    match manifest::check(text, &x.sums, system)
+        .with_context(|| format!("backup {} does not match its manifest", info.id))?
+    {
+        Checked::Matches { files } => {
+            tracing::info!(backup = %info.id, files, "the unpacked backup matches its manifest (sizes and CRC-32C taken while unpacking)");
+        }
+        Checked::Unsupported { why } => {
+            tracing::info!(backup = %info.id, %why, "the manifest is checked by pg_verifybackup");
+            return check_manifest(ctx, info, &x.dir).await;
+        }
+    }
+    forget_manifest(info, &x.dir)
 }
 
 /// Checks unpacked backup `data` against its manifest with `pg_verifybackup` (run as the OS
@@ -271,6 +342,10 @@ pub async fn check_manifest(ctx: &BackupContext, info: &BackupInfo, data: &Dir) 
     )
     .await
     .with_context(|| format!("backup {} does not match its manifest", info.id))?;
+    forget_manifest(info, data)
+}
+
+fn forget_manifest(info: &BackupInfo, data: &Dir) -> Result<()> {
     let _ = data.remove_file("backup_manifest");
     tablespace::forget_original_places(info, data)
 }

@@ -557,15 +557,18 @@ pub fn unpack_all(
     data: &Dir,
     places: &Places,
     chain: Option<&files::Chain>,
-) -> Result<()> {
+    sums: &mut Vec<untar::FileSum>,
+) -> Result<Option<Vec<u8>>> {
     let owner = ctx.user.switch_to;
+    let mut manifest = None;
     if let Some(m) = &info.manifest {
         let text = read_checked(ctx, m, 1 << 30)?;
         data.write_atomic("backup_manifest", &text, 0o600, owner)
             .with_context(|| format!("cannot write {}", data.join("backup_manifest").display()))?;
+        manifest = Some(text);
     }
     if info.tablespaces.is_empty() {
-        return Ok(());
+        return Ok(manifest);
     }
     let (links, created) = data.ensure_dir("pg_tblspc", 0o700)?;
     if created {
@@ -598,15 +601,26 @@ pub fn unpack_all(
                 shown.display()
             )
         })
-        .and_then(|_| match chain {
-            Some(chain) => super::restore::fill_from_full(ctx, chain, &t.oid.to_string(), &dest),
-            None => Ok(()),
+        .and_then(|own| match chain {
+            Some(chain) => super::restore::fill_from_full(ctx, chain, &t.oid.to_string(), &dest)
+                .map(|full| [own.sums, full.sums].concat()),
+            None => Ok(own.sums),
         });
-        if let Err(e) = unpacked {
-            // A later attempt finds the place empty again, as `check_empty` wants it.
-            drop(dest);
-            let _ = dir.remove_tree(&name);
-            return Err(e);
+        match unpacked {
+            // The manifest lists a tablespace's files through its link.
+            Ok(files) => {
+                let under = Path::new("pg_tblspc").join(t.oid.to_string());
+                sums.extend(files.into_iter().map(|mut f| {
+                    f.path = under.join(&f.path);
+                    f
+                }));
+            }
+            Err(e) => {
+                // A later attempt finds the place empty again, as `check_empty` wants it.
+                drop(dest);
+                let _ = dir.remove_tree(&name);
+                return Err(e);
+            }
         }
         dest.chown(owner)
             .with_context(|| format!("cannot give {} to the OS user", shown.display()))?;
@@ -625,7 +639,7 @@ pub fn unpack_all(
     // `tablespace_map` stays until the manifest is checked (it is listed there); then
     // [`forget_original_places`] removes it.
     links.sync()?;
-    Ok(())
+    Ok(manifest)
 }
 
 /// Once the links in `pg_tblspc` are made and the manifest checked: removes

@@ -16,7 +16,7 @@ use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
@@ -35,6 +35,18 @@ pub struct Unpacked {
     pub bytes: u64,
     /// Entries `Options::keep` left out.
     pub skipped: u64,
+    /// Every regular file written, in no particular order.
+    pub sums: Vec<FileSum>,
+}
+
+/// A regular file [`untar`] wrote: its path in the archive (plain names, no `./`), its size
+/// and the CRC-32C of its bytes, for a check against the backup's manifest without reading
+/// the files again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSum {
+    pub path: PathBuf,
+    pub size: u64,
+    pub crc32c: u32,
 }
 
 /// The plain names of an entry's path; `None` for the archive's top (`./`).
@@ -122,9 +134,34 @@ const CHUNK: usize = 1 << 20;
 struct Writing {
     file: std::fs::File,
     shown: PathBuf,
-    /// Pieces not yet written; the writer of the last one sets the modification time.
+    /// The entry's path in the archive.
+    path: PathBuf,
+    size: u64,
+    /// Pieces not yet written; the writer of the last one sets the modification time and
+    /// joins the pieces' checksums.
     left: AtomicUsize,
     mtime: Option<u64>,
+    /// The CRC-32C of each piece, by index, set by whichever writer wrote it.
+    crcs: Vec<AtomicU32>,
+}
+
+impl Writing {
+    /// The file's CRC-32C from its pieces' (every piece but the last is [`CHUNK`] long).
+    fn crc32c(&self) -> u32 {
+        let mut crc = 0;
+        let mut left = self.size;
+        for (i, piece) in self.crcs.iter().enumerate() {
+            let len = left.min(CHUNK as u64);
+            let sum = piece.load(Ordering::Acquire);
+            crc = if i == 0 {
+                sum
+            } else {
+                crc32c::crc32c_combine(crc, sum, len as usize)
+            };
+            left -= len;
+        }
+        crc
+    }
 }
 
 struct Piece {
@@ -138,6 +175,16 @@ struct Shared {
     jobs: Mutex<mpsc::Receiver<Piece>>,
     failed: Mutex<Option<anyhow::Error>>,
     failing: AtomicBool,
+    /// Files whose last piece is written.
+    sums: Mutex<Vec<FileSum>>,
+}
+
+impl Shared {
+    fn written(&self, sum: FileSum) {
+        if let Ok(mut sums) = self.sums.lock() {
+            sums.push(sum);
+        }
+    }
 }
 
 fn write_pieces(shared: &Shared, spare: &mpsc::SyncSender<Vec<u8>>) {
@@ -150,7 +197,7 @@ fn write_pieces(shared: &Shared, spare: &mpsc::SyncSender<Vec<u8>>) {
             }
         };
         if !shared.failing.load(Ordering::Relaxed) {
-            if let Err(e) = write_piece(&piece) {
+            if let Err(e) = write_piece(shared, &piece) {
                 if let Ok(mut f) = shared.failed.lock() {
                     f.get_or_insert(e);
                 }
@@ -163,12 +210,19 @@ fn write_pieces(shared: &Shared, spare: &mpsc::SyncSender<Vec<u8>>) {
     }
 }
 
-fn write_piece(p: &Piece) -> Result<()> {
+fn write_piece(shared: &Shared, p: &Piece) -> Result<()> {
+    let index = (p.offset / CHUNK as u64) as usize;
+    p.to.crcs[index].store(crc32c::crc32c(&p.buf), Ordering::Release);
     p.to.file
         .write_all_at(&p.buf, p.offset)
         .with_context(|| format!("cannot write {}", p.to.shown.display()))?;
     if p.to.left.fetch_sub(1, Ordering::AcqRel) == 1 {
         finish(&p.to.file, &p.to.shown, p.to.mtime)?;
+        shared.written(FileSum {
+            path: p.to.path.clone(),
+            size: p.to.size,
+            crc32c: p.to.crc32c(),
+        });
     }
     Ok(())
 }
@@ -203,7 +257,8 @@ fn set_mtime(file: &std::fs::File, mtime: Option<u64>) {
 /// every directory and file in order; the contents go to `opts.workers` writer threads in
 /// pieces of at most [`CHUNK`], written with `pwrite` at their offsets, so decompression
 /// and writing overlap and several files (or parts of one) are written at once. Each file is
-/// fsynced by the writer of its last piece, every folder at the end.
+/// fsynced by the writer of its last piece, every folder at the end. The writers checksum
+/// the pieces they write (CRC-32C), so [`Unpacked::sums`] costs no pass of its own.
 pub fn untar(input: impl Read, dest: &Dir, owner: Owner, opts: &Options) -> Result<Unpacked> {
     let workers = opts.workers.max(1);
     let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Piece>(workers);
@@ -217,6 +272,7 @@ pub fn untar(input: impl Read, dest: &Dir, owner: Owner, opts: &Options) -> Resu
         jobs: Mutex::new(jobs_rx),
         failed: Mutex::new(None),
         failing: AtomicBool::new(false),
+        sums: Mutex::new(Vec::new()),
     };
     std::thread::scope(|s| {
         for _ in 0..workers {
@@ -230,11 +286,16 @@ pub fn untar(input: impl Read, dest: &Dir, owner: Owner, opts: &Options) -> Resu
         drop(jobs_tx);
         read
     })
-    .and_then(|done| match shared.failed.into_inner() {
-        Ok(Some(e)) => Err(e),
-        Ok(None) => Ok(done),
-        Err(_) => bail!("a writer thread panicked"),
-    })
+    .and_then(
+        |mut done| match (shared.failed.into_inner(), shared.sums.into_inner()) {
+            (Ok(Some(e)), _) => Err(e),
+            (Ok(None), Ok(sums)) => {
+                done.sums.extend(sums);
+                Ok(done)
+            }
+            _ => bail!("a writer thread panicked"),
+        },
+    )
 }
 
 fn read_entries(
@@ -307,16 +368,25 @@ fn read_entries(
         let size = entry.header().size().unwrap_or(0);
         let mtime = entry.header().mtime().ok();
         let pieces = size.div_ceil(CHUNK as u64) as usize;
+        let rel: PathBuf = names.iter().collect();
         if pieces == 0 {
             finish(&file, &shown, mtime)?;
+            done.sums.push(FileSum {
+                path: rel,
+                size: 0,
+                crc32c: 0,
+            });
             done.files += 1;
             continue;
         }
         let to = Arc::new(Writing {
             file,
             shown,
+            path: rel,
+            size,
             left: AtomicUsize::new(pieces),
             mtime,
+            crcs: (0..pieces).map(|_| AtomicU32::new(0)).collect(),
         });
         let mut offset = 0u64;
         while offset < size {
@@ -411,14 +481,27 @@ mod tests {
             )
             .unwrap();
         });
-        let done = untar(&data[..], &dest, None, &Options::all()).unwrap();
+        let mut done = untar(&data[..], &dest, None, &Options::all()).unwrap();
+        done.sums.sort_by(|a, b| a.path.cmp(&b.path));
         assert_eq!(
             done,
             Unpacked {
                 files: 2,
                 dirs: 1,
                 bytes: 7,
-                skipped: 0
+                skipped: 0,
+                sums: vec![
+                    FileSum {
+                        path: "base/1/123".into(),
+                        size: 2,
+                        crc32c: crc32c::crc32c(b"ab")
+                    },
+                    FileSum {
+                        path: "global/pg_control".into(),
+                        size: 5,
+                        crc32c: crc32c::crc32c(b"hello")
+                    },
+                ]
             }
         );
         let p = t.path().join("data/global/pg_control");
@@ -582,6 +665,26 @@ mod tests {
             };
             let done = untar(&data[..], &dest, None, &opts).unwrap();
             assert_eq!((done.files, done.skipped), (203, 0));
+            // Each file's checksum, joined from its pieces' by whichever writers wrote them,
+            // is the checksum of its whole content.
+            let sums: std::collections::BTreeMap<PathBuf, (u64, u32)> = done
+                .sums
+                .iter()
+                .map(|f| (f.path.clone(), (f.size, f.crc32c)))
+                .collect();
+            assert_eq!(sums.len(), 203);
+            for (name, body) in [
+                ("base/1/16384", &big),
+                ("global/1262", &exact),
+                ("base/1/20199", &pattern(299, 199)),
+            ] {
+                assert_eq!(
+                    sums[Path::new(name)],
+                    (body.len() as u64, crc32c::crc32c(body)),
+                    "{name}"
+                );
+            }
+            assert_eq!(sums[Path::new("empty")], (0, 0));
             assert_eq!(std::fs::read(to.join("base/1/16384")).unwrap(), big);
             assert_eq!(std::fs::read(to.join("global/1262")).unwrap(), exact);
             for i in 0..200u32 {

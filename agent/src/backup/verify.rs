@@ -205,7 +205,11 @@ async fn check(
     progress.send_replace(Progress::phase("unpacking"));
     let t0 = Instant::now();
     let places = super::tablespace::Places::Under(scratch_dir.try_clone()?);
-    let data = restore::extract(ctx, info, scratch_dir, "data".as_ref(), places).await?;
+    // `pg_verifybackup` checks the copy: a second opinion on the backup, from PostgreSQL's
+    // own tool, rather than the sums the unpack kept (which restores use).
+    let data = restore::extract(ctx, info, scratch_dir, "data".as_ref(), places)
+        .await?
+        .dir;
     // Unpacking ended: the OS user may now reach the copy (its PostgreSQL runs it).
     scratch_dir.chown(owner)?;
     restore::check_manifest(ctx, info, &data).await?;
