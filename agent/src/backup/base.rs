@@ -210,8 +210,6 @@ pub async fn take(
         ctx.cfg.postgres.replication.username.clone(),
         "--no-password".into(),
     ];
-    let program = ctx.bin_dir.join("pg_basebackup");
-    tracing::info!(command = %format!("{} {}", program.display(), args.join(" ")), backup = %id, "running");
     progress.send_replace(Progress::phase("copying"));
 
     let pid = Arc::new(AtomicI32::new(0));
@@ -229,6 +227,7 @@ pub async fn take(
             let scratch = super::tablespace::Scratch::create(&ctx, &id)?;
             let mut args = args;
             args[1] = scratch.dir.path().display().to_string();
+            tracing::info!(command = %format!("{} {}", program.display(), args.join(" ")), backup = %id, "running");
             let mut child = spawn_pg_basebackup(&ctx, &program, &args, Stdio::null(), &pid)?;
             let stderr = child.stderr.take().expect("stderr is piped");
             let reader = std::thread::spawn(move || read_stderr(stderr, progress));

@@ -874,15 +874,15 @@ pub async fn take(
         tracing::info!("decision: page checksums are not checked: this PostgreSQL was built with a block or segment size other than 8 kB and 1 GB");
         checksums = false;
     }
-    // The copy starts on a whole second, so a file written during it is dated that second
-    // or later (see `trust_times`); 50 ms later, as the kernel dates writes with a clock
-    // that may lag by a tick.
-    let now = SystemTime::now()
+    // A file written once the copy has begun is dated `copy_start` or later (what
+    // `trust_times` relies on): the clock is read before the copy, 50 ms are taken off (the
+    // kernel dates writes with a clock that may lag by a tick) and it is rounded down to whole
+    // seconds, as modification times are kept. Nothing waits for a second to begin.
+    let copy_start = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .context("the clock is before 1970")?;
-    let copy_start = now.as_secs() + 1;
-    let wait = Duration::from_secs(copy_start) + Duration::from_millis(50);
-    tokio::time::sleep(wait.saturating_sub(now)).await;
+        .context("the clock is before 1970")?
+        .saturating_sub(Duration::from_millis(50))
+        .as_secs();
     tracing::info!(start_lsn = %start, timeline, copy_start, checksums, "backup started; copying the data directory");
 
     let ctx = ctx.clone();
