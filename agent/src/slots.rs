@@ -158,6 +158,29 @@ fn since(t: &Option<String>, now: DateTime<Utc>) -> Option<chrono::Duration> {
     Some(now.signed_duration_since(t.with_timezone(&Utc)))
 }
 
+/// The leader keeps a slot for a member that streams from another replica (`replicatefrom`)
+/// too, so that member can fall back to the leader and find its WAL; that slot is not in
+/// use, so the leader moves it to the position the member reports (`positions`: its replay
+/// position on the leader's timeline, from its member key; it has the WAL before that)
+/// instead of holding WAL for ever. Returns the slots to advance and where, never backwards or past `current`.
+pub fn advance_cascaded(
+    slots: &[SlotRow],
+    positions: &std::collections::BTreeMap<String, Lsn>,
+    current: Lsn,
+) -> Vec<(String, Lsn)> {
+    let mut out = Vec::new();
+    for (name, at) in positions {
+        let Some(r) = slots.iter().find(|r| &r.name == name) else {
+            continue;
+        };
+        let to = (*at).min(current);
+        if r.kind == SlotType::Physical && !r.active && r.restart_lsn.is_some_and(|l| l < to) {
+            out.push((name.clone(), to));
+        }
+    }
+    out
+}
+
 /// The leader's plan: a slot for every other member (kept `member_slots_ttl` after its key
 /// disappears), every permanent slot of the config, nothing else touched.
 pub fn plan_leader(
@@ -423,8 +446,10 @@ pub struct ReplicaPlan {
     pub drop: Vec<(String, String)>,
 }
 
-/// A replica keeps a copy of every permanent slot when it may become leader, and no other
-/// slot of pgherd's. `native_sync`: PostgreSQL 17+ synchronises failover slots itself.
+/// A replica keeps a copy of every permanent slot when it may become leader, a slot for
+/// each member that streams from it (`downstream`: members tagged `replicatefrom` it), and
+/// no other slot of pgherd's. `native_sync`: PostgreSQL 17+ synchronises failover slots
+/// itself.
 pub fn plan_replica(
     may_lead: bool,
     slots: &[SlotRow],
@@ -432,8 +457,21 @@ pub fn plan_replica(
     cfg: &DynamicConfig,
     replay: Option<Lsn>,
     native_sync: bool,
+    downstream: &BTreeSet<String>,
 ) -> ReplicaPlan {
     let mut plan = ReplicaPlan::default();
+    // A member slot is made here only for a member the leader records (it records every
+    // member with a key): a recorded name is pgherd's to drop once nobody streams from here.
+    for d in downstream {
+        let recorded = record.key().is_some_and(|k| k.members.contains_key(d));
+        if recorded
+            && !ignored_member(cfg, d)
+            && !cfg.slots.contains_key(d)
+            && !slots.iter().any(|r| &r.name == d)
+        {
+            plan.create.push(d.clone());
+        }
+    }
     let Record::Readable(key) = record else {
         // Without the leader's record there are no positions to follow and no ownership to
         // drop by: only physical permanent slots are created.
@@ -507,7 +545,7 @@ pub fn plan_replica(
             }
             continue;
         }
-        if r.active {
+        if r.active || downstream.contains(&r.name) {
             continue;
         }
         let retired = key
@@ -530,7 +568,7 @@ pub fn plan_replica(
         } else if key.members.contains_key(&r.name) && !cfg.slots.contains_key(&r.name) {
             plan.drop.push((
                 r.name.clone(),
-                "a member slot left from when this member led: replicas keep none".into(),
+                "a member slot no member streams through from here (left from when this member led, or from a member that cascaded from it)".into(),
             ));
         }
     }

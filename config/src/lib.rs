@@ -474,6 +474,10 @@ pub struct Tags {
     /// `basebackup` clones from this member (when it streams) rather than from the leader.
     #[serde(default)]
     pub clonefrom: bool,
+    /// Stream from this member (cascading replication) while it streams from the leader on
+    /// its timeline or leads; from the leader otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicatefrom: Option<String>,
 }
 
 /// Commands run on PostgreSQL events, Patroni style: `<command> <action> <role> <cluster>`,
@@ -638,6 +642,7 @@ impl Default for Tags {
             noloadbalance: false,
             nosync: false,
             clonefrom: false,
+            replicatefrom: None,
         }
     }
 }

@@ -99,6 +99,22 @@ fn each_problem_is_reported_at_its_yaml_path() {
             &["name"],
         ),
         (
+            "replicatefrom naming the member itself",
+            &[(
+                "cluster: demo",
+                "cluster: demo\ntags: {replicatefrom: node2}",
+            )],
+            &["tags.replicatefrom"],
+        ),
+        (
+            "replicatefrom unusable as a member name",
+            &[(
+                "cluster: demo",
+                "cluster: demo\ntags: {replicatefrom: Node-3}",
+            )],
+            &["tags.replicatefrom"],
+        ),
+        (
             "cluster with slash",
             &[("cluster: demo", "cluster: a/b")],
             &["cluster"],

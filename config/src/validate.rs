@@ -609,6 +609,15 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
         ));
     }
     check_member_name("name", &c.name, &mut out);
+    if let Some(from) = &c.tags.replicatefrom {
+        check_member_name("tags.replicatefrom", from, &mut out);
+        if from == &c.name {
+            out.push(Problem::new(
+                "tags.replicatefrom",
+                format!("names this member itself ({from:?}); name the member to stream from"),
+            ));
+        }
+    }
 
     if c.etcd.endpoints.is_empty() {
         out.push(Problem::new(

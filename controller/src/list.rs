@@ -17,6 +17,9 @@ fn tags_text(t: &pgherd_config::Tags) -> String {
     if t.clonefrom {
         parts.push("clonefrom".to_string());
     }
+    if let Some(from) = &t.replicatefrom {
+        parts.push(format!("replicatefrom={from}"));
+    }
     if t.failover_priority != 1 {
         parts.push(format!("priority={}", t.failover_priority));
     }

@@ -90,7 +90,10 @@ pub use tls::{TestCa, TestPki};
 pub use tokio_postgres::config::TargetSessionAttrs;
 pub use tokio_postgres::Row;
 pub use wait::{hold_for, wait_until};
-pub use writer::{create_writer_table, ensure_acked_rows_on, missing_rows, Writer, WriterOptions};
+pub use writer::{
+    create_writer_table, ensure_acked_rows_on, missing_rows, wait_acked_rows_on, Writer,
+    WriterOptions,
+};
 
 /// Superuser every member's config names.
 pub const SUPERUSER: &str = "postgres";

@@ -366,6 +366,32 @@ pub async fn missing_rows(member: &Member, table: &str, ids: &[i64]) -> Result<V
         .collect())
 }
 
+/// Waits until `member` (a replica) holds every row the writer of `report` saw
+/// acknowledged; the number of those rows. Fails when there were none.
+pub async fn wait_acked_rows_on(
+    member: &Member,
+    report: &WriterReport,
+    timeout: std::time::Duration,
+) -> Result<usize> {
+    let acked = report.acked_ids();
+    ensure!(!acked.is_empty(), "the writer had no acknowledged row");
+    crate::wait_until(
+        timeout,
+        format!(
+            "{} to hold all {} acknowledged rows",
+            member.name(),
+            acked.len()
+        ),
+        || async {
+            let missing = missing_rows(member, &report.table, &acked).await?;
+            ensure!(missing.is_empty(), "{} rows missing", missing.len());
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(acked.len())
+}
+
 /// Fails unless `member` has every row the writer of `report` saw acknowledged (after a
 /// failover: none was lost).
 pub async fn ensure_acked_rows_on(member: &Member, report: &WriterReport) -> Result<()> {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
-    ensure_acked_rows_on, missing_rows, wait_until, Cluster, Member, MemberOptions, Writer,
+    ensure_acked_rows_on, wait_acked_rows_on, wait_until, Cluster, Member, MemberOptions, Writer,
     WriterOptions,
 };
 
@@ -73,24 +73,9 @@ async fn take_backup(cluster: &Cluster) -> Result<String> {
 /// Waits until `member` holds every row the writer had acknowledged when it stopped.
 async fn wait_acked_rows(member: &Member, writer: Writer) -> Result<usize> {
     let report = writer.stop().await;
-    let acked = report.acked_ids();
-    ensure!(!acked.is_empty(), "the writer had no acknowledged row");
-    wait_until(
-        BRINGUP,
-        format!(
-            "{} to hold all {} acknowledged rows",
-            member.name(),
-            acked.len()
-        ),
-        || async {
-            let missing = missing_rows(member, &report.table, &acked).await?;
-            ensure!(missing.is_empty(), "{} rows missing", missing.len());
-            Ok(())
-        },
-    )
-    .await?;
+    let n = wait_acked_rows_on(member, &report, BRINGUP).await?;
     ensure_acked_rows_on(member, &report).await?;
-    Ok(acked.len())
+    Ok(n)
 }
 
 /// The agent log lines of `member` that contain `needle`.

@@ -47,6 +47,68 @@ pub(super) fn clone_source(view: &ClusterView, leader: &MemberInfo, me: &str) ->
     }
 }
 
+/// Whom a replica streams from, and why (for the decision's sentence): the member its
+/// `replicatefrom` tag names (`from`) while that member leads, or is a replica streaming on
+/// the leader's timeline whose own `replicatefrom` chain does not lead back to `me`;
+/// otherwise the leader. Unlike a member key alone, the state says its PostgreSQL streams, so
+/// a stopped, diverged or cut-off upstream sends the replica to the leader at once, and
+/// back once it streams again.
+pub(super) fn stream_source<'a>(
+    view: &'a ClusterView,
+    leader: &'a MemberInfo,
+    me: &str,
+    from: Option<&str>,
+) -> (&'a MemberInfo, String) {
+    let Some(from) = from.filter(|f| *f != leader.name && *f != me) else {
+        return (leader, String::new());
+    };
+    let Some(up) = view.members.get(from) else {
+        return (
+            leader,
+            format!(" (replicatefrom {from}: it has no member key)"),
+        );
+    };
+    let streams = up.role == Role::Replica
+        && up.state == MemberState::Streaming
+        && up.timeline.is_some()
+        && up.timeline == leader.timeline;
+    if !streams {
+        return (
+            leader,
+            format!(
+                " (replicatefrom {from}: it is {}{}, not streaming on the leader's timeline)",
+                up.state.as_str(),
+                up.timeline
+                    .map(|t| format!(" on timeline {t}"))
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    // A ring of tags (a from b, b from a) would leave nobody streaming from the leader.
+    let mut next = up.tags.replicatefrom.as_deref();
+    for _ in 0..view.members.len() {
+        match next {
+            Some(n) if n == me => {
+                return (
+                    leader,
+                    format!(" (replicatefrom {from}: its replicatefrom chain leads back to me)"),
+                )
+            }
+            Some(n) if n != leader.name => {
+                next = view
+                    .members
+                    .get(n)
+                    .and_then(|m| m.tags.replicatefrom.as_deref())
+            }
+            _ => break,
+        }
+    }
+    (
+        up,
+        format!(" (tagged replicatefrom, streaming; leader {})", leader.name),
+    )
+}
+
 impl Situation<'_> {
     pub(super) fn follower_decision(&self, leader: &str) -> Decision {
         let Situation {
@@ -133,7 +195,13 @@ impl Situation<'_> {
                 state,
             );
         };
-        let upstream = Upstream::of(leader_member);
+        let (source, why) = stream_source(
+            view,
+            leader_member,
+            self.me,
+            cfg.tags.replicatefrom.as_deref(),
+        );
+        let upstream = Upstream::of(source);
         if !obs.pg.running && cfg.dcs.pause {
             return decision(
                 vec![],
@@ -145,7 +213,7 @@ impl Situation<'_> {
             );
         }
         if !obs.pg.running {
-            return self.stopped_follower(leader_member, upstream);
+            return self.stopped_follower(leader_member, upstream, &why);
         }
         if let (Some(status), Some(since), Some(leader_tl)) = (
             &obs.pg.status,
@@ -166,15 +234,16 @@ impl Situation<'_> {
                 );
             }
         }
-        if mem.upstream.as_deref() != Some(leader) {
+        let up = upstream.name.clone();
+        if mem.upstream.as_deref() != Some(up.as_str()) {
             return decision(
                 vec![Action::FollowUpstream(upstream)],
-                format!("following {leader}"),
+                format!("following {up}{why}"),
                 Role::Replica,
                 state,
             );
         }
-        let d = decision(vec![], format!("following {leader}"), Role::Replica, state);
+        let d = decision(vec![], format!("following {up}{why}"), Role::Replica, state);
         if obs.pg.config_stale {
             d.with(Action::ApplyConfig)
         } else {
@@ -185,7 +254,8 @@ impl Situation<'_> {
     /// Rule 5: a stopped member compares its timeline with the leader's before it streams;
     /// a different timeline goes through pg_rewind (which changes nothing if the histories did
     /// not diverge) or, if allowed, a fresh clone.
-    fn stopped_follower(&self, leader: &MemberInfo, upstream: Upstream) -> Decision {
+    /// `upstream` is whom it streams from (the leader, or the member `why` names).
+    fn stopped_follower(&self, leader: &MemberInfo, upstream: Upstream, why: &str) -> Decision {
         let Situation {
             obs,
             cfg,
@@ -204,9 +274,10 @@ impl Situation<'_> {
             );
         };
         if local == theirs {
+            let up = upstream.name.clone();
             return decision(
                 vec![Action::StartStandby(Some(upstream))],
-                format!("starting as a standby of {name}"),
+                format!("starting as a standby of {up}{why}"),
                 Role::Replica,
                 state,
             );

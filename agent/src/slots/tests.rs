@@ -319,12 +319,28 @@ fn replicas_copy_logical_slots_advance_them_never_past_replay_and_drop_leftovers
         },
     );
     let r = Record::Readable(key.clone());
-    let plan = plan_replica(true, &[], &r, &cfg, Some(Lsn(0x8000)), false);
+    let plan = plan_replica(
+        true,
+        &[],
+        &r,
+        &cfg,
+        Some(Lsn(0x8000)),
+        false,
+        &BTreeSet::new(),
+    );
     assert_eq!(plan.copy, vec!["cdc".to_string()]);
     assert_eq!(plan.create, vec!["archiver".to_string()]);
     // Present: advanced to the leader's position, capped at replay.
     let slots = [logical("cdc", 0x6000), physical("node3", false, None)];
-    let plan = plan_replica(true, &slots, &r, &cfg, Some(Lsn(0x8000)), false);
+    let plan = plan_replica(
+        true,
+        &slots,
+        &r,
+        &cfg,
+        Some(Lsn(0x8000)),
+        false,
+        &BTreeSet::new(),
+    );
     assert_eq!(plan.advance, vec![("cdc".to_string(), Lsn(0x8000))]);
     assert_eq!(
         plan.drop.len(),
@@ -332,10 +348,26 @@ fn replicas_copy_logical_slots_advance_them_never_past_replay_and_drop_leftovers
         "the member slot left from leading: {plan:?}"
     );
     // PostgreSQL 17 synchronises logical failover slots itself.
-    let plan = plan_replica(true, &[], &r, &cfg, Some(Lsn(0x8000)), true);
+    let plan = plan_replica(
+        true,
+        &[],
+        &r,
+        &cfg,
+        Some(Lsn(0x8000)),
+        true,
+        &BTreeSet::new(),
+    );
     assert!(plan.copy.is_empty());
     // nofailover: no copies, and a copy it has goes.
-    let plan = plan_replica(false, &slots, &r, &cfg, Some(Lsn(0x8000)), false);
+    let plan = plan_replica(
+        false,
+        &slots,
+        &r,
+        &cfg,
+        Some(Lsn(0x8000)),
+        false,
+        &BTreeSet::new(),
+    );
     assert!(plan.copy.is_empty() && plan.create.is_empty() && plan.advance.is_empty());
     assert_eq!(plan.drop.len(), 2, "{plan:?}");
     // Unreadable record: nothing dropped or advanced.
@@ -346,11 +378,20 @@ fn replicas_copy_logical_slots_advance_them_never_past_replay_and_drop_leftovers
         &cfg,
         Some(Lsn(0x8000)),
         false,
+        &BTreeSet::new(),
     );
     assert!(plan.drop.is_empty() && plan.advance.is_empty() && plan.copy.is_empty());
     // A foreign slot on a replica is left alone.
     let foreign = [physical("someone_elses", false, None)];
-    let plan = plan_replica(true, &foreign, &r, &cfg, Some(Lsn(0x8000)), false);
+    let plan = plan_replica(
+        true,
+        &foreign,
+        &r,
+        &cfg,
+        Some(Lsn(0x8000)),
+        false,
+        &BTreeSet::new(),
+    );
     assert!(plan.drop.is_empty());
 }
 
@@ -421,7 +462,82 @@ fn a_replicas_logical_copy_ahead_of_the_leader_is_dropped_to_be_copied_again() {
     let r = Record::Readable(key);
     // The old leader's own slot, further on its old timeline than the new leader's.
     let mine = [logical("cdc", 0x7000)];
-    let plan = plan_replica(true, &mine, &r, &cfg, Some(Lsn(0x8000)), false);
+    let plan = plan_replica(
+        true,
+        &mine,
+        &r,
+        &cfg,
+        Some(Lsn(0x8000)),
+        false,
+        &BTreeSet::new(),
+    );
     assert_eq!(plan.drop.len(), 1, "{plan:?}");
     assert!(plan.advance.is_empty());
+}
+
+/// Cascading: a replica holds the slot of each member tagged `replicatefrom` it, creates it
+/// only for a member the leader records, keeps it while that member is its downstream and
+/// drops it (unused) once it is not.
+#[test]
+fn a_replica_keeps_a_slot_for_each_member_streaming_from_it_and_drops_it_after() {
+    let cfg = DynamicConfig::default();
+    let r = record(&[("node3", None), ("node4", None)]);
+    let down = members(&["node3", "node5"]);
+    let plan = plan_replica(false, &[], &r, &cfg, Some(Lsn(0x8000)), false, &down);
+    // node5 is not recorded by the leader: its name is not pgherd's to take here.
+    assert_eq!(plan.create, vec!["node3".to_string()]);
+    let slots = [
+        physical("node3", false, None),
+        physical("node4", false, None),
+    ];
+    let plan = plan_replica(false, &slots, &r, &cfg, Some(Lsn(0x8000)), false, &down);
+    assert!(plan.create.is_empty(), "{plan:?}");
+    let dropped: Vec<&str> = plan.drop.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(dropped, vec!["node4"], "{plan:?}");
+    // node3 no longer streams from here: its slot goes, unless in use.
+    let plan = plan_replica(
+        false,
+        &slots,
+        &r,
+        &cfg,
+        Some(Lsn(0x8000)),
+        false,
+        &members(&[]),
+    );
+    assert_eq!(plan.drop.len(), 2, "{plan:?}");
+    let busy = [physical("node3", true, Some("node3"))];
+    let plan = plan_replica(
+        false,
+        &busy,
+        &r,
+        &cfg,
+        Some(Lsn(0x8000)),
+        false,
+        &members(&[]),
+    );
+    assert!(plan.drop.is_empty(), "{plan:?}");
+    // An unreadable record drops nothing and creates nothing for downstream members.
+    let plan = plan_replica(false, &slots, &Record::Unreadable, &cfg, None, false, &down);
+    assert!(plan.drop.is_empty() && plan.create.is_empty(), "{plan:?}");
+}
+
+#[test]
+fn an_unused_slot_of_a_cascading_member_follows_its_reported_position_only_forward() {
+    let slots = [
+        physical("node3", false, None),         // restart 0x3000000
+        physical("node4", true, Some("node4")), // in use: left to the walsender
+        physical("node5", false, None),
+    ];
+    let positions: std::collections::BTreeMap<String, Lsn> = [
+        ("node3".to_string(), Lsn(0x5000000)),
+        ("node4".to_string(), Lsn(0x5000000)),
+        ("node5".to_string(), Lsn(0x2000000)), // behind the slot: never moved back
+        ("node6".to_string(), Lsn(0x5000000)), // no slot here
+    ]
+    .into();
+    assert_eq!(
+        advance_cascaded(&slots, &positions, Lsn(0x4000000)),
+        vec![("node3".to_string(), Lsn(0x4000000))],
+        "capped at the current position"
+    );
 }

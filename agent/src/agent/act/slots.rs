@@ -1,14 +1,15 @@
 //! Carrying out the slot plans of `crate::slots`: the leader's (member and permanent slots,
 //! the `slots` key) and a replica's (copies of the permanent slots when it may lead).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result};
 use pgherd_config::SlotType;
 
 use crate::agent::Agent;
-use crate::dcs::model::{dynamic_config, ClusterView};
+use crate::dcs::model::{dynamic_config, ClusterView, MemberInfo};
 use crate::ha::Observation;
+use crate::lsn::Lsn;
 use crate::postgres::Mode;
 use crate::slots::{self, Owner, Record, SlotRow};
 
@@ -87,8 +88,51 @@ impl Agent {
         if let Some(key) = &plan.record_after {
             self.dcs.put_slots(key).await?;
         }
+        // The slots of members streaming from another replica (not in use here).
+        let me = self.cfg.name.clone();
+        if let Some((Some(current), Some(timeline))) =
+            view.members.get(&me).map(|m| (m.wal_lsn, m.timeline))
+        {
+            let cascading =
+                |m: &MemberInfo| m.tags.replicatefrom.as_deref().is_some_and(|f| f != me);
+            self.advance_cascaded(view, &rows, cascading, current, timeline)
+                .await;
+        }
         self.post_slots(view, &dcs_cfg).await;
         Ok(())
+    }
+
+    /// Moves this member's unused slots of the members `whose` says to where those members
+    /// report they replayed on `timeline`, never past `current` (see
+    /// [`slots::advance_cascaded`]).
+    async fn advance_cascaded(
+        &mut self,
+        view: &ClusterView,
+        rows: &[SlotRow],
+        whose: impl Fn(&MemberInfo) -> bool,
+        current: Lsn,
+        timeline: u32,
+    ) {
+        let me = self.cfg.name.as_str();
+        let positions: BTreeMap<String, Lsn> = view
+            .members
+            .values()
+            .filter(|m| m.name != me && whose(m) && m.timeline == Some(timeline))
+            .filter_map(|m| Some((m.name.clone(), m.replay_lsn?)))
+            .collect();
+        for (name, to) in slots::advance_cascaded(rows, &positions, current) {
+            let Some(row) = rows.iter().find(|r| r.name == name) else {
+                continue;
+            };
+            match self.pg.advance_slot(row, to).await {
+                Ok(_) => {
+                    tracing::debug!(slot = %name, to = %to, "advanced the slot of a member streaming from elsewhere to its replay position")
+                }
+                Err(e) => {
+                    self.warn_slot_once(format!("cannot advance replication slot {name}: {e:#}"))
+                }
+            }
+        }
     }
 
     /// A replica's slots: copies of the permanent slots when it may become leader, kept at
@@ -107,6 +151,14 @@ impl Agent {
         let may_lead = !self.cfg.tags.nofailover;
         let native = self.version_num().await? >= NATIVE_SLOT_SYNC;
         let rows = self.pg.slots().await?;
+        let me = self.cfg.name.clone();
+        let me = me.as_str();
+        let downstream: BTreeSet<String> = view
+            .members
+            .values()
+            .filter(|m| m.name != me && m.tags.replicatefrom.as_deref() == Some(me))
+            .map(|m| m.name.clone())
+            .collect();
         let plan = slots::plan_replica(
             may_lead,
             &rows,
@@ -114,6 +166,7 @@ impl Agent {
             &dcs_cfg,
             status.replay_lsn,
             native,
+            &downstream,
         );
         for name in &plan.create {
             let c = slots::Create {
@@ -121,7 +174,11 @@ impl Agent {
                 kind: SlotType::Physical,
                 database: None,
                 plugin: None,
-                why: "a copy of a permanent slot on a member that may become leader".into(),
+                why: if downstream.contains(name) {
+                    format!("member {name} streams from me (replicatefrom)")
+                } else {
+                    "a copy of a permanent slot on a member that may become leader".into()
+                },
             };
             self.pg.create_slot(&c, false).await?;
             tracing::info!(slot = %name, reason = %c.why, "created replication slot");
@@ -145,6 +202,13 @@ impl Agent {
         }
         if !plan.copy.is_empty() {
             self.copy_logical_slots(view, &plan.copy).await?;
+        }
+        // A downstream member's slot here while it streams from the leader instead.
+        if let (Some(replay), Some(timeline)) = (status.replay_lsn, status.timeline) {
+            let rows = self.pg.slots().await?;
+            let mine = |m: &MemberInfo| m.tags.replicatefrom.as_deref() == Some(me);
+            self.advance_cascaded(view, &rows, mine, replay, timeline)
+                .await;
         }
         self.post_slots(view, &dcs_cfg).await;
         Ok(())

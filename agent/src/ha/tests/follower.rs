@@ -269,3 +269,96 @@ fn a_walreceiver_that_connects_but_receives_nothing_is_not_streaming() {
     let d = decide(&at(2, status(true, 200)), &cfg("c"), &mem);
     assert_eq!(d.state, MemberState::Streaming, "{d:?}");
 }
+
+/// Members b (leader), c and d, all on timeline 1; `a` is tagged `replicatefrom` `from`.
+fn cascading(from: &str, c: MemberInfo, d: MemberInfo, upstream_now: &str) -> Decision {
+    let mut leader = member("b", MemberState::Running, 100);
+    leader.role = Role::Leader;
+    let obs = Obs::new(Some(view(Some("b"), &[leader, c, d]))).running(Some(standby_status(50)));
+    let mut config = cfg("a");
+    config.tags.replicatefrom = Some(from.into());
+    obs.decide(&config, &following(upstream_now))
+}
+
+fn tagged(name: &str, state: MemberState, from: Option<&str>) -> MemberInfo {
+    let mut m = member(name, state, 90);
+    m.tags.replicatefrom = from.map(String::from);
+    m
+}
+
+#[test]
+fn a_replica_tagged_replicatefrom_streams_from_that_member_while_it_streams_on_the_leaders_timeline(
+) {
+    let d = cascading(
+        "c",
+        tagged("c", MemberState::Streaming, None),
+        tagged("d", MemberState::Streaming, None),
+        "b",
+    );
+    assert!(
+        matches!(d.actions.as_slice(), [Action::FollowUpstream(u)] if u.name == "c"),
+        "{d:?}"
+    );
+    assert_eq!(
+        d.reason,
+        "following c (tagged replicatefrom, streaming; leader b)"
+    );
+    // Already there: nothing to do.
+    let d = cascading(
+        "c",
+        tagged("c", MemberState::Streaming, None),
+        tagged("d", MemberState::Streaming, None),
+        "c",
+    );
+    assert!(d.actions.is_empty(), "{d:?}");
+    // A chain: c streams from d, which streams from the leader.
+    let d = cascading(
+        "c",
+        tagged("c", MemberState::Streaming, Some("d")),
+        tagged("d", MemberState::Streaming, None),
+        "b",
+    );
+    assert!(
+        matches!(d.actions.as_slice(), [Action::FollowUpstream(u)] if u.name == "c"),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn a_replica_goes_to_the_leader_when_its_upstream_stops_streaming_diverges_is_gone_or_loops_back() {
+    let to_leader = |d: Decision, why: &str| {
+        assert!(
+            matches!(d.actions.as_slice(), [Action::FollowUpstream(u)] if u.name == "b"),
+            "{d:?}"
+        );
+        assert_eq!(d.reason, format!("following b (replicatefrom c: {why})"));
+    };
+    let d_ok = || tagged("d", MemberState::Streaming, None);
+    to_leader(
+        cascading("c", tagged("c", MemberState::Stopped, None), d_ok(), "c"),
+        "it is stopped on timeline 1, not streaming on the leader's timeline",
+    );
+    let mut diverged = tagged("c", MemberState::Streaming, None);
+    diverged.timeline = Some(2);
+    to_leader(
+        cascading("c", diverged, d_ok(), "c"),
+        "it is streaming on timeline 2, not streaming on the leader's timeline",
+    );
+    to_leader(
+        cascading("c", tagged("e", MemberState::Streaming, None), d_ok(), "c"),
+        "it has no member key",
+    );
+    // A ring: a from c, c from d, d from a.
+    to_leader(
+        cascading(
+            "c",
+            tagged("c", MemberState::Streaming, Some("d")),
+            tagged("d", MemberState::Streaming, Some("a")),
+            "c",
+        ),
+        "its replicatefrom chain leads back to me",
+    );
+    // Naming the leader is following the leader, with nothing more to say.
+    let d = cascading("b", tagged("c", MemberState::Streaming, None), d_ok(), "b");
+    assert_eq!(d.reason, "following b");
+}
