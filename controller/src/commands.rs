@@ -123,6 +123,13 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
             )
             .await?
         }
+        Command::Topology => {
+            let view = target.view().await?;
+            print!(
+                "{}",
+                list::render_topology(&target.cluster, &view, cli.format)
+            );
+        }
         Command::List => {
             let view = target.view().await?;
             print!("{}", list::render(&target.cluster, &view, cli.format));

@@ -1,6 +1,6 @@
 //! `pgherdctl list`: the cluster's members as a table or JSON.
 
-use pgherd_agent::dcs::model::{ClusterView, HistoryEntry};
+use pgherd_agent::dcs::model::{ClusterView, HistoryEntry, Role};
 use pgherd_agent::listing::{is_paused, rows, sync_mode, Row};
 use pgherd_config::SynchronousMode;
 
@@ -35,10 +35,15 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
             s
         }
         Format::Table => {
+            // An Upstream column only when some replica cascades from another.
+            let leader = view.leader_name();
+            let cascading = rows
+                .iter()
+                .any(|r| r.role == Role::Replica && r.upstream.as_deref() != leader);
             let cells: Vec<Vec<String>> = rows
                 .iter()
                 .map(|r| {
-                    vec![
+                    let mut cells = vec![
                         r.name.clone(),
                         format!("{}:{}", r.host, r.port),
                         r.role.as_str().to_string(),
@@ -54,26 +59,31 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
                         } else {
                             String::new()
                         },
-                    ]
+                    ];
+                    if cascading {
+                        cells.insert(4, r.upstream.clone().unwrap_or_default());
+                    }
+                    cells
                 })
                 .collect();
+            let mut header = vec![
+                "Member",
+                "Host",
+                "Role",
+                "State",
+                "TL",
+                "Lag MB",
+                "Tags",
+                "Sync",
+                "Pending restart",
+            ];
+            if cascading {
+                header.insert(4, "Upstream");
+            }
             let mut out = format!(
                 "Cluster: {cluster} (leader: {})\n{}",
                 view.leader_name().unwrap_or("none"),
-                table(
-                    &[
-                        "Member",
-                        "Host",
-                        "Role",
-                        "State",
-                        "TL",
-                        "Lag MB",
-                        "Tags",
-                        "Sync",
-                        "Pending restart"
-                    ],
-                    cells
-                )
+                table(&header, cells)
             );
             let mode = sync_mode(view);
             if mode != SynchronousMode::Off {
@@ -123,6 +133,51 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
                 out.push_str(&format!(
                     "Last restore: {} from backup {}: {state}\n",
                     r.id, r.backup_id
+                ));
+            }
+            out
+        }
+    }
+}
+
+/// `pgherdctl topology`: one line per member, indented under whom it streams from; JSON:
+/// the `list` rows in tree order, each with its `depth`.
+pub fn render_topology(cluster: &str, view: &ClusterView, format: Format) -> String {
+    let tree = pgherd_agent::listing::topology(view);
+    match format {
+        Format::Json => {
+            let rows: Vec<serde_json::Value> = tree
+                .iter()
+                .map(|(depth, r)| {
+                    let mut v = serde_json::to_value(r).expect("rows serialize to JSON");
+                    v["depth"] = (*depth).into();
+                    v
+                })
+                .collect();
+            let mut s = serde_json::to_string_pretty(&rows).expect("rows serialize to JSON");
+            s.push('\n');
+            s
+        }
+        Format::Table => {
+            let mut out = format!(
+                "Cluster: {cluster} (leader: {})\n",
+                view.leader_name().unwrap_or("none")
+            );
+            for (depth, r) in &tree {
+                let lag = match (r.role, r.lag_bytes) {
+                    (Role::Leader, _) => String::new(),
+                    (_, Some(b)) => format!(", lag {:.1} MB", b as f64 / (1024.0 * 1024.0)),
+                    (_, None) => ", lag unknown".into(),
+                };
+                out.push_str(&format!(
+                    "{}{}{} ({}, {}{}{})\n",
+                    "  ".repeat(*depth),
+                    if *depth > 0 { "└─ " } else { "" },
+                    r.name,
+                    r.role.as_str(),
+                    r.state,
+                    r.timeline.map(|t| format!(", TL {t}")).unwrap_or_default(),
+                    lag
                 ));
             }
             out

@@ -74,6 +74,9 @@ pub enum Command {
     /// Show every member: role (leader/replica), state, timeline, lag, pending restarts;
     /// and whether the cluster is paused or has a switchover scheduled.
     List,
+    /// Show the members as a replication tree: each replica under the member it streams
+    /// from (the leader, or the member it cascades from with `replicatefrom`).
+    Topology,
     /// Show the failover history: each promotion, its timeline, switch point and reason.
     History,
     /// Planned switchover without data loss: the leader stops cleanly and hands over to a

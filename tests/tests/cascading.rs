@@ -101,6 +101,34 @@ async fn a_cascaded_replica_streams_from_its_member_falls_back_to_the_leader_and
         },
     )
     .await?;
+    // topology shows the tree: node3 under node2 under the leader.
+    let tree = wait_until(BRINGUP, "topology to show node3 under node2", || async {
+        let out = cluster.ctl_output(&["topology"]).await?;
+        let lines: Vec<&str> = out.stdout.lines().skip(1).collect();
+        ensure!(
+            lines.len() == 3
+                && lines[0].starts_with("node1 (leader")
+                && lines[1].starts_with("  └─ node2 (replica, streaming")
+                && lines[2].starts_with("    └─ node3 (replica, streaming"),
+            "topology:\n{}",
+            out.stdout
+        );
+        Ok(out.stdout)
+    })
+    .await?;
+    let listed = cluster.ctl_json(&["list"]).await?;
+    let upstream_of = |name: &str| {
+        listed
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["name"] == name))
+            .map(|r| r["upstream"].clone())
+    };
+    ensure!(
+        upstream_of("node3") == Some("node2".into())
+            && upstream_of("node2") == Some("node1".into())
+            && upstream_of("node1") == Some(serde_json::Value::Null),
+        "list's upstream fields: {listed}\n{tree}"
+    );
     let decision = node3.agent_log();
     ensure!(
         decision.contains("following node2 (tagged replicatefrom, streaming; leader node1)"),
@@ -111,6 +139,12 @@ async fn a_cascaded_replica_streams_from_its_member_falls_back_to_the_leader_and
     node2.stop().await?;
     wait_streams_from(node3, node1).await?;
     rows_reach(&cluster, node3).await?;
+    let why = node3.agent_log();
+    ensure!(
+        why.contains("following node1 (replicatefrom node2: it has no member key)")
+            || why.contains("following node1 (replicatefrom node2: it is "),
+        "node3's decisions do not say why it left node2"
+    );
 
     // node2 back: node3 returns to it.
     node2.start()?;

@@ -64,6 +64,16 @@ impl Agent {
             },
             decision: decision.reason.clone(),
             pending_restart: status.is_some_and(|s| s.pending_restart),
+            // Only a cascading replica says whom it streams from: the others stream from the
+            // leader, and their keys stay as older agents read them.
+            upstream: match (role, obs.cluster.as_ref().and_then(|v| v.leader_name())) {
+                (Role::Replica, Some(leader)) if obs.pg.running => self
+                    .memory
+                    .upstream
+                    .clone()
+                    .filter(|u| u.as_str() != leader),
+                _ => None,
+            },
         };
         self.board.update(&info, obs.cluster.as_ref());
         if self.published.as_ref() == Some(&info) || obs.cluster.is_none() {

@@ -633,6 +633,7 @@ mod tests {
             system_identifier: None,
             decision: String::new(),
             pending_restart: false,
+            upstream: None,
         }
     }
 

@@ -124,6 +124,10 @@ pub struct MemberInfo {
     /// A changed parameter waits for a restart of this member's PostgreSQL.
     #[serde(default)]
     pub pending_restart: bool,
+    /// The member a cascading replica streams from (`replicatefrom`); absent for the leader
+    /// and for replicas streaming from it, so their keys read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
 }
 
 impl MemberInfo {

@@ -1032,6 +1032,7 @@ impl World {
             system_identifier: Some("1".into()),
             decision: d.reason.clone(),
             pending_restart: false,
+            upstream: None,
         };
         self.dcs.members.insert(n.name.clone(), info);
     }

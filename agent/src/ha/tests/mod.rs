@@ -43,6 +43,7 @@ fn member(name: &str, state: MemberState, lsn: u64) -> MemberInfo {
         system_identifier: Some(SYSID.to_string()),
         decision: String::new(),
         pending_restart: false,
+        upstream: None,
     }
 }
 
