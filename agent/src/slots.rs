@@ -158,21 +158,47 @@ fn since(t: &Option<String>, now: DateTime<Utc>) -> Option<chrono::Duration> {
     Some(now.signed_duration_since(t.with_timezone(&Utc)))
 }
 
+/// The members that stream from `me` by their `replicatefrom` tag: replicas only (a member
+/// promoted since, its tag unchanged, streams from nobody, and its slot here must go).
+pub fn downstream_of(me: &str, view: &crate::dcs::model::ClusterView) -> BTreeSet<String> {
+    view.members
+        .values()
+        .filter(|m| {
+            m.name != me
+                && m.tags.replicatefrom.as_deref() == Some(me)
+                && m.role == crate::dcs::model::Role::Replica
+                && view.leader_name() != Some(m.name.as_str())
+        })
+        .map(|m| m.name.clone())
+        .collect()
+}
+
 /// The leader keeps a slot for a member that streams from another replica (`replicatefrom`)
 /// too, so that member can fall back to the leader and find its WAL; that slot is not in
 /// use, so the leader moves it to the position the member reports (`positions`: its replay
 /// position on the leader's timeline, from its member key; it has the WAL before that)
 /// instead of holding WAL for ever. Returns the slots to advance and where, never backwards or past `current`.
+///
+/// Only pgherd's member slots move: a name the `slots` key records as a member's, not a
+/// permanent slot of the config, not matched by `ignore_slots`.
 pub fn advance_cascaded(
     slots: &[SlotRow],
     positions: &std::collections::BTreeMap<String, Lsn>,
     current: Lsn,
+    record: &Record,
+    cfg: &DynamicConfig,
 ) -> Vec<(String, Lsn)> {
     let mut out = Vec::new();
+    let Some(key) = record.key() else {
+        return out;
+    };
     for (name, at) in positions {
         let Some(r) = slots.iter().find(|r| &r.name == name) else {
             continue;
         };
+        if !key.members.contains_key(name) || cfg.slots.contains_key(name) || ignored(cfg, r) {
+            continue;
+        }
         let to = (*at).min(current);
         if r.kind == SlotType::Physical && !r.active && r.restart_lsn.is_some_and(|l| l < to) {
             out.push((name.clone(), to));

@@ -82,10 +82,11 @@ async fn a_cascaded_replica_streams_from_its_member_falls_back_to_the_leader_and
     wait_streams_from(node3, node2).await?;
     let (active, _) = slot(node2, "node3").await?;
     ensure!(active, "node2's slot for node3 is not in use");
-    rows_reach(&cluster, node3).await?;
-    // The leader keeps node3's slot unused, moving it to where node3 replayed.
+    // The leader keeps node3's slot unused, moving it to where node3 replayed (read before
+    // the writes, which must move it).
     let (active, before) = slot(node1, "node3").await?;
     ensure!(!active, "node3 streams through the leader's slot too");
+    rows_reach(&cluster, node3).await?;
     wait_until(
         BRINGUP,
         "the leader's slot for node3 to move forward",

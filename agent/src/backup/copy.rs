@@ -363,9 +363,15 @@ pub fn trust_times(
             parent.id, parent.timeline
         ));
     }
-    if copy_start <= full_start {
+    if copy_start == full_start {
         return Err(format!(
-            "this copy starts at {copy_start}, not after full backup {}'s ({full_start}): the clock went back",
+            "this copy starts in the same second as full backup {}'s ({full_start})",
+            parent.id
+        ));
+    }
+    if copy_start < full_start {
+        return Err(format!(
+            "this copy starts at {copy_start}, before full backup {}'s ({full_start}): the clock went back",
             parent.id
         ));
     }

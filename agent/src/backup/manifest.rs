@@ -4,7 +4,8 @@
 //! compare it with the manifest. The unpacker ([`super::untar`]) has already passed every
 //! byte through its writers, which keep each file's size and CRC-32C (the manifest's
 //! default checksum, and the one pgherd's own manifests use), so a restore compares those
-//! instead, by the rules `pg_verifybackup` applies:
+//! instead, by the rules `pg_verifybackup` applies to the files (its parser is stricter
+//! about the manifest's other keys, which the files' check does not need):
 //! - the manifest's own checksum holds: SHA-256 of every byte up to and including the
 //!   newline before its last line;
 //! - its version is 1 or 2, and a version 2 manifest's system identifier is the restored
@@ -194,6 +195,9 @@ fn entry_path(e: &Entry) -> Result<PathBuf> {
 /// newline (the one before the `Manifest-Checksum` line), as `pg_verifybackup` computes it.
 fn check_own_checksum(text: &[u8], claimed: &str) -> Result<()> {
     let last = text.iter().rposition(|&b| b == b'\n');
+    if last != text.len().checked_sub(1) {
+        bail!("backup_manifest's last line does not end with a newline");
+    }
     let before = last.and_then(|l| text[..l].iter().rposition(|&b| b == b'\n'));
     let Some(end) = before else {
         bail!("backup_manifest has fewer than two lines");
@@ -314,8 +318,10 @@ mod tests {
         cut[1] = sum("base/1/1259", b"pg_cl");
         assert!(err(&text, &cut).contains("backup_manifest's own checksum does not hold"));
         assert!(err("{}", &unpacked()).contains("not a valid manifest"));
-        let one_line = manifest(15).replace('\n', " ");
+        let one_line = format!("{}\n", manifest(15).replace('\n', " "));
         assert!(err(&one_line, &unpacked()).contains("fewer than two lines"));
+        let unterminated = manifest(15).trim_end().to_string();
+        assert!(err(&unterminated, &unpacked()).contains("does not end with a newline"));
     }
 
     #[test]

@@ -53,15 +53,27 @@ pub(super) fn clone_source(view: &ClusterView, leader: &MemberInfo, me: &str) ->
 /// otherwise the leader. Unlike a member key alone, the state says its PostgreSQL streams, so
 /// a stopped, diverged or cut-off upstream sends the replica to the leader at once, and
 /// back once it streams again.
+///
+/// A member that may become leader while the dynamic config has logical permanent slots
+/// (`logical_slots_to_keep`) streams from the leader too: PostgreSQL 17's slot
+/// synchronisation refuses a standby as its source, so its copies of those slots come only
+/// from the leader.
 pub(super) fn stream_source<'a>(
     view: &'a ClusterView,
     leader: &'a MemberInfo,
     me: &str,
     from: Option<&str>,
+    logical_slots_to_keep: bool,
 ) -> (&'a MemberInfo, String) {
     let Some(from) = from.filter(|f| *f != leader.name && *f != me) else {
         return (leader, String::new());
     };
+    if logical_slots_to_keep {
+        return (
+            leader,
+            format!(" (replicatefrom {from}: I may become leader and logical permanent slots are configured, whose copies only the leader's stream can keep)"),
+        );
+    }
     let Some(up) = view.members.get(from) else {
         return (
             leader,
@@ -195,11 +207,18 @@ impl Situation<'_> {
                 state,
             );
         };
+        let logical_slots_to_keep = !cfg.tags.nofailover
+            && cfg
+                .dcs
+                .slots
+                .values()
+                .any(|s| s.kind == pgherd_config::SlotType::Logical);
         let (source, why) = stream_source(
             view,
             leader_member,
             self.me,
             cfg.tags.replicatefrom.as_deref(),
+            logical_slots_to_keep,
         );
         let upstream = Upstream::of(source);
         if !obs.pg.running && cfg.dcs.pause {

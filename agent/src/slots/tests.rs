@@ -535,9 +535,94 @@ fn an_unused_slot_of_a_cascading_member_follows_its_reported_position_only_forwa
         ("node6".to_string(), Lsn(0x5000000)), // no slot here
     ]
     .into();
+    let cfg = DynamicConfig::default();
+    let r = record(&[("node3", None), ("node4", None), ("node5", None)]);
     assert_eq!(
-        advance_cascaded(&slots, &positions, Lsn(0x4000000)),
+        advance_cascaded(&slots, &positions, Lsn(0x4000000), &r, &cfg),
         vec![("node3".to_string(), Lsn(0x4000000))],
         "capped at the current position"
     );
+    // Only pgherd's member slots move: not an unrecorded name, an ignored slot, a permanent
+    // slot of the config, nor anything under an unreadable record.
+    let unrecorded = record(&[("node4", None)]);
+    assert!(advance_cascaded(&slots, &positions, Lsn(0x4000000), &unrecorded, &cfg).is_empty());
+    let mut ignoring = DynamicConfig::default();
+    ignoring.ignore_slots.push(IgnoreSlot {
+        name: Some("node3".into()),
+        ..Default::default()
+    });
+    assert!(advance_cascaded(&slots, &positions, Lsn(0x4000000), &r, &ignoring).is_empty());
+    let mut permanent = DynamicConfig::default();
+    permanent.slots.insert(
+        "node3".into(),
+        PermanentSlot {
+            kind: SlotType::Physical,
+            database: None,
+            plugin: None,
+        },
+    );
+    assert!(advance_cascaded(&slots, &positions, Lsn(0x4000000), &r, &permanent).is_empty());
+    assert!(advance_cascaded(
+        &slots,
+        &positions,
+        Lsn(0x4000000),
+        &Record::Unreadable,
+        &cfg
+    )
+    .is_empty());
+}
+
+fn member_info(name: &str, from: Option<&str>) -> crate::dcs::model::MemberInfo {
+    use crate::dcs::model::{MemberInfo, MemberState, Role};
+    MemberInfo {
+        name: name.into(),
+        role: Role::Replica,
+        state: MemberState::Streaming,
+        api_address: String::new(),
+        host: "127.0.0.1".into(),
+        port: 5432,
+        timeline: Some(1),
+        wal_lsn: None,
+        receive_lsn: None,
+        replay_lsn: None,
+        lag_bytes: Some(0),
+        tags: pgherd_config::Tags {
+            replicatefrom: from.map(String::from),
+            ..Default::default()
+        },
+        version: String::new(),
+        system_identifier: None,
+        decision: String::new(),
+        pending_restart: false,
+        upstream: None,
+    }
+}
+
+/// A member promoted since keeps its tag but streams from nobody: the slot its old upstream
+/// held for it is no longer a downstream slot (else it would hold WAL for ever).
+#[test]
+fn the_downstream_of_a_member_is_the_replicas_tagged_to_it_not_a_promoted_one() {
+    use crate::dcs::model::{ClusterView, LeaderKey, Role};
+    let mut promoted = member_info("node4", Some("node2"));
+    promoted.role = Role::Leader;
+    let view = ClusterView {
+        leader: Some(LeaderKey {
+            name: "node5".into(),
+            lease: 1,
+        }),
+        members: [
+            member_info("node3", Some("node2")),
+            promoted,
+            // Holds the leader key; its published role may lag behind.
+            member_info("node5", Some("node2")),
+            member_info("node6", Some("node1")),
+            member_info("node2", None),
+        ]
+        .into_iter()
+        .map(|m| (m.name.clone(), m))
+        .collect(),
+        ..Default::default()
+    };
+    assert_eq!(downstream_of("node2", &view), members(&["node3"]));
+    assert_eq!(downstream_of("node1", &view), members(&["node6"]));
 }

@@ -95,6 +95,11 @@ impl Agent {
         {
             let cascading =
                 |m: &MemberInfo| m.tags.replicatefrom.as_deref().is_some_and(|f| f != me);
+            // Not the slots just dropped.
+            let rows: Vec<SlotRow> = rows
+                .into_iter()
+                .filter(|r| !plan.drop.iter().any(|(n, _)| n == &r.name))
+                .collect();
             self.advance_cascaded(view, &rows, cascading, current, timeline)
                 .await;
         }
@@ -120,7 +125,9 @@ impl Agent {
             .filter(|m| m.name != me && whose(m) && m.timeline == Some(timeline))
             .filter_map(|m| Some((m.name.clone(), m.replay_lsn?)))
             .collect();
-        for (name, to) in slots::advance_cascaded(rows, &positions, current) {
+        let dcs_cfg = dynamic_config(&self.cfg, Some(view));
+        let record = record(view);
+        for (name, to) in slots::advance_cascaded(rows, &positions, current, &record, &dcs_cfg) {
             let Some(row) = rows.iter().find(|r| r.name == name) else {
                 continue;
             };
@@ -153,12 +160,7 @@ impl Agent {
         let rows = self.pg.slots().await?;
         let me = self.cfg.name.clone();
         let me = me.as_str();
-        let downstream: BTreeSet<String> = view
-            .members
-            .values()
-            .filter(|m| m.name != me && m.tags.replicatefrom.as_deref() == Some(me))
-            .map(|m| m.name.clone())
-            .collect();
+        let downstream = slots::downstream_of(me, view);
         let plan = slots::plan_replica(
             may_lead,
             &rows,
@@ -206,7 +208,7 @@ impl Agent {
         // A downstream member's slot here while it streams from the leader instead.
         if let (Some(replay), Some(timeline)) = (status.replay_lsn, status.timeline) {
             let rows = self.pg.slots().await?;
-            let mine = |m: &MemberInfo| m.tags.replicatefrom.as_deref() == Some(me);
+            let mine = |m: &MemberInfo| downstream.contains(&m.name);
             self.advance_cascaded(view, &rows, mine, replay, timeline)
                 .await;
         }

@@ -362,3 +362,43 @@ fn a_replica_goes_to_the_leader_when_its_upstream_stops_streaming_diverges_is_go
     let d = cascading("b", tagged("c", MemberState::Streaming, None), d_ok(), "b");
     assert_eq!(d.reason, "following b");
 }
+
+/// PostgreSQL 17 synchronises logical failover slots only from a primary: a member that may
+/// lead streams from the leader while logical permanent slots are configured; a nofailover
+/// one may cascade.
+#[test]
+fn with_logical_permanent_slots_only_a_nofailover_member_cascades() {
+    let mut leader = member("b", MemberState::Running, 100);
+    leader.role = Role::Leader;
+    let obs = Obs::new(Some(view(
+        Some("b"),
+        &[leader, tagged("c", MemberState::Streaming, None)],
+    )))
+    .running(Some(standby_status(50)));
+    let mut config = cfg("a");
+    config.tags.replicatefrom = Some("c".into());
+    config.dcs.slots.insert(
+        "cdc".into(),
+        pgherd_config::PermanentSlot {
+            kind: pgherd_config::SlotType::Logical,
+            database: Some("app".into()),
+            plugin: Some("pgoutput".into()),
+        },
+    );
+    let d = obs.decide(&config, &following("c"));
+    assert!(
+        matches!(d.actions.as_slice(), [Action::FollowUpstream(u)] if u.name == "b"),
+        "{d:?}"
+    );
+    assert!(
+        d.reason.contains("logical permanent slots are configured"),
+        "{}",
+        d.reason
+    );
+    config.tags.nofailover = true;
+    let d = obs.decide(&config, &following("b"));
+    assert!(
+        matches!(d.actions.as_slice(), [Action::FollowUpstream(u)] if u.name == "c"),
+        "{d:?}"
+    );
+}
