@@ -224,6 +224,11 @@ pub struct PostgresConfig {
     /// (`--tablespace-mapping`) or from a base backup; absent: the same paths.
     #[serde(default)]
     pub tablespace_map: BTreeMap<PathBuf, PathBuf>,
+    /// Run the `restore_command` of the dynamic config's `standby_cluster` section on this
+    /// member. Off by default: whoever can write etcd would otherwise run shell commands as
+    /// the postgres user here.
+    #[serde(default)]
+    pub trust_cluster_restore_command: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +320,39 @@ pub struct DynamicConfig {
     /// etcd last listed answers that it accepts this leader (see the README's failsafe mode).
     #[serde(default)]
     pub failsafe_mode: bool,
+    /// Set: this cluster is a standby cluster of another (a disaster-recovery site). Its
+    /// leader-key holder, the standby leader, runs PostgreSQL as a standby of the remote
+    /// source; the other members follow it; nobody promotes. Removing the section
+    /// (`pgherdctl promote-cluster`) promotes the standby leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_cluster: Option<StandbyCluster>,
+}
+
+/// The remote source of a standby cluster (`standby_cluster` in the dynamic config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyCluster {
+    /// The remote primary (or any member of the other cluster, or a proxy to its leader) the
+    /// standby leader streams from and clones from.
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// The slot the standby leader streams with on the remote; pgherd never creates it
+    /// there (the remote's `slots` keeps it). Unset: no slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_slot_name: Option<String>,
+    /// The standby leader's `restore_command`. It runs a shell command as the postgres
+    /// user, so a member uses it only when its own file says
+    /// `postgres.trust_cluster_restore_command: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_command: Option<String>,
+    /// How the standby cluster's first member gets its data: `basebackup` (pg_basebackup
+    /// from `host`:`port`).
+    #[serde(default = "default_create_replica_methods")]
+    pub create_replica_methods: Vec<ReplicaMethod>,
+    /// The standby leader's `recovery_min_apply_delay` (`1h`, `30min`, milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_min_apply_delay: Option<ParamValue>,
 }
 
 /// A permanent slot of the dynamic configuration: `{type: physical}` or
@@ -602,6 +640,9 @@ fn default_member_slots_ttl() -> u64 {
 fn default_create_replica_methods() -> Vec<ReplicaMethod> {
     vec![ReplicaMethod::Basebackup]
 }
+fn default_pg_port() -> u16 {
+    5432
+}
 fn default_callback_timeout() -> u64 {
     30
 }
@@ -630,6 +671,7 @@ impl Default for DynamicConfig {
             ignore_slots: Vec::new(),
             create_replica_methods: default_create_replica_methods(),
             failsafe_mode: false,
+            standby_cluster: None,
         }
     }
 }

@@ -655,3 +655,46 @@ fn backup_repository_is_a_path_or_an_object_store_url() {
     );
     assert!(problems("backup: {repository: 's3://b/p', s3: {endpoint: 'http://127.0.0.1:9000', force_path_style: true}}").is_empty());
 }
+
+#[test]
+fn a_standby_cluster_section_is_checked_at_its_paths() {
+    let d = parse_dynamic(
+        br#"{"standby_cluster": {"host": "10.0.0.5", "primary_slot_name": "dr_site", "recovery_min_apply_delay": "5min"}}"#,
+    )
+    .expect("a valid standby_cluster section");
+    let sc = d.standby_cluster.expect("the section is kept");
+    assert_eq!((sc.host.as_str(), sc.port), ("10.0.0.5", 5432));
+    assert_eq!(sc.primary_slot_name.as_deref(), Some("dr_site"));
+    assert_eq!(sc.create_replica_methods, vec![ReplicaMethod::Basebackup]);
+    let bad = parse_dynamic(
+        br#"{"standby_cluster": {"host": "a b", "port": 0, "primary_slot_name": "Bad-Slot", "recovery_min_apply_delay": "soon", "create_replica_methods": ["backup"]}}"#,
+    )
+    .unwrap_err();
+    let got: Vec<&str> = bad.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        got,
+        [
+            "standby_cluster.host",
+            "standby_cluster.port",
+            "standby_cluster.primary_slot_name",
+            "standby_cluster.create_replica_methods",
+            "standby_cluster.recovery_min_apply_delay",
+        ]
+    );
+    assert!(bad[4].message.contains("soon"), "{}", bad[4].message);
+    // The section needs its host; an unknown field in it is the writer's typo.
+    let p = parse_dynamic(br#"{"standby_cluster": {"port": 5432}}"#).unwrap_err();
+    assert!(p[0].message.contains("host"), "{:?}", p);
+    // edit-config adds and removes the section with dotted keys.
+    let on = patch::apply(
+        &DynamicConfig::default(),
+        &[
+            ("standby_cluster.host".into(), "db.example".into()),
+            ("standby_cluster.port".into(), "6432".into()),
+        ],
+    )
+    .expect("dotted keys build the section");
+    assert_eq!(on.standby_cluster.as_ref().map(|s| s.port), Some(6432));
+    let off = patch::apply(&on, &[("standby_cluster".into(), String::new())]).unwrap();
+    assert_eq!(off.standby_cluster, None);
+}

@@ -519,12 +519,85 @@ pub(crate) fn dynamic(d: &DynamicConfig, prefix: &str) -> Vec<Problem> {
         &mut out,
     );
     check_slots(prefix, d, &mut out);
+    if let Some(sc) = &d.standby_cluster {
+        check_standby_cluster(&join(prefix, "standby_cluster"), sc, &mut out);
+    }
     for name in d.postgresql.parameters.keys() {
         if let Some(what) = runs_code(name) {
             out.push(code_parameter_problem(join(&params, name), what));
         }
     }
     out
+}
+
+fn check_standby_cluster(path: &str, sc: &crate::StandbyCluster, out: &mut Vec<Problem>) {
+    if sc.host.is_empty()
+        || sc
+            .host
+            .contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\')
+    {
+        out.push(Problem::new(
+            join(path, "host"),
+            "is not a host name or address (empty, or with spaces, quotes or backslashes)",
+        ));
+    }
+    if sc.port == 0 {
+        out.push(Problem::new(
+            join(path, "port"),
+            "is 0; give the remote PostgreSQL's port",
+        ));
+    }
+    if let Some(slot) = &sc.primary_slot_name {
+        if !valid_slot_name(slot) {
+            out.push(Problem::new(
+                join(path, "primary_slot_name"),
+                "is not a slot name: use lower-case letters, digits and underscores, at most 63",
+            ));
+        }
+    }
+    if sc
+        .restore_command
+        .as_deref()
+        .is_some_and(|c| c.contains('\0') || c.contains('\n'))
+    {
+        out.push(Problem::new(
+            join(path, "restore_command"),
+            "contains a NUL or a line break",
+        ));
+    }
+    let methods = join(path, "create_replica_methods");
+    match sc.create_replica_methods.as_slice() {
+        [crate::ReplicaMethod::Basebackup] => {}
+        [] => out.push(Problem::new(methods, "is empty: list basebackup")),
+        _ => out.push(Problem::new(
+            methods,
+            "may list only basebackup: a standby cluster's first member copies the remote source with pg_basebackup (reading another cluster's repository is not supported yet)",
+        )),
+    }
+    if let Some(v) = &sc.recovery_min_apply_delay {
+        let ok = match v {
+            crate::ParamValue::Int(ms) => *ms >= 0,
+            crate::ParamValue::Text(t) => {
+                let t = t.trim();
+                let digits = t
+                    .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+                    .trim_end();
+                let unit = &t[digits.len()..].trim();
+                !digits.is_empty()
+                    && digits.bytes().all(|b| b.is_ascii_digit())
+                    && ["", "ms", "s", "min", "h", "d"].contains(unit)
+            }
+            _ => false,
+        };
+        if !ok {
+            out.push(Problem::new(
+                join(path, "recovery_min_apply_delay"),
+                format!(
+                    "is {v}, not a delay: give milliseconds or a number with ms, s, min, h or d"
+                ),
+            ));
+        }
+    }
 }
 
 /// PostgreSQL's rule for slot names: lower-case letters, digits and underscores, at most 63.
