@@ -55,7 +55,14 @@ impl Agent {
     pub(super) fn start_job(&mut self, kind: JobKind, obs: &Observation) {
         let pg = self.pg.clone();
         let params = self.cluster_params();
+        let remote = dynamic_config(&self.cfg, obs.cluster.as_ref())
+            .standby_cluster
+            .map(|sc| Upstream::remote(&sc));
         let upstream = match &kind {
+            // A standby leader rewinds onto its remote source's history.
+            JobKind::Rewind { from } if remote.as_ref().is_some_and(|r| &r.name == from) => {
+                remote.clone()
+            }
             JobKind::Clone { from, .. } | JobKind::Rewind { from } => obs
                 .cluster
                 .as_ref()
@@ -76,6 +83,15 @@ impl Agent {
                     );
                     if let Some(plan) = restore {
                         return crate::backup::bootstrap::run(plan, pg, params).await;
+                    }
+                    // A standby cluster's first member copies the remote source: its roles
+                    // and data come from there, and it starts as the standby leader.
+                    // A failure (the source down too) releases the claim; the race runs again.
+                    if let Some(remote) = remote {
+                        pg.write_pgpass()?;
+                        pg.basebackup(&remote).await?;
+                        pg.write_config(&Mode::Standby(Some(remote)), &params)?;
+                        return pg.start().await;
                     }
                     pg.initdb().await?;
                     pg.write_pgpass()?;

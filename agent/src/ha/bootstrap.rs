@@ -76,6 +76,22 @@ impl Situation<'_> {
                     state,
                 ));
             }
+            // A standby cluster's members are all standbys: one with data races to be the
+            // standby leader with it.
+            (
+                None,
+                DataDir::Initialized {
+                    system_identifier,
+                    standby: true,
+                },
+            ) if self.cfg.dcs.standby_cluster.is_some() => {
+                return Some(decision(
+                    vec![Action::AdoptCluster { system_identifier: *system_identifier }],
+                    format!("the standby cluster is not initialised and my standby data directory has system identifier {system_identifier}: racing to be its standby leader with it"),
+                    Role::Replica,
+                    state,
+                ));
+            }
             (None, DataDir::Initialized { standby: true, .. }) => {
                 return Some(decision(
                     vec![],
@@ -104,6 +120,17 @@ impl Situation<'_> {
                 return Some(decision(
                     vec![Action::RenewLeader, Action::FinishBootstrap],
                     "my new cluster runs but the initialize key is still my claim: recording its system identifier",
+                    Role::Leader,
+                    state,
+                ));
+            }
+            // The same for a standby cluster, whose first member runs as a standby.
+            (Some(Initialize::Claimed), DataDir::Initialized { standby: true, .. })
+                if i_lead && obs.pg.running && self.cfg.dcs.standby_cluster.is_some() =>
+            {
+                return Some(decision(
+                    vec![Action::RenewLeader, Action::FinishBootstrap],
+                    "my standby cluster's copy runs but the initialize key is still my claim: recording its system identifier",
                     Role::Leader,
                     state,
                 ));

@@ -10,6 +10,10 @@ pub struct Upstream {
     pub name: String,
     pub host: String,
     pub port: u16,
+    /// Set when this is the remote source of a standby cluster (a standby leader streams
+    /// from another cluster): its slot, restore command and apply delay come from the
+    /// section, not from this member's name.
+    pub remote: Option<pgherd_config::StandbyCluster>,
 }
 
 impl Upstream {
@@ -19,7 +23,28 @@ impl Upstream {
             name: m.name.clone(),
             host: m.host.clone(),
             port: m.port,
+            remote: None,
         }
+    }
+
+    /// The remote source of a standby cluster. Its name, `host:port`, cannot be a member's
+    /// (member names have no colon), so following another source is a change of upstream.
+    pub fn remote(sc: &pgherd_config::StandbyCluster) -> Upstream {
+        Upstream {
+            name: remote_name(sc),
+            host: sc.host.clone(),
+            port: sc.port,
+            remote: Some(sc.clone()),
+        }
+    }
+}
+
+/// How decisions and jobs name a standby cluster's remote source: `host:port`.
+pub fn remote_name(sc: &pgherd_config::StandbyCluster) -> String {
+    if sc.host.contains(':') {
+        format!("[{}]:{}", sc.host, sc.port)
+    } else {
+        format!("{}:{}", sc.host, sc.port)
     }
 }
 

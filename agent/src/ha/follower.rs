@@ -151,8 +151,17 @@ impl Situation<'_> {
             );
         }
         if obs.pg.data_dir == DataDir::Empty {
+            // A standby cluster's leader is a standby itself; it serves a clone while it
+            // runs in recovery.
+            let serves = |m: &MemberInfo| match cfg.dcs.standby_cluster {
+                Some(_) => matches!(
+                    m.state,
+                    MemberState::Streaming | MemberState::InRecovery
+                ),
+                None => m.state == MemberState::Running,
+            };
             return match leader_member {
-                Some(m) if m.state == MemberState::Running => {
+                Some(m) if serves(m) => {
                     let methods = cfg.dcs.create_replica_methods.clone();
                     let (from, why) = if methods.contains(&ReplicaMethod::Basebackup) {
                         clone_source(view, m, self.me)

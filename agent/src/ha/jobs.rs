@@ -66,6 +66,16 @@ impl Situation<'_> {
                     state,
                 ));
             }
+            // The standby leader's rewind onto the remote source failed: another member,
+            // already a standby, can lead the standby cluster; this one follows it.
+            JobView::Failed(JobKind::Rewind { from }, why) if i_lead => {
+                return Some(decision(
+                    vec![Action::ReleaseLeader],
+                    format!("pg_rewind onto {from} failed ({why}); releasing the leader key so another member leads the standby cluster"),
+                    Role::Replica,
+                    MemberState::Stopped,
+                ));
+            }
             JobView::Failed(JobKind::Rewind { from }, why) => {
                 if cfg.dcs.postgresql.remove_data_directory_on_rewind_failure {
                     return Some(decision(
@@ -84,13 +94,37 @@ impl Situation<'_> {
             }
             JobView::SourceDown(kind, why) => {
                 return Some(decision(
-                    vec![],
+                    // A standby leader waiting for its remote source keeps its key.
+                    if i_lead {
+                        vec![Action::RenewLeader]
+                    } else {
+                        vec![]
+                    },
                     format!(
                         "{} not started: {why}; trying again while it is needed",
                         kind.describe()
                     ),
-                    Role::Replica,
+                    if i_lead { Role::Leader } else { Role::Replica },
                     MemberState::Stopped,
+                ));
+            }
+            JobView::Succeeded(JobKind::Rewind { from })
+                if i_lead
+                    && cfg
+                        .dcs
+                        .standby_cluster
+                        .as_ref()
+                        .is_some_and(|sc| &super::remote_name(sc) == from) =>
+            {
+                let sc = cfg.dcs.standby_cluster.as_ref().expect("matched just above");
+                return Some(decision(
+                    vec![
+                        Action::RenewLeader,
+                        Action::StartStandby(Some(Upstream::remote(sc))),
+                    ],
+                    format!("rewound onto {from}'s history: starting as the standby leader, following it"),
+                    Role::Leader,
+                    state,
                 ));
             }
             JobView::Succeeded(JobKind::Rewind { from }) if leader == Some(from.as_str()) => {

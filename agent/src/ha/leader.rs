@@ -1,7 +1,7 @@
 //! The leader key names me: keep PostgreSQL running as the primary with a valid lease, plan
 //! synchronous replication, or give the key up.
 
-use super::{decision, sync, Action, DataDir, Decision, PgStatus, Situation};
+use super::{decision, sync, Action, DataDir, Decision, JobKind, PgStatus, Situation, Upstream};
 use crate::dcs::model::{MemberInfo, MemberState, Role};
 
 impl Situation<'_> {
@@ -90,6 +90,9 @@ impl Situation<'_> {
             // position: if the old leader wrote further on that timeline, its WAL and ours would
             // both be timeline N at the same LSNs, and it would later stream from us without
             // pg_rewind ever seeing a divergence.
+            // A standby cluster's leader (the standby leader) runs PostgreSQL as a standby of
+            // the remote source and never promotes (rule 9).
+            _ if cfg.dcs.standby_cluster.is_some() => self.standby_leader_decision(),
             (DataDir::Initialized { standby: true, .. }, false, _) => decision(
                 vec![Action::RenewLeader, Action::StartStandby(None)],
                 "I hold the leader key and my data directory is a standby's: starting it read-only to promote it onto a new timeline",
@@ -136,6 +139,75 @@ impl Situation<'_> {
                     d = self.with_sync_steps(d, status);
                 }
                 self.with_failsafe_key(d)
+            }
+        }
+    }
+
+    /// The leader key names me in a standby cluster: PostgreSQL follows the remote source as
+    /// a standby. A data directory that was a primary (`demote-cluster` added the section
+    /// while I led) is stopped and rewound onto the remote's history first; pg_rewind
+    /// changes nothing when the histories did not diverge.
+    fn standby_leader_decision(&self) -> Decision {
+        let Situation {
+            obs, cfg, mem, state, ..
+        } = *self;
+        let sc = cfg
+            .dcs
+            .standby_cluster
+            .as_ref()
+            .expect("called only in a standby cluster");
+        let remote = Upstream::remote(sc);
+        let name = remote.name.clone();
+        match (&obs.pg.data_dir, obs.pg.running, &obs.pg.status) {
+            (DataDir::Initialized { standby: false, .. }, false, _) => decision(
+                vec![
+                    Action::RenewLeader,
+                    Action::StartJob(JobKind::Rewind { from: name.clone() }),
+                ],
+                format!("this is a standby cluster and my data directory was a primary's: running pg_rewind onto {name}'s history before following it"),
+                Role::Leader,
+                MemberState::Rewinding,
+            ),
+            (_, false, _) => decision(
+                vec![Action::RenewLeader, Action::StartStandby(Some(remote))],
+                format!("I am the standby leader and PostgreSQL is not running: starting it as a standby of {name}"),
+                Role::Leader,
+                state,
+            ),
+            (_, true, None) => decision(
+                vec![Action::RenewLeader],
+                "I am the standby leader; waiting for PostgreSQL to accept connections",
+                Role::Leader,
+                state,
+            ),
+            (_, true, Some(s)) if !s.in_recovery => decision(
+                vec![Action::RenewLeader, Action::StopPostgres],
+                format!("this is now a standby cluster of {name} and my PostgreSQL is writable: stopping it to follow {name}"),
+                Role::Leader,
+                state,
+            ),
+            (_, true, Some(_)) if mem.upstream.as_deref() != Some(name.as_str()) => decision(
+                vec![
+                    Action::RenewLeader,
+                    Action::FollowUpstream(remote),
+                    Action::LeaderHousekeeping,
+                ],
+                format!("I am the standby leader: following the remote source {name}"),
+                Role::Leader,
+                state,
+            ),
+            (_, true, Some(_)) => {
+                let d = decision(
+                    vec![Action::RenewLeader, Action::LeaderHousekeeping],
+                    format!("I am the standby leader, following {name}"),
+                    Role::Leader,
+                    state,
+                );
+                if obs.pg.config_stale {
+                    d.with(Action::ApplyConfig)
+                } else {
+                    d
+                }
             }
         }
     }

@@ -35,7 +35,7 @@ use crate::dcs::model::{ClusterView, MemberState, Role};
 
 pub use candidate::{best_candidate, CandidateRefusal};
 use decision::decision;
-pub use decision::{Action, Decision, Upstream};
+pub use decision::{remote_name, Action, Decision, Upstream};
 pub use failsafe::{FailsafeRound, FailsafeView};
 pub use handover::{handover_timeout, switchover_target};
 pub use memory::{Memory, Outcome};
@@ -56,10 +56,16 @@ impl HaConfig {
     /// This member's name and tags from its file, and the dynamic config in effect given
     /// the last cluster view read from etcd ([`crate::dcs::model::dynamic_config`]).
     pub fn new(cfg: &pgherd_config::Config, view: Option<&ClusterView>) -> HaConfig {
+        let mut dcs = crate::dcs::model::dynamic_config(cfg, view);
+        // A standby cluster replicates asynchronously from its standby leader (PostgreSQL
+        // counts no cascaded standby as synchronous): its sync settings wait for promotion.
+        if dcs.standby_cluster.is_some() {
+            dcs.synchronous_mode = pgherd_config::SynchronousMode::Off;
+        }
         HaConfig {
             name: cfg.name.clone(),
             tags: cfg.tags.clone(),
-            dcs: crate::dcs::model::dynamic_config(cfg, view),
+            dcs,
         }
     }
 }

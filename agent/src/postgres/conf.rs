@@ -80,11 +80,34 @@ pub fn parameters(
             conninfo.push_str(" dbname=postgres");
         }
         p.insert("primary_conninfo".into(), conninfo);
-        p.insert("primary_slot_name".into(), cfg.name.clone());
+        match &up.remote {
+            // A standby leader streams from another cluster with the slot that cluster keeps
+            // for it (or none); it never names a slot after itself there.
+            Some(sc) => {
+                if let Some(slot) = &sc.primary_slot_name {
+                    p.insert("primary_slot_name".into(), slot.clone());
+                }
+                if let Some(delay) = &sc.recovery_min_apply_delay {
+                    p.insert("recovery_min_apply_delay".into(), delay.to_string());
+                }
+            }
+            None => {
+                p.insert("primary_slot_name".into(), cfg.name.clone());
+            }
+        }
     }
     // Archiving and recovery settings pgherd manages itself (see `archiving`).
     for (k, v) in managed {
         p.insert(k.clone(), v.clone());
+    }
+    // The standby cluster's restore_command runs code as the postgres user: only where the
+    // member's own file trusts the cluster-wide configuration with it.
+    if let Some(cmd) = upstream
+        .and_then(|u| u.remote.as_ref())
+        .and_then(|sc| sc.restore_command.as_ref())
+        .filter(|_| cfg.postgres.trust_cluster_restore_command)
+    {
+        p.insert("restore_command".into(), cmd.clone());
     }
     p.extend(super::tls::server_parameters(cfg));
     p
@@ -218,6 +241,7 @@ mod tests {
             name: "node1".into(),
             host: "10.0.0.1".into(),
             port: 5432,
+            remote: None,
         };
         let p = parameters(&c, &cluster, Some(&up), &BTreeMap::new());
         assert_eq!(p["work_mem"], "8MB");
@@ -245,6 +269,48 @@ mod tests {
             "{}",
             p["primary_conninfo"]
         );
+    }
+
+    #[test]
+    fn a_standby_leader_streams_with_the_sections_slot_delay_and_trusted_restore_command() {
+        let mut c = cfg();
+        let sc = pgherd_config::StandbyCluster {
+            host: "dr.example".into(),
+            port: 6432,
+            primary_slot_name: Some("dr_site".into()),
+            restore_command: Some("cp /archive/%f %p".into()),
+            create_replica_methods: vec![pgherd_config::ReplicaMethod::Basebackup],
+            recovery_min_apply_delay: Some(ParamValue::Text("5min".into())),
+        };
+        let up = Upstream::remote(&sc);
+        let managed: BTreeMap<String, String> =
+            [("restore_command".to_string(), "wal-fetch".to_string())].into();
+        let p = parameters(&c, &BTreeMap::new(), Some(&up), &managed);
+        assert_eq!(up.name, "dr.example:6432");
+        assert_eq!(p["primary_slot_name"], "dr_site");
+        assert_eq!(p["recovery_min_apply_delay"], "5min");
+        assert!(p["primary_conninfo"].contains("host='dr.example' port=6432"));
+        // Not trusted by this member's file: the section's command does not run here.
+        assert_eq!(p["restore_command"], "wal-fetch");
+        c.postgres.trust_cluster_restore_command = true;
+        let p = parameters(&c, &BTreeMap::new(), Some(&up), &managed);
+        assert_eq!(p["restore_command"], "cp /archive/%f %p");
+        // Without a slot in the section none is named (never the member's own name there),
+        // and a member's upstream inside the cluster has no delay.
+        let no_slot = Upstream::remote(&pgherd_config::StandbyCluster {
+            primary_slot_name: None,
+            ..sc
+        });
+        let p = parameters(&c, &BTreeMap::new(), Some(&no_slot), &BTreeMap::new());
+        assert!(!p.contains_key("primary_slot_name"), "{p:?}");
+        let member = Upstream {
+            name: "node1".into(),
+            host: "10.0.0.1".into(),
+            port: 5432,
+            remote: None,
+        };
+        let p = parameters(&c, &BTreeMap::new(), Some(&member), &BTreeMap::new());
+        assert!(!p.contains_key("recovery_min_apply_delay"));
     }
 
     #[test]

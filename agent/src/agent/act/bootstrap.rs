@@ -45,7 +45,14 @@ impl Agent {
         {
             self.lease_valid_from(sent);
             if sysid.is_none() {
-                let reason = if self.bootstrap_restore.is_some() {
+                let standby_of = crate::dcs::model::dynamic_config(&self.cfg, obs.cluster.as_ref())
+                    .standby_cluster
+                    .map(|sc| crate::ha::remote_name(&sc));
+                let copying;
+                let reason = if let Some(source) = standby_of {
+                    copying = format!("won the initialisation race: this is a standby cluster, copying {source} with pg_basebackup");
+                    copying.as_str()
+                } else if self.bootstrap_restore.is_some() {
                     "won the initialisation race: restoring the source cluster's backup (bootstrap.method: restore)"
                 } else {
                     "won the initialisation race: running initdb"

@@ -83,6 +83,14 @@ impl Agent {
         decision: &Decision,
     ) -> Result<()> {
         self.ensure_lease_valid("promote PostgreSQL")?;
+        // Rule 9: nobody promotes in a standby cluster; only promote-cluster (removing the
+        // section) makes it a primary cluster.
+        if let Some(sc) = dynamic_config(&self.cfg, self.last_view.as_ref()).standby_cluster {
+            return Err(anyhow!(
+                "refusing to promote: this is a standby cluster of {}",
+                crate::ha::remote_name(&sc)
+            ));
+        }
         let promoted = self.promote_standby(decision).await;
         if promoted.is_ok() {
             self.memory.acted(obs.now, action, &Outcome::DONE);
@@ -185,7 +193,17 @@ impl Agent {
         let Some(view) = &obs.cluster else {
             return Ok(());
         };
-        if let Some(lsn) = obs.pg.status.as_ref().and_then(|s| s.wal_lsn) {
+        // A standby leader's position is what it received from its remote source: the
+        // position failover candidates of the standby cluster are measured against.
+        let standby_leader = dynamic_config(&self.cfg, Some(view)).standby_cluster.is_some();
+        let position = obs.pg.status.as_ref().and_then(|s| {
+            s.wal_lsn.or_else(|| {
+                standby_leader
+                    .then(|| s.receive_lsn.max(s.replay_lsn))
+                    .flatten()
+            })
+        });
+        if let Some(lsn) = position {
             if self.published_optime != Some(lsn) {
                 self.dcs.put_optime(lsn).await?;
                 self.published_optime = Some(lsn);

@@ -76,6 +76,15 @@ impl Agent {
         }
         let failover = self.version_num().await? >= NATIVE_SLOT_SYNC;
         for c in &plan.create {
+            // A standby leader is in recovery, where PostgreSQL creates no logical slot: the
+            // permanent logical slots come with promote-cluster.
+            if dcs_cfg.standby_cluster.is_some() && c.kind != pgherd_config::SlotType::Physical {
+                self.warn_slot_once(format!(
+                    "logical permanent slot {} is not created while this is a standby cluster; promote-cluster creates it",
+                    c.name
+                ));
+                continue;
+            }
             self.pg.create_slot(c, failover).await.with_context(|| {
                 format!("cannot create replication slot {} ({})", c.name, c.why)
             })?;

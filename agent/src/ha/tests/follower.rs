@@ -130,7 +130,8 @@ fn a_stopped_replica_starts_as_a_standby_of_the_leader() {
         vec![Action::StartStandby(Some(Upstream {
             name: "b".into(),
             host: "127.0.0.1".into(),
-            port: 5432
+            port: 5432,
+            remote: None,
         }))]
     );
 }

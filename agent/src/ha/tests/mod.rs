@@ -19,6 +19,7 @@ mod handover;
 mod leader;
 mod leaderless;
 mod restore;
+mod standby_cluster;
 mod rules;
 mod synchronous;
 mod unreadable_and_stuck;
