@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -28,6 +29,8 @@ pub struct ClusterBuilder {
     etcd_size: usize,
     etcd_security: EtcdSecurity,
     backups: bool,
+    /// Another cluster's etcd, shared instead of starting one.
+    shared_etcd: Option<Arc<Etcd>>,
 }
 
 impl Default for ClusterBuilder {
@@ -39,6 +42,7 @@ impl Default for ClusterBuilder {
             etcd_size: 1,
             etcd_security: EtcdSecurity::default(),
             backups: false,
+            shared_etcd: None,
         }
     }
 }
@@ -90,9 +94,20 @@ impl ClusterBuilder {
         self
     }
 
+    /// Uses `other`'s etcd (two clusters with different names on one etcd, as two pgherd
+    /// clusters of one organisation share it) instead of starting one; it stops when the
+    /// last cluster using it is dropped.
+    pub fn sharing_etcd_of(mut self, other: &Cluster) -> Self {
+        self.shared_etcd = Some(other.etcd.clone());
+        self
+    }
+
     /// Starts etcd and writes every member's config, without starting any agent.
     pub async fn configure(self) -> Result<Cluster> {
-        let etcd = Etcd::start_secured(self.etcd_size, self.etcd_security).await?;
+        let etcd = match self.shared_etcd {
+            Some(etcd) => etcd,
+            None => Arc::new(Etcd::start_secured(self.etcd_size, self.etcd_security).await?),
+        };
         let root = crate::temp_root("pgherd-cluster-")?;
         let mut yaml = self.yaml;
         if self.backups {
@@ -144,7 +159,7 @@ pub struct Healthy {
 #[derive(Debug)]
 pub struct Cluster {
     members: Vec<Member>,
-    etcd: Etcd,
+    etcd: Arc<Etcd>,
     name: String,
     yaml: Vec<String>,
     root: Option<TempDir>,

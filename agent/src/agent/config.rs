@@ -27,11 +27,15 @@ impl Agent {
         let remote = dynamic_config(&self.cfg, view)
             .standby_cluster
             .map(|sc| Upstream::remote(&sc));
-        let upstream = self.memory.upstream.as_ref().and_then(|name| match &remote {
-            // A standby leader follows the standby cluster's remote source.
-            Some(r) if &r.name == name => Some(r.clone()),
-            _ => view?.members.get(name).map(Upstream::of),
-        });
+        let upstream = self
+            .memory
+            .upstream
+            .as_ref()
+            .and_then(|name| match &remote {
+                // A standby leader follows the standby cluster's remote source.
+                Some(r) if &r.name == name => Some(r.clone()),
+                _ => view?.members.get(name).map(Upstream::of),
+            });
         Mode::Standby(upstream)
     }
 

@@ -154,10 +154,7 @@ impl Situation<'_> {
             // A standby cluster's leader is a standby itself; it serves a clone while it
             // runs in recovery.
             let serves = |m: &MemberInfo| match cfg.dcs.standby_cluster {
-                Some(_) => matches!(
-                    m.state,
-                    MemberState::Streaming | MemberState::InRecovery
-                ),
+                Some(_) => matches!(m.state, MemberState::Streaming | MemberState::InRecovery),
                 None => m.state == MemberState::Running,
             };
             return match leader_member {

@@ -116,7 +116,11 @@ impl Situation<'_> {
                         .as_ref()
                         .is_some_and(|sc| &super::remote_name(sc) == from) =>
             {
-                let sc = cfg.dcs.standby_cluster.as_ref().expect("matched just above");
+                let sc = cfg
+                    .dcs
+                    .standby_cluster
+                    .as_ref()
+                    .expect("matched just above");
                 return Some(decision(
                     vec![
                         Action::RenewLeader,

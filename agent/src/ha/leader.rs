@@ -149,7 +149,11 @@ impl Situation<'_> {
     /// changes nothing when the histories did not diverge.
     fn standby_leader_decision(&self) -> Decision {
         let Situation {
-            obs, cfg, mem, state, ..
+            obs,
+            cfg,
+            mem,
+            state,
+            ..
         } = *self;
         let sc = cfg
             .dcs

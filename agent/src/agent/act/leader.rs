@@ -195,7 +195,9 @@ impl Agent {
         };
         // A standby leader's position is what it received from its remote source: the
         // position failover candidates of the standby cluster are measured against.
-        let standby_leader = dynamic_config(&self.cfg, Some(view)).standby_cluster.is_some();
+        let standby_leader = dynamic_config(&self.cfg, Some(view))
+            .standby_cluster
+            .is_some();
         let position = obs.pg.status.as_ref().and_then(|s| {
             s.wal_lsn.or_else(|| {
                 standby_leader

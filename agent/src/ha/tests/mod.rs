@@ -19,8 +19,8 @@ mod handover;
 mod leader;
 mod leaderless;
 mod restore;
-mod standby_cluster;
 mod rules;
+mod standby_cluster;
 mod synchronous;
 mod unreadable_and_stuck;
 

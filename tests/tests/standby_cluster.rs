@@ -1,0 +1,269 @@
+//! Standby clusters (issue 17 items 2 and 3) with real processes: a second pgherd cluster
+//! (`site_b`) whose dynamic config names the first (`site_a`) as `standby_cluster` copies it,
+//! keeps every member following it through the loss of its standby leader, is promoted by
+//! `promote-cluster`, and the former primary site follows it after `demote-cluster` by a
+//! rewind, not a re-clone. The standby cluster's agents never write to the other cluster's
+//! keys.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use pgherd_tests::{
+    sql, sql_batch, sql_value, wait_acked_rows_on, wait_until, Cluster, Member, MemberOptions,
+    Writer,
+};
+
+/// initdb, PostgreSQL starts and clones on a 2-core machine shared with other tests.
+const BRINGUP: Duration = Duration::from_secs(150);
+
+/// The port of the server `member`'s WAL receiver streams from.
+async fn sender_port(member: &Member) -> Result<u16> {
+    let port: String = sql_value(
+        member,
+        "SELECT sender_port::text FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+    )
+    .await?;
+    Ok(port.parse()?)
+}
+
+async fn wait_streams_from(member: &Member, port: u16, what: &str) -> Result<()> {
+    wait_until(
+        BRINGUP,
+        format!("{} to stream from {what} (port {port})", member.name()),
+        || async {
+            let got = sender_port(member).await?;
+            ensure!(got == port, "it streams from port {got}");
+            Ok(())
+        },
+    )
+    .await
+}
+
+async fn in_recovery(member: &Member) -> Result<bool> {
+    Ok(sql_value::<bool>(member, "SELECT pg_is_in_recovery()").await?)
+}
+
+/// Rows acknowledged by a writer on `source`'s leader, all found on every member listed.
+async fn rows_reach(source: &Cluster, members: &[&Member]) -> Result<()> {
+    let writer = Writer::start(source).await?;
+    writer.wait_acks(20, BRINGUP).await?;
+    let report = writer.stop().await;
+    for m in members {
+        wait_acked_rows_on(m, &report, BRINGUP).await?;
+    }
+    Ok(())
+}
+
+/// The standby cluster's dynamic config section naming `member` as its remote source.
+fn standby_of(member: &Member) -> String {
+    format!(
+        "bootstrap: {{dcs: {{standby_cluster: {{host: 127.0.0.1, port: {}}}}}}}",
+        member.pg_port()
+    )
+}
+
+/// Waits until `cluster`'s leader key names one of its members; returns it.
+async fn wait_leader(cluster: &Cluster, not: Option<&str>) -> Result<String> {
+    wait_until(
+        BRINGUP,
+        format!("a leader of {} other than {not:?}", cluster.name()),
+        || async {
+            let l = cluster.leader_name().await?.context("no leader key")?;
+            ensure!(Some(l.as_str()) != not, "the key still names {l}");
+            Ok(l)
+        },
+    )
+    .await
+}
+
+/// Keys of `cluster` in etcd, for the check that another cluster's agents wrote none of them.
+async fn member_keys(cluster: &Cluster) -> Result<Vec<String>> {
+    Ok(cluster
+        .etcd_dump()
+        .await?
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("members/"))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_cluster_follows_fails_over_is_promoted_and_the_old_site_follows_it() -> Result<()>
+{
+    let site_a = Cluster::builder()
+        .name("site_a")
+        .member(MemberOptions::new().name("a1"))
+        .configure()
+        .await?;
+    site_a.start_with_leader("a1", BRINGUP).await?;
+    let a1 = site_a.member("a1");
+    let site_b = Cluster::builder()
+        .name("site_b")
+        .sharing_etcd_of(&site_a)
+        .yaml(standby_of(a1))
+        .member(MemberOptions::new().name("b1"))
+        .member(MemberOptions::new().name("b2"))
+        .member(MemberOptions::new().name("b3"))
+        .configure()
+        .await?;
+    // b1 alone first so that it is the standby leader the test then kills.
+    site_b.member("b1").start()?;
+    ensure!(wait_leader(&site_b, None).await? == "b1");
+    site_b.start_all()?;
+    let (b1, b2, b3) = (
+        site_b.member("b1"),
+        site_b.member("b2"),
+        site_b.member("b3"),
+    );
+
+    // Every member of the standby cluster gets the primary site's rows: the standby leader
+    // from a1, the others from the standby leader (one WAN stream per site).
+    rows_reach(&site_a, &[b1, b2, b3]).await?;
+    wait_streams_from(b1, a1.pg_port(), "a1").await?;
+    for m in [b2, b3] {
+        wait_streams_from(m, b1.pg_port(), "the standby leader b1").await?;
+    }
+    for m in [b1, b2, b3] {
+        ensure!(in_recovery(m).await?, "{} is not in recovery", m.name());
+    }
+    let sysid =
+        |m: &'static str| format!("SELECT system_identifier::text FROM pg_control_system() -- {m}");
+    let a_id: String = sql_value(a1, &sysid("a1")).await?;
+    let b_id: String = sql_value(b1, &sysid("b1")).await?;
+    ensure!(
+        a_id == b_id,
+        "site_b is a copy of another system: {a_id} vs {b_id}"
+    );
+    ensure!(
+        site_b.etcd_get("initialize").await?.as_deref() == Some(a_id.as_str()),
+        "site_b's initialize key does not record the copied system identifier"
+    );
+    // site_b's agents wrote nothing under site_a's prefix.
+    ensure!(
+        member_keys(&site_a).await? == vec!["members/a1".to_string()],
+        "site_a has other member keys: {:?}",
+        member_keys(&site_a).await?
+    );
+
+    // The standby leader dies: another standby member takes the key and follows a1 itself;
+    // nobody promotes.
+    b1.kill()?;
+    let new = wait_leader(&site_b, Some("b1")).await?;
+    let new_leader = site_b.member(&new);
+    let other = if new == "b2" { b3 } else { b2 };
+    wait_streams_from(new_leader, a1.pg_port(), "a1").await?;
+    wait_streams_from(other, new_leader.pg_port(), "the new standby leader").await?;
+    rows_reach(&site_a, &[new_leader, other]).await?;
+    ensure!(
+        in_recovery(new_leader).await?,
+        "the new standby leader was promoted"
+    );
+    ensure!(
+        site_b.history().await?.is_empty(),
+        "site_b recorded a promotion while a standby cluster"
+    );
+
+    // promote-cluster: site_b's leader promotes and takes writes; its replica follows.
+    let out = site_b
+        .ctl_output(&["edit-config", "--set", "standby_cluster=", "--force"])
+        .await?;
+    out.expect_success()?;
+    wait_until(BRINGUP, format!("{new} to accept writes"), || async {
+        ensure!(!in_recovery(new_leader).await?, "still in recovery");
+        sql(
+            new_leader,
+            "CREATE TABLE IF NOT EXISTS site_b_rows (id int)",
+        )
+        .await?;
+        sql(new_leader, "INSERT INTO site_b_rows VALUES (1)").await?;
+        Ok(())
+    })
+    .await?;
+    wait_streams_from(other, new_leader.pg_port(), "the promoted leader").await?;
+    // site_a, still running, writes one more row: it diverges from site_b's new timeline
+    // (in a real disaster it was cut off; that row is the loss of asynchronous replication).
+    sql_batch(
+        a1,
+        "CREATE TABLE diverged (id int); INSERT INTO diverged VALUES (1)",
+    )
+    .await?;
+
+    // demote-cluster: site_a follows site_b's leader after pg_rewind, without a new copy.
+    let port = new_leader.pg_port().to_string();
+    let out = site_a
+        .ctl_output(&[
+            "edit-config",
+            "--set",
+            "standby_cluster.host=127.0.0.1",
+            "--set",
+            &format!("standby_cluster.port={port}"),
+            "--force",
+        ])
+        .await?;
+    out.expect_success()?;
+    wait_streams_from(a1, new_leader.pg_port(), "site_b's leader").await?;
+    ensure!(
+        in_recovery(a1).await?,
+        "a1 is writable after demote-cluster"
+    );
+    let rows: i64 = sql_value(a1, "SELECT count(*) FROM site_b_rows").await?;
+    ensure!(rows == 1, "site_b's row is not on a1 ({rows})");
+    let diverged: bool = sql_value(a1, "SELECT to_regclass('diverged') IS NOT NULL").await?;
+    ensure!(
+        !diverged,
+        "a1 kept the row it wrote after site_b's promotion"
+    );
+    a1.ensure_rewound()?;
+    ensure!(
+        !a1.agent_log().contains("pg_basebackup from"),
+        "a1 was copied again instead of rewound"
+    );
+    Ok(())
+}
+
+/// Each site on its own etcd, as two data centres run them: the standby cluster needs
+/// nothing from the primary site's etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_cluster_on_its_own_etcd_copies_and_follows_the_primary_site() -> Result<()> {
+    let site_a = Cluster::builder()
+        .name("site_a")
+        .member(MemberOptions::new().name("a1"))
+        .configure()
+        .await?;
+    site_a.start_with_leader("a1", BRINGUP).await?;
+    let a1 = site_a.member("a1");
+    let site_b = Cluster::builder()
+        .name("site_b")
+        .yaml(standby_of(a1))
+        .member(MemberOptions::new().name("b1"))
+        .member(MemberOptions::new().name("b2"))
+        .start()
+        .await?;
+    let leader = wait_leader(&site_b, None).await?;
+    let (b1, b2) = (site_b.member("b1"), site_b.member("b2"));
+    rows_reach(&site_a, &[b1, b2]).await?;
+    let replica = if leader == "b1" { b2 } else { b1 };
+    wait_streams_from(site_b.member(&leader), a1.pg_port(), "a1").await?;
+    wait_streams_from(
+        replica,
+        site_b.member(&leader).pg_port(),
+        "the standby leader",
+    )
+    .await?;
+    ensure!(
+        site_a
+            .etcd()
+            .get_prefix("/pgherd/site_b/")
+            .await?
+            .is_empty(),
+        "site_b's agents wrote to site_a's etcd"
+    );
+    // The standby leader's HTTP checks: not a primary anywhere in a standby cluster.
+    let primary = site_b.member(&leader).http_get("/primary").await?;
+    ensure!(
+        primary.status == 503,
+        "/primary on the standby leader: {}",
+        primary.status
+    );
+    Ok(())
+}
