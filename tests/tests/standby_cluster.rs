@@ -40,7 +40,7 @@ async fn wait_streams_from(member: &Member, port: u16, what: &str) -> Result<()>
 }
 
 async fn in_recovery(member: &Member) -> Result<bool> {
-    Ok(sql_value::<bool>(member, "SELECT pg_is_in_recovery()").await?)
+    sql_value::<bool>(member, "SELECT pg_is_in_recovery()").await
 }
 
 /// Rows acknowledged by a writer on `source`'s leader, all found on every member listed.
