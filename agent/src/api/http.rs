@@ -653,6 +653,7 @@ mod tests {
                 pg: Some(PgFacts {
                     in_recovery: !is_leader,
                     streaming: !is_leader,
+                    ..PgFacts::default()
                 }),
                 synchronous_mode: Default::default(),
             }),
@@ -699,6 +700,7 @@ mod tests {
         b.local.as_mut().unwrap().pg = Some(PgFacts {
             in_recovery: true,
             streaming: false,
+            ..PgFacts::default()
         });
         assert!(!ok(Check::Primary, &b, t));
         let mut b = board(member("a", Role::Leader, Some(0)), "a", t);
@@ -746,6 +748,7 @@ mod tests {
         b.local.as_mut().unwrap().pg = Some(PgFacts {
             in_recovery: true,
             streaming: false,
+            ..PgFacts::default()
         });
         assert!(!ok(Check::Replica { max_lag: None }, &b, t));
         assert!(!ok(Check::Readiness, &b, t));
