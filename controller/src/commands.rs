@@ -381,7 +381,14 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
                 let set = sets.clone();
                 target.on_leader(move |mut c| {
                     let set = set.clone();
-                    async move { c.patch_config(PatchConfigRequest { set, dry_run }).await }
+                    async move {
+                        c.patch_config(PatchConfigRequest {
+                            set,
+                            dry_run,
+                            expect: HashMap::new(),
+                        })
+                        .await
+                    }
                 })
             };
             let dry = patch(true).await?;
