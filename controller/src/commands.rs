@@ -9,7 +9,7 @@ use crate::agents::{status_failure, Target};
 use crate::prompt::confirm;
 use crate::{list, Cli, Command, Failure, Format};
 
-fn print_message(format: Format, fields: &[(&str, serde_json::Value)], text: &str) {
+pub(crate) fn print_message(format: Format, fields: &[(&str, serde_json::Value)], text: &str) {
     match format {
         Format::Json => {
             let obj: serde_json::Map<String, serde_json::Value> = fields
@@ -368,6 +368,25 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
                     serde_yaml::to_string(&config).map_err(|e| Failure::Refused(e.to_string()))?
                 ),
             }
+        }
+        Command::PromoteCluster { force } => {
+            crate::standby::promote(&target, cli.format, *force).await?
+        }
+        Command::DemoteCluster {
+            host,
+            port,
+            primary_slot_name,
+            force,
+        } => {
+            crate::standby::demote(
+                &target,
+                cli.format,
+                host,
+                *port,
+                primary_slot_name.as_deref(),
+                *force,
+            )
+            .await?
         }
         Command::EditConfig { set, force } => {
             let mut sets = HashMap::new();
