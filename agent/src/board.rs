@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use crate::callbacks::PgRole;
 use crate::dcs::model::{ClusterView, Handover, MemberInfo};
+use crate::lsn::Lsn;
 
 /// A request from the API about this member, executed by the loop between two cycles. The
 /// loop replies with what it did, or with why it did not (for the operator to read).
@@ -97,10 +98,15 @@ pub struct LocalStatus {
     pub synchronous_mode: SynchronousMode,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PgFacts {
     pub in_recovery: bool,
     pub streaming: bool,
+    /// `pg_last_wal_replay_lsn()` (a standby).
+    pub replay_lsn: Option<Lsn>,
+    /// `pg_stat_wal_receiver.latest_end_lsn`: where its upstream's WAL ended when it last
+    /// said so (a standby with a WAL receiver).
+    pub latest_end_lsn: Option<Lsn>,
 }
 
 /// The outcome of one backup or verification run.

@@ -122,6 +122,33 @@ pub fn changes(old: &DynamicConfig, new: &DynamicConfig) -> Vec<String> {
         .collect()
 }
 
+/// The first of `expect` (dotted key, value) that `current` does not meet, as a sentence;
+/// `None` when it meets them all. A value is compared as [`changes`] prints it (strings
+/// without quotes); an empty value expects the key to be absent. This is the precondition
+/// of a compare-and-swap: `pgherdctl promote-cluster` expects the standby_cluster it
+/// showed, `demote-cluster` expects none.
+pub fn unmet(current: &DynamicConfig, expect: &[(String, String)]) -> Option<String> {
+    let json = serde_json::to_value(current).expect("a DynamicConfig serializes to JSON");
+    for (key, want) in expect {
+        let got = key
+            .split('.')
+            .try_fold(&json, |v, part| v.get(part))
+            .filter(|v| !v.is_null());
+        let got_text = got.map(|v| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        });
+        match (want.is_empty(), got_text) {
+            (true, None) => {}
+            (true, Some(g)) => return Some(format!("{key} is set ({g}), expected unset")),
+            (false, None) => return Some(format!("{key} is unset, expected {want}")),
+            (false, Some(g)) if &g == want => {}
+            (false, Some(g)) => return Some(format!("{key} is {g}, expected {want}")),
+        }
+    }
+    None
+}
+
 /// PostgreSQL parameters whose values differ between the two configurations.
 pub fn changed_parameters(old: &DynamicConfig, new: &DynamicConfig) -> Vec<String> {
     let (a, b) = (&old.postgresql.parameters, &new.postgresql.parameters);
@@ -167,6 +194,48 @@ mod tests {
         assert_eq!(changed_parameters(&old, &new), vec!["work_mem"]);
         let back = apply(&new, &sets(&[("postgresql.parameters.work_mem", "")])).unwrap();
         assert!(back.postgresql.parameters.is_empty());
+    }
+
+    #[test]
+    fn expectations_compare_values_as_printed_and_empty_means_unset() {
+        let plain = DynamicConfig::default();
+        assert_eq!(unmet(&plain, &sets(&[("standby_cluster", "")])), None);
+        assert_eq!(
+            unmet(&plain, &sets(&[("ttl", "10"), ("pause", "false")])),
+            None
+        );
+        let why = unmet(&plain, &sets(&[("standby_cluster.host", "db1")])).unwrap();
+        assert!(why.contains("standby_cluster.host is unset"), "{why}");
+        let standby = apply(
+            &plain,
+            &sets(&[
+                ("standby_cluster.host", "db1"),
+                ("standby_cluster.port", "5433"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            unmet(
+                &standby,
+                &sets(&[
+                    ("standby_cluster.host", "db1"),
+                    ("standby_cluster.port", "5433")
+                ])
+            ),
+            None
+        );
+        let why = unmet(&standby, &sets(&[("standby_cluster", "")])).unwrap();
+        assert!(why.contains("standby_cluster is set"), "{why}");
+        let why = unmet(&standby, &sets(&[("standby_cluster.port", "5432")])).unwrap();
+        assert!(why.contains("is 5433, expected 5432"), "{why}");
+        // An optional field left out is unset, not null.
+        assert_eq!(
+            unmet(
+                &standby,
+                &sets(&[("standby_cluster.primary_slot_name", "")])
+            ),
+            None
+        );
     }
 
     #[test]

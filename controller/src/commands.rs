@@ -9,7 +9,7 @@ use crate::agents::{status_failure, Target};
 use crate::prompt::confirm;
 use crate::{list, Cli, Command, Failure, Format};
 
-fn print_message(format: Format, fields: &[(&str, serde_json::Value)], text: &str) {
+pub(crate) fn print_message(format: Format, fields: &[(&str, serde_json::Value)], text: &str) {
     match format {
         Format::Json => {
             let obj: serde_json::Map<String, serde_json::Value> = fields
@@ -369,6 +369,25 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
                 ),
             }
         }
+        Command::PromoteCluster { force } => {
+            crate::standby::promote(&target, cli.format, *force).await?
+        }
+        Command::DemoteCluster {
+            host,
+            port,
+            primary_slot_name,
+            force,
+        } => {
+            crate::standby::demote(
+                &target,
+                cli.format,
+                host,
+                *port,
+                primary_slot_name.as_deref(),
+                *force,
+            )
+            .await?
+        }
         Command::EditConfig { set, force } => {
             let mut sets = HashMap::new();
             for s in set {
@@ -381,7 +400,14 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
                 let set = sets.clone();
                 target.on_leader(move |mut c| {
                     let set = set.clone();
-                    async move { c.patch_config(PatchConfigRequest { set, dry_run }).await }
+                    async move {
+                        c.patch_config(PatchConfigRequest {
+                            set,
+                            dry_run,
+                            expect: HashMap::new(),
+                        })
+                        .await
+                    }
                 })
             };
             let dry = patch(true).await?;

@@ -6,6 +6,7 @@ mod backup;
 mod commands;
 mod list;
 mod prompt;
+mod standby;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -204,6 +205,34 @@ pub enum Command {
     },
     /// Show the cluster-wide (dynamic) configuration stored in etcd.
     ShowConfig,
+    /// Make this standby cluster (a disaster-recovery site) a normal one: removes the
+    /// dynamic config's standby_cluster section, so its standby leader stops following the
+    /// remote source, promotes and accepts writes. Refused when the cluster is not a standby
+    /// cluster. First make sure the old primary site takes no more writes.
+    PromoteCluster {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make this cluster a standby cluster of a remote PostgreSQL (another site's primary,
+    /// or a proxy to it): sets the dynamic config's standby_cluster section; the leader
+    /// stops accepting writes and streams from HOST:PORT as the standby leader, the others
+    /// follow it. Refused when the cluster already is a standby cluster.
+    DemoteCluster {
+        /// The remote source's host name or address.
+        #[arg(long)]
+        host: String,
+        /// The remote source's PostgreSQL port.
+        #[arg(long)]
+        port: u16,
+        /// The replication slot to stream with on the remote (created there, not by this
+        /// cluster).
+        #[arg(long, value_name = "SLOT")]
+        primary_slot_name: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        force: bool,
+    },
     /// Change the cluster-wide configuration: validated like the file, the change is shown
     /// before it is applied, and members that need a PostgreSQL restart are marked.
     EditConfig {

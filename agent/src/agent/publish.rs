@@ -134,6 +134,8 @@ impl Agent {
             pg: status.map(|s| PgFacts {
                 in_recovery: s.in_recovery,
                 streaming: s.streaming,
+                replay_lsn: s.replay_lsn,
+                latest_end_lsn: s.latest_end_lsn,
             }),
             synchronous_mode: ha_cfg.dcs.synchronous_mode,
         });

@@ -9,6 +9,14 @@
 //! PostgreSQL. The checks themselves are pure functions of that snapshot ([`check`]), and
 //! strict: a snapshot older than the lease TTL fails `/primary`.
 //!
+//! Endpoints: `/primary` and `/read-write` (the writable leader), `/leader` (the leader-key
+//! holder, primary or standby leader: Patroni 4's meaning), `/standby-leader` (alias
+//! `/standby_leader`: the leader-key holder of a standby cluster, running as a standby of the
+//! remote source), `/replica`, `/read-only` (primary, standby leader or replica, as Patroni's),
+//! `/health`, `/liveness`, `/readiness`, then `/cluster`, `/metrics` and `/failsafe`. In a
+//! standby cluster (the dynamic config has `standby_cluster`) no member accepts writes, so
+//! `/primary` fails on every member and names the remote source.
+//!
 //! GET, HEAD and OPTIONS answer alike (HAProxy's default check method is OPTIONS).
 
 use std::sync::Arc;
@@ -20,30 +28,37 @@ use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter};
 use axum::Router;
-use pgherd_config::Config;
+use pgherd_config::{Config, StandbyCluster};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::board::{Board, StatusBoard};
+use crate::board::{Board, LocalStatus, StatusBoard};
 use crate::dcs::model::MemberInfo;
 use crate::postgres::Postgres;
 
 /// What an endpoint checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
-    /// Holds the leader key with a live lease and runs PostgreSQL writable.
+    /// Holds the leader key with a live lease and runs PostgreSQL writable, in a cluster
+    /// that is not a standby cluster.
     Primary,
+    /// Holds the leader key with a live lease and runs PostgreSQL as the primary or, in a
+    /// standby cluster, as the standby leader.
+    Leader,
+    /// Holds the leader key with a live lease in a standby cluster and runs PostgreSQL in
+    /// recovery (a standby of the remote source).
+    StandbyLeader,
     /// A streaming standby, not tagged `noloadbalance`, at most `max_lag` bytes behind.
     Replica { max_lag: Option<u64> },
-    /// Primary or replica.
+    /// Primary, standby leader or replica.
     ReadOnly { max_lag: Option<u64> },
     /// PostgreSQL is running.
     Health,
     /// The agent loop finished a cycle within the lease TTL.
     Liveness,
-    /// The member is in service: the primary, or a streaming standby.
+    /// The member is in service: the primary, the standby leader, or a streaming standby.
     Readiness,
 }
 
@@ -84,26 +99,117 @@ fn fresh(b: &Board, now: Instant) -> Result<(), Verdict> {
     Ok(())
 }
 
+/// The dynamic config's `standby_cluster` section as the loop last read it (`Dcs::load`
+/// keeps the last valid config while etcd's is unreadable), or why it is not known.
+pub(crate) fn standby_cluster(b: &Board) -> Result<Option<&StandbyCluster>, String> {
+    let Some(view) = &b.view else {
+        return Err("the agent has not read the cluster from etcd yet".to_string());
+    };
+    match &view.config {
+        Some(Ok(c)) => Ok(c.standby_cluster.as_ref()),
+        Some(Err(why)) => Err(format!("the dynamic config cannot be read: {why}")),
+        // No config key yet: nothing but the bootstrap runs, and it writes the key.
+        None => Ok(None),
+    }
+}
+
+/// `host:port` of a standby cluster's remote source.
+fn remote(sc: &StandbyCluster) -> String {
+    if sc.host.contains(':') {
+        format!("[{}]:{}", sc.host, sc.port)
+    } else {
+        format!("{}:{}", sc.host, sc.port)
+    }
+}
+
+/// The snapshot is fresh and this member holds the leader key with a live lease.
+fn key_holder<'a>(b: &'a Board, me: &MemberInfo, now: Instant) -> Result<&'a LocalStatus, Verdict> {
+    fresh(b, now)?;
+    let l = b.local.as_ref().expect("fresh() checked the local status");
+    if b.leader.as_deref() != Some(me.name.as_str()) {
+        return Err(fail(match &b.leader {
+            Some(other) => format!("the leader key names {other}"),
+            None => "the cluster has no leader".to_string(),
+        }));
+    }
+    match l.leader_valid_until {
+        Some(until) if now < until => Ok(l),
+        _ => Err(fail("this member holds no live leader lease")),
+    }
+}
+
 fn primary(b: &Board, me: &MemberInfo, now: Instant) -> Verdict {
     if let Err(v) = fresh(b, now) {
         return v;
     }
-    let l = b.local.as_ref().expect("fresh() checked the local status");
-    if b.leader.as_deref() != Some(me.name.as_str()) {
-        return fail(match &b.leader {
-            Some(other) => format!("the leader key names {other}"),
-            None => "the cluster has no leader".to_string(),
-        });
+    // Whatever PostgreSQL says right now: a member whose standby_cluster section was just
+    // added (demote-cluster) may still be writable until its loop stops it, and a load
+    // balancer must leave it at once.
+    if let Ok(Some(sc)) = standby_cluster(b) {
+        return fail(format!(
+            "this is a standby cluster of {}: no member accepts writes (pgherdctl promote-cluster ends that)",
+            remote(sc)
+        ));
     }
-    match l.leader_valid_until {
-        Some(until) if now < until => {}
-        _ => return fail("this member holds no live leader lease"),
-    }
+    let l = match key_holder(b, me, now) {
+        Ok(l) => l,
+        Err(v) => return v,
+    };
     match l.pg {
         Some(pg) if l.pg_running && !pg.in_recovery => {
             pass("this member holds the leader key and PostgreSQL accepts writes")
         }
         Some(_) if l.pg_running => fail("PostgreSQL is still in recovery"),
+        _ => fail("PostgreSQL is not running"),
+    }
+}
+
+fn standby_leader(b: &Board, me: &MemberInfo, now: Instant) -> Verdict {
+    if let Err(v) = fresh(b, now) {
+        return v;
+    }
+    let sc =
+        match standby_cluster(b) {
+            Ok(Some(sc)) => sc,
+            Ok(None) => return fail(
+                "this is not a standby cluster: the dynamic config has no standby_cluster section",
+            ),
+            Err(why) => return fail(why),
+        };
+    let l = match key_holder(b, me, now) {
+        Ok(l) => l,
+        Err(v) => return v,
+    };
+    match l.pg {
+        Some(pg) if l.pg_running && pg.in_recovery => pass(format!(
+            "this member holds the leader key and runs PostgreSQL as the standby leader, a standby of {}",
+            remote(sc)
+        )),
+        Some(_) if l.pg_running => fail(format!(
+            "PostgreSQL is not in recovery: it is not yet a standby of {}",
+            remote(sc)
+        )),
+        _ => fail("PostgreSQL is not running"),
+    }
+}
+
+/// Patroni 4's `/leader`: the leader-key holder, as the primary or as the standby leader.
+fn leader(b: &Board, me: &MemberInfo, now: Instant) -> Verdict {
+    let l = match key_holder(b, me, now) {
+        Ok(l) => l,
+        Err(v) => return v,
+    };
+    match (l.pg, standby_cluster(b)) {
+        (Some(pg), _) if l.pg_running && !pg.in_recovery => {
+            pass("this member holds the leader key and PostgreSQL runs out of recovery")
+        }
+        (Some(_), Ok(Some(sc))) if l.pg_running => pass(format!(
+            "this member holds the leader key and runs PostgreSQL as the standby leader, a standby of {}",
+            remote(sc)
+        )),
+        (Some(_), _) if l.pg_running => {
+            fail("PostgreSQL is still in recovery and this is not a standby cluster")
+        }
         _ => fail("PostgreSQL is not running"),
     }
 }
@@ -157,9 +263,15 @@ pub fn check(check: Check, b: &Board, now: Instant, pg_running_now: bool) -> Ver
     };
     match check {
         Check::Primary => primary(b, me, now),
+        Check::Leader => leader(b, me, now),
+        Check::StandbyLeader => standby_leader(b, me, now),
         Check::Replica { max_lag } => replica(b, me, now, max_lag),
         Check::ReadOnly { max_lag } => {
-            let p = primary(b, me, now);
+            // As Patroni's: the standby leader serves reads whatever its lag, as a primary does.
+            let (which, p) = match standby_cluster(b) {
+                Ok(Some(_)) => ("standby leader", standby_leader(b, me, now)),
+                _ => ("primary", primary(b, me, now)),
+            };
             if p.ok {
                 return p;
             }
@@ -168,7 +280,7 @@ pub fn check(check: Check, b: &Board, now: Instant, pg_running_now: bool) -> Ver
                 r
             } else {
                 fail(format!(
-                    "not the primary ({}) nor a replica ({})",
+                    "not the {which} ({}) nor a replica ({})",
                     p.reason, r.reason
                 ))
             }
@@ -186,6 +298,10 @@ pub fn check(check: Check, b: &Board, now: Instant, pg_running_now: bool) -> Ver
             let p = primary(b, me, now);
             if p.ok {
                 return p;
+            }
+            let sl = standby_leader(b, me, now);
+            if sl.ok {
+                return sl;
             }
             let s = streaming_standby(b, me, now);
             if s.ok {
@@ -329,10 +445,15 @@ fn router(state: HttpState) -> Router {
     // HEAD comes with GET; OPTIONS is HAProxy's default check method.
     let methods = MethodFilter::GET.or(MethodFilter::OPTIONS);
     let mut app = Router::new();
-    let checks: [Endpoint; 6] = [
-        (&["/primary", "/leader", "/read-write"], "primary", |_| {
-            Check::Primary
-        }),
+    let checks: [Endpoint; 8] = [
+        (&["/primary", "/read-write"], "primary", |_| Check::Primary),
+        (&["/leader"], "leader", |_| Check::Leader),
+        // `/standby_leader` is Patroni's spelling.
+        (
+            &["/standby-leader", "/standby_leader"],
+            "standby-leader",
+            |_| Check::StandbyLeader,
+        ),
         (&["/replica"], "replica", |max_lag| Check::Replica {
             max_lag,
         }),
@@ -362,7 +483,7 @@ fn router(state: HttpState) -> Router {
         .fallback(|method: Method, uri: Uri| async move {
             (
                 StatusCode::NOT_FOUND,
-                format!("{method} {uri}: no such endpoint; see /primary, /replica, /read-only, /health, /liveness, /readiness, /cluster, /metrics, /failsafe\n"),
+                format!("{method} {uri}: no such endpoint; see /primary, /read-write, /leader, /standby-leader, /replica, /read-only, /health, /liveness, /readiness, /cluster, /metrics, /failsafe\n"),
             )
         })
         .with_state(state)
@@ -653,6 +774,7 @@ mod tests {
                 pg: Some(PgFacts {
                     in_recovery: !is_leader,
                     streaming: !is_leader,
+                    ..PgFacts::default()
                 }),
                 synchronous_mode: Default::default(),
             }),
@@ -699,6 +821,7 @@ mod tests {
         b.local.as_mut().unwrap().pg = Some(PgFacts {
             in_recovery: true,
             streaming: false,
+            ..PgFacts::default()
         });
         assert!(!ok(Check::Primary, &b, t));
         let mut b = board(member("a", Role::Leader, Some(0)), "a", t);
@@ -746,6 +869,7 @@ mod tests {
         b.local.as_mut().unwrap().pg = Some(PgFacts {
             in_recovery: true,
             streaming: false,
+            ..PgFacts::default()
         });
         assert!(!ok(Check::Replica { max_lag: None }, &b, t));
         assert!(!ok(Check::Readiness, &b, t));
@@ -756,6 +880,8 @@ mod tests {
         let b = Board::default();
         for c in [
             Check::Primary,
+            Check::Leader,
+            Check::StandbyLeader,
             Check::Replica { max_lag: None },
             Check::Health,
             Check::Liveness,
@@ -763,6 +889,207 @@ mod tests {
         ] {
             assert!(!check(c, &b, Instant::now(), true).ok, "{c:?}");
         }
+    }
+
+    fn remote_site() -> StandbyCluster {
+        StandbyCluster {
+            host: "10.9.0.1".into(),
+            port: 5433,
+            primary_slot_name: None,
+            restore_command: None,
+            create_replica_methods: vec![pgherd_config::ReplicaMethod::Basebackup],
+            recovery_min_apply_delay: None,
+        }
+    }
+
+    /// `b` with a dynamic config read from etcd, with `standby_cluster` or without.
+    fn with_config(mut b: Board, standby: Option<StandbyCluster>) -> Board {
+        let config = pgherd_config::DynamicConfig {
+            standby_cluster: standby,
+            ..Default::default()
+        };
+        b.view = Some(crate::dcs::model::ClusterView {
+            config: Some(Ok(config)),
+            ..Default::default()
+        });
+        b
+    }
+
+    /// `a` holds the key of a standby cluster of 10.9.0.1:5433 and runs PostgreSQL in
+    /// recovery, streaming from it.
+    fn standby_leader_board(t: Instant) -> Board {
+        let mut b = with_config(
+            board(member("a", Role::Leader, Some(0)), "a", t),
+            Some(remote_site()),
+        );
+        b.local.as_mut().unwrap().pg = Some(PgFacts {
+            in_recovery: true,
+            streaming: true,
+            ..PgFacts::default()
+        });
+        b
+    }
+
+    fn verdict(c: Check, b: &Board, now: Instant) -> Verdict {
+        check(c, b, now, true)
+    }
+
+    #[test]
+    fn the_standby_leader_passes_standby_leader_leader_read_only_and_readiness_only() {
+        let t = Instant::now();
+        let b = standby_leader_board(t);
+        let v = verdict(Check::StandbyLeader, &b, t);
+        assert!(v.ok && v.reason.contains("10.9.0.1:5433"), "{v:?}");
+        assert!(ok(Check::Leader, &b, t));
+        // As Patroni's /read-only: the standby leader serves reads whatever the lag limit.
+        assert!(ok(Check::ReadOnly { max_lag: None }, &b, t));
+        assert!(ok(Check::ReadOnly { max_lag: Some(0) }, &b, t));
+        assert!(ok(Check::Readiness, &b, t));
+        assert!(ok(Check::Health, &b, t));
+        let v = verdict(Check::Primary, &b, t);
+        assert!(
+            !v.ok && v.reason.contains("standby cluster of 10.9.0.1:5433"),
+            "{v:?}"
+        );
+        // As Patroni's /replica: the standby leader is not a replica of this cluster.
+        assert!(!ok(Check::Replica { max_lag: None }, &b, t));
+    }
+
+    #[test]
+    fn the_standby_leader_check_needs_the_key_a_live_lease_postgresql_in_recovery_and_a_fresh_loop()
+    {
+        let t = Instant::now();
+        let b = standby_leader_board(t);
+        // The lease's safe deadline passed.
+        let v = verdict(Check::StandbyLeader, &b, t + Duration::from_secs(9));
+        assert!(!v.ok && v.reason.contains("lease"), "{v:?}");
+        assert!(!ok(Check::Leader, &b, t + Duration::from_secs(9)));
+        // The loop has not run for longer than the ttl.
+        let v = verdict(Check::StandbyLeader, &b, t + Duration::from_secs(11));
+        assert!(!v.ok && v.reason.contains("ttl"), "{v:?}");
+        // Another member took the key.
+        let mut other = standby_leader_board(t);
+        other.leader = Some("b".into());
+        let v = verdict(Check::StandbyLeader, &other, t);
+        assert!(!v.ok && v.reason.contains("names b"), "{v:?}");
+        // Just demoted (demote-cluster): the key holder still runs writable.
+        let mut writable = standby_leader_board(t);
+        writable.local.as_mut().unwrap().pg = Some(PgFacts::default());
+        let v = verdict(Check::StandbyLeader, &writable, t);
+        assert!(!v.ok && v.reason.contains("not in recovery"), "{v:?}");
+        let v = verdict(Check::Primary, &writable, t);
+        assert!(!v.ok && v.reason.contains("10.9.0.1:5433"), "{v:?}");
+        assert!(!ok(Check::ReadOnly { max_lag: None }, &writable, t));
+        // Patroni's /leader: the key holder, whatever PostgreSQL runs as.
+        assert!(ok(Check::Leader, &writable, t));
+        // PostgreSQL stopped.
+        let mut stopped = standby_leader_board(t);
+        stopped.local.as_mut().unwrap().pg_running = false;
+        stopped.local.as_mut().unwrap().pg = None;
+        let v = verdict(Check::StandbyLeader, &stopped, t);
+        assert!(!v.ok && v.reason.contains("not running"), "{v:?}");
+        assert!(!ok(Check::Leader, &stopped, t));
+        assert!(!ok(Check::Readiness, &stopped, t));
+    }
+
+    #[test]
+    fn standby_leader_fails_outside_a_standby_cluster_or_while_the_config_is_unknown() {
+        let t = Instant::now();
+        let b = with_config(board(member("a", Role::Leader, Some(0)), "a", t), None);
+        let v = verdict(Check::StandbyLeader, &b, t);
+        assert!(!v.ok && v.reason.contains("not a standby cluster"), "{v:?}");
+        // No view read from etcd yet.
+        let b = board(member("a", Role::Leader, Some(0)), "a", t);
+        let v = verdict(Check::StandbyLeader, &b, t);
+        assert!(!v.ok && v.reason.contains("not read the cluster"), "{v:?}");
+        // A config key unreadable since this agent started.
+        let mut b = standby_leader_board(t);
+        b.view.as_mut().unwrap().config = Some(Err("bad JSON".into()));
+        let v = verdict(Check::StandbyLeader, &b, t);
+        assert!(!v.ok && v.reason.contains("bad JSON"), "{v:?}");
+        // In recovery, the key held, but no standby cluster: /leader is not fooled either.
+        let v = verdict(Check::Leader, &b, t);
+        assert!(!v.ok && v.reason.contains("in recovery"), "{v:?}");
+    }
+
+    #[test]
+    fn a_standby_cluster_replica_passes_replica_and_read_only_but_no_leader_check() {
+        let t = Instant::now();
+        let b = with_config(
+            board(member("b", Role::Replica, Some(100)), "a", t),
+            Some(remote_site()),
+        );
+        assert!(ok(Check::Replica { max_lag: None }, &b, t));
+        assert!(ok(Check::Replica { max_lag: Some(100) }, &b, t));
+        assert!(!ok(Check::Replica { max_lag: Some(99) }, &b, t));
+        assert!(ok(Check::ReadOnly { max_lag: None }, &b, t));
+        let v = verdict(Check::ReadOnly { max_lag: Some(99) }, &b, t);
+        assert!(
+            !v.ok && v.reason.starts_with("not the standby leader"),
+            "{v:?}"
+        );
+        assert!(ok(Check::Readiness, &b, t));
+        let v = verdict(Check::Primary, &b, t);
+        assert!(
+            !v.ok && v.reason.contains("standby cluster of 10.9.0.1:5433"),
+            "{v:?}"
+        );
+        let v = verdict(Check::StandbyLeader, &b, t);
+        assert!(!v.ok && v.reason.contains("names a"), "{v:?}");
+        let v = verdict(Check::Leader, &b, t);
+        assert!(!v.ok && v.reason.contains("names a"), "{v:?}");
+    }
+
+    #[test]
+    fn an_ipv6_remote_is_named_in_brackets() {
+        let t = Instant::now();
+        let mut site = remote_site();
+        site.host = "fd00::1".into();
+        let b = with_config(
+            board(member("b", Role::Replica, Some(0)), "a", t),
+            Some(site),
+        );
+        let v = verdict(Check::Primary, &b, t);
+        assert!(v.reason.contains("[fd00::1]:5433"), "{v:?}");
+    }
+
+    #[test]
+    fn a_normal_cluster_answers_as_before_and_leader_is_its_writable_primary() {
+        let t = Instant::now();
+        for b in [
+            board(member("a", Role::Leader, Some(0)), "a", t),
+            with_config(board(member("a", Role::Leader, Some(0)), "a", t), None),
+        ] {
+            assert!(ok(Check::Primary, &b, t));
+            assert!(ok(Check::Leader, &b, t));
+            assert!(ok(Check::ReadOnly { max_lag: None }, &b, t));
+            assert!(ok(Check::Readiness, &b, t));
+            assert!(!ok(Check::Replica { max_lag: None }, &b, t));
+            assert!(!ok(Check::StandbyLeader, &b, t));
+        }
+        for b in [
+            board(member("b", Role::Replica, Some(0)), "a", t),
+            with_config(board(member("b", Role::Replica, Some(0)), "a", t), None),
+        ] {
+            assert!(!ok(Check::Primary, &b, t));
+            assert!(!ok(Check::Leader, &b, t));
+            assert!(!ok(Check::StandbyLeader, &b, t));
+            assert!(ok(Check::Replica { max_lag: None }, &b, t));
+            assert!(ok(Check::ReadOnly { max_lag: None }, &b, t));
+            let v = verdict(Check::ReadOnly { max_lag: Some(0) }, &b, t);
+            assert!(v.ok, "{v:?}");
+        }
+        // A leader still being promoted is not yet /leader (nor /primary) in a normal
+        // cluster; it would be the standby leader in a standby cluster.
+        let mut promoting = with_config(board(member("a", Role::Leader, Some(0)), "a", t), None);
+        promoting.local.as_mut().unwrap().pg = Some(PgFacts {
+            in_recovery: true,
+            ..PgFacts::default()
+        });
+        let v = verdict(Check::Leader, &promoting, t);
+        assert!(!v.ok && v.reason.contains("still in recovery"), "{v:?}");
+        let v = verdict(Check::ReadOnly { max_lag: Some(0) }, &promoting, t);
+        assert!(!v.ok && v.reason.starts_with("not the primary"), "{v:?}");
     }
 
     #[test]

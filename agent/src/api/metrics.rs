@@ -106,6 +106,25 @@ pub fn render(b: &Board, now: Instant) -> String {
             flag(pg.streaming),
         );
     }
+    let standby_cluster = super::http::standby_cluster(b).ok().flatten();
+    p.gauge(
+        "pgherd_standby_cluster",
+        "1 when the dynamic config in effect has a standby_cluster section: this cluster is a standby (disaster-recovery) site of a remote source and no member accepts writes.",
+        flag(standby_cluster.is_some()),
+    );
+    // The standby leader only: the other members of a standby cluster stream from it, and
+    // their lag is pgherd_replication_lag_bytes. Absent while its WAL receiver is not
+    // running (pgherd_postgres_streaming says so), since the remote's position is unknown.
+    if let (Some(_), Some(pg), true) = (standby_cluster, answered, leader) {
+        if let (true, Some(end), Some(replay)) = (pg.in_recovery, pg.latest_end_lsn, pg.replay_lsn)
+        {
+            p.gauge(
+                "pgherd_standby_leader_lag_bytes",
+                "Bytes the standby leader's replay is behind the end of WAL its remote source last reported (pg_stat_wal_receiver.latest_end_lsn - pg_last_wal_replay_lsn()).",
+                end.bytes_after(replay) as f64,
+            );
+        }
+    }
     if let Some(tl) = me.and_then(|m| m.timeline) {
         p.gauge(
             "pgherd_timeline",
@@ -280,7 +299,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::board::{BackupRun, BackupStatus};
+    use crate::board::{BackupRun, BackupStatus, LocalStatus, PgFacts};
+    use crate::dcs::model::{ClusterView, MemberInfo, MemberState, VERSION};
+    use crate::lsn::Lsn;
 
     #[test]
     fn backup_series_appear_only_with_backup_information() {
@@ -333,6 +354,146 @@ mod tests {
             "{page}"
         );
         assert!(page.contains("pgherd_replication_slot_active{cluster=\"c\",member=\"\",slot=\"external_archiver\",type=\"physical\",owner=\"foreign\"} 0\n"));
+    }
+
+    /// `a` holds the key; `me` is `a` or the replica `b`; the dynamic config has a
+    /// `standby_cluster` section when `standby`.
+    fn board(me: &str, standby: bool, pg: PgFacts) -> Board {
+        let mut config = pgherd_config::DynamicConfig::default();
+        if standby {
+            config.standby_cluster = Some(pgherd_config::StandbyCluster {
+                host: "10.9.0.1".into(),
+                port: 5432,
+                primary_slot_name: None,
+                restore_command: None,
+                create_replica_methods: vec![pgherd_config::ReplicaMethod::Basebackup],
+                recovery_min_apply_delay: None,
+            });
+        }
+        let member = MemberInfo {
+            name: me.into(),
+            role: if me == "a" {
+                Role::Leader
+            } else {
+                Role::Replica
+            },
+            state: MemberState::Running,
+            api_address: "127.0.0.1:1".into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            timeline: Some(1),
+            wal_lsn: None,
+            receive_lsn: None,
+            replay_lsn: None,
+            lag_bytes: None,
+            tags: Default::default(),
+            version: VERSION.into(),
+            system_identifier: None,
+            decision: String::new(),
+            pending_restart: false,
+            upstream: None,
+        };
+        let now = Instant::now();
+        Board {
+            cluster: "c".into(),
+            me: Some(member),
+            leader: Some("a".into()),
+            view: Some(ClusterView {
+                config: Some(Ok(config)),
+                ..Default::default()
+            }),
+            local: Some(LocalStatus {
+                at: now,
+                loop_duration: Duration::from_millis(5),
+                ttl: Duration::from_secs(10),
+                leader_valid_until: (me == "a").then(|| now + Duration::from_secs(9)),
+                pg_running: true,
+                pg: Some(pg),
+                synchronous_mode: Default::default(),
+            }),
+            ..Board::default()
+        }
+    }
+
+    const LAG: &str = "pgherd_standby_leader_lag_bytes";
+
+    #[test]
+    fn the_standby_cluster_gauge_follows_the_dynamic_config() {
+        let now = Instant::now();
+        let standby = PgFacts {
+            in_recovery: true,
+            streaming: true,
+            replay_lsn: Some(Lsn(1000)),
+            latest_end_lsn: Some(Lsn(1000)),
+        };
+        let page = render(&board("a", false, PgFacts::default()), now);
+        assert!(
+            page.contains("pgherd_standby_cluster{cluster=\"c\",member=\"a\"} 0\n"),
+            "{page}"
+        );
+        assert!(!page.contains(LAG), "{page}");
+        for me in ["a", "b"] {
+            let page = render(&board(me, true, standby), now);
+            assert!(
+                page.contains(&format!(
+                    "pgherd_standby_cluster{{cluster=\"c\",member=\"{me}\"}} 1\n"
+                )),
+                "{page}"
+            );
+        }
+        // Before the first read of etcd: not known to be a standby cluster.
+        let page = render(&Board::default(), now);
+        assert!(page.contains("pgherd_standby_cluster{cluster=\"\",member=\"\"} 0\n"));
+    }
+
+    #[test]
+    fn only_the_standby_leader_reports_its_lag_behind_the_remote_source() {
+        let now = Instant::now();
+        let facts = PgFacts {
+            in_recovery: true,
+            streaming: true,
+            replay_lsn: Some(Lsn(0x3000000)),
+            latest_end_lsn: Some(Lsn(0x3000000 + 8192)),
+        };
+        let page = render(&board("a", true, facts), now);
+        assert!(
+            page.contains("pgherd_standby_leader_lag_bytes{cluster=\"c\",member=\"a\"} 8192\n"),
+            "{page}"
+        );
+        assert!(page.contains(&format!("# TYPE {LAG} gauge\n")));
+        // A member following the standby leader, the leader of a normal cluster, a standby
+        // leader without a WAL receiver, and one just demoted (still out of recovery).
+        for b in [
+            board("b", true, facts),
+            board("a", false, facts),
+            board(
+                "a",
+                true,
+                PgFacts {
+                    latest_end_lsn: None,
+                    streaming: false,
+                    ..facts
+                },
+            ),
+            board(
+                "a",
+                true,
+                PgFacts {
+                    in_recovery: false,
+                    ..facts
+                },
+            ),
+        ] {
+            let page = render(&b, now);
+            assert!(!page.contains(LAG), "{page}");
+        }
+        // Replay ahead of the last report (the report is older): 0, never negative.
+        let ahead = PgFacts {
+            latest_end_lsn: Some(Lsn(0x2000000)),
+            ..facts
+        };
+        let page = render(&board("a", true, ahead), now);
+        assert!(page.contains("pgherd_standby_leader_lag_bytes{cluster=\"c\",member=\"a\"} 0\n"));
     }
 
     #[test]

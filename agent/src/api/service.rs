@@ -185,6 +185,7 @@ impl Service {
     async fn patch_config(
         &self,
         sets: &[(String, String)],
+        expect: &[(String, String)],
         dry_run: bool,
     ) -> Result<(DynamicConfig, DynamicConfig), Status> {
         for _ in 0..5 {
@@ -207,6 +208,12 @@ impl Service {
                     })?,
                 None => (self.ctx.cfg.bootstrap.dcs.clone(), Vec::new(), Vec::new()),
             };
+            // Checked on the value read with `revision`, which replace_config compares.
+            if let Some(why) = patch::unmet(&old, expect) {
+                return Err(Status::failed_precondition(format!(
+                    "the configuration is not as expected, nothing changed: {why}"
+                )));
+            }
             let new = patch::apply(&old, sets).map_err(|p| {
                 Status::invalid_argument(format!(
                     "the change is invalid:\n{}",
@@ -254,7 +261,7 @@ impl Service {
             self.require_leader(&view)?;
         }
         let (old, _) = self
-            .patch_config(&[("pause".into(), pause.to_string())], false)
+            .patch_config(&[("pause".into(), pause.to_string())], &[], false)
             .await?;
         Ok(old.pause)
     }
@@ -838,7 +845,9 @@ impl AgentService for Service {
                 "nothing to change: give at least one key=value",
             ));
         }
-        let (old, new) = self.patch_config(&sets, req.dry_run).await?;
+        let mut expect: Vec<(String, String)> = req.expect.into_iter().collect();
+        expect.sort();
+        let (old, new) = self.patch_config(&sets, &expect, req.dry_run).await?;
         let changed = patch::changed_parameters(&old, &new);
         let needs_restart = self.ctx.pg.restart_parameters(changed).await.map_err(|e| {
             Status::unavailable(format!(

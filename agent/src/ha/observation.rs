@@ -42,6 +42,10 @@ pub struct PgStatus {
     pub standbys: sync::Standbys,
     /// `pg_stat_replication` (on a primary).
     pub replication: Vec<sync::Replication>,
+    /// `pg_stat_wal_receiver.latest_end_lsn`: the end of WAL its upstream last reported to
+    /// this standby's WAL receiver (`None` without a WAL receiver). Read for the standby
+    /// leader's lag behind a standby cluster's remote source (`/metrics`).
+    pub latest_end_lsn: Option<Lsn>,
 }
 
 /// What `pg_controldata` says of a stopped data directory.

@@ -21,7 +21,8 @@ SELECT pg_is_in_recovery(),
        (SELECT status FROM pg_stat_wal_receiver),
        (SELECT timeline_id FROM pg_control_checkpoint()),
        EXISTS (SELECT 1 FROM pg_settings WHERE pending_restart),
-       current_setting('synchronous_standby_names')";
+       current_setting('synchronous_standby_names'),
+       (SELECT latest_end_lsn FROM pg_stat_wal_receiver)::text";
 
 const REPLICATION: &str = "\
 SELECT application_name, COALESCE(sync_state, 'async'), flush_lsn::text
@@ -58,6 +59,7 @@ pub async fn status(c: &Client) -> Result<PgStatus> {
         streaming: receiver.as_deref() == Some("streaming"),
         pending_restart: row.get(8),
         standbys: Standbys::parse(row.get::<_, &str>(9)),
+        latest_end_lsn: lsn(row.get(10)),
         replication: if in_recovery {
             vec![]
         } else {

@@ -859,6 +859,7 @@ impl World {
                     n.pg.standbys.clone()
                 },
                 replication,
+                latest_end_lsn: None,
             }),
             _ => None,
         };

@@ -91,6 +91,7 @@ fn standby_status(lsn: u64) -> PgStatus {
         pending_restart: false,
         standbys: Default::default(),
         replication: vec![],
+        latest_end_lsn: None,
     }
 }
 
