@@ -164,9 +164,7 @@ async fn a_standby_cluster_follows_fails_over_is_promoted_and_the_old_site_follo
     );
 
     // promote-cluster: site_b's leader promotes and takes writes; its replica follows.
-    let out = site_b
-        .ctl_output(&["edit-config", "--set", "standby_cluster=", "--force"])
-        .await?;
+    let out = site_b.ctl_output(&["promote-cluster", "--force"]).await?;
     out.expect_success()?;
     wait_until(BRINGUP, format!("{new} to accept writes"), || async {
         ensure!(!in_recovery(new_leader).await?, "still in recovery");
@@ -192,11 +190,11 @@ async fn a_standby_cluster_follows_fails_over_is_promoted_and_the_old_site_follo
     let port = new_leader.pg_port().to_string();
     let out = site_a
         .ctl_output(&[
-            "edit-config",
-            "--set",
-            "standby_cluster.host=127.0.0.1",
-            "--set",
-            &format!("standby_cluster.port={port}"),
+            "demote-cluster",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
             "--force",
         ])
         .await?;
@@ -260,6 +258,25 @@ async fn a_standby_cluster_on_its_own_etcd_copies_and_follows_the_primary_site()
     );
     // The standby leader's HTTP checks: not a primary anywhere in a standby cluster.
     let primary = site_b.member(&leader).http_get("/primary").await?;
+    let standby_leader = site_b.member(&leader).http_get("/standby-leader").await?;
+    ensure!(
+        standby_leader.status == 200,
+        "/standby-leader on the standby leader: {}",
+        standby_leader.status
+    );
+    let on_replica = replica.http_get("/standby-leader").await?;
+    ensure!(
+        on_replica.status == 503,
+        "/standby-leader on a replica: {}",
+        on_replica.status
+    );
+    let metrics = site_b.member(&leader).http_get("/metrics").await?;
+    ensure!(
+        metrics.body.contains("pgherd_standby_cluster 1")
+            && metrics.body.contains("pgherd_standby_leader_lag_bytes"),
+        "the standby leader's metrics lack the standby cluster gauge or its lag:\n{}",
+        metrics.body
+    );
     ensure!(
         primary.status == 503,
         "/primary on the standby leader: {}",
