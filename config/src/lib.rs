@@ -355,6 +355,23 @@ pub struct StandbyCluster {
     pub recovery_min_apply_delay: Option<ParamValue>,
 }
 
+impl StandbyCluster {
+    /// `host:port` of the remote source (an IPv6 address in brackets): how decisions,
+    /// messages and pgherdctl name it. It cannot be a member's name (those have no colon).
+    pub fn address(&self) -> String {
+        host_port(&self.host, self.port)
+    }
+}
+
+/// `host:port`, an IPv6 address in brackets.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// A permanent slot of the dynamic configuration: `{type: physical}` or
 /// `{type: logical, database: D, plugin: P}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,17 +15,8 @@ use crate::commands::print_message;
 use crate::prompt::confirm;
 use crate::{Failure, Format};
 
-/// `host:port` of a remote source (an IPv6 address in brackets).
-fn address(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
 fn remote(sc: &StandbyCluster) -> String {
-    address(&sc.host, sc.port)
+    sc.address()
 }
 
 /// The dynamic config stored in etcd, and the leader's name (or a stand-in for messages).
@@ -151,7 +142,7 @@ pub async fn demote(
             remote(sc)
         )));
     }
-    let to = address(host, port);
+    let to = pgherd_config::host_port(host, port);
     // Values are YAML to PatchConfig: quote the strings (a JSON string is YAML), so a host
     // such as `1e5` or `null` stays a string.
     let quoted = |s: &str| serde_json::Value::from(s).to_string();

@@ -115,11 +115,7 @@ pub(crate) fn standby_cluster(b: &Board) -> Result<Option<&StandbyCluster>, Stri
 
 /// `host:port` of a standby cluster's remote source.
 fn remote(sc: &StandbyCluster) -> String {
-    if sc.host.contains(':') {
-        format!("[{}]:{}", sc.host, sc.port)
-    } else {
-        format!("{}:{}", sc.host, sc.port)
-    }
+    sc.address()
 }
 
 /// The snapshot is fresh and this member holds the leader key with a live lease.

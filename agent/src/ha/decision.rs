@@ -41,11 +41,7 @@ impl Upstream {
 
 /// How decisions and jobs name a standby cluster's remote source: `host:port`.
 pub fn remote_name(sc: &pgherd_config::StandbyCluster) -> String {
-    if sc.host.contains(':') {
-        format!("[{}]:{}", sc.host, sc.port)
-    } else {
-        format!("{}:{}", sc.host, sc.port)
-    }
+    sc.address()
 }
 
 #[derive(Debug, Clone, PartialEq)]
