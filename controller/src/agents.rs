@@ -102,6 +102,32 @@ impl Target {
         })
     }
 
+    /// The cluster a member's configuration file names, reached with that file's etcd,
+    /// token and TLS settings alone (another site's cluster, for `switch-site`).
+    pub async fn from_config_file(path: &std::path::Path) -> Result<Target, Failure> {
+        let timeout = Duration::from_secs(120);
+        let cfg = pgherd_config::load(path)
+            .map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
+        let options = ClientOptions::from_api_config(&cfg.api, timeout)
+            .map_err(|e| Failure::Usage(format!("{}: {e:#}", path.display())))?;
+        let client = dcs::connect(&cfg.etcd, Duration::from_secs(5))
+            .await
+            .map_err(|e| {
+                Failure::Refused(format!(
+                    "cannot reach etcd at {:?} ({}): {e}",
+                    cfg.etcd.endpoints,
+                    path.display()
+                ))
+            })?;
+        let dcs = Dcs::new(client, &cfg.cluster, "pgherdctl", Duration::from_secs(5));
+        Ok(Target {
+            cluster: cfg.cluster,
+            dcs,
+            etcd: cfg.etcd,
+            options,
+        })
+    }
+
     pub async fn view(&self) -> Result<ClusterView, Failure> {
         let view = self.dcs.load().await.map_err(|e| {
             Failure::Refused(format!(

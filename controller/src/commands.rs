@@ -369,6 +369,21 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
                 ),
             }
         }
+        Command::SwitchSite {
+            to_config,
+            timeout,
+            force,
+        } => {
+            let other = Target::from_config_file(to_config).await?;
+            crate::standby::switch_site(
+                &target,
+                &other,
+                cli.format,
+                std::time::Duration::from_secs(*timeout),
+                *force,
+            )
+            .await?
+        }
         Command::PromoteCluster { force } => {
             crate::standby::promote(&target, cli.format, *force).await?
         }

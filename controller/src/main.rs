@@ -233,6 +233,21 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Planned site switch without losing an acknowledged commit: this cluster (a normal
+    /// one) becomes a standby cluster of the other site's standby leader, and the other
+    /// site (a standby cluster of this one, reached with --to-config) is promoted once its
+    /// standby leader has replayed this site's shutdown checkpoint.
+    SwitchSite {
+        /// A member configuration file of the other site's cluster (its etcd, token, TLS).
+        #[arg(long, value_name = "FILE")]
+        to_config: PathBuf,
+        /// Seconds to wait for each step (the demotion, the replay, the promotion).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        force: bool,
+    },
     /// Change the cluster-wide configuration: validated like the file, the change is shown
     /// before it is applied, and members that need a PostgreSQL restart are marked.
     EditConfig {

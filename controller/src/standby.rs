@@ -170,3 +170,266 @@ pub async fn demote(
     )
     .await
 }
+
+/// Polls `check` every 200 ms until it gives a value or `timeout` passes; `what` says what
+/// was waited for, for the error.
+async fn wait_for<T, F, Fut>(
+    timeout: std::time::Duration,
+    what: &str,
+    mut check: F,
+) -> Result<T, Failure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, Failure>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(Failure::Refused(e)) | Err(Failure::Usage(e)) => last_error = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Failure::Refused(format!(
+                "{what} did not happen within {} s{}",
+                timeout.as_secs(),
+                last_error
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+fn progress(format: Format, line: &str) {
+    if format == Format::Table {
+        println!("{line}");
+    }
+}
+
+/// `pgherdctl switch-site --to-config FILE`: `here` (a normal cluster) is demoted to a
+/// standby cluster of `there`'s standby leader; once `here`'s leader recorded its clean
+/// shutdown checkpoint (the `demoted` key) and `there`'s standby leader has replayed past
+/// it on the same timeline of the same system, `there` is promoted. Every commit `here`
+/// acknowledged is then on `there`. A check that fails before the demotion changes
+/// nothing; after it, nothing is promoted and the message says how to undo the demotion.
+pub async fn switch_site(
+    here: &Target,
+    there: &Target,
+    format: Format,
+    timeout: std::time::Duration,
+    force: bool,
+) -> Result<(), Failure> {
+    if here.cluster == there.cluster && here.etcd.endpoints == there.etcd.endpoints {
+        return Err(Failure::Usage(format!(
+            "--to-config names this same cluster ({}); give a member configuration of the other site",
+            here.cluster
+        )));
+    }
+    let (here_cfg, _) = current(here).await?;
+    if let Some(sc) = &here_cfg.standby_cluster {
+        return Err(Failure::Refused(format!(
+            "cluster {} is a standby cluster of {}: run switch-site with the configuration of the site that takes writes; nothing changed",
+            here.cluster,
+            remote(sc)
+        )));
+    }
+    let (there_cfg, _) = current(there).await?;
+    let Some(there_sc) = there_cfg.standby_cluster.clone() else {
+        return Err(Failure::Refused(format!(
+            "cluster {} is not a standby cluster (no standby_cluster section): there is no site to switch to; nothing changed",
+            there.cluster
+        )));
+    };
+    let a = here.view().await?;
+    let b = there.view().await?;
+    let a_leader = a
+        .leader_member()
+        .filter(|m| m.state == pgherd_agent::dcs::model::MemberState::Running)
+        .ok_or_else(|| {
+            Failure::Refused(format!(
+                "cluster {} has no running leader; nothing changed",
+                here.cluster
+            ))
+        })?
+        .clone();
+    let b_leader = b
+        .leader_member()
+        .filter(|m| m.state == pgherd_agent::dcs::model::MemberState::Streaming)
+        .ok_or_else(|| {
+            Failure::Refused(format!(
+                "cluster {}'s standby leader is not streaming from its source; nothing changed",
+                there.cluster
+            ))
+        })?
+        .clone();
+    let sysid = |v: &pgherd_agent::dcs::model::ClusterView| match &v.initialize {
+        Some(pgherd_agent::dcs::model::Initialize::SystemIdentifier(id)) => Some(id.clone()),
+        _ => None,
+    };
+    let (Some(system), Some(other_system)) = (sysid(&a), sysid(&b)) else {
+        return Err(Failure::Refused(
+            "a cluster's initialize key records no system identifier; nothing changed".into(),
+        ));
+    };
+    if system != other_system {
+        return Err(Failure::Refused(format!(
+            "cluster {} (system {system}) and cluster {} (system {other_system}) are different databases; nothing changed",
+            here.cluster, there.cluster
+        )));
+    }
+    if a_leader.timeline != b_leader.timeline {
+        return Err(Failure::Refused(format!(
+            "{}'s timeline {:?} differs from {}'s {:?}: the standby site does not follow this one's history; nothing changed",
+            a_leader.name, a_leader.timeline, b_leader.name, b_leader.timeline
+        )));
+    }
+    let to = pgherd_config::host_port(&b_leader.host, b_leader.port);
+    confirm(
+        &format!(
+            "Switch sites: cluster {} stops taking writes and follows {} ({to}), then cluster {} is promoted once it has every commit?",
+            here.cluster, b_leader.name, there.cluster
+        ),
+        force,
+    )?;
+    let started = tokio::time::Instant::now();
+    let before = here.dcs.demoted().await?.map(|(_, rev)| rev).unwrap_or(0);
+    let quoted = |s: &str| serde_json::Value::from(s).to_string();
+    patch_config(
+        here,
+        &HashMap::from([
+            ("standby_cluster.host".to_string(), quoted(&b_leader.host)),
+            (
+                "standby_cluster.port".to_string(),
+                b_leader.port.to_string(),
+            ),
+        ]),
+        &HashMap::from([("standby_cluster".to_string(), String::new())]),
+        false,
+    )
+    .await?;
+    progress(
+        format,
+        &format!(
+            "1/3 demoted cluster {}: {} stops cleanly and follows {to}",
+            here.cluster, a_leader.name
+        ),
+    );
+    let undo = format!(
+        "cluster {} stays demoted and nothing was promoted; `pgherdctl --config <a member of {}> promote-cluster` undoes the demotion",
+        here.cluster, here.cluster
+    );
+    let demoted = wait_for(
+        timeout,
+        "the demoted leader's shutdown checkpoint",
+        || async {
+            Ok(here
+                .dcs
+                .demoted()
+                .await?
+                .filter(|(_, rev)| *rev > before)
+                .map(|(k, _)| k))
+        },
+    )
+    .await
+    .map_err(|e| Failure::Refused(format!("{}; {undo}", message(e))))?;
+    if demoted.system_identifier != system {
+        return Err(Failure::Refused(format!(
+            "the demoted leader's data directory has system {}, not {system}; {undo}",
+            demoted.system_identifier
+        )));
+    }
+    progress(
+        format,
+        &format!(
+            "2/3 {} stopped cleanly: shutdown checkpoint {} on timeline {}",
+            demoted.leader, demoted.checkpoint_lsn, demoted.timeline
+        ),
+    );
+    let replayed = wait_for(
+        timeout,
+        &format!(
+            "cluster {}'s standby leader replaying past {} on timeline {}",
+            there.cluster, demoted.checkpoint_lsn, demoted.timeline
+        ),
+        || async {
+            let v = there.view().await?;
+            Ok(v.leader_member().and_then(|m| {
+                (m.timeline == Some(demoted.timeline)
+                    && m.replay_lsn.is_some_and(|r| r > demoted.checkpoint_lsn))
+                .then(|| (m.name.clone(), m.replay_lsn))
+            }))
+        },
+    )
+    .await
+    .map_err(|e| Failure::Refused(format!("{}; {undo}", message(e))))?;
+    progress(
+        format,
+        &format!(
+            "3/3 {} replayed past it ({}): promoting cluster {}",
+            replayed.0,
+            replayed.1.map(|l| l.to_string()).unwrap_or_default(),
+            there.cluster
+        ),
+    );
+    patch_config(
+        there,
+        &HashMap::from([("standby_cluster".to_string(), String::new())]),
+        &HashMap::from([
+            ("standby_cluster.host".to_string(), there_sc.host.clone()),
+            (
+                "standby_cluster.port".to_string(),
+                there_sc.port.to_string(),
+            ),
+        ]),
+        false,
+    )
+    .await
+    .map_err(|e| {
+        Failure::Refused(format!(
+            "promoting cluster {} failed: {}; cluster {} stays demoted, and whether cluster {} got the change is unknown: `pgherdctl --config <a member of {}> show-config` says (no standby_cluster section: it promotes; with it, `promote-cluster` there finishes the switch, or `promote-cluster` on cluster {} undoes it)",
+            there.cluster,
+            message(e),
+            here.cluster,
+            there.cluster,
+            there.cluster,
+            here.cluster
+        ))
+    })?;
+    let leader = wait_for(
+        timeout,
+        "the promoted site's leader accepting writes",
+        || async {
+            let v = there.view().await?;
+            Ok(v.leader_member()
+                .filter(|m| m.state == pgherd_agent::dcs::model::MemberState::Running)
+                .map(|m| m.name.clone()))
+        },
+    )
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    print_message(
+        format,
+        &[
+            ("promoted_cluster", there.cluster.clone().into()),
+            ("leader", leader.clone().into()),
+            ("demoted_cluster", here.cluster.clone().into()),
+            ("checkpoint_lsn", demoted.checkpoint_lsn.to_string().into()),
+            ("timeline", demoted.timeline.into()),
+            ("seconds", seconds.into()),
+        ],
+        &format!(
+            "site switch done in {seconds:.2} s: cluster {} takes writes on {leader}; cluster {} follows it",
+            there.cluster, here.cluster
+        ),
+    );
+    Ok(())
+}
+
+fn message(f: Failure) -> String {
+    match f {
+        Failure::Refused(m) | Failure::Usage(m) => m,
+    }
+}

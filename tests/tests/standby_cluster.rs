@@ -284,3 +284,185 @@ async fn a_standby_cluster_on_its_own_etcd_copies_and_follows_the_primary_site()
     );
     Ok(())
 }
+
+/// A planned site switch (`pgherdctl switch-site`) under a steady write load on the primary
+/// site: the standby site is promoted only after it replayed the demoted leader's shutdown
+/// checkpoint, so it holds every acknowledged row; then it takes writes and the old site
+/// follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_site_switch_loses_no_acknowledged_commit() -> Result<()> {
+    let site_a = Cluster::builder()
+        .name("site_a")
+        .member(MemberOptions::new().name("a1"))
+        .configure()
+        .await?;
+    site_a.start_with_leader("a1", BRINGUP).await?;
+    let a1 = site_a.member("a1");
+    let site_b = Cluster::builder()
+        .name("site_b")
+        .sharing_etcd_of(&site_a)
+        .yaml(standby_of(a1))
+        .member(MemberOptions::new().name("b1"))
+        .member(MemberOptions::new().name("b2"))
+        .start()
+        .await?;
+    let b_leader = wait_leader(&site_b, None).await?;
+    let b_leader = site_b.member(&b_leader);
+    rows_reach(
+        &site_a,
+        site_b.members().iter().collect::<Vec<_>>().as_slice(),
+    )
+    .await?;
+    wait_streams_from(b_leader, a1.pg_port(), "a1").await?;
+
+    // Refused before anything changes: the standby site cannot switch to the primary site.
+    let b_config = b_leader.config_path().display().to_string();
+    let a_config = a1.config_path().display().to_string();
+    let wrong = site_b
+        .ctl_output(&["switch-site", "--to-config", &a_config, "--force"])
+        .await?;
+    ensure!(
+        wrong.code != Some(0) && wrong.stderr.contains("is a standby cluster"),
+        "switch-site from the standby site: {wrong:?}"
+    );
+    ensure!(
+        !in_recovery(a1).await?,
+        "a refused switch-site demoted site_a"
+    );
+
+    let writer = Writer::start(&site_a).await?;
+    writer.wait_acks(30, BRINGUP).await?;
+    let out = site_a
+        .ctl_output(&[
+            "switch-site",
+            "--to-config",
+            &b_config,
+            "--force",
+            "--format",
+            "json",
+        ])
+        .await?;
+    out.expect_success()?;
+    let report = writer.stop().await;
+    let summary: serde_json::Value = serde_json::from_str(
+        out.stdout
+            .lines()
+            .last()
+            .context("switch-site printed nothing")?,
+    )?;
+    eprintln!("switch-site: {summary}");
+    let leader = site_b.member(
+        summary["leader"]
+            .as_str()
+            .context("switch-site names no leader")?,
+    );
+    // Every row site_a acknowledged is on site_b's new leader.
+    pgherd_tests::ensure_acked_rows_on(leader, &report).await?;
+    ensure!(
+        !in_recovery(leader).await?,
+        "site_b's leader is not writable"
+    );
+    sql(leader, "CREATE TABLE after_switch (id int)").await?;
+    // site_a follows site_b without a rewind of diverged history or a new copy.
+    wait_streams_from(a1, leader.pg_port(), "site_b's leader").await?;
+    wait_until(BRINGUP, "site_b's new table on a1", || async {
+        let there: bool = sql_value(a1, "SELECT to_regclass('after_switch') IS NOT NULL").await?;
+        ensure!(there, "not yet");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        !a1.agent_log().contains("pg_basebackup from"),
+        "a1 was copied again"
+    );
+    Ok(())
+}
+
+/// The safety rule of switch-site, played as the adversary: the standby site's WAL
+/// receiver is frozen (SIGSTOP) when the primary site is demoted, as in a WAN stall; the
+/// primary's walsender gives up after its wal_sender_timeout (1 s here), so the primary
+/// stops cleanly but the standby site never receives the shutdown checkpoint, while its
+/// agent runs and would carry out a promotion. switch-site must promote nothing, say how to
+/// undo the demotion, and the undo (`promote-cluster` on the old site) brings back a
+/// writable primary with every acknowledged row, which the standby site follows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_switch_promotes_nothing_while_the_standby_site_lacks_the_demoted_wal() -> Result<()>
+{
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let site_a = Cluster::builder()
+        .name("site_a")
+        .member(
+            MemberOptions::new()
+                .name("a1")
+                .yaml("postgres: {parameters: {wal_sender_timeout: 1s}}"),
+        )
+        .configure()
+        .await?;
+    site_a.start_with_leader("a1", BRINGUP).await?;
+    let a1 = site_a.member("a1");
+    let site_b = Cluster::builder()
+        .name("site_b")
+        .sharing_etcd_of(&site_a)
+        .yaml(standby_of(a1))
+        .member(MemberOptions::new().name("b1"))
+        .start()
+        .await?;
+    let b1 = site_b.member("b1");
+    wait_leader(&site_b, None).await?;
+    rows_reach(&site_a, &[b1]).await?;
+    wait_streams_from(b1, a1.pg_port(), "a1").await?;
+    let receiver: i32 = sql_value(b1, "SELECT pid FROM pg_stat_wal_receiver").await?;
+    let writer = Writer::start(&site_a).await?;
+    writer.wait_acks(20, BRINGUP).await?;
+    kill(Pid::from_raw(receiver), Signal::SIGSTOP)?;
+    let b_config = b1.config_path().display().to_string();
+    let out = site_a
+        .ctl_output(&[
+            "switch-site",
+            "--to-config",
+            &b_config,
+            "--force",
+            "--timeout",
+            "8",
+        ])
+        .await;
+    let thawed = kill(Pid::from_raw(receiver), Signal::SIGCONT);
+    let out = out?;
+    thawed?;
+    let report = writer.stop().await;
+    ensure!(
+        out.code == Some(1)
+            && out.stderr.contains("replaying past")
+            && out.stderr.contains("nothing was promoted"),
+        "switch-site with the standby site behind: {out:?}"
+    );
+    ensure!(
+        out.stderr.contains("promote-cluster"),
+        "the error does not say how to undo the demotion: {}",
+        out.stderr
+    );
+    ensure!(
+        site_b
+            .etcd_get("config")
+            .await?
+            .is_some_and(|c| c.contains("standby_cluster")),
+        "site_b's standby_cluster section was removed (it would promote without the demoted WAL)"
+    );
+    ensure!(in_recovery(b1).await?, "b1 was promoted");
+    // The undo: site_a's leader takes writes again with every acknowledged row.
+    site_a
+        .ctl_output(&["promote-cluster", "--force"])
+        .await?
+        .expect_success()?;
+    wait_until(BRINGUP, "a1 to accept writes again", || async {
+        ensure!(!in_recovery(a1).await?, "still in recovery");
+        Ok(())
+    })
+    .await?;
+    pgherd_tests::ensure_acked_rows_on(a1, &report).await?;
+    // The standby site follows it again.
+    rows_reach(&site_a, &[b1]).await?;
+    ensure!(in_recovery(b1).await?, "b1 was promoted");
+    Ok(())
+}

@@ -615,6 +615,30 @@ impl Dcs {
             .await
     }
 
+    /// Writes the `demoted` key, only while the leader key still names this member.
+    pub async fn put_demoted(&self, key: &model::DemotedKey) -> Result<bool> {
+        let json = Self::encode("demoted", key)?;
+        self.as_leader(TxnOp::put(self.key("demoted"), json, None))
+            .await
+    }
+
+    /// The `demoted` key and its revision (for waiting on a newer one), if it exists.
+    pub async fn demoted(&self) -> Result<Option<(model::DemotedKey, i64)>> {
+        let mut c = self.client.clone();
+        let resp = self.timed(c.get(self.key("demoted"), None)).await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        let parsed =
+            pgherd_config::lenient::from_json::<model::DemotedKey>(kv.value()).map_err(|p| {
+                DcsError::Unreadable {
+                    key: self.key("demoted"),
+                    why: p.to_string(),
+                }
+            })?;
+        Ok(Some((parsed.value, kv.mod_revision())))
+    }
+
     /// Writes the `slots` key, only while the leader key still names this member.
     pub async fn put_slots(&self, key: &SlotsKey) -> Result<bool> {
         let json = Self::encode("slots", key)?;

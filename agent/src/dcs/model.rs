@@ -269,6 +269,25 @@ pub fn dynamic_config(cfg: &Config, view: Option<&ClusterView>) -> DynamicConfig
     }
 }
 
+/// The `demoted` key: the clean shutdown that ended this cluster's last primary when
+/// `demote-cluster` made it a standby cluster, written by the leader that stopped. A planned
+/// site switch (`pgherdctl switch-site`) promotes the other site only once its standby
+/// leader has replayed past `checkpoint_lsn` on `timeline` of the same system: then it holds
+/// every commit this site acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemotedKey {
+    pub leader: String,
+    /// Where the shutdown checkpoint record starts (pg_controldata's latest checkpoint).
+    pub checkpoint_lsn: Lsn,
+    pub timeline: u32,
+    pub system_identifier: String,
+    /// The remote source this cluster follows from then on, `host:port`.
+    pub source: String,
+    /// RFC 3339, UTC.
+    pub time: String,
+}
+
 /// One entry of `history`: a promotion that started a new timeline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

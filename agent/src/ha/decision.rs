@@ -71,6 +71,9 @@ pub enum Action {
     FollowUpstream(Upstream),
     Promote,
     StopPostgres,
+    /// `demote-cluster` made this cluster a standby cluster while I lead it: stop cleanly and
+    /// record the shutdown checkpoint in the `demoted` key (for `switch-site`).
+    Demote,
     /// Leader duties: replication slots for members, `optime/leader`.
     LeaderHousekeeping,
     /// Planned switchover: checkpoint, stop cleanly, publish the final position in the

@@ -185,8 +185,8 @@ impl Situation<'_> {
                 state,
             ),
             (_, true, Some(s)) if !s.in_recovery => decision(
-                vec![Action::RenewLeader, Action::StopPostgres],
-                format!("this is now a standby cluster of {name} and my PostgreSQL is writable: stopping it to follow {name}"),
+                vec![Action::RenewLeader, Action::Demote],
+                format!("this is now a standby cluster of {name} and my PostgreSQL is writable: stopping it cleanly to follow {name}"),
                 Role::Leader,
                 state,
             ),

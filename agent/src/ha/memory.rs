@@ -138,7 +138,7 @@ impl Memory {
                 self.upstream = Some(up.name.clone());
                 self.not_streaming_since = None;
             }
-            Action::StopPostgres => self.upstream = None,
+            Action::StopPostgres | Action::Demote => self.upstream = None,
             Action::Promote if done => self.upstream = None,
             Action::EmptyDataDir => self.rewind_failed = None,
             Action::SetSyncStandbys(_) => {

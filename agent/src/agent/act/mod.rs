@@ -57,6 +57,7 @@ impl Agent {
             Action::FollowUpstream(up) => self.follow_upstream(up, action, obs).await,
             Action::Promote => self.promote(action, obs, decision).await,
             Action::StopPostgres => self.stop_postgres(action, obs).await,
+            Action::Demote => self.demote(action, obs).await,
             Action::HandOver { to } => self.hand_over(to, obs).await,
             Action::DeleteHandover => self.delete_handover(obs).await,
             Action::ApplyConfig => self.apply_config(obs).await,

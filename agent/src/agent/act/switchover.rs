@@ -6,8 +6,8 @@ use tokio::time::Instant;
 
 use crate::agent::Agent;
 use crate::callbacks::{Event, PgRole};
-use crate::dcs::model::Handover;
-use crate::ha::{lease_safety_margin, Observation};
+use crate::dcs::model::{dynamic_config, DemotedKey, Handover};
+use crate::ha::{lease_safety_margin, Action, Observation};
 use crate::lsn::Lsn;
 use crate::now_rfc3339_millis;
 
@@ -101,6 +101,64 @@ impl Agent {
         self.dcs.release_leader().await?;
         tracing::info!(candidate = %to, final_lsn = %final_lsn, reason = "released the leader key for the switchover", "decision");
         crate::failpoint::hit("after-handover-release");
+        Ok(())
+    }
+
+    /// `demote-cluster` while leading: a clean (fast) shutdown within the lease, then its
+    /// shutdown checkpoint in the `demoted` key, so `switch-site` knows which position the
+    /// other site must replay before it promotes. A stop that is not clean records nothing
+    /// (its latest checkpoint is not the end of the WAL) and says so; the member follows the
+    /// remote source all the same.
+    pub(super) async fn demote(&mut self, action: &Action, obs: &Observation) -> Result<()> {
+        self.memory
+            .acted(obs.now, action, &crate::ha::Outcome::Started);
+        self.standbys_set = None;
+        self.renew_leader().await?;
+        let ttl = self.ha_config().dcs.ttl();
+        let budget_end = Instant::now() + ttl.saturating_sub(lease_safety_margin(ttl));
+        tracing::info!(
+            reason = "demote-cluster: stopping the primary cleanly to follow the remote source",
+            "decision"
+        );
+        let pg = self.pg.clone();
+        let stopped = self
+            .with_renewal(budget_end, async move { pg.stop().await })
+            .await;
+        if let Err(e) = stopped {
+            tracing::error!(error = %format!("{e:#}"), "demotion: PostgreSQL did not stop cleanly in time; stopping it immediately (no shutdown checkpoint is recorded: switch-site will refuse)");
+            self.ensure_stopped().await?;
+            return Ok(());
+        }
+        self.callbacks.fire(Event::Stop, PgRole::Primary);
+        let control = self.pg.control_data().await?;
+        let (Some(checkpoint_lsn), true) = (control.checkpoint_lsn, control.shut_down_cleanly)
+        else {
+            tracing::error!("demotion: pg_control shows no clean shutdown checkpoint; none is recorded (switch-site will refuse)");
+            return Ok(());
+        };
+        let source = dynamic_config(&self.cfg, obs.cluster.as_ref())
+            .standby_cluster
+            .map(|sc| sc.address())
+            .unwrap_or_default();
+        let key = DemotedKey {
+            leader: self.cfg.name.clone(),
+            checkpoint_lsn,
+            timeline: control.timeline,
+            system_identifier: match self.pg.data_dir_state() {
+                crate::ha::DataDir::Initialized {
+                    system_identifier, ..
+                } => system_identifier.to_string(),
+                other => {
+                    anyhow::bail!("demotion: the data directory reads as {other:?} after the stop")
+                }
+            },
+            source,
+            time: now_rfc3339_millis(),
+        };
+        if !self.dcs.put_demoted(&key).await? {
+            anyhow::bail!("the leader key no longer names this member: the demotion's checkpoint is not recorded");
+        }
+        tracing::info!(checkpoint_lsn = %checkpoint_lsn, timeline = control.timeline, reason = "demoted: recorded the shutdown checkpoint the other site must replay before it promotes", "decision");
         Ok(())
     }
 

@@ -83,7 +83,7 @@ fn a_demoted_leader_stops_rewinds_onto_the_remote_and_follows_it() {
         .data(primary_dir())
         .running(Some(primary_status()))
         .decide(&c, &Memory::default());
-    assert_eq!(d.actions, vec![Action::RenewLeader, Action::StopPostgres]);
+    assert_eq!(d.actions, vec![Action::RenewLeader, Action::Demote]);
     assert_eq!(d.role, Role::Leader);
     // Stopped with a primary's data directory: pg_rewind onto the remote's history first.
     let d = Obs::new(Some(v.clone()))
