@@ -39,16 +39,16 @@ pub struct CloneArgs {
 
 /// Bytes the leader sent through the proxy, all connections together.
 #[derive(Clone, Default)]
-struct Counter(Arc<AtomicU64>);
+pub(crate) struct Counter(Arc<AtomicU64>);
 
 impl Counter {
-    fn get(&self) -> u64 {
+    pub(crate) fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 }
 
 /// A TCP proxy from `listener` to `target` on loopback, counting the bytes `target` sends.
-fn counting_proxy(
+pub(crate) fn counting_proxy(
     listener: tokio::net::TcpListener,
     target: u16,
 ) -> (Counter, tokio::task::JoinHandle<()>) {

@@ -25,6 +25,7 @@ mod failover;
 mod machine;
 mod measure;
 mod slots;
+mod standby;
 mod summary;
 
 use std::path::PathBuf;
@@ -131,6 +132,10 @@ enum Command {
     /// SIGTERM; then print, as one JSON line, the longest write outage and the acknowledged
     /// rows the table lacks. Used by docker/drills/.
     DrillWriter(drill::DrillWriterArgs),
+    /// Two sites: the bytes the primary sends to a disaster-recovery site of three members
+    /// as a standby cluster (cascading from its standby leader) and as three replicas of the
+    /// primary; and the time of planned site switches (switch-site) under a writer.
+    Standby(standby::StandbyArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -185,6 +190,7 @@ fn main() -> ExitCode {
             Command::Chaos(args) => interruptible(chaos::run(args)).await,
             Command::Clone(args) => interruptible(clone::run(args)).await,
             Command::Slots(args) => interruptible(slots::run(args)).await,
+            Command::Standby(args) => interruptible(standby::run(args)).await,
             // Handles SIGTERM itself: it is how a drill stops it before the check.
             Command::DrillWriter(args) => drill::run(args).await,
         }

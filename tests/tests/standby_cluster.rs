@@ -316,7 +316,6 @@ async fn a_planned_site_switch_loses_no_acknowledged_commit() -> Result<()> {
     wait_streams_from(b_leader, a1.pg_port(), "a1").await?;
 
     // Refused before anything changes: the standby site cannot switch to the primary site.
-    let b_config = b_leader.config_path().display().to_string();
     let a_config = a1.config_path().display().to_string();
     let wrong = site_b
         .ctl_output(&["switch-site", "--to-config", &a_config, "--force"])
@@ -330,51 +329,71 @@ async fn a_planned_site_switch_loses_no_acknowledged_commit() -> Result<()> {
         "a refused switch-site demoted site_a"
     );
 
-    let writer = Writer::start(&site_a).await?;
-    writer.wait_acks(30, BRINGUP).await?;
-    let out = site_a
-        .ctl_output(&[
-            "switch-site",
-            "--to-config",
-            &b_config,
-            "--force",
-            "--format",
-            "json",
-        ])
-        .await?;
-    out.expect_success()?;
-    let report = writer.stop().await;
-    let summary: serde_json::Value = serde_json::from_str(
-        out.stdout
-            .lines()
-            .last()
-            .context("switch-site printed nothing")?,
-    )?;
-    eprintln!("switch-site: {summary}");
-    let leader = site_b.member(
-        summary["leader"]
-            .as_str()
-            .context("switch-site names no leader")?,
-    );
-    // Every row site_a acknowledged is on site_b's new leader.
-    pgherd_tests::ensure_acked_rows_on(leader, &report).await?;
-    ensure!(
-        !in_recovery(leader).await?,
-        "site_b's leader is not writable"
-    );
-    sql(leader, "CREATE TABLE after_switch (id int)").await?;
-    // site_a follows site_b without a rewind of diverged history or a new copy.
-    wait_streams_from(a1, leader.pg_port(), "site_b's leader").await?;
-    wait_until(BRINGUP, "site_b's new table on a1", || async {
-        let there: bool = sql_value(a1, "SELECT to_regclass('after_switch') IS NOT NULL").await?;
-        ensure!(there, "not yet");
-        Ok(())
-    })
-    .await?;
-    ensure!(
-        !a1.agent_log().contains("pg_basebackup from"),
-        "a1 was copied again"
-    );
+    // Three switches, alternating direction: each site is demoted and promoted again, so the
+    // demoted leader's rewind source is a standby that followed a promotion (its pg_control
+    // lags behind its timeline until a restartpoint; found by bench/standby).
+    let (mut from, mut to) = (&site_a, &site_b);
+    for round in 1..=3 {
+        let clones = |c: &Cluster| -> Vec<usize> {
+            c.members()
+                .iter()
+                .map(|m| m.agent_log().matches("pg_basebackup from").count())
+                .collect()
+        };
+        let clones_before = clones(from);
+        let writer = Writer::start(from).await?;
+        writer.wait_acks(30, BRINGUP).await?;
+        let to_config = to.leader().await?.config_path().display().to_string();
+        let out = from
+            .ctl_output(&[
+                "switch-site",
+                "--to-config",
+                &to_config,
+                "--force",
+                "--format",
+                "json",
+            ])
+            .await?;
+        out.expect_success()?;
+        let report = writer.stop().await;
+        let summary: serde_json::Value = serde_json::from_str(
+            out.stdout
+                .lines()
+                .last()
+                .context("switch-site printed nothing")?,
+        )?;
+        eprintln!("switch-site {round}: {summary}");
+        let leader = to.member(
+            summary["leader"]
+                .as_str()
+                .context("switch-site names no leader")?,
+        );
+        // Every row the old site acknowledged is on the new site's leader.
+        pgherd_tests::ensure_acked_rows_on(leader, &report).await?;
+        ensure!(
+            !in_recovery(leader).await?,
+            "{}'s leader is not writable",
+            to.name()
+        );
+        let table = format!("after_switch_{round}");
+        sql(leader, &format!("CREATE TABLE {table} (id int)")).await?;
+        // The old site follows without a new copy: every member gets the new table.
+        for m in from.members() {
+            wait_until(BRINGUP, format!("{table} on {}", m.name()), || async {
+                let there: bool =
+                    sql_value(m, &format!("SELECT to_regclass('{table}') IS NOT NULL")).await?;
+                ensure!(there, "not yet");
+                Ok(())
+            })
+            .await?;
+        }
+        ensure!(
+            clones(from) == clones_before,
+            "a member of {} was copied again instead of following",
+            from.name()
+        );
+        std::mem::swap(&mut from, &mut to);
+    }
     Ok(())
 }
 

@@ -124,6 +124,7 @@ impl Agent {
                 let up = upstream.context("the leader's member key disappeared")?;
                 // A source that does not answer is not a failed rewind (rule 5).
                 pg.check_source(&up).await?;
+                pg.checkpoint_rewind_source(&up).await?;
                 pg.write_pgpass()?;
                 pg.rewind(&up).await
             }),

@@ -1041,6 +1041,29 @@ impl Postgres {
         .await
     }
 
+    /// Before pg_rewind from `from`: when it is a standby (a standby leader, or a standby
+    /// cluster's source), a CHECKPOINT there (a restartpoint) so its pg_control shows the
+    /// timeline it replays. pg_rewind reads the source's timeline from pg_control, and a
+    /// standby's stays at its last restartpoint's: a source that followed a promotion but
+    /// has not restarted since looks like an older timeline, and pg_rewind then rewinds onto
+    /// the wrong history (found by bench/standby: the third site switch left a data
+    /// directory whose minimum recovery point lies on timeline 1). Patroni does the same.
+    pub async fn checkpoint_rewind_source(&self, from: &Upstream) -> Result<()> {
+        let c = self.connect_to(&from.host, from.port).await?;
+        let in_recovery: bool = c
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .with_context(|| format!("cannot ask {} whether it is a standby", from.name))?
+            .get(0);
+        if in_recovery {
+            c.simple_query("CHECKPOINT")
+                .await
+                .with_context(|| format!("CHECKPOINT on the rewind source {} failed", from.name))?;
+            tracing::info!(source = %from.name, "ran CHECKPOINT on the rewind source (a standby) so its pg_control shows its current timeline");
+        }
+        Ok(())
+    }
+
     /// Ends the current WAL segment so it is archived; returns that segment's file name.
     pub async fn switch_wal(&self) -> Result<String> {
         self.with_client(|c| async move {
