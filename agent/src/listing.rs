@@ -144,8 +144,18 @@ pub fn topology(view: &ClusterView) -> Vec<(usize, Row)> {
 /// The cluster's synchronous mode (off when the config key is missing or invalid).
 pub fn sync_mode(view: &ClusterView) -> SynchronousMode {
     match &view.config {
+        // A standby cluster replicates asynchronously until promotion (`HaConfig::new`).
+        Some(Ok(c)) if c.standby_cluster.is_some() => SynchronousMode::Off,
         Some(Ok(c)) => c.synchronous_mode,
         _ => SynchronousMode::Off,
+    }
+}
+
+/// `host:port` of the remote source when the cluster is a standby cluster.
+pub fn standby_of(view: &ClusterView) -> Option<String> {
+    match &view.config {
+        Some(Ok(c)) => c.standby_cluster.as_ref().map(|sc| sc.address()),
+        _ => None,
     }
 }
 
@@ -239,5 +249,43 @@ mod tests {
         assert_eq!(t.len(), 3, "{t:?}");
         assert_eq!(t[0], (0, "a".to_string()));
         assert!(t.iter().all(|(d, _)| *d <= 2), "{t:?}");
+    }
+
+    #[test]
+    fn a_standby_cluster_lists_no_synchronous_replication_and_names_its_source() {
+        let sync_on = pgherd_config::DynamicConfig {
+            synchronous_mode: SynchronousMode::On,
+            ..Default::default()
+        };
+        let mut view = ClusterView {
+            leader: Some(LeaderKey {
+                name: "a".into(),
+                lease: 1,
+            }),
+            sync: Some(crate::dcs::model::SyncKey {
+                leader: "a".into(),
+                members: vec!["b".into()],
+                quorum: 1,
+            }),
+            config: Some(Ok(sync_on.clone())),
+            ..Default::default()
+        };
+        assert_eq!(sync_state(&view, "b", Role::Replica), "sync");
+        assert_eq!(standby_of(&view), None);
+        // The same key left from when the site was primary: a standby cluster ignores it.
+        view.config = Some(Ok(pgherd_config::DynamicConfig {
+            standby_cluster: Some(pgherd_config::StandbyCluster {
+                host: "10.0.0.9".into(),
+                port: 5433,
+                primary_slot_name: None,
+                restore_command: None,
+                create_replica_methods: vec![pgherd_config::ReplicaMethod::Basebackup],
+                recovery_min_apply_delay: None,
+            }),
+            ..sync_on
+        }));
+        assert_eq!(sync_mode(&view), SynchronousMode::Off);
+        assert_eq!(sync_state(&view, "b", Role::Replica), "async");
+        assert_eq!(standby_of(&view).as_deref(), Some("10.0.0.9:5433"));
     }
 }

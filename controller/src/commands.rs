@@ -372,14 +372,18 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::SwitchSite {
             to_config,
             timeout,
+            follow_host,
+            follow_port,
             force,
         } => {
             let other = Target::from_config_file(to_config).await?;
+            let follow = follow_host.clone().zip(*follow_port);
             crate::standby::switch_site(
                 &target,
                 &other,
                 cli.format,
                 std::time::Duration::from_secs(*timeout),
+                follow,
                 *force,
             )
             .await?

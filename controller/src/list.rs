@@ -85,6 +85,11 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
                 view.leader_name().unwrap_or("none"),
                 table(&header, cells)
             );
+            if let Some(source) = pgherd_agent::listing::standby_of(view) {
+                out.push_str(&format!(
+                    "Standby cluster of {source}: the leader is its standby leader, no member accepts writes (pgherdctl promote-cluster ends that)\n"
+                ));
+            }
             let mode = sync_mode(view);
             if mode != SynchronousMode::Off {
                 let members = view

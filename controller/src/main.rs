@@ -244,6 +244,14 @@ pub enum Command {
         /// Seconds to wait for each step (the demotion, the replay, the promotion).
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Where this site follows the other from after the switch (its standby_cluster
+        /// host), e.g. a proxy to the other site's leader; default: the other site's
+        /// standby leader's PostgreSQL address.
+        #[arg(long, value_name = "HOST", requires = "follow_port")]
+        follow_host: Option<String>,
+        /// The port with --follow-host.
+        #[arg(long, value_name = "PORT", requires = "follow_host")]
+        follow_port: Option<u16>,
         /// Do not ask for confirmation.
         #[arg(long)]
         force: bool,

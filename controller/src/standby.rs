@@ -220,8 +220,17 @@ pub async fn switch_site(
     there: &Target,
     format: Format,
     timeout: std::time::Duration,
+    follow: Option<(String, u16)>,
     force: bool,
 ) -> Result<(), Failure> {
+    if follow
+        .as_ref()
+        .is_some_and(|(h, p)| h.is_empty() || *p == 0)
+    {
+        return Err(Failure::Usage(
+            "--follow-host must not be empty and --follow-port not 0".into(),
+        ));
+    }
     if here.cluster == there.cluster && here.etcd.endpoints == there.etcd.endpoints {
         return Err(Failure::Usage(format!(
             "--to-config names this same cluster ({}); give a member configuration of the other site",
@@ -286,7 +295,9 @@ pub async fn switch_site(
             a_leader.name, a_leader.timeline, b_leader.name, b_leader.timeline
         )));
     }
-    let to = pgherd_config::host_port(&b_leader.host, b_leader.port);
+    let (follow_host, follow_port) =
+        follow.unwrap_or_else(|| (b_leader.host.clone(), b_leader.port));
+    let to = pgherd_config::host_port(&follow_host, follow_port);
     confirm(
         &format!(
             "Switch sites: cluster {} stops taking writes and follows {} ({to}), then cluster {} is promoted once it has every commit?",
@@ -300,11 +311,8 @@ pub async fn switch_site(
     patch_config(
         here,
         &HashMap::from([
-            ("standby_cluster.host".to_string(), quoted(&b_leader.host)),
-            (
-                "standby_cluster.port".to_string(),
-                b_leader.port.to_string(),
-            ),
+            ("standby_cluster.host".to_string(), quoted(&follow_host)),
+            ("standby_cluster.port".to_string(), follow_port.to_string()),
         ]),
         &HashMap::from([("standby_cluster".to_string(), String::new())]),
         false,

@@ -343,17 +343,25 @@ async fn a_planned_site_switch_loses_no_acknowledged_commit() -> Result<()> {
         let clones_before = clones(from);
         let writer = Writer::start(from).await?;
         writer.wait_acks(30, BRINGUP).await?;
-        let to_config = to.leader().await?.config_path().display().to_string();
-        let out = from
-            .ctl_output(&[
-                "switch-site",
-                "--to-config",
-                &to_config,
-                "--force",
-                "--format",
-                "json",
-            ])
-            .await?;
+        let to_leader = to.leader().await?;
+        let to_config = to_leader.config_path().display().to_string();
+        // The first time, the demoted site follows a replica of the other site
+        // (--follow-host/--follow-port, as a proxy would be given), not its leader.
+        let follow = (round == 1)
+            .then(|| to.others(to_leader.name())[0])
+            .map(|m| m.pg_port().to_string());
+        let mut args = vec![
+            "switch-site",
+            "--to-config",
+            &to_config,
+            "--force",
+            "--format",
+            "json",
+        ];
+        if let Some(port) = &follow {
+            args.extend(["--follow-host", "127.0.0.1", "--follow-port", port]);
+        }
+        let out = from.ctl_output(&args).await?;
         out.expect_success()?;
         let report = writer.stop().await;
         let summary: serde_json::Value = serde_json::from_str(
@@ -377,6 +385,15 @@ async fn a_planned_site_switch_loses_no_acknowledged_commit() -> Result<()> {
         );
         let table = format!("after_switch_{round}");
         sql(leader, &format!("CREATE TABLE {table} (id int)")).await?;
+        if let Some(port) = &follow {
+            let a_leader = from.leader().await?;
+            wait_streams_from(
+                a_leader,
+                port.parse()?,
+                "the replica given by --follow-port",
+            )
+            .await?;
+        }
         // The old site follows without a new copy: every member gets the new table.
         for m in from.members() {
             wait_until(BRINGUP, format!("{table} on {}", m.name()), || async {
