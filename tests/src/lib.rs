@@ -82,7 +82,7 @@ pub use process::{is_alive, tail, Paused};
 pub use proxy::{EtcdProxy, ProxyMode};
 pub use replication::{
     current_wal_lsn, freeze_wal_receiver, in_recovery, lag_behind, receive_lsn, replay_lsn,
-    timeline, wait_replayed, wait_streaming_from, wal_receiver, Lsn, WalReceiver,
+    sender_port, timeline, wait_replayed, wait_streaming_from, wal_receiver, Lsn, WalReceiver,
 };
 pub use report::{Ack, Gap, Stamp, WriteError, WriterReport};
 pub use snapshot::{snapshot, snapshot_diff, FileFacts};

@@ -153,6 +153,19 @@ pub async fn wait_streaming_from(
     .await
 }
 
+/// The port of the server `member`'s WAL receiver streams from (fails while it does not
+/// stream).
+pub async fn sender_port(member: &Member) -> Result<u16> {
+    let r = wal_receiver(member)
+        .await?
+        .with_context(|| format!("{} has no WAL receiver", member.name()))?;
+    ensure!(r.status == "streaming", "its WAL receiver is {}", r.status);
+    Ok(u16::try_from(
+        r.sender_port
+            .context("its WAL receiver names no sender port")?,
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,21 +7,11 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use pgherd_tests::{
-    sql_value, wait_acked_rows_on, wait_until, Cluster, Member, MemberOptions, Writer,
+    sender_port, sql_value, wait_acked_rows_on, wait_until, Cluster, Member, MemberOptions, Writer,
 };
 
 /// initdb, PostgreSQL starts and clones on a 2-core machine shared with other tests.
 const BRINGUP: Duration = Duration::from_secs(120);
-
-/// The port of the server `member`'s WAL receiver streams from.
-async fn sender_port(member: &Member) -> Result<u16> {
-    let port: String = sql_value(
-        member,
-        "SELECT sender_port::text FROM pg_stat_wal_receiver WHERE status = 'streaming'",
-    )
-    .await?;
-    Ok(port.parse()?)
-}
 
 async fn wait_streams_from(member: &Member, upstream: &Member) -> Result<()> {
     wait_until(

@@ -9,21 +9,22 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
-    sql, sql_batch, sql_value, wait_acked_rows_on, wait_until, Cluster, Member, MemberOptions,
-    Writer,
+    freeze_wal_receiver, in_recovery, sender_port, sql, sql_batch, sql_value, wait_acked_rows_on,
+    wait_until, Cluster, Member, MemberOptions, Writer,
 };
 
 /// initdb, PostgreSQL starts and clones on a 2-core machine shared with other tests.
 const BRINGUP: Duration = Duration::from_secs(150);
 
-/// The port of the server `member`'s WAL receiver streams from.
-async fn sender_port(member: &Member) -> Result<u16> {
-    let port: String = sql_value(
-        member,
-        "SELECT sender_port::text FROM pg_stat_wal_receiver WHERE status = 'streaming'",
-    )
-    .await?;
-    Ok(port.parse()?)
+/// The primary site `site_a`: one member, `member`, leading.
+async fn primary_site(member: MemberOptions) -> Result<Cluster> {
+    let site = Cluster::builder()
+        .name("site_a")
+        .member(member)
+        .configure()
+        .await?;
+    site.start_with_leader("a1", BRINGUP).await?;
+    Ok(site)
 }
 
 async fn wait_streams_from(member: &Member, port: u16, what: &str) -> Result<()> {
@@ -37,10 +38,6 @@ async fn wait_streams_from(member: &Member, port: u16, what: &str) -> Result<()>
         },
     )
     .await
-}
-
-async fn in_recovery(member: &Member) -> Result<bool> {
-    sql_value::<bool>(member, "SELECT pg_is_in_recovery()").await
 }
 
 /// Rows acknowledged by a writer on `source`'s leader, all found on every member listed.
@@ -90,12 +87,7 @@ async fn member_keys(cluster: &Cluster) -> Result<Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_cluster_follows_fails_over_is_promoted_and_the_old_site_follows_it() -> Result<()>
 {
-    let site_a = Cluster::builder()
-        .name("site_a")
-        .member(MemberOptions::new().name("a1"))
-        .configure()
-        .await?;
-    site_a.start_with_leader("a1", BRINGUP).await?;
+    let site_a = primary_site(MemberOptions::new().name("a1")).await?;
     let a1 = site_a.member("a1");
     let site_b = Cluster::builder()
         .name("site_b")
@@ -223,12 +215,7 @@ async fn a_standby_cluster_follows_fails_over_is_promoted_and_the_old_site_follo
 /// nothing from the primary site's etcd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_cluster_on_its_own_etcd_copies_and_follows_the_primary_site() -> Result<()> {
-    let site_a = Cluster::builder()
-        .name("site_a")
-        .member(MemberOptions::new().name("a1"))
-        .configure()
-        .await?;
-    site_a.start_with_leader("a1", BRINGUP).await?;
+    let site_a = primary_site(MemberOptions::new().name("a1")).await?;
     let a1 = site_a.member("a1");
     let site_b = Cluster::builder()
         .name("site_b")
@@ -291,12 +278,7 @@ async fn a_standby_cluster_on_its_own_etcd_copies_and_follows_the_primary_site()
 /// follows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_site_switch_loses_no_acknowledged_commit() -> Result<()> {
-    let site_a = Cluster::builder()
-        .name("site_a")
-        .member(MemberOptions::new().name("a1"))
-        .configure()
-        .await?;
-    site_a.start_with_leader("a1", BRINGUP).await?;
+    let site_a = primary_site(MemberOptions::new().name("a1")).await?;
     let a1 = site_a.member("a1");
     let site_b = Cluster::builder()
         .name("site_b")
@@ -424,18 +406,12 @@ async fn a_planned_site_switch_loses_no_acknowledged_commit() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_switch_promotes_nothing_while_the_standby_site_lacks_the_demoted_wal() -> Result<()>
 {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    let site_a = Cluster::builder()
-        .name("site_a")
-        .member(
-            MemberOptions::new()
-                .name("a1")
-                .yaml("postgres: {parameters: {wal_sender_timeout: 1s}}"),
-        )
-        .configure()
-        .await?;
-    site_a.start_with_leader("a1", BRINGUP).await?;
+    let site_a = primary_site(
+        MemberOptions::new()
+            .name("a1")
+            .yaml("postgres: {parameters: {wal_sender_timeout: 1s}}"),
+    )
+    .await?;
     let a1 = site_a.member("a1");
     let site_b = Cluster::builder()
         .name("site_b")
@@ -448,10 +424,9 @@ async fn a_site_switch_promotes_nothing_while_the_standby_site_lacks_the_demoted
     wait_leader(&site_b, None).await?;
     rows_reach(&site_a, &[b1]).await?;
     wait_streams_from(b1, a1.pg_port(), "a1").await?;
-    let receiver: i32 = sql_value(b1, "SELECT pid FROM pg_stat_wal_receiver").await?;
     let writer = Writer::start(&site_a).await?;
     writer.wait_acks(20, BRINGUP).await?;
-    kill(Pid::from_raw(receiver), Signal::SIGSTOP)?;
+    let frozen = freeze_wal_receiver(b1).await?;
     let b_config = b1.config_path().display().to_string();
     let out = site_a
         .ctl_output(&[
@@ -463,9 +438,8 @@ async fn a_site_switch_promotes_nothing_while_the_standby_site_lacks_the_demoted
             "8",
         ])
         .await;
-    let thawed = kill(Pid::from_raw(receiver), Signal::SIGCONT);
+    drop(frozen);
     let out = out?;
-    thawed?;
     let report = writer.stop().await;
     ensure!(
         out.code == Some(1)
