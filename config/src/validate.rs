@@ -666,6 +666,14 @@ fn check_slots(prefix: &str, d: &DynamicConfig, out: &mut Vec<Problem>) {
 
 pub(crate) fn config(c: &Config) -> Vec<Problem> {
     let mut out = Vec::new();
+    if c.bootstrap.method == crate::BootstrapMethod::Restore
+        && c.bootstrap.dcs.standby_cluster.is_some()
+    {
+        out.push(Problem::new(
+            "bootstrap.method",
+            "is restore, which ends with a promotion, but bootstrap.dcs.standby_cluster makes this a standby cluster, whose first member copies the remote source: choose one",
+        ));
+    }
     if c.cluster.is_empty()
         || !c
             .cluster

@@ -317,7 +317,15 @@ pub async fn switch_site(
         &HashMap::from([("standby_cluster".to_string(), String::new())]),
         false,
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        Failure::Refused(format!(
+            "demoting cluster {} failed: {}; whether the demotion was stored is unknown: `pgherdctl --config <a member of {}> show-config` says (a standby_cluster section: demoted, and `promote-cluster` there undoes it); nothing was promoted",
+            here.cluster,
+            message(e),
+            here.cluster
+        ))
+    })?;
     progress(
         format,
         &format!(
@@ -359,16 +367,37 @@ pub async fn switch_site(
     let replayed = wait_for(
         timeout,
         &format!(
-            "cluster {}'s standby leader replaying past {} on timeline {}",
+            "every member of cluster {} replaying past {} on timeline {}",
             there.cluster, demoted.checkpoint_lsn, demoted.timeline
         ),
+        // Every member, not only the standby leader: whoever holds the key when the section
+        // goes promotes, and a member that lacks the checkpoint could take it over meanwhile
+        // (the standby leader dying between this check and the promotion).
         || async {
             let v = there.view().await?;
-            Ok(v.leader_member().and_then(|m| {
-                (m.timeline == Some(demoted.timeline)
-                    && m.replay_lsn.is_some_and(|r| r > demoted.checkpoint_lsn))
-                .then(|| (m.name.clone(), m.replay_lsn))
-            }))
+            let leader = v.leader_member().ok_or_else(|| {
+                Failure::Refused(format!("cluster {} has no leader", there.cluster))
+            })?;
+            let behind: Vec<String> = v
+                .members
+                .values()
+                .filter(|m| {
+                    m.timeline != Some(demoted.timeline)
+                        || m.replay_lsn.is_none_or(|r| r <= demoted.checkpoint_lsn)
+                })
+                .map(|m| {
+                    format!(
+                        "{} at {} on timeline {}",
+                        m.name,
+                        m.replay_lsn.map(|l| l.to_string()).unwrap_or("?".into()),
+                        m.timeline.map(|t| t.to_string()).unwrap_or("?".into())
+                    )
+                })
+                .collect();
+            if !behind.is_empty() {
+                return Err(Failure::Refused(format!("not yet: {}", behind.join(", "))));
+            }
+            Ok(Some((leader.name.clone(), leader.replay_lsn)))
         },
     )
     .await
@@ -410,7 +439,15 @@ pub async fn switch_site(
         timeout,
         "the promoted site's leader accepting writes",
         || async {
-            let v = there.view().await?;
+            let v = there.view().await
+    .map_err(|e| {
+        Failure::Refused(format!(
+            "{}; cluster {}'s standby_cluster section is removed, so its leader promotes once it runs: do not run promote-cluster on cluster {}, which stays demoted and follows it",
+            message(e),
+            there.cluster,
+            here.cluster
+        ))
+    })?;
             Ok(v.leader_member()
                 .filter(|m| m.state == pgherd_agent::dcs::model::MemberState::Running)
                 .map(|m| m.name.clone()))

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
-    freeze_wal_receiver, in_recovery, sender_port, sql, sql_batch, sql_value, wait_acked_rows_on,
-    wait_until, Cluster, Member, MemberOptions, Writer,
+    freeze_wal_receiver, hold_for, in_recovery, sender_port, sql, sql_batch, sql_value,
+    wait_acked_rows_on, wait_until, Cluster, Member, MemberOptions, Writer,
 };
 
 /// initdb, PostgreSQL starts and clones on a 2-core machine shared with other tests.
@@ -130,12 +130,24 @@ async fn a_standby_cluster_follows_fails_over_is_promoted_and_the_old_site_follo
         site_b.etcd_get("initialize").await?.as_deref() == Some(a_id.as_str()),
         "site_b's initialize key does not record the copied system identifier"
     );
-    // site_b's agents wrote nothing under site_a's prefix.
+    // site_b's agents wrote nothing under site_a's prefix: its keys are a1's own (no other
+    // member, and no key a leader of another cluster would write changed hands).
     ensure!(
         member_keys(&site_a).await? == vec!["members/a1".to_string()],
         "site_a has other member keys: {:?}",
         member_keys(&site_a).await?
     );
+    ensure!(
+        site_a.leader_name().await?.as_deref() == Some("a1"),
+        "site_a's leader key changed"
+    );
+    for key in ["slots", "sync", "demoted"] {
+        let value = site_a.etcd_get(key).await?;
+        ensure!(
+            value.as_deref().is_none_or(|v| !v.contains("\"b")),
+            "site_a's {key} key names a member of site_b: {value:?}"
+        );
+    }
 
     // The standby leader dies: another standby member takes the key and follows a1 itself;
     // nobody promotes.
@@ -160,14 +172,13 @@ async fn a_standby_cluster_follows_fails_over_is_promoted_and_the_old_site_follo
     out.expect_success()?;
     wait_until(BRINGUP, format!("{new} to accept writes"), || async {
         ensure!(!in_recovery(new_leader).await?, "still in recovery");
-        sql(
-            new_leader,
-            "CREATE TABLE IF NOT EXISTS site_b_rows (id int)",
-        )
-        .await?;
-        sql(new_leader, "INSERT INTO site_b_rows VALUES (1)").await?;
         Ok(())
     })
+    .await?;
+    sql_batch(
+        new_leader,
+        "CREATE TABLE site_b_rows (id int); INSERT INTO site_b_rows VALUES (1)",
+    )
     .await?;
     wait_streams_from(other, new_leader.pg_port(), "the promoted leader").await?;
     // site_a, still running, writes one more row: it diverges from site_b's new timeline
@@ -208,6 +219,23 @@ async fn a_standby_cluster_follows_fails_over_is_promoted_and_the_old_site_follo
         !a1.agent_log().contains("pg_basebackup from"),
         "a1 was copied again instead of rewound"
     );
+    // The adversary deletes the demoted site's config key: its file's bootstrap.dcs has no
+    // standby_cluster, and taking that instead would promote a1 beside site_b's leader.
+    let mut etcd = site_a.etcd().client().await?;
+    etcd.delete(format!("{}config", site_a.prefix()), None)
+        .await?;
+    ensure!(
+        site_a.etcd_get("config").await?.is_none(),
+        "config key still there"
+    );
+    hold_for(Duration::from_secs(6), "a1 to stay a standby", || async {
+        ensure!(
+            in_recovery(a1).await?,
+            "a1 was promoted without its config key"
+        );
+        Ok(())
+    })
+    .await?;
     Ok(())
 }
 
@@ -257,17 +285,34 @@ async fn a_standby_cluster_on_its_own_etcd_copies_and_follows_the_primary_site()
         "/standby-leader on a replica: {}",
         on_replica.status
     );
-    let metrics = site_b.member(&leader).http_get("/metrics").await?;
+    // The lag appears once the standby leader's WAL receiver runs (it may just be starting).
+    let leader_member = site_b.member(&leader);
+    wait_until(
+        BRINGUP,
+        "the standby cluster gauge and lag on the standby leader",
+        || async {
+            let metrics = leader_member.http_get("/metrics").await?;
+            let has = |prefix: &str, suffix: &str| {
+                metrics
+                    .body
+                    .lines()
+                    .any(|l| l.starts_with(prefix) && l.ends_with(suffix))
+            };
+            ensure!(
+                has("pgherd_standby_cluster{", " 1") && has("pgherd_standby_leader_lag_bytes{", ""),
+                "not yet:\n{}",
+                metrics.body
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let source = format!("127.0.0.1:{}", a1.pg_port());
     ensure!(
-        metrics.body.contains("pgherd_standby_cluster 1")
-            && metrics.body.contains("pgherd_standby_leader_lag_bytes"),
-        "the standby leader's metrics lack the standby cluster gauge or its lag:\n{}",
-        metrics.body
-    );
-    ensure!(
-        primary.status == 503,
-        "/primary on the standby leader: {}",
-        primary.status
+        primary.status == 503 && primary.body.contains(&source),
+        "/primary on the standby leader is not refused naming the standby cluster's source {source}: {} {}",
+        primary.status,
+        primary.body
     );
     Ok(())
 }

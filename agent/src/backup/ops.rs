@@ -249,6 +249,13 @@ pub async fn request_restore(
     if view.leader_name() != Some(me.as_str()) {
         bail!("{me} is not the leader");
     }
+    // Rule 9: a restore ends with a promotion.
+    if let Some(sc) = crate::dcs::model::dynamic_config(&ctx.cfg, Some(&view)).standby_cluster {
+        bail!(
+            "this is a standby cluster of {}: a point-in-time restore would promote it; restore the primary site, or run promote-cluster first",
+            sc.address()
+        );
+    }
     if let Some((r, _)) = &view.restore {
         if r.phase == RestorePhase::Restoring {
             bail!("restore {} is already in progress", r.id);

@@ -324,6 +324,24 @@ impl Dcs {
                     None => Err(format!("{}config is unreadable: {why}", self.prefix)),
                 })
             }
+            // The key is gone from an initialised cluster (deleted by hand): the file's
+            // bootstrap.dcs would silently replace it, and a cluster demoted to a standby
+            // cluster, whose file has no standby_cluster, would promote (found by review).
+            // Keep the last one read, as for an unreadable key.
+            (None, None)
+                if matches!(
+                    view.initialize,
+                    Some(model::Initialize::SystemIdentifier(_))
+                ) =>
+            {
+                if let Some(c) = &memo.last_config {
+                    view.config = Some(Ok(c.clone()));
+                    view.unreadable.insert(
+                        "config".to_string(),
+                        "the key is missing; `pgherdctl edit-config` writes it again".to_string(),
+                    );
+                }
+            }
             _ => {}
         }
         let have_config = memo.last_config.is_some();

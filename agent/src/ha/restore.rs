@@ -55,6 +55,28 @@ impl Situation<'_> {
                         ));
                     }
                 }
+                // Rule 9: a restore ends with a promotion, which a standby cluster never does.
+                if let Some(sc) = &self.cfg.dcs.standby_cluster {
+                    return Some(decision(
+                        vec![
+                            Action::RenewLeader,
+                            Action::FinishRestore {
+                                id: r.id.clone(),
+                                error: Some(format!(
+                                    "refused: this is a standby cluster of {}, and a restore would promote it",
+                                    sc.address()
+                                )),
+                            },
+                        ],
+                        format!(
+                            "restore {} refused: this is a standby cluster of {}",
+                            r.id,
+                            sc.address()
+                        ),
+                        Role::Leader,
+                        state,
+                    ));
+                }
                 Some(decision(
                     vec![
                         Action::RenewLeader,

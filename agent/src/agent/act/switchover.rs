@@ -116,6 +116,14 @@ impl Agent {
         self.renew_leader().await?;
         let ttl = self.ha_config().dcs.ttl();
         let budget_end = Instant::now() + ttl.saturating_sub(lease_safety_margin(ttl));
+        // A CHECKPOINT first, as a switchover's, so the shutdown checkpoint is quick.
+        let pg = self.pg.clone();
+        if let Err(e) = self
+            .with_renewal(budget_end, async move { pg.checkpoint().await })
+            .await
+        {
+            tracing::warn!(error = %format!("{e:#}"), "demotion: CHECKPOINT before the stop failed; stopping anyway");
+        }
         tracing::info!(
             reason = "demote-cluster: stopping the primary cleanly to follow the remote source",
             "decision"
@@ -125,11 +133,12 @@ impl Agent {
             .with_renewal(budget_end, async move { pg.stop().await })
             .await;
         if let Err(e) = stopped {
-            tracing::error!(error = %format!("{e:#}"), "demotion: PostgreSQL did not stop cleanly in time; stopping it immediately (no shutdown checkpoint is recorded: switch-site will refuse)");
+            tracing::error!(error = %format!("{e:#}"), "demotion: PostgreSQL did not stop within the lease budget; stopping it (fast, else immediately)");
             self.ensure_stopped().await?;
-            return Ok(());
+        } else {
+            self.callbacks.fire(Event::Stop, PgRole::Primary);
         }
-        self.callbacks.fire(Event::Stop, PgRole::Primary);
+        // Whichever stop ended it: only a clean shutdown's checkpoint is the end of the WAL.
         let control = self.pg.control_data().await?;
         let (Some(checkpoint_lsn), true) = (control.checkpoint_lsn, control.shut_down_cleanly)
         else {

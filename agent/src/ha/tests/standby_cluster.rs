@@ -225,3 +225,30 @@ fn a_standby_data_directory_races_to_lead_an_uninitialised_standby_cluster() {
     // Without the section a standby's data directory waits for a primary.
     assert_eq!(o.decide(&cfg("a"), &Memory::default()).actions, vec![]);
 }
+
+/// Rule 9 for restores: a point-in-time restore ends with a promotion, so a standby
+/// cluster's leader ends a requested restore as refused instead of running it.
+#[test]
+fn a_standby_leader_refuses_a_requested_restore() {
+    let mut v = view(Some("a"), &[]);
+    v.restore = Some((
+        restore_key("a", crate::dcs::model::RestorePhase::Restoring, None),
+        3,
+    ));
+    let o = Obs::new(Some(v))
+        .holding_lease(Duration::from_secs(5))
+        .running(Some(standby_status(5)));
+    let d = o.decide(&standby_cfg("a"), &following("10.9.0.1:5433"));
+    assert!(
+        matches!(&d.actions[..], [Action::RenewLeader, Action::FinishRestore { error: Some(e), .. }] if e.contains("standby cluster")),
+        "{d:?}"
+    );
+    // Without the section the same request starts the restore.
+    let d = o.decide(&cfg("a"), &following("10.9.0.1:5433"));
+    assert!(
+        d.actions
+            .iter()
+            .any(|a| matches!(a, Action::StartJob(JobKind::Restore { .. }))),
+        "{d:?}"
+    );
+}
