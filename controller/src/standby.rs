@@ -7,7 +7,8 @@
 
 use std::collections::HashMap;
 
-use pgherd_config::{patch, DynamicConfig, StandbyCluster};
+use pgherd_agent::dcs::model::{ClusterView, MemberInfo, MemberState};
+use pgherd_config::{patch, DynamicConfig};
 use pgherd_proto::v1::{PatchConfigRequest, PatchConfigResponse};
 
 use crate::agents::Target;
@@ -15,16 +16,11 @@ use crate::commands::print_message;
 use crate::prompt::confirm;
 use crate::{Failure, Format};
 
-fn remote(sc: &StandbyCluster) -> String {
-    sc.address()
-}
-
-/// The dynamic config stored in etcd, and the leader's name (or a stand-in for messages).
-async fn current(target: &Target) -> Result<(DynamicConfig, String), Failure> {
+/// The dynamic config stored in etcd, and the cluster view it was read with.
+async fn current(target: &Target) -> Result<(DynamicConfig, ClusterView), Failure> {
     let view = target.view().await?;
-    let leader = view.leader_name().unwrap_or("the leader").to_string();
-    match view.config {
-        Some(Ok(c)) => Ok((c, leader)),
+    match &view.config {
+        Some(Ok(c)) => Ok((c.clone(), view)),
         Some(Err(why)) => Err(Failure::Refused(format!(
             "the dynamic config in etcd cannot be read ({why}); nothing changed"
         ))),
@@ -96,14 +92,15 @@ async fn change(
 
 /// `pgherdctl promote-cluster`.
 pub async fn promote(target: &Target, format: Format, force: bool) -> Result<(), Failure> {
-    let (config, leader) = current(target).await?;
+    let (config, view) = current(target).await?;
+    let leader = view.leader_name().unwrap_or("the leader");
     let Some(sc) = config.standby_cluster else {
         return Err(Failure::Refused(
             "this cluster is not a standby cluster (its dynamic config has no standby_cluster section): its leader already accepts writes; nothing changed"
                 .into(),
         ));
     };
-    let from = remote(&sc);
+    let from = sc.address();
     let set = HashMap::from([("standby_cluster".to_string(), String::new())]);
     let expect = HashMap::from([
         ("standby_cluster.host".to_string(), sc.host.clone()),
@@ -135,11 +132,12 @@ pub async fn demote(
     primary_slot_name: Option<&str>,
     force: bool,
 ) -> Result<(), Failure> {
-    let (config, leader) = current(target).await?;
+    let (config, view) = current(target).await?;
+    let leader = view.leader_name().unwrap_or("the leader");
     if let Some(sc) = &config.standby_cluster {
         return Err(Failure::Refused(format!(
             "this cluster is already a standby cluster of {}; nothing changed (to follow another source, change standby_cluster.host and standby_cluster.port with pgherdctl edit-config)",
-            remote(sc)
+            sc.address()
         )));
     }
     let to = pgherd_config::host_port(host, port);
@@ -237,48 +235,34 @@ pub async fn switch_site(
             here.cluster
         )));
     }
-    let (here_cfg, _) = current(here).await?;
+    let (here_cfg, a) = current(here).await?;
     if let Some(sc) = &here_cfg.standby_cluster {
         return Err(Failure::Refused(format!(
             "cluster {} is a standby cluster of {}: run switch-site with the configuration of the site that takes writes; nothing changed",
             here.cluster,
-            remote(sc)
+            sc.address()
         )));
     }
-    let (there_cfg, _) = current(there).await?;
+    let (there_cfg, b) = current(there).await?;
     let Some(there_sc) = there_cfg.standby_cluster.clone() else {
         return Err(Failure::Refused(format!(
             "cluster {} is not a standby cluster (no standby_cluster section): there is no site to switch to; nothing changed",
             there.cluster
         )));
     };
-    let a = here.view().await?;
-    let b = there.view().await?;
-    let a_leader = a
-        .leader_member()
-        .filter(|m| m.state == pgherd_agent::dcs::model::MemberState::Running)
-        .ok_or_else(|| {
-            Failure::Refused(format!(
-                "cluster {} has no running leader; nothing changed",
-                here.cluster
-            ))
-        })?
-        .clone();
-    let b_leader = b
-        .leader_member()
-        .filter(|m| m.state == pgherd_agent::dcs::model::MemberState::Streaming)
-        .ok_or_else(|| {
-            Failure::Refused(format!(
-                "cluster {}'s standby leader is not streaming from its source; nothing changed",
-                there.cluster
-            ))
-        })?
-        .clone();
-    let sysid = |v: &pgherd_agent::dcs::model::ClusterView| match &v.initialize {
-        Some(pgherd_agent::dcs::model::Initialize::SystemIdentifier(id)) => Some(id.clone()),
-        _ => None,
-    };
-    let (Some(system), Some(other_system)) = (sysid(&a), sysid(&b)) else {
+    let a_leader = leader_in(&a, MemberState::Running).ok_or_else(|| {
+        Failure::Refused(format!(
+            "cluster {} has no running leader; nothing changed",
+            here.cluster
+        ))
+    })?;
+    let b_leader = leader_in(&b, MemberState::Streaming).ok_or_else(|| {
+        Failure::Refused(format!(
+            "cluster {}'s standby leader is not streaming from its source; nothing changed",
+            there.cluster
+        ))
+    })?;
+    let (Some(system), Some(other_system)) = (a.system_identifier(), b.system_identifier()) else {
         return Err(Failure::Refused(
             "a cluster's initialize key records no system identifier; nothing changed".into(),
         ));
@@ -448,9 +432,7 @@ pub async fn switch_site(
             here.cluster
         ))
     })?;
-            Ok(v.leader_member()
-                .filter(|m| m.state == pgherd_agent::dcs::model::MemberState::Running)
-                .map(|m| m.name.clone()))
+            Ok(leader_in(&v, MemberState::Running).map(|m| m.name))
         },
     )
     .await?;
@@ -471,6 +453,11 @@ pub async fn switch_site(
         ),
     );
     Ok(())
+}
+
+/// The leader's member key, if the leader is in `state`.
+fn leader_in(view: &ClusterView, state: MemberState) -> Option<MemberInfo> {
+    view.leader_member().filter(|m| m.state == state).cloned()
 }
 
 fn message(f: Failure) -> String {

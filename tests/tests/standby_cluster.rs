@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
     freeze_wal_receiver, hold_for, in_recovery, sender_port, sql, sql_batch, sql_value,
-    wait_acked_rows_on, wait_until, Cluster, Member, MemberOptions, Writer,
+    wait_acked_rows_on, wait_until, Cluster, ClusterBuilder, Member, MemberOptions, Writer,
 };
 
 /// initdb, PostgreSQL starts and clones on a 2-core machine shared with other tests.
@@ -51,12 +51,13 @@ async fn rows_reach(source: &Cluster, members: &[&Member]) -> Result<()> {
     Ok(())
 }
 
-/// The standby cluster's dynamic config section naming `member` as its remote source.
-fn standby_of(member: &Member) -> String {
-    format!(
+/// The standby site `site_b`, whose dynamic config names `source` as its remote source
+/// (its members and etcd are the caller's to add).
+fn standby_site(source: &Member) -> ClusterBuilder {
+    Cluster::builder().name("site_b").yaml(format!(
         "bootstrap: {{dcs: {{standby_cluster: {{host: 127.0.0.1, port: {}}}}}}}",
-        member.pg_port()
-    )
+        source.pg_port()
+    ))
 }
 
 /// Waits until `cluster`'s leader key names one of its members; returns it.
@@ -89,10 +90,8 @@ async fn a_standby_cluster_follows_fails_over_is_promoted_and_the_old_site_follo
 {
     let site_a = primary_site(MemberOptions::new().name("a1")).await?;
     let a1 = site_a.member("a1");
-    let site_b = Cluster::builder()
-        .name("site_b")
+    let site_b = standby_site(a1)
         .sharing_etcd_of(&site_a)
-        .yaml(standby_of(a1))
         .member(MemberOptions::new().name("b1"))
         .member(MemberOptions::new().name("b2"))
         .member(MemberOptions::new().name("b3"))
@@ -245,9 +244,7 @@ async fn a_standby_cluster_follows_fails_over_is_promoted_and_the_old_site_follo
 async fn a_standby_cluster_on_its_own_etcd_copies_and_follows_the_primary_site() -> Result<()> {
     let site_a = primary_site(MemberOptions::new().name("a1")).await?;
     let a1 = site_a.member("a1");
-    let site_b = Cluster::builder()
-        .name("site_b")
-        .yaml(standby_of(a1))
+    let site_b = standby_site(a1)
         .member(MemberOptions::new().name("b1"))
         .member(MemberOptions::new().name("b2"))
         .start()
@@ -325,10 +322,8 @@ async fn a_standby_cluster_on_its_own_etcd_copies_and_follows_the_primary_site()
 async fn a_planned_site_switch_loses_no_acknowledged_commit() -> Result<()> {
     let site_a = primary_site(MemberOptions::new().name("a1")).await?;
     let a1 = site_a.member("a1");
-    let site_b = Cluster::builder()
-        .name("site_b")
+    let site_b = standby_site(a1)
         .sharing_etcd_of(&site_a)
-        .yaml(standby_of(a1))
         .member(MemberOptions::new().name("b1"))
         .member(MemberOptions::new().name("b2"))
         .start()
@@ -458,10 +453,8 @@ async fn a_site_switch_promotes_nothing_while_the_standby_site_lacks_the_demoted
     )
     .await?;
     let a1 = site_a.member("a1");
-    let site_b = Cluster::builder()
-        .name("site_b")
+    let site_b = standby_site(a1)
         .sharing_etcd_of(&site_a)
-        .yaml(standby_of(a1))
         .member(MemberOptions::new().name("b1"))
         .start()
         .await?;

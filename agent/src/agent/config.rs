@@ -24,19 +24,25 @@ impl Agent {
             return Mode::Primary;
         }
         let view = view.or(self.last_view.as_ref());
-        let remote = dynamic_config(&self.cfg, view)
-            .standby_cluster
-            .map(|sc| Upstream::remote(&sc));
         let upstream = self
             .memory
             .upstream
             .as_ref()
-            .and_then(|name| match &remote {
-                // A standby leader follows the standby cluster's remote source.
-                Some(r) if &r.name == name => Some(r.clone()),
-                _ => view?.members.get(name).map(Upstream::of),
-            });
+            .and_then(|name| self.upstream_named(name, view));
         Mode::Standby(upstream)
+    }
+
+    /// The address of the upstream called `name`: the standby cluster's remote source
+    /// (named `host:port`) when the config in `view` has one by that name, else the member.
+    pub(super) fn upstream_named(
+        &self,
+        name: &str,
+        view: Option<&ClusterView>,
+    ) -> Option<Upstream> {
+        match dynamic_config(&self.cfg, view).standby_cluster {
+            Some(sc) if sc.address() == name => Some(Upstream::remote(&sc)),
+            _ => view?.members.get(name).map(Upstream::of),
+        }
     }
 
     /// The cluster's PostgreSQL parameters plus `synchronous_standby_names`: what this

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::Agent;
 use crate::board::{FailsafeGate, FailsafeRoundReport};
-use crate::dcs::model::{ClusterView, FailsafeKey, Initialize};
+use crate::dcs::model::{ClusterView, FailsafeKey};
 use crate::ha::failsafe::{eligible, members_to_ask};
 use crate::ha::{lease_safety_margin, FailsafeRound, FailsafeView, PgStatus};
 
@@ -127,10 +127,7 @@ impl Agent {
                 return round;
             }
         };
-        let sysid = match &view.initialize {
-            Some(Initialize::SystemIdentifier(id)) => id.clone(),
-            _ => String::new(),
-        };
+        let sysid = view.system_identifier().unwrap_or_default().to_string();
         let timeline = status
             .and_then(|s| s.timeline)
             .or(self.known_timeline)

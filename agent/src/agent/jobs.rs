@@ -10,7 +10,7 @@ use super::Agent;
 use crate::backup::ops as backup_ops;
 use crate::backup::replica::ForLeader;
 use crate::callbacks::{Event, PgRole};
-use crate::dcs::model::{dynamic_config, Initialize};
+use crate::dcs::model::dynamic_config;
 use crate::ha::{JobKind, JobView, Observation, Upstream};
 use crate::postgres::Mode;
 
@@ -55,21 +55,19 @@ impl Agent {
     pub(super) fn start_job(&mut self, kind: JobKind, obs: &Observation) {
         let pg = self.pg.clone();
         let params = self.cluster_params();
-        let remote = dynamic_config(&self.cfg, obs.cluster.as_ref())
-            .standby_cluster
-            .map(|sc| Upstream::remote(&sc));
+        // A standby leader rewinds onto its remote source's history.
         let upstream = match &kind {
-            // A standby leader rewinds onto its remote source's history.
-            JobKind::Rewind { from } if remote.as_ref().is_some_and(|r| &r.name == from) => {
-                remote.clone()
-            }
-            JobKind::Clone { from, .. } | JobKind::Rewind { from } => obs
+            JobKind::Rewind { from } => self.upstream_named(from, obs.cluster.as_ref()),
+            JobKind::Clone { from, .. } => obs
                 .cluster
                 .as_ref()
                 .and_then(|v| v.members.get(from))
                 .map(Upstream::of),
             JobKind::Bootstrap | JobKind::Restore { .. } => None,
         };
+        let remote = dynamic_config(&self.cfg, obs.cluster.as_ref())
+            .standby_cluster
+            .map(|sc| Upstream::remote(&sc));
         let handle = match &kind {
             JobKind::Bootstrap => {
                 let restore = self.bootstrap_restore.clone();
@@ -105,10 +103,7 @@ impl Agent {
                 let leader = view.and_then(|v| v.leader_member()).map(|m| ForLeader {
                     upstream: Upstream::of(m),
                     timeline: m.timeline,
-                    system_identifier: match view.and_then(|v| v.initialize.as_ref()) {
-                        Some(Initialize::SystemIdentifier(id)) => Some(id.clone()),
-                        _ => None,
-                    },
+                    system_identifier: view.and_then(|v| v.system_identifier()).map(str::to_string),
                 });
                 let job = CloneJob {
                     pg,

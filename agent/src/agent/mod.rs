@@ -357,10 +357,7 @@ impl Agent {
     /// names the member asked, this cluster and its system identifier (issue 13 item 6);
     /// otherwise the member stays unreached, at its published position.
     async fn refresh_peer_positions(&self, view: &mut ClusterView) {
-        let sysid = match &view.initialize {
-            Some(crate::dcs::model::Initialize::SystemIdentifier(id)) => Some(id.clone()),
-            _ => None,
-        };
+        let sysid = view.system_identifier().map(str::to_string);
         let mut asks = tokio::task::JoinSet::new();
         for (name, m) in &view.members {
             if *name == self.cfg.name {

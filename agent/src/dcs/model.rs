@@ -251,6 +251,14 @@ impl ClusterView {
         self.leader_name().and_then(|n| self.members.get(n))
     }
 
+    /// The system identifier the `initialize` key records, once the cluster is initialised.
+    pub fn system_identifier(&self) -> Option<&str> {
+        match &self.initialize {
+            Some(Initialize::SystemIdentifier(id)) => Some(id.as_str()),
+            _ => None,
+        }
+    }
+
     /// Why `key` (relative to the cluster prefix) cannot be read, if it cannot.
     pub fn unreadable(&self, key: &str) -> Option<&str> {
         self.unreadable.get(key).map(String::as_str)

@@ -8,10 +8,7 @@ impl Situation<'_> {
     /// The data directory must belong to this cluster.
     pub(super) fn foreign_data_dir(&self) -> Option<Decision> {
         let Situation { obs, view, .. } = *self;
-        let init_id = match &view.initialize {
-            Some(Initialize::SystemIdentifier(id)) => Some(id.as_str()),
-            _ => None,
-        };
+        let init_id = view.system_identifier();
         match (&obs.pg.data_dir, init_id) {
             (DataDir::Unusable(why), _) => {
                 return Some(decision(

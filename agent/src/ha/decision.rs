@@ -27,21 +27,17 @@ impl Upstream {
         }
     }
 
-    /// The remote source of a standby cluster. Its name, `host:port`, cannot be a member's
+    /// The remote source of a standby cluster, named by `StandbyCluster::address`
+    /// (`host:port`), which cannot be a member's name.
     /// (member names have no colon), so following another source is a change of upstream.
     pub fn remote(sc: &pgherd_config::StandbyCluster) -> Upstream {
         Upstream {
-            name: remote_name(sc),
+            name: sc.address(),
             host: sc.host.clone(),
             port: sc.port,
             remote: Some(sc.clone()),
         }
     }
-}
-
-/// How decisions and jobs name a standby cluster's remote source: `host:port`.
-pub fn remote_name(sc: &pgherd_config::StandbyCluster) -> String {
-    sc.address()
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -114,7 +114,7 @@ impl Situation<'_> {
                         .dcs
                         .standby_cluster
                         .as_ref()
-                        .is_some_and(|sc| &super::remote_name(sc) == from) =>
+                        .is_some_and(|sc| &sc.address() == from) =>
             {
                 let sc = cfg
                     .dcs

@@ -35,7 +35,7 @@ use crate::dcs::model::{ClusterView, MemberState, Role};
 
 pub use candidate::{best_candidate, CandidateRefusal};
 use decision::decision;
-pub use decision::{remote_name, Action, Decision, Upstream};
+pub use decision::{Action, Decision, Upstream};
 pub use failsafe::{FailsafeRound, FailsafeView};
 pub use handover::{handover_timeout, switchover_target};
 pub use memory::{Memory, Outcome};

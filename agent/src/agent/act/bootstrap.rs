@@ -46,18 +46,15 @@ impl Agent {
             self.lease_valid_from(sent);
             if sysid.is_none() {
                 let standby_of = crate::dcs::model::dynamic_config(&self.cfg, obs.cluster.as_ref())
-                    .standby_cluster
-                    .map(|sc| crate::ha::remote_name(&sc));
-                let copying;
-                let reason = if let Some(source) = standby_of {
-                    copying = format!("won the initialisation race: this is a standby cluster, copying {source} with pg_basebackup");
-                    copying.as_str()
+                    .standby_cluster;
+                let reason = if let Some(sc) = standby_of {
+                    format!("won the initialisation race: this is a standby cluster, copying {} with pg_basebackup", sc.address())
                 } else if self.bootstrap_restore.is_some() {
-                    "won the initialisation race: restoring the source cluster's backup (bootstrap.method: restore)"
+                    "won the initialisation race: restoring the source cluster's backup (bootstrap.method: restore)".to_string()
                 } else {
-                    "won the initialisation race: running initdb"
+                    "won the initialisation race: running initdb".to_string()
                 };
-                tracing::info!(reason, "decision");
+                tracing::info!(reason = %reason, "decision");
                 self.start_job(JobKind::Bootstrap, obs);
             } else {
                 tracing::info!(

@@ -88,7 +88,7 @@ impl Agent {
         if let Some(sc) = dynamic_config(&self.cfg, self.last_view.as_ref()).standby_cluster {
             return Err(anyhow!(
                 "refusing to promote: this is a standby cluster of {}",
-                crate::ha::remote_name(&sc)
+                sc.address()
             ));
         }
         let promoted = self.promote_standby(decision).await;
