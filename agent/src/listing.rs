@@ -281,6 +281,8 @@ mod tests {
                 restore_command: None,
                 create_replica_methods: vec![pgherd_config::ReplicaMethod::Basebackup],
                 recovery_min_apply_delay: None,
+                repository: None,
+                cluster: None,
             }),
             ..sync_on
         }));

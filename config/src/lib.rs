@@ -346,8 +346,19 @@ pub struct StandbyCluster {
     /// `postgres.trust_cluster_restore_command: true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_command: Option<String>,
-    /// How the standby cluster's first member gets its data: `basebackup` (pg_basebackup
-    /// from `host`:`port`).
+    /// The other cluster's `backup.repository` (a directory both sites reach, read only):
+    /// the standby leader's `restore_command` becomes `pgherd-agent wal-fetch` reading the
+    /// other cluster's WAL archive, so it catches up from the archive whenever streaming
+    /// from `host` cannot serve it, and `create_replica_methods: [backup]` copies the other
+    /// cluster's newest base backup. Needs `cluster`; excludes `restore_command`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<PathBuf>,
+    /// The other cluster's name in `repository` (its archive is `<repository>/<cluster>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// How the standby cluster's first member gets its data, tried in order: `backup` (the
+    /// newest base backup in `repository`, recovered from its archive, then streaming from
+    /// `host`) and `basebackup` (pg_basebackup from `host`:`port`).
     #[serde(default = "default_create_replica_methods")]
     pub create_replica_methods: Vec<ReplicaMethod>,
     /// The standby leader's `recovery_min_apply_delay` (`1h`, `30min`, milliseconds).
@@ -356,6 +367,12 @@ pub struct StandbyCluster {
 }
 
 impl StandbyCluster {
+    /// The root of the other cluster's archive and backups (`<repository>/<cluster>`), when
+    /// both are set.
+    pub fn archive_root(&self) -> Option<PathBuf> {
+        Some(self.repository.as_ref()?.join(self.cluster.as_ref()?))
+    }
+
     /// `host:port` of the remote source (an IPv6 address in brackets): how decisions,
     /// messages and pgherdctl name it. It cannot be a member's name (those have no colon).
     pub fn address(&self) -> String {

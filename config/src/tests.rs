@@ -667,7 +667,7 @@ fn a_standby_cluster_section_is_checked_at_its_paths() {
     assert_eq!(sc.primary_slot_name.as_deref(), Some("dr_site"));
     assert_eq!(sc.create_replica_methods, vec![ReplicaMethod::Basebackup]);
     let bad = parse_dynamic(
-        br#"{"standby_cluster": {"host": "a b", "port": 0, "primary_slot_name": "Bad-Slot", "recovery_min_apply_delay": "soon", "create_replica_methods": ["backup"]}}"#,
+        br#"{"standby_cluster": {"host": "a b", "port": 0, "primary_slot_name": "Bad-Slot", "recovery_min_apply_delay": "soon", "create_replica_methods": ["basebackup", "basebackup"]}}"#,
     )
     .unwrap_err();
     let got: Vec<&str> = bad.iter().map(|p| p.path.as_str()).collect();
@@ -697,4 +697,70 @@ fn a_standby_cluster_section_is_checked_at_its_paths() {
     assert_eq!(on.standby_cluster.as_ref().map(|s| s.port), Some(6432));
     let off = patch::apply(&on, &[("standby_cluster".into(), String::new())]).unwrap();
     assert_eq!(off.standby_cluster, None);
+}
+
+#[test]
+fn a_standby_cluster_reading_the_other_clusters_repository_is_checked() {
+    let d = parse_dynamic(
+        br#"{"standby_cluster": {"host": "10.0.0.5", "repository": "/srv/backups", "cluster": "site_a", "create_replica_methods": ["backup", "basebackup"]}}"#,
+    )
+    .expect("a valid section with a repository");
+    let sc = d.standby_cluster.expect("the section is kept");
+    assert_eq!(
+        sc.archive_root().as_deref(),
+        Some(std::path::Path::new("/srv/backups/site_a"))
+    );
+    assert_eq!(
+        sc.create_replica_methods,
+        vec![ReplicaMethod::Backup, ReplicaMethod::Basebackup]
+    );
+    for (section, path, needle) in [
+        (
+            r#""repository": "rel/dir", "cluster": "a""#,
+            "standby_cluster.repository",
+            "absolute",
+        ),
+        (
+            r#""repository": "/srv/b""#,
+            "standby_cluster.cluster",
+            "required with repository",
+        ),
+        (
+            r#""cluster": "a""#,
+            "standby_cluster.cluster",
+            "repository is not",
+        ),
+        (
+            r#""repository": "/srv/b", "cluster": "../x""#,
+            "standby_cluster.cluster",
+            "plain name",
+        ),
+        (
+            r#""repository": "/srv/b", "cluster": "a", "restore_command": "cp /a/%f %p""#,
+            "standby_cluster.restore_command",
+            "choose one",
+        ),
+        (
+            r#""create_replica_methods": ["backup"]"#,
+            "standby_cluster.create_replica_methods",
+            "repository is not set",
+        ),
+        (
+            r#""create_replica_methods": []"#,
+            "standby_cluster.create_replica_methods",
+            "empty",
+        ),
+        (
+            r#""repository": "/srv/b", "cluster": "a", "create_replica_methods": ["backup", "backup"]"#,
+            "standby_cluster.create_replica_methods",
+            "twice",
+        ),
+    ] {
+        let json = format!(r#"{{"standby_cluster": {{"host": "h", {section}}}}}"#);
+        let p = parse_dynamic(json.as_bytes()).unwrap_err();
+        assert!(
+            p.len() == 1 && p[0].path == path && p[0].message.contains(needle),
+            "{section}: {p:?}"
+        );
+    }
 }

@@ -565,14 +565,49 @@ fn check_standby_cluster(path: &str, sc: &crate::StandbyCluster, out: &mut Vec<P
             "contains a NUL or a line break",
         ));
     }
-    let methods = join(path, "create_replica_methods");
-    match sc.create_replica_methods.as_slice() {
-        [crate::ReplicaMethod::Basebackup] => {}
-        [] => out.push(Problem::new(methods, "is empty: list basebackup")),
-        _ => out.push(Problem::new(
-            methods,
-            "may list only basebackup: a standby cluster's first member copies the remote source with pg_basebackup (reading another cluster's repository is not supported yet)",
+    match (&sc.repository, &sc.cluster) {
+        (Some(repo), _) if !repo.is_absolute() => out.push(Problem::new(
+            join(path, "repository"),
+            "must be an absolute path (the other cluster's backup.repository, a directory)",
         )),
+        (Some(_), None) => out.push(Problem::new(
+            join(path, "cluster"),
+            "is required with repository: the other cluster's name (its archive is <repository>/<cluster>)",
+        )),
+        (None, Some(_)) => out.push(Problem::new(
+            join(path, "cluster"),
+            "is set but repository is not; give the other cluster's backup.repository",
+        )),
+        _ => {}
+    }
+    if let Some(c) = &sc.cluster {
+        if c.is_empty() || c.contains('/') || c == "." || c == ".." {
+            out.push(Problem::new(
+                join(path, "cluster"),
+                "must be the other cluster's name (a plain name)",
+            ));
+        }
+    }
+    if sc.repository.is_some() && sc.restore_command.is_some() {
+        out.push(Problem::new(
+            join(path, "restore_command"),
+            "is set with repository, which makes restore_command pgherd-agent wal-fetch reading that repository: choose one",
+        ));
+    }
+    let methods = join(path, "create_replica_methods");
+    let list = &sc.create_replica_methods;
+    if list.is_empty() {
+        out.push(Problem::new(
+            methods,
+            "is empty: list basebackup, backup or both",
+        ));
+    } else if list.iter().enumerate().any(|(i, m)| list[..i].contains(m)) {
+        out.push(Problem::new(methods, "lists a method twice"));
+    } else if list.contains(&crate::ReplicaMethod::Backup) && sc.repository.is_none() {
+        out.push(Problem::new(
+            methods,
+            "lists backup, which copies the other cluster's base backup from standby_cluster.repository, but repository is not set",
+        ));
     }
     if let Some(v) = &sc.recovery_min_apply_delay {
         let ok = match v {

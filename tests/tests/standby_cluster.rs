@@ -514,3 +514,132 @@ async fn a_site_switch_promotes_nothing_while_the_standby_site_lacks_the_demoted
     ensure!(in_recovery(b1).await?, "b1 was promoted");
     Ok(())
 }
+
+/// Rows `from..=to` of table `t` inserted on `member`; then its WAL segment is switched so
+/// the archive gets them.
+async fn insert_and_switch(member: &Member, from: i32, to: i32) -> Result<()> {
+    sql_batch(
+        member,
+        &format!("INSERT INTO t SELECT g FROM generate_series({from}, {to}) g"),
+    )
+    .await?;
+    sql_batch(member, "SELECT pg_switch_wal()").await
+}
+
+async fn wait_rows(member: &Member, rows: i64, why: &str) -> Result<()> {
+    wait_until(
+        BRINGUP,
+        format!("{rows} rows of t on {} ({why})", member.name()),
+        || async {
+            let got: i64 = sql_value(member, "SELECT count(*) FROM t").await?;
+            ensure!(got == rows, "{got} rows");
+            Ok(())
+        },
+    )
+    .await
+}
+
+/// `standby_cluster.repository` and `create_replica_methods: [backup]` (issue 17 item 2): the
+/// DR site is made from the primary site's newest base backup, not a copy over the
+/// replication connection, and its standby leader catches up from the primary site's WAL
+/// archive while the remote source cannot be reached at all; once the section names a
+/// reachable source it streams. It never promotes when the archive runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_cluster_is_made_from_the_other_sites_backup_and_fed_by_its_archive() -> Result<()>
+{
+    let site_a = Cluster::builder()
+        .name("site_a")
+        .member(MemberOptions::new().name("a1"))
+        .backups()
+        .configure()
+        .await?;
+    site_a.start_with_leader("a1", BRINGUP).await?;
+    let a1 = site_a.member("a1");
+    sql_batch(a1, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    insert_and_switch(a1, 1, 100).await?;
+    site_a.ctl_output(&["backup"]).await?.expect_success()?;
+    insert_and_switch(a1, 101, 200).await?;
+    let repository = site_a
+        .repository()
+        .parent()
+        .context("the repository has a parent")?
+        .display()
+        .to_string();
+    // Nothing listens on this port: only the archive can feed site_b.
+    let nowhere = pgherd_tests::free_port()?;
+    let site_b = Cluster::builder()
+        .name("site_b")
+        .sharing_etcd_of(&site_a)
+        .yaml(format!(
+            "bootstrap: {{dcs: {{standby_cluster: {{host: 127.0.0.1, port: {nowhere}, \
+             repository: {repository:?}, cluster: site_a, create_replica_methods: [backup]}}}}}}"
+        ))
+        .member(MemberOptions::new().name("b1"))
+        .member(MemberOptions::new().name("b2"))
+        .configure()
+        .await?;
+    site_b.member("b1").start()?;
+    ensure!(wait_leader(&site_b, None).await? == "b1");
+    site_b.start_all()?;
+    let (b1, b2) = (site_b.member("b1"), site_b.member("b2"));
+    for m in [b1, b2] {
+        wait_rows(m, 200, "the backup plus the archive").await?;
+    }
+    ensure!(
+        b1.agent_log()
+            .contains("newest base backup in standby_cluster.repository")
+            && !b1.agent_log().contains("pg_basebackup from"),
+        "b1 was not made from site_a's backup"
+    );
+    // Rows archived later arrive by restore_command alone: b1 has no WAL receiver.
+    insert_and_switch(a1, 201, 300).await?;
+    for m in [b1, b2] {
+        wait_rows(m, 300, "the archive alone").await?;
+    }
+    let receivers: i64 = sql_value(b1, "SELECT count(*) FROM pg_stat_wal_receiver").await?;
+    ensure!(receivers == 0, "b1 streams from somewhere");
+    // The archive ran out long ago: the standby leader stays a standby.
+    for m in [b1, b2] {
+        ensure!(in_recovery(m).await?, "{} left recovery", m.name());
+    }
+    ensure!(
+        site_b.history().await?.is_empty(),
+        "site_b recorded a promotion"
+    );
+    let primary = b1.http_get("/primary").await?;
+    ensure!(primary.status == 503, "/primary on b1: {}", primary.status);
+
+    // The source is reachable again (edit-config names a1's port): the standby leader
+    // streams, and rows not yet archived reach the whole site.
+    let port = format!("standby_cluster.port={}", a1.pg_port());
+    site_b
+        .ctl_output(&["edit-config", "--set", &port, "--force"])
+        .await?
+        .expect_success()?;
+    wait_streams_from(b1, a1.pg_port(), "a1").await?;
+    sql_batch(
+        a1,
+        "INSERT INTO t SELECT g FROM generate_series(301, 400) g",
+    )
+    .await?;
+    for m in [b1, b2] {
+        wait_rows(m, 400, "streaming").await?;
+    }
+    // The standby settings name site_a's archive and no secret; the site never wrote there.
+    let settings = std::fs::read_to_string(b1.config_path().with_file_name(format!(
+        "{}.standby-wal.yml",
+        b1.config_path()
+            .file_stem()
+            .context("config file name")?
+            .to_string_lossy()
+    )))?;
+    ensure!(
+        settings.contains(&format!("{repository}/site_a")) && !settings.contains("password"),
+        "standby WAL settings: {settings}"
+    );
+    ensure!(
+        !std::path::Path::new(&repository).join("site_b").exists(),
+        "site_b wrote into site_a's repository"
+    );
+    Ok(())
+}

@@ -8,7 +8,8 @@ use tokio::task::JoinHandle;
 use super::replica::CloneJob;
 use super::Agent;
 use crate::backup::ops as backup_ops;
-use crate::backup::replica::ForLeader;
+use crate::backup::replica::{ForLeader, Made};
+use crate::backup::BackupContext;
 use crate::callbacks::{Event, PgRole};
 use crate::dcs::model::dynamic_config;
 use crate::ha::{JobKind, JobView, Observation, Upstream};
@@ -71,6 +72,31 @@ impl Agent {
         let handle = match &kind {
             JobKind::Bootstrap => {
                 let restore = self.bootstrap_restore.clone();
+                // A standby cluster's first member copies the remote source by the
+                // section's create_replica_methods (`backup` reads its repository).
+                let first_copy = remote.map(|remote| {
+                    let sc = remote.remote.clone().expect("Upstream::remote sets it");
+                    CloneJob {
+                        pg: pg.clone(),
+                        backup: sc.archive_root().map(|root| {
+                            BackupContext::read_only(
+                                self.cfg.clone(),
+                                &root,
+                                pg.os_user().clone(),
+                                pg.bin_dir().to_path_buf(),
+                            )
+                        }),
+                        methods: sc.create_replica_methods.clone(),
+                        source: Some(remote.clone()),
+                        leader: Some(ForLeader {
+                            upstream: remote,
+                            timeline: None,
+                            system_identifier: None,
+                        }),
+                        params: params.clone(),
+                        made: Made::Consistent,
+                    }
+                });
                 tokio::spawn(async move {
                     // No standby exists yet: creating the roles must not wait for one (strict
                     // synchronous mode would otherwise block it forever).
@@ -85,11 +111,13 @@ impl Agent {
                     // A standby cluster's first member copies the remote source: its roles
                     // and data come from there, and it starts as the standby leader.
                     // A failure (the source down too) releases the claim; the race runs again.
-                    if let Some(remote) = remote {
-                        pg.write_pgpass()?;
-                        pg.basebackup(&remote).await?;
-                        pg.write_config(&Mode::Standby(Some(remote)), &params)?;
-                        return pg.start().await;
+                    if let Some(job) = first_copy {
+                        job.run().await?;
+                        return if pg.is_running() {
+                            Ok(())
+                        } else {
+                            pg.start().await
+                        };
                     }
                     pg.initdb().await?;
                     pg.write_pgpass()?;
@@ -112,6 +140,7 @@ impl Agent {
                     source: upstream,
                     leader,
                     params,
+                    made: Made::Streaming,
                 };
                 tokio::spawn(job.run())
             }

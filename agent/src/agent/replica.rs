@@ -1,7 +1,9 @@
 //! Creating a replica by `create_replica_methods`, in order: each method is tried once; when
 //! one fails, what it built is removed (PostgreSQL stopped, the data directory emptied)
 //! and one line says why before the next is tried. The last failure ends the job as
-//! failed, and the loop empties the directory and tries the whole list again.
+//! failed, and the loop empties the directory and tries the whole list again. A standby
+//! cluster's first member copies the other cluster the same way, by the `standby_cluster`
+//! section's list (`backup` reading its `repository`), inside the bootstrap job.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,6 +25,9 @@ pub(super) struct CloneJob {
     pub source: Option<Upstream>,
     pub leader: Option<ForLeader>,
     pub params: BTreeMap<String, ParamValue>,
+    /// When a standby restored by `backup` counts as made: streaming from the leader, or
+    /// (a standby cluster's first member, copying the other cluster) consistent.
+    pub made: from_backup::Made,
 }
 
 impl CloneJob {
@@ -79,9 +84,12 @@ impl CloneJob {
     /// The repository's newest usable base backup, recovered from the archive and then
     /// streaming from the leader (`backup::replica`).
     async fn restore_backup(&self, leader: &ForLeader) -> Result<()> {
-        let ctx = self.backup.as_ref().context(
-            "this member has no backup section (backup.repository) in its configuration file",
-        )?;
+        let ctx = self.backup.as_ref().context(match self.made {
+            from_backup::Made::Streaming => {
+                "this member has no backup section (backup.repository) in its configuration file"
+            }
+            from_backup::Made::Consistent => "standby_cluster.repository is not set",
+        })?;
         let info = from_backup::pick(ctx, leader).await?;
         tracing::info!(
             backup = %info.id,
@@ -90,7 +98,7 @@ impl CloneJob {
             taken_by = %info.member,
             "creating the replica from the repository's newest usable base backup"
         );
-        from_backup::restore_standby(ctx, &self.pg, &info, leader, &self.params).await
+        from_backup::restore_standby(ctx, &self.pg, &info, leader, &self.params, self.made).await
     }
 
     /// pg_basebackup from the chosen source; the standby streams from the leader.

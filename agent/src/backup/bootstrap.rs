@@ -21,11 +21,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use pgherd_config::{BackupConfig, BootstrapMethod, Config, ParamValue};
+use pgherd_config::{BootstrapMethod, Config, ParamValue};
 
 use super::catalog::BackupInfo;
 use super::target::{self, ArchiveEnd, ChooseError};
-use super::{restore, wal, BackupContext, LocalRepository};
+use super::{restore, wal, BackupContext};
 use crate::dcs::model::{Target, TargetOptions};
 use crate::postgres::command::OsUser;
 use crate::postgres::{Mode, Postgres};
@@ -79,23 +79,6 @@ pub fn plan(cfg: &Arc<Config>, user: &OsUser, bin_dir: &Path) -> Result<Option<P
             .replace("--latest", "no target");
         anyhow::anyhow!("bootstrap.restore.target: {msg}")
     })?;
-    let backup = BackupConfig {
-        repository: pgherd_config::RepositoryUrl(r.repository.display().to_string()),
-        archive: Default::default(),
-        s3: None,
-        gcs: None,
-        azure: None,
-        encryption: None,
-        compression: Default::default(),
-        compression_level: None,
-        retention: Default::default(),
-        schedule: None,
-        diff_schedule: None,
-        verify_schedule: None,
-        // The recovery of a restore is bounded like this member's own restores.
-        timeout: cfg.backup.as_ref().map_or(3600, |b| b.timeout),
-        scratch_dir: None,
-    };
     let config_file = cfg
         .source
         .as_ref()
@@ -105,16 +88,14 @@ pub fn plan(cfg: &Arc<Config>, user: &OsUser, bin_dir: &Path) -> Result<Option<P
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "pgherd".to_string());
     let settings = config_file.with_file_name(format!("{stem}.bootstrap-wal.yml"));
-    let source = BackupContext {
-        cfg: cfg.clone(),
-        // A directory only: wal-fetch reads it as the OS user (an object-store source would
-        // need the agent to fetch from a second repository).
-        repo: Arc::new(LocalRepository::new(r.repository.join(&r.cluster))),
-        backup,
-        user: user.clone(),
-        bin_dir: bin_dir.to_path_buf(),
-        last_failure: Default::default(),
-    };
+    // A directory only: wal-fetch reads it as the OS user (an object-store source would
+    // need the agent to fetch from a second repository).
+    let source = BackupContext::read_only(
+        cfg.clone(),
+        &r.repository.join(&r.cluster),
+        user.clone(),
+        bin_dir.to_path_buf(),
+    );
     Ok(Some(Plan {
         source_root: r.repository.join(&r.cluster),
         source,
@@ -190,14 +171,7 @@ impl Plan {
     /// Writes the WAL settings naming the source's archive for `wal-fetch` (run as the OS
     /// user): no secret in it, like the member's own.
     fn write_settings(&self) -> Result<()> {
-        let own = self.source.cfg.backup.as_ref();
-        let settings = wal::WalSettings {
-            repository: Some(self.source_root.clone()),
-            agent_socket: None,
-            compression: own.map(|b| b.compression).unwrap_or_default(),
-            compression_level: own.map_or(3, |b| b.level()),
-            parallel: 1,
-        };
+        let settings = wal::WalSettings::read_only(&self.source_root, &self.source.cfg);
         settings
             .write(
                 &self.settings,

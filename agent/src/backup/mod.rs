@@ -56,7 +56,7 @@ pub mod walsocket;
 pub use catalog::{BackupInfo, Catalog};
 pub use repo::{LocalRepository, Repository};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use pgherd_config::{BackupConfig, Config};
@@ -97,6 +97,36 @@ impl BackupContext {
             bin_dir,
             last_failure: Arc::new(std::sync::Mutex::new(None)),
         }))
+    }
+
+    /// Another cluster's archive and backups at `root` (`<repository>/<cluster>`, a
+    /// directory), only read: for `bootstrap.restore` and `standby_cluster.repository`. Its
+    /// operations are bounded by this member's `backup.timeout`.
+    pub fn read_only(cfg: Arc<Config>, root: &Path, user: OsUser, bin_dir: PathBuf) -> Self {
+        let backup = BackupConfig {
+            repository: pgherd_config::RepositoryUrl(root.display().to_string()),
+            archive: Default::default(),
+            s3: None,
+            gcs: None,
+            azure: None,
+            encryption: None,
+            compression: Default::default(),
+            compression_level: None,
+            retention: Default::default(),
+            schedule: None,
+            diff_schedule: None,
+            verify_schedule: None,
+            timeout: cfg.backup.as_ref().map_or(3600, |b| b.timeout),
+            scratch_dir: None,
+        };
+        BackupContext {
+            cfg,
+            backup,
+            repo: Arc::new(LocalRepository::new(root.to_path_buf())),
+            user,
+            bin_dir,
+            last_failure: Default::default(),
+        }
     }
 
     pub fn catalog(&self) -> Catalog<'_> {

@@ -146,10 +146,21 @@ pub async fn pick(ctx: &BackupContext, leader: &ForLeader) -> Result<BackupInfo>
     .await
 }
 
+/// When a standby restored from a backup counts as made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Made {
+    /// It streams from the leader on the leader's timeline (a replica in the cluster).
+    Streaming,
+    /// It answers queries in recovery: consistent, and carrying on from the archive until
+    /// the remote source streams to it (a standby cluster's first member, whose source
+    /// may be out of reach while the other cluster's archive is not).
+    Consistent,
+}
+
 /// Restores `info` into the (empty) data directory as a standby of the leader and starts it:
 /// it recovers from the archive with `restore_command` and follows the archived history onto
-/// the leader's timeline, then streams. Returns once it streams on the leader's timeline (or
-/// a later one) within `backup.timeout`; it never runs writable (rule 1: `standby.signal`,
+/// the leader's timeline, then streams. Returns once it is `made` (streaming on the leader's
+/// timeline or a later one, or consistent) within `backup.timeout`; it never runs writable (rule 1: `standby.signal`,
 /// and the job stops it and fails should it ever answer out of recovery).
 pub async fn restore_standby(
     ctx: &BackupContext,
@@ -157,6 +168,7 @@ pub async fn restore_standby(
     info: &BackupInfo,
     leader: &ForLeader,
     params: &BTreeMap<String, ParamValue>,
+    made: Made,
 ) -> Result<()> {
     let data = pg.data_dir().to_path_buf();
     // This member's places for the backup's tablespaces (`postgres.tablespace_map`).
@@ -208,15 +220,18 @@ pub async fn restore_standby(
                 (Some(mine), Some(theirs)) => mine >= theirs,
                 _ => true,
             };
-            if s.streaming && on_timeline {
+            if made == Made::Consistent || (s.streaming && on_timeline) {
                 return Ok(());
             }
         }
         if tokio::time::Instant::now() >= deadline {
+            let what = match made {
+                Made::Streaming => format!("stream from {} on its timeline", leader.upstream.name),
+                Made::Consistent => "reach a consistent state".to_string(),
+            };
             bail!(
-                "the standby restored from backup {} did not stream from {} on its timeline within backup.timeout ({} s): {}",
+                "the standby restored from backup {} did not {what} within backup.timeout ({} s): {}",
                 info.id,
-                leader.upstream.name,
                 ctx.backup.timeout().as_secs(),
                 restore::log_tail(&pg.log_path(), 3)
             );

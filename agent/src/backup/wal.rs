@@ -84,6 +84,29 @@ impl WalSettings {
         config_file.with_file_name(format!("{stem}.wal.yml"))
     }
 
+    /// Where the agent keeps the settings that name the OTHER cluster's archive for a
+    /// standby leader (`standby_cluster.repository`): `<dir>/<stem>.standby-wal.yml`.
+    pub fn standby_path_beside(config_file: &Path) -> PathBuf {
+        let stem = config_file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pgherd".to_string());
+        config_file.with_file_name(format!("{stem}.standby-wal.yml"))
+    }
+
+    /// Settings that read the archive at `root` (another cluster's, only read: `wal-fetch`
+    /// never writes) and never ask this agent, which serves its own archive.
+    pub fn read_only(root: &Path, cfg: &Config) -> WalSettings {
+        let own = cfg.backup.as_ref();
+        WalSettings {
+            repository: Some(root.to_path_buf()),
+            agent_socket: None,
+            compression: own.map(|b| b.compression).unwrap_or_default(),
+            compression_level: own.map_or(3, |b| b.level()),
+            parallel: 1,
+        }
+    }
+
     /// The file's text.
     pub fn render(&self) -> String {
         let body = serde_yaml::to_string(self).expect("WalSettings always serialise to YAML");

@@ -13,7 +13,7 @@ pub struct Upstream {
     /// Set when this is the remote source of a standby cluster (a standby leader streams
     /// from another cluster): its slot, restore command and apply delay come from the
     /// section, not from this member's name.
-    pub remote: Option<pgherd_config::StandbyCluster>,
+    pub remote: Option<Box<pgherd_config::StandbyCluster>>,
 }
 
 impl Upstream {
@@ -35,7 +35,7 @@ impl Upstream {
             name: sc.address(),
             host: sc.host.clone(),
             port: sc.port,
-            remote: Some(sc.clone()),
+            remote: Some(Box::new(sc.clone())),
         }
     }
 }

@@ -281,6 +281,8 @@ mod tests {
             restore_command: Some("cp /archive/%f %p".into()),
             create_replica_methods: vec![pgherd_config::ReplicaMethod::Basebackup],
             recovery_min_apply_delay: Some(ParamValue::Text("5min".into())),
+            repository: None,
+            cluster: None,
         };
         let up = Upstream::remote(&sc);
         let managed: BTreeMap<String, String> =

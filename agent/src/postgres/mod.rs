@@ -204,6 +204,55 @@ impl Postgres {
         p
     }
 
+    /// [`Self::managed`] for `upstream`: a standby leader reading the other cluster's
+    /// repository (`standby_cluster.repository`) gets `restore_command` at `pgherd-agent
+    /// wal-fetch` given the settings naming that archive ([`Self::write_standby_wal_settings`]).
+    fn managed_for(&self, upstream: Option<&Upstream>) -> BTreeMap<String, String> {
+        let mut p = self.managed();
+        let reads_remote = upstream
+            .and_then(|u| u.remote.as_ref())
+            .and_then(|sc| sc.archive_root())
+            .is_some();
+        if let (true, Some(source)) = (reads_remote, &self.cfg.source) {
+            let exe = std::env::current_exe()
+                .map(|e| e.display().to_string())
+                .unwrap_or_else(|_| "pgherd-agent".to_string());
+            let settings = crate::backup::wal::WalSettings::standby_path_beside(source);
+            p.insert(
+                "restore_command".to_string(),
+                conf::wal_command(&exe, &settings.display().to_string(), "wal-fetch", "%f %p"),
+            );
+        }
+        p
+    }
+
+    /// Writes the WAL settings naming the other cluster's archive when `upstream` is a
+    /// remote source with `repository`, for `restore_command` (run as the OS user; no
+    /// secret in it).
+    fn write_standby_wal_settings(&self, upstream: Option<&Upstream>) -> Result<()> {
+        let Some(root) = upstream
+            .and_then(|u| u.remote.as_ref())
+            .and_then(|sc| sc.archive_root())
+        else {
+            return Ok(());
+        };
+        let source = self.cfg.source.as_ref().context(
+            "standby_cluster.repository needs the configuration file's path for restore_command",
+        )?;
+        let path = crate::backup::wal::WalSettings::standby_path_beside(source);
+        crate::backup::wal::WalSettings::read_only(&root, &self.cfg)
+            .write(&path, self.user.switch_to.map(|(_, gid)| gid))
+            .with_context(|| format!("cannot write the WAL settings {}", path.display()))?;
+        if !self.user.can_reach(&path) {
+            bail!(
+                "standby_cluster.repository: restore_command (pgherd-agent wal-fetch) runs as postgres.os_user {:?} and cannot read {}; let that user search its directory",
+                self.user.name,
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
     /// Sets the archiving parameters (`backup::wal::archiving_parameters`); they take effect
     /// at the next `write_config`.
     pub fn set_archiving(&mut self, params: BTreeMap<String, String>) {
@@ -589,7 +638,12 @@ impl Postgres {
             Mode::Standby(up) => up.as_ref(),
             Mode::Primary => None,
         };
-        let params = conf::parameters(&self.cfg, cluster_params, upstream, &self.managed());
+        let params = conf::parameters(
+            &self.cfg,
+            cluster_params,
+            upstream,
+            &self.managed_for(upstream),
+        );
         self.read_data_file("postgresql.conf") != conf::postgresql_conf(&params)
             || self.read_data_file("pg_hba.conf") != conf::pg_hba_conf(&self.cfg)
     }
@@ -604,7 +658,13 @@ impl Postgres {
             Mode::Standby(up) => up.as_ref(),
             Mode::Primary => None,
         };
-        let params = conf::parameters(&self.cfg, cluster_params, upstream, &self.managed());
+        self.write_standby_wal_settings(upstream)?;
+        let params = conf::parameters(
+            &self.cfg,
+            cluster_params,
+            upstream,
+            &self.managed_for(upstream),
+        );
         self.ensure_socket_dirs(&params)?;
         self.write_file(
             &self.data_dir.join("postgresql.conf"),

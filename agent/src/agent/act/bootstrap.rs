@@ -48,7 +48,19 @@ impl Agent {
                 let standby_of = crate::dcs::model::dynamic_config(&self.cfg, obs.cluster.as_ref())
                     .standby_cluster;
                 let reason = if let Some(sc) = standby_of {
-                    format!("won the initialisation race: this is a standby cluster, copying {} with pg_basebackup", sc.address())
+                    format!(
+                        "won the initialisation race: this is a standby cluster, copying {} by {}",
+                        sc.address(),
+                        sc.create_replica_methods
+                            .iter()
+                            .map(|m| match m {
+                                pgherd_config::ReplicaMethod::Backup =>
+                                    "its newest base backup in standby_cluster.repository",
+                                pgherd_config::ReplicaMethod::Basebackup => "pg_basebackup",
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", else ")
+                    )
                 } else if self.bootstrap_restore.is_some() {
                     "won the initialisation race: restoring the source cluster's backup (bootstrap.method: restore)".to_string()
                 } else {

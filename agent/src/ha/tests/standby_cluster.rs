@@ -13,6 +13,8 @@ fn section() -> pgherd_config::StandbyCluster {
         restore_command: None,
         create_replica_methods: vec![pgherd_config::ReplicaMethod::Basebackup],
         recovery_min_apply_delay: None,
+        repository: None,
+        cluster: None,
     }
 }
 
