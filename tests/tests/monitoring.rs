@@ -363,11 +363,13 @@ fn problems(
             Kind::Expression => {
                 let n = names(&text);
                 let mut known: BTreeSet<&str> = TARGET_LABELS.into_iter().collect();
+                let mut all_known = true;
                 for s in &n.selectors {
                     used += 1;
                     let Some(labels) = exported.get(&s.metric) else {
+                        all_known = false;
                         wrong.push(format!(
-                            "{file} {path}: {} is not a metric the agent exports",
+                            "docs/monitoring/{file} {path}: {} is not a metric the agent exports",
                             s.metric
                         ));
                         continue;
@@ -376,7 +378,7 @@ fn problems(
                     for l in &s.labels {
                         if !labels.contains(l) && !TARGET_LABELS.contains(&l.as_str()) {
                             wrong.push(format!(
-                                "{file} {path}: {} has no label {l} (it has {labels:?})",
+                                "docs/monitoring/{file} {path}: {} has no label {l} (it has {labels:?})",
                                 s.metric
                             ));
                         }
@@ -384,11 +386,11 @@ fn problems(
                 }
                 // Grouping labels of an expression on pgherd series: some series must
                 // carry them. (`up` and Grafana's label_values are not pgherd's.)
-                if !n.selectors.is_empty() {
+                if !n.selectors.is_empty() && all_known {
                     for l in &n.grouping {
                         if !known.contains(l.as_str()) {
                             wrong.push(format!(
-                                "{file} {path}: groups by {l}, which none of its pgherd metrics has"
+                                "docs/monitoring/{file} {path}: groups by {l}, which none of its pgherd metrics has"
                             ));
                         }
                     }
@@ -398,7 +400,7 @@ fn problems(
                 for metric in prose_names(&text) {
                     if !exported.contains_key(&metric) {
                         wrong.push(format!(
-                            "{file} {path}: {metric} is not a metric the agent exports"
+                            "docs/monitoring/{file} {path}: {metric} is not a metric the agent exports"
                         ));
                     }
                 }
@@ -406,7 +408,9 @@ fn problems(
         }
     }
     if used == 0 {
-        wrong.push(format!("{file}: no pgherd metric found in its expressions"));
+        wrong.push(format!(
+            "docs/monitoring/{file}: no pgherd metric found in its expressions"
+        ));
     }
     wrong
 }
@@ -427,7 +431,7 @@ fn monitoring_docs_use_only_metrics_and_labels_the_agent_exports() -> Result<()>
     for metric in prose_names(&read(README)?) {
         if !exported.contains_key(&metric) {
             wrong.push(format!(
-                "{README}: {metric} is not a metric the agent exports"
+                "docs/monitoring/{README}: {metric} is not a metric the agent exports"
             ));
         }
     }
