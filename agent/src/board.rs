@@ -52,6 +52,9 @@ pub struct StatusBoard {
     /// This agent took the leader key and has not dropped that lease since (set under the
     /// gate; cleared without it, when the lease is dropped).
     failsafe_leading: Arc<std::sync::atomic::AtomicBool>,
+    /// PostgreSQL's whole status at the end of the loop's last cycle (`None` when it did not
+    /// answer), for the Patroni-compatible `GET /patroni`.
+    pg_status: Arc<Mutex<Option<crate::ha::PgStatus>>>,
 }
 
 #[derive(Default, Clone)]
@@ -166,6 +169,20 @@ impl StatusBoard {
 
     pub fn set_local(&self, local: LocalStatus) {
         self.lock().local = Some(local);
+    }
+
+    /// Records PostgreSQL's status of the loop's last cycle (see [`StatusBoard::pg_status`]).
+    pub fn set_pg_status(&self, status: Option<crate::ha::PgStatus>) {
+        *self.pg_status.lock().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+
+    /// PostgreSQL's status as the loop last read it, with what only the HTTP API reports
+    /// (server version, start time, every walsender).
+    pub fn pg_status(&self) -> Option<crate::ha::PgStatus> {
+        self.pg_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Counts a promotion of this member: a planned switchover, or a failover (automatic

@@ -400,26 +400,17 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
-    let http = api::http::serve(
-        cfg.clone(),
-        board.clone(),
-        agent.postgres(),
-        shutdown.clone(),
-    )
-    .await?;
-    let server = api::serve(
-        api::ApiContext {
-            cfg: cfg.clone(),
-            dcs,
-            board,
-            pg: agent.postgres(),
-            requests: requests_tx,
-            backup: backup.clone(),
-            backup_busy: backup_busy.clone(),
-        },
-        shutdown.clone(),
-    )
-    .await?;
+    let api_ctx = api::ApiContext {
+        cfg: cfg.clone(),
+        dcs,
+        board,
+        pg: agent.postgres(),
+        requests: requests_tx,
+        backup: backup.clone(),
+        backup_busy: backup_busy.clone(),
+    };
+    let http = api::http::serve(api_ctx.clone(), shutdown.clone()).await?;
+    let server = api::serve(api_ctx, shutdown.clone()).await?;
 
     let signals = shutdown.clone();
     tokio::spawn(async move {

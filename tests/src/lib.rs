@@ -69,7 +69,7 @@ pub use ctl::{
     HistoryEntry, ListedMember,
 };
 pub use etcd::{Etcd, EtcdAuth, EtcdSecurity, EtcdTls};
-pub use http::{http_get, HttpResponse};
+pub use http::{http_get, http_request, HttpResponse};
 pub use leader::{hold_no_takeover, hold_not_leader, same_key};
 pub use member::{log_line_time, Member, MemberOptions};
 pub use nix::sys::signal::Signal;
