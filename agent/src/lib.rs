@@ -11,6 +11,7 @@ pub mod failpoint;
 pub mod fsutil;
 pub mod ha;
 pub mod listing;
+pub mod logging;
 pub mod lsn;
 pub mod postgres;
 pub mod slots;

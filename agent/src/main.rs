@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pgherd_agent::board::StatusBoard;
+use pgherd_agent::logging::LogFormat;
 use pgherd_agent::{agent::Agent, api, dcs};
 use pgherd_config::ConfigError;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,16 @@ struct Cli {
     /// The member's YAML configuration file.
     #[arg(long, short = 'c', value_name = "FILE", global = true)]
     config: Option<PathBuf>,
+    /// How the agent writes its log on stderr: `text` lines or one JSON object per line
+    /// (both with PostgreSQL's severity: LOG, WARNING, ERROR, FATAL, DEBUG1, DEBUG2).
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        global = true,
+        env = "PGHERD_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -218,7 +229,9 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_logging(&cfg.name);
+            // The fencing watchdog and revoke-lease write into this log: in the same format.
+            std::env::set_var("PGHERD_LOG_FORMAT", cli.log_format.as_str());
+            init_logging(cli.log_format, &cfg.name);
             // One thread: the postmaster's parent-death signal is tied to the thread that
             // spawned it, which must live as long as the agent (rule 3 of docs/architecture.md).
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -227,7 +240,7 @@ fn main() -> ExitCode {
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
+                    tracing::error!(fatal = true, error = %e, "cannot start the runtime");
                     return ExitCode::FAILURE;
                 }
             };
@@ -237,8 +250,11 @@ fn main() -> ExitCode {
             match rt.block_on(run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "pgherd-agent stopped");
-                    eprintln!("pgherd-agent: {e:#}");
+                    tracing::error!(fatal = true, error = %format!("{e:#}"), "pgherd-agent stopped");
+                    // A JSON log stays one object per line.
+                    if cli.log_format == LogFormat::Text {
+                        eprintln!("pgherd-agent: {e:#}");
+                    }
                     ExitCode::FAILURE
                 }
             }
@@ -324,15 +340,8 @@ fn wal_command(
     }
 }
 
-fn init_logging(member: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PGHERD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+fn init_logging(format: LogFormat, member: &str) {
+    pgherd_agent::logging::init(format);
     tracing::info!(
         member,
         version = env!("CARGO_PKG_VERSION"),

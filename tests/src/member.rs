@@ -20,7 +20,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Starts the line the harness writes to `agent.log` before each start of the agent.
 const START_MARKER: &str = "==== pgherd harness: starting ";
 
-/// The time at the start of an agent log line (`2026-01-02T03:04:05.123456Z  INFO ...`).
+/// The time at the start of an agent log line (`2026-01-02T03:04:05.123456Z LOG:  ...`).
 pub fn log_line_time(line: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339(line.split_whitespace().next()?).ok()
 }
