@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pgherd_agent::board::StatusBoard;
 use pgherd_agent::logging::LogFormat;
+use pgherd_agent::systemd::Systemd;
 use pgherd_agent::{agent::Agent, api, dcs};
 use pgherd_config::ConfigError;
 use tokio_util::sync::CancellationToken;
@@ -231,6 +232,8 @@ fn main() -> ExitCode {
             };
             // The fencing watchdog and revoke-lease write into this log: in the same format.
             std::env::set_var("PGHERD_LOG_FORMAT", cli.log_format.as_str());
+            // SAFETY: no other thread exists yet (the runtime starts below).
+            let systemd = unsafe { Systemd::take_from_env() };
             init_logging(cli.log_format, &cfg.name);
             // One thread: the postmaster's parent-death signal is tied to the thread that
             // spawned it, which must live as long as the agent (rule 3 of docs/architecture.md).
@@ -247,7 +250,7 @@ fn main() -> ExitCode {
             // Every log line of this process names its member.
             let span = tracing::info_span!("agent", member = %cfg.name);
             let _entered = span.enter();
-            match rt.block_on(run(cfg)) {
+            match rt.block_on(run(cfg, systemd)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(fatal = true, error = %format!("{e:#}"), "pgherd-agent stopped");
@@ -349,7 +352,8 @@ fn init_logging(format: LogFormat, member: &str) {
     );
 }
 
-async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
+async fn run(cfg: pgherd_config::Config, systemd: Option<Systemd>) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();
     let timeout = Duration::from_secs(cfg.bootstrap.dcs.retry_timeout);
@@ -358,6 +362,7 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set up the etcd client for {:?}", cfg.etcd.endpoints))?;
     let dcs = dcs::Dcs::new(client, &cfg.cluster, &cfg.name, timeout);
     let board = StatusBoard::new(&cfg.cluster);
+    let board_for_systemd = board.clone();
     let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(8);
     let agent = Agent::new(cfg.clone(), dcs.clone(), board.clone(), requests_rx)?;
     let backup = agent.backup();
@@ -447,8 +452,14 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
         signals.cancel();
     });
 
+    // READY=1 after the loop's first cycle, watchdog pings while it runs, STOPPING=1 at the end.
+    let notifier =
+        systemd.map(|s| tokio::spawn(s.run(board_for_systemd, started, shutdown.clone())));
     let result = agent.run(shutdown.clone()).await;
     shutdown.cancel();
+    if let Some(notifier) = notifier {
+        let _ = notifier.await;
+    }
     let _ = server.await;
     if let Some(http) = http {
         let _ = http.await;

@@ -26,7 +26,8 @@
 //! - [`Member::http_get`] / [`http_get`]: the agent's HTTP health checks and metrics, asked
 //!   the way HAProxy asks (plain HTTP/1.1, one request per connection).
 //! - [`LoneAgent`]: one agent with no etcd to reach and no PostgreSQL, for what the process
-//!   does around its loop (log format).
+//!   does around its loop (log format, systemd notifications); [`Member::set_env`] gives a
+//!   cluster member extra environment (systemd's `NOTIFY_SOCKET`).
 //!
 //! Cleanup happens in `Drop`, so it also runs when a test panics or returns an error: every
 //! agent is killed with its process group, any PostgreSQL it left is killed through its
