@@ -145,6 +145,17 @@ impl StatusBoard {
         self.lock().me.as_ref().map(|m| m.role)
     }
 
+    /// When the loop last finished a cycle (monotonic), `None` before its first: the sign of
+    /// life the systemd watchdog pings are tied to (`systemd.rs`).
+    pub fn last_cycle_at(&self) -> Option<Instant> {
+        self.lock().local.as_ref().map(|l| l.at)
+    }
+
+    /// This member as the loop last published it (role, state, decision).
+    pub fn me(&self) -> Option<MemberInfo> {
+        self.lock().me.clone()
+    }
+
     pub fn snapshot(&self) -> Board {
         self.lock().clone()
     }

@@ -237,6 +237,7 @@ impl Agent {
             self.publish(&decision, &obs).await;
             self.post_local_status(&decision, &obs, started, &ha_cfg)
                 .await;
+            crate::failpoint::stall("loop-stall").await;
             tracing::debug!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "loop done"
