@@ -22,6 +22,7 @@ pub enum Event {
     Stop,
     Restart,
     RoleChange,
+    Reload,
 }
 
 impl Event {
@@ -31,6 +32,7 @@ impl Event {
             Event::Stop => "on_stop",
             Event::Restart => "on_restart",
             Event::RoleChange => "on_role_change",
+            Event::Reload => "on_reload",
         }
     }
 }
@@ -100,6 +102,7 @@ impl Callbacks {
             Event::Stop => &self.cfg.on_stop,
             Event::Restart => &self.cfg.on_restart,
             Event::RoleChange => &self.cfg.on_role_change,
+            Event::Reload => &self.cfg.on_reload,
         };
         let (Some(command), Some(queue)) = (command, &self.queue) else {
             return;
@@ -139,17 +142,31 @@ async fn work(mut queue: mpsc::UnboundedReceiver<Run>, cluster: String, timeout:
 }
 
 async fn execute(run: &Run, cluster: &str, timeout: Duration) {
-    let callback = run.event.as_str();
-    let role = run.role.as_str();
-    let mut words = run.command.split_whitespace();
+    let args = [run.event.as_str(), run.role.as_str(), cluster].map(str::to_string);
+    // Failures are logged by `run_and_wait`; the queue goes on.
+    let _ = run_and_wait(run.event.as_str(), &run.command, &args, &[], timeout).await;
+}
+
+/// Runs `command` (a program and fixed arguments separated by spaces) with `args` and
+/// `env` added, in its own process group, and waits for it at most `timeout` (then the
+/// group is killed). One log line when it starts and one when it ends; `Err` says why it
+/// did not succeed. Its output goes where the agent's goes.
+pub async fn run_and_wait(
+    callback: &str,
+    command: &str,
+    args: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut words = command.split_whitespace();
     let Some(program) = words.next() else {
-        return;
+        return Err(format!("callbacks.{callback} names no program"));
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(words)
-        .args([callback, role, cluster])
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        // Its output goes where the agent's goes.
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         // Its own group, so that a timeout kills whatever it started too.
@@ -158,27 +175,31 @@ async fn execute(run: &Run, cluster: &str, timeout: Duration) {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(callback, role, command = %run.command, error = %e, "cannot run callback");
-            return;
+            tracing::warn!(callback, command, error = %e, "cannot run callback");
+            return Err(format!("cannot run {command:?}: {e}"));
         }
     };
     let pid = child.id();
-    tracing::info!(callback, role, command = %run.command, pid, "running callback");
+    tracing::info!(callback, command, pid, "running callback");
+    let elapsed_ms = || started.elapsed().as_millis() as u64;
     match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(status)) if status.success() => tracing::info!(
-            callback,
-            pid,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "callback finished"
-        ),
-        Ok(Ok(status)) => tracing::warn!(
-            callback,
-            pid,
-            %status,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "callback failed"
-        ),
-        Ok(Err(e)) => tracing::warn!(callback, pid, error = %e, "cannot wait for callback"),
+        Ok(Ok(status)) if status.success() => {
+            tracing::info!(
+                callback,
+                pid,
+                elapsed_ms = elapsed_ms(),
+                "callback finished"
+            );
+            Ok(())
+        }
+        Ok(Ok(status)) => {
+            tracing::warn!(callback, pid, %status, elapsed_ms = elapsed_ms(), "callback failed");
+            Err(format!("{command:?} ended with {status}"))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(callback, pid, error = %e, "cannot wait for callback");
+            Err(format!("cannot wait for {command:?}: {e}"))
+        }
         Err(_) => {
             if let Some(pid) = pid {
                 // The group's id is the leader's pid; it exists while the leader is unreaped.
@@ -194,6 +215,10 @@ async fn execute(run: &Run, cluster: &str, timeout: Duration) {
                 timeout_s = timeout.as_secs(),
                 "callback timed out: killed its process group"
             );
+            Err(format!(
+                "{command:?} did not finish within callbacks.timeout ({} s); killed",
+                timeout.as_secs()
+            ))
         }
     }
 }

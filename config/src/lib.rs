@@ -278,6 +278,13 @@ pub struct Bootstrap {
     /// recovery target.
     #[serde(default)]
     pub restore: Option<BootstrapRestore>,
+    /// Run (and waited for, at most `callbacks.timeout`) once after initdb created the new
+    /// cluster and its roles, before it is recorded as initialised, with a connection URL
+    /// of the local PostgreSQL as the superuser as its argument and `PGPASSFILE` set
+    /// (Patroni's `bootstrap.post_bootstrap`). A non-zero exit fails the bootstrap: the data
+    /// directory is removed and the initialisation race runs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_bootstrap: Option<String>,
 }
 
 /// Cluster-wide settings, stored as JSON in etcd under `/pgherd/<cluster>/config`.
@@ -592,6 +599,21 @@ pub struct Callbacks {
     /// After this member's PostgreSQL became primary (promotion) or a replica (demotion).
     #[serde(default)]
     pub on_role_change: Option<String>,
+    /// After the agent rewrote PostgreSQL's configuration and reloaded it (a changed
+    /// dynamic config, `pgherdctl reload`, `POST /reload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_reload: Option<String>,
+    /// Run (and waited for, at most `timeout`) after this member took the leader key and
+    /// before it promotes its PostgreSQL, with no arguments: a fencing step. A non-zero exit,
+    /// or no exit within `timeout`, aborts the promotion: the member releases the key and
+    /// stays a standby (Patroni's `postgresql.pre_promote`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_promote: Option<String>,
+    /// Run (and waited for, at most `timeout`) right before the agent stops PostgreSQL
+    /// cleanly, with no arguments; its exit status does not stop the stop (Patroni's
+    /// `postgresql.before_stop`). Never before an immediate stop (fencing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before_stop: Option<String>,
     /// Seconds a callback may run before its process group is killed.
     #[serde(default = "default_callback_timeout")]
     pub timeout: u64,
@@ -604,6 +626,9 @@ impl Default for Callbacks {
             on_stop: None,
             on_restart: None,
             on_role_change: None,
+            on_reload: None,
+            pre_promote: None,
+            before_stop: None,
             timeout: default_callback_timeout(),
         }
     }
@@ -616,12 +641,15 @@ impl Callbacks {
     }
 
     /// The configured command of each action, with its key name.
-    pub fn commands(&self) -> [(&'static str, Option<&str>); 4] {
+    pub fn commands(&self) -> [(&'static str, Option<&str>); 7] {
         [
             ("on_start", self.on_start.as_deref()),
             ("on_stop", self.on_stop.as_deref()),
             ("on_restart", self.on_restart.as_deref()),
             ("on_role_change", self.on_role_change.as_deref()),
+            ("on_reload", self.on_reload.as_deref()),
+            ("pre_promote", self.pre_promote.as_deref()),
+            ("before_stop", self.before_stop.as_deref()),
         ]
     }
 }

@@ -11,6 +11,7 @@ const SECRETS: &[&str] = &[
     "postgres.replication.password",
     "etcd.password",
     "api.auth_token",
+    "api.http_auth.password",
 ];
 
 /// Whether `path` is a secret or holds one (the top level, `postgres`, `etcd.password`...).
@@ -100,6 +101,8 @@ mod tests {
             "etcd",
             "etcd.password",
             "api.auth_token",
+            "api.http_auth.password",
+            "api.http_auth",
             "(top level)",
         ] {
             assert!(holds_secret(p), "{p}");
@@ -108,6 +111,7 @@ mod tests {
             "postgres.superuser.username",
             "postgres.listen",
             "api.auth_token_file",
+            "api.http_auth.username",
             "etcd.endpoints",
             "etcd.pass",
         ] {

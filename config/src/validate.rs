@@ -935,6 +935,16 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
             }
         }
     }
+    if c.bootstrap
+        .post_bootstrap
+        .as_deref()
+        .is_some_and(|p| p.split_whitespace().next().is_none())
+    {
+        out.push(Problem::new(
+            "bootstrap.post_bootstrap",
+            "must name a program (leave the key out for none)",
+        ));
+    }
     check_range(
         "callbacks.timeout",
         c.callbacks.timeout,

@@ -184,3 +184,142 @@ async fn a_hanging_callback_is_killed_with_its_process_group_at_its_timeout_whil
     .await?;
     Ok(())
 }
+
+/// The callbacks Patroni has beside the four above (issue 18 item 5): `bootstrap.post_bootstrap`
+/// gets a connection URL it can use before anyone else writes; `before_stop` runs while
+/// PostgreSQL still runs; `on_reload` after a reload; `pre_promote` failing keeps a member
+/// holding the key from promoting (it releases the key and stays a standby) until it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_bootstrap_before_stop_on_reload_and_a_failing_pre_promote() -> Result<()> {
+    let dir = scratch()?;
+    let post = dir.path().join("post.sh");
+    // Creates a table through the URL it is given, with the pgpass file it is told of.
+    script(
+        &post,
+        &format!(
+            r#"echo "$1 $PGPASSFILE" > {out}; exec psql -X -q "$1" -c 'CREATE TABLE made_by_post_bootstrap (id int)'"#,
+            out = dir.path().join("post.calls").display()
+        ),
+    )?;
+    let before = dir.path().join("before.sh");
+    // Records whether PostgreSQL still ran (its postmaster.pid existed) when it was called.
+    script(
+        &before,
+        r#"out="$1"; pid="$2/postmaster.pid"; if [ -e "$pid" ]; then echo "before_stop running $#" >> "$out"; else echo "before_stop stopped" >> "$out"; fi"#,
+    )?;
+    let record = dir.path().join("record.sh");
+    script(&record, r#"out="$1"; shift; echo "$*" >> "$out""#)?;
+    // pre_promote succeeds only once the test creates the flag file.
+    let flag = dir.path().join("promote-allowed");
+    let pre = dir.path().join("pre.sh");
+    script(
+        &pre,
+        &format!(
+            r#"echo "pre_promote $#" >> "$1"; test -e {}"#,
+            flag.display()
+        ),
+    )?;
+    let calls = |name: &str| dir.path().join(format!("{name}.calls"));
+    let cluster = Cluster::builder()
+        .name("cbhooks")
+        .yaml(format!(
+            "bootstrap: {{post_bootstrap: '{}'}}",
+            post.display()
+        ))
+        .member(MemberOptions::new().name("node1"))
+        .member(MemberOptions::new().name("node2"))
+        .configure()
+        .await?;
+    let node2 = cluster.member("node2");
+    let hooks = format!(
+        "callbacks: {{before_stop: '{before} {out} {data}', on_reload: '{record} {out}', pre_promote: '{pre} {out}', timeout: 10}}",
+        before = before.display(),
+        record = record.display(),
+        pre = pre.display(),
+        out = calls("node2").display(),
+        data = node2.data_dir().display(),
+    );
+    let merged = node2.write_config_copy("with-hooks.yml", &hooks)?;
+    node2.write_config(&std::fs::read_to_string(&merged)?)?;
+    cluster.start_with_leader("node1", BRINGUP).await?;
+    cluster.wait_healthy(BRINGUP).await?;
+    let node1 = cluster.member("node1");
+
+    // post_bootstrap ran once, on the member that ran initdb, with a usable URL.
+    let post_calls = lines(&calls("post"));
+    ensure!(
+        post_calls.len() == 1
+            && post_calls[0].starts_with("postgres://")
+            && post_calls[0].contains(".pgpass"),
+        "post_bootstrap calls: {post_calls:?}"
+    );
+    wait_until(REACT, "the table post_bootstrap made, on node2", || async {
+        let n: i64 = pgherd_tests::sql_value(
+            node2,
+            "SELECT count(*) FROM pg_class WHERE relname = 'made_by_post_bootstrap'",
+        )
+        .await?;
+        ensure!(n == 1, "not there");
+        Ok(())
+    })
+    .await?;
+
+    // on_reload after pgherdctl reload; before_stop (no arguments of its own) while
+    // PostgreSQL still runs, at a restart.
+    cluster
+        .ctl_output(&["reload", "node2"])
+        .await?
+        .expect_success()?;
+    wait_lines(&calls("node2"), &["on_reload replica cbhooks"]).await?;
+    cluster
+        .ctl_output(&["restart", "node2", "--force"])
+        .await?
+        .expect_success()?;
+    wait_lines(
+        &calls("node2"),
+        &["on_reload replica cbhooks", "before_stop running 2"],
+    )
+    .await?;
+    cluster.wait_healthy(BRINGUP).await?;
+
+    // The leader dies; node2 takes the key, but its pre_promote fails: it must not promote.
+    node1.kill()?;
+    wait_until(REACT, "node2's pre_promote to run and fail", || async {
+        ensure!(
+            lines(&calls("node2")).iter().any(|l| l == "pre_promote 1"),
+            "not yet"
+        );
+        Ok(())
+    })
+    .await?;
+    pgherd_tests::hold_for(
+        Duration::from_secs(6),
+        "node2 to stay a standby",
+        || async {
+            ensure!(
+                pgherd_tests::in_recovery(node2).await?,
+                "node2 promoted although pre_promote failed"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    ensure!(
+        node2
+            .agent_log()
+            .contains("callbacks.pre_promote did not succeed"),
+        "node2's log does not say why it did not promote"
+    );
+    // Once the script succeeds, node2 promotes.
+    std::fs::write(&flag, "")?;
+    wait_until(REACT, "node2 to promote", || async {
+        ensure!(!pgherd_tests::in_recovery(node2).await?, "still a standby");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        cluster.leader_name().await?.as_deref() == Some("node2"),
+        "node2 does not hold the leader key"
+    );
+    Ok(())
+}

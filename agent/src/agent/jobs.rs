@@ -72,6 +72,8 @@ impl Agent {
         let handle = match &kind {
             JobKind::Bootstrap => {
                 let restore = self.bootstrap_restore.clone();
+                let post_bootstrap = self.cfg.bootstrap.post_bootstrap.clone();
+                let cfg = self.cfg.clone();
                 // A standby cluster's first member copies the remote source by the
                 // section's create_replica_methods (`backup` reads its repository).
                 let first_copy = remote.map(|remote| {
@@ -123,7 +125,20 @@ impl Agent {
                     pg.write_pgpass()?;
                     pg.write_config(&Mode::Primary, &params)?;
                     pg.start_and_wait().await?;
-                    pg.create_roles().await
+                    pg.create_roles().await?;
+                    if let Some(cmd) = post_bootstrap {
+                        let (url, env) = post_bootstrap_args(&cfg);
+                        crate::callbacks::run_and_wait(
+                            "post_bootstrap",
+                            &cmd,
+                            &[url],
+                            &env,
+                            cfg.callbacks.timeout(),
+                        )
+                        .await
+                        .map_err(|e| anyhow!("bootstrap.post_bootstrap did not succeed: {e}"))?;
+                    }
+                    Ok(())
                 })
             }
             JobKind::Clone { methods, .. } => {
@@ -196,4 +211,36 @@ impl Agent {
         });
         self.job = Some(Job { kind, handle });
     }
+}
+
+/// `bootstrap.post_bootstrap`'s argument and environment: a connection URL of the local
+/// PostgreSQL as the superuser (no password in it) and `PGPASSFILE`, as Patroni gives them.
+fn post_bootstrap_args(cfg: &pgherd_config::Config) -> (String, Vec<(String, String)>) {
+    let (host, port) = crate::postgres::conf::listen_parts(cfg);
+    let host = match host.split(',').next().map(str::trim) {
+        None | Some("") | Some("*") | Some("0.0.0.0") => "127.0.0.1".to_string(),
+        Some("::") => "[::1]".to_string(),
+        Some(h) if h.contains(':') => format!("[{h}]"),
+        Some(h) => h.to_string(),
+    };
+    let user: String = cfg
+        .postgres
+        .superuser
+        .username
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    (
+        format!("postgres://{user}@{host}:{port}/postgres"),
+        vec![(
+            "PGPASSFILE".to_string(),
+            cfg.pgpass_path().display().to_string(),
+        )],
+    )
 }

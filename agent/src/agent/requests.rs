@@ -83,7 +83,10 @@ impl Agent {
             .context("PostgreSQL is not running or does not answer; nothing to reload")?;
         let mode = self.current_mode(status.in_recovery, None);
         self.pg.write_config(&mode, &self.cluster_params())?;
-        self.pg.reload().await
+        self.pg.reload().await?;
+        self.callbacks
+            .fire(Event::Reload, PgRole::of(status.in_recovery));
+        Ok(())
     }
 
     /// Empties the data directory so that the next cycles clone the leader again.

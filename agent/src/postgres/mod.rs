@@ -936,6 +936,18 @@ impl Postgres {
     /// wait for it to exit, polling every 20 ms rather than pg_ctl's 100 ms so a planned
     /// switchover loses no time here.
     pub async fn stop(&self) -> Result<()> {
+        // callbacks.before_stop, waited for (bounded by callbacks.timeout); its failure is
+        // logged by the runner and does not keep PostgreSQL running.
+        if let (Some(cmd), true) = (&self.cfg.callbacks.before_stop, self.is_running()) {
+            let _ = crate::callbacks::run_and_wait(
+                "before_stop",
+                cmd,
+                &[],
+                &[],
+                self.cfg.callbacks.timeout(),
+            )
+            .await;
+        }
         *self.client.lock().await = None;
         self.signal_postmaster(
             nix::sys::signal::Signal::SIGINT,

@@ -91,6 +91,31 @@ impl Agent {
                 sc.address()
             ));
         }
+        // Patroni's pre_promote: a fencing step the operator's script owns. It runs under
+        // the lease (renewed meanwhile); anything but success keeps PostgreSQL a standby and
+        // gives the key up, so another member (or this one, next time) may try.
+        if let Some(cmd) = self.cfg.callbacks.pre_promote.clone() {
+            let timeout = self.cfg.callbacks.timeout();
+            let until = Instant::now() + timeout + std::time::Duration::from_secs(5);
+            let ran = self
+                .with_renewal(until, async move {
+                    crate::callbacks::run_and_wait("pre_promote", &cmd, &[], &[], timeout)
+                        .await
+                        .map_err(anyhow::Error::msg)
+                })
+                .await;
+            if let Err(e) = ran {
+                tracing::warn!(
+                    reason = %format!("callbacks.pre_promote did not succeed ({e:#}): not promoting; releasing the leader key"),
+                    "decision"
+                );
+                self.drop_leader_lease().await;
+                self.dcs.release_leader().await?;
+                return Err(anyhow!(
+                    "callbacks.pre_promote did not succeed ({e:#}); PostgreSQL stays a standby and the leader key was released"
+                ));
+            }
+        }
         let promoted = self.promote_standby(decision).await;
         if promoted.is_ok() {
             self.memory.acted(obs.now, action, &Outcome::DONE);

@@ -96,6 +96,8 @@ impl Agent {
             reason = "the configuration changed: rewrote it and reloaded PostgreSQL",
             "decision"
         );
+        self.callbacks
+            .fire(Event::Reload, PgRole::of(status.in_recovery));
         Ok(())
     }
 
