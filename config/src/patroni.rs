@@ -179,14 +179,48 @@ pub fn convert(text: &str, opts: &Options) -> Result<Conversion, ConvertError> {
                 .into_iter()
                 .map(|p| {
                     Problem::new(
-                        format!("(converted) {}", p.path),
-                        format!("{} (in the pgherd file this conversion made)", p.message),
+                        patroni_path(&p.path),
+                        format!("{} (as pgherd's {})", p.message, p.path),
                     )
                 })
                 .collect(),
             reports,
         }),
     }
+}
+
+/// Where a key of the converted file came from in the Patroni file, so that a problem of
+/// the result names the setting to fix there.
+fn patroni_path(pgherd: &str) -> String {
+    const ORIGIN: &[(&str, &str)] = &[
+        ("cluster", "scope"),
+        ("etcd", "etcd3"),
+        ("api.http_listen", "restapi.listen"),
+        ("api.listen", "restapi.listen"),
+        ("api.connect_address", "restapi.connect_address"),
+        ("api.tls.cert", "restapi.certfile"),
+        ("api.tls.key", "restapi.keyfile"),
+        ("api.tls.ca", "restapi.cafile"),
+        ("api.tls", "restapi"),
+        ("api.auth_token", "restapi.authentication.password"),
+        ("api", "restapi"),
+        ("postgres.superuser", "postgresql.authentication.superuser"),
+        (
+            "postgres.replication",
+            "postgresql.authentication.replication",
+        ),
+        ("postgres.command_timeout", "postgresql.pg_ctl_timeout"),
+        ("postgres", "postgresql"),
+        ("callbacks", "postgresql.callbacks"),
+    ];
+    for (from, to) in ORIGIN {
+        if let Some(rest) = pgherd.strip_prefix(from) {
+            if rest.is_empty() || rest.starts_with('.') || rest.starts_with('[') {
+                return format!("{to}{rest}");
+            }
+        }
+    }
+    pgherd.to_string()
 }
 
 /// One section of the Patroni file being read: what was taken from it, so that the rest is
@@ -457,44 +491,62 @@ impl Walk {
                 "is set but protocol is not https: carried as etcd.ca, and the endpoints use http:// as Patroni did (pgherd uses TLS only with https:// endpoints)",
             );
         }
-        let mut endpoints: Vec<String> = Vec::new();
+        // Patroni's precedence: url, else hosts, else host; `port` is the default port.
+        let default_port = self.seconds(&mut s, "port").unwrap_or(2379);
         let with_scheme = |h: &str| {
             let h = h.trim();
             if h.contains("://") {
                 h.to_string()
-            } else if h.contains(':') {
+            } else if h
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
                 format!("{scheme}://{h}")
             } else {
-                format!("{scheme}://{h}:2379")
+                format!("{scheme}://{h}:{default_port}")
             }
         };
-        if let Some(v) = s.get("hosts") {
+        let mut endpoints: Vec<String> = Vec::new();
+        let mut url_credentials = false;
+        if let Some(url) = self.string(&mut s, "url") {
+            // Credentials in the URL are etcd.username/password in pgherd.
+            let (scheme_part, rest) = url.split_once("://").unwrap_or(("http", url.as_str()));
+            let authority = rest.split('/').next().unwrap_or(rest);
+            let (creds, hostport) = match authority.rsplit_once('@') {
+                Some((c, h)) => (Some(c), h),
+                None => (None, authority),
+            };
+            if let Some(c) = creds {
+                url_credentials = true;
+                let (user, password) = c.split_once(':').unwrap_or((c, ""));
+                put(&mut out, "username", user);
+                put(&mut out, "password", password);
+            }
+            endpoints.push(with_scheme(&format!("{scheme_part}://{hostport}")));
+        }
+        for key in ["hosts", "host"] {
+            let Some(v) = s.get(key) else { continue };
+            if !endpoints.is_empty() {
+                self.report(
+                    s.at(key),
+                    "Patroni ignores it when a url (or hosts) is set; not carried",
+                );
+                continue;
+            }
             match v {
                 Value::String(t) => endpoints.extend(t.split(',').map(with_scheme)),
                 Value::Sequence(items) => {
                     for i in items {
-                        match i {
-                            Value::String(t) => endpoints.push(with_scheme(t)),
-                            _ => self.report(s.at("hosts"), "has an entry that is not host:port"),
+                        match i.as_str() {
+                            Some(t) => endpoints.push(with_scheme(t)),
+                            None => self.report(s.at(key), "has an entry that is not host:port"),
                         }
                     }
                 }
                 _ => self.report(
-                    s.at("hosts"),
-                    "is neither a list nor a comma-separated string",
+                    s.at(key),
+                    "is neither host:port, a list nor a comma-separated string",
                 ),
-            }
-        }
-        if let Some(h) = self.string(&mut s, "host") {
-            endpoints.push(with_scheme(&h));
-        }
-        for key in ["url", "urls"] {
-            match s.get(key) {
-                Some(Value::String(t)) => endpoints.extend(t.split(',').map(with_scheme)),
-                Some(Value::Sequence(items)) => {
-                    endpoints.extend(items.iter().filter_map(|i| i.as_str()).map(with_scheme))
-                }
-                _ => {}
             }
         }
         for key in ["srv", "srv_suffix", "proxy", "discovery_srv"] {
@@ -517,9 +569,13 @@ impl Walk {
             "endpoints",
             Value::Sequence(endpoints.into_iter().map(Value::from).collect()),
         );
-        for (from, to) in [("username", "username"), ("password", "password")] {
-            if let Some(v) = self.string(&mut s, from) {
-                put(&mut out, to, v);
+        for key in ["username", "password"] {
+            if let Some(v) = self.string(&mut s, key) {
+                if url_credentials {
+                    self.report(s.at(key), "the url's credentials are used, as Patroni does");
+                } else {
+                    put(&mut out, key, v);
+                }
             }
         }
         for (from, to) in [("cacert", "ca"), ("cert", "cert"), ("key", "key")] {
@@ -640,6 +696,11 @@ impl Walk {
         }
         let mut auth = self.section(&mut s, "authentication");
         let _ = self.string(&mut auth, "username");
+        let no_token = || {
+            "# No api.auth_token: pgherdctl's changing commands (switchover, pause, ...) are refused\n\
+             # until every member's file has the same token (16 characters or more).\n"
+                .to_string()
+        };
         match self.string(&mut auth, "password") {
             Some(p) if p.chars().count() >= 16 && !p.contains(['\n', '\r']) => {
                 self.report(
@@ -653,14 +714,9 @@ impl Walk {
                     auth.path.clone(),
                     "pgherd protects changing requests with a bearer token of at least 16 characters (api.auth_token), not basic auth; this password is too short to be one, so no token is set and pgherdctl's changing commands (switchover, pause, ...) are refused until every member has the same api.auth_token",
                 );
+                self.header.push(no_token());
             }
-            None => {
-                self.header.push(
-                    "# No api.auth_token: pgherdctl's changing commands (switchover, pause, ...) are refused\n\
-                     # until every member's file has the same token (16 characters or more).\n"
-                        .to_string(),
-                );
-            }
+            None => self.header.push(no_token()),
         }
         self.rest(&auth);
         self.rest(&s);
@@ -768,9 +824,13 @@ impl Walk {
                 }
             }
             if let Some(Value::Sequence(lines)) = dcs_pg.remove("pg_hba") {
-                if !s.map.is_some_and(|m| m.contains_key("pg_hba")) {
+                let why = if s.map.is_some_and(|m| m.contains_key("pg_hba")) {
+                    "pgherd has pg_hba lines per member only: postgresql.pg_hba is kept, these are not carried"
+                } else {
                     put(&mut pg, "pg_hba", Value::Sequence(lines));
-                }
+                    "pgherd has pg_hba lines per member only: carried to postgres.pg_hba, placed before pgherd's own lines (convert every member's file)"
+                };
+                self.report("bootstrap.dcs.postgresql.pg_hba", why);
             }
             if let Some(t) = dcs_pg.remove("pg_ctl_timeout") {
                 if !s.map.is_some_and(|m| m.contains_key("pg_ctl_timeout")) {
@@ -889,7 +949,7 @@ impl Walk {
     fn parameters(&mut self, s: &mut Section, key: &str) -> Mapping {
         let mut out = Mapping::new();
         let path = s.at(key);
-        let Some(v) = s.get(key) else {
+        let Some(v) = s.get(key).filter(|v| !v.is_null()) else {
             return out;
         };
         let Some(m) = v.as_mapping() else {

@@ -132,8 +132,14 @@ fn scope_name_and_etcd3_hosts_become_cluster_name_and_endpoints() {
     // hosts as a list, host alone, url
     let c = ok(&patroni("etcd3: {hosts: [a:2379, 'b:2380'], host: null}"));
     assert_eq!(c.config.etcd.endpoints, ["http://a:2379", "http://b:2380"]);
-    let c = ok(&patroni("etcd3: {hosts: null, url: 'https://e:2379'}"));
+    let c = ok(&patroni(
+        "etcd3: {url: 'https://pgherd:etcd-secret-4242@e:2379'}",
+    ));
     assert_eq!(c.config.etcd.endpoints, ["https://e:2379"]);
+    assert_eq!(c.config.etcd.password.as_deref(), Some("etcd-secret-4242"));
+    assert!(report(&c, "etcd3.hosts").contains("ignores"));
+    let c = ok(&patroni("etcd3: {hosts: [a, b], port: 2389}"));
+    assert_eq!(c.config.etcd.endpoints, ["http://a:2389", "http://b:2389"]);
 }
 
 #[test]
@@ -214,6 +220,7 @@ fn restapi_becomes_the_http_checks_and_its_password_the_token() {
     assert_eq!(c.config.api.auth_token, None);
     assert!(report(&c, "restapi.authentication").contains("at least 16"));
     assert!(!Problem::list(&c.reports).contains("short-4242"));
+    assert!(c.yaml.contains("# No api.auth_token"), "{}", c.yaml);
 }
 
 #[test]
@@ -463,4 +470,38 @@ fn the_header_says_what_to_review() {
     assert!(c.yaml.starts_with("# pgherd member configuration"));
     assert!(c.yaml.contains("port 9008"));
     assert!(c.yaml.contains("chmod 600"));
+}
+
+#[test]
+fn problems_of_the_result_name_the_patroni_setting() {
+    match convert(
+        &patroni("postgresql: {data_dir: data/pg0}"),
+        &Options::default(),
+    ) {
+        Err(ConvertError::Unconvertible { problems, .. }) => {
+            assert_eq!(problems[0].path, "postgresql.data_dir", "{problems:?}");
+            assert!(
+                problems[0].message.contains("postgres.data_dir"),
+                "{problems:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(patroni_path("api.tls.cert"), "restapi.certfile");
+    assert_eq!(patroni_path("bootstrap.dcs.ttl"), "bootstrap.dcs.ttl");
+    assert_eq!(patroni_path("etcd.endpoints[0]"), "etcd3.endpoints[0]");
+}
+
+#[test]
+fn cluster_wide_pg_hba_and_empty_sections_are_carried_quietly_or_reported() {
+    let empty = "      parameters:\n        max_connections: 200\n        wal_level: replica\n";
+    assert!(BASE.contains(empty));
+    let text = BASE.replace(
+        empty,
+        "      parameters:\n      pg_hba: [host all all 0.0.0.0/0 md5]\n",
+    );
+    let c = ok(&text);
+    assert_eq!(c.config.postgres.pg_hba, ["host all all 0.0.0.0/0 md5"]);
+    assert!(report(&c, "bootstrap.dcs.postgresql.pg_hba").contains("per member"));
+    no_report(&c, "bootstrap.dcs.postgresql.parameters");
 }
