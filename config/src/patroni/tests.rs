@@ -264,6 +264,16 @@ fn postgresql_section_and_authentication_are_carried() {
     // `*` stays PostgreSQL's; an empty host listens everywhere.
     let c = ok(&patroni("postgresql: {listen: '*:5433'}"));
     assert_eq!(c.config.postgres.listen, "*:5433");
+    // Several addresses, as Patroni's listen allows: PostgreSQL's listen_addresses.
+    let c = ok(&patroni("postgresql: {listen: '127.0.0.1,10.0.0.1:5432'}"));
+    assert_eq!(c.config.postgres.listen, "127.0.0.1,10.0.0.1:5432");
+    let c = ok(&patroni("postgresql: {listen: ':5432'}"));
+    assert_eq!(c.config.postgres.listen, "*:5432");
+    let c = ok(&patroni(
+        "restapi: {listen: '[::]:8008', connect_address: '[fd00::1]:8008'}",
+    ));
+    assert_eq!(c.config.api.listen, "[::]:9008");
+    assert_eq!(c.config.api.connect_address, "[fd00::1]:9008");
 }
 
 #[test]
