@@ -240,7 +240,7 @@ async fn convert_patroni_prints_a_valid_file_reports_on_stderr_and_exits_by_the_
     let patroni = dir.path().join("patroni.yml");
     std::fs::write(
         &patroni,
-        "scope: demo\nname: pg-1\nrestapi: {listen: 0.0.0.0:8008, connect_address: 10.0.0.1:8008, authentication: {username: u, password: basic-auth-secret}}\netcd3: {hosts: [10.0.0.5:2379], protocol: https, cacert: /etc/etcd/ca.pem, username: patroni, password: etcd-secret-pw}\npostgresql: {listen: 0.0.0.0:5432, connect_address: 10.0.0.1:5432, data_dir: /var/lib/postgresql/15/main, authentication: {superuser: {username: postgres, password: su-secret-pw}, replication: {username: replicator, password: repl-secret-pw}}, callbacks: {on_reload: /bin/true}}\nwatchdog: {mode: automatic}\ntags: {datacenter: east}\n",
+        "scope: demo\nname: pg-1\nrestapi: {listen: 0.0.0.0:8008, connect_address: 10.0.0.1:8008, authentication: {username: u, password: Zq9sh}}\netcd3: {hosts: [10.0.0.5:2379], protocol: https, cacert: /etc/etcd/ca.pem, username: patroni, password: etcd-secret-pw}\npostgresql: {listen: 0.0.0.0:5432, connect_address: 10.0.0.1:5432, data_dir: /var/lib/postgresql/15/main, authentication: {superuser: {username: postgres, password: su-secret-pw}, replication: {username: replicator, password: repl-secret-pw}}, callbacks: {on_reload: /bin/true}}\nwatchdog: {mode: automatic}\ntags: {datacenter: east}\n",
     )?;
     let out = agent(&["convert-patroni", patroni.to_str().context("path")?])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -260,12 +260,7 @@ async fn convert_patroni_prints_a_valid_file_reports_on_stderr_and_exits_by_the_
             "no report at {path}: {stderr}"
         );
     }
-    for secret in [
-        "basic-auth-secret",
-        "etcd-secret-pw",
-        "su-secret-pw",
-        "repl-secret-pw",
-    ] {
+    for secret in ["Zq9sh", "etcd-secret-pw", "su-secret-pw", "repl-secret-pw"] {
         ensure!(!stderr.contains(secret), "stderr shows a secret: {stderr}");
     }
     let converted = dir.path().join("node1.yml");
@@ -426,6 +421,17 @@ async fn takeover(cluster: &Cluster, patronis: &mut Patronis, patronictl: &Path)
     for r in [node2, node3] {
         wait_streaming_from(r, node1, 1, REPLICATION).await?;
     }
+    // Load balancers and scripts keep asking the same port as under Patroni.
+    let status = http_get(node1.http_port(), "GET", "/patroni").await?;
+    let body = status.json()?;
+    ensure!(
+        status.status == 200
+            && body["role"] == "primary"
+            && body["database_system_identifier"] == sysid.to_string().as_str(),
+        "node1's /patroni after the move: {} {}",
+        status.status,
+        status.body
+    );
     sql_batch(
         node1,
         "INSERT INTO handover SELECT g, 'under pgherd' FROM generate_series(1101, 1200) g;",

@@ -340,30 +340,30 @@ impl Walk {
                 put(&mut api, "plaintext", true);
             }
         }
+        // Basic auth on the REST API's changing requests is api.http_auth, as Patroni's.
         let mut auth = self.section(&mut s, "authentication");
-        let _ = self.string(&mut auth, "username");
-        let no_token = || {
+        let user = self.string(&mut auth, "username");
+        let password = self.string(&mut auth, "password");
+        match (user, password) {
+            (Some(u), Some(p))
+                if !u.is_empty() && !u.contains(':') && p.len() >= 8 && !p.contains(['\n', '\r']) =>
+            {
+                let mut basic = Mapping::new();
+                put(&mut basic, "username", u);
+                put(&mut basic, "password", p);
+                put(&mut api, "http_auth", basic);
+            }
+            (None, None) => {}
+            _ => self.report(
+                auth.path.clone(),
+                "pgherd's api.http_auth needs a user name without a colon and a password of at least 8 characters; not carried, so the REST API's changing requests need the bearer token (api.auth_token)",
+            ),
+        }
+        self.header.push(
             "# No api.auth_token: pgherdctl's changing commands (switchover, pause, ...) are refused\n\
              # until every member's file has the same token (16 characters or more).\n"
-                .to_string()
-        };
-        match self.string(&mut auth, "password") {
-            Some(p) if p.chars().count() >= 16 && !p.contains(['\n', '\r']) => {
-                self.report(
-                    auth.path.clone(),
-                    "pgherd protects changing requests with a bearer token, not basic auth: the password became api.auth_token (the username is not used); pgherdctl sends it from the member file",
-                );
-                put(&mut api, "auth_token", p);
-            }
-            Some(_) => {
-                self.report(
-                    auth.path.clone(),
-                    "pgherd protects changing requests with a bearer token of at least 16 characters (api.auth_token), not basic auth; this password is too short to be one, so no token is set and pgherdctl's changing commands (switchover, pause, ...) are refused until every member has the same api.auth_token",
-                );
-                self.header.push(no_token());
-            }
-            None => self.header.push(no_token()),
-        }
+                .to_string(),
+        );
         self.rest(&auth);
         self.rest(&s);
         api

@@ -196,15 +196,20 @@ fn etcd_v2_section_is_used_with_a_report_and_other_dcs_cannot_be() {
 }
 
 #[test]
-fn restapi_becomes_the_http_checks_and_its_password_the_token() {
+fn restapi_becomes_the_http_checks_and_its_authentication_http_auth() {
     let c = ok(BASE);
     let a = &c.config.api;
     assert_eq!(a.http_listen.as_deref(), Some("0.0.0.0:8008"));
     assert_eq!(a.listen, "0.0.0.0:9008");
     assert_eq!(a.connect_address, "10.0.0.1:9008");
     assert!(a.plaintext);
-    assert_eq!(a.auth_token.as_deref(), Some("rest-api-secret-0123456789"));
-    assert!(report(&c, "restapi.authentication").contains("bearer token"));
+    let basic = a.http_auth.as_ref().expect("http_auth");
+    assert_eq!(basic.username, "patroni");
+    assert_eq!(basic.password, "rest-api-secret-0123456789");
+    // No token is made up: the header says what is refused without one.
+    assert_eq!(a.auth_token, None);
+    assert!(c.yaml.contains("# No api.auth_token"), "{}", c.yaml);
+    no_report(&c, "restapi.authentication");
     let c = convert(
         BASE,
         &Options {
@@ -213,14 +218,11 @@ fn restapi_becomes_the_http_checks_and_its_password_the_token() {
     )
     .expect("converts");
     assert_eq!(c.config.api.listen, "0.0.0.0:7000");
-    // Too short for a token: none, and the report says what to do.
-    let c = ok(&patroni(
-        "restapi: {authentication: {password: short-4242}}",
-    ));
-    assert_eq!(c.config.api.auth_token, None);
-    assert!(report(&c, "restapi.authentication").contains("at least 16"));
-    assert!(!Problem::list(&c.reports).contains("short-4242"));
-    assert!(c.yaml.contains("# No api.auth_token"), "{}", c.yaml);
+    // Too short for pgherd's basic auth: not carried, and the report says why.
+    let c = ok(&patroni("restapi: {authentication: {password: short}}"));
+    assert_eq!(c.config.api.http_auth, None);
+    assert!(report(&c, "restapi.authentication").contains("at least 8"));
+    assert!(!Problem::list(&c.reports).contains("short"));
 }
 
 #[test]
