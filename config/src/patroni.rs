@@ -50,7 +50,7 @@ const API_PORT_OFFSET: u16 = 1000;
 /// What carries no meaning in pgherd, by Patroni path; `*` matches one segment.
 const NOT_CARRIED: &[(&str, &str)] = &[
     ("namespace", "pgherd keeps its keys under /pgherd/<cluster>/; there is no namespace"),
-    ("log", "pgherd-agent logs to stderr (level: the PGHERD_LOG environment variable, e.g. PGHERD_LOG=debug); send it to a file or journald from the service manager"),
+    ("log", "pgherd-agent logs to stderr, as text or JSON lines (--log-format, PGHERD_LOG_FORMAT) filtered by PGHERD_LOG (e.g. debug); the service manager (journald) keeps it"),
     ("ctl", "pgherdctl reads a member's file (--config) for the API address, TLS files and token"),
     ("citus", "pgherd does not manage Citus"),
     ("thread_pool_size", "the agent has no thread pool setting"),
