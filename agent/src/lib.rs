@@ -6,6 +6,7 @@ pub mod api;
 pub mod backup;
 pub mod board;
 pub mod callbacks;
+pub mod convert;
 pub mod dcs;
 pub mod failpoint;
 pub mod fsutil;

@@ -65,6 +65,18 @@ enum Command {
         /// Where PostgreSQL wants it (`%p`).
         path: PathBuf,
     },
+    /// Convert a Patroni configuration file (patroni.yml) into this member's pgherd file:
+    /// the file on stdout, one line per setting not carried on stderr (`path: why`). Exit 0
+    /// when converted (reported settings included), 1 when the Patroni file cannot make a
+    /// valid pgherd file (nothing on stdout), 2 when it is not YAML or not Patroni's.
+    /// The output holds passwords: `umask 077` before redirecting it.
+    ConvertPatroni {
+        /// The Patroni configuration file.
+        file: PathBuf,
+        /// Port of pgherd's control API (gRPC, api.listen); default: restapi's port + 1000.
+        #[arg(long, value_name = "PORT")]
+        api_port: Option<u16>,
+    },
     /// Internal: revokes leader lease LEASE for the fencing watchdog (pgherd-watchdog) once it
     /// fenced the PostgreSQL of an agent that died; the etcd settings come on stdin.
     #[command(hide = true)]
@@ -208,6 +220,9 @@ fn main() -> ExitCode {
                 (None, None) => Err(WalFailure::Other(NO_REPOSITORY.to_string())),
             }
         }),
+        Some(Command::ConvertPatroni { file, api_port }) => {
+            pgherd_agent::convert::run(&file, api_port)
+        }
         Some(Command::CheckConfig { file }) => {
             let Some(path) = file.or(cli.config) else {
                 eprintln!("check-config needs a FILE (or --config FILE)");

@@ -7,6 +7,7 @@
 pub mod backup;
 pub mod lenient;
 pub mod patch;
+pub mod patroni;
 mod secret;
 pub mod tls;
 mod validate;

@@ -288,7 +288,7 @@ fn check_credentials(path: &str, c: &crate::Credentials, out: &mut Vec<Problem>)
 }
 
 /// Parameters pgherd derives from other keys; setting them directly would fight the agent.
-const MANAGED_PARAMETERS: &[(&str, &str)] = &[
+pub(crate) const MANAGED_PARAMETERS: &[(&str, &str)] = &[
     ("port", "set postgres.listen instead"),
     ("listen_addresses", "set postgres.listen instead"),
     ("data_directory", "set postgres.data_dir instead"),
