@@ -23,6 +23,13 @@ fn tags_text(t: &pgherd_config::Tags) -> String {
     if t.failover_priority != 1 {
         parts.push(format!("priority={}", t.failover_priority));
     }
+    // Custom tags as written: a string without its quotes, anything else as JSON.
+    for (k, v) in &t.custom {
+        match v {
+            serde_json::Value::String(s) => parts.push(format!("{k}={s}")),
+            other => parts.push(format!("{k}={other}")),
+        }
+    }
     parts.join(",")
 }
 
@@ -34,7 +41,7 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
             s.push('\n');
             s
         }
-        Format::Table => {
+        Format::Table | Format::Csv => {
             // An Upstream column only when some replica cascades from another.
             let leader = view.leader_name();
             let cascading = rows
@@ -163,7 +170,7 @@ pub fn render_topology(cluster: &str, view: &ClusterView, format: Format) -> Str
             s.push('\n');
             s
         }
-        Format::Table => {
+        Format::Table | Format::Csv => {
             let mut out = format!(
                 "Cluster: {cluster} (leader: {})\n",
                 view.leader_name().unwrap_or("none")
@@ -223,7 +230,7 @@ pub fn render_slots(r: &pgherd_proto::v1::SlotsResponse, format: Format) -> Stri
             s.push('\n');
             s
         }
-        Format::Table => {
+        Format::Table | Format::Csv => {
             let cells = r
                 .slots
                 .iter()
@@ -285,7 +292,7 @@ pub fn render_backups(summary_json: &str) -> Option<String> {
 }
 
 /// A boxed text table.
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut cells = rows;
     cells.insert(0, header.iter().map(|h| h.to_string()).collect());
     let widths: Vec<usize> = (0..header.len())
@@ -322,7 +329,7 @@ pub fn render_history(entries: &[HistoryEntry], format: Format) -> String {
         Format::Table if entries.is_empty() => {
             "No failovers yet: the cluster is on its first timeline.\n".to_string()
         }
-        Format::Table => table(
+        Format::Table | Format::Csv => table(
             &["TL", "Switch LSN", "Time", "New leader", "Reason"],
             entries
                 .iter()
