@@ -731,6 +731,70 @@ impl Dcs {
         }
     }
 
+    /// Deletes every key of the cluster (`pgherdctl remove`) in one transaction, only while
+    /// no member key and no leader key exists: a live agent keeps its member key under its
+    /// lease, so nothing is deleted under a running agent. `Ok(Err(names))`: the members
+    /// whose keys stand (nothing deleted); `Ok(Ok(n))`: `n` keys deleted.
+    pub async fn remove_cluster(&self) -> Result<std::result::Result<i64, Vec<String>>> {
+        let members = self.key("members/");
+        let txn = Txn::new()
+            .when([
+                Compare::version(members.clone(), CompareOp::Equal, 0).with_prefix(),
+                Compare::version(self.key("leader"), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::delete(
+                self.prefix.clone(),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )])
+            .or_else([
+                TxnOp::get(
+                    members.clone(),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                ),
+                TxnOp::get(self.key("leader"), None),
+            ]);
+        let mut c = self.client.clone();
+        let resp = self.timed(c.txn(txn)).await?;
+        let mut deleted = 0;
+        let mut alive = Vec::new();
+        for op in resp.op_responses() {
+            match op {
+                etcd_client::TxnOpResponse::Delete(d) => deleted += d.deleted(),
+                etcd_client::TxnOpResponse::Get(g) => {
+                    for kv in g.kvs() {
+                        let key = String::from_utf8_lossy(kv.key());
+                        match key.strip_prefix(members.as_str()) {
+                            Some(name) => alive.push(name.to_string()),
+                            None => alive.push(format!(
+                                "{} (leader key)",
+                                String::from_utf8_lossy(kv.value())
+                            )),
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if resp.succeeded() {
+            Ok(Ok(deleted))
+        } else {
+            alive.dedup();
+            Ok(Err(alive))
+        }
+    }
+
+    /// Every key under the cluster's prefix (`pgherdctl remove` shows how many it deletes).
+    pub async fn count_keys(&self) -> Result<i64> {
+        let mut c = self.client.clone();
+        let resp = self
+            .timed(c.get(
+                self.prefix.clone(),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            ))
+            .await?;
+        Ok(resp.count())
+    }
+
     /// The stored dynamic config as JSON text, with its revision (0 when absent).
     pub async fn config_with_revision(&self) -> Result<(Option<String>, i64)> {
         let mut c = self.client.clone();
