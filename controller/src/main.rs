@@ -166,8 +166,8 @@ pub enum Command {
     /// table, CSV (--format csv) or JSON. Connects as the config's superuser unless
     /// --username (then the password comes from PGPASSWORD).
     Query {
-        /// The SQL (one or more statements).
-        #[arg(short = 'c', long, value_name = "SQL", conflicts_with = "file")]
+        /// The SQL (one or more statements). (-c is --config here, unlike patronictl.)
+        #[arg(long, value_name = "SQL", conflicts_with = "file")]
         command: Option<String>,
         /// Read the SQL from this file (- for standard input).
         #[arg(long, value_name = "FILE")]
@@ -437,5 +437,14 @@ fn main() -> ExitCode {
             eprintln!("pgherdctl: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }
