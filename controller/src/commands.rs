@@ -503,11 +503,17 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
             )
             .await?
         }
-        Command::EditConfig { set, apply, force } => {
-            let source = match (set.is_empty(), apply) {
-                (false, _) => crate::config_edit::Source::Sets(set),
-                (true, Some(path)) => crate::config_edit::Source::File(path),
-                (true, None) => crate::config_edit::Source::Editor,
+        Command::EditConfig {
+            set,
+            apply,
+            replace,
+            force,
+        } => {
+            let source = match (set.is_empty(), apply, replace) {
+                (false, _, _) => crate::config_edit::Source::Sets(set),
+                (true, Some(path), _) => crate::config_edit::Source::Patch(path),
+                (true, None, Some(path)) => crate::config_edit::Source::Replace(path),
+                (true, None, None) => crate::config_edit::Source::Editor,
             };
             crate::config_edit::edit_config(&target, cli.format, source, *force).await?
         }

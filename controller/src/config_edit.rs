@@ -21,7 +21,32 @@ use crate::{Failure, Format};
 pub enum Source<'a> {
     Sets(&'a [String]),
     Editor,
-    File(&'a Path),
+    /// `--apply FILE`: a patch, as patronictl's: the keys it gives are set, `null` removes
+    /// one, keys it leaves out stay.
+    Patch(&'a Path),
+    /// `--replace FILE`: the whole configuration; keys it leaves out are removed.
+    Replace(&'a Path),
+}
+
+/// `patch` merged into `base` (RFC 7396): an object merges key by key, `null` removes the
+/// key, anything else replaces it.
+pub fn merge_patch(base: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !base.is_object() {
+                *base = Value::Object(serde_json::Map::new());
+            }
+            let b = base.as_object_mut().expect("made an object just above");
+            for (k, v) in p {
+                if v.is_null() {
+                    b.remove(k);
+                } else {
+                    merge_patch(b.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *base = other.clone(),
+    }
 }
 
 /// The `--set` list that turns `old` into `new`: each changed leaf as JSON text (which is
@@ -81,9 +106,8 @@ pub fn sets_between(old: &Value, new: &Value) -> Result<Vec<(String, String)>, F
     Ok(out)
 }
 
-/// Reads a YAML document (the edited file, or `--apply`'s) as the new configuration:
-/// refused, naming `what`, when it is not YAML or not a valid configuration.
-fn parse_document(text: &str, what: &str) -> Result<Value, Failure> {
+/// Reads a YAML mapping: refused, naming `what`, when it is not one.
+fn parse_yaml(text: &str, what: &str) -> Result<Value, Failure> {
     let value: Value = serde_yaml::from_str(text)
         .map_err(|e| Failure::Refused(format!("{what} is not valid YAML: {e}; nothing changed")))?;
     if !value.is_object() {
@@ -91,6 +115,23 @@ fn parse_document(text: &str, what: &str) -> Result<Value, Failure> {
             "{what} is not a YAML mapping of configuration keys; nothing changed"
         )));
     }
+    Ok(value)
+}
+
+/// Removes every key whose value is `null`, in mappings at any depth: in a whole document
+/// (`--replace`, the editor) an empty or null key means the key is not set, as in a patch;
+/// `parameters:` left with no entries is YAML's null.
+fn drop_nulls(v: &mut Value) {
+    if let Value::Object(m) = v {
+        m.retain(|_, x| !x.is_null());
+        m.values_mut().for_each(drop_nulls);
+    }
+}
+
+/// Checks the new configuration as the agents will read it: refused, naming `what` and
+/// every problem's path, when it is not valid.
+fn check_document(mut value: Value, what: &str) -> Result<Value, Failure> {
+    drop_nulls(&mut value);
     let bytes = serde_json::to_vec(&value).expect("JSON values serialize");
     pgherd_config::parse_dynamic(&bytes).map_err(|p| {
         Failure::Refused(format!(
@@ -142,6 +183,21 @@ fn edit(current_yaml: &str) -> Result<Option<String>, Failure> {
     Ok((edited != current_yaml).then_some(edited))
 }
 
+/// The text of `--apply FILE` or `--replace FILE` (`-`: standard input) and how to name it.
+fn read_file(flag: &str, path: &Path) -> Result<(String, String), Failure> {
+    if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Failure::Usage(format!("cannot read {flag} - (standard input): {e}")))?;
+        Ok((s, format!("{flag} - (standard input)")))
+    } else {
+        let s = std::fs::read_to_string(path)
+            .map_err(|e| Failure::Usage(format!("cannot read {flag} {}: {e}", path.display())))?;
+        Ok((s, format!("{flag} {}", path.display())))
+    }
+}
+
 pub async fn edit_config(
     target: &Target,
     format: Format,
@@ -159,7 +215,7 @@ pub async fn edit_config(
             }
             sets
         }
-        Source::Editor | Source::File(_) => {
+        Source::Editor | Source::Patch(_) | Source::Replace(_) => {
             let view = target.view().await?;
             let current: DynamicConfig = match &view.config {
                 Some(Ok(c)) => c.clone(),
@@ -172,26 +228,24 @@ pub async fn edit_config(
             };
             let old = serde_json::to_value(&current).expect("a DynamicConfig serializes");
             let new = match source {
-                Source::File(path) => {
-                    let (text, what) = if path == Path::new("-") {
-                        let mut s = String::new();
-                        std::io::stdin().read_to_string(&mut s).map_err(|e| {
-                            Failure::Usage(format!("cannot read --apply - (standard input): {e}"))
-                        })?;
-                        (s, "--apply - (standard input)".to_string())
-                    } else {
-                        let s = std::fs::read_to_string(path).map_err(|e| {
-                            Failure::Usage(format!("cannot read --apply {}: {e}", path.display()))
-                        })?;
-                        (s, format!("--apply {}", path.display()))
-                    };
-                    parse_document(&text, &what)?
+                Source::Patch(path) => {
+                    let (text, what) = read_file("--apply", path)?;
+                    let mut new = old.clone();
+                    merge_patch(&mut new, &parse_yaml(&text, &what)?);
+                    check_document(new, &what)?
+                }
+                Source::Replace(path) => {
+                    let (text, what) = read_file("--replace", path)?;
+                    check_document(parse_yaml(&text, &what)?, &what)?
                 }
                 _ => {
                     let yaml = serde_yaml::to_string(&current)
                         .map_err(|e| Failure::Refused(e.to_string()))?;
                     match edit(&yaml)? {
-                        Some(text) => parse_document(&text, "the edited configuration")?,
+                        Some(text) => {
+                            let what = "the edited configuration";
+                            check_document(parse_yaml(&text, what)?, what)?
+                        }
                         None => old.clone(),
                     }
                 }
@@ -287,6 +341,20 @@ mod tests {
                 ),
                 ("ttl".to_string(), "20".to_string()),
             ]
+        );
+    }
+
+    #[test]
+    fn a_patch_sets_what_it_gives_removes_nulls_and_keeps_the_rest() {
+        let mut base =
+            json!({"ttl": 30, "loop_wait": 10, "postgresql": {"parameters": {"a": "1", "b": "2"}}});
+        merge_patch(
+            &mut base,
+            &json!({"ttl": 20, "postgresql": {"parameters": {"a": null, "c": "3"}}}),
+        );
+        assert_eq!(
+            base,
+            json!({"ttl": 20, "loop_wait": 10, "postgresql": {"parameters": {"b": "2", "c": "3"}}})
         );
     }
 

@@ -162,7 +162,7 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Run SQL on a member's PostgreSQL (the leader by default) and print the rows as a
+    /// Run SQL on a member's PostgreSQL (the leader if there is one, by default) and print the rows as a
     /// table, CSV (--format csv) or JSON. Connects as the config's superuser unless
     /// --username (then the password comes from PGPASSWORD).
     Query {
@@ -175,7 +175,8 @@ pub enum Command {
         /// Run it on this member.
         #[arg(short = 'm', long, conflicts_with = "role")]
         member: Option<String>,
-        /// Run it on the leader, a replica (the least lagging), or any running member.
+        /// Run it on the leader, a replica (the least lagging), or any running member
+        /// (default: any, the leader first).
         #[arg(short = 'r', long, value_enum)]
         role: Option<MemberRole>,
         /// The database.
@@ -186,7 +187,7 @@ pub enum Command {
         username: Option<String>,
     },
     /// Print a libpq connection string (host=... port=...) for a member, or for the
-    /// leader, a replica or any member with --role (default: the leader).
+    /// leader, a replica or any member with --role (default: any, the leader first).
     Dsn {
         /// This member.
         #[arg(short = 'm', long, conflicts_with = "role")]
@@ -365,10 +366,14 @@ pub enum Command {
         /// removes the key). Repeat for several keys.
         #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "apply")]
         set: Vec<String>,
-        /// The whole configuration as YAML in FILE (- for standard input): what differs from
-        /// the stored one is changed, keys it leaves out are removed (defaults apply).
-        #[arg(long, value_name = "FILE")]
+        /// Apply the YAML in FILE (- for standard input) as a patch, like one --set per key
+        /// it gives: a null value removes the key, keys it leaves out stay as they are.
+        #[arg(long, value_name = "FILE", conflicts_with = "replace")]
         apply: Option<PathBuf>,
+        /// Replace the whole configuration with the YAML in FILE (- for standard input):
+        /// keys it leaves out are removed (their defaults apply).
+        #[arg(long, value_name = "FILE", conflicts_with = "set")]
+        replace: Option<PathBuf>,
         /// Do not ask for confirmation.
         #[arg(long)]
         force: bool,

@@ -11,9 +11,9 @@ use tokio_postgres::SimpleQueryMessage;
 use crate::agents::Target;
 use crate::{Failure, Format, MemberRole};
 
-/// The member `--member` names, or the first of `--role` (default: the leader). A replica
-/// is the least lagging healthy one (by name among equals); `any` is the leader, else the
-/// first healthy member.
+/// The member `--member` names, or the first of `--role` (default `any`, as patronictl). A
+/// replica is the least lagging healthy one (by name among equals); `any` is the leader,
+/// else that replica.
 pub fn choose<'a>(
     view: &'a ClusterView,
     member: Option<&str>,
@@ -34,7 +34,7 @@ pub fn choose<'a>(
     healthy_replicas.sort_by(|a, b| {
         (a.lag_bytes.unwrap_or(u64::MAX), &a.name).cmp(&(b.lag_bytes.unwrap_or(u64::MAX), &b.name))
     });
-    match role.unwrap_or(MemberRole::Leader) {
+    match role.unwrap_or(MemberRole::Any) {
         MemberRole::Leader => view.leader_member().ok_or_else(|| {
             Failure::Refused("--role leader: the cluster has no leader right now".into())
         }),

@@ -474,31 +474,64 @@ async fn edit_config_applies_an_edited_or_given_yaml_refuses_an_invalid_one_and_
         );
     }
 
-    // --apply FILE: the whole document.
-    let yaml = cluster.ctl_output(&["show-config"]).await?;
-    yaml.expect_success()?;
-    let file = node1.dir().join("apply.yaml");
+    // --apply FILE: a patch, as patronictl's: what it names changes, the rest stays.
+    let patch = node1.dir().join("patch.yaml");
     std::fs::write(
-        &file,
-        yaml.stdout.replace(
-            "maximum_lag_on_failover: 2097152",
-            "maximum_lag_on_failover: 4194304",
-        ),
+        &patch,
+        "maximum_lag_on_failover: 4194304\npostgresql:\n  parameters:\n    work_mem: 8MB\n",
     )?;
-    let file = file.display().to_string();
     let out = cluster
-        .ctl_output(&["edit-config", "--apply", &file, "--force"])
+        .ctl_output(&[
+            "edit-config",
+            "--apply",
+            &patch.display().to_string(),
+            "--force",
+        ])
         .await?;
     out.expect_success()?;
     ensure!(
-        out.stdout.contains("maximum_lag_on_failover"),
-        "edit-config --apply did not show the change: {}",
+        out.stdout.contains("maximum_lag_on_failover") && out.stdout.contains("work_mem"),
+        "edit-config --apply did not show the changes: {}",
         out.stdout
     );
     let shown = cluster.ctl_json(&["show-config"]).await?;
     ensure!(
-        shown["maximum_lag_on_failover"] == 4194304,
-        "--apply did not apply: {shown}"
+        shown["maximum_lag_on_failover"] == 4194304
+            && shown["postgresql"]["parameters"]["work_mem"] == "8MB"
+            && shown["ttl"] == 4,
+        "--apply did not apply as a patch: {shown}"
+    );
+    // --replace FILE: the whole document; what it leaves out goes back to its default.
+    let yaml = cluster.ctl_output(&["show-config"]).await?;
+    yaml.expect_success()?;
+    let whole = node1.dir().join("whole.yaml");
+    std::fs::write(
+        &whole,
+        yaml.stdout
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("work_mem:"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            .replace(
+                "maximum_lag_on_failover: 4194304",
+                "maximum_lag_on_failover: 2097152",
+            ),
+    )?;
+    cluster
+        .ctl_output(&[
+            "edit-config",
+            "--replace",
+            &whole.display().to_string(),
+            "--force",
+        ])
+        .await?
+        .expect_success()?;
+    let shown = cluster.ctl_json(&["show-config"]).await?;
+    ensure!(
+        shown["maximum_lag_on_failover"] == 2097152
+            && shown["postgresql"]["parameters"].get("work_mem").is_none()
+            && shown["ttl"] == 4,
+        "--replace did not replace: {shown}"
     );
     let before = config().await?;
     cluster
