@@ -129,9 +129,18 @@ pub async fn flush(
     format: Format,
     cluster: &str,
     what: FlushWhat,
+    only: &[String],
 ) -> Result<(), Failure> {
     same_cluster(target, cluster)?;
+    if what == FlushWhat::Switchover && !only.is_empty() {
+        return Err(Failure::Usage(
+            "--member is for flush CLUSTER restart; a switchover is the cluster's".into(),
+        ));
+    }
     let view = target.view().await?;
+    for name in only {
+        Target::address_of(&view, name)?;
+    }
     match what {
         FlushWhat::Switchover => {
             let Some((h, _)) = &view.handover else {
@@ -169,7 +178,11 @@ pub async fn flush(
         FlushWhat::Restart => {
             let mut results = Vec::new();
             let mut failed = Vec::new();
-            for name in view.members.keys() {
+            for name in view
+                .members
+                .keys()
+                .filter(|n| only.is_empty() || only.contains(n))
+            {
                 let r = target
                     .on_member(&view, name, |mut c| async move {
                         c.cancel_restart(CancelRestartRequest {

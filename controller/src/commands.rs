@@ -105,9 +105,11 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Remove { cluster, force } => {
             crate::cluster::remove(&target, cli.format, cluster, *force).await?
         }
-        Command::Flush { cluster, what } => {
-            crate::cluster::flush(&target, cli.format, cluster, *what).await?
-        }
+        Command::Flush {
+            cluster,
+            what,
+            members,
+        } => crate::cluster::flush(&target, cli.format, cluster, *what, members).await?,
         Command::Backup {
             action: Some(crate::BackupAction::Verify { id }),
             ..

@@ -220,6 +220,9 @@ pub enum Command {
         cluster: String,
         #[arg(value_enum)]
         what: FlushWhat,
+        /// With restart: only this member's (repeat for several; default: every member).
+        #[arg(long = "member", value_name = "MEMBER")]
+        members: Vec<String>,
     },
     /// Print pgherdctl's version and each member's agent version (as its member key says).
     Version {

@@ -360,6 +360,20 @@ async fn a_scheduled_restart_happens_at_its_time_only_where_its_conditions_hold_
         ])
         .await?
         .expect_success()?;
+    // --member limits the flush: node2's stays.
+    let out = cluster
+        .ctl_output(&["flush", "test", "restart", "--member", "node1"])
+        .await?;
+    out.expect_success()?;
+    ensure!(
+        out.stdout.trim() == "node1: no restart scheduled",
+        "flush restart --member node1 said: {}",
+        out.stdout.trim()
+    );
+    cluster
+        .ctl_output(&["flush", "test", "restart", "--member", "node9"])
+        .await?
+        .expect_failure(1, &["node9"])?;
     let out = cluster.ctl_output(&["flush", "test", "restart"]).await?;
     out.expect_success()?;
     ensure!(
