@@ -1045,7 +1045,7 @@ mod tests {
     }
 
     #[test]
-    fn member_keys_and_tags_from_a_newer_agent_are_read() {
+    fn member_keys_from_a_newer_agent_are_read_and_unknown_tags_kept_as_custom() {
         let json = br#"{"name": "node9", "role": "replica", "state": "streaming",
             "api_address": "127.0.0.1:8008", "host": "127.0.0.1", "port": 5432,
             "tags": {"nofailover": true, "future_tag": 1}, "version": "9.0.0",
@@ -1053,7 +1053,8 @@ mod tests {
         let parsed = pgherd_config::lenient::from_json::<MemberInfo>(json).unwrap();
         assert_eq!(parsed.value.name, "node9");
         assert!(parsed.value.tags.nofailover);
-        assert_eq!(parsed.ignored, vec!["future_field", "tags.future_tag"]);
+        assert_eq!(parsed.value.tags.custom["future_tag"], 1);
+        assert_eq!(parsed.ignored, vec!["future_field"]);
     }
 
     #[test]
