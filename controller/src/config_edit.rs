@@ -5,7 +5,7 @@
 //! compare-and-swap on the `config` key).
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::path::Path;
 
 use pgherd_config::DynamicConfig;
@@ -145,6 +145,16 @@ fn check_document(mut value: Value, what: &str) -> Result<Value, Failure> {
 /// Opens `$EDITOR` (else `$VISUAL`, else `vi`) on the configuration's YAML and returns the
 /// edited text; `None` when the editor left it unchanged.
 fn edit(current_yaml: &str) -> Result<Option<String>, Failure> {
+    let chosen = ["EDITOR", "VISUAL"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|e| !e.trim().is_empty()));
+    if chosen.is_none() && !std::io::stdin().is_terminal() {
+        // vi on a pipe would wait for keys nobody types.
+        return Err(Failure::Usage(
+            "edit-config without --set, --apply or --replace opens an editor: set EDITOR, or run it from a terminal"
+                .into(),
+        ));
+    }
     let file = tempfile::Builder::new()
         .prefix("pgherd-config-")
         .suffix(".yaml")
@@ -152,15 +162,7 @@ fn edit(current_yaml: &str) -> Result<Option<String>, Failure> {
         .map_err(|e| Failure::Refused(format!("cannot create a file to edit: {e}")))?;
     std::fs::write(file.path(), current_yaml)
         .map_err(|e| Failure::Refused(format!("cannot write {}: {e}", file.path().display())))?;
-    let editor = std::env::var("EDITOR")
-        .ok()
-        .filter(|e| !e.trim().is_empty())
-        .or_else(|| {
-            std::env::var("VISUAL")
-                .ok()
-                .filter(|e| !e.trim().is_empty())
-        })
-        .unwrap_or_else(|| "vi".to_string());
+    let editor = chosen.unwrap_or_else(|| "vi".to_string());
     // Through the shell, as git does, so EDITOR may carry arguments ("code --wait").
     let status = std::process::Command::new("/bin/sh")
         .arg("-c")

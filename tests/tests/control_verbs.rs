@@ -488,6 +488,20 @@ async fn edit_config_applies_an_edited_or_given_yaml_refuses_an_invalid_one_and_
         );
     }
 
+    // No editor and no terminal: refused before anything starts.
+    ctl_output_with_input(
+        node1,
+        &["edit-config", "--force"],
+        "",
+        &[("EDITOR", ""), ("VISUAL", "")],
+    )
+    .await?
+    .expect_failure(2, &["EDITOR"])?;
+    ensure!(
+        config().await? == before,
+        "edit-config without an editor changed the config key"
+    );
+
     // --apply FILE: a patch, as patronictl's: what it names changes, the rest stays.
     let patch = node1.dir().join("patch.yaml");
     std::fs::write(
