@@ -78,6 +78,22 @@ impl ScheduledRestart {
     pub fn at_text(&self) -> String {
         humantime::format_rfc3339_seconds(self.at).to_string()
     }
+
+    /// The value of the `restarts/<member>` key: its time and conditions.
+    pub fn to_json(&self) -> serde_json::Value {
+        let c = &self.conditions;
+        let mut v = serde_json::json!({"at": self.at_text()});
+        if c.pending_only {
+            v["pending_only"] = true.into();
+        }
+        if let Some(r) = c.role {
+            v["role"] = r.as_str().into();
+        }
+        if let Some(t) = &c.older_than_text {
+            v["pg_version"] = t.clone().into();
+        }
+        v
+    }
 }
 
 /// `server_version_num` of a version given as `15`, `15.4` or `9.6.24`: what

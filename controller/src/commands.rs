@@ -186,7 +186,12 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::List => {
             let view = target.view().await?;
-            print!("{}", list::render(&target.cluster, &view, cli.format));
+            // Best effort: the scheduled restarts agents publish (older agents publish none).
+            let restarts = target.dcs.scheduled_restarts().await.unwrap_or_default();
+            print!(
+                "{}",
+                list::render(&target.cluster, &view, &restarts, cli.format)
+            );
             if cli.format == Format::Table {
                 // Best effort: the leader's agent knows the repository; list works without it.
                 if let Some(leader) = view.leader_member() {

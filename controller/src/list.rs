@@ -1,5 +1,7 @@
 //! `pgherdctl list`: the cluster's members as a table or JSON.
 
+use std::collections::BTreeMap;
+
 use pgherd_agent::dcs::model::{ClusterView, HistoryEntry, Role};
 use pgherd_agent::listing::{is_paused, rows, sync_mode, Row};
 use pgherd_config::SynchronousMode;
@@ -33,11 +35,51 @@ fn tags_text(t: &pgherd_config::Tags) -> String {
     parts.join(",")
 }
 
-pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
+/// When a member's scheduled restart is, with its conditions, in one cell.
+fn restart_text(v: &serde_json::Value) -> String {
+    let mut text = v["at"].as_str().unwrap_or("?").to_string();
+    let mut only = Vec::new();
+    if v["pending_only"] == true {
+        only.push("pending".to_string());
+    }
+    if let Some(r) = v["role"].as_str() {
+        only.push(format!("if {r}"));
+    }
+    if let Some(p) = v["pg_version"].as_str() {
+        only.push(format!("if older than {p}"));
+    }
+    if !only.is_empty() {
+        text.push_str(&format!(" ({})", only.join(", ")));
+    }
+    text
+}
+
+/// `restarts`: each member's published scheduled restart (`restarts/<member>`), shown in a
+/// Scheduled restart column and as `scheduled_restart` in JSON.
+pub fn render(
+    cluster: &str,
+    view: &ClusterView,
+    restarts: &BTreeMap<String, serde_json::Value>,
+    format: Format,
+) -> String {
     let rows: Vec<Row> = rows(view);
     match format {
-        Format::Json => {
+        Format::Json if restarts.is_empty() => {
             let mut s = serde_json::to_string_pretty(&rows).expect("rows serialize to JSON");
+            s.push('\n');
+            s
+        }
+        Format::Json => {
+            let mut values: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| serde_json::to_value(r).expect("rows serialize to JSON"))
+                .collect();
+            for v in &mut values {
+                if let Some(r) = v["name"].as_str().and_then(|n| restarts.get(n)) {
+                    v["scheduled_restart"] = r.clone();
+                }
+            }
+            let mut s = serde_json::to_string_pretty(&values).expect("rows serialize to JSON");
             s.push('\n');
             s
         }
@@ -70,6 +112,9 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
                     if cascading {
                         cells.insert(4, r.upstream.clone().unwrap_or_default());
                     }
+                    if !restarts.is_empty() {
+                        cells.push(restarts.get(&r.name).map(restart_text).unwrap_or_default());
+                    }
                     cells
                 })
                 .collect();
@@ -86,6 +131,9 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
             ];
             if cascading {
                 header.insert(4, "Upstream");
+            }
+            if !restarts.is_empty() {
+                header.push("Scheduled restart");
             }
             let mut out = format!(
                 "Cluster: {cluster} (leader: {})\n{}",

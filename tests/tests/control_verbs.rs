@@ -292,6 +292,38 @@ async fn a_scheduled_restart_happens_at_its_time_only_where_its_conditions_hold_
         "restart --scheduled did not schedule on both members: {}",
         out.stdout.trim()
     );
+    // Published for list while it waits.
+    wait_until(
+        REPLICATION,
+        "list to show both scheduled restarts",
+        || async {
+            let list = cluster.list().await?;
+            for row in &list {
+                let r = row
+                    .other
+                    .get("scheduled_restart")
+                    .cloned()
+                    .unwrap_or_default();
+                ensure!(
+                    r["at"] == rfc3339(at).as_str() && r["role"] == "replica",
+                    "{} shows scheduled_restart {r}",
+                    row.name
+                );
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    let table = cluster.ctl_output(&["list"]).await?;
+    table.expect_success()?;
+    ensure!(
+        table.stdout.contains("Scheduled restart")
+            && table
+                .stdout
+                .contains(&format!("{} (if replica)", rfc3339(at))),
+        "list does not show the scheduled restarts:\n{}",
+        table.stdout
+    );
     // A second one is refused while the first is kept.
     cluster
         .ctl_output(&[
@@ -340,6 +372,16 @@ async fn a_scheduled_restart_happens_at_its_time_only_where_its_conditions_hold_
     .await?;
     not_restarted(node1, start1).await?;
     cluster.wait_healthy(REPLICATION).await?;
+    wait_until(REPLICATION, "list to show no scheduled restart", || async {
+        let list = cluster.list().await?;
+        ensure!(
+            list.iter()
+                .all(|r| !r.other.contains_key("scheduled_restart")),
+            "a scheduled restart is still listed after both ran"
+        );
+        Ok(())
+    })
+    .await?;
 
     // Flushed: neither the restart nor the switchover happens at its time.
     let start2 = started_at(node2).await?;
@@ -394,6 +436,20 @@ async fn a_scheduled_restart_happens_at_its_time_only_where_its_conditions_hold_
         cluster.etcd_get("switchover").await?.is_none(),
         "the switchover key is still there after flush"
     );
+    wait_until(
+        REPLICATION,
+        "list to show no scheduled restart after flush",
+        || async {
+            let list = cluster.list().await?;
+            ensure!(
+                list.iter()
+                    .all(|r| !r.other.contains_key("scheduled_restart")),
+                "a flushed restart is still listed"
+            );
+            Ok(())
+        },
+    )
+    .await?;
     hold_for(
         until_wall(at) + Duration::from_secs(5),
         "no restart and no switchover past the flushed time",

@@ -88,6 +88,9 @@ pub struct Agent {
     /// The restart the operator scheduled (`pgherdctl restart --scheduled`), until it runs
     /// or is flushed.
     scheduled_restart: Option<crate::board::ScheduledRestart>,
+    /// What `restarts/<me>` holds in etcd: the member lease it was written under and the
+    /// restart's time (`None`: no key).
+    published_restart: Option<(i64, std::time::SystemTime)>,
     /// Failsafe mode: until when the members' acceptances let this leader stay writable
     /// without etcd (kept after the lease is found expired, until the key is taken back).
     failsafe_until: Option<Instant>,
@@ -159,6 +162,7 @@ impl Agent {
             warned_once: Default::default(),
             server_version: None,
             scheduled_restart: None,
+            published_restart: None,
             started_at: Instant::now(),
             failsafe_until: None,
         })
@@ -240,6 +244,7 @@ impl Agent {
                 }
             }
             self.publish(&decision, &obs).await;
+            self.publish_scheduled_restart().await;
             self.post_local_status(&decision, &obs, started, &ha_cfg)
                 .await;
             tracing::debug!(

@@ -86,6 +86,31 @@ impl Agent {
         }
     }
 
+    /// Makes `restarts/<me>` in etcd say what `scheduled_restart` holds: written under the
+    /// current member lease (again after a new lease), deleted once it ran or was flushed.
+    pub(super) async fn publish_scheduled_restart(&mut self) {
+        let lease = self.member_lease.as_ref().map(|l| l.id);
+        let want = match (&self.scheduled_restart, lease) {
+            (Some(s), Some(lease)) => Some((lease, s.at)),
+            _ => None,
+        };
+        if want == self.published_restart {
+            return;
+        }
+        let done = match (&self.scheduled_restart, want) {
+            (Some(s), Some((lease, _))) => {
+                self.dcs
+                    .put_scheduled_restart(&s.to_json().to_string(), lease)
+                    .await
+            }
+            _ => self.dcs.delete_scheduled_restart().await,
+        };
+        match done {
+            Ok(()) => self.published_restart = want,
+            Err(e) => tracing::warn!(error = %e, "cannot publish my scheduled restart"),
+        }
+    }
+
     /// How long until the scheduled restart is due, if one is kept.
     pub(super) fn until_scheduled_restart(&self) -> Option<std::time::Duration> {
         self.scheduled_restart.as_ref().map(|s| {

@@ -592,6 +592,49 @@ impl Dcs {
         Ok(())
     }
 
+    /// Publishes this member's scheduled restart (`restarts/<member>`, JSON) under its
+    /// member lease, so it goes when the agent does (the agent keeps it in memory only).
+    /// Agents that do not know the key ignore it.
+    pub async fn put_scheduled_restart(&self, json: &str, lease: i64) -> Result<()> {
+        let mut c = self.client.clone();
+        self.timed(c.put(
+            self.key(&format!("restarts/{}", self.member)),
+            json,
+            Some(PutOptions::new().with_lease(lease)),
+        ))
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete_scheduled_restart(&self) -> Result<()> {
+        let mut c = self.client.clone();
+        self.timed(c.delete(self.key(&format!("restarts/{}", self.member)), None))
+            .await?;
+        Ok(())
+    }
+
+    /// Every member's published scheduled restart, by member name (a value that is not JSON
+    /// is shown as its text).
+    pub async fn scheduled_restarts(&self) -> Result<BTreeMap<String, serde_json::Value>> {
+        let mut c = self.client.clone();
+        let prefix = self.key("restarts/");
+        let resp = self
+            .timed(c.get(prefix.clone(), Some(GetOptions::new().with_prefix())))
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                let name = key.strip_prefix(prefix.as_str())?.to_string();
+                let value = serde_json::from_slice(kv.value()).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(kv.value()).into_owned())
+                });
+                Some((name, value))
+            })
+            .collect())
+    }
+
     pub async fn delete_member(&self) -> Result<()> {
         let mut c = self.client.clone();
         self.timed(c.delete(self.member_key(), None)).await?;
