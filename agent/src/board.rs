@@ -124,6 +124,9 @@ pub struct StatusBoard {
     /// This agent took the leader key and has not dropped that lease since (set under the
     /// gate; cleared without it, when the lease is dropped).
     failsafe_leading: Arc<std::sync::atomic::AtomicBool>,
+    /// PostgreSQL's whole status at the end of the loop's last cycle (`None` when it did not
+    /// answer), for the Patroni-compatible `GET /patroni`.
+    pg_status: Arc<Mutex<Option<crate::ha::PgStatus>>>,
 }
 
 #[derive(Default, Clone)]
@@ -214,6 +217,17 @@ impl StatusBoard {
         self.lock().me.as_ref().map(|m| m.role)
     }
 
+    /// When the loop last finished a cycle (monotonic), `None` before its first: the sign of
+    /// life the systemd watchdog pings are tied to (`systemd.rs`).
+    pub fn last_cycle_at(&self) -> Option<Instant> {
+        self.lock().local.as_ref().map(|l| l.at)
+    }
+
+    /// This member as the loop last published it (role, state, decision).
+    pub fn me(&self) -> Option<MemberInfo> {
+        self.lock().me.clone()
+    }
+
     pub fn snapshot(&self) -> Board {
         self.lock().clone()
     }
@@ -238,6 +252,20 @@ impl StatusBoard {
 
     pub fn set_local(&self, local: LocalStatus) {
         self.lock().local = Some(local);
+    }
+
+    /// Records PostgreSQL's status of the loop's last cycle (see [`StatusBoard::pg_status`]).
+    pub fn set_pg_status(&self, status: Option<crate::ha::PgStatus>) {
+        *self.pg_status.lock().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+
+    /// PostgreSQL's status as the loop last read it, with what only the HTTP API reports
+    /// (server version, start time, every walsender).
+    pub fn pg_status(&self) -> Option<crate::ha::PgStatus> {
+        self.pg_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Counts a promotion of this member: a planned switchover, or a failover (automatic

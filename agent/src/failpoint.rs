@@ -6,6 +6,10 @@
 //! freezes every thread at once as a hung agent would. The test then SIGKILLs the agent (and,
 //! for a node crash, PostgreSQL) or resumes it. Without the variable a step costs one load
 //! of a cached empty list.
+//!
+//! A few steps [`stall`] instead: only the task that reaches them stops (an await that never
+//! ends) and the rest of the agent runs on, as with a loop stuck on a call that never
+//! answers. `loop-stall`: the loop, right after it finished its first cycle.
 
 use std::sync::OnceLock;
 
@@ -30,4 +34,17 @@ pub fn hit(step: &str) {
     // The log goes to stderr unbuffered: the line is written before the process freezes.
     tracing::warn!(step, "failpoint {step} reached: stopping");
     let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+}
+
+/// Stops the task that reaches `step` for good if the test armed it; the other tasks of the
+/// agent (the API, the systemd notifications) go on.
+pub async fn stall(step: &str) {
+    if !armed().iter().any(|s| s == step) {
+        return;
+    }
+    tracing::warn!(
+        step,
+        "failpoint {step} reached: stalling this task for good"
+    );
+    std::future::pending::<()>().await
 }

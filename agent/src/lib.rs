@@ -11,9 +11,11 @@ pub mod failpoint;
 pub mod fsutil;
 pub mod ha;
 pub mod listing;
+pub mod logging;
 pub mod lsn;
 pub mod postgres;
 pub mod slots;
+pub mod systemd;
 pub mod watchdog;
 
 /// Now as RFC 3339 (UTC, whole seconds), for what humans and etcd keys read.

@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pgherd_agent::board::StatusBoard;
+use pgherd_agent::logging::LogFormat;
+use pgherd_agent::systemd::Systemd;
 use pgherd_agent::{agent::Agent, api, dcs};
 use pgherd_config::ConfigError;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +25,16 @@ struct Cli {
     /// The member's YAML configuration file.
     #[arg(long, short = 'c', value_name = "FILE", global = true)]
     config: Option<PathBuf>,
+    /// How the agent writes its log on stderr: `text` lines or one JSON object per line
+    /// (both with PostgreSQL's severity: LOG, WARNING, ERROR, FATAL, DEBUG1, DEBUG2).
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        global = true,
+        env = "PGHERD_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -218,7 +230,11 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_logging(&cfg.name);
+            // The fencing watchdog and revoke-lease write into this log: in the same format.
+            std::env::set_var("PGHERD_LOG_FORMAT", cli.log_format.as_str());
+            // SAFETY: no other thread exists yet (the runtime starts below).
+            let systemd = unsafe { Systemd::take_from_env() };
+            init_logging(cli.log_format, &cfg.name);
             // One thread: the postmaster's parent-death signal is tied to the thread that
             // spawned it, which must live as long as the agent (rule 3 of docs/architecture.md).
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -227,18 +243,21 @@ fn main() -> ExitCode {
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
+                    tracing::error!(fatal = true, error = %e, "cannot start the runtime");
                     return ExitCode::FAILURE;
                 }
             };
             // Every log line of this process names its member.
             let span = tracing::info_span!("agent", member = %cfg.name);
             let _entered = span.enter();
-            match rt.block_on(run(cfg)) {
+            match rt.block_on(run(cfg, systemd)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "pgherd-agent stopped");
-                    eprintln!("pgherd-agent: {e:#}");
+                    tracing::error!(fatal = true, error = %format!("{e:#}"), "pgherd-agent stopped");
+                    // A JSON log stays one object per line.
+                    if cli.log_format == LogFormat::Text {
+                        eprintln!("pgherd-agent: {e:#}");
+                    }
                     ExitCode::FAILURE
                 }
             }
@@ -324,15 +343,8 @@ fn wal_command(
     }
 }
 
-fn init_logging(member: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PGHERD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+fn init_logging(format: LogFormat, member: &str) {
+    pgherd_agent::logging::init(format);
     tracing::info!(
         member,
         version = env!("CARGO_PKG_VERSION"),
@@ -340,7 +352,8 @@ fn init_logging(member: &str) {
     );
 }
 
-async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
+async fn run(cfg: pgherd_config::Config, systemd: Option<Systemd>) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
     let cfg = Arc::new(cfg);
     let shutdown = CancellationToken::new();
     let timeout = Duration::from_secs(cfg.bootstrap.dcs.retry_timeout);
@@ -349,6 +362,7 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set up the etcd client for {:?}", cfg.etcd.endpoints))?;
     let dcs = dcs::Dcs::new(client, &cfg.cluster, &cfg.name, timeout);
     let board = StatusBoard::new(&cfg.cluster);
+    let board_for_systemd = board.clone();
     let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(8);
     let agent = Agent::new(cfg.clone(), dcs.clone(), board.clone(), requests_rx)?;
     let backup = agent.backup();
@@ -400,26 +414,17 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
-    let http = api::http::serve(
-        cfg.clone(),
-        board.clone(),
-        agent.postgres(),
-        shutdown.clone(),
-    )
-    .await?;
-    let server = api::serve(
-        api::ApiContext {
-            cfg: cfg.clone(),
-            dcs,
-            board,
-            pg: agent.postgres(),
-            requests: requests_tx,
-            backup: backup.clone(),
-            backup_busy: backup_busy.clone(),
-        },
-        shutdown.clone(),
-    )
-    .await?;
+    let api_ctx = api::ApiContext {
+        cfg: cfg.clone(),
+        dcs,
+        board,
+        pg: agent.postgres(),
+        requests: requests_tx,
+        backup: backup.clone(),
+        backup_busy: backup_busy.clone(),
+    };
+    let http = api::http::serve(api_ctx.clone(), shutdown.clone()).await?;
+    let server = api::serve(api_ctx, shutdown.clone()).await?;
 
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -438,8 +443,14 @@ async fn run(cfg: pgherd_config::Config) -> anyhow::Result<()> {
         signals.cancel();
     });
 
+    // READY=1 after the loop's first cycle, watchdog pings while it runs, STOPPING=1 at the end.
+    let notifier =
+        systemd.map(|s| tokio::spawn(s.run(board_for_systemd, started, shutdown.clone())));
     let result = agent.run(shutdown.clone()).await;
     shutdown.cancel();
+    if let Some(notifier) = notifier {
+        let _ = notifier.await;
+    }
     let _ = server.await;
     if let Some(http) = http {
         let _ = http.await;

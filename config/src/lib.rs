@@ -105,6 +105,27 @@ pub struct ApiConfig {
     /// File holding the bearer token (first line), instead of `auth_token`.
     #[serde(default)]
     pub auth_token_file: Option<PathBuf>,
+    /// HTTP basic authentication for the REST API's requests that change something (as
+    /// Patroni's `restapi.authentication`), besides the bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_auth: Option<HttpAuth>,
+}
+
+/// `api.http_auth`: the user name and password of HTTP basic authentication.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for HttpAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpAuth")
+            .field("username", &self.username)
+            .field("password", &"<hidden>")
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

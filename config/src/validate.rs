@@ -828,6 +828,26 @@ pub(crate) fn config(c: &Config) -> Vec<Problem> {
             ));
         }
     }
+    if let Some(a) = &c.api.http_auth {
+        if a.username.is_empty() || a.username.contains(':') {
+            out.push(Problem::new(
+                "api.http_auth.username",
+                "must be a user name without a colon (HTTP basic authentication joins name:password)",
+            ));
+        }
+        if a.password.len() < 8 {
+            out.push(Problem::new(
+                "api.http_auth.password",
+                "must be at least 8 characters",
+            ));
+        }
+        if c.api.http_listen.is_none() {
+            out.push(Problem::new(
+                "api.http_auth",
+                "has no effect without api.http_listen",
+            ));
+        }
+    }
     check_address("api.connect_address", &c.api.connect_address, &mut out);
     if let Some(http) = &c.api.http_listen {
         check_address("api.http_listen", http, &mut out);

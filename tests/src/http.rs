@@ -36,14 +36,37 @@ impl HttpResponse {
 /// Sends `<method> <path> HTTP/1.1` to `127.0.0.1:<port>` with `Connection: close` and reads
 /// the whole response.
 pub async fn http_get(port: u16, method: &str, path: &str) -> Result<HttpResponse> {
+    http_request(port, method, path, &[], "").await
+}
+
+/// [`http_get`] with extra `headers` (`("Authorization", "Bearer ...")`) and a `body` (sent
+/// with its length; JSON's content type when not empty), as curl sends Patroni's examples.
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<HttpResponse> {
     let shown = format!("{method} http://127.0.0.1:{port}{path}");
     let ask = async {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .with_context(|| format!("cannot connect for {shown}"))?;
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: pgherd-tests\r\nConnection: close\r\n\r\n"
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: pgherd-tests\r\nConnection: close\r\n"
         );
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !body.is_empty() {
+            request.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
         stream.write_all(request.as_bytes()).await?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await?;

@@ -25,6 +25,9 @@
 //!   that signs certificates for the names a test chooses.
 //! - [`Member::http_get`] / [`http_get`]: the agent's HTTP health checks and metrics, asked
 //!   the way HAProxy asks (plain HTTP/1.1, one request per connection).
+//! - [`LoneAgent`]: one agent with no etcd to reach and no PostgreSQL, for what the process
+//!   does around its loop (log format, systemd notifications); [`Member::set_env`] gives a
+//!   cluster member extra environment (systemd's `NOTIFY_SOCKET`).
 //!
 //! Cleanup happens in `Drop`, so it also runs when a test panics or returns an error: every
 //! agent is killed with its process group, any PostgreSQL it left is killed through its
@@ -44,6 +47,7 @@ mod ctl;
 mod etcd;
 mod http;
 mod leader;
+mod lone;
 mod member;
 mod pg;
 mod ports;
@@ -69,8 +73,9 @@ pub use ctl::{
     list_json, CtlOutput, HistoryEntry, ListedMember,
 };
 pub use etcd::{Etcd, EtcdAuth, EtcdSecurity, EtcdTls};
-pub use http::{http_get, HttpResponse};
+pub use http::{http_get, http_request, HttpResponse};
 pub use leader::{hold_no_takeover, hold_not_leader, same_key};
+pub use lone::LoneAgent;
 pub use member::{log_line_time, Member, MemberOptions};
 pub use nix::sys::signal::Signal;
 pub use pg::{

@@ -20,7 +20,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Starts the line the harness writes to `agent.log` before each start of the agent.
 const START_MARKER: &str = "==== pgherd harness: starting ";
 
-/// The time at the start of an agent log line (`2026-01-02T03:04:05.123456Z  INFO ...`).
+/// The time at the start of an agent log line (`2026-01-02T03:04:05.123456Z LOG:  ...`).
 pub fn log_line_time(line: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339(line.split_whitespace().next()?).ok()
 }
@@ -78,6 +78,8 @@ pub struct Member {
     proxy: Option<EtcdProxy>,
     /// Failpoints every later start of the agent is armed with (`set_failpoints`).
     failpoints: std::sync::Mutex<Vec<String>>,
+    /// Environment variables every later start of the agent gets (`set_env`).
+    env: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 impl Member {
@@ -97,6 +99,7 @@ impl Member {
             spec,
             proxy,
             failpoints: Default::default(),
+            env: Default::default(),
         };
         member.write_config(&member_yaml(&member.spec)?)?;
         Ok(member)
@@ -216,6 +219,17 @@ impl Member {
         }
     }
 
+    /// Gives every later start of the agent these environment variables (e.g. systemd's
+    /// `NOTIFY_SOCKET`), replacing the ones set before.
+    pub fn set_env(&self, vars: &[(&str, &str)]) {
+        if let Ok(mut env) = self.env.lock() {
+            *env = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        }
+    }
+
     /// `set_failpoints` then `start`; `wait_failpoint` waits until the agent got there.
     pub fn start_with_failpoints(&self, steps: &[&str]) -> Result<u32> {
         self.set_failpoints(steps);
@@ -244,6 +258,7 @@ impl Member {
             .arg(&self.config_path)
             .env("RUST_BACKTRACE", "1")
             .env("PGHERD_FAILPOINTS", steps)
+            .envs(self.env.lock().map(|e| e.clone()).unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -98,8 +98,11 @@ async fn a_newer_agents_config_keeps_synchronous_mode() -> Result<()> {
     .await
     .with_context(|| cluster.log_tails(30))?;
     for m in cluster.members() {
-        let line = log_line(m, &[" WARN ", "future_field", "postgresql.future_field"])
-            .with_context(|| format!("{} did not warn about the unknown fields", m.name()))?;
+        let line = log_line(
+            m,
+            &[" WARNING:  ", "future_field", "postgresql.future_field"],
+        )
+        .with_context(|| format!("{} did not warn about the unknown fields", m.name()))?;
         eprintln!("{line}");
     }
     // An older pgherdctl edits the config: the change lands, the newer fields stay.

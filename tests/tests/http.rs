@@ -124,7 +124,8 @@ async fn leader_replicas_and_a_lagging_replica_answer_health_checks_as_a_load_ba
             r.status
         );
     }
-    let body = leader.http_get("/primary").await?.json()?;
+    // pgherd's own body (`?format=pgherd`); the default is Patroni's (tests/tests/patroni_api.rs).
+    let body = leader.http_get("/primary?format=pgherd").await?.json()?;
     ensure!(
         body["member"] == "node1" && body["ok"] == true && body["role"] == "leader",
         "the /primary body says who answers and why: {body}"
@@ -137,8 +138,8 @@ async fn leader_replicas_and_a_lagging_replica_answer_health_checks_as_a_load_ba
         "an unknown path is a 404: {missing:?}"
     );
 
-    // /cluster: the same rows as `pgherdctl list --format json`.
-    let rows = leader.http_get("/cluster").await?.json()?;
+    // /cluster?format=pgherd: the same rows as `pgherdctl list --format json`.
+    let rows = leader.http_get("/cluster?format=pgherd").await?.json()?;
     let listed = cluster.list().await?;
     let rows = rows.as_array().context("/cluster is a JSON array")?;
     ensure!(rows.len() == 3, "/cluster lists three members: {rows:?}");
@@ -170,7 +171,7 @@ async fn leader_replicas_and_a_lagging_replica_answer_health_checks_as_a_load_ba
         "the lagging replica to fail checks with a 1 MB lag limit",
     )
     .await?;
-    let lag = replica.http_get("/replica").await?.json()?["lag_bytes"]
+    let lag = replica.http_get("/replica?format=pgherd").await?.json()?["lag_bytes"]
         .as_u64()
         .context("the replica reports its lag")?;
     ensure!(

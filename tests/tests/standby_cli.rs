@@ -85,7 +85,10 @@ async fn promote_and_demote_cluster_refuse_on_a_normal_cluster_and_change_nothin
         Ok(())
     })
     .await?;
-    for path in ["/standby-leader", "/standby_leader"] {
+    for path in [
+        "/standby-leader?format=pgherd",
+        "/standby_leader?format=pgherd",
+    ] {
         let r = leader.http_get(path).await?;
         ensure!(
             r.status == 503 && r.body.contains("not a standby cluster"),

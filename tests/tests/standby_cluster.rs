@@ -269,7 +269,10 @@ async fn a_standby_cluster_on_its_own_etcd_copies_and_follows_the_primary_site()
         "site_b's agents wrote to site_a's etcd"
     );
     // The standby leader's HTTP checks: not a primary anywhere in a standby cluster.
-    let primary = site_b.member(&leader).http_get("/primary").await?;
+    let primary = site_b
+        .member(&leader)
+        .http_get("/primary?format=pgherd")
+        .await?;
     let standby_leader = site_b.member(&leader).http_get("/standby-leader").await?;
     ensure!(
         standby_leader.status == 200,

@@ -36,13 +36,49 @@ pub use run::{run, REVOKE_FOR};
 /// The file name of the watchdog's executable, which the agent finds next to its own.
 pub const EXECUTABLE: &str = "pgherd-watchdog";
 
-/// Writes one line on stderr (the agent's log), with the time as the agent's own lines have
-/// it; used through [`say!`].
+/// Writes one line on stderr (the agent's log) as the agent's own lines are written: the time
+/// and PostgreSQL's severity, or with `PGHERD_LOG_FORMAT=json` (which the agent sets for
+/// it) one JSON object with the members the agent's have. Every line is a `WARNING`: the
+/// watchdog speaks only when something went wrong (an agent dead or late, a PostgreSQL
+/// fenced, a lease that could not be revoked). Used through [`say!`].
 pub fn say(what: std::fmt::Arguments) {
-    eprintln!(
-        "{} pgherd watchdog: {what}",
-        humantime::format_rfc3339_micros(std::time::SystemTime::now())
-    );
+    static JSON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let json = *JSON.get_or_init(|| {
+        std::env::var_os("PGHERD_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json"))
+    });
+    eprintln!("{}", log_line(json, std::time::SystemTime::now(), what));
+}
+
+fn log_line(json: bool, at: std::time::SystemTime, what: std::fmt::Arguments) -> String {
+    let at = humantime::format_rfc3339_micros(at);
+    if json {
+        format!(
+            "{{\"error_severity\":\"WARNING\",\"timestamp\":\"{at}\",\"level\":\"WARN\",\"message\":{},\"target\":\"pgherd_watchdog\"}}",
+            json_string(&what.to_string())
+        )
+    } else {
+        format!("{at} WARNING:  pgherd watchdog: {what}")
+    }
+}
+
+/// `s` as a JSON string. The watchdog has no JSON library (it is kept small, see the crate
+/// comment); its messages are the one string it writes.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// One line on stderr (the agent's log), as the watchdog says it: also used by the agent's
@@ -52,4 +88,27 @@ macro_rules! say {
     ($($arg:tt)*) => {
         $crate::say(format_args!($($arg)*))
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_carry_postgresql_severity_in_text_and_json() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456);
+        let what = "killed PostgreSQL \"x\"\\ at\n\u{1}once";
+        let text = log_line(false, at, format_args!("{what}"));
+        assert_eq!(
+            text,
+            "2023-11-14T22:13:20.123456Z WARNING:  pgherd watchdog: killed PostgreSQL \"x\"\\ at\n\u{1}once"
+        );
+        let json = log_line(true, at, format_args!("{what}"));
+        let v: serde_json::Value = serde_json::from_str(&json).expect(&json);
+        assert_eq!(v["error_severity"], "WARNING");
+        assert_eq!(v["level"], "WARN");
+        assert_eq!(v["timestamp"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(v["target"], "pgherd_watchdog");
+        assert_eq!(v["message"], what);
+    }
 }

@@ -247,6 +247,7 @@ impl Agent {
             self.publish_scheduled_restart().await;
             self.post_local_status(&decision, &obs, started, &ha_cfg)
                 .await;
+            crate::failpoint::stall("loop-stall").await;
             tracing::debug!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "loop done"

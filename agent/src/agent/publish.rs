@@ -125,6 +125,7 @@ impl Agent {
             }
             self.pg_role = Some(now);
         }
+        self.board.set_pg_status(status.clone());
         self.board.set_local(LocalStatus {
             at: Instant::now(),
             loop_duration: started.elapsed(),

@@ -23,8 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter};
 use axum::Router;
@@ -58,8 +59,20 @@ pub enum Check {
     Health,
     /// The agent loop finished a cycle within the lease TTL.
     Liveness,
-    /// The member is in service: the primary, the standby leader, or a streaming standby.
-    Readiness,
+    /// The member is in service: the primary, the standby leader, or a streaming standby at
+    /// most `max_lag` bytes behind.
+    Readiness { max_lag: Option<u64> },
+    /// A replica (as [`Check::Replica`]) that is a synchronous standby (`synchronous_mode:
+    /// on`, the `sync` key names it).
+    Synchronous { max_lag: Option<u64> },
+    /// A replica that is a quorum standby (`synchronous_mode: quorum`, the `sync` key names it).
+    Quorum { max_lag: Option<u64> },
+    /// A replica that is neither.
+    Asynchronous { max_lag: Option<u64> },
+    /// The primary, or a synchronous standby.
+    ReadOnlySync,
+    /// The primary, or a quorum standby.
+    ReadOnlyQuorum,
 }
 
 /// A check's outcome and why, in one sentence.
@@ -239,16 +252,7 @@ fn replica(b: &Board, me: &MemberInfo, now: Instant, max_lag: Option<u64>) -> Ve
     if me.tags.noloadbalance {
         return fail("this member is tagged noloadbalance");
     }
-    match (max_lag, me.lag_bytes) {
-        (None, _) => v,
-        (Some(max), Some(lag)) if lag <= max => pass(format!(
-            "a streaming standby {lag} bytes behind (limit {max})"
-        )),
-        (Some(max), Some(lag)) => fail(format!(
-            "{lag} bytes behind the leader, more than the limit of {max}"
-        )),
-        (Some(_), None) => fail("the lag behind the leader is unknown"),
-    }
+    within_lag(v, me, max_lag)
 }
 
 /// Evaluates `check` on a snapshot at `now`; `pg_running_now` is whether a postmaster runs
@@ -290,7 +294,7 @@ pub fn check(check: Check, b: &Board, now: Instant, pg_running_now: bool) -> Ver
             Ok(()) => pass("the agent loop is running"),
             Err(v) => v,
         },
-        Check::Readiness => {
+        Check::Readiness { max_lag } => {
             let p = primary(b, me, now);
             if p.ok {
                 return p;
@@ -300,12 +304,72 @@ pub fn check(check: Check, b: &Board, now: Instant, pg_running_now: bool) -> Ver
                 return sl;
             }
             let s = streaming_standby(b, me, now);
-            if s.ok {
-                s
+            if !s.ok {
+                return fail(format!("not in service: {}", s.reason));
+            }
+            within_lag(s, me, max_lag)
+        }
+        Check::Synchronous { max_lag } => standby_kind(b, me, now, max_lag, Some("sync_standby")),
+        Check::Quorum { max_lag } => standby_kind(b, me, now, max_lag, Some("quorum_standby")),
+        Check::Asynchronous { max_lag } => standby_kind(b, me, now, max_lag, None),
+        Check::ReadOnlySync | Check::ReadOnlyQuorum => {
+            let p = primary(b, me, now);
+            if p.ok {
+                return p;
+            }
+            let kind = if check == Check::ReadOnlySync {
+                "sync_standby"
             } else {
-                fail(format!("not in service: {}", s.reason))
+                "quorum_standby"
+            };
+            let r = standby_kind(b, me, now, None, Some(kind));
+            if r.ok {
+                r
+            } else {
+                fail(format!(
+                    "not the primary ({}) nor a {kind} ({})",
+                    p.reason, r.reason
+                ))
             }
         }
+    }
+}
+
+/// A replica (see [`replica`]) whose place in synchronous replication is `kind`
+/// (`sync_standby`, `quorum_standby`, or `None`: asynchronous).
+fn standby_kind(
+    b: &Board,
+    me: &MemberInfo,
+    now: Instant,
+    max_lag: Option<u64>,
+    kind: Option<&str>,
+) -> Verdict {
+    let v = replica(b, me, now, max_lag);
+    if !v.ok {
+        return v;
+    }
+    let is = super::patroni::sync_role(b, &me.name);
+    match (is, kind) {
+        (a, b) if a == b => v,
+        (Some(a), None) => fail(format!("this member is a {a}, not asynchronous")),
+        (_, Some(want)) => fail(format!(
+            "this member is not a {want} (the sync key does not name it in that mode)"
+        )),
+        (None, None) => unreachable!("equal above"),
+    }
+}
+
+/// `v` (a streaming standby) given the `lag` limit.
+fn within_lag(v: Verdict, me: &MemberInfo, max_lag: Option<u64>) -> Verdict {
+    match (max_lag, me.lag_bytes) {
+        (None, _) => v,
+        (Some(max), Some(lag)) if lag <= max => pass(format!(
+            "a streaming standby {lag} bytes behind (limit {max})"
+        )),
+        (Some(max), Some(lag)) => fail(format!(
+            "{lag} bytes behind the leader, more than the limit of {max}"
+        )),
+        (Some(_), None) => fail("the lag behind the leader is unknown"),
     }
 }
 
@@ -334,24 +398,111 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
-/// The `lag` query parameter, if present.
-fn max_lag(uri: &Uri) -> Result<Option<u64>, String> {
+/// A check's query parameters: `lag`, `format=pgherd`, Patroni's `tag_<name>=<value>` and
+/// `replication_state`.
+#[derive(Debug, Default, PartialEq)]
+struct CheckQuery {
+    max_lag: Option<u64>,
+    pgherd_format: bool,
+    tags: Vec<(String, String)>,
+    replication_state: Option<String>,
+}
+
+/// Percent-decodes a query component (`+` is a space, as HTML forms send it).
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn check_query(uri: &Uri) -> Result<CheckQuery, String> {
+    let mut q = CheckQuery::default();
     let Some(query) = uri.query() else {
-        return Ok(None);
+        return Ok(q);
     };
-    for pair in query.split('&') {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if key == "lag" {
-            return parse_size(value).map(Some);
+        let (key, value) = (decode(key), decode(value));
+        match key.as_str() {
+            "lag" => q.max_lag = Some(parse_size(&value)?),
+            "format" if value == "pgherd" => q.pgherd_format = true,
+            "format" => {
+                return Err(format!(
+                    "format={value:?}: the only other format is pgherd (pgherd's own JSON)"
+                ))
+            }
+            "replication_state" => q.replication_state = Some(value),
+            _ => {
+                if let Some(tag) = key.strip_prefix("tag_") {
+                    q.tags.push((tag.to_string(), value));
+                }
+            }
         }
     }
-    Ok(None)
+    Ok(q)
+}
+
+/// Patroni's filters on a passing check: every `tag_<name>` must equal the member's tag
+/// (as text: `true`, `1`, `dc1`), and `replication_state` PostgreSQL's (`streaming` or
+/// `in archive recovery`).
+fn filters(
+    q: &CheckQuery,
+    me: &MemberInfo,
+    pg: Option<&crate::ha::PgStatus>,
+) -> Result<(), String> {
+    let tags = serde_json::to_value(&me.tags).unwrap_or_default();
+    for (name, want) in &q.tags {
+        let have = match tags.get(name) {
+            None | Some(serde_json::Value::Null) => {
+                return Err(format!("this member has no tag {name}"))
+            }
+            Some(serde_json::Value::String(t)) => t.clone(),
+            Some(v) => v.to_string(),
+        };
+        if !have.eq_ignore_ascii_case(want) {
+            return Err(format!("tag {name} is {have}, not {want}"));
+        }
+    }
+    if let Some(want) = &q.replication_state {
+        let have = match pg {
+            Some(p) if p.in_recovery && p.streaming => "streaming",
+            Some(p) if p.in_recovery => "in archive recovery",
+            _ => "none (not a standby)",
+        };
+        if have != want {
+            return Err(format!("replication state is {have}, not {want}"));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone)]
 struct HttpState {
     board: StatusBoard,
     pg: Arc<Postgres>,
+    cfg: Arc<Config>,
+    api: Option<super::ApiContext>,
+    /// The requests that change something (`rest`); `None` in unit tests.
+    writes: Option<Arc<super::rest::Writes>>,
 }
 
 #[derive(Serialize)]
@@ -384,13 +535,39 @@ async fn health_check(
     name: &str,
     make: fn(Option<u64>) -> Check,
 ) -> Response {
-    let lag = match max_lag(uri) {
-        Ok(l) => l,
+    let query = match check_query(uri) {
+        Ok(q) => q,
         Err(why) => return (StatusCode::BAD_REQUEST, why + "\n").into_response(),
     };
     let b = state.board.snapshot();
-    let verdict = check(make(lag), &b, Instant::now(), state.pg.is_running());
+    let pg = state.board.pg_status();
+    let mut verdict = check(
+        make(query.max_lag),
+        &b,
+        Instant::now(),
+        state.pg.is_running(),
+    );
     let me = b.me.as_ref();
+    if let (true, Some(m)) = (verdict.ok, me) {
+        if let Err(why) = filters(&query, m, pg.as_ref()) {
+            verdict = fail(why);
+        }
+    }
+    let status = if verdict.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    if !query.pgherd_format {
+        let body = super::patroni::status(
+            &b,
+            pg.as_ref(),
+            &state.cfg,
+            Instant::now(),
+            std::time::SystemTime::now(),
+        );
+        return json(status, &body);
+    }
     let body = CheckBody {
         check: name,
         ok: verdict.ok,
@@ -401,17 +578,71 @@ async fn health_check(
         timeline: me.and_then(|m| m.timeline),
         lag_bytes: me.and_then(|m| m.lag_bytes),
     };
-    let status = if verdict.ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
     json(status, &body)
 }
 
-async fn cluster(State(state): State<HttpState>) -> Response {
-    match state.board.snapshot().view {
-        Some(view) => json(StatusCode::OK, &crate::listing::rows(&view)),
+/// `?format=pgherd` asked for pgherd's own body (any other `format` is refused).
+fn pgherd_format(uri: &Uri) -> Result<bool, Box<Response>> {
+    check_query(uri)
+        .map(|q| q.pgherd_format)
+        .map_err(|why| Box::new((StatusCode::BAD_REQUEST, why + "\n").into_response()))
+}
+
+async fn cluster(State(state): State<HttpState>, uri: Uri) -> Response {
+    let own = match pgherd_format(&uri) {
+        Ok(f) => f,
+        Err(r) => return *r,
+    };
+    let b = state.board.snapshot();
+    match &b.view {
+        Some(view) if own => json(StatusCode::OK, &crate::listing::rows(view)),
+        Some(_) => json(StatusCode::OK, &super::patroni::cluster(&b, &state.cfg)),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent has not read the cluster from etcd yet\n",
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /patroni`: this member's status, 200 whatever its role (Patroni's).
+async fn patroni_status(State(state): State<HttpState>) -> Response {
+    let b = state.board.snapshot();
+    let pg = state.board.pg_status();
+    let body = super::patroni::status(
+        &b,
+        pg.as_ref(),
+        &state.cfg,
+        Instant::now(),
+        std::time::SystemTime::now(),
+    );
+    json(StatusCode::OK, &body)
+}
+
+/// `GET /history`: the cluster's promotions from etcd's `history` key.
+async fn history(State(state): State<HttpState>) -> Response {
+    let Some(api) = &state.api else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no etcd connection\n").into_response();
+    };
+    match api.dcs.history().await {
+        Ok(entries) => json(StatusCode::OK, &super::patroni::history(&entries)),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the history from etcd: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /config`: the dynamic configuration in effect (etcd's `config` key, else the
+/// file's `bootstrap.dcs`).
+async fn get_config(State(state): State<HttpState>) -> Response {
+    let b = state.board.snapshot();
+    match &b.view {
+        Some(view) => json(
+            StatusCode::OK,
+            &crate::dcs::model::dynamic_config(&state.cfg, Some(view)),
+        ),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             "the agent has not read the cluster from etcd yet\n",
@@ -430,6 +661,81 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         .into_response()
 }
 
+/// What the REST API's requests that change something act on.
+#[derive(Clone, Copy)]
+enum Write {
+    Switchover,
+    CancelSwitchover,
+    Failover,
+    Restart,
+    Reload,
+    Reinitialize,
+    PatchConfig,
+    PutConfig,
+}
+
+async fn write(state: HttpState, what: Write, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(w) = &state.writes else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not served here\n").into_response();
+    };
+    if let Err(r) = w.authorize(&headers) {
+        return *r;
+    }
+    let b = state.board.snapshot();
+    match what {
+        Write::Switchover => w.switchover(&body).await,
+        Write::CancelSwitchover => w.cancel_switchover().await,
+        Write::Failover => w.failover(&body).await,
+        Write::Restart => {
+            let leader =
+                b.me.as_ref()
+                    .is_some_and(|m| m.role == crate::dcs::model::Role::Leader);
+            let role = match (leader, standby_cluster(&b)) {
+                (true, Ok(Some(_))) => "standby_leader",
+                (true, _) => "primary",
+                _ => "replica",
+            };
+            let version = state
+                .board
+                .pg_status()
+                .and_then(|p| p.details.server_version);
+            w.restart(&body, role, version).await
+        }
+        Write::Reload => w.reload().await,
+        Write::Reinitialize => w.reinitialize(&body).await,
+        Write::PatchConfig | Write::PutConfig => {
+            let Some(view) = &b.view else {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the agent has not read the cluster from etcd yet\n",
+                )
+                    .into_response();
+            };
+            let current =
+                serde_json::to_value(crate::dcs::model::dynamic_config(&state.cfg, Some(view)))
+                    .unwrap_or_default();
+            w.config(&body, &current, matches!(what, Write::PutConfig))
+                .await
+        }
+    }
+}
+
+fn writer(
+    what: Write,
+) -> impl Fn(
+    State<HttpState>,
+    HeaderMap,
+    Bytes,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    move |State(s): State<HttpState>, headers: HeaderMap, body: Bytes| {
+        Box::pin(write(s, what, headers, body))
+    }
+}
+
 /// Paths, the check's name, and the check given the `lag` parameter.
 type Endpoint = (
     &'static [&'static str],
@@ -441,8 +747,13 @@ fn router(state: HttpState) -> Router {
     // HEAD comes with GET; OPTIONS is HAProxy's default check method.
     let methods = MethodFilter::GET.or(MethodFilter::OPTIONS);
     let mut app = Router::new();
-    let checks: [Endpoint; 8] = [
-        (&["/primary", "/read-write"], "primary", |_| Check::Primary),
+    let checks: [Endpoint; 13] = [
+        // `/` and `/master` are Patroni's older spellings of `/primary`.
+        (
+            &["/", "/primary", "/master", "/read-write"],
+            "primary",
+            |_| Check::Primary,
+        ),
         (&["/leader"], "leader", |_| Check::Leader),
         // `/standby_leader` is Patroni's spelling.
         (
@@ -458,7 +769,22 @@ fn router(state: HttpState) -> Router {
         }),
         (&["/health"], "health", |_| Check::Health),
         (&["/liveness"], "liveness", |_| Check::Liveness),
-        (&["/readiness"], "readiness", |_| Check::Readiness),
+        (&["/readiness"], "readiness", |max_lag| Check::Readiness {
+            max_lag,
+        }),
+        (&["/synchronous", "/sync"], "synchronous", |max_lag| {
+            Check::Synchronous { max_lag }
+        }),
+        (&["/quorum"], "quorum", |max_lag| Check::Quorum { max_lag }),
+        (&["/asynchronous", "/async"], "asynchronous", |max_lag| {
+            Check::Asynchronous { max_lag }
+        }),
+        (&["/read-only-sync"], "read-only-sync", |_| {
+            Check::ReadOnlySync
+        }),
+        (&["/read-only-quorum"], "read-only-quorum", |_| {
+            Check::ReadOnlyQuorum
+        }),
     ];
     for (paths, name, make) in checks {
         for path in paths {
@@ -473,13 +799,30 @@ fn router(state: HttpState) -> Router {
             );
         }
     }
+    use axum::routing::{delete, patch, post, put};
     app.route("/cluster", on(methods, cluster))
+        .route("/patroni", on(methods, patroni_status))
+        .route("/history", on(methods, history))
+        .route(
+            "/config",
+            on(methods, get_config)
+                .merge(patch(writer(Write::PatchConfig)))
+                .merge(put(writer(Write::PutConfig))),
+        )
+        .route(
+            "/switchover",
+            post(writer(Write::Switchover)).merge(delete(writer(Write::CancelSwitchover))),
+        )
+        .route("/failover", post(writer(Write::Failover)))
+        .route("/restart", post(writer(Write::Restart)))
+        .route("/reload", post(writer(Write::Reload)))
+        .route("/reinitialize", post(writer(Write::Reinitialize)))
         .route("/metrics", on(methods, metrics))
         .route("/failsafe", on(methods, failsafe))
         .fallback(|method: Method, uri: Uri| async move {
             (
                 StatusCode::NOT_FOUND,
-                format!("{method} {uri}: no such endpoint; see /primary, /read-write, /leader, /standby-leader, /replica, /read-only, /health, /liveness, /readiness, /cluster, /metrics, /failsafe\n"),
+                format!("{method} {uri}: no such endpoint; see /primary, /read-write, /leader, /standby-leader, /replica, /read-only, /synchronous, /asynchronous, /quorum, /read-only-sync, /read-only-quorum, /health, /liveness, /readiness, /patroni, /cluster, /history, /config, /metrics, /failsafe\n"),
             )
         })
         .with_state(state)
@@ -558,11 +901,10 @@ where
 /// Binds `api.http_listen` now (so a taken port fails start-up) and serves until
 /// `shutdown`; `None` when no `http_listen` is configured.
 pub async fn serve(
-    cfg: Arc<Config>,
-    board: StatusBoard,
-    pg: Arc<Postgres>,
+    ctx: super::ApiContext,
     shutdown: CancellationToken,
 ) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let (cfg, board, pg) = (ctx.cfg.clone(), ctx.board.clone(), ctx.pg.clone());
     let Some(listen) = cfg.api.http_listen.clone() else {
         return Ok(None);
     };
@@ -574,7 +916,14 @@ pub async fn serve(
         grpc_tls = cfg.api.tls.is_some(),
         "serving HTTP health checks and metrics"
     );
-    let app = router(HttpState { board, pg });
+    let writes = Arc::new(super::rest::Writes::new(ctx.clone())?);
+    let app = router(HttpState {
+        board,
+        pg,
+        cfg,
+        api: Some(ctx),
+        writes: Some(writes),
+    });
     Ok(Some(tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -789,7 +1138,7 @@ mod tests {
         let b = board(member("a", Role::Leader, Some(0)), "a", t);
         assert!(ok(Check::Primary, &b, t));
         assert!(ok(Check::ReadOnly { max_lag: None }, &b, t));
-        assert!(ok(Check::Readiness, &b, t));
+        assert!(ok(Check::Readiness { max_lag: None }, &b, t));
         assert!(!ok(Check::Replica { max_lag: None }, &b, t));
     }
 
@@ -860,7 +1209,7 @@ mod tests {
         hidden.tags.noloadbalance = true;
         let b = board(hidden, "a", t);
         assert!(!ok(Check::Replica { max_lag: None }, &b, t));
-        assert!(ok(Check::Readiness, &b, t));
+        assert!(ok(Check::Readiness { max_lag: None }, &b, t));
         let mut b = board(member("b", Role::Replica, Some(0)), "a", t);
         b.local.as_mut().unwrap().pg = Some(PgFacts {
             in_recovery: true,
@@ -868,7 +1217,7 @@ mod tests {
             ..PgFacts::default()
         });
         assert!(!ok(Check::Replica { max_lag: None }, &b, t));
-        assert!(!ok(Check::Readiness, &b, t));
+        assert!(!ok(Check::Readiness { max_lag: None }, &b, t));
     }
 
     #[test]
@@ -881,7 +1230,7 @@ mod tests {
             Check::Replica { max_lag: None },
             Check::Health,
             Check::Liveness,
-            Check::Readiness,
+            Check::Readiness { max_lag: None },
         ] {
             assert!(!check(c, &b, Instant::now(), true).ok, "{c:?}");
         }
@@ -942,7 +1291,7 @@ mod tests {
         // As Patroni's /read-only: the standby leader serves reads whatever the lag limit.
         assert!(ok(Check::ReadOnly { max_lag: None }, &b, t));
         assert!(ok(Check::ReadOnly { max_lag: Some(0) }, &b, t));
-        assert!(ok(Check::Readiness, &b, t));
+        assert!(ok(Check::Readiness { max_lag: None }, &b, t));
         assert!(ok(Check::Health, &b, t));
         let v = verdict(Check::Primary, &b, t);
         assert!(
@@ -987,7 +1336,7 @@ mod tests {
         let v = verdict(Check::StandbyLeader, &stopped, t);
         assert!(!v.ok && v.reason.contains("not running"), "{v:?}");
         assert!(!ok(Check::Leader, &stopped, t));
-        assert!(!ok(Check::Readiness, &stopped, t));
+        assert!(!ok(Check::Readiness { max_lag: None }, &stopped, t));
     }
 
     #[test]
@@ -1026,7 +1375,7 @@ mod tests {
             !v.ok && v.reason.starts_with("not the standby leader"),
             "{v:?}"
         );
-        assert!(ok(Check::Readiness, &b, t));
+        assert!(ok(Check::Readiness { max_lag: None }, &b, t));
         let v = verdict(Check::Primary, &b, t);
         assert!(
             !v.ok && v.reason.contains("standby cluster of 10.9.0.1:5433"),
@@ -1061,7 +1410,7 @@ mod tests {
             assert!(ok(Check::Primary, &b, t));
             assert!(ok(Check::Leader, &b, t));
             assert!(ok(Check::ReadOnly { max_lag: None }, &b, t));
-            assert!(ok(Check::Readiness, &b, t));
+            assert!(ok(Check::Readiness { max_lag: None }, &b, t));
             assert!(!ok(Check::Replica { max_lag: None }, &b, t));
             assert!(!ok(Check::StandbyLeader, &b, t));
         }

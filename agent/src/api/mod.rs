@@ -8,6 +8,8 @@ pub mod client;
 pub mod failsafe;
 pub mod http;
 pub mod metrics;
+pub mod patroni;
+mod rest;
 mod service;
 
 use std::net::SocketAddr;
@@ -131,6 +133,7 @@ pub async fn peer_status(
 }
 
 /// Everything request handlers need.
+#[derive(Clone)]
 pub struct ApiContext {
     pub cfg: Arc<Config>,
     pub dcs: Dcs,

@@ -26,7 +26,7 @@ pub struct Service {
 type Reply<T> = Result<Response<T>, Status>;
 
 /// Compares secrets without an early exit on the first differing byte.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

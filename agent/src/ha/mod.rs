@@ -41,7 +41,7 @@ pub use handover::{handover_timeout, switchover_target};
 pub use memory::{Memory, Outcome};
 pub use observation::{
     leader_key_carries_lease, lease_safety_margin, ControlData, DataDir, JobKind, JobView,
-    LeaseView, Observation, PgStatus, PgView,
+    LeaseView, Observation, PgDetails, PgStatus, PgView, Sender,
 };
 
 /// What decide needs from configuration.

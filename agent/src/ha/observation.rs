@@ -46,6 +46,36 @@ pub struct PgStatus {
     /// this standby's WAL receiver (`None` without a WAL receiver). Read for the standby
     /// leader's lag behind a standby cluster's remote source (`/metrics`).
     pub latest_end_lsn: Option<Lsn>,
+    /// What the HTTP API reports (`GET /patroni`) and nothing decides on.
+    pub details: PgDetails,
+}
+
+/// What PostgreSQL says of itself for the Patroni-compatible `GET /patroni`; no decision
+/// reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PgDetails {
+    /// `server_version_num`, e.g. 150018.
+    pub server_version: Option<u32>,
+    /// `pg_postmaster_start_time()`, RFC 3339 UTC.
+    pub postmaster_start_time: Option<String>,
+    /// A standby's replay is paused (`pg_wal_replay_pause()`).
+    pub replay_paused: bool,
+    /// `pg_last_xact_replay_timestamp()`, RFC 3339 UTC.
+    pub replayed_timestamp: Option<String>,
+    /// Every row of `pg_stat_replication` (a primary's walsenders, in any state).
+    pub senders: Vec<Sender>,
+}
+
+/// A row of `pg_stat_replication`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sender {
+    pub application_name: String,
+    pub sync_state: String,
+    pub flush_lsn: Option<Lsn>,
+    pub state: String,
+    pub usename: String,
+    pub client_addr: Option<String>,
+    pub sync_priority: i32,
 }
 
 /// What `pg_controldata` says of a stopped data directory.

@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 
 use super::conf::{scram_verifier, sql_ident, sql_literal};
 use crate::ha::sync::{Replication, Standbys};
-use crate::ha::PgStatus;
+use crate::ha::{PgDetails, PgStatus, Sender};
 use crate::lsn::Lsn;
 use crate::slots::SlotRow;
 use pgherd_config::SlotType;
@@ -22,11 +22,16 @@ SELECT pg_is_in_recovery(),
        (SELECT timeline_id FROM pg_control_checkpoint()),
        EXISTS (SELECT 1 FROM pg_settings WHERE pending_restart),
        current_setting('synchronous_standby_names'),
-       (SELECT latest_end_lsn FROM pg_stat_wal_receiver)::text";
+       (SELECT latest_end_lsn FROM pg_stat_wal_receiver)::text,
+       current_setting('server_version_num')::int,
+       to_char(pg_postmaster_start_time() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+       CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END,
+       to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
 
 const REPLICATION: &str = "\
-SELECT application_name, COALESCE(sync_state, 'async'), flush_lsn::text
-  FROM pg_stat_replication WHERE state = 'streaming'";
+SELECT application_name, COALESCE(sync_state, 'async'), flush_lsn::text, state, usename::text,
+       host(client_addr), sync_priority
+  FROM pg_stat_replication";
 
 fn lsn(s: Option<String>) -> Option<Lsn> {
     s.and_then(|s| s.parse().ok())
@@ -50,6 +55,24 @@ pub async fn status(c: &Client) -> Result<PgStatus> {
         .and_then(|t| u32::from_str_radix(t, 16).ok())
         .or(received_tli.map(|t| t as u32))
         .or(checkpoint_tli.map(|t| t as u32));
+    let senders: Vec<Sender> = if in_recovery {
+        vec![]
+    } else {
+        c.query(REPLICATION, &[])
+            .await
+            .context("pg_stat_replication query failed")?
+            .iter()
+            .map(|r| Sender {
+                application_name: r.get(0),
+                sync_state: r.get(1),
+                flush_lsn: lsn(r.get(2)),
+                state: r.get::<_, Option<String>>(3).unwrap_or_default(),
+                usename: r.get::<_, Option<String>>(4).unwrap_or_default(),
+                client_addr: r.get(5),
+                sync_priority: r.get(6),
+            })
+            .collect()
+    };
     Ok(PgStatus {
         in_recovery,
         timeline,
@@ -60,19 +83,21 @@ pub async fn status(c: &Client) -> Result<PgStatus> {
         pending_restart: row.get(8),
         standbys: Standbys::parse(row.get::<_, &str>(9)),
         latest_end_lsn: lsn(row.get(10)),
-        replication: if in_recovery {
-            vec![]
-        } else {
-            c.query(REPLICATION, &[])
-                .await
-                .context("pg_stat_replication query failed")?
-                .iter()
-                .map(|r| Replication {
-                    application_name: r.get(0),
-                    sync_state: r.get(1),
-                    flush_lsn: lsn(r.get(2)),
-                })
-                .collect()
+        replication: senders
+            .iter()
+            .filter(|s| s.state == "streaming")
+            .map(|s| Replication {
+                application_name: s.application_name.clone(),
+                sync_state: s.sync_state.clone(),
+                flush_lsn: s.flush_lsn,
+            })
+            .collect(),
+        details: PgDetails {
+            server_version: row.get::<_, Option<i32>>(11).map(|v| v as u32),
+            postmaster_start_time: row.get(12),
+            replay_paused: row.get::<_, Option<bool>>(13).unwrap_or(false),
+            replayed_timestamp: row.get(14),
+            senders,
         },
     })
 }

@@ -860,6 +860,7 @@ impl World {
                 },
                 replication,
                 latest_end_lsn: None,
+                details: Default::default(),
             }),
             _ => None,
         };

@@ -92,6 +92,7 @@ fn standby_status(lsn: u64) -> PgStatus {
         standbys: Default::default(),
         replication: vec![],
         latest_end_lsn: None,
+        details: Default::default(),
     }
 }
 
