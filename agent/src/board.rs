@@ -11,16 +11,22 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::callbacks::PgRole;
-use crate::dcs::model::{ClusterView, Handover, MemberInfo};
+use crate::dcs::model::{ClusterView, Handover, MemberInfo, Role};
 use crate::lsn::Lsn;
 
 /// A request from the API about this member, executed by the loop between two cycles. The
 /// loop replies with what it did, or with why it did not (for the operator to read).
 pub enum LocalRequest {
-    /// Restart PostgreSQL in its current role (only if a restart is pending, with the flag).
+    /// Restart PostgreSQL in its current role if `conditions` hold: now, or at `at` (then
+    /// the loop keeps it until that time, and checks the conditions then).
     Restart {
-        pending_only: bool,
+        conditions: RestartConditions,
+        at: Option<SystemTime>,
         reply: oneshot::Sender<Result<RestartOutcome, String>>,
+    },
+    /// Forget the scheduled restart; replies with the one forgotten, if any.
+    CancelRestart {
+        reply: oneshot::Sender<Result<Option<ScheduledRestart>, String>>,
     },
     /// Rewrite the configuration files and reload PostgreSQL.
     Reload {
@@ -33,12 +39,78 @@ pub enum LocalRequest {
 }
 
 /// What the loop did for a [`LocalRequest::Restart`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RestartOutcome {
     /// Only a pending restart was asked for, and none is pending: nothing done.
     NothingPending,
+    /// A condition did not hold (why): nothing done.
+    Skipped(String),
+    /// Kept for later: the loop restarts at this time (RFC 3339) if the conditions hold.
+    Scheduled(String),
     /// PostgreSQL was stopped and started again in the role it had.
     Restarted(PgRole),
+}
+
+/// When a restart may run (`pgherdctl restart --pending --role --pg-version`), checked when
+/// it runs: at once, or at its scheduled time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestartConditions {
+    /// Only if a changed parameter waits for a restart.
+    pub pending_only: bool,
+    /// Only while this member has this role (holds the leader key, or not).
+    pub role: Option<Role>,
+    /// Only if the running PostgreSQL's `server_version_num` is below this.
+    pub older_than: Option<u32>,
+    /// `older_than` as the operator wrote it, for messages.
+    pub older_than_text: Option<String>,
+}
+
+/// The restart the loop keeps for later (one at a time, in memory: an agent restart forgets
+/// it, as Patroni's does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledRestart {
+    pub at: SystemTime,
+    pub conditions: RestartConditions,
+}
+
+impl ScheduledRestart {
+    /// Its time, as operators read it (RFC 3339, UTC).
+    pub fn at_text(&self) -> String {
+        humantime::format_rfc3339_seconds(self.at).to_string()
+    }
+
+    /// The value of the `restarts/<member>` key: its time and conditions.
+    pub fn to_json(&self) -> serde_json::Value {
+        let c = &self.conditions;
+        let mut v = serde_json::json!({"at": self.at_text()});
+        if c.pending_only {
+            v["pending_only"] = true.into();
+        }
+        if let Some(r) = c.role {
+            v["role"] = r.as_str().into();
+        }
+        if let Some(t) = &c.older_than_text {
+            v["pg_version"] = t.clone().into();
+        }
+        v
+    }
+}
+
+/// `server_version_num` of a version given as `15`, `15.4` or `9.6.24`: what
+/// `pgherdctl restart --pg-version` compares the running PostgreSQL's with.
+pub fn version_num(text: &str) -> Option<u32> {
+    let parts: Vec<u32> = text
+        .trim()
+        .split('.')
+        .map(|p| p.parse::<u32>().ok())
+        .collect::<Option<_>>()?;
+    match parts.as_slice() {
+        [major] if *major >= 10 => Some(major * 10000),
+        [major, minor] if *major >= 10 => Some(major * 10000 + minor),
+        [major, minor] => Some(major * 10000 + minor * 100),
+        [major, minor, patch] if *major < 10 => Some(major * 10000 + minor * 100 + patch),
+        _ => None,
+    }
 }
 
 /// What the loop last knew, shared with request handlers.
@@ -303,5 +375,26 @@ impl StatusBoard {
     pub fn set_failsafe_leading(&self, leading: bool) {
         self.failsafe_leading
             .store(leading, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_num;
+
+    #[test]
+    fn versions_read_as_server_version_num() {
+        for (text, want) in [
+            ("15", Some(150000)),
+            ("15.4", Some(150004)),
+            ("17.0", Some(170000)),
+            ("9.6", Some(90600)),
+            ("9.6.24", Some(90624)),
+            ("15.4.1", None),
+            ("fifteen", None),
+            ("", None),
+        ] {
+            assert_eq!(version_num(text), want, "{text:?}");
+        }
     }
 }

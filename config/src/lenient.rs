@@ -259,13 +259,15 @@ mod tests {
     }
 
     #[test]
-    fn tags_from_a_newer_agent_keep_the_known_ones() {
+    fn tags_keep_the_known_ones_and_custom_ones_as_written() {
         let parsed = from_json::<Tags>(
-            br#"{"nofailover": true, "zone_of_a_newer_agent": true, "failover_priority": 3}"#,
+            br#"{"nofailover": true, "zone": "eu-1", "rack": 7, "failover_priority": 3}"#,
         )
         .unwrap();
         assert!(parsed.value.nofailover);
         assert_eq!(parsed.value.failover_priority, 3);
-        assert_eq!(parsed.ignored, vec!["zone_of_a_newer_agent"]);
+        assert!(parsed.ignored.is_empty(), "{:?}", parsed.ignored);
+        assert_eq!(parsed.value.custom["zone"], serde_json::json!("eu-1"));
+        assert_eq!(parsed.value.custom["rack"], serde_json::json!(7));
     }
 }

@@ -557,8 +557,9 @@ impl Default for DcsPostgresql {
     }
 }
 
+/// A member's tags. Any key besides the known ones is a custom tag (`zone: eu-1`), kept as
+/// written and shown by `pgherdctl list`, as Patroni does; pgherd itself acts on none of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Tags {
     /// Never promote this member.
     #[serde(default)]
@@ -579,6 +580,9 @@ pub struct Tags {
     /// its timeline or leads; from the leader otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicatefrom: Option<String>,
+    /// Custom tags: every other key, with its value (a string, number, boolean, ...).
+    #[serde(flatten)]
+    pub custom: BTreeMap<String, serde_json::Value>,
 }
 
 /// Commands run on PostgreSQL events, Patroni style: `<command> <action> <role> <cluster>`,
@@ -769,6 +773,7 @@ impl Default for Tags {
             nosync: false,
             clonefrom: false,
             replicatefrom: None,
+            custom: BTreeMap::new(),
         }
     }
 }

@@ -764,3 +764,15 @@ fn a_standby_cluster_reading_the_other_clusters_repository_is_checked() {
         );
     }
 }
+
+#[test]
+fn custom_tags_are_accepted_beside_the_known_ones() {
+    let text = with(&[(
+        "cluster: demo",
+        "cluster: demo\ntags: {nofailover: true, zone: eu-1, rack: 7}",
+    )]);
+    let c = parse(&text).unwrap_or_else(|p| panic!("{}", Problem::list(&p)));
+    assert!(c.tags.nofailover);
+    assert_eq!(c.tags.custom["zone"], serde_json::json!("eu-1"));
+    assert_eq!(c.tags.custom["rack"], serde_json::json!(7));
+}

@@ -17,6 +17,9 @@ pub struct Target {
     pub dcs: Dcs,
     pub etcd: EtcdConfig,
     pub options: ClientOptions,
+    /// The member configuration given with --config (its superuser and PostgreSQL TLS
+    /// settings, for `query`); `None` with --endpoints.
+    pub config: Option<pgherd_config::Config>,
 }
 
 fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, Failure> {
@@ -28,12 +31,12 @@ impl Target {
     pub async fn from_cli(cli: &Cli) -> Result<Target, Failure> {
         // Agents may take a while (a switchover waits for the handover).
         let timeout = Duration::from_secs(120);
-        let (etcd, cluster, mut options) = match (&cli.config, cli.endpoints.is_empty()) {
+        let (etcd, cluster, mut options, config) = match (&cli.config, cli.endpoints.is_empty()) {
             (Some(path), true) => {
                 let cfg = pgherd_config::load(path).map_err(|e| Failure::Usage(e.to_string()))?;
                 let opts = ClientOptions::from_api_config(&cfg.api, timeout)
                     .map_err(|e| Failure::Usage(format!("{e:#}")))?;
-                (cfg.etcd, cfg.cluster, opts)
+                (cfg.etcd.clone(), cfg.cluster.clone(), opts, Some(cfg))
             }
             (None, false) => {
                 let cluster = cli.cluster.clone().ok_or_else(|| {
@@ -54,6 +57,7 @@ impl Target {
                         timeout,
                         ..ClientOptions::default()
                     },
+                    None,
                 )
             }
             (Some(_), false) => {
@@ -99,6 +103,7 @@ impl Target {
             dcs,
             etcd,
             options,
+            config,
         })
     }
 
@@ -121,10 +126,11 @@ impl Target {
             })?;
         let dcs = Dcs::new(client, &cfg.cluster, "pgherdctl", Duration::from_secs(5));
         Ok(Target {
-            cluster: cfg.cluster,
+            cluster: cfg.cluster.clone(),
             dcs,
-            etcd: cfg.etcd,
+            etcd: cfg.etcd.clone(),
             options,
+            config: Some(cfg),
         })
     }
 

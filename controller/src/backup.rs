@@ -124,7 +124,7 @@ pub async fn backup(
     }
     match format {
         Format::Json => println!("{result}"),
-        Format::Table => println!(
+        Format::Table | Format::Csv => println!(
             "{} backup {}{} taken on {}: {} ({} stored, {}), WAL {} to {} on timeline {}",
             result["type"].as_str().unwrap_or("full"),
             result["id"].as_str().unwrap_or("?"),
@@ -152,7 +152,7 @@ pub async fn list(target: &Target, format: Format) -> Result<(), Failure> {
         .map_err(|e| Failure::Refused(format!("the agent sent an unreadable list: {e}")))?;
     match format {
         Format::Json => println!("{}", serde_json::Value::Array(backups)),
-        Format::Table => {
+        Format::Table | Format::Csv => {
             if backups.is_empty() {
                 println!("no backups");
                 return Ok(());
@@ -209,7 +209,7 @@ pub async fn verify(target: &Target, format: Format, id: Option<&str>) -> Result
     let passed = result["passed"].as_bool() == Some(true);
     match format {
         Format::Json => println!("{result}"),
-        Format::Table => println!(
+        Format::Table | Format::Csv => println!(
             "backup {} verify {} in {:.1} s: {}",
             result["backup_id"].as_str().unwrap_or("?"),
             if passed { "passed" } else { "FAILED" },
@@ -334,7 +334,7 @@ pub async fn restore(
             RestorePhase::Done => {
                 match format {
                     Format::Json => println!("{}", serde_json::to_string(&k).unwrap_or_default()),
-                    Format::Table => println!(
+                    Format::Table | Format::Csv => println!(
                         "restore {}: {}; the other members re-clone from {}",
                         k.id, k.message, k.leader
                     ),

@@ -1,13 +1,11 @@
 //! The subcommands.
 
-use std::collections::HashMap;
-
 use pgherd_agent::dcs::model::ClusterView;
 use pgherd_proto::v1::*;
 
 use crate::agents::{status_failure, Target};
 use crate::prompt::confirm;
-use crate::{list, Cli, Command, Failure, Format};
+use crate::{list, Cli, Command, Failure, Format, MemberRole};
 
 pub(crate) fn print_message(format: Format, fields: &[(&str, serde_json::Value)], text: &str) {
     match format {
@@ -18,7 +16,7 @@ pub(crate) fn print_message(format: Format, fields: &[(&str, serde_json::Value)]
                 .collect();
             println!("{}", serde_json::Value::Object(obj));
         }
-        Format::Table => println!("{text}"),
+        Format::Table | Format::Csv => println!("{text}"),
     }
 }
 
@@ -32,7 +30,7 @@ fn restart_order(view: &ClusterView) -> Vec<String> {
 /// Prints per-member results as lines or one JSON array.
 fn print_per_member(format: Format, results: &[(String, String, Option<bool>)]) {
     match format {
-        Format::Table => {
+        Format::Table | Format::Csv => {
             for (m, msg, _) in results {
                 println!("{m}: {msg}");
             }
@@ -54,8 +52,64 @@ fn print_per_member(format: Format, results: &[(String, String, Option<bool>)]) 
 }
 
 pub async fn run(cli: &Cli) -> Result<(), Failure> {
+    if cli.format == Format::Csv && !matches!(cli.command, Command::Query { .. }) {
+        return Err(Failure::Usage(
+            "--format csv is only for query; use table or json".into(),
+        ));
+    }
+    if let Command::Version { members } = &cli.command {
+        // Without a cluster to ask, pgherdctl's own version alone.
+        if cli.config.is_none() && cli.endpoints.is_empty() {
+            return crate::cluster::version(None, cli.format, members).await;
+        }
+    }
     let target = Target::from_cli(cli).await?;
     match &cli.command {
+        Command::Version { members } => {
+            crate::cluster::version(Some(&target), cli.format, members).await?
+        }
+        Command::Query {
+            command,
+            file,
+            member,
+            role,
+            dbname,
+            username,
+        } => {
+            let sql = crate::query::read_sql(command.as_deref(), file.as_deref())?;
+            let view = target.view().await?;
+            let m = crate::query::choose(&view, member.as_deref(), *role)?;
+            let sets = crate::query::run(&target, m, dbname, username.as_deref(), &sql).await?;
+            print!("{}", crate::query::render(&sets, cli.format));
+        }
+        Command::Dsn {
+            member,
+            role,
+            dbname,
+            username,
+        } => {
+            let view = target.view().await?;
+            let m = crate::query::choose(&view, member.as_deref(), *role)?;
+            let dsn = crate::query::dsn(m, dbname.as_deref(), username.as_deref());
+            print_message(
+                cli.format,
+                &[
+                    ("member", m.name.clone().into()),
+                    ("host", m.host.clone().into()),
+                    ("port", m.port.into()),
+                    ("dsn", dsn.clone().into()),
+                ],
+                &dsn,
+            );
+        }
+        Command::Remove { cluster, force } => {
+            crate::cluster::remove(&target, cli.format, cluster, *force).await?
+        }
+        Command::Flush {
+            cluster,
+            what,
+            members,
+        } => crate::cluster::flush(&target, cli.format, cluster, *what, members).await?,
         Command::Backup {
             action: Some(crate::BackupAction::Verify { id }),
             ..
@@ -132,7 +186,12 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::List => {
             let view = target.view().await?;
-            print!("{}", list::render(&target.cluster, &view, cli.format));
+            // Best effort: the scheduled restarts agents publish (older agents publish none).
+            let restarts = target.dcs.scheduled_restarts().await.unwrap_or_default();
+            print!(
+                "{}",
+                list::render(&target.cluster, &view, &restarts, cli.format)
+            );
             if cli.format == Format::Table {
                 // Best effort: the leader's agent knows the repository; list works without it.
                 if let Some(leader) = view.leader_member() {
@@ -275,31 +334,75 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
             member,
             all,
             pending,
+            role,
+            pg_version,
+            scheduled,
             force,
         } => {
+            // Bad input is refused before anything is asked or sent.
+            if let Some(v) = pg_version {
+                if pgherd_agent::board::version_num(v).is_none() {
+                    return Err(Failure::Usage(format!(
+                        "--pg-version {v:?} is not a PostgreSQL version like 15 or 15.4"
+                    )));
+                }
+            }
+            if let Some(t) = scheduled {
+                let at = humantime::parse_rfc3339_weak(t).map_err(|e| {
+                    Failure::Usage(format!(
+                        "--scheduled {t:?} is not an RFC 3339 time like 2026-11-26T03:00:00Z: {e}"
+                    ))
+                })?;
+                if at <= std::time::SystemTime::now() {
+                    return Err(Failure::Usage(format!("--scheduled {t} is in the past")));
+                }
+            }
             let view = target.view().await?;
             let members = match (member, all) {
-                (Some(m), _) => vec![m.clone()],
+                (Some(m), _) => {
+                    Target::address_of(&view, m)?;
+                    vec![m.clone()]
+                }
                 (None, true) => restart_order(&view),
                 (None, false) => return Err(Failure::Usage("give a MEMBER or --all".into())),
             };
-            let what = if *pending {
-                "Restart PostgreSQL where a restart is pending on"
-            } else {
-                "Restart PostgreSQL on"
+            let mut what = String::from("Restart PostgreSQL");
+            if *pending {
+                what.push_str(" where a restart is pending");
+            }
+            if let Some(r) = role {
+                what.push_str(&format!(" if its role is {r:?}").to_lowercase());
+            }
+            if let Some(v) = pg_version {
+                what.push_str(&format!(" if its version is older than {v}"));
+            }
+            let when = scheduled
+                .as_deref()
+                .map(|t| format!(" at {t}"))
+                .unwrap_or_default();
+            confirm(&format!("{what} on {}{when}?", members.join(", ")), *force)?;
+            let role = match role {
+                None | Some(MemberRole::Any) => String::new(),
+                Some(MemberRole::Leader) => "leader".into(),
+                Some(MemberRole::Replica) => "replica".into(),
             };
-            confirm(&format!("{what} {}?", members.join(", ")), *force)?;
             let mut results = Vec::new();
             for m in &members {
+                let req = RestartRequest {
+                    member: m.clone(),
+                    pending_only: *pending,
+                    scheduled_at: scheduled.clone().unwrap_or_default(),
+                    role: role.clone(),
+                    pg_version: pg_version.clone().unwrap_or_default(),
+                };
                 let r = target
-                    .on_member(&view, m, |mut c| async move {
-                        c.restart(RestartRequest {
-                            member: m.clone(),
-                            pending_only: *pending,
-                        })
-                        .await
-                    })
+                    .on_member(&view, m, |mut c| async move { c.restart(req).await })
                     .await?;
+                if scheduled.is_some() && !r.scheduled && r.restarted {
+                    eprintln!(
+                        "pgherdctl: warning: {m}'s agent restarted at once: it is older than --scheduled"
+                    );
+                }
                 results.push((m.clone(), r.message, Some(r.restarted)));
             }
             print_per_member(cli.format, &results);
@@ -363,7 +466,7 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
                     serde_json::to_string_pretty(&config)
                         .map_err(|e| Failure::Refused(e.to_string()))?
                 ),
-                Format::Table => print!(
+                Format::Table | Format::Csv => print!(
                     "{}",
                     serde_yaml::to_string(&config).map_err(|e| Failure::Refused(e.to_string()))?
                 ),
@@ -407,60 +510,19 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
             )
             .await?
         }
-        Command::EditConfig { set, force } => {
-            let mut sets = HashMap::new();
-            for s in set {
-                let (k, v) = s
-                    .split_once('=')
-                    .ok_or_else(|| Failure::Usage(format!("--set {s:?} is not KEY=VALUE")))?;
-                sets.insert(k.trim().to_string(), v.trim().to_string());
-            }
-            let patch = |dry_run: bool| {
-                let set = sets.clone();
-                target.on_leader(move |mut c| {
-                    let set = set.clone();
-                    async move {
-                        c.patch_config(PatchConfigRequest {
-                            set,
-                            dry_run,
-                            expect: HashMap::new(),
-                        })
-                        .await
-                    }
-                })
+        Command::EditConfig {
+            set,
+            apply,
+            replace,
+            force,
+        } => {
+            let source = match (set.is_empty(), apply, replace) {
+                (false, _, _) => crate::config_edit::Source::Sets(set),
+                (true, Some(path), _) => crate::config_edit::Source::Patch(path),
+                (true, None, Some(path)) => crate::config_edit::Source::Replace(path),
+                (true, None, None) => crate::config_edit::Source::Editor,
             };
-            let dry = patch(true).await?;
-            if dry.changes.is_empty() {
-                print_message(
-                    cli.format,
-                    &[("changes", serde_json::json!([]))],
-                    "no change: the configuration already says that",
-                );
-                return Ok(());
-            }
-            if cli.format == Format::Table {
-                println!("Changes:");
-                for line in &dry.changes {
-                    println!("  {line}");
-                }
-            }
-            confirm("Apply these changes to every member?", *force)?;
-            let done = patch(false).await?;
-            match cli.format {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::json!({"changes": done.changes, "pending_restart": done.pending_restart})
-                ),
-                Format::Table => {
-                    println!("Applied.");
-                    if !done.pending_restart.is_empty() {
-                        println!(
-                            "A changed parameter needs a PostgreSQL restart on: {} (pgherdctl restart --all --pending)",
-                            done.pending_restart.join(", ")
-                        );
-                    }
-                }
-            }
+            crate::config_edit::edit_config(&target, cli.format, source, *force).await?
         }
     }
     Ok(())

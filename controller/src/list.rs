@@ -1,5 +1,7 @@
 //! `pgherdctl list`: the cluster's members as a table or JSON.
 
+use std::collections::BTreeMap;
+
 use pgherd_agent::dcs::model::{ClusterView, HistoryEntry, Role};
 use pgherd_agent::listing::{is_paused, rows, sync_mode, Row};
 use pgherd_config::SynchronousMode;
@@ -23,18 +25,65 @@ fn tags_text(t: &pgherd_config::Tags) -> String {
     if t.failover_priority != 1 {
         parts.push(format!("priority={}", t.failover_priority));
     }
+    // Custom tags as written: a string without its quotes, anything else as JSON.
+    for (k, v) in &t.custom {
+        match v {
+            serde_json::Value::String(s) => parts.push(format!("{k}={s}")),
+            other => parts.push(format!("{k}={other}")),
+        }
+    }
     parts.join(",")
 }
 
-pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
+/// When a member's scheduled restart is, with its conditions, in one cell.
+fn restart_text(v: &serde_json::Value) -> String {
+    let mut text = v["at"].as_str().unwrap_or("?").to_string();
+    let mut only = Vec::new();
+    if v["pending_only"] == true {
+        only.push("pending".to_string());
+    }
+    if let Some(r) = v["role"].as_str() {
+        only.push(format!("if {r}"));
+    }
+    if let Some(p) = v["pg_version"].as_str() {
+        only.push(format!("if older than {p}"));
+    }
+    if !only.is_empty() {
+        text.push_str(&format!(" ({})", only.join(", ")));
+    }
+    text
+}
+
+/// `restarts`: each member's published scheduled restart (`restarts/<member>`), shown in a
+/// Scheduled restart column and as `scheduled_restart` in JSON.
+pub fn render(
+    cluster: &str,
+    view: &ClusterView,
+    restarts: &BTreeMap<String, serde_json::Value>,
+    format: Format,
+) -> String {
     let rows: Vec<Row> = rows(view);
     match format {
-        Format::Json => {
+        Format::Json if restarts.is_empty() => {
             let mut s = serde_json::to_string_pretty(&rows).expect("rows serialize to JSON");
             s.push('\n');
             s
         }
-        Format::Table => {
+        Format::Json => {
+            let mut values: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| serde_json::to_value(r).expect("rows serialize to JSON"))
+                .collect();
+            for v in &mut values {
+                if let Some(r) = v["name"].as_str().and_then(|n| restarts.get(n)) {
+                    v["scheduled_restart"] = r.clone();
+                }
+            }
+            let mut s = serde_json::to_string_pretty(&values).expect("rows serialize to JSON");
+            s.push('\n');
+            s
+        }
+        Format::Table | Format::Csv => {
             // An Upstream column only when some replica cascades from another.
             let leader = view.leader_name();
             let cascading = rows
@@ -63,6 +112,9 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
                     if cascading {
                         cells.insert(4, r.upstream.clone().unwrap_or_default());
                     }
+                    if !restarts.is_empty() {
+                        cells.push(restarts.get(&r.name).map(restart_text).unwrap_or_default());
+                    }
                     cells
                 })
                 .collect();
@@ -79,6 +131,9 @@ pub fn render(cluster: &str, view: &ClusterView, format: Format) -> String {
             ];
             if cascading {
                 header.insert(4, "Upstream");
+            }
+            if !restarts.is_empty() {
+                header.push("Scheduled restart");
             }
             let mut out = format!(
                 "Cluster: {cluster} (leader: {})\n{}",
@@ -163,7 +218,7 @@ pub fn render_topology(cluster: &str, view: &ClusterView, format: Format) -> Str
             s.push('\n');
             s
         }
-        Format::Table => {
+        Format::Table | Format::Csv => {
             let mut out = format!(
                 "Cluster: {cluster} (leader: {})\n",
                 view.leader_name().unwrap_or("none")
@@ -223,7 +278,7 @@ pub fn render_slots(r: &pgherd_proto::v1::SlotsResponse, format: Format) -> Stri
             s.push('\n');
             s
         }
-        Format::Table => {
+        Format::Table | Format::Csv => {
             let cells = r
                 .slots
                 .iter()
@@ -285,7 +340,7 @@ pub fn render_backups(summary_json: &str) -> Option<String> {
 }
 
 /// A boxed text table.
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut cells = rows;
     cells.insert(0, header.iter().map(|h| h.to_string()).collect());
     let widths: Vec<usize> = (0..header.len())
@@ -322,7 +377,7 @@ pub fn render_history(entries: &[HistoryEntry], format: Format) -> String {
         Format::Table if entries.is_empty() => {
             "No failovers yet: the cluster is on its first timeline.\n".to_string()
         }
-        Format::Table => table(
+        Format::Table | Format::Csv => table(
             &["TL", "Switch LSN", "Time", "New leader", "Reason"],
             entries
                 .iter()

@@ -3,9 +3,12 @@
 
 mod agents;
 mod backup;
+mod cluster;
 mod commands;
+mod config_edit;
 mod list;
 mod prompt;
+mod query;
 mod standby;
 
 use std::path::PathBuf;
@@ -57,7 +60,7 @@ pub struct Cli {
     /// certificate must name its member).
     #[arg(long, value_name = "NAME", global = true)]
     pub member_identity: Option<String>,
-    /// Output format.
+    /// Output format (csv: only for query).
     #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
     pub format: Format,
     #[command(subcommand)]
@@ -68,6 +71,29 @@ pub struct Cli {
 pub enum Format {
     Table,
     Json,
+    Csv,
+}
+
+/// Which member `query` and `dsn` (and `restart --role`) mean.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+pub enum MemberRole {
+    /// The member holding the leader key.
+    #[value(alias = "primary")]
+    Leader,
+    /// A running replica (the least lagging).
+    #[value(alias = "standby")]
+    Replica,
+    /// Any running member, the leader if there is one.
+    Any,
+}
+
+/// What `flush` cancels.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum FlushWhat {
+    /// Every member's scheduled restart.
+    Restart,
+    /// The scheduled switchover.
+    Switchover,
 }
 
 #[derive(Subcommand)]
@@ -109,7 +135,8 @@ pub enum Command {
     Pause,
     /// Leave maintenance mode.
     Resume,
-    /// Restart PostgreSQL on a member (or all), keeping its role.
+    /// Restart PostgreSQL on a member (or all), keeping its role: now, or at a scheduled
+    /// time; only where the conditions hold (checked by each agent when it restarts).
     Restart {
         /// The member to restart.
         #[arg(required_unless_present = "all")]
@@ -120,9 +147,87 @@ pub enum Command {
         /// Only members whose changed parameters wait for a restart.
         #[arg(long)]
         pending: bool,
+        /// Only members in this role at the time of the restart.
+        #[arg(long, value_enum)]
+        role: Option<MemberRole>,
+        /// Only members whose running PostgreSQL is older than this version (15, 15.4).
+        #[arg(long, value_name = "VERSION")]
+        pg_version: Option<String>,
+        /// Restart at this time instead of now (RFC 3339, e.g. 2026-11-26T03:00:00Z). Each
+        /// agent keeps it in memory until then (an agent restart forgets it); pgherdctl
+        /// flush CLUSTER restart cancels it.
+        #[arg(long, value_name = "TIME")]
+        scheduled: Option<String>,
         /// Do not ask for confirmation.
         #[arg(long)]
         force: bool,
+    },
+    /// Run SQL on a member's PostgreSQL (the leader if there is one, by default) and print the rows as a
+    /// table, CSV (--format csv) or JSON. Connects as the config's superuser unless
+    /// --username (then the password comes from PGPASSWORD).
+    Query {
+        /// The SQL (one or more statements). (-c is --config here, unlike patronictl.)
+        #[arg(long, value_name = "SQL", conflicts_with = "file")]
+        command: Option<String>,
+        /// Read the SQL from this file (- for standard input).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Run it on this member.
+        #[arg(short = 'm', long, conflicts_with = "role")]
+        member: Option<String>,
+        /// Run it on the leader, a replica (the least lagging), or any running member
+        /// (default: any, the leader first).
+        #[arg(short = 'r', long, value_enum)]
+        role: Option<MemberRole>,
+        /// The database.
+        #[arg(short = 'd', long, default_value = "postgres")]
+        dbname: String,
+        /// Connect as this user instead of the superuser of --config.
+        #[arg(short = 'U', long)]
+        username: Option<String>,
+    },
+    /// Print a libpq connection string (host=... port=...) for a member, or for the
+    /// leader, a replica or any member with --role (default: any, the leader first).
+    Dsn {
+        /// This member.
+        #[arg(short = 'm', long, conflicts_with = "role")]
+        member: Option<String>,
+        /// The leader, a replica (the least lagging) or any running member.
+        #[arg(short = 'r', long, value_enum)]
+        role: Option<MemberRole>,
+        /// Add dbname=DBNAME.
+        #[arg(short = 'd', long)]
+        dbname: Option<String>,
+        /// Add user=USERNAME.
+        #[arg(short = 'U', long)]
+        username: Option<String>,
+    },
+    /// Delete every key of CLUSTER in etcd (configuration, history, initialize key), for
+    /// a cluster that is gone or to bootstrap again. Refused while any agent is alive (a
+    /// member key stands). Asks for the cluster name, then "Yes I am aware" (read from
+    /// standard input, so a pipe can answer).
+    Remove {
+        /// The cluster's name, as --config names it.
+        cluster: String,
+        /// Do not ask.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Cancel scheduled actions: every member's scheduled restart (restart) or the
+    /// scheduled switchover (switchover).
+    Flush {
+        /// The cluster's name, as --config names it.
+        cluster: String,
+        #[arg(value_enum)]
+        what: FlushWhat,
+        /// With restart: only this member's (repeat for several; default: every member).
+        #[arg(long = "member", value_name = "MEMBER")]
+        members: Vec<String>,
+    },
+    /// Print pgherdctl's version and each member's agent version (as its member key says).
+    Version {
+        /// Only these members.
+        members: Vec<String>,
     },
     /// Rewrite PostgreSQL's configuration from pgherd's and reload it (all members by default).
     Reload {
@@ -256,13 +361,22 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Change the cluster-wide configuration: validated like the file, the change is shown
-    /// before it is applied, and members that need a PostgreSQL restart are marked.
+    /// Change the cluster-wide configuration: with --set, with --apply FILE (the whole
+    /// YAML document), or else in $EDITOR on its YAML. Validated like the file, the change
+    /// is shown before it is applied, and members that need a PostgreSQL restart are marked.
     EditConfig {
         /// KEY=VALUE, e.g. ttl=20 or postgresql.parameters.work_mem=64MB (empty value
         /// removes the key). Repeat for several keys.
-        #[arg(long = "set", value_name = "KEY=VALUE", required = true)]
+        #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "apply")]
         set: Vec<String>,
+        /// Apply the YAML in FILE (- for standard input) as a patch, like one --set per key
+        /// it gives: a null value removes the key, keys it leaves out stay as they are.
+        #[arg(long, value_name = "FILE", conflicts_with = "replace")]
+        apply: Option<PathBuf>,
+        /// Replace the whole configuration with the YAML in FILE (- for standard input):
+        /// keys it leaves out are removed (their defaults apply).
+        #[arg(long, value_name = "FILE", conflicts_with = "set")]
+        replace: Option<PathBuf>,
         /// Do not ask for confirmation.
         #[arg(long)]
         force: bool,
@@ -331,5 +445,14 @@ fn main() -> ExitCode {
             eprintln!("pgherdctl: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -146,6 +146,47 @@ pub async fn ctl_direct_output_env<S: AsRef<OsStr>>(
     })
 }
 
+/// Runs `pgherdctl --config <member's config> <args>` with `input` on its standard input (a
+/// pipe, not a terminal) and `env` set (e.g. `EDITOR`), and returns how it ended.
+pub async fn ctl_output_with_input<S: AsRef<OsStr>>(
+    member: &Member,
+    args: &[S],
+    input: &str,
+    env: &[(&str, &str)],
+) -> Result<CtlOutput> {
+    use tokio::io::AsyncWriteExt;
+    let mut all: Vec<&OsStr> = vec![OsStr::new("--config"), member.config_path().as_os_str()];
+    all.extend(args.iter().map(AsRef::as_ref));
+    let bin = crate::ctl_bin()?;
+    let shown = command_line("pgherdctl", &all);
+    let started = std::time::Instant::now();
+    let mut child = tokio::process::Command::new(bin)
+        .args(&all)
+        .env_remove("PGHERD_TOKEN")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot run `{shown}`"))?;
+    let mut stdin = child.stdin.take().context("the child's stdin is piped")?;
+    // pgherdctl may exit before reading everything (a refusal): a broken pipe is fine.
+    let _ = stdin.write_all(input.as_bytes()).await;
+    drop(stdin);
+    let output = tokio::time::timeout(CTL_TIMEOUT, child.wait_with_output())
+        .await
+        .with_context(|| format!("`{shown}` did not finish within {CTL_TIMEOUT:?}"))?
+        .with_context(|| format!("cannot run `{shown}`"))?;
+    Ok(CtlOutput {
+        command: shown,
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        took: started.elapsed(),
+    })
+}
+
 /// Runs pgherdctl with standard input from /dev/null (not a terminal: it never asks) and
 /// without `PGHERD_TOKEN` from the test's environment (each test says which token it uses,
 /// in `args` or in `env`).

@@ -69,8 +69,8 @@ use anyhow::{bail, Context, Result};
 pub use cluster::{Cluster, ClusterBuilder, Healthy};
 pub use config::{member_yaml, merge_yaml, MemberSpec};
 pub use ctl::{
-    ctl, ctl_direct, ctl_direct_output, ctl_direct_output_env, ctl_output, list_json, CtlOutput,
-    HistoryEntry, ListedMember,
+    ctl, ctl_direct, ctl_direct_output, ctl_direct_output_env, ctl_output, ctl_output_with_input,
+    list_json, CtlOutput, HistoryEntry, ListedMember,
 };
 pub use etcd::{Etcd, EtcdAuth, EtcdSecurity, EtcdTls};
 pub use http::{http_get, http_request, HttpResponse};

@@ -134,6 +134,7 @@ refusing_the_rest! {
     cancel_switchover(CancelSwitchoverRequest) -> CancelSwitchoverResponse = "CancelSwitchover";
     failover(FailoverRequest) -> FailoverResponse = "Failover";
     restart(RestartRequest) -> RestartResponse = "Restart";
+    cancel_restart(CancelRestartRequest) -> CancelRestartResponse = "CancelRestart";
     reinitialize(ReinitializeRequest) -> ReinitializeResponse = "Reinitialize";
     pause(PauseRequest) -> PauseResponse = "Pause";
     resume(ResumeRequest) -> ResumeResponse = "Resume";

@@ -85,6 +85,12 @@ pub struct Agent {
     warned_once: std::collections::BTreeSet<String>,
     /// `server_version_num` of the local PostgreSQL, once asked.
     server_version: Option<u32>,
+    /// The restart the operator scheduled (`pgherdctl restart --scheduled`), until it runs
+    /// or is flushed.
+    scheduled_restart: Option<crate::board::ScheduledRestart>,
+    /// What `restarts/<me>` holds in etcd: the member lease it was written under and the
+    /// restart's time (`None`: no key).
+    published_restart: Option<(i64, std::time::SystemTime)>,
     /// Failsafe mode: until when the members' acceptances let this leader stay writable
     /// without etcd (kept after the lease is found expired, until the key is taken back).
     failsafe_until: Option<Instant>,
@@ -155,6 +161,8 @@ impl Agent {
             pg_role: None,
             warned_once: Default::default(),
             server_version: None,
+            scheduled_restart: None,
+            published_restart: None,
             started_at: Instant::now(),
             failsafe_until: None,
         })
@@ -203,6 +211,7 @@ impl Agent {
 
     async fn main_loop(&mut self, shutdown: &CancellationToken) -> Result<()> {
         loop {
+            self.run_scheduled_restart().await;
             let started = Instant::now();
             let obs = self.observe().await;
             // Bookkeeping decide reads through Memory (shared with the simulation).
@@ -235,6 +244,7 @@ impl Agent {
                 }
             }
             self.publish(&decision, &obs).await;
+            self.publish_scheduled_restart().await;
             self.post_local_status(&decision, &obs, started, &ha_cfg)
                 .await;
             crate::failpoint::stall("loop-stall").await;
@@ -242,11 +252,14 @@ impl Agent {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "loop done"
             );
-            let wait = if decision.retry_soon {
+            let mut wait = if decision.retry_soon {
                 Duration::from_millis(50)
             } else {
                 ha_cfg.dcs.loop_wait()
             };
+            if let Some(due) = self.until_scheduled_restart() {
+                wait = wait.min(due);
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(wait) => {}

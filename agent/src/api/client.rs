@@ -50,6 +50,7 @@ pub const MUTATING_METHODS: &[&str] = &[
     "CancelSwitchover",
     "Failover",
     "Restart",
+    "CancelRestart",
     "Reload",
     "Reinitialize",
     "Pause",

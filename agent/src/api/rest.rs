@@ -379,6 +379,7 @@ impl Writes {
         let msg = RestartRequest {
             member: String::new(),
             pending_only: b.restart_pending.unwrap_or(false),
+            ..Default::default()
         };
         match self.service.restart(self.request(msg)).await {
             Ok(r) => {

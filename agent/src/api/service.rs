@@ -12,9 +12,9 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::{member_to_proto, ApiContext};
-use crate::board::{LocalRequest, RestartOutcome};
+use crate::board::{version_num, LocalRequest, RestartConditions, RestartOutcome};
 use crate::callbacks::PgRole;
-use crate::dcs::model::{dynamic_config, ClusterView, Handover, HandoverKind, MemberState};
+use crate::dcs::model::{dynamic_config, ClusterView, Handover, HandoverKind, MemberState, Role};
 use crate::ha::{handover_timeout, switchover_target, HaConfig};
 use crate::now_rfc3339_millis;
 
@@ -580,14 +580,58 @@ impl AgentService for Service {
         self.authorize(&req)?;
         let req = req.into_inner();
         self.require_self(&req.member)?;
+        let role = match req.role.as_str() {
+            "" | "any" => None,
+            "leader" | "primary" => Some(Role::Leader),
+            "replica" => Some(Role::Replica),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "role {other:?} is not leader, replica or any"
+                )))
+            }
+        };
+        let older_than = match req.pg_version.as_str() {
+            "" => None,
+            text => Some(version_num(text).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "PostgreSQL version {text:?} is not a version like 15 or 15.4"
+                ))
+            })?),
+        };
+        let at = if req.scheduled_at.is_empty() {
+            None
+        } else {
+            let at = humantime::parse_rfc3339_weak(&req.scheduled_at).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "scheduled time {:?} is not an RFC 3339 time like 2026-11-26T10:00:00Z: {e}",
+                    req.scheduled_at
+                ))
+            })?;
+            if at <= SystemTime::now() {
+                return Err(Status::invalid_argument(format!(
+                    "scheduled time {} is in the past",
+                    req.scheduled_at
+                )));
+            }
+            Some(at)
+        };
+        let conditions = RestartConditions {
+            pending_only: req.pending_only,
+            role,
+            older_than,
+            older_than_text: (!req.pg_version.is_empty()).then(|| req.pg_version.clone()),
+        };
         let outcome = self
             .ask_loop(|reply| LocalRequest::Restart {
-                pending_only: req.pending_only,
+                conditions,
+                at,
                 reply,
             })
             .await?;
-        let message = match outcome {
+        let message = match &outcome {
             RestartOutcome::NothingPending => "no restart pending: nothing done".to_string(),
+            RestartOutcome::Skipped(why) => why.clone(),
+            RestartOutcome::Scheduled(at) => format!("restart scheduled at {at}"),
             RestartOutcome::Restarted(role) => format!(
                 "restarted PostgreSQL as {}",
                 match role {
@@ -598,7 +642,26 @@ impl AgentService for Service {
         };
         Ok(Response::new(RestartResponse {
             restarted: matches!(outcome, RestartOutcome::Restarted(_)),
+            scheduled: matches!(outcome, RestartOutcome::Scheduled(_)),
             message,
+        }))
+    }
+
+    async fn cancel_restart(
+        &self,
+        req: Request<CancelRestartRequest>,
+    ) -> Reply<CancelRestartResponse> {
+        self.authorize(&req)?;
+        self.require_self(&req.get_ref().member)?;
+        let gone = self
+            .ask_loop(|reply| LocalRequest::CancelRestart { reply })
+            .await?;
+        Ok(Response::new(CancelRestartResponse {
+            message: match &gone {
+                Some(s) => format!("cancelled the restart scheduled at {}", s.at_text()),
+                None => "no restart scheduled".to_string(),
+            },
+            cancelled: gone.is_some(),
         }))
     }
 

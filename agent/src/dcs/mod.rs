@@ -592,6 +592,49 @@ impl Dcs {
         Ok(())
     }
 
+    /// Publishes this member's scheduled restart (`restarts/<member>`, JSON) under its
+    /// member lease, so it goes when the agent does (the agent keeps it in memory only).
+    /// Agents that do not know the key ignore it.
+    pub async fn put_scheduled_restart(&self, json: &str, lease: i64) -> Result<()> {
+        let mut c = self.client.clone();
+        self.timed(c.put(
+            self.key(&format!("restarts/{}", self.member)),
+            json,
+            Some(PutOptions::new().with_lease(lease)),
+        ))
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete_scheduled_restart(&self) -> Result<()> {
+        let mut c = self.client.clone();
+        self.timed(c.delete(self.key(&format!("restarts/{}", self.member)), None))
+            .await?;
+        Ok(())
+    }
+
+    /// Every member's published scheduled restart, by member name (a value that is not JSON
+    /// is shown as its text).
+    pub async fn scheduled_restarts(&self) -> Result<BTreeMap<String, serde_json::Value>> {
+        let mut c = self.client.clone();
+        let prefix = self.key("restarts/");
+        let resp = self
+            .timed(c.get(prefix.clone(), Some(GetOptions::new().with_prefix())))
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                let name = key.strip_prefix(prefix.as_str())?.to_string();
+                let value = serde_json::from_slice(kv.value()).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(kv.value()).into_owned())
+                });
+                Some((name, value))
+            })
+            .collect())
+    }
+
     pub async fn delete_member(&self) -> Result<()> {
         let mut c = self.client.clone();
         self.timed(c.delete(self.member_key(), None)).await?;
@@ -729,6 +772,70 @@ impl Dcs {
                 Ok(self.timed(c.txn(txn)).await?.succeeded())
             }
         }
+    }
+
+    /// Deletes every key of the cluster (`pgherdctl remove`) in one transaction, only while
+    /// no member key and no leader key exists: a live agent keeps its member key under its
+    /// lease, so nothing is deleted under a running agent. `Ok(Err(names))`: the members
+    /// whose keys stand (nothing deleted); `Ok(Ok(n))`: `n` keys deleted.
+    pub async fn remove_cluster(&self) -> Result<std::result::Result<i64, Vec<String>>> {
+        let members = self.key("members/");
+        let txn = Txn::new()
+            .when([
+                Compare::version(members.clone(), CompareOp::Equal, 0).with_prefix(),
+                Compare::version(self.key("leader"), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::delete(
+                self.prefix.clone(),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )])
+            .or_else([
+                TxnOp::get(
+                    members.clone(),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                ),
+                TxnOp::get(self.key("leader"), None),
+            ]);
+        let mut c = self.client.clone();
+        let resp = self.timed(c.txn(txn)).await?;
+        let mut deleted = 0;
+        let mut alive = Vec::new();
+        for op in resp.op_responses() {
+            match op {
+                etcd_client::TxnOpResponse::Delete(d) => deleted += d.deleted(),
+                etcd_client::TxnOpResponse::Get(g) => {
+                    for kv in g.kvs() {
+                        let key = String::from_utf8_lossy(kv.key());
+                        match key.strip_prefix(members.as_str()) {
+                            Some(name) => alive.push(name.to_string()),
+                            None => alive.push(format!(
+                                "{} (leader key)",
+                                String::from_utf8_lossy(kv.value())
+                            )),
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if resp.succeeded() {
+            Ok(Ok(deleted))
+        } else {
+            alive.dedup();
+            Ok(Err(alive))
+        }
+    }
+
+    /// Every key under the cluster's prefix (`pgherdctl remove` shows how many it deletes).
+    pub async fn count_keys(&self) -> Result<i64> {
+        let mut c = self.client.clone();
+        let resp = self
+            .timed(c.get(
+                self.prefix.clone(),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            ))
+            .await?;
+        Ok(resp.count())
     }
 
     /// The stored dynamic config as JSON text, with its revision (0 when absent).
@@ -981,7 +1088,7 @@ mod tests {
     }
 
     #[test]
-    fn member_keys_and_tags_from_a_newer_agent_are_read() {
+    fn member_keys_from_a_newer_agent_are_read_and_unknown_tags_kept_as_custom() {
         let json = br#"{"name": "node9", "role": "replica", "state": "streaming",
             "api_address": "127.0.0.1:8008", "host": "127.0.0.1", "port": 5432,
             "tags": {"nofailover": true, "future_tag": 1}, "version": "9.0.0",
@@ -989,7 +1096,8 @@ mod tests {
         let parsed = pgherd_config::lenient::from_json::<MemberInfo>(json).unwrap();
         assert_eq!(parsed.value.name, "node9");
         assert!(parsed.value.tags.nofailover);
-        assert_eq!(parsed.ignored, vec!["future_field", "tags.future_tag"]);
+        assert_eq!(parsed.value.tags.custom["future_tag"], 1);
+        assert_eq!(parsed.ignored, vec!["future_field"]);
     }
 
     #[test]
