@@ -240,7 +240,7 @@ async fn convert_patroni_prints_a_valid_file_reports_on_stderr_and_exits_by_the_
     let patroni = dir.path().join("patroni.yml");
     std::fs::write(
         &patroni,
-        "scope: demo\nname: pg-1\nrestapi: {listen: 0.0.0.0:8008, connect_address: 10.0.0.1:8008, authentication: {username: u, password: Zq9sh}}\netcd3: {hosts: [10.0.0.5:2379], protocol: https, cacert: /etc/etcd/ca.pem, username: patroni, password: etcd-secret-pw}\npostgresql: {listen: 0.0.0.0:5432, connect_address: 10.0.0.1:5432, data_dir: /var/lib/postgresql/15/main, authentication: {superuser: {username: postgres, password: su-secret-pw}, replication: {username: replicator, password: repl-secret-pw}}, callbacks: {on_reload: /bin/true}}\nwatchdog: {mode: automatic}\ntags: {datacenter: east}\n",
+        "scope: demo\nname: pg-1\nrestapi: {listen: 0.0.0.0:8008, connect_address: 10.0.0.1:8008, authentication: {username: u, password: Zq9sh}}\netcd3: {hosts: [10.0.0.5:2379], protocol: https, cacert: /etc/etcd/ca.pem, username: patroni, password: etcd-secret-pw}\npostgresql: {listen: 0.0.0.0:5432, connect_address: 10.0.0.1:5432, data_dir: /var/lib/postgresql/15/main, authentication: {superuser: {username: postgres, password: su-secret-pw}, replication: {username: replicator, password: repl-secret-pw}}, callbacks: {on_reload: '/bin/sh -c true;'}}\nwatchdog: {mode: automatic}\ntags: {datacenter: east}\n",
     )?;
     let out = agent(&["convert-patroni", patroni.to_str().context("path")?])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -253,7 +253,6 @@ async fn convert_patroni_prints_a_valid_file_reports_on_stderr_and_exits_by_the_
         "restapi.authentication",
         "postgresql.callbacks.on_reload",
         "watchdog",
-        "tags.datacenter",
     ] {
         ensure!(
             stderr.lines().any(|l| l.starts_with(&format!("{path}: "))),
@@ -263,6 +262,11 @@ async fn convert_patroni_prints_a_valid_file_reports_on_stderr_and_exits_by_the_
     for secret in ["Zq9sh", "etcd-secret-pw", "su-secret-pw", "repl-secret-pw"] {
         ensure!(!stderr.contains(secret), "stderr shows a secret: {stderr}");
     }
+    // A custom tag is carried as it is.
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).contains("datacenter: east"),
+        "the custom tag is not in the converted file"
+    );
     let converted = dir.path().join("node1.yml");
     std::fs::write(&converted, &out.stdout)?;
     let check = agent(&["check-config", converted.to_str().context("path")?])?;

@@ -476,6 +476,23 @@ async fn every_patroni_endpoint_answers_with_patronis_codes_and_fields() -> Resu
         },
     )
     .await?;
+    // A scheduled restart: 202, then cancelled with DELETE (404 when none is left).
+    let later =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600))
+            .to_string();
+    let sched = call(
+        n3,
+        "POST",
+        "/restart",
+        Some(&bearer()),
+        &format!(r#"{{"schedule": "{later}", "role": "replica"}}"#),
+    )
+    .await?;
+    ensure!(sched.status == 202, "{sched:?}");
+    let cancelled = call(n3, "DELETE", "/restart", Some(&bearer()), "").await?;
+    ensure!(cancelled.status == 200, "{cancelled:?}");
+    let none_left = call(n3, "DELETE", "/restart", Some(&bearer()), "").await?;
+    ensure!(none_left.status == 404, "{none_left:?}");
     let unknown = call(
         n3,
         "POST",

@@ -668,6 +668,7 @@ enum Write {
     CancelSwitchover,
     Failover,
     Restart,
+    CancelRestart,
     Reload,
     Reinitialize,
     PatchConfig,
@@ -701,6 +702,7 @@ async fn write(state: HttpState, what: Write, headers: HeaderMap, body: Bytes) -
                 .and_then(|p| p.details.server_version);
             w.restart(&body, role, version).await
         }
+        Write::CancelRestart => w.cancel_restart().await,
         Write::Reload => w.reload().await,
         Write::Reinitialize => w.reinitialize(&body).await,
         Write::PatchConfig | Write::PutConfig => {
@@ -814,7 +816,10 @@ fn router(state: HttpState) -> Router {
             post(writer(Write::Switchover)).merge(delete(writer(Write::CancelSwitchover))),
         )
         .route("/failover", post(writer(Write::Failover)))
-        .route("/restart", post(writer(Write::Restart)))
+        .route(
+            "/restart",
+            post(writer(Write::Restart)).merge(delete(writer(Write::CancelRestart))),
+        )
         .route("/reload", post(writer(Write::Reload)))
         .route("/reinitialize", post(writer(Write::Reinitialize)))
         .route("/metrics", on(methods, metrics))

@@ -329,19 +329,39 @@ impl Writes {
     /// `POST /restart` of this member's PostgreSQL, with Patroni's conditions: `role`
     /// (`primary`/`master`, `replica`), `postgres_version` (restart only while the running
     /// version is older), `restart_pending`. A condition that does not hold: 503, nothing
-    /// done, as Patroni. `schedule` is refused: a restart runs at once.
+    /// done, as Patroni. With `schedule` the agent keeps the restart (202) and checks the
+    /// conditions at that time.
     pub async fn restart(&self, raw: &[u8], role: &str, running_version: Option<u32>) -> Response {
         let b: RestartBody = match body(raw) {
             Ok(b) => b,
             Err(r) => return *r,
         };
-        if b.schedule.as_deref().is_some_and(|s| !s.is_empty()) {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "schedule: a scheduled restart is not supported by this agent; restart at the time instead",
-            );
-        }
         let _ = b.timeout;
+        if let Some(at) = b.schedule.as_deref().filter(|s| !s.is_empty()) {
+            // The agent keeps it and checks every condition at that time.
+            let role = match b.role.as_deref() {
+                None => String::new(),
+                Some("master" | "primary" | "standby_leader") => "leader".to_string(),
+                Some("replica") => "replica".to_string(),
+                Some(other) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("role {other:?} is not primary, master, replica or standby_leader"),
+                    )
+                }
+            };
+            let msg = RestartRequest {
+                member: String::new(),
+                pending_only: b.restart_pending.unwrap_or(false),
+                scheduled_at: at.to_string(),
+                role,
+                pg_version: b.postgres_version.clone().unwrap_or_default(),
+            };
+            return match self.service.restart(self.request(msg)).await {
+                Ok(r) => text(StatusCode::ACCEPTED, r.into_inner().message),
+                Err(s) => refusal(&s),
+            };
+        }
         if let Some(want) = b.role.as_deref() {
             let want = match want {
                 "master" | "primary" => "primary",
@@ -392,6 +412,28 @@ impl Writes {
                         format!("restart conditions are not satisfied: {}", r.message),
                     )
                 }
+            }
+            Err(s) => refusal(&s),
+        }
+    }
+
+    /// `DELETE /restart`: cancels this member's scheduled restart (404 when none is).
+    pub async fn cancel_restart(&self) -> Response {
+        match self
+            .service
+            .cancel_restart(self.request(CancelRestartRequest {
+                member: String::new(),
+            }))
+            .await
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                let status = if r.cancelled {
+                    StatusCode::OK
+                } else {
+                    StatusCode::NOT_FOUND
+                };
+                text(status, r.message)
             }
             Err(s) => refusal(&s),
         }

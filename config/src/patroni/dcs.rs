@@ -222,6 +222,13 @@ impl Walk {
                 put(out, "initdb", Value::Sequence(opts));
             }
         }
+        // Patroni's post_bootstrap (or its older name post_init) gets the superuser's
+        // connection URL and PGPASSFILE, as pgherd's does.
+        for key in ["post_bootstrap", "post_init"] {
+            if let Some(cmd) = self.command(s, key) {
+                put(out, "post_bootstrap", cmd);
+            }
+        }
         if let Some(method) = self.string(s, "method") {
             if method != "initdb" {
                 self.report(

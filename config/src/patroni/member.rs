@@ -388,13 +388,14 @@ impl Walk {
         if let Some(r) = self.string(&mut s, "replicatefrom") {
             put(&mut out, "replicatefrom", slot_name(&r));
         }
+        // Custom tags are kept as they are (shown by `pgherdctl list` and `/patroni`, matched
+        // by `?tag_<name>=`).
         for key in s.keys() {
             if !s.taken.contains(&key) && known_reason(&s.at(&key)).is_none() {
                 s.taken.insert(key.clone());
-                self.report(
-                    s.at(&key),
-                    "a custom tag: pgherd's tags are a fixed set (nofailover, failover_priority, noloadbalance, nosync, clonefrom, replicatefrom); not carried",
-                );
+                if let Some(v) = s.get(&key).filter(|v| !v.is_null()) {
+                    out.insert(Value::from(key.clone()), v.clone());
+                }
             }
         }
         self.rest(&s);

@@ -204,21 +204,40 @@ impl Walk {
         })
     }
 
+    /// A command pgherd can run (a program and arguments split at spaces), or `None` after
+    /// reporting why not.
+    pub(super) fn command(&mut self, s: &mut Section, key: &str) -> Option<String> {
+        let cmd = self.string(s, key)?;
+        if cmd.contains(['"', '\'', '\\', '$', '|', ';', '&', '>', '<', '`']) {
+            self.report(
+                s.at(key),
+                "pgherd runs a callback as a program and arguments split at spaces, without a shell or quoting: this command needs one; not carried (wrap it in a script)",
+            );
+            return None;
+        }
+        Some(cmd.trim().to_string())
+    }
+
     pub(super) fn callbacks(&mut self, s: &mut Section) -> Mapping {
-        let mut c = self.section(s, "callbacks");
         let mut out = Mapping::new();
-        for key in ["on_start", "on_stop", "on_restart", "on_role_change"] {
-            let Some(cmd) = self.string(&mut c, key) else {
-                continue;
-            };
-            if cmd.contains(['"', '\'', '\\', '$', '|', ';', '&', '>', '<', '`']) {
-                self.report(
-                    c.at(key),
-                    "pgherd runs a callback as a program and arguments split at spaces, without a shell or quoting: this command needs one; not carried (wrap it in a script)",
-                );
-                continue;
+        // Patroni's `postgresql.pre_promote` and `before_stop` are pgherd callbacks (waited
+        // for, no arguments, as Patroni runs them).
+        for key in ["pre_promote", "before_stop"] {
+            if let Some(cmd) = self.command(s, key) {
+                put(&mut out, key, cmd);
             }
-            put(&mut out, key, cmd.trim().to_string());
+        }
+        let mut c = self.section(s, "callbacks");
+        for key in [
+            "on_start",
+            "on_stop",
+            "on_restart",
+            "on_role_change",
+            "on_reload",
+        ] {
+            if let Some(cmd) = self.command(&mut c, key) {
+                put(&mut out, key, cmd);
+            }
         }
         self.rest(&c);
         if !out.is_empty() {

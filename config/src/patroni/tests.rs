@@ -393,7 +393,7 @@ fn slots_ignore_slots_and_standby_cluster_are_carried() {
 }
 
 #[test]
-fn tags_are_carried_and_custom_ones_reported() {
+fn tags_are_carried_custom_ones_too() {
     let c = ok(&patroni(
         "tags: {nofailover: null, failover_priority: 3, noloadbalance: true, nosync: true, clonefrom: true, replicatefrom: node-2, nostream: false, datacenter: east}",
     ));
@@ -401,7 +401,8 @@ fn tags_are_carried_and_custom_ones_reported() {
     assert_eq!(t.failover_priority, 3);
     assert!(t.noloadbalance && t.nosync && t.clonefrom && !t.nofailover);
     assert_eq!(t.replicatefrom.as_deref(), Some("node_2"));
-    assert!(report(&c, "tags.datacenter").contains("custom tag"));
+    assert_eq!(t.custom.get("datacenter"), Some(&serde_json::json!("east")));
+    assert!(!c.reports.iter().any(|r| r.path == "tags.datacenter"));
     report(&c, "tags.nostream");
     // Patroni: priority 0 never takes over.
     let c = ok(&patroni("tags: {nofailover: null, failover_priority: 0}"));
@@ -421,7 +422,30 @@ fn callbacks_are_carried_unless_they_need_a_shell() {
     );
     assert_eq!(cb.on_stop, None);
     assert!(report(&c, "postgresql.callbacks.on_stop").contains("shell"));
-    assert!(report(&c, "postgresql.callbacks.on_reload").contains("on_reload"));
+    assert_eq!(cb.on_reload.as_deref(), Some("/usr/local/bin/cb.sh"));
+    // pre_promote and before_stop (postgresql's, in Patroni) are waited-for callbacks.
+    let c = ok(&patroni(
+        "postgresql: {pre_promote: /usr/local/bin/fence.sh --hard, before_stop: /usr/local/bin/drain.sh}\nbootstrap: {post_init: /usr/local/bin/setup.sh}",
+    ));
+    assert_eq!(
+        c.config.callbacks.pre_promote.as_deref(),
+        Some("/usr/local/bin/fence.sh --hard")
+    );
+    assert_eq!(
+        c.config.callbacks.before_stop.as_deref(),
+        Some("/usr/local/bin/drain.sh")
+    );
+    assert_eq!(
+        c.config.bootstrap.post_bootstrap.as_deref(),
+        Some("/usr/local/bin/setup.sh")
+    );
+    assert!(
+        !c.reports.iter().any(|r| r.path.contains("pre_promote")
+            || r.path.contains("before_stop")
+            || r.path.contains("post_init")),
+        "{:?}",
+        c.reports
+    );
 }
 
 #[test]
@@ -439,7 +463,10 @@ fn custom_bootstrap_and_replica_methods_are_reported() {
     ));
     assert!(report(&c, "bootstrap.method").contains("clone_from_s3"));
     report(&c, "bootstrap.clone_from_s3");
-    report(&c, "bootstrap.post_bootstrap");
+    assert_eq!(
+        c.config.bootstrap.post_bootstrap.as_deref(),
+        Some("/usr/local/bin/setup.sh")
+    );
     assert!(report(&c, "postgresql.create_replica_methods").contains("pgbackrest"));
     report(&c, "postgresql.pgbackrest");
     report(&c, "postgresql.basebackup");
