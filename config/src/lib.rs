@@ -305,6 +305,11 @@ pub struct DynamicConfig {
     /// never takes over.
     #[serde(default = "default_maximum_lag_on_failover")]
     pub maximum_lag_on_failover: u64,
+    /// A synchronous standby whose flush position is more than this many bytes behind the
+    /// leader's WAL is swapped for a standby within it, when enough such standbys stream
+    /// (Patroni's `maximum_lag_on_syncnode`). 0 or less: never swapped for lag.
+    #[serde(default = "default_maximum_lag_on_syncnode")]
+    pub maximum_lag_on_syncnode: i64,
     /// Seconds the leader may spend bringing a crashed PostgreSQL back (crash recovery)
     /// before it releases the leader key so a replica takes over.
     #[serde(default = "default_primary_start_timeout")]
@@ -580,6 +585,10 @@ pub struct Tags {
     /// its timeline or leads; from the leader otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicatefrom: Option<String>,
+    /// Among standbys that may become synchronous, a higher priority is chosen first; 0 or
+    /// less: never synchronous, as `nosync` (Patroni's `sync_priority`).
+    #[serde(default = "default_sync_priority")]
+    pub sync_priority: i64,
     /// Custom tags: every other key, with its value (a string, number, boolean, ...).
     #[serde(flatten)]
     pub custom: BTreeMap<String, serde_json::Value>,
@@ -713,6 +722,10 @@ fn default_loop_wait() -> u64 {
 fn default_retry_timeout() -> u64 {
     3
 }
+fn default_maximum_lag_on_syncnode() -> i64 {
+    -1
+}
+
 fn default_maximum_lag_on_failover() -> u64 {
     1024 * 1024
 }
@@ -748,6 +761,7 @@ impl Default for DynamicConfig {
             loop_wait: default_loop_wait(),
             retry_timeout: default_retry_timeout(),
             maximum_lag_on_failover: default_maximum_lag_on_failover(),
+            maximum_lag_on_syncnode: default_maximum_lag_on_syncnode(),
             primary_start_timeout: default_primary_start_timeout(),
             pause: false,
             synchronous_mode: SynchronousMode::Off,
@@ -764,6 +778,10 @@ impl Default for DynamicConfig {
     }
 }
 
+fn default_sync_priority() -> i64 {
+    1
+}
+
 impl Default for Tags {
     fn default() -> Self {
         Tags {
@@ -773,6 +791,7 @@ impl Default for Tags {
             nosync: false,
             clonefrom: false,
             replicatefrom: None,
+            sync_priority: default_sync_priority(),
             custom: BTreeMap::new(),
         }
     }

@@ -91,7 +91,6 @@ const NOT_CARRIED: &[(&str, &str)] = &[
     ("bootstrap.pg_hba", "Patroni's old place for pg_hba lines; put them in postgresql.pg_hba (carried to postgres.pg_hba)"),
     ("bootstrap.dcs.primary_stop_timeout", "pgherd stops the primary within its lease budget (rule 2); no separate stop timeout"),
     ("bootstrap.dcs.master_stop_timeout", "pgherd stops the primary within its lease budget (rule 2); no separate stop timeout"),
-    ("bootstrap.dcs.maximum_lag_on_syncnode", "pgherd keeps a synchronous standby while it is connected; no lag limit for it"),
     ("bootstrap.dcs.check_timeline", "pgherd always compares timelines before a member follows or takes over"),
     ("bootstrap.dcs.max_timelines_history", "pgherd's history key keeps every promotion"),
     ("bootstrap.dcs.postgresql.pg_ident", "pgherd does not manage pg_ident.conf"),
@@ -99,7 +98,6 @@ const NOT_CARRIED: &[(&str, &str)] = &[
     ("bootstrap.dcs.postgresql.remove_data_directory_on_diverged_timelines", "pgherd rewinds a diverged member with pg_rewind, or re-clones it only with remove_data_directory_on_rewind_failure"),
     ("bootstrap.dcs.standby_cluster.archive_cleanup_command", "pgherd sets no archive_cleanup_command for a standby cluster"),
     ("tags.nostream", "every pgherd replica streams; there is no archive-only replica"),
-    ("tags.sync_priority", "pgherd picks synchronous standbys by position and name; use tags.nosync to exclude one"),
 ];
 
 /// DCS sections pgherd cannot use.

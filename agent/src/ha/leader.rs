@@ -236,6 +236,7 @@ impl Situation<'_> {
                 m.name != cfg.name
                     && m.state == MemberState::Streaming
                     && !m.tags.nosync
+                    && m.tags.sync_priority > 0
                     && status
                         .replication
                         .iter()
@@ -245,14 +246,22 @@ impl Situation<'_> {
         // A `nofailover` member comes last: as the only synchronous standby it would be the only
         // member allowed to take over, which it never does (as Patroni's #2108). It is still
         // chosen when nobody else streams, so commits keep their second copy.
+        // Then the higher sync_priority, then the further WAL.
         candidates.sort_by_key(|m| {
             (
                 m.tags.nofailover,
+                std::cmp::Reverse(m.tags.sync_priority),
                 std::cmp::Reverse(m.wal_position()),
                 m.name.clone(),
             )
         });
         let names: Vec<String> = candidates.iter().map(|m| m.name.clone()).collect();
+        let names = sync::without_lagging(
+            names,
+            status,
+            cfg.dcs.maximum_lag_on_syncnode,
+            cfg.dcs.synchronous_node_count,
+        );
         let steps = sync::plan(&sync::SyncInput {
             mode: cfg.dcs.synchronous_mode,
             strict: cfg.dcs.synchronous_mode_strict,

@@ -134,6 +134,38 @@ pub struct SyncInput<'a> {
     pub changed_at: Option<Lsn>,
 }
 
+/// `candidates` (best first) without the standbys whose flush position is more than
+/// `max_lag` bytes behind the leader's WAL (`maximum_lag_on_syncnode`), when at least
+/// `node_count` others are within it: a lagging synchronous standby is then swapped for a
+/// healthier one (plan_first keeps current members only while they are candidates). With
+/// fewer healthy ones the lagging stay, after the healthy: a lagging synchronous standby is
+/// better than none. `max_lag` 0 or less: unchanged. A standby with no flush position
+/// reported counts as lagging.
+pub fn without_lagging(
+    candidates: Vec<String>,
+    status: &crate::ha::PgStatus,
+    max_lag: i64,
+    node_count: u32,
+) -> Vec<String> {
+    let (Ok(max), Some(head)) = (u64::try_from(max_lag), status.wal_lsn) else {
+        return candidates;
+    };
+    if max == 0 {
+        return candidates;
+    }
+    let within = |name: &String| {
+        status.replication.iter().any(|r| {
+            &r.application_name == name && r.flush_lsn.is_some_and(|f| head.bytes_after(f) <= max)
+        })
+    };
+    let (healthy, lagging): (Vec<String>, Vec<String>) = candidates.into_iter().partition(within);
+    if healthy.len() >= node_count.max(1) as usize {
+        healthy
+    } else {
+        healthy.into_iter().chain(lagging).collect()
+    }
+}
+
 fn key(leader: &str, members: Vec<String>, quorum: u32) -> SyncKey {
     SyncKey {
         leader: leader.to_string(),

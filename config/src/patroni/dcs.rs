@@ -20,6 +20,15 @@ impl Walk {
                 put(&mut out, key, v);
             }
         }
+        if let Some(v) = s.get("maximum_lag_on_syncnode") {
+            match v.as_i64() {
+                Some(n) => put(&mut out, "maximum_lag_on_syncnode", n),
+                None => self.report(
+                    s.at("maximum_lag_on_syncnode"),
+                    "is not a number of bytes; not carried",
+                ),
+            }
+        }
         for key in ["primary_start_timeout", "master_start_timeout"] {
             if let Some(v) = self.seconds(s, key) {
                 if !out.contains_key("primary_start_timeout") {

@@ -385,6 +385,12 @@ impl Walk {
                 put(&mut out, "failover_priority", p.min(u64::from(u32::MAX)));
             }
         }
+        if let Some(v) = s.get("sync_priority") {
+            match v.as_i64() {
+                Some(n) => put(&mut out, "sync_priority", n),
+                None => self.report(s.at("sync_priority"), "is not a number; not carried"),
+            }
+        }
         if let Some(r) = self.string(&mut s, "replicatefrom") {
             put(&mut out, "replicatefrom", slot_name(&r));
         }

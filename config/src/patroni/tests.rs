@@ -360,8 +360,11 @@ fn synchronous_settings_are_carried() {
         assert!(d.synchronous_mode_strict);
         assert_eq!(d.synchronous_node_count, 2);
     }
-    let c = ok(&patroni("bootstrap: {dcs: {maximum_lag_on_syncnode: 100}}"));
-    report(&c, "bootstrap.dcs.maximum_lag_on_syncnode");
+    let c = ok(&patroni(
+        "bootstrap: {dcs: {maximum_lag_on_syncnode: 100}}\ntags: {sync_priority: 3}",
+    ));
+    assert_eq!(c.config.bootstrap.dcs.maximum_lag_on_syncnode, 100);
+    assert_eq!(c.config.tags.sync_priority, 3);
 }
 
 #[test]

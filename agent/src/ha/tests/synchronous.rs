@@ -203,6 +203,111 @@ fn a_nofailover_standby_is_the_last_choice_for_synchronous_standby() {
     );
 }
 
+/// The leader `a` planning synchronous replication with `key` and `current` in effect,
+/// each member flushed as far as its position says.
+fn plan_with(
+    members: Vec<MemberInfo>,
+    key: &[&str],
+    current: sync::Standbys,
+    cfg: &HaConfig,
+) -> Decision {
+    let replication = members
+        .iter()
+        .map(|m| sync::Replication {
+            application_name: m.name.clone(),
+            sync_state: if key.contains(&m.name.as_str()) {
+                "sync".into()
+            } else {
+                "async".into()
+            },
+            flush_lsn: m.wal_position(),
+        })
+        .collect();
+    let mut members = members;
+    for m in &mut members {
+        m.role = Role::Replica;
+    }
+    let mut v = view(Some("a"), &members);
+    v.sync = Some(SyncKey {
+        leader: "a".into(),
+        members: key.iter().map(|k| k.to_string()).collect(),
+        quorum: key.len() as u32,
+    });
+    let mut status = primary_status();
+    status.replication = replication;
+    status.standbys = current;
+    Obs::new(Some(v))
+        .holding_lease(Duration::from_secs(5))
+        .running(Some(status))
+        .decide(cfg, &Memory::default())
+}
+
+/// `tags.sync_priority`: the higher is chosen before a further one; 0 never.
+#[test]
+fn sync_priority_chooses_the_synchronous_standby_and_zero_excludes() {
+    let cfg = sync_cfg("a", SynchronousMode::On);
+    let b = member("b", MemberState::Streaming, 900);
+    let mut c = member("c", MemberState::Streaming, 800);
+    c.tags.sync_priority = 5;
+    let d = plan_with(vec![b.clone(), c.clone()], &[], sync::Standbys::None, &cfg);
+    assert!(
+        d.actions
+            .contains(&Action::SetSyncStandbys(sync::Standbys::First(vec![
+                "c".into()
+            ]))),
+        "{d:?}"
+    );
+    c.tags.sync_priority = 0;
+    let d = plan_with(vec![c.clone()], &[], sync::Standbys::None, &cfg);
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::SetSyncStandbys(sync::Standbys::First(_)))),
+        "a sync_priority 0 member was chosen: {d:?}"
+    );
+}
+
+/// `maximum_lag_on_syncnode`: a synchronous standby further behind is swapped for one within
+/// it (out of the key first, as any member leaving), but kept when no other is healthy.
+#[test]
+fn a_lagging_synchronous_standby_is_swapped_for_a_healthy_one() {
+    let mut cfg = sync_cfg("a", SynchronousMode::On);
+    cfg.dcs.maximum_lag_on_syncnode = 100;
+    // The leader is at 1000: b flushed to 500 (500 behind), c to 950.
+    let b = member("b", MemberState::Streaming, 500);
+    let c = member("c", MemberState::Streaming, 950);
+    let current = sync::Standbys::First(vec!["b".into()]);
+    let d = plan_with(vec![b.clone(), c.clone()], &["b"], current.clone(), &cfg);
+    let key_without_b = Action::SetSyncKey(SyncKey {
+        leader: "a".into(),
+        members: vec![],
+        quorum: 0,
+    });
+    let pos = |a: &Action| d.actions.iter().position(|x| x == a);
+    let to_c = Action::SetSyncStandbys(sync::Standbys::First(vec!["c".into()]));
+    assert!(
+        pos(&key_without_b).is_some() && pos(&key_without_b) < pos(&to_c),
+        "b leaves the key before the list changes to c: {d:?}"
+    );
+    // No healthy standby: the lagging one stays.
+    let d = plan_with(vec![b.clone()], &["b"], current.clone(), &cfg);
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::SetSyncStandbys(_) | Action::SetSyncKey(_))),
+        "{d:?}"
+    );
+    // Off (the default, -1): never swapped for lag.
+    cfg.dcs.maximum_lag_on_syncnode = -1;
+    let d = plan_with(vec![b, c], &["b"], current, &cfg);
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::SetSyncStandbys(_) | Action::SetSyncKey(_))),
+        "{d:?}"
+    );
+}
+
 fn strict_cfg(name: &str, mode: SynchronousMode) -> HaConfig {
     let mut c = sync_cfg(name, mode);
     c.dcs.synchronous_mode_strict = true;
