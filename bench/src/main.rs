@@ -22,6 +22,7 @@ mod chaos;
 mod clone;
 mod drill;
 mod failover;
+mod http;
 mod machine;
 mod measure;
 mod slots;
@@ -136,6 +137,9 @@ enum Command {
     /// as a standby cluster (cascading from its standby leader) and as three replicas of the
     /// primary; and the time of planned site switches (switch-site) under a writer.
     Standby(standby::StandbyArgs),
+    /// The REST API under many health checkers (HAProxy-like: a new connection per check):
+    /// requests per second, p50/p99 latency and the agent's RSS, paced and saturated.
+    Http(http::HttpArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -191,6 +195,7 @@ fn main() -> ExitCode {
             Command::Clone(args) => interruptible(clone::run(args)).await,
             Command::Slots(args) => interruptible(slots::run(args)).await,
             Command::Standby(args) => interruptible(standby::run(args)).await,
+            Command::Http(args) => interruptible(http::run(args)).await,
             // Handles SIGTERM itself: it is how a drill stops it before the check.
             Command::DrillWriter(args) => drill::run(args).await,
         }
