@@ -120,7 +120,7 @@ health_summary() {
 }
 
 # Healthy: three members, one leader running, two replicas streaming, and HAProxy sending
-# port 5000 to one server and port 5001 to two.
+# port 5000 (and the Patroni-style 5010) to one server and port 5001 (5011) to two.
 healthy() {
     local flat members leaders=0 replicas=0 obj
     flat=$(members_flat) || return 1
@@ -130,7 +130,9 @@ healthy() {
         [[ $obj == *'"role":"replica"'* && $obj == *'"state":"streaming"'* ]] && replicas=$((replicas + 1))
     done <<<"$flat"
     [[ $members == 3 && $leaders == 1 && $replicas == 2 ]] || return 1
-    [[ $(haproxy_up primary) == 1 && $(haproxy_up replicas) == 2 ]]
+    [[ $(haproxy_up primary) == 1 && $(haproxy_up replicas) == 2 ]] || return 1
+    # The listeners written as Patroni's docs write them for Patroni route the same.
+    [[ $(haproxy_up patroni_primary) == 1 && $(haproxy_up patroni_replicas) == 2 ]]
 }
 
 # healthy, and a replica is a synchronous standby (the drill cluster runs synchronous_mode:
