@@ -559,14 +559,7 @@ async fn health_check(
         StatusCode::SERVICE_UNAVAILABLE
     };
     if !query.pgherd_format {
-        let body = super::patroni::status(
-            &b,
-            pg.as_ref(),
-            &state.cfg,
-            Instant::now(),
-            std::time::SystemTime::now(),
-        );
-        return json(status, &body);
+        return json(status, &patroni_body(state, &b, pg.as_ref()));
     }
     let body = CheckBody {
         check: name,
@@ -597,26 +590,39 @@ async fn cluster(State(state): State<HttpState>, uri: Uri) -> Response {
     match &b.view {
         Some(view) if own => json(StatusCode::OK, &crate::listing::rows(view)),
         Some(_) => json(StatusCode::OK, &super::patroni::cluster(&b, &state.cfg)),
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the agent has not read the cluster from etcd yet\n",
-        )
-            .into_response(),
+        None => not_read_yet(),
     }
+}
+
+/// `/patroni`'s body now, from the snapshot `b` and PostgreSQL's status `pg`.
+fn patroni_body(
+    state: &HttpState,
+    b: &Board,
+    pg: Option<&crate::ha::PgStatus>,
+) -> serde_json::Value {
+    super::patroni::status(
+        b,
+        pg,
+        &state.cfg,
+        Instant::now(),
+        std::time::SystemTime::now(),
+    )
+}
+
+/// 503 before the loop has read the cluster from etcd.
+fn not_read_yet() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the agent has not read the cluster from etcd yet\n",
+    )
+        .into_response()
 }
 
 /// `GET /patroni`: this member's status, 200 whatever its role (Patroni's).
 async fn patroni_status(State(state): State<HttpState>) -> Response {
     let b = state.board.snapshot();
     let pg = state.board.pg_status();
-    let body = super::patroni::status(
-        &b,
-        pg.as_ref(),
-        &state.cfg,
-        Instant::now(),
-        std::time::SystemTime::now(),
-    );
-    json(StatusCode::OK, &body)
+    json(StatusCode::OK, &patroni_body(&state, &b, pg.as_ref()))
 }
 
 /// `GET /history`: the cluster's promotions from etcd's `history` key.
@@ -643,11 +649,7 @@ async fn get_config(State(state): State<HttpState>) -> Response {
             StatusCode::OK,
             &crate::dcs::model::dynamic_config(&state.cfg, Some(view)),
         ),
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the agent has not read the cluster from etcd yet\n",
-        )
-            .into_response(),
+        None => not_read_yet(),
     }
 }
 
@@ -707,11 +709,7 @@ async fn write(state: HttpState, what: Write, headers: HeaderMap, body: Bytes) -
         Write::Reinitialize => w.reinitialize(&body).await,
         Write::PatchConfig | Write::PutConfig => {
             let Some(view) = &b.view else {
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the agent has not read the cluster from etcd yet\n",
-                )
-                    .into_response();
+                return not_read_yet();
             };
             let current =
                 serde_json::to_value(crate::dcs::model::dynamic_config(&state.cfg, Some(view)))

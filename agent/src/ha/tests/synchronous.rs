@@ -156,32 +156,8 @@ fn the_leader_plans_synchronous_standbys_and_says_when_it_falls_back() {
 /// NOFAILOVER_SYNC_STANDBY).
 #[test]
 fn a_nofailover_standby_is_the_last_choice_for_synchronous_standby() {
-    let plan = |members: Vec<MemberInfo>| {
-        let replication = members
-            .iter()
-            .map(|m| sync::Replication {
-                application_name: m.name.clone(),
-                sync_state: "async".into(),
-                flush_lsn: m.wal_position(),
-            })
-            .collect();
-        let mut members = members;
-        for m in &mut members {
-            m.role = Role::Replica;
-        }
-        let mut v = view(Some("a"), &members);
-        v.sync = Some(SyncKey {
-            leader: "a".into(),
-            members: vec![],
-            quorum: 0,
-        });
-        let mut status = primary_status();
-        status.replication = replication;
-        Obs::new(Some(v))
-            .holding_lease(Duration::from_secs(5))
-            .running(Some(status))
-            .decide(&sync_cfg("a", SynchronousMode::On), &Memory::default())
-    };
+    let cfg = sync_cfg("a", SynchronousMode::On);
+    let plan = |members: Vec<MemberInfo>| plan_with(members, &[], sync::Standbys::None, &cfg);
     let mut b = member("b", MemberState::Streaming, 200);
     b.tags.nofailover = true;
     let c = member("c", MemberState::Streaming, 100);
