@@ -1147,13 +1147,19 @@ impl Postgres {
         .await
     }
 
-    /// Re-reads the configuration files (SIGHUP through pg_reload_conf()).
+    /// Re-reads the configuration files: SIGHUP to our postmaster (what pg_reload_conf() does).
     pub async fn reload(&self) -> Result<()> {
-        self.with_client(|c| async move {
-            c.simple_query("SELECT pg_reload_conf()").await?;
-            Ok(())
-        })
-        .await
+        // SIGHUP to the postmaster, as pg_reload_conf() sends it, but with no connection: a
+        // standby that has not reached consistency accepts none, and is exactly the one that
+        // may need a new primary_conninfo to get the WAL it waits for (a rewound former
+        // leader started while etcd was unreachable, then told whom to follow).
+        match self.signal_postmaster(
+            nix::sys::signal::Signal::SIGHUP,
+            "reloading PostgreSQL's configuration (SIGHUP)",
+        )? {
+            Some(_) => Ok(()),
+            None => bail!("PostgreSQL is not running; nothing to reload"),
+        }
     }
 
     /// Runs `f` with a connection to the local PostgreSQL as the superuser, connecting (or
