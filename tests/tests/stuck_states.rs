@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use pgherd_tests::{wait_until, Cluster, MemberOptions, Signal};
+use pgherd_tests::{hold_for, in_recovery, wait_until, Cluster, MemberOptions, Signal};
 
 /// initdb, two PostgreSQL starts and a base backup on a shared 2-core machine.
 const BRINGUP: Duration = Duration::from_secs(90);
@@ -176,4 +176,83 @@ async fn a_leader_whose_member_key_is_unreadable_is_reported_and_followed_once_r
         .with_context(|| cluster.log_tails(20))?;
     ensure!(healthy.leader == "node1", "{healthy:?}");
     Ok(())
+}
+
+/// A standby short of consistency accepts no connection (`the database system is not yet
+/// accepting connections`), and it is the one that needs a new `primary_conninfo` to get the
+/// WAL it waits for: the agent's reload must not need a connection (the `partition-leader`
+/// drill found a rewound former leader, started without an upstream while etcd was
+/// unreachable, stuck for 120 s because FollowUpstream reloaded with SQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_short_of_consistency_takes_a_new_upstream_by_reload() -> Result<()> {
+    use pgherd_agent::ha::Upstream;
+    use pgherd_agent::postgres::{Mode, Postgres};
+    let cluster = Cluster::builder().members(2).configure().await?;
+    let node1 = cluster.member("node1");
+    node1.start()?;
+    wait_until(BRINGUP, "node1 to accept writes and its roles", || async {
+        ensure!(!in_recovery(node1).await?, "still in recovery");
+        let roles: i64 = pgherd_tests::sql_value(
+            node1,
+            "SELECT count(*) FROM pg_roles WHERE rolreplication AND rolname <> 'postgres'",
+        )
+        .await?;
+        ensure!(roles >= 1, "no replication role yet");
+        Ok(())
+    })
+    .await?;
+    // node2's PostgreSQL, run by the agent's own code but by no agent.
+    let node2 = cluster.member("node2");
+    let cfg = std::sync::Arc::new(pgherd_config::load(node2.config_path())?);
+    let pg = Postgres::new(cfg, std::sync::Arc::new(tokio::sync::Notify::new()))?;
+    let leader = Upstream {
+        name: "node1".into(),
+        host: "127.0.0.1".into(),
+        port: node1.pg_port(),
+        remote: None,
+    };
+    // The slot node2 streams with (a leader's agent makes it for a member it sees).
+    pgherd_tests::sql_batch(
+        node1,
+        "SELECT pg_create_physical_replication_slot('node2', true)",
+    )
+    .await?;
+    pg.write_pgpass()?;
+    pg.basebackup(&leader).await?;
+    // Without the copy's WAL only an upstream can bring it to consistency.
+    let wal = node2.data_dir().join("pg_wal");
+    for e in std::fs::read_dir(&wal)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    let params = std::collections::BTreeMap::new();
+    pg.write_config(&Mode::Standby(None), &params)?;
+    pg.start().await?;
+    let outcome = async {
+        hold_for(
+            Duration::from_secs(3),
+            "node2 to run short of consistency",
+            || async {
+                ensure!(pg.is_running(), "PostgreSQL stopped");
+                ensure!(pg.status().await.is_none(), "it answered a query");
+                Ok(())
+            },
+        )
+        .await?;
+        pg.write_config(&Mode::Standby(Some(leader.clone())), &params)?;
+        pg.reload()
+            .await
+            .context("reloading a standby that accepts no connection")?;
+        wait_until(BRINGUP, "node2 to stream from node1", || async {
+            let s = pg.status().await.context("no answer yet")?;
+            ensure!(s.in_recovery && s.streaming, "not streaming: {s:?}");
+            Ok(())
+        })
+        .await
+    }
+    .await;
+    pg.stop_immediately().await;
+    outcome
 }
