@@ -158,6 +158,26 @@ impl Target {
             .map_err(|e| Failure::Refused(format!("{e:#}{}", tls_hint(&format!("{e:#}")))))
     }
 
+    /// Cancels the scheduled switchover through the leader's agent, else any member's (the
+    /// `switchover` key is the cluster's); `nobody` says why when `view` lists no member.
+    pub async fn cancel_switchover(
+        &self,
+        view: &ClusterView,
+        nobody: &str,
+    ) -> Result<pgherd_proto::v1::CancelSwitchoverResponse, Failure> {
+        let any = view
+            .leader_member()
+            .or_else(|| view.members.values().next())
+            .ok_or_else(|| Failure::Refused(nobody.to_string()))?;
+        let mut c = self.connect(&any.name, &any.api_address).await?;
+        Ok(
+            c.cancel_switchover(pgherd_proto::v1::CancelSwitchoverRequest {})
+                .await
+                .map_err(status_failure)?
+                .into_inner(),
+        )
+    }
+
     /// The API address of `member`.
     pub fn address_of(view: &ClusterView, member: &str) -> Result<String, Failure> {
         view.members

@@ -6,7 +6,7 @@ use std::io::BufRead;
 
 use pgherd_proto::v1::*;
 
-use crate::agents::{status_failure, Target};
+use crate::agents::Target;
 use crate::commands::print_message;
 use crate::{Failure, FlushWhat, Format};
 
@@ -151,16 +151,9 @@ pub async fn flush(
                 );
                 return Ok(());
             };
-            let any = view
-                .leader_member()
-                .or_else(|| view.members.values().next())
-                .ok_or_else(|| Failure::Refused("no member's agent is alive to ask".into()))?;
-            let mut c = target.connect(&any.name, &any.api_address).await?;
-            let r = c
-                .cancel_switchover(CancelSwitchoverRequest {})
-                .await
-                .map_err(status_failure)?
-                .into_inner();
+            let r = target
+                .cancel_switchover(&view, "no member's agent is alive to ask")
+                .await?;
             let when = h
                 .scheduled_at
                 .as_deref()

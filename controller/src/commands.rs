@@ -3,7 +3,7 @@
 use pgherd_agent::dcs::model::ClusterView;
 use pgherd_proto::v1::*;
 
-use crate::agents::{status_failure, Target};
+use crate::agents::Target;
 use crate::prompt::confirm;
 use crate::{list, Cli, Command, Failure, Format, MemberRole};
 
@@ -221,16 +221,9 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Switchover { cancel: true, .. } => {
             let view = target.view().await?;
-            let any = view
-                .leader_member()
-                .or_else(|| view.members.values().next())
-                .ok_or_else(|| Failure::Refused("no member is reachable".into()))?;
-            let mut c = target.connect(&any.name, &any.api_address).await?;
-            let r = c
-                .cancel_switchover(CancelSwitchoverRequest {})
-                .await
-                .map_err(status_failure)?
-                .into_inner();
+            let r = target
+                .cancel_switchover(&view, "no member is reachable")
+                .await?;
             print_message(
                 cli.format,
                 &[("message", r.message.clone().into())],

@@ -26,6 +26,7 @@ use tonic::{Code, Request, Status};
 
 use super::service::{same_secret as same, Service};
 use super::ApiContext;
+use crate::board::version_num;
 
 /// The in-process gRPC handlers and how to call them.
 pub struct Writes {
@@ -230,22 +231,6 @@ struct ReinitializeBody {
     #[serde(default)]
     #[allow(dead_code)]
     from_leader: Option<bool>,
-}
-
-/// `server_version_num` of a version as Patroni's `postgres_version` takes it (`15`,
-/// `15.2`, `9.6.24`).
-fn version_num(v: &str) -> Option<u32> {
-    let parts: Vec<u32> = v
-        .split('.')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
-    match parts.as_slice() {
-        [major] if *major >= 10 => Some(major * 10000),
-        [major, minor] if *major >= 10 => Some(major * 10000 + minor),
-        [major, minor, patch] => Some(major * 10000 + minor * 100 + patch),
-        [major, minor] => Some(major * 10000 + minor * 100),
-        _ => None,
-    }
 }
 
 impl Writes {

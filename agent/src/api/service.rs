@@ -30,6 +30,24 @@ pub(super) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A request's `scheduled_at`: `None` when empty, else an RFC 3339 time in the future.
+fn future_time(text: &str) -> Result<Option<SystemTime>, Status> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let at = humantime::parse_rfc3339_weak(text).map_err(|e| {
+        Status::invalid_argument(format!(
+            "scheduled time {text:?} is not an RFC 3339 time like 2026-11-26T10:00:00Z: {e}"
+        ))
+    })?;
+    if at <= SystemTime::now() {
+        return Err(Status::invalid_argument(format!(
+            "scheduled time {text} is in the past"
+        )));
+    }
+    Ok(Some(at))
+}
+
 fn unavailable(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("etcd: {e}"))
 }
@@ -371,23 +389,8 @@ impl AgentService for Service {
         let target = switchover_target(&view, &cfg, requested).map_err(|why| {
             Status::failed_precondition(format!("refusing the switchover: {why}"))
         })?;
-        let scheduled_at = if req.scheduled_at.is_empty() {
-            None
-        } else {
-            let at = humantime::parse_rfc3339_weak(&req.scheduled_at).map_err(|e| {
-                Status::invalid_argument(format!(
-                    "scheduled time {:?} is not an RFC 3339 time like 2026-11-26T10:00:00Z: {e}",
-                    req.scheduled_at
-                ))
-            })?;
-            if at <= SystemTime::now() {
-                return Err(Status::invalid_argument(format!(
-                    "scheduled time {} is in the past",
-                    req.scheduled_at
-                )));
-            }
-            Some(humantime::format_rfc3339_seconds(at).to_string())
-        };
+        let scheduled_at = future_time(&req.scheduled_at)?
+            .map(|at| humantime::format_rfc3339_seconds(at).to_string());
         let handover = Handover {
             kind: HandoverKind::Switchover,
             from: Some(me.clone()),
@@ -598,23 +601,7 @@ impl AgentService for Service {
                 ))
             })?),
         };
-        let at = if req.scheduled_at.is_empty() {
-            None
-        } else {
-            let at = humantime::parse_rfc3339_weak(&req.scheduled_at).map_err(|e| {
-                Status::invalid_argument(format!(
-                    "scheduled time {:?} is not an RFC 3339 time like 2026-11-26T10:00:00Z: {e}",
-                    req.scheduled_at
-                ))
-            })?;
-            if at <= SystemTime::now() {
-                return Err(Status::invalid_argument(format!(
-                    "scheduled time {} is in the past",
-                    req.scheduled_at
-                )));
-            }
-            Some(at)
-        };
+        let at = future_time(&req.scheduled_at)?;
         let conditions = RestartConditions {
             pending_only: req.pending_only,
             role,
