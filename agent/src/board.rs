@@ -36,6 +36,46 @@ pub enum LocalRequest {
     Reinitialize {
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// One member step of a major-version upgrade (`pgherdctl upgrade`).
+    Upgrade {
+        step: UpgradeLocal,
+        reply: oneshot::Sender<Result<UpgradeReply, String>>,
+    },
+}
+
+/// A major-version upgrade's step on this member (see agent/upgrade.rs).
+#[derive(Debug, Clone)]
+pub enum UpgradeLocal {
+    /// Which major the binaries in `bin_dir` are, and the data directory's.
+    Probe { bin_dir: std::path::PathBuf },
+    /// The leader: a new cluster made with `bin_dir`'s initdb, `pg_upgrade --check` against
+    /// the running server; nothing kept.
+    Check {
+        bin_dir: std::path::PathBuf,
+        method: crate::postgres::upgrade::Method,
+    },
+    /// The leader (paused, replicas stopped): stop, pg_upgrade, swap, start on the new major
+    /// as the `upgrade` key says; undone on failure before the new server starts.
+    Upgrade,
+    /// The leader: `vacuumdb --all --analyze-in-stages`.
+    Analyze,
+    /// A replica: stop PostgreSQL and move the data directory aside.
+    Stop,
+    /// A replica: take the new major's binaries and drop the old data, to clone the new
+    /// leader once the cluster resumes.
+    Rebuild,
+    /// A replica: put the data directory moved aside back (the upgrade was undone).
+    Restore,
+}
+
+/// What a member's upgrade step did.
+#[derive(Debug, Clone, Default)]
+pub struct UpgradeReply {
+    pub message: String,
+    pub bin_major: u32,
+    pub data_major: u32,
+    pub output: String,
+    pub outage_ms: u64,
 }
 
 /// What the loop did for a [`LocalRequest::Restart`].

@@ -48,3 +48,14 @@ pub async fn stall(step: &str) {
     );
     std::future::pending::<()>().await
 }
+
+/// Fails the step here with an error if the test armed `fail-<step>`: the agent goes on
+/// and takes its error path (an upgrade undone before the point of no return).
+pub fn fail(step: &str) -> anyhow::Result<()> {
+    let name = format!("fail-{step}");
+    if armed().contains(&name) {
+        tracing::warn!(step, "failpoint {name} reached: failing this step");
+        anyhow::bail!("failpoint {name}");
+    }
+    Ok(())
+}

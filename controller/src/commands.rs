@@ -124,6 +124,26 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
                 .await?
         }
         Command::Backups => crate::backup::list(&target, cli.format).await?,
+        Command::Upgrade {
+            to_bin_dir,
+            to,
+            method,
+            check,
+            resume,
+            timeout,
+            force,
+        } => {
+            let o = crate::upgrade::Options {
+                to_bin_dir: to_bin_dir.clone(),
+                to: *to,
+                method: method.clone(),
+                check_only: *check,
+                resume: *resume,
+                force: *force,
+                timeout: std::time::Duration::from_secs(*timeout),
+            };
+            crate::upgrade::upgrade(&target, cli.format, &o).await?
+        }
         Command::Slots { member } => {
             let view = target.view().await?;
             let member = match member {

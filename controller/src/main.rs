@@ -10,6 +10,7 @@ mod list;
 mod prompt;
 mod query;
 mod standby;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -357,6 +358,37 @@ pub enum Command {
         /// The port with --follow-host.
         #[arg(long, value_name = "PORT", requires = "follow_host")]
         follow_port: Option<u16>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Upgrade the cluster to a newer PostgreSQL major: checks (every member healthy and
+    /// caught up, the new binaries on every member, pg_upgrade --check on the leader), then
+    /// pauses the cluster, stops the replicas, runs pg_upgrade on the leader and starts it
+    /// on the new major, gathers statistics, has the replicas clone the new leader, and
+    /// resumes. A failure before the leader's first start on the new major puts the old
+    /// cluster back; after it, --resume goes on where it stopped.
+    Upgrade {
+        /// The new major's binaries (the same path on every member).
+        #[arg(long, value_name = "DIR", conflicts_with = "to", required_unless_present_any = ["to", "resume"])]
+        to_bin_dir: Option<PathBuf>,
+        /// The new major, for Debian's layout: /usr/lib/postgresql/MAJOR/bin.
+        #[arg(long, value_name = "MAJOR")]
+        to: Option<u32>,
+        /// pg_upgrade's transfer mode: link (hard links, fastest; the old data directory
+        /// cannot be started afterwards), clone (reflinks, where the file system has them)
+        /// or copy.
+        #[arg(long, value_parser = ["link", "clone", "copy"], default_value = "link")]
+        method: String,
+        /// Only check (pg_upgrade --check on the leader); change nothing.
+        #[arg(long, conflicts_with = "resume")]
+        check: bool,
+        /// Go on with an upgrade that stopped (from the `upgrade` key in etcd).
+        #[arg(long, conflicts_with_all = ["to_bin_dir", "to"])]
+        resume: bool,
+        /// Seconds to wait for the replicas to stream from the upgraded leader.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
         /// Do not ask for confirmation.
         #[arg(long)]
         force: bool,

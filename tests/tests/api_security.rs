@@ -147,6 +147,7 @@ refusing_the_rest! {
     restore(RestoreRequest) -> RestoreResponse = "Restore";
     slots(SlotsRequest) -> SlotsResponse = "Slots";
     failsafe(FailsafeRequest) -> FailsafeResponse = "Failsafe";
+    upgrade_step(UpgradeStepRequest) -> UpgradeStepResponse = "UpgradeStep";
 }
 
 /// A running stand-in on a loopback port; stopped when dropped.

@@ -3,7 +3,9 @@
 //! containers). Here the pid is a live `sleep` owned by the `postgres` OS user, so
 //! PostgreSQL's own `kill(pid, 0)` check (and pg_rewind's crash recovery) takes it for a
 //! running postmaster. The agent must see that it is not one, remove the file, leave the
-//! process alone (rule 8: it signals only its own processes) and come back streaming.
+//! process alone (rule 8: it signals only its own processes) and come back streaming. The
+//! same for the socket's lock file (`.s.PGSQL.<port>.lock`), which PostgreSQL checks the
+//! same way.
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -118,4 +120,41 @@ async fn a_crashed_leader_whose_pid_file_names_another_process_rewinds_and_strea
     wait_streaming_from(old, new, new_timeline, REPLICATION).await?;
     old.ensure_rewound()?;
     check_after_return(old, &mut squatter)
+}
+
+/// The socket lock file a crash left names a live process of the OS user: PostgreSQL would
+/// refuse to start ("lock file ... already exists"), as the upgrade test found with the
+/// upgraded leader after a crash in a container. The agent removes it and the member comes
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_replica_whose_socket_lock_names_another_process_comes_back_streaming(
+) -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let healthy = cluster.wait_healthy(BRINGUP).await?;
+    let leader = cluster.member(&healthy.leader);
+    let replica = cluster.member(&healthy.replicas[0]);
+    let tl = timeline(leader).await?;
+
+    replica.crash()?;
+    let mut squatter = Squatter::spawn()?;
+    let lock = replica
+        .dir()
+        .join(format!(".s.PGSQL.{}.lock", replica.pg_port()));
+    let text = std::fs::read_to_string(&lock)
+        .with_context(|| format!("the crash left no {}", lock.display()))?;
+    let rest = text.split_once('\n').map_or("", |(_, r)| r);
+    std::fs::write(&lock, format!("{}\n{rest}", squatter.pid()))?;
+    replica.start()?;
+    let healthy = cluster.wait_healthy(REJOIN).await?;
+    ensure!(healthy.leader == leader.name(), "{healthy:?}");
+    wait_streaming_from(replica, leader, tl, REPLICATION).await?;
+    ensure!(squatter.alive(), "the unrelated process was killed");
+    let log = replica.agent_log_of_last_start();
+    let needle = format!(
+        ".s.PGSQL.{}.lock naming pid {}",
+        replica.pg_port(),
+        squatter.pid()
+    );
+    ensure!(log.contains(&needle), "no {needle:?} in:\n{log}");
+    Ok(())
 }

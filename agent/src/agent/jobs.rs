@@ -85,7 +85,7 @@ impl Agent {
                                 self.cfg.clone(),
                                 &root,
                                 pg.os_user().clone(),
-                                pg.bin_dir().to_path_buf(),
+                                pg.bin_dir().clone(),
                             )
                         }),
                         methods: sc.create_replica_methods.clone(),

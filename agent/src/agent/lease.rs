@@ -140,7 +140,12 @@ impl Agent {
                 _ = tokio::time::sleep_until(until) => {
                     return Err(anyhow!("did not finish within {:.1} s", budget.as_secs_f64()));
                 }
-                _ = tokio::time::sleep_until(tick) => self.renew_leader().await?,
+                _ = tokio::time::sleep_until(tick) => {
+                    self.renew_leader().await?;
+                    // The member key too: a step longer than the TTL (pg_upgrade) must not
+                    // leave the leader key's holder without a member key (no address).
+                    self.keep_member_lease(ttl).await;
+                }
             }
         }
     }

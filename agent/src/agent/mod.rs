@@ -18,6 +18,7 @@ mod lease;
 mod publish;
 mod replica;
 mod requests;
+mod upgrade;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,11 +124,7 @@ impl Agent {
         pg.install_tls()?;
         let peer_client =
             crate::api::ClientOptions::from_api_config(&cfg.api, Duration::from_millis(500))?;
-        let backup = BackupContext::new(
-            cfg.clone(),
-            pg.os_user().clone(),
-            pg.bin_dir().to_path_buf(),
-        )?;
+        let backup = BackupContext::new(cfg.clone(), pg.os_user().clone(), pg.bin_dir().clone())?;
         let callbacks = Callbacks::new(&cfg);
         let bootstrap_restore = crate::backup::bootstrap::plan(&cfg, pg.os_user(), pg.bin_dir())?;
         Ok(Agent {
@@ -200,6 +197,7 @@ impl Agent {
                 )
             })?;
         }
+        self.adopt_upgraded_bin_dir().await;
         self.watchdog =
             Some(Watchdog::spawn(&self.cfg.etcd).context("cannot start the fencing watchdog")?);
         let watch = self.dcs.spawn_watch(self.wake.clone());

@@ -61,6 +61,10 @@ impl Agent {
                 let r = self.reinitialize().await.map_err(|e| format!("{e:#}"));
                 let _ = reply.send(r);
             }
+            LocalRequest::Upgrade { step, reply } => {
+                let r = self.upgrade_step(step).await.map_err(|e| format!("{e:#}"));
+                let _ = reply.send(r);
+            }
         }
     }
 

@@ -61,6 +61,9 @@ pub const MUTATING_METHODS: &[&str] = &[
     "Restore",
     // Failsafe mode: an acceptance holds the member back from elections for a TTL.
     "Failsafe",
+    // Every step of a major-version upgrade, the probes too: they run programs as the OS
+    // user and read the cluster's layout.
+    "UpgradeStep",
 ];
 
 /// The methods that only read: they are sent without the token.

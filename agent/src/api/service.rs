@@ -23,6 +23,8 @@ pub struct Service {
     token: Option<String>,
 }
 
+mod upgrade;
+
 type Reply<T> = Result<Response<T>, Status>;
 
 /// Compares secrets without an early exit on the first differing byte.
@@ -181,13 +183,22 @@ impl Service {
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> LocalRequest,
     ) -> Result<T, Status> {
+        let limit = self.ctx.cfg.postgres.command_timeout() * 2 + Duration::from_secs(30);
+        self.ask_loop_within(limit, make).await
+    }
+
+    /// [`Self::ask_loop`] waiting up to `limit` (an upgrade step runs pg_upgrade).
+    async fn ask_loop_within<T>(
+        &self,
+        limit: Duration,
+        make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> LocalRequest,
+    ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.ctx
             .requests
             .send(make(tx))
             .await
             .map_err(|_| Status::unavailable("the agent loop is shutting down"))?;
-        let limit = self.ctx.cfg.postgres.command_timeout() * 2 + Duration::from_secs(30);
         match tokio::time::timeout(limit, rx).await {
             Ok(Ok(Ok(done))) => Ok(done),
             Ok(Ok(Err(why))) => Err(Status::failed_precondition(why)),
@@ -316,6 +327,13 @@ fn handover_to_proto(h: &Handover) -> ScheduledSwitchover {
 
 #[tonic::async_trait]
 impl AgentService for Service {
+    async fn upgrade_step(&self, req: Request<UpgradeStepRequest>) -> Reply<UpgradeStepResponse> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        self.require_self(&r.member)?;
+        self.upgrade(r).await.map(Response::new)
+    }
+
     async fn status(&self, _req: Request<StatusRequest>) -> Reply<StatusResponse> {
         let b = self.ctx.board.snapshot();
         let mut me = b

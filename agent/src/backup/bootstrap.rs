@@ -16,7 +16,7 @@
 //! initdb's does), so the promotion at the end of recovery needs no other check.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,7 +48,11 @@ pub struct Plan {
 
 /// The plan of a member with `bootstrap.method: restore` (`None` for `initdb`). Errors name
 /// the key at fault.
-pub fn plan(cfg: &Arc<Config>, user: &OsUser, bin_dir: &Path) -> Result<Option<Plan>> {
+pub fn plan(
+    cfg: &Arc<Config>,
+    user: &OsUser,
+    bin_dir: &crate::postgres::bindir::BinDir,
+) -> Result<Option<Plan>> {
     if cfg.bootstrap.method != BootstrapMethod::Restore {
         return Ok(None);
     }
@@ -94,7 +98,7 @@ pub fn plan(cfg: &Arc<Config>, user: &OsUser, bin_dir: &Path) -> Result<Option<P
         cfg.clone(),
         &r.repository.join(&r.cluster),
         user.clone(),
-        bin_dir.to_path_buf(),
+        bin_dir.clone(),
     );
     Ok(Some(Plan {
         source_root: r.repository.join(&r.cluster),

@@ -71,7 +71,7 @@ pub struct BackupContext {
     pub backup: BackupConfig,
     pub repo: Arc<dyn Repository>,
     pub user: OsUser,
-    pub bin_dir: PathBuf,
+    pub bin_dir: crate::postgres::bindir::BinDir,
     /// When this agent's last backup attempt failed, if it failed after the newest backup
     /// (for `/metrics`).
     pub last_failure: Arc<std::sync::Mutex<Option<std::time::SystemTime>>>,
@@ -83,7 +83,7 @@ impl BackupContext {
     pub fn new(
         cfg: Arc<Config>,
         user: OsUser,
-        bin_dir: PathBuf,
+        bin_dir: crate::postgres::bindir::BinDir,
     ) -> anyhow::Result<Option<BackupContext>> {
         let Some(backup) = cfg.backup.clone() else {
             return Ok(None);
@@ -102,7 +102,12 @@ impl BackupContext {
     /// Another cluster's archive and backups at `root` (`<repository>/<cluster>`, a
     /// directory), only read: for `bootstrap.restore` and `standby_cluster.repository`. Its
     /// operations are bounded by this member's `backup.timeout`.
-    pub fn read_only(cfg: Arc<Config>, root: &Path, user: OsUser, bin_dir: PathBuf) -> Self {
+    pub fn read_only(
+        cfg: Arc<Config>,
+        root: &Path,
+        user: OsUser,
+        bin_dir: crate::postgres::bindir::BinDir,
+    ) -> Self {
         let backup = BackupConfig {
             repository: pgherd_config::RepositoryUrl(root.display().to_string()),
             archive: Default::default(),

@@ -707,6 +707,52 @@ impl Dcs {
             .await
     }
 
+    /// The `upgrade` key and its revision, if it exists.
+    pub async fn upgrade(&self) -> Result<Option<(model::UpgradeKey, i64)>> {
+        let mut c = self.client.clone();
+        let resp = self.timed(c.get(self.key("upgrade"), None)).await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        let parsed =
+            pgherd_config::lenient::from_json::<model::UpgradeKey>(kv.value()).map_err(|p| {
+                DcsError::Unreadable {
+                    key: self.key("upgrade"),
+                    why: p.to_string(),
+                }
+            })?;
+        Ok(Some((parsed.value, kv.mod_revision())))
+    }
+
+    /// Writes the `upgrade` key while the leader key names this member and the key is still
+    /// at `revision` (0: absent).
+    pub async fn put_upgrade(&self, key: &model::UpgradeKey, revision: i64) -> Result<bool> {
+        let json = Self::encode("upgrade", key)?;
+        let txn = Txn::new()
+            .when([
+                Compare::value(self.key("leader"), CompareOp::Equal, self.member.clone()),
+                Compare::mod_revision(self.key("upgrade"), CompareOp::Equal, revision),
+            ])
+            .and_then([TxnOp::put(self.key("upgrade"), json, None)]);
+        let mut c = self.client.clone();
+        Ok(self.timed(c.txn(txn)).await?.succeeded())
+    }
+
+    /// Replaces the system identifier in `initialize` (a major-version upgrade made a new
+    /// database system of the old one's data), only while it still holds `old` and the
+    /// leader key names this member.
+    pub async fn replace_system_identifier(&self, old: &str, new: &str) -> Result<bool> {
+        let init = self.key("initialize");
+        let txn = Txn::new()
+            .when([
+                Compare::value(init.clone(), CompareOp::Equal, old),
+                Compare::value(self.key("leader"), CompareOp::Equal, self.member.clone()),
+            ])
+            .and_then([TxnOp::put(init, new, None)]);
+        let mut c = self.client.clone();
+        Ok(self.timed(c.txn(txn)).await?.succeeded())
+    }
+
     /// Writes the restore key while the leader key names this member and the restore key is
     /// still at `revision` (0: absent).
     pub async fn put_restore(&self, key: &RestoreKey, revision: i64) -> Result<bool> {

@@ -676,3 +676,85 @@ mod tests {
         assert!(json.contains(r#""target":"immediate""#), "{json}");
     }
 }
+
+/// Where a major-version upgrade (`pgherdctl upgrade`) is. The phases before
+/// `LeaderStarted` can be undone (the old cluster put back); from it on the new major runs
+/// and the upgrade can only go forward (`pgherdctl upgrade --resume`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpgradePhase {
+    /// Checked, the cluster paused; the replicas are being stopped.
+    Started,
+    /// The leader is stopped and pg_upgrade runs (or ran) on its data directory.
+    Upgrading,
+    /// The point of no return: the leader runs on the new major.
+    LeaderStarted,
+    /// `vacuumdb --analyze-in-stages` ran on the new leader.
+    Analyzed,
+    /// The replicas were told to clone the new leader; the cluster runs again.
+    Rebuilding,
+    /// Every member streams on the new major.
+    Done,
+    /// Undone before the point of no return: the cluster runs on the old major.
+    RolledBack,
+}
+
+impl UpgradePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpgradePhase::Started => "started",
+            UpgradePhase::Upgrading => "upgrading",
+            UpgradePhase::LeaderStarted => "leader-started",
+            UpgradePhase::Analyzed => "analyzed",
+            UpgradePhase::Rebuilding => "rebuilding",
+            UpgradePhase::Done => "done",
+            UpgradePhase::RolledBack => "rolled-back",
+        }
+    }
+
+    /// Whether the new major runs: agents take `to_bin_dir` for a data directory of that
+    /// major (or an empty one) from here on.
+    pub fn new_major_runs(self) -> bool {
+        matches!(
+            self,
+            UpgradePhase::LeaderStarted
+                | UpgradePhase::Analyzed
+                | UpgradePhase::Rebuilding
+                | UpgradePhase::Done
+        )
+    }
+
+    /// Whether an upgrade in this phase is over (another may start).
+    pub fn is_over(self) -> bool {
+        matches!(self, UpgradePhase::Done | UpgradePhase::RolledBack)
+    }
+}
+
+/// The `upgrade` key: the cluster's last major-version upgrade. Once done it records the
+/// major the cluster runs and where its binaries are, which an agent whose configuration
+/// still names the old major's `bin_dir` follows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeKey {
+    /// The leader that runs pg_upgrade.
+    pub leader: String,
+    pub from_major: u32,
+    pub to_major: u32,
+    pub from_bin_dir: std::path::PathBuf,
+    pub to_bin_dir: std::path::PathBuf,
+    /// pg_upgrade's transfer mode: link, clone or copy.
+    pub method: String,
+    pub phase: UpgradePhase,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Where the leader's old data directory was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_data_dir: Option<std::path::PathBuf>,
+    /// Milliseconds from the leader's stop to the new major accepting writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outage_ms: Option<u64>,
+    /// What happened last, in a sentence.
+    #[serde(default)]
+    pub message: String,
+}

@@ -174,6 +174,8 @@ pub enum CommandError {
         program: String,
         status: std::process::ExitStatus,
         stderr_tail: String,
+        /// Everything it printed on stdout (pg_upgrade reports its findings there).
+        stdout: String,
     },
 }
 
@@ -207,6 +209,19 @@ pub async fn run(
     timeout: Duration,
     log: Log,
 ) -> Result<Output, CommandError> {
+    run_in(user, program, args, envs, timeout, log, Path::new("/")).await
+}
+
+/// [`run`] from the working directory `cwd` (pg_upgrade wants one it can write).
+pub async fn run_in(
+    user: &OsUser,
+    program: &Path,
+    args: &[String],
+    envs: &[(&str, &Path)],
+    timeout: Duration,
+    log: Log,
+    cwd: &Path,
+) -> Result<Output, CommandError> {
     let name = program
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -222,9 +237,9 @@ pub async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        // Run from a directory every user can enter; PostgreSQL's tools dislike an
-        // unreadable working directory.
-        .current_dir("/");
+        // Run from a directory every user can enter ("/" unless the caller names one);
+        // PostgreSQL's tools dislike an unreadable working directory.
+        .current_dir(cwd);
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -268,6 +283,7 @@ pub async fn run(
             program: name,
             status,
             stderr_tail: tail(&err),
+            stdout: out,
         })
     }
 }

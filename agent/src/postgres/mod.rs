@@ -2,12 +2,14 @@
 //! with it), the programs that create and change it (through [`command::run`]), and the
 //! queries that tell the agent loop what it is doing.
 
+pub mod bindir;
 pub mod command;
 pub mod conf;
 pub mod process;
 mod query;
 mod source;
 pub mod tls;
+pub mod upgrade;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,7 +43,7 @@ pub enum Mode {
 pub struct Postgres {
     cfg: Arc<Config>,
     user: OsUser,
-    bin_dir: PathBuf,
+    bin_dir: bindir::BinDir,
     data_dir: PathBuf,
     timeout: Duration,
     /// Whether the postmaster we started is still alive (its waiter task clears it).
@@ -182,7 +184,7 @@ impl Postgres {
             timeout: cfg.postgres.command_timeout(),
             cfg,
             user,
-            bin_dir,
+            bin_dir: bin_dir.into(),
             child_alive: Arc::new(AtomicBool::new(false)),
             child_pid: AtomicI32::new(0),
             child: std::sync::Mutex::new(None),
@@ -272,7 +274,7 @@ impl Postgres {
         &self.user
     }
 
-    pub fn bin_dir(&self) -> &Path {
+    pub fn bin_dir(&self) -> &bindir::BinDir {
         &self.bin_dir
     }
 
@@ -536,6 +538,66 @@ impl Postgres {
         }
         tracing::info!(reason = %why, "removed stale postmaster.pid naming pid {pid}");
         Ok(Some(pid))
+    }
+
+    /// Removes this data directory's socket lock files (`.s.PGSQL.<port>.lock`, and the
+    /// socket beside it) that no postmaster of ours holds. A postmaster killed by a crash
+    /// leaves them behind like `postmaster.pid`, and when their pid belongs to another
+    /// process of the OS user by now (pid reuse, the rule in containers) PostgreSQL refuses
+    /// to start ("lock file ... already exists"): found by the upgrade test, where the old
+    /// leader crashed and never came back. Only a lock file whose second line names this
+    /// data directory is touched; another cluster's lock on the same port is left alone
+    /// (PostgreSQL's own check then says so).
+    pub fn remove_stale_socket_locks(&self) -> Result<()> {
+        if self.is_our_child() {
+            return Ok(());
+        }
+        let conf = self.read_data_file("postgresql.conf");
+        let dirs = conf
+            .lines()
+            .find_map(|l| l.strip_prefix("unix_socket_directories = "))
+            .map(|v| v.trim().trim_matches('\'').replace("''", "'"))
+            .unwrap_or_else(|| "/var/run/postgresql".to_string());
+        let (_, port) = self.local_address();
+        let lock = format!(".s.PGSQL.{port}.lock");
+        for dir in dirs
+            .split(',')
+            .map(str::trim)
+            .filter(|d| d.starts_with('/'))
+        {
+            let Ok(d) = Dir::open(Path::new(dir)) else {
+                continue;
+            };
+            let Ok(bytes) = d.read(&lock, 4096) else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let names_us = text
+                .lines()
+                .nth(1)
+                .is_some_and(|l| Path::new(l.trim()) == self.data_dir);
+            if !names_us {
+                continue;
+            }
+            let Some((pid, why)) = process::check_pid_file(&text, &self.postmaster())
+                .stale()
+                .map(|(p, w)| (p, w.to_string()))
+            else {
+                continue;
+            };
+            let socket = format!(".s.PGSQL.{port}");
+            for name in [socket.as_str(), lock.as_str()] {
+                match d.remove_file(name) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot remove stale {dir}/{name}"))
+                    }
+                }
+            }
+            tracing::info!(reason = %why, "removed stale {dir}/{lock} naming pid {pid}");
+        }
+        Ok(())
     }
 
     /// The status line of `postmaster.pid` ("ready", "standby", "starting", "stopping").
@@ -823,6 +885,7 @@ impl Postgres {
     /// The runtime is single-threaded, so the spawning thread lives as long as the agent.
     pub async fn start(&self) -> Result<()> {
         self.remove_stale_pid_file()?;
+        self.remove_stale_socket_locks()?;
         if let Some(pid) = self.postmaster_pid() {
             bail!(
                 "a postmaster (pid {pid}) already runs on {}",
