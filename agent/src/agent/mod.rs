@@ -115,6 +115,9 @@ impl Agent {
     ) -> Result<Agent> {
         let wake = Arc::new(Notify::new());
         let mut pg = Postgres::new(cfg.clone(), wake.clone())?;
+        // Binaries of another major than the data directory's: refuse to run at all.
+        pg.check_data_dir_major()
+            .context("refusing to run this member")?;
         pg.set_archiving(crate::backup::wal::archiving_parameters(
             &cfg,
             pg.os_user(),
