@@ -686,6 +686,23 @@ impl Postgres {
         self.write_file(&path, &conf::pgpass(&self.cfg), 0o600)
     }
 
+    /// The parameters postgresql.conf gets for `upstream`, without those the binaries'
+    /// major does not know (returned as why each was left out).
+    fn parameters(
+        &self,
+        cluster_params: &BTreeMap<String, ParamValue>,
+        upstream: Option<&Upstream>,
+    ) -> (BTreeMap<String, String>, Vec<String>) {
+        let mut params = conf::parameters(
+            &self.cfg,
+            cluster_params,
+            upstream,
+            &self.managed_for(upstream),
+        );
+        let unknown = conf::keep_known(&mut params, self.major);
+        (params, unknown)
+    }
+
     /// Whether postgresql.conf or pg_hba.conf on disk differ from what `mode` and the
     /// current parameters ask for.
     pub fn config_stale(&self, mode: &Mode, cluster_params: &BTreeMap<String, ParamValue>) -> bool {
@@ -693,12 +710,7 @@ impl Postgres {
             Mode::Standby(up) => up.as_ref(),
             Mode::Primary => None,
         };
-        let params = conf::parameters(
-            &self.cfg,
-            cluster_params,
-            upstream,
-            &self.managed_for(upstream),
-        );
+        let (params, _) = self.parameters(cluster_params, upstream);
         self.read_data_file("postgresql.conf") != conf::postgresql_conf(&params)
             || self.read_data_file("pg_hba.conf") != conf::pg_hba_conf(&self.cfg)
     }
@@ -714,12 +726,10 @@ impl Postgres {
             Mode::Primary => None,
         };
         self.write_standby_wal_settings(upstream)?;
-        let params = conf::parameters(
-            &self.cfg,
-            cluster_params,
-            upstream,
-            &self.managed_for(upstream),
-        );
+        let (params, unknown) = self.parameters(cluster_params, upstream);
+        for why in unknown {
+            tracing::info!(reason = %why, "decision: parameter left out of postgresql.conf: {why}");
+        }
         self.ensure_socket_dirs(&params)?;
         self.write_file(
             &self.data_dir.join("postgresql.conf"),
