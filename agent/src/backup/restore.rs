@@ -293,9 +293,18 @@ pub fn fill_from_full(
 /// Checks an extracted backup against its manifest from the sizes and checksums its unpack
 /// kept ([`manifest::check`]), or with `pg_verifybackup` when that cannot (another checksum
 /// algorithm, or no manifest stored: it then fails); then removes the manifest (and
-/// `tablespace_map`: the links are made).
+/// `tablespace_map`: the links are made). Then checks that it is of the binaries' major
+/// ([`check_major`]): a copy that does not match its manifest is reported as such first.
 pub async fn check_unpacked(ctx: &BackupContext, info: &BackupInfo, x: &Extracted) -> Result<()> {
-    check_major(ctx, info, &x.dir)?;
+    check_against_manifest(ctx, info, x).await?;
+    check_major(ctx, info, &x.dir)
+}
+
+async fn check_against_manifest(
+    ctx: &BackupContext,
+    info: &BackupInfo,
+    x: &Extracted,
+) -> Result<()> {
     let Some(text) = &x.manifest else {
         return check_manifest(ctx, info, &x.dir).await;
     };
