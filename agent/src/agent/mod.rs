@@ -83,8 +83,6 @@ pub struct Agent {
     pg_role: Option<PgRole>,
     /// Warnings logged already (slots, failsafe prerequisites): each once while it lasts.
     warned_once: std::collections::BTreeSet<String>,
-    /// `server_version_num` of the local PostgreSQL, once asked.
-    server_version: Option<u32>,
     /// The restart the operator scheduled (`pgherdctl restart --scheduled`), until it runs
     /// or is flushed.
     scheduled_restart: Option<crate::board::ScheduledRestart>,
@@ -163,7 +161,6 @@ impl Agent {
             callbacks,
             pg_role: None,
             warned_once: Default::default(),
-            server_version: None,
             scheduled_restart: None,
             published_restart: None,
             started_at: Instant::now(),

@@ -728,7 +728,7 @@ impl Postgres {
         self.write_standby_wal_settings(upstream)?;
         let (params, unknown) = self.parameters(cluster_params, upstream);
         for why in unknown {
-            tracing::info!(reason = %why, "decision: parameter left out of postgresql.conf: {why}");
+            tracing::info!(reason = %why, "left a parameter out of postgresql.conf");
         }
         self.ensure_socket_dirs(&params)?;
         self.write_file(
