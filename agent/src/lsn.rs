@@ -62,6 +62,11 @@ mod tests {
         assert_eq!("1/0".parse::<Lsn>().unwrap().0, 1 << 32);
         assert!("3000060".parse::<Lsn>().is_err());
         assert!("0/xyz".parse::<Lsn>().is_err());
+        // The zero-padded form PostgreSQL's development branch prints.
+        assert_eq!(
+            "0/0300A0B8".parse::<Lsn>().unwrap(),
+            "0/300A0B8".parse::<Lsn>().unwrap()
+        );
     }
 
     #[test]

@@ -27,7 +27,9 @@ pub use backup::{
 pub use tls::PostgresTls;
 pub use validate::{bounds, runs_code, valid_slot_name, Problem};
 
-/// Default directory of the PostgreSQL 15 binaries on Debian.
+/// The last resort for `postgres.bin_dir` when neither `pg_config --bindir` nor any
+/// `/usr/lib/postgresql/<major>/bin` holds `postgres`: Debian's directory of the oldest
+/// major pgherd runs, so the agent's error names a place to install to.
 pub const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 
 /// One member's configuration file.
@@ -216,6 +218,7 @@ pub struct PostgresConfig {
     pub connect_address: String,
     pub data_dir: PathBuf,
     /// Directory of `postgres`, `pg_ctl`, `initdb`, ...; default: `pg_config --bindir`, else
+    /// the newest `/usr/lib/postgresql/<major>/bin` holding `postgres`, else
     /// [`DEFAULT_BIN_DIR`].
     #[serde(default)]
     pub bin_dir: Option<PathBuf>,

@@ -104,10 +104,9 @@ impl Agent {
                 "wal_level".to_string(),
                 ParamValue::Text("logical".to_string()),
             );
-            if self
-                .server_version
-                .is_some_and(|v| v >= super::act::NATIVE_SLOT_SYNC)
-            {
+            // The binaries' major, known before PostgreSQL first starts (so the first
+            // postgresql.conf is already right) and equal to the server's (version.rs).
+            if self.pg.major().version_num() >= super::act::NATIVE_SLOT_SYNC {
                 // PostgreSQL 17+: standbys synchronise the `failover` logical slots
                 // themselves (conf.rs adds the dbname primary_conninfo then needs), and
                 // the leader's logical walsenders send nothing the members that may take

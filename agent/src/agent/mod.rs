@@ -84,8 +84,6 @@ pub struct Agent {
     pg_role: Option<PgRole>,
     /// Warnings logged already (slots, failsafe prerequisites): each once while it lasts.
     warned_once: std::collections::BTreeSet<String>,
-    /// `server_version_num` of the local PostgreSQL, once asked.
-    server_version: Option<u32>,
     /// The restart the operator scheduled (`pgherdctl restart --scheduled`), until it runs
     /// or is flushed.
     scheduled_restart: Option<crate::board::ScheduledRestart>,
@@ -157,7 +155,6 @@ impl Agent {
             callbacks,
             pg_role: None,
             warned_once: Default::default(),
-            server_version: None,
             scheduled_restart: None,
             published_restart: None,
             started_at: Instant::now(),
@@ -178,6 +175,12 @@ impl Agent {
     /// Runs until `shutdown` is cancelled (then stops PostgreSQL and hands over) or until a
     /// decision refuses to go on (an error).
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        // An upgraded cluster's binaries first (the `upgrade` key), then: binaries of
+        // another major than the data directory's refuse to run at all.
+        self.adopt_upgraded_bin_dir().await;
+        self.pg
+            .check_data_dir_major()
+            .context("refusing to run this member")?;
         if self.pg.is_running() && !self.pg.is_our_child() {
             tracing::info!(
                 reason = "a PostgreSQL not started by this agent runs on the data directory; stopping it so it runs under supervision",
@@ -197,7 +200,6 @@ impl Agent {
                 )
             })?;
         }
-        self.adopt_upgraded_bin_dir().await;
         self.watchdog =
             Some(Watchdog::spawn(&self.cfg.etcd).context("cannot start the fencing watchdog")?);
         let watch = self.dcs.spawn_watch(self.wake.clone());

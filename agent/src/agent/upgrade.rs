@@ -17,6 +17,7 @@ use crate::callbacks::Event;
 use crate::dcs::model::{UpgradeKey, UpgradePhase};
 use crate::ha::{DataDir, Memory};
 use crate::postgres::upgrade::{Method, LEADER_PROGRAMS, MEMBER_PROGRAMS};
+use crate::postgres::version::Major;
 use crate::postgres::Mode;
 
 /// How long pg_upgrade and vacuumdb may run (a `--copy` of a large cluster takes long).
@@ -313,8 +314,7 @@ impl Agent {
             "upgrade: the cluster's system identifier is now the upgraded cluster's"
         );
         let old_bin = self.pg.bin_dir().path();
-        self.pg.bin_dir().set(new_bin.clone());
-        self.server_version = None;
+        self.pg.set_binaries(new_bin.clone(), Major::new(new));
         key.old_data_dir = Some(old_dir.clone());
         // The point of no return: with --link the first start of the new cluster makes the
         // old one unusable, so the key says so before it happens.
@@ -379,8 +379,8 @@ impl Agent {
                 self.pg.data_dir().display()
             );
         }
-        self.pg.bin_dir().set(key.to_bin_dir.clone());
-        self.server_version = None;
+        self.pg
+            .set_binaries(key.to_bin_dir.clone(), Major::new(key.to_major));
         if !self.pg.is_running() {
             let pg = self.pg.clone();
             let params = self.cluster_params();
@@ -561,8 +561,8 @@ impl Agent {
             self.pg.empty_data_dir()?;
         }
         self.pg.remove_aside(key.from_major)?;
-        self.pg.bin_dir().set(key.to_bin_dir.clone());
-        self.server_version = None;
+        self.pg
+            .set_binaries(key.to_bin_dir.clone(), Major::new(key.to_major));
         self.memory = Memory::default();
         self.known_timeline = None;
         self.wake.notify_one();
@@ -628,7 +628,8 @@ impl Agent {
                     key.to_major,
                     key.to_bin_dir.display()
                 );
-                self.pg.bin_dir().set(key.to_bin_dir.clone());
+                self.pg
+                    .set_binaries(key.to_bin_dir.clone(), Major::new(key.to_major));
             }
             Ok(m) => tracing::warn!(
                 "the cluster was upgraded to PostgreSQL {} but {} here is PostgreSQL {m}; keeping {}",

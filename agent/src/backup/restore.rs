@@ -18,7 +18,7 @@ use super::tablespace::{self, Places};
 use super::untar::{self, FileSum};
 use super::BackupContext;
 use crate::fsutil::{self, Dir};
-use crate::postgres::command;
+use crate::postgres::{command, version};
 
 /// Unpacks stored tar `key` (recorded with SHA-256 `sha256`) into `dest` in one pass: the
 /// stored bytes are hashed while they are decompressed and unpacked, and a mismatch is
@@ -293,8 +293,18 @@ pub fn fill_from_full(
 /// Checks an extracted backup against its manifest from the sizes and checksums its unpack
 /// kept ([`manifest::check`]), or with `pg_verifybackup` when that cannot (another checksum
 /// algorithm, or no manifest stored: it then fails); then removes the manifest (and
-/// `tablespace_map`: the links are made).
+/// `tablespace_map`: the links are made). Then checks that it is of the binaries' major
+/// ([`check_major`]): a copy that does not match its manifest is reported as such first.
 pub async fn check_unpacked(ctx: &BackupContext, info: &BackupInfo, x: &Extracted) -> Result<()> {
+    check_against_manifest(ctx, info, x).await?;
+    check_major(ctx, info, &x.dir)
+}
+
+async fn check_against_manifest(
+    ctx: &BackupContext,
+    info: &BackupInfo,
+    x: &Extracted,
+) -> Result<()> {
     let Some(text) = &x.manifest else {
         return check_manifest(ctx, info, &x.dir).await;
     };
@@ -322,6 +332,22 @@ pub async fn check_unpacked(ctx: &BackupContext, info: &BackupInfo, x: &Extracte
         }
     }
     forget_manifest(info, &x.dir)
+}
+
+/// Fails unless unpacked backup `data` is of the major of `postgres.bin_dir`: PostgreSQL
+/// would not start it, and `pg_verifybackup` of another major misreads its manifest (17
+/// writes version 2).
+pub fn check_major(ctx: &BackupContext, info: &BackupInfo, data: &Dir) -> Result<()> {
+    let binaries = version::binaries_major(&ctx.bin_dir.path(), &ctx.user)?;
+    match version::data_dir_major(data.path())? {
+        Some(backup) if backup != binaries => bail!(
+            "backup {} is {backup} (its PG_VERSION) but postgres.bin_dir {} is {binaries}: it can only be restored or verified with {backup}'s binaries",
+            info.id,
+            ctx.bin_dir.path().display()
+        ),
+        Some(_) => Ok(()),
+        None => bail!("backup {} holds no PG_VERSION", info.id),
+    }
 }
 
 /// Checks unpacked backup `data` against its manifest with `pg_verifybackup` (run as the OS

@@ -212,6 +212,7 @@ async fn check(
         .dir;
     // Unpacking ended: the OS user may now reach the copy (its PostgreSQL runs it).
     scratch_dir.chown(owner)?;
+    restore::check_major(ctx, info, &data)?;
     restore::check_manifest(ctx, info, &data).await?;
     let unpack_s = t0.elapsed().as_secs_f64();
 

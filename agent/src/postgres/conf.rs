@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use pgherd_config::{Config, ParamValue};
 
+use super::version::Major;
 use crate::ha::Upstream;
 
 /// Parameters every member needs for streaming replication and pg_rewind; the cluster's
@@ -23,6 +24,108 @@ const BASE_PARAMETERS: &[(&str, &str)] = &[
     // leader may create our slot a moment after we point at it.
     ("wal_retrieve_retry_interval", "1s"),
 ];
+
+/// Parameters that PostgreSQL added or removed between the majors the agent runs (15 to 18,
+/// `super::version`): name, first major that has it, first major that no longer has it
+/// (0: still there). A parameter a major does not know stops its postmaster ("unrecognized
+/// configuration parameter"), so one set cluster-wide for another major (during an upgrade,
+/// or `io_method` on a cluster still on 17) is left out of that member's postgresql.conf.
+/// Checked against `postgres --describe-config` (and `-C` for developer options) of 15.18,
+/// 17.12 and 18.6, and the release notes of 16; a unit test checks it against the installed
+/// PostgreSQL.
+const PARAMETER_MAJORS: &[(&str, u32, u32)] = &[
+    // Gone in 16.
+    ("force_parallel_mode", 0, 16),
+    ("promote_trigger_file", 0, 16),
+    ("vacuum_defer_cleanup_age", 0, 16),
+    // New in 16.
+    ("createrole_self_grant", 16, 0),
+    ("debug_io_direct", 16, 0),
+    ("debug_parallel_query", 16, 0),
+    ("enable_presorted_aggregate", 16, 0),
+    ("gss_accept_delegation", 16, 0),
+    ("icu_validation_level", 16, 0),
+    ("max_parallel_apply_workers_per_subscription", 16, 0),
+    ("reserved_connections", 16, 0),
+    ("scram_iterations", 16, 0),
+    ("send_abort_for_crash", 16, 0),
+    ("send_abort_for_kill", 16, 0),
+    ("vacuum_buffer_usage_limit", 16, 0),
+    // Gone in 17.
+    ("db_user_namespace", 0, 17),
+    ("old_snapshot_threshold", 0, 17),
+    ("trace_recovery_messages", 0, 17),
+    // New in 17: WAL summaries for incremental backups, slot synchronisation, SLRU sizes.
+    ("allow_alter_system", 17, 0),
+    ("commit_timestamp_buffers", 17, 0),
+    ("enable_group_by_reordering", 17, 0),
+    ("event_triggers", 17, 0),
+    ("io_combine_limit", 17, 0),
+    ("max_notify_queue_pages", 17, 0),
+    ("multixact_member_buffers", 17, 0),
+    ("multixact_offset_buffers", 17, 0),
+    ("notify_buffers", 17, 0),
+    ("serializable_buffers", 17, 0),
+    ("subtransaction_buffers", 17, 0),
+    ("summarize_wal", 17, 0),
+    ("sync_replication_slots", 17, 0),
+    ("synchronized_standby_slots", 17, 0),
+    ("trace_connection_negotiation", 17, 0),
+    ("transaction_buffers", 17, 0),
+    ("transaction_timeout", 17, 0),
+    ("wal_summary_keep_time", 17, 0),
+    // New in 18: asynchronous I/O and more.
+    ("autovacuum_vacuum_max_threshold", 18, 0),
+    ("autovacuum_worker_slots", 18, 0),
+    ("enable_distinct_reordering", 18, 0),
+    ("enable_self_join_elimination", 18, 0),
+    ("extension_control_path", 18, 0),
+    ("file_copy_method", 18, 0),
+    ("idle_replication_slot_timeout", 18, 0),
+    ("io_max_combine_limit", 18, 0),
+    ("io_max_concurrency", 18, 0),
+    ("io_method", 18, 0),
+    ("io_workers", 18, 0),
+    ("log_lock_failures", 18, 0),
+    ("max_active_replication_origins", 18, 0),
+    ("md5_password_warnings", 18, 0),
+    ("oauth_validator_libraries", 18, 0),
+    ("ssl_groups", 18, 0),
+    ("ssl_tls13_ciphers", 18, 0),
+    ("track_cost_delay_timing", 18, 0),
+    ("vacuum_max_eager_freeze_failure_rate", 18, 0),
+    ("vacuum_truncate", 18, 0),
+];
+
+/// Why `major` does not know parameter `name`; `None` when it does (or the agent does not
+/// know of a change: PostgreSQL then says what it thinks).
+pub fn unknown_parameter(name: &str, major: Major) -> Option<String> {
+    let (_, since, until) = PARAMETER_MAJORS.iter().find(|(n, _, _)| *n == name)?;
+    if *since != 0 && !major.at_least(*since) {
+        return Some(format!(
+            "{name} exists from PostgreSQL {since} on and this member runs {major}"
+        ));
+    }
+    if *until != 0 && major.at_least(*until) {
+        return Some(format!(
+            "{name} was removed in PostgreSQL {until} and this member runs {major}"
+        ));
+    }
+    None
+}
+
+/// Removes from `params` what `major` does not know; returns why, one line per parameter.
+pub fn keep_known(params: &mut BTreeMap<String, String>, major: Major) -> Vec<String> {
+    let mut why = Vec::new();
+    params.retain(|name, _| match unknown_parameter(name, major) {
+        Some(w) => {
+            why.push(w);
+            false
+        }
+        None => true,
+    });
+    why
+}
 
 /// Quotes a value for postgresql.conf.
 fn quote(value: &str) -> String {
@@ -396,5 +499,89 @@ mod tests {
         let user = hba.find("10.0.0.0/8").unwrap();
         let ours = hba.find("replication replicator").unwrap();
         assert!(user < ours);
+    }
+
+    #[test]
+    fn parameters_a_major_does_not_know_are_left_out_saying_why() {
+        let mut params: BTreeMap<String, String> = [
+            ("io_method", "worker"),
+            ("sync_replication_slots", "on"),
+            ("old_snapshot_threshold", "-1"),
+            ("shared_buffers", "128MB"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let on = |major: u32| {
+            let mut p = params.clone();
+            let why = keep_known(&mut p, Major::new(major));
+            (p.into_keys().collect::<Vec<_>>(), why)
+        };
+        let (kept, why) = on(15);
+        assert_eq!(kept, ["old_snapshot_threshold", "shared_buffers"]);
+        assert_eq!(
+            why,
+            [
+                "io_method exists from PostgreSQL 18 on and this member runs PostgreSQL 15",
+                "sync_replication_slots exists from PostgreSQL 17 on and this member runs PostgreSQL 15"
+            ]
+        );
+        let (kept, why) = on(17);
+        assert_eq!(kept, ["shared_buffers", "sync_replication_slots"]);
+        assert!(why.contains(
+            &"old_snapshot_threshold was removed in PostgreSQL 17 and this member runs PostgreSQL 17"
+                .to_string()
+        ));
+        let (kept, _) = on(18);
+        assert_eq!(
+            kept,
+            ["io_method", "shared_buffers", "sync_replication_slots"]
+        );
+        // The parameters pgherd itself always writes exist in every major it runs.
+        for (name, _) in BASE_PARAMETERS {
+            for major in 15..=18 {
+                assert_eq!(unknown_parameter(name, Major::new(major)), None, "{name}");
+            }
+        }
+        params.clear();
+        assert!(keep_known(&mut params, Major::new(15)).is_empty());
+    }
+
+    /// The table agrees with the installed PostgreSQL (15 on the development host; 17 and
+    /// 18 where the test images run this): every parameter it lists is known to that major
+    /// exactly when the table says so. Developer options are left out of
+    /// `--describe-config`, so they are checked by hand (docs/architecture.md).
+    #[test]
+    fn the_parameter_table_agrees_with_the_installed_postgresql() {
+        let bin = super::super::find_bin_dir(None);
+        if !bin.join("postgres").exists() {
+            return;
+        }
+        let user = super::super::command::OsUser::current();
+        let major = super::super::version::binaries_major(&bin, &user).unwrap();
+        let out = std::process::Command::new(bin.join("postgres"))
+            .arg("--describe-config")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let described: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split('\t').next())
+            .map(str::to_string)
+            .collect();
+        assert!(described.contains("wal_level"), "{described:?}");
+        let developer = |n: &str| {
+            n.starts_with("debug_")
+                || n.starts_with("trace_")
+                || n.starts_with("send_abort_")
+                || n == "force_parallel_mode"
+        };
+        for (name, _, _) in PARAMETER_MAJORS.iter().filter(|(n, _, _)| !developer(n)) {
+            assert_eq!(
+                unknown_parameter(name, major).is_none(),
+                described.contains(*name),
+                "{name} on {major}"
+            );
+        }
     }
 }

@@ -10,6 +10,7 @@ mod query;
 mod source;
 pub mod tls;
 pub mod upgrade;
+pub mod version;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,9 @@ pub struct Postgres {
     cfg: Arc<Config>,
     user: OsUser,
     bin_dir: bindir::BinDir,
+    /// The major of the binaries in `bin_dir` (`postgres --version`), as its
+    /// `server_version_num`; it moves with `bin_dir` ([`Postgres::set_binaries`]).
+    major: std::sync::atomic::AtomicU32,
     data_dir: PathBuf,
     timeout: Duration,
     /// Whether the postmaster we started is still alive (its waiter task clears it).
@@ -122,14 +126,15 @@ fn warn_if_config_exposed(path: &Path) {
     }
 }
 
-/// Finds PostgreSQL's binaries: the configured directory, `pg_config --bindir`, or Debian's.
+/// Where Debian and Ubuntu install each major: `/usr/lib/postgresql/<major>/bin`.
+const DEBIAN_MAJORS: &str = "/usr/lib/postgresql";
+
+/// Finds PostgreSQL's binaries: the configured directory, else `pg_config --bindir` when it
+/// holds `postgres`, else the newest `/usr/lib/postgresql/<major>/bin` that does, else
+/// [`pgherd_config::DEFAULT_BIN_DIR`] (which [`Postgres::new`] then reports as missing).
 pub fn find_bin_dir(configured: Option<&Path>) -> PathBuf {
     if let Some(p) = configured {
         return p.to_path_buf();
-    }
-    let debian = PathBuf::from(pgherd_config::DEFAULT_BIN_DIR);
-    if debian.join("postgres").exists() {
-        return debian;
     }
     std::process::Command::new("pg_config")
         .arg("--bindir")
@@ -137,8 +142,25 @@ pub fn find_bin_dir(configured: Option<&Path>) -> PathBuf {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-        .filter(|p| p.join("postgres").exists())
-        .unwrap_or(debian)
+        .filter(|p| p.is_absolute() && p.join("postgres").exists())
+        .or_else(|| newest_bin_dir(Path::new(DEBIAN_MAJORS)))
+        .unwrap_or_else(|| PathBuf::from(pgherd_config::DEFAULT_BIN_DIR))
+}
+
+/// The `<root>/<major>/bin` of the newest major (by number: 18 after 9.6) that holds
+/// `postgres`; names that are no major are left alone.
+fn newest_bin_dir(root: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let major = version::Major::from_pg_version(&name).ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").exists().then_some((major, bin))
+        })
+        .max_by_key(|(major, _)| *major)
+        .map(|(_, bin)| bin)
 }
 
 /// The database system identifier: the first field of `global/pg_control`.
@@ -152,6 +174,24 @@ fn read_system_identifier(data_dir: &Path) -> std::io::Result<u64> {
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| std::io::Error::other("global/pg_control is shorter than 8 bytes"))?;
     Ok(u64::from_ne_bytes(first))
+}
+
+/// The major of the binaries in `bin_dir`, refused when older than the agent supports and
+/// warned about when newer than it knows.
+fn binaries_major_checked(bin_dir: &Path, user: &OsUser) -> Result<version::Major> {
+    let major = version::binaries_major(bin_dir, user)?
+        .check_supported(&format!("postgres.bin_dir {}", bin_dir.display()))?;
+    if major > version::NEWEST_KNOWN {
+        tracing::warn!(
+            bin_dir = %bin_dir.display(),
+            "postgres.bin_dir {} is {major}, newer than the newest major this agent knows; it adapts to it as to {}",
+            bin_dir.display(),
+            version::NEWEST_KNOWN
+        );
+    } else {
+        tracing::info!(bin_dir = %bin_dir.display(), "using {major} from {}", bin_dir.display());
+    }
+    Ok(major)
 }
 
 impl Postgres {
@@ -168,12 +208,14 @@ impl Postgres {
         ] {
             if !bin_dir.join(prog).exists() {
                 bail!(
-                    "{} not found in {}; install postgresql-15 or set postgres.bin_dir",
+                    "{} not found in {}; install the PostgreSQL server (PostgreSQL {} or later; on Debian the postgresql-<major> package) or set postgres.bin_dir",
                     prog,
-                    bin_dir.display()
+                    bin_dir.display(),
+                    version::OLDEST_SUPPORTED.number()
                 );
             }
         }
+        let major = binaries_major_checked(&bin_dir, &user)?;
         if let Some(source) = &cfg.source {
             warn_if_config_exposed(source);
         }
@@ -184,6 +226,7 @@ impl Postgres {
             timeout: cfg.postgres.command_timeout(),
             cfg,
             user,
+            major: std::sync::atomic::AtomicU32::new(major.version_num()),
             bin_dir: bin_dir.into(),
             child_alive: Arc::new(AtomicBool::new(false)),
             child_pid: AtomicI32::new(0),
@@ -276,6 +319,26 @@ impl Postgres {
 
     pub fn bin_dir(&self) -> &bindir::BinDir {
         &self.bin_dir
+    }
+
+    /// The major of the binaries in [`Self::bin_dir`]; what the agent adapts to.
+    pub fn major(&self) -> version::Major {
+        version::Major::of_version_num(self.major.load(Ordering::SeqCst))
+    }
+
+    /// Moves this member to other binaries of `major` (a major-version upgrade): PostgreSQL
+    /// and the backup code run them from now on.
+    pub fn set_binaries(&self, dir: PathBuf, major: version::Major) {
+        self.bin_dir.set(dir);
+        self.major.store(major.version_num(), Ordering::SeqCst);
+    }
+
+    /// Fails, naming both majors, when the data directory is initialised by another major
+    /// than the binaries': the agent then neither starts it, nor rewinds it, nor keeps a
+    /// clone of another major.
+    pub fn check_data_dir_major(&self) -> Result<()> {
+        version::check_matches(&self.data_dir, &self.bin_dir.path(), self.major())?;
+        Ok(())
     }
 
     /// A superuser connection to another member's PostgreSQL (e.g. the leader's).
@@ -693,6 +756,23 @@ impl Postgres {
         self.write_file(&path, &conf::pgpass(&self.cfg), 0o600)
     }
 
+    /// The parameters postgresql.conf gets for `upstream`, without those the binaries'
+    /// major does not know (returned as why each was left out).
+    fn parameters(
+        &self,
+        cluster_params: &BTreeMap<String, ParamValue>,
+        upstream: Option<&Upstream>,
+    ) -> (BTreeMap<String, String>, Vec<String>) {
+        let mut params = conf::parameters(
+            &self.cfg,
+            cluster_params,
+            upstream,
+            &self.managed_for(upstream),
+        );
+        let unknown = conf::keep_known(&mut params, self.major());
+        (params, unknown)
+    }
+
     /// Whether postgresql.conf or pg_hba.conf on disk differ from what `mode` and the
     /// current parameters ask for.
     pub fn config_stale(&self, mode: &Mode, cluster_params: &BTreeMap<String, ParamValue>) -> bool {
@@ -700,12 +780,7 @@ impl Postgres {
             Mode::Standby(up) => up.as_ref(),
             Mode::Primary => None,
         };
-        let params = conf::parameters(
-            &self.cfg,
-            cluster_params,
-            upstream,
-            &self.managed_for(upstream),
-        );
+        let (params, _) = self.parameters(cluster_params, upstream);
         self.read_data_file("postgresql.conf") != conf::postgresql_conf(&params)
             || self.read_data_file("pg_hba.conf") != conf::pg_hba_conf(&self.cfg)
     }
@@ -721,12 +796,10 @@ impl Postgres {
             Mode::Primary => None,
         };
         self.write_standby_wal_settings(upstream)?;
-        let params = conf::parameters(
-            &self.cfg,
-            cluster_params,
-            upstream,
-            &self.managed_for(upstream),
-        );
+        let (params, unknown) = self.parameters(cluster_params, upstream);
+        for why in unknown {
+            tracing::info!(reason = %why, "left a parameter out of postgresql.conf");
+        }
         self.ensure_socket_dirs(&params)?;
         self.write_file(
             &self.data_dir.join("postgresql.conf"),
@@ -823,6 +896,14 @@ impl Postgres {
             ));
         }
         self.run("pg_basebackup", &args).await?;
+        // pg_basebackup clones servers of older majors too: a clone of another major than
+        // the binaries' is reported here, and never started.
+        self.check_data_dir_major().with_context(|| {
+            format!(
+                "pg_basebackup from {} made a data directory of another major",
+                from.name
+            )
+        })?;
         Ok(())
     }
 
@@ -884,6 +965,8 @@ impl Postgres {
     /// dies its PostgreSQL stops rather than outliving the lease (rule 3 of docs/architecture.md).
     /// The runtime is single-threaded, so the spawning thread lives as long as the agent.
     pub async fn start(&self) -> Result<()> {
+        self.check_data_dir_major()
+            .context("not starting PostgreSQL")?;
         self.remove_stale_pid_file()?;
         self.remove_stale_socket_locks()?;
         if let Some(pid) = self.postmaster_pid() {
@@ -1064,6 +1147,8 @@ impl Postgres {
             self.data_dir.display().to_string(),
             format!("--source-server={source}"),
         ];
+        self.check_data_dir_major()
+            .context("not running pg_rewind")?;
         // pg_rewind runs a crash recovery in single-user mode first, which a stale lock file
         // stops.
         self.remove_stale_pid_file()?;
@@ -1528,6 +1613,41 @@ mod tests {
         std::fs::remove_file(&pid).unwrap();
         std::fs::write(&pid, "4242\n/data\n").unwrap();
         assert_eq!(read_pid_file(&data).as_deref(), Some("4242\n/data\n"));
+    }
+
+    #[test]
+    fn the_newest_installed_major_is_found_by_number() {
+        let root = tempfile::tempdir().unwrap();
+        let install = |name: &str, with_postgres: bool| {
+            let bin = root.path().join(name).join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            if with_postgres {
+                std::fs::write(bin.join("postgres"), "").unwrap();
+            }
+        };
+        assert_eq!(newest_bin_dir(root.path()), None);
+        install("9.6", true);
+        assert_eq!(
+            newest_bin_dir(root.path()),
+            Some(root.path().join("9.6/bin"))
+        );
+        install("15", true);
+        install("17", true);
+        // Client programs only (postgresql-client-18): no server to run.
+        install("18", false);
+        // Not a major.
+        install("latest", true);
+        install("170", false);
+        assert_eq!(
+            newest_bin_dir(root.path()),
+            Some(root.path().join("17/bin"))
+        );
+        install("18", true);
+        assert_eq!(
+            newest_bin_dir(root.path()),
+            Some(root.path().join("18/bin"))
+        );
+        assert_eq!(newest_bin_dir(&root.path().join("missing")), None);
     }
 
     #[test]

@@ -109,18 +109,6 @@ impl InitdbTemplate {
     }
 }
 
-/// The major of `postgres --version`'s output ("postgres (PostgreSQL) 17.2 (Debian ...)",
-/// "... 18beta1", "... 9.6.24" -> 9).
-pub fn major_of_version_output(text: &str) -> Option<u32> {
-    let v = text
-        .split("(PostgreSQL)")
-        .nth(1)?
-        .split_whitespace()
-        .next()?;
-    let digits: String = v.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
-}
-
 /// The fields of pg_controldata an upgrade reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Control {
@@ -220,30 +208,22 @@ impl Postgres {
                 missing.join(", ")
             );
         }
-        let out = command::run(
-            &self.user,
-            &dir.join("postgres"),
-            &["--version".to_string()],
-            &[],
-            Duration::from_secs(30),
-            command::Log::Debug,
-        )
-        .await?;
-        major_of_version_output(&out.stdout).with_context(|| {
-            format!(
-                "cannot read a major version in {}/postgres --version's output {:?}",
-                dir.display(),
-                out.stdout.trim()
-            )
-        })
+        let major = super::version::binaries_major(dir, &self.user)?;
+        if major.number() < 10 {
+            bail!(
+                "{} is {major}, older than any supported major",
+                dir.display()
+            );
+        }
+        Ok(major.number())
     }
 
     /// The major of the data directory (its PG_VERSION), `None` without one.
     pub fn data_major(&self) -> Option<u32> {
-        let text = Dir::open(&self.data_dir)
-            .and_then(|d| d.read("PG_VERSION", 64))
-            .ok()?;
-        String::from_utf8_lossy(&text).trim().parse().ok()
+        super::version::data_dir_major(&self.data_dir)
+            .ok()
+            .flatten()
+            .map(|m| m.number())
     }
 
     /// pg_controldata of `dir` (with the binaries of `bin`).
@@ -685,26 +665,6 @@ fn findings_named_in(output: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn majors_are_read_from_version_output() {
-        for (text, major) in [
-            (
-                "postgres (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)\n",
-                Some(15),
-            ),
-            (
-                "postgres (PostgreSQL) 17.6 (Debian 17.6-0+deb13u1)",
-                Some(17),
-            ),
-            ("postgres (PostgreSQL) 18beta1", Some(18)),
-            ("postgres (PostgreSQL) 9.6.24", Some(9)),
-            ("something else", None),
-            ("postgres (PostgreSQL) beta", None),
-        ] {
-            assert_eq!(major_of_version_output(text), major, "{text}");
-        }
-    }
 
     #[test]
     fn the_timeline_is_carried_one_segment_on() {

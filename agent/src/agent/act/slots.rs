@@ -36,15 +36,6 @@ impl Agent {
         }
     }
 
-    async fn version_num(&mut self) -> Result<u32> {
-        if let Some(v) = self.server_version {
-            return Ok(v);
-        }
-        let v = self.pg.server_version_num().await?;
-        self.server_version = Some(v);
-        Ok(v)
-    }
-
     /// The leader's slots: a slot for every other member (kept `member_slots_ttl` after it
     /// left), the permanent slots, the `slots` key written before a slot is created and
     /// after one is dropped. Foreign slots are never touched.
@@ -74,7 +65,7 @@ impl Agent {
                 anyhow::bail!("the leader key no longer names this member: slots left as they are");
             }
         }
-        let failover = self.version_num().await? >= NATIVE_SLOT_SYNC;
+        let failover = self.pg.major().version_num() >= NATIVE_SLOT_SYNC;
         for c in &plan.create {
             // A standby leader is in recovery, where PostgreSQL creates no logical slot: the
             // permanent logical slots come with promote-cluster.
@@ -165,7 +156,7 @@ impl Agent {
         let dcs_cfg = dynamic_config(&self.cfg, Some(view));
         let record = record(view);
         let may_lead = !self.cfg.tags.nofailover;
-        let native = self.version_num().await? >= NATIVE_SLOT_SYNC;
+        let native = self.pg.major().version_num() >= NATIVE_SLOT_SYNC;
         let rows = self.pg.slots().await?;
         let me = self.cfg.name.clone();
         let me = me.as_str();
