@@ -79,8 +79,8 @@ pub use lone::LoneAgent;
 pub use member::{log_line_time, Member, MemberOptions};
 pub use nix::sys::signal::Signal;
 pub use pg::{
-    chown_to_postgres, initdb, kill_postmaster, postmaster_pid, run_as_postgres, sql, sql_batch,
-    sql_value, PgConn, PlainPostgres, PG_BIN_DIR,
+    chown_to_postgres, initdb, kill_postmaster, pg_bin_dir, pg_bin_dir_from_env, postmaster_pid,
+    run_as_postgres, sql, sql_batch, sql_value, PgConn, PlainPostgres, PG_BIN_DIR_ENV,
 };
 pub use ports::free_port;
 pub use process::{is_alive, tail, Paused};
