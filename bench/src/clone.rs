@@ -135,23 +135,21 @@ struct Measured {
 }
 
 async fn pgbench(leader: &Member, args: &[&str]) -> Result<()> {
-    let out = tokio::process::Command::new(
-        std::path::Path::new(pgherd_tests::PG_BIN_DIR).join("pgbench"),
-    )
-    .args(args)
-    .args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &leader.pg_port().to_string(),
-        "-U",
-        pgherd_tests::SUPERUSER,
-        "postgres",
-    ])
-    .env("PGPASSWORD", pgherd_tests::SUPERUSER_PASSWORD)
-    .output()
-    .await
-    .context("cannot run pgbench")?;
+    let out = tokio::process::Command::new(pgherd_tests::pg_bin_dir().join("pgbench"))
+        .args(args)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &leader.pg_port().to_string(),
+            "-U",
+            pgherd_tests::SUPERUSER,
+            "postgres",
+        ])
+        .env("PGPASSWORD", pgherd_tests::SUPERUSER_PASSWORD)
+        .output()
+        .await
+        .context("cannot run pgbench")?;
     ensure!(
         out.status.success(),
         "pgbench {args:?} failed: {}",

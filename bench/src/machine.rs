@@ -33,10 +33,7 @@ impl Machine {
                     || "unknown memory".into(),
                     |kib| format!("{:.1} GiB RAM", kib as f64 / 1024.0 / 1024.0),
                 ),
-            postgres: first_line(
-                &Path::new(pgherd_tests::PG_BIN_DIR).join("postgres"),
-                &["--version"],
-            ),
+            postgres: first_line(&pgherd_tests::pg_bin_dir().join("postgres"), &["--version"]),
             etcd: first_line(Path::new("/usr/bin/etcd"), &["--version"]),
             commit: commit(),
         }

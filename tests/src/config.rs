@@ -1,7 +1,7 @@
 //! Member configuration files as the harness writes them (see config/examples/minimal.yml),
 //! plus merging of the extra YAML a test adds.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde_yaml::{Mapping, Value};
@@ -35,7 +35,14 @@ impl MemberSpec {
 /// The config file text for `spec`: free loopback ports, data dir and socket dir inside the
 /// member's directory, test credentials, and small timings (ttl 4, loop_wait 1,
 /// retry_timeout 1) so that tests are quick; then `spec.extra_yaml` merged over it.
+///
+/// When `PGHERD_TEST_PG_BIN_DIR` picks the PostgreSQL under test (scripts/test-matrix), the
+/// config names it as `postgres.bin_dir`; otherwise the agent finds its own.
 pub fn member_yaml(spec: &MemberSpec) -> Result<String> {
+    member_yaml_with_bin_dir(spec, crate::pg_bin_dir_from_env().as_deref())
+}
+
+fn member_yaml_with_bin_dir(spec: &MemberSpec, pg_bin_dir: Option<&Path>) -> Result<String> {
     let api = format!("127.0.0.1:{}", spec.api_port);
     let http = format!("127.0.0.1:{}", spec.http_port);
     let pg = format!("127.0.0.1:{}", spec.pg_port);
@@ -64,6 +71,14 @@ pub fn member_yaml(spec: &MemberSpec) -> Result<String> {
     });
     let mut config: Value =
         serde_yaml::to_value(base).context("the generated member config is not YAML")?;
+    if let Some(bin_dir) = pg_bin_dir {
+        // Before extra_yaml, so that a test can still name another bin_dir.
+        merge_yaml(
+            &mut config,
+            serde_yaml::to_value(serde_json::json!({ "postgres": { "bin_dir": bin_dir } }))
+                .context("the PostgreSQL bin_dir is not YAML")?,
+        );
+    }
     if !spec.tags.is_empty() {
         merge_yaml(
             &mut config,
@@ -136,6 +151,22 @@ mod tests {
         );
         assert_eq!(v["bootstrap"]["dcs"]["ttl"], Value::from(4));
         assert!(v.get("tags").is_none());
+    }
+
+    #[test]
+    fn bin_dir_is_named_only_when_the_tests_pick_a_postgresql() {
+        let v = parse(&member_yaml_with_bin_dir(&spec(), None).unwrap());
+        assert!(v["postgres"].get("bin_dir").is_none());
+        let pg17 = Path::new("/usr/lib/postgresql/17/bin");
+        let v = parse(&member_yaml_with_bin_dir(&spec(), Some(pg17)).unwrap());
+        assert_eq!(
+            v["postgres"]["bin_dir"],
+            Value::from("/usr/lib/postgresql/17/bin")
+        );
+        let mut s = spec();
+        s.extra_yaml = vec!["postgres: {bin_dir: /opt/pg/bin}".into()];
+        let v = parse(&member_yaml_with_bin_dir(&s, Some(pg17)).unwrap());
+        assert_eq!(v["postgres"]["bin_dir"], Value::from("/opt/pg/bin"));
     }
 
     #[test]

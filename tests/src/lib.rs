@@ -1,4 +1,4 @@
-//! The integration-test harness: real etcd, real PostgreSQL 15 and real `pgherd-agent`
+//! The integration-test harness: real etcd, real PostgreSQL and real `pgherd-agent`
 //! processes on loopback, each test in its own temp dirs and on its own free ports, so tests
 //! run in parallel (nextest runs each in its own process).
 //!
@@ -37,6 +37,9 @@
 //!
 //! The binaries under test are found next to the test executable (`target/debug`), or in
 //! `PGHERD_BIN_DIR`: build them first with `cargo build --workspace --bins`.
+//!
+//! The PostgreSQL under test is [`pg_bin_dir`]'s: `PGHERD_TEST_PG_BIN_DIR` (scripts/test-matrix
+//! sets it per major), else the newest installed `/usr/lib/postgresql/<major>/bin`.
 //!
 //! Processes are started with a parent-death signal tied to the thread that starts them:
 //! start them from the test's own task, not from `spawn_blocking`.
@@ -79,8 +82,8 @@ pub use lone::LoneAgent;
 pub use member::{log_line_time, Member, MemberOptions};
 pub use nix::sys::signal::Signal;
 pub use pg::{
-    chown_to_postgres, initdb, kill_postmaster, postmaster_pid, run_as_postgres, sql, sql_batch,
-    sql_value, PgConn, PlainPostgres, PG_BIN_DIR,
+    chown_to_postgres, initdb, kill_postmaster, pg_bin_dir, pg_bin_dir_from_env, postmaster_pid,
+    run_as_postgres, sql, sql_batch, sql_value, PgConn, PlainPostgres, PG_BIN_DIR_ENV,
 };
 pub use ports::free_port;
 pub use process::{is_alive, tail, Paused};

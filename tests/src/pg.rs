@@ -19,12 +19,47 @@ use crate::ports::free_port;
 use crate::process::{command_line, is_alive, output_within, succeeded};
 use crate::{SUPERUSER, SUPERUSER_PASSWORD};
 
-/// PostgreSQL 15's programs on Debian.
-pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+/// Where Debian installs each PostgreSQL major's programs: `<PG_LIB_DIR>/<major>/bin`.
+const PG_LIB_DIR: &str = "/usr/lib/postgresql";
+/// The environment variable that picks the PostgreSQL the tests run (scripts/test-matrix).
+pub const PG_BIN_DIR_ENV: &str = "PGHERD_TEST_PG_BIN_DIR";
 /// OS user that runs PostgreSQL when the tests run as root.
 const PG_OS_USER: &str = "postgres";
 /// How long initdb and pg_ctl may take.
 const PG_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The directory of the PostgreSQL programs the tests run: `PGHERD_TEST_PG_BIN_DIR` if set
+/// (the version matrix runs the same tests against 15, 17 and 18), else the newest
+/// `/usr/lib/postgresql/<major>/bin` that holds `postgres`. When no major is installed the
+/// answer is 15's directory, and the first command run from it says what is missing.
+pub fn pg_bin_dir() -> PathBuf {
+    pg_bin_dir_from_env().unwrap_or_else(|| {
+        newest_installed_bin_dir(Path::new(PG_LIB_DIR))
+            .unwrap_or_else(|| Path::new(PG_LIB_DIR).join("15").join("bin"))
+    })
+}
+
+/// The `<lib_dir>/<major>/bin` with the highest numeric major that holds `postgres`.
+fn newest_installed_bin_dir(lib_dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(lib_dir)
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let major: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("postgres").is_file().then_some((major, bin))
+        })
+        .max_by_key(|(major, _)| *major)
+        .map(|(_, bin)| bin)
+}
+
+/// Whether the tests were pointed at a PostgreSQL by `PGHERD_TEST_PG_BIN_DIR` (then member
+/// configs name it as `postgres.bin_dir`; otherwise the agent finds its own).
+pub fn pg_bin_dir_from_env() -> Option<PathBuf> {
+    std::env::var_os(PG_BIN_DIR_ENV)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
 
 /// Where and as whom to connect to a PostgreSQL.
 #[derive(Debug, Clone)]
@@ -203,7 +238,7 @@ pub fn chown_to_postgres(path: &Path) -> Result<()> {
         .with_context(|| format!("cannot chown {} to postgres", path.display()))
 }
 
-/// Creates `data_dir` (mode 0700, owned by `postgres`) and runs PostgreSQL 15's `initdb` in
+/// Creates `data_dir` (mode 0700, owned by `postgres`) and runs [`pg_bin_dir`]'s `initdb` in
 /// it as `postgres`, with superuser `postgres`; `args` are extra initdb options.
 pub async fn initdb(data_dir: &Path, args: &[&str]) -> Result<()> {
     std::fs::create_dir_all(data_dir)
@@ -219,7 +254,7 @@ pub async fn initdb(data_dir: &Path, args: &[&str]) -> Result<()> {
         OsStr::new("--no-sync"),
     ];
     all.extend(args.iter().map(OsStr::new));
-    run_as_postgres(&Path::new(PG_BIN_DIR).join("initdb"), &all).await?;
+    run_as_postgres(&pg_bin_dir().join("initdb"), &all).await?;
     Ok(())
 }
 
@@ -269,7 +304,7 @@ impl PlainPostgres {
             pg.port,
             dir.display()
         );
-        let pg_ctl = Path::new(PG_BIN_DIR).join("pg_ctl");
+        let pg_ctl = pg_bin_dir().join("pg_ctl");
         let args: [&OsStr; 9] = [
             OsStr::new("start"),
             OsStr::new("-w"),
@@ -311,5 +346,27 @@ impl Drop for PlainPostgres {
         if let Some(root) = self.root.take() {
             crate::dispose_temp_root(root);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newest_installed_major_is_numeric_and_needs_a_postgres() {
+        let lib = tempfile::tempdir().expect("a temp dir");
+        for (major, with_postgres) in [("9", true), ("15", true), ("18", false), ("x", true)] {
+            let bin = lib.path().join(major).join("bin");
+            std::fs::create_dir_all(&bin).expect("create bin dir");
+            if with_postgres {
+                std::fs::write(bin.join("postgres"), "").expect("write postgres");
+            }
+        }
+        assert_eq!(
+            newest_installed_bin_dir(lib.path()),
+            Some(lib.path().join("15").join("bin"))
+        );
+        assert_eq!(newest_installed_bin_dir(&lib.path().join("none")), None);
     }
 }

@@ -173,7 +173,7 @@ postgresql:
   listen: 127.0.0.1:{pg}
   connect_address: 127.0.0.1:{pg}
   data_dir: {data}
-  bin_dir: /usr/lib/postgresql/15/bin
+  bin_dir: {pg_bin}
   pgpass: {dir}/patroni.pgpass
   authentication:
     superuser:
@@ -203,6 +203,7 @@ tags:
         hosts = hosts.join(","),
         pg = member.pg_port(),
         data = member.data_dir().display(),
+        pg_bin = pgherd_tests::pg_bin_dir().display(),
         su = SUPERUSER,
         su_password = SUPERUSER_PASSWORD,
         repl = REPLICATION_USER,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
-    current_wal_lsn, hold_for, sql, sql_batch, sql_value, wait_replayed, wait_until, Cluster,
-    PG_BIN_DIR, SUPERUSER, SUPERUSER_PASSWORD,
+    current_wal_lsn, hold_for, pg_bin_dir, sql, sql_batch, sql_value, wait_replayed, wait_until,
+    Cluster, SUPERUSER, SUPERUSER_PASSWORD,
 };
 use tokio::time::Instant;
 
@@ -300,7 +300,7 @@ async fn a_logical_consumer_continues_on_the_new_leader_after_a_failover() -> Re
         hosts.join(",")
     );
     let start_consumer = || {
-        tokio::process::Command::new(std::path::Path::new(PG_BIN_DIR).join("pg_recvlogical"))
+        tokio::process::Command::new(pg_bin_dir().join("pg_recvlogical"))
             .args(["-d", &dsn, "--slot", "cdc", "--start", "-f"])
             .arg(&out_path)
             .args(["-F", "1", "-s", "1"])

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use pgherd_tests::{
-    sql, timeline, wait_streaming_from, wait_until, Cluster, EtcdAuth, EtcdSecurity, EtcdTls,
-    Member, TestPki, PG_BIN_DIR, REPLICATION_PASSWORD, REPLICATION_USER,
+    pg_bin_dir, sql, timeline, wait_streaming_from, wait_until, Cluster, EtcdAuth, EtcdSecurity,
+    EtcdTls, Member, TestPki, REPLICATION_PASSWORD, REPLICATION_USER,
 };
 
 /// initdb, PostgreSQL starts and a base backup on a 2-core machine shared with other tests.
@@ -86,7 +86,7 @@ async fn replication_attempt(
     );
     let out = tokio::time::timeout(
         Duration::from_secs(20),
-        tokio::process::Command::new(Path::new(PG_BIN_DIR).join("psql"))
+        tokio::process::Command::new(pg_bin_dir().join("psql"))
             .arg(&conninfo)
             .arg("-c")
             .arg("IDENTIFY_SYSTEM")
