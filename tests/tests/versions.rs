@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgherd_tests::{
-    kill_postmaster, snapshot, snapshot_diff, wait_until, Cluster, Member, MemberOptions,
-    PG_BIN_DIR,
+    kill_postmaster, pg_bin_dir, snapshot, snapshot_diff, wait_until, Cluster, Member,
+    MemberOptions,
 };
 use tokio::time::Instant;
 
@@ -180,7 +180,7 @@ async fn a_running_agent_does_not_restart_postgres_on_a_data_directory_of_anothe
 fn bin_dir_without_postgres(root: &Path) -> Result<PathBuf> {
     let dir = root.join("bin-without-postgres");
     std::fs::create_dir(&dir)?;
-    for entry in std::fs::read_dir(PG_BIN_DIR)? {
+    for entry in std::fs::read_dir(pg_bin_dir())? {
         let entry = entry?;
         if entry.file_name() != "postgres" {
             std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name()))?;
