@@ -46,6 +46,15 @@ fn db(member: &Member, dbname: &str) -> PgConn {
     c
 }
 
+/// The `upgrade` key in etcd.
+async fn upgrade_key(cluster: &Cluster) -> Result<serde_json::Value> {
+    let text = cluster
+        .etcd_get("upgrade")
+        .await?
+        .context("no upgrade key")?;
+    Ok(serde_json::from_str(&text)?)
+}
+
 /// The dynamic config's `pause`, as stored in etcd.
 async fn paused(cluster: &Cluster) -> Result<bool> {
     let config: serde_json::Value =
@@ -214,12 +223,7 @@ async fn a_three_member_cluster_is_upgraded_from_15_to_17_with_every_row_on_ever
         sysid_after != sysid_before,
         "etcd's initialize still holds {sysid_before}"
     );
-    let key: serde_json::Value = serde_json::from_str(
-        &cluster
-            .etcd_get("upgrade")
-            .await?
-            .context("no upgrade key")?,
-    )?;
+    let key = upgrade_key(&cluster).await?;
     ensure!(key["phase"] == "done" && key["to_major"] == 17, "{key}");
     ensure!(!paused(&cluster).await?, "the cluster is still paused");
     // The old data directory is kept beside the leader's.
@@ -392,12 +396,7 @@ async fn a_failure_after_pg_upgrade_before_the_new_server_starts_puts_15_back() 
         out.stderr
     );
     assert_untouched_on_15(&cluster, &before).await?;
-    let key: serde_json::Value = serde_json::from_str(
-        &cluster
-            .etcd_get("upgrade")
-            .await?
-            .context("no upgrade key")?,
-    )?;
+    let key = upgrade_key(&cluster).await?;
     ensure!(key["phase"] == "rolled-back", "{key}");
     Ok(())
 }

@@ -827,28 +827,35 @@ impl Postgres {
         Ok(())
     }
 
-    /// initdb with data checksums. The superuser's password goes through a 0600 file as its
-    /// SCRAM verifier (initdb stores a verifier as it is): the cleartext is never written
-    /// to disk nor given to PostgreSQL (issue 13 item 11).
-    pub async fn initdb(&self) -> Result<()> {
-        self.ensure_data_dir()?;
-        let pwfile = self.data_dir.with_extension("pgherd-pwfile");
+    /// The initdb arguments every new cluster of ours gets: `dir`, the configured superuser,
+    /// its password as a SCRAM verifier in `pwfile` (written here, 0600; the caller removes
+    /// it), scram-sha-256 for every connection.
+    fn initdb_base_args(&self, dir: &Path, pwfile: &Path) -> Result<Vec<String>> {
         self.write_file(
-            &pwfile,
+            pwfile,
             &format!(
                 "{}\n",
                 conf::scram_verifier(&self.cfg.postgres.superuser.password)
             ),
             0o600,
         )?;
-        let mut args = vec![
+        Ok(vec![
             "-D".to_string(),
-            self.data_dir.display().to_string(),
-            "--data-checksums".to_string(),
+            dir.display().to_string(),
             format!("--username={}", self.cfg.postgres.superuser.username),
             format!("--pwfile={}", pwfile.display()),
             "--auth=scram-sha-256".to_string(),
-        ];
+        ])
+    }
+
+    /// initdb with data checksums. The superuser's password goes through a 0600 file as its
+    /// SCRAM verifier (initdb stores a verifier as it is): the cleartext is never written
+    /// to disk nor given to PostgreSQL (issue 13 item 11).
+    pub async fn initdb(&self) -> Result<()> {
+        self.ensure_data_dir()?;
+        let pwfile = self.data_dir.with_extension("pgherd-pwfile");
+        let mut args = self.initdb_base_args(&self.data_dir, &pwfile)?;
+        args.push("--data-checksums".to_string());
         for opt in &self.cfg.bootstrap.initdb {
             for a in opt.to_args() {
                 if a != "--data-checksums" {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use super::command::{self, CommandError};
-use super::{conf, Postgres};
+use super::Postgres;
 use crate::fsutil::{self, Dir};
 
 /// pg_upgrade's transfer mode.
@@ -324,21 +324,7 @@ impl Postgres {
         self.remove_sibling(&dir)?;
         self.make_sibling(&dir)?;
         let pwfile = sibling(&dir, ".pwfile");
-        self.write_file(
-            &pwfile,
-            &format!(
-                "{}\n",
-                conf::scram_verifier(&self.cfg.postgres.superuser.password)
-            ),
-            0o600,
-        )?;
-        let mut args = vec![
-            "-D".to_string(),
-            dir.display().to_string(),
-            format!("--username={}", self.cfg.postgres.superuser.username),
-            format!("--pwfile={}", pwfile.display()),
-            "--auth=scram-sha-256".to_string(),
-        ];
+        let mut args = self.initdb_base_args(&dir, &pwfile)?;
         args.extend(template.args(new_major));
         let result = command::run(
             &self.user,
