@@ -554,6 +554,17 @@ impl Agent {
                 key.to_major
             );
         }
+        if self.pg.data_major() == Some(key.to_major) {
+            // Cloned the new leader already (a resumed upgrade): nothing to rebuild.
+            self.pg
+                .set_binaries(key.to_bin_dir.clone(), Major::new(key.to_major));
+            return Ok(UpgradeReply {
+                message: format!("{}: already on PostgreSQL {}", self.cfg.name, key.to_major),
+                bin_major: major,
+                data_major: key.to_major,
+                ..Default::default()
+            });
+        }
         if self.pg.is_running() {
             bail!("PostgreSQL runs here; the replica step `stop` comes first");
         }
