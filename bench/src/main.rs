@@ -15,6 +15,11 @@
 //! measures the WAL its slot keeps on the leader and how long the replica takes to catch up,
 //! with `member_slots_ttl` 1800 and, for comparison, 0 (re-clone); `bench/slots` runs it.
 //!
+//! `pgherd-bench upgrade` upgrades a three-member cluster holding a pgbench database from
+//! PostgreSQL 15 to 17 (`pgherdctl upgrade --to 17`, pg_upgrade --link) under a 20 ms
+//! writer: the write outage and the time until the replicas stream again; `bench/upgrade`
+//! runs it in the pgherd-test:upgrade image, which has both majors.
+//!
 //! `pgherd-bench drill-writer` is the writer of the docker-compose drills (docker/drills/):
 //! it writes through HAProxy instead of starting a cluster of its own.
 
@@ -28,6 +33,7 @@ mod measure;
 mod slots;
 mod standby;
 mod summary;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -140,6 +146,24 @@ enum Command {
     /// The REST API under many health checkers (HAProxy-like: a new connection per check):
     /// requests per second, p50/p99 latency and the agent's RSS, paced and saturated.
     Http(http::HttpArgs),
+    /// A major-version upgrade (15 -> 17, pg_upgrade --link) of a three-member cluster
+    /// holding a pgbench database, under a 20 ms writer: the write outage and the time
+    /// until every replica streams again. Needs both majors (bench/upgrade).
+    #[command(
+        long_about = "A major-version upgrade of a three-member cluster on PostgreSQL 15 \
+        holding `pgbench -i -s N` (default 70, about 1 GB), with `pgherdctl upgrade --to 17 \
+        --force --format json` (pg_upgrade --link), while a writer commits one row every \
+        20 ms through every member with target_session_attrs=read-write.\n\n\
+        Each run: a fresh cluster, pgbench -i, both replicas streaming with no lag, the \
+        writer, the upgrade (up to 30 min), every member streaming on 17, then 3 s more of \
+        writes. Reports the command's write_outage_ms and replicas_streaming_after_ms, the \
+        writer's longest gap between acknowledged commits, acknowledged rows missing, the \
+        command's time, pgbench_accounts' rows on every member, and as a reference from \
+        the leader's agent log the pg_upgrade --link run alone and the stop-to-running-on-17 \
+        span. Needs /usr/lib/postgresql/15 and 17: bench/upgrade runs it in the \
+        pgherd-test:upgrade image."
+    )]
+    Upgrade(upgrade::UpgradeArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -196,6 +220,7 @@ fn main() -> ExitCode {
             Command::Slots(args) => interruptible(slots::run(args)).await,
             Command::Standby(args) => interruptible(standby::run(args)).await,
             Command::Http(args) => interruptible(http::run(args)).await,
+            Command::Upgrade(args) => interruptible(upgrade::run(args)).await,
             // Handles SIGTERM itself: it is how a drill stops it before the check.
             Command::DrillWriter(args) => drill::run(args).await,
         }
