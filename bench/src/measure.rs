@@ -325,7 +325,11 @@ pub async fn pg_crash(cluster: &Cluster) -> Result<PgCrash> {
 
 /// Waits until the writer has acknowledged writes for `span` since `from` (default: its
 /// first acknowledgement).
-async fn wait_writing(writer: &Writer, from: Option<Instant>, span: Duration) -> Result<()> {
+pub(crate) async fn wait_writing(
+    writer: &Writer,
+    from: Option<Instant>,
+    span: Duration,
+) -> Result<()> {
     wait_until(
         span + Duration::from_secs(30),
         format!("{:.0} s of acknowledged writes", span.as_secs_f64()),

@@ -243,7 +243,7 @@ async fn measure(cluster: &Cluster, args: &UpgradeArgs) -> Result<Measured> {
     wait_replicas_streaming(leader, 15, CATCH_UP).await?;
 
     let writer = Writer::start(cluster).await?;
-    wait_acked_for(&writer, None, WRITES).await?;
+    crate::measure::wait_writing(&writer, None, WRITES).await?;
 
     let load = load_average();
     let started = Instant::now();
@@ -265,7 +265,7 @@ async fn measure(cluster: &Cluster, args: &UpgradeArgs) -> Result<Measured> {
     let leader = cluster.leader().await?;
     wait_replicas_streaming(leader, 17, UPGRADE).await?;
     let resumed = Instant::now();
-    wait_acked_for(&writer, Some(resumed), WRITES).await?;
+    crate::measure::wait_writing(&writer, Some(resumed), WRITES).await?;
     let writes = writer.stop().await;
     let gap = writes
         .longest_gap_where(|_, first_after| first_after.acked.instant > started)
@@ -372,29 +372,6 @@ async fn wait_replicas_streaming(leader: &Member, major: u32, within: Duration) 
             )
             .await?;
             ensure!(caught_up == 2, "{caught_up} replicas streaming with no lag");
-            Ok(())
-        },
-    )
-    .await
-}
-
-/// Until the writer has acknowledged writes for `span` since `from` (default: its first
-/// acknowledgement).
-async fn wait_acked_for(writer: &Writer, from: Option<Instant>, span: Duration) -> Result<()> {
-    wait_until(
-        span + Duration::from_secs(120),
-        format!("{:.0} s of acknowledged writes", span.as_secs_f64()),
-        || async {
-            let report = writer.report();
-            let start = from
-                .or_else(|| report.first_ack().map(|a| a.acked.instant))
-                .with_context(|| format!("no write acknowledged yet; {}", report.summary()))?;
-            let last = report.last_ack().map(|a| a.acked.instant);
-            ensure!(
-                last.is_some_and(|l| l >= start + span),
-                "not yet; {}",
-                report.summary()
-            );
             Ok(())
         },
     )
