@@ -13,6 +13,7 @@
 //! `pgherdctl list` shows it streaming and it has replayed the leader's position at its
 //! start, then stops it.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -134,19 +135,15 @@ struct Measured {
     leader_sent: u64,
 }
 
-async fn pgbench(leader: &Member, args: &[&str]) -> Result<()> {
-    let out = tokio::process::Command::new(pgherd_tests::pg_bin_dir().join("pgbench"))
+/// The pgbench of `bin_dir` against `leader` as the harness's superuser.
+pub(crate) async fn pgbench(bin_dir: &Path, leader: &Member, args: &[&str]) -> Result<()> {
+    let out = tokio::process::Command::new(bin_dir.join("pgbench"))
         .args(args)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &leader.pg_port().to_string(),
-            "-U",
-            pgherd_tests::SUPERUSER,
-            "postgres",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &leader.pg_port().to_string()])
+        .args(["-U", pgherd_tests::SUPERUSER, "postgres"])
         .env("PGPASSWORD", pgherd_tests::SUPERUSER_PASSWORD)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
         .output()
         .await
         .context("cannot run pgbench")?;
@@ -154,6 +151,20 @@ async fn pgbench(leader: &Member, args: &[&str]) -> Result<()> {
         out.status.success(),
         "pgbench {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `pgbench -i -q -s scale` on `leader` with the pgbench of `bin_dir`; prints how long it
+/// took and the database's size.
+pub(crate) async fn load_pgbench(bin_dir: &Path, leader: &Member, scale: u32) -> Result<()> {
+    let t = Instant::now();
+    pgbench(bin_dir, leader, &["-i", "-q", "-s", &scale.to_string()]).await?;
+    let db_bytes: i64 = sql_value(leader, "SELECT pg_database_size('postgres')").await?;
+    println!(
+        "data: pgbench -i -s {scale} in {:.1} s, database {} MiB",
+        t.elapsed().as_secs_f64(),
+        db_bytes >> 20
     );
     Ok(())
 }
@@ -276,15 +287,7 @@ async fn measure(cluster: &mut Cluster, args: &CloneArgs, counter: &Counter) -> 
         .await?;
     let leader = cluster.member("node1");
 
-    let t = Instant::now();
-    pgbench(leader, &["-i", "-q", "-s", &args.scale.to_string()]).await?;
-    let db_bytes: i64 = sql_value(leader, "SELECT pg_database_size('postgres')").await?;
-    println!(
-        "data: pgbench -i -s {} in {:.1} s, database {} MiB",
-        args.scale,
-        t.elapsed().as_secs_f64(),
-        db_bytes >> 20
-    );
+    load_pgbench(&pgherd_tests::pg_bin_dir(), leader, args.scale).await?;
     let t = Instant::now();
     let out = cluster.ctl_output(&["backup", "--format", "json"]).await?;
     out.expect_success()?;
@@ -298,6 +301,7 @@ async fn measure(cluster: &mut Cluster, args: &CloneArgs, counter: &Counter) -> 
     );
     let lsn0: String = sql_value(leader, "SELECT pg_current_wal_lsn()::text").await?;
     pgbench(
+        &pgherd_tests::pg_bin_dir(),
         leader,
         &[
             "-n",

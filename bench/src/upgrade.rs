@@ -231,15 +231,7 @@ async fn measure(cluster: &Cluster, args: &UpgradeArgs) -> Result<Measured> {
     cluster.start_with_leader("node1", BRINGUP).await?;
     let leader = cluster.member("node1");
 
-    let t = Instant::now();
-    pgbench(leader, &["-i", "-q", "-s", &args.scale.to_string()]).await?;
-    let db_bytes: i64 = sql_value(leader, "SELECT pg_database_size('postgres')").await?;
-    println!(
-        "data: pgbench -i -s {} in {:.1} s, database {} MiB",
-        args.scale,
-        t.elapsed().as_secs_f64(),
-        db_bytes >> 20
-    );
+    crate::clone::load_pgbench(Path::new(BIN15), leader, args.scale).await?;
     wait_replicas_streaming(leader, 15, CATCH_UP).await?;
 
     let writer = Writer::start(cluster).await?;
@@ -302,26 +294,6 @@ async fn measure(cluster: &Cluster, args: &UpgradeArgs) -> Result<Measured> {
         accounts,
         load,
     })
-}
-
-/// PostgreSQL 15's pgbench against `leader` as the harness's superuser.
-async fn pgbench(leader: &Member, args: &[&str]) -> Result<()> {
-    let out = tokio::process::Command::new(Path::new(BIN15).join("pgbench"))
-        .args(args)
-        .args(["-h", "127.0.0.1", "-p", &leader.pg_port().to_string()])
-        .args(["-U", pgherd_tests::SUPERUSER, "postgres"])
-        .env("PGPASSWORD", pgherd_tests::SUPERUSER_PASSWORD)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .context("cannot run pgbench")?;
-    ensure!(
-        out.status.success(),
-        "pgbench {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// `pgherdctl upgrade --to 17 --force --format json` through `member`'s config, its progress
