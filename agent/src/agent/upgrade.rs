@@ -153,15 +153,11 @@ impl Agent {
     ) -> Result<()> {
         key.phase = phase;
         key.message = message;
-        if !self.dcs.put_upgrade(key, *rev).await? {
-            bail!("the upgrade key changed under this leader (or it lost the leader key)");
-        }
         *rev = self
             .dcs
-            .upgrade()
+            .put_upgrade(key, *rev)
             .await?
-            .map(|(_, r)| r)
-            .context("the upgrade key vanished")?;
+            .context("the upgrade key changed under this leader (or it lost the leader key)")?;
         tracing::info!(phase = phase.as_str(), "upgrade: {}", key.message);
         Ok(())
     }

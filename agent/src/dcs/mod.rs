@@ -725,8 +725,9 @@ impl Dcs {
     }
 
     /// Writes the `upgrade` key while the leader key names this member and the key is still
-    /// at `revision` (0: absent).
-    pub async fn put_upgrade(&self, key: &model::UpgradeKey, revision: i64) -> Result<bool> {
+    /// at `revision` (0: absent); the key's new revision when it was written (the
+    /// transaction's, whose only write it is), `None` when a condition failed.
+    pub async fn put_upgrade(&self, key: &model::UpgradeKey, revision: i64) -> Result<Option<i64>> {
         let json = Self::encode("upgrade", key)?;
         let txn = Txn::new()
             .when([
@@ -735,7 +736,10 @@ impl Dcs {
             ])
             .and_then([TxnOp::put(self.key("upgrade"), json, None)]);
         let mut c = self.client.clone();
-        Ok(self.timed(c.txn(txn)).await?.succeeded())
+        let resp = self.timed(c.txn(txn)).await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map_or(0, |h| h.revision())))
     }
 
     /// Replaces the system identifier in `initialize` (a major-version upgrade made a new

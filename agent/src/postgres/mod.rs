@@ -704,7 +704,12 @@ impl Postgres {
     /// Creates the data directory's parent chain (root's, 0755, so the OS user can pass)
     /// and the directory itself for the OS user (0700), giving it through its descriptor.
     fn ensure_data_dir(&self) -> Result<()> {
-        let dir = &self.data_dir;
+        self.ensure_user_dir(&self.data_dir)
+    }
+
+    /// [`Self::ensure_data_dir`] for any directory of the OS user's (the upgrade's new
+    /// cluster and work directory beside the data directory).
+    fn ensure_user_dir(&self, dir: &Path) -> Result<()> {
         let (parent, name) = fsutil::split_create(dir, 0o755)
             .with_context(|| format!("cannot create the folder of {}", dir.display()))?;
         let (data, _) = parent

@@ -300,18 +300,6 @@ impl Postgres {
         }
     }
 
-    fn make_sibling(&self, path: &Path) -> Result<()> {
-        let (parent, name) = fsutil::split_create(path, 0o755)
-            .with_context(|| format!("cannot create the folder of {}", path.display()))?;
-        let (dir, _) = parent
-            .ensure_dir(&name, 0o700)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        dir.chmod(0o700)
-            .with_context(|| format!("cannot set mode 0700 on {}", path.display()))?;
-        dir.chown(self.user.switch_to)
-            .with_context(|| format!("cannot give {} to {}", path.display(), self.user.name))
-    }
-
     /// Makes the new cluster with `new_bin`'s initdb in `upgrade_dir()`, like the old one,
     /// replacing what an earlier attempt left there.
     pub async fn initdb_upgrade(
@@ -322,7 +310,7 @@ impl Postgres {
     ) -> Result<()> {
         let dir = self.upgrade_dir();
         self.remove_sibling(&dir)?;
-        self.make_sibling(&dir)?;
+        self.ensure_user_dir(&dir)?;
         let pwfile = sibling(&dir, ".pwfile");
         let mut args = self.initdb_base_args(&dir, &pwfile)?;
         args.extend(template.args(new_major));
@@ -366,7 +354,7 @@ impl Postgres {
         let work = self.upgrade_work_dir();
         self.remove_sibling(&work)
             .map_err(|e| fail(format!("{e:#}")))?;
-        self.make_sibling(&work)
+        self.ensure_user_dir(&work)
             .map_err(|e| fail(format!("{e:#}")))?;
         let (_, port) = self.local_address();
         let mut args = vec![

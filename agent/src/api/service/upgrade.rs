@@ -154,8 +154,8 @@ impl Service {
             message: "checked; pausing the cluster and stopping the replicas".into(),
         };
         match self.ctx.dcs.put_upgrade(&key, revision).await {
-            Ok(true) => {}
-            Ok(false) => return Err(Status::aborted(
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(Status::aborted(
                 "the upgrade key changed meanwhile (or this member lost the leader key); try again",
             )),
             Err(e) => {
@@ -218,8 +218,8 @@ impl Service {
             ),
         };
         match self.ctx.dcs.put_upgrade(&key, rev).await {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(Some(_)) => {}
+            Ok(None) => {
                 return Err(Status::aborted(
                     "the upgrade key changed meanwhile; try again",
                 ))
